@@ -1,0 +1,1 @@
+"""Offline calibration: the `kvpress-calibrate` command and its per-method procedures."""

@@ -1,0 +1,1 @@
+"""kvpress: KV-cache compression and sparse attention for Hugging Face transformers."""

@@ -1,0 +1,1 @@
+"""kvpress methods: one module per method, each with its config dataclass and runtime."""
