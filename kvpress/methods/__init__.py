@@ -1,1 +1,15 @@
 """kvpress methods: one module per method, each with its config dataclass and runtime."""
+
+from .base import Method
+from .duo import DuoAttention, DuoConfig
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (DuoAttention,)}
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ValueError(f"unknown kvpress method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+__all__ = ["METHODS", "Method", "DuoAttention", "DuoConfig", "get_method"]

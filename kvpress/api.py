@@ -1,0 +1,160 @@
+"""The public entry points: ``patch``, ``unpatch``, ``make_cache``.
+
+``patch`` changes a model in place and records every change, so ``unpatch`` (or a failure half-way
+through ``patch``) puts back exactly what was there:
+
+* the model's attention implementation is set to ``"kvpress"``, an attention function registered
+  with transformers' ``AttentionInterface`` that forwards each call to the method attached to the
+  calling attention module;
+* every attention module gets the method's runtime as ``_kvpress_method``;
+* a pre-forward hook on the base model puts the method's cache in place (a new one, or the layers of
+  an empty cache the caller passed) and tells the cache's token ledger about the new tokens and
+  their padding; a post-forward hook commits them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .adapters import describe
+from .cache import is_kvpress_cache
+from .methods import Method, get_method
+
+ATTENTION_NAME = "kvpress"
+
+
+@dataclass
+class Patcher:
+    """Applies attribute changes and hooks, remembering how to undo each, in reverse order."""
+
+    undo_steps: list = field(default_factory=list)
+
+    def set(self, obj, name: str, value) -> None:
+        had, old = name in vars(obj), vars(obj).get(name)
+        setattr(obj, name, value)
+        self.undo_steps.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
+
+    def hook(self, handle) -> None:
+        self.undo_steps.append(handle.remove)
+
+    def undo(self) -> None:
+        while self.undo_steps:
+            self.undo_steps.pop()()
+
+
+@dataclass
+class PatchState:
+    method: Method
+    patcher: Patcher
+
+
+def patch(model: torch.nn.Module, method: str, config=None, *, prefill_chunk_size: int | None = None, **options):
+    """Patch ``model``'s attention in place with a kvpress method and return the model.
+
+    Args:
+        model: a transformers causal LM of a supported family (or its bare base model).
+        method: ``"duo"`` (DuoAttention).
+        config: the method's config object, or a path to its config file.
+        prefill_chunk_size: if set, ``model.generate`` prefills the prompt in chunks of this many
+            tokens (transformers' ``generation_config.prefill_chunk_size``), which bounds prefill memory.
+        **options: fields of the method's config to override (e.g. ``sink=``, ``recent=``, ``sparsity=``).
+
+    After patching, ``model(...)`` and ``model.generate(...)`` create the method's cache by
+    themselves; an empty cache passed as ``past_key_values`` is filled with the method's layers.
+    """
+    if isinstance(vars(model).get("_kvpress_patch"), PatchState):
+        raise ValueError(
+            f"this model is already patched with kvpress method {model._kvpress_patch.method.name!r}; "
+            "call kvpress.unpatch(model) first"
+        )
+    runtime_class = get_method(method)
+    info = describe(model)
+    if any(hasattr(module, "_kvpress_method") for module in info.attention_modules):
+        raise ValueError("this model's attention is already patched by kvpress (through another wrapper); unpatch it first")
+    if prefill_chunk_size is not None and (not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):
+        raise ValueError(f"prefill_chunk_size must be a positive number of tokens, got {prefill_chunk_size!r}")
+    if prefill_chunk_size is not None and getattr(model, "generation_config", None) is None:
+        raise ValueError("prefill_chunk_size applies to model.generate; this model has no generation_config")
+    runtime = runtime_class(info, config, **options)  # validates everything before the model is touched
+
+    patcher = Patcher()
+    try:
+        if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS:
+            AttentionInterface.register(ATTENTION_NAME, _attention)
+        patcher.set(model.config, "_attn_implementation_internal", ATTENTION_NAME)
+        for module in info.attention_modules:
+            patcher.set(module, "_kvpress_method", runtime)
+        runtime.patch_modules(patcher)
+        signature = list(inspect.signature(info.base_model.forward).parameters)
+        patcher.hook(info.base_model.register_forward_pre_hook(_before_forward(runtime, signature), with_kwargs=True))
+        patcher.hook(info.base_model.register_forward_hook(_after_forward, with_kwargs=True))
+        if prefill_chunk_size is not None:
+            patcher.set(model.generation_config, "prefill_chunk_size", prefill_chunk_size)
+        patcher.set(model, "_kvpress_patch", PatchState(runtime, patcher))
+    except BaseException:
+        patcher.undo()
+        raise
+    return model
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`patch`: the model computes exactly what it computed before."""
+    state = vars(model).get("_kvpress_patch")
+    if not isinstance(state, PatchState):
+        raise ValueError("this model is not patched by kvpress (patch it with kvpress.patch(model, method))")
+    state.patcher.undo()
+    return model
+
+
+def make_cache(model: torch.nn.Module) -> Cache:
+    """An empty cache of the method a model is patched with, to pass as ``past_key_values``."""
+    state = vars(model).get("_kvpress_patch")
+    if not isinstance(state, PatchState):
+        raise ValueError("this model is not patched by kvpress; call kvpress.patch(model, method) first")
+    return state.method.new_cache()
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    """The ``"kvpress"`` attention function: runs the method attached to the calling module."""
+    method = getattr(module, "_kvpress_method", None)
+    if method is None:
+        raise RuntimeError(
+            "this model uses attn_implementation='kvpress' but is not patched; call kvpress.patch(model, ...) "
+            "or model.set_attn_implementation('sdpa')"
+        )
+    return method.attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def _before_forward(method: Method, signature: list[str]):
+    def hook(module, args, kwargs):
+        kwargs = {**dict(zip(signature, args)), **kwargs}
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            return None  # let the model raise its own error
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = method.new_cache()
+        elif not method.owns(cache):
+            if not isinstance(cache, Cache) or is_kvpress_cache(cache) or cache.get_seq_length() > 0:
+                raise ValueError(
+                    f"past_key_values is a {type(cache).__name__} that this patched model cannot use: pass None, "
+                    "an empty transformers Cache, or a cache this model returned (kvpress.make_cache(model))"
+                )
+            cache.layers, cache.layer_class_to_replicate = method.make_layers(), None
+        cache.layers[0].ledger.begin(kwargs.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device)
+        kwargs["past_key_values"] = cache
+        return (), kwargs
+
+    return hook
+
+
+def _after_forward(module, args, kwargs, output):
+    kwargs["past_key_values"].layers[0].ledger.end()

@@ -1,0 +1,252 @@
+"""Cache layers: what each method really stores, plus the per-row token bookkeeping they share.
+
+A kvpress cache is a plain transformers ``Cache`` whose layers are :class:`KVPressLayer`
+subclasses, one per model layer. All layers of one cache share a :class:`TokenLedger`, which knows,
+for every batch row, which tokens are real (not padding) and their *ranks* (index among the real
+tokens; see ``kvpress.kernels.reference``). The ledger is told about each forward's new tokens by a
+hook on the model (``TokenLedger.begin`` / ``end``); a layer's ``update`` then stores what its method
+keeps and returns whatever its attention function needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class AppendBuffer:
+    """A tensor that grows along ``dim`` with amortised O(1) appends.
+
+    The first append allocates exactly its size (a prefill wastes nothing); later appends grow the
+    capacity by at least 1/16 (and 256 slots), so decoding copies the buffer rarely and over-allocates
+    by at most ~6%. ``tensor`` is the filled part (a view).
+    """
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.storage: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        return None if self.storage is None else self.storage.narrow(self.dim, 0, self.length)
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        needed = self.length + x.shape[self.dim]
+        if self.storage is None:
+            self.storage = x.clone(memory_format=torch.contiguous_format)
+        else:
+            capacity = self.storage.shape[self.dim]
+            if needed > capacity:
+                shape = list(self.storage.shape)
+                shape[self.dim] = max(needed, capacity + max(capacity // 16, 256))
+                grown = self.storage.new_empty(shape)
+                grown.narrow(self.dim, 0, self.length).copy_(self.tensor)
+                self.storage = grown
+            self.storage.narrow(self.dim, self.length, x.shape[self.dim]).copy_(x)
+        self.length = needed
+        return self.tensor
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.storage is not None:
+            self.storage = self.tensor.index_select(0, index.to(self.storage.device))
+
+
+@dataclass
+class ForwardTokens:
+    """What the ledger knows about the tokens of the forward in progress."""
+
+    new_rank: torch.Tensor  # [B, n] int32 ranks of the new tokens (-1 = padding); also the query ranks
+    all_rank: torch.Tensor  # [B, T + n] int32 ranks of every token seen, new ones included
+    window_rank: torch.Tensor | None = None  # [B, C + n] ranks of (kept window ++ new tokens)
+    window_keep: torch.Tensor | None = None  # [B, C'] int64 positions in window_rank to keep afterwards
+    next_window_rank: torch.Tensor | None = None  # [B, C'] ranks of the kept window after this forward
+
+
+class TokenLedger:
+    """Per-row token bookkeeping shared by all layers of one cache.
+
+    ``window=(sink, recent)`` also tracks a sink + recent window (StreamingLLM-style): which tokens a
+    layer that keeps only ``sink`` first and ``recent`` last real tokens of each row must keep. Sinks
+    are the first *real* tokens of a row, never padding.
+    """
+
+    def __init__(self, window: tuple[int, int] | None = None):
+        self.window = window
+        self.seen = 0  # tokens seen per row, padding included (what transformers calls the cache length)
+        self.rank = AppendBuffer(dim=1)  # [B, T] int32
+        self.num_real: torch.Tensor | None = None  # [B] int32
+        self.window_rank: torch.Tensor | None = None  # [B, C] int32, -1 = empty slot
+        self.step: ForwardTokens | None = None
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.num_real is None else self.num_real.shape[0]
+
+    def begin(self, attention_mask: torch.Tensor | None, batch_size: int, num_new: int, device) -> None:
+        """Register the ``num_new`` tokens of a forward; ``attention_mask`` is the usual 2D padding mask."""
+        if self.step is not None:  # the previous forward failed half-way: forget its tokens
+            self.rank.truncate(self.seen)
+        if self.num_real is None:
+            self.num_real = torch.zeros(batch_size, dtype=torch.int32, device=device)
+            if self.window is not None:
+                self.window_rank = torch.empty(batch_size, 0, dtype=torch.int32, device=device)
+        elif batch_size != self.batch_size:
+            raise ValueError(
+                f"this cache holds {self.batch_size} sequences but the input has {batch_size}; "
+                "start a new cache (pass past_key_values=None) for a new batch"
+            )
+        valid = _new_token_mask(attention_mask, batch_size, num_new, device)
+        count = valid.cumsum(dim=1, dtype=torch.int32)
+        new_rank = torch.where(valid, self.num_real[:, None] + count - 1, -1).to(torch.int32)
+        self.step = ForwardTokens(new_rank=new_rank, all_rank=self.rank.append(new_rank))
+        if self.window is not None:
+            sink, recent = self.window
+            num_real = self.num_real + count[:, -1]
+            candidates = torch.cat([self.window_rank, new_rank], dim=1)
+            keep = (candidates >= 0) & ((candidates < sink) | (candidates >= num_real[:, None] - recent))
+            width = min(candidates.shape[1], sink + recent)
+            order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+            self.step.window_rank = candidates
+            self.step.window_keep = order
+            self.step.next_window_rank = torch.where(keep.gather(1, order), candidates.gather(1, order), -1)
+
+    def end(self) -> None:
+        """Commit the forward registered by :meth:`begin`."""
+        step = self.step
+        self.seen += step.new_rank.shape[1]
+        self.num_real = self.num_real + (step.new_rank >= 0).sum(dim=1, dtype=torch.int32)
+        if self.window is not None:
+            self.window_rank = step.next_window_rank
+        self.step = None
+
+    def current(self) -> ForwardTokens:
+        if self.step is None:
+            raise RuntimeError(
+                "kvpress cache used outside a patched model forward: call the patched model itself "
+                "(model(...) or model.generate(...)), not its layers"
+            )
+        return self.step
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        self.rank.select_batch(index)
+        if self.num_real is not None:
+            self.num_real = self.num_real.index_select(0, index.to(self.num_real.device))
+        if self.window_rank is not None:
+            self.window_rank = self.window_rank.index_select(0, index.to(self.window_rank.device))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.rank.storage, self.num_real, self.window_rank) if t is not None]
+
+
+def _new_token_mask(attention_mask, batch_size: int, num_new: int, device) -> torch.Tensor:
+    """Which of the new tokens are real, as ``[B, num_new]`` bools, from a 2D padding mask."""
+    if attention_mask is None:
+        return torch.ones(batch_size, num_new, dtype=torch.bool, device=device)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        raise ValueError(
+            "kvpress needs the usual 2D padding mask of shape [batch, tokens] (1 = real token, 0 = padding) "
+            f"or none; got {type(attention_mask).__name__} of shape {getattr(attention_mask, 'shape', None)}. "
+            "Custom 4D masks are not supported by patched models."
+        )
+    if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < num_new:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, but the input has {batch_size} rows of "
+            f"{num_new} new tokens; it must cover at least the new tokens (usually: all tokens so far)"
+        )
+    return attention_mask[:, -num_new:].to(device=device, dtype=torch.bool)
+
+
+class KVPressLayer(CacheLayerMixin):
+    """Base of every kvpress cache layer: sequence length from the ledger, batch ops, byte counting.
+
+    Subclasses implement ``update`` (store what the method keeps, return what its attention needs),
+    ``held_tensors`` (every tensor they store) and ``select_batch`` (reindex rows).
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, ledger: TokenLedger, owns_ledger: bool):
+        super().__init__()
+        self.ledger = ledger
+        self.owns_ledger = owns_ledger  # exactly one layer applies batch ops to the shared ledger
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.ledger.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.ledger.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _reindex(self, index: torch.Tensor) -> None:
+        if self.owns_ledger:
+            self.ledger.select_batch(index)
+        self.select_batch(index)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._reindex(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._reindex(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        size = self.ledger.batch_size
+        if size is not None:
+            self._reindex(torch.arange(size).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "kvpress caches drop or compress tokens and cannot be cropped; assisted and speculative "
+            "decoding are not supported on patched models"
+        )
+
+    def reset(self) -> None:
+        raise NotImplementedError("kvpress caches cannot be reset; start a new one (past_key_values=None)")
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+
+def is_kvpress_cache(cache) -> bool:
+    return isinstance(cache, Cache) and bool(cache.layers) and all(isinstance(x, KVPressLayer) for x in cache.layers)
+
+
+def kv_cache_bytes(cache: Cache) -> int:
+    """Bytes of device memory held by a cache's tensors (allocated capacity, bookkeeping included).
+
+    Works on kvpress caches and on plain transformers caches (keys and values of each layer), so the
+    two can be compared directly. Tensors shared between layers are counted once.
+    """
+    storages: dict[int, int] = {}
+    for layer in cache.layers:
+        if isinstance(layer, KVPressLayer):
+            tensors = layer.held_tensors() + layer.ledger.tensors()
+        else:
+            tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.numel():
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
