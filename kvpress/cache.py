@@ -20,7 +20,7 @@ class AppendBuffer:
     """A tensor that grows along ``dim`` with amortised O(1) appends.
 
     The first append allocates exactly its size (a prefill wastes nothing); later appends grow the
-    capacity by at least 1/16 (and 256 slots), so decoding copies the buffer rarely and over-allocates
+    capacity by at least 1/16 (and 64 slots), so decoding copies the buffer rarely and over-allocates
     by at most ~6%. ``tensor`` is the filled part (a view).
     """
 
@@ -41,7 +41,7 @@ class AppendBuffer:
             capacity = self.storage.shape[self.dim]
             if needed > capacity:
                 shape = list(self.storage.shape)
-                shape[self.dim] = max(needed, capacity + max(capacity // 16, 256))
+                shape[self.dim] = max(needed, capacity + max(capacity // 16, 64))
                 grown = self.storage.new_empty(shape)
                 grown.narrow(self.dim, 0, self.length).copy_(self.tensor)
                 self.storage = grown
