@@ -1,0 +1,172 @@
+"""Evaluation of any Hugging Face causal LM (patched by kvpress or not) on long-context tasks.
+
+- `evaluate_task`: accuracy of greedy answers on a grid of lengths x depths (tasks.py), with the
+  KV cache bytes the model held at the end of each answer next to what a dense cache would hold.
+- `perplexity`: exp(mean next-token negative log-likelihood) on a text, in windows of a fixed
+  number of tokens.
+- `heatmap`: accuracy over lengths x depths as a PNG (needs matplotlib; optional).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .tasks import Sample, make_sample, score
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by the tensors of a transformers Cache: `kvpress.kv_cache_bytes` where available."""
+    import kvpress
+
+    if hasattr(kvpress, "kv_cache_bytes"):
+        return int(kvpress.kv_cache_bytes(cache))
+    total = 0  # fallback for a plain DynamicCache: its keys and values per layer
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def dense_cache_bytes(model, tokens: int, batch: int = 1) -> int:
+    """Bytes of an unpatched (dense) KV cache for `tokens` tokens: 2 (K and V) x layers x KV heads
+    x head dim x tokens x batch x bytes per element of the model's dtype."""
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    elem = torch.finfo(model.dtype).bits // 8
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * tokens * batch * elem
+
+
+@torch.no_grad()
+def answer(model, tokenizer, sample: Sample) -> tuple[str, int, int]:
+    """Greedy-decode as many tokens as the answer has; returns (text, cache bytes, tokens cached)."""
+    ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(model.device)
+    n_new = len(tokenizer.encode(sample.answer, add_special_tokens=False))
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n_new,
+        min_new_tokens=n_new,
+        do_sample=False,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    new = out.sequences[0, ids.shape[1] :]
+    # The last generated token is never fed back, so the cache holds all but one token.
+    return tokenizer.decode(new, skip_special_tokens=True), cache_bytes(out.past_key_values), out.sequences.shape[1] - 1
+
+
+@dataclass
+class TaskResult:
+    """Per-task result: mean score overall and per (length, depth) cell, and cache sizes."""
+
+    task: str
+    accuracy: float
+    grid: dict  # {length: {depth: mean score}}
+    by_length: dict  # {length: mean score}
+    cache_bytes: dict  # {length: mean bytes held by the model's cache after answering}
+    dense_cache_bytes: dict  # {length: bytes a dense cache of the same tokens would hold}
+    examples: list  # a few (prompt tail, answer, prediction) for inspection
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_task(
+    model,
+    tokenizer,
+    task: str,
+    haystack: str,
+    lengths: list[int],
+    depths: list[float],
+    samples: int,
+    seed: int = 0,
+    num_needles: int | None = None,
+    progress: bool = True,
+) -> TaskResult:
+    """Score `samples` instances of `task` per (length, depth) cell; deterministic for a seed."""
+    cells = [(n, d, i) for n in lengths for d in depths for i in range(samples)]
+    grid, by_len, mem, examples = {}, {}, {}, []
+    for n, d, i in tqdm(cells, desc=task, disable=not progress, leave=False):
+        s = make_sample(task, tokenizer, haystack, n, d, seed=f"{seed}/{i}", num_needles=num_needles)
+        pred, nbytes, ntok = answer(model, tokenizer, s)
+        sc = score(s, pred)
+        grid.setdefault(n, {}).setdefault(d, []).append(sc)
+        mem.setdefault(n, []).append((nbytes, dense_cache_bytes(model, ntok)))
+        if len(examples) < 3 or (sc < 1 and len(examples) < 8):
+            examples.append({"length": n, "depth": d, "answer": s.answer, "prediction": pred, "score": sc})
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for n, row in grid.items():
+        by_len[n] = mean([x for xs in row.values() for x in xs])
+        grid[n] = {d: mean(xs) for d, xs in row.items()}
+    return TaskResult(
+        task=task,
+        accuracy=mean(list(by_len.values())),
+        grid=grid,
+        by_length=by_len,
+        cache_bytes={n: mean([b for b, _ in v]) for n, v in mem.items()},
+        dense_cache_bytes={n: mean([b for _, b in v]) for n, v in mem.items()},
+        examples=examples,
+    )
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, context: int = 2048, max_tokens: int = 65536, progress: bool = True) -> dict:
+    """Perplexity exp(mean NLL per predicted token) over non-overlapping windows of `context`
+    tokens (each window starts fresh, with BOS where the tokenizer adds one), on the first
+    `max_tokens` tokens of `text`. Also returns the NLL in nats per token and bits per byte."""
+    ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)[:max_tokens]
+    prefix = tokenizer.encode("", add_special_tokens=True)
+    step = context - len(prefix)
+    nll, count, nbytes = 0.0, 0, 0
+    for start in tqdm(range(0, len(ids) - 1, step), desc="perplexity", disable=not progress, leave=False):
+        chunk = ids[start : start + step]
+        if len(chunk) < 2:
+            break
+        x = torch.tensor([prefix + chunk], device=model.device)
+        logits = model(x).logits[0, len(prefix) - 1 if prefix else 0 : -1].float()
+        target = x[0, len(prefix) if prefix else 1 :]
+        nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        count += target.numel()
+        nbytes += len(tokenizer.decode(target).encode("utf-8"))
+    return {
+        "perplexity": math.exp(nll / count),
+        "nll_per_token": nll / count,
+        "bits_per_byte": nll / nbytes / math.log(2),
+        "tokens": count,
+        "context": context,
+    }
+
+
+def heatmap(result: dict, path: str, title: str = "") -> bool:
+    """Draw a TaskResult dict's grid (depth rows x length columns) to `path`; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lengths = sorted(result["grid"], key=int)
+    depths = sorted({d for row in result["grid"].values() for d in row}, key=float)
+    z = [[result["grid"][n][d] for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.35 * len(depths)))
+    im = ax.imshow(z, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{float(d):.2f}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for i, row in enumerate(z):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
+    ax.set_title(title or f"{result['task']}: {100 * result['accuracy']:.1f}%")
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

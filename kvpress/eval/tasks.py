@@ -1,0 +1,167 @@
+"""Synthetic long-context retrieval tasks, shared by model training and evaluation.
+
+Each task hides one or more "needles" in natural haystack text and ends the prompt with a
+question whose answer the model must copy from the needles:
+
+- `passkey`: one pass key (Mohtashami & Jaggi 2023, "Landmark Attention", arXiv 2305.16300).
+- `multikey`: needles for several keys, one asked (RULER niah_multikey, arXiv 2404.06654).
+- `multivalue`: several values for one key, all asked, in order of appearance (RULER niah_multivalue).
+- `kvlookup`: a JSON object of random hex keys and values, one key asked (Liu et al. 2023,
+  "Lost in the Middle", arXiv 2307.03172).
+
+Lengths are in tokens of the given tokenizer and include the BOS token (if the tokenizer adds one)
+and the answer. With a byte-level tokenizer and ASCII text the length is exact; with other
+tokenizers it is within a few tokens. Depths are fractions of the haystack in [0, 1] (0 = first
+token, 1 = just before the question). A sample is a pure function of its seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+TASKS = ("passkey", "multikey", "multivalue", "kvlookup")
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
+
+# Keys of the multi-key / multi-value needles: short distinct English words.
+WORDS = """
+apple anchor arrow badge basket beacon bridge button cabin camera candle canyon carpet castle
+cedar chalk cherry circle cloud clover comet copper coral cotton crystal dagger desert diamond
+dolphin dragon eagle ember engine falcon feather fiddle forest fossil galaxy garden garnet ginger
+glacier granite harbor hammer helmet honey island ivory jacket jasmine jungle kettle ladder
+lantern lemon lizard magnet maple marble meadow mirror monkey needle nickel oasis ocean olive
+orchid oyster paddle panther parrot pebble pepper pillow planet pocket quartz rabbit raven ribbon
+rocket saddle salmon silver spider spruce statue summit tiger timber tulip tunnel velvet violet
+walnut willow window winter zebra
+""".split()
+
+
+@dataclass
+class Sample:
+    """One task instance: the model reads `prompt` and must continue with `answer`."""
+
+    task: str
+    prompt: str
+    answer: str
+    length: int  # requested length in tokens (BOS + prompt + answer)
+    depth: float  # depth of the asked needle (or of the first value) in the haystack, in [0, 1]
+    values: list[str] = field(default_factory=list)  # the values to retrieve (multivalue: several)
+
+
+@lru_cache(maxsize=None)
+def load_corpus(split: str = "train") -> str:
+    """The bundled haystack text (Python standard-library docstrings and comments, PSF licence).
+
+    split: "train" (about 2.5 MB, also the default calibration haystack) or "heldout" (about
+    0.15 MB, modules never seen in training; used for evaluation and perplexity).
+    """
+    path = os.path.join(DATA_DIR, f"pydoc_{split}.txt.gz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; rebuild it with `python models/build_corpus.py`")
+    with gzip.open(path, "rt", encoding="ascii") as f:
+        return f.read()
+
+
+def _digits(rng: random.Random, n: int = 7) -> str:
+    return str(rng.randrange(10 ** (n - 1), 10**n))
+
+
+def _hex(rng: random.Random, n: int = 8) -> str:
+    return "".join(rng.choice("0123456789abcdef") for _ in range(n))
+
+
+def _needles(task: str, rng: random.Random, depth: float, num_needles: int):
+    """(needles [(depth, text)], question, answer, values) of one task instance."""
+    if task == "passkey":
+        key = _digits(rng)
+        needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+        return [(depth, needle)], "What is the pass key? The pass key is ", key, [key]
+    if task == "multikey":
+        keys = rng.sample(WORDS, num_needles)
+        values = [_digits(rng) for _ in keys]
+        depths = [depth] + [rng.random() for _ in keys[1:]]
+        needles = [(d, f"One of the special magic numbers for {k} is: {v}.") for d, k, v in zip(depths, keys, values)]
+        question = f"What is the special magic number for {keys[0]}? The special magic number for {keys[0]} is: "
+        return needles, question, values[0], values[:1]
+    if task == "multivalue":
+        key = rng.choice(WORDS)
+        values = [_digits(rng) for _ in range(num_needles)]
+        depths = sorted([depth] + [rng.uniform(depth, 1.0) for _ in values[1:]])
+        needles = [(d, f"One of the special magic numbers for {key} is: {v}.") for d, v in zip(depths, values)]
+        question = f"What are all the special magic numbers for {key}? The special magic numbers for {key} are: "
+        return needles, question, ", ".join(values), values
+    if task == "kvlookup":
+        pairs = [(_hex(rng), _hex(rng)) for _ in range(num_needles)]
+        key, value = rng.choice(pairs)
+        block = "JSON data: {" + ", ".join(f'"{k}": "{v}"' for k, v in pairs) + "}"
+        question = f'Extract the value for key "{key}" from the JSON data above. Value: "'
+        return [(depth, block)], question, value, [value]
+    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+
+
+DEFAULT_NEEDLES = {"passkey": 1, "multikey": 4, "multivalue": 4, "kvlookup": 16}
+
+
+def make_sample(
+    task: str,
+    tokenizer,
+    haystack: str,
+    length: int,
+    depth: float,
+    seed: int | str,
+    num_needles: int | None = None,
+) -> Sample:
+    """Build one `task` instance of `length` tokens with its (asked) needle at `depth`.
+
+    haystack: source text; a window starting at a random line is used (wrapping around if short).
+    num_needles: keys (multikey), values (multivalue) or pairs (kvlookup); defaults to DEFAULT_NEEDLES.
+    """
+    rng = random.Random(f"{task}/{length}/{depth}/{seed}")
+    num_needles = num_needles or DEFAULT_NEEDLES[task]
+    needles, question, answer, values = _needles(task, rng, depth, num_needles)
+    n_tok = lambda s: len(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
+    n_special = len(tokenizer.encode("", add_special_tokens=True))
+    start = haystack.find("\n", rng.randrange(len(haystack))) + 1
+
+    def build(budget: int) -> str:
+        chars = budget + 64  # enough for a byte-level tokenizer; doubled until enough tokens
+        while True:
+            window = haystack[start : start + chars]
+            while len(window) < chars:  # wrap around a short haystack
+                window += "\n" + haystack[: chars - len(window) - 1]
+            ids = tokenizer.encode(window, add_special_tokens=False)
+            if len(ids) >= budget:
+                break
+            chars *= 2
+        hay = tokenizer.decode(ids[: max(budget, 0)])
+        for d, needle in sorted(needles, reverse=True):  # from the end, so positions stay valid
+            at = int(d * len(hay))
+            line, sentence = hay.rfind("\n", 0, at) + 1, hay.rfind(". ", 0, at)
+            at = max(line, sentence + 2 if sentence >= 0 else 0)  # start of a line or sentence
+            hay = hay[:at] + needle + " " + hay[at:]
+        return hay + "\n\n" + question
+
+    fixed = n_special + n_tok(answer) + n_tok("\n\n" + question) + sum(n_tok(n + " ") for _, n in needles)
+    budget = length - fixed
+    prompt = build(budget)
+    for _ in range(2):  # correct for tokenization at the seams (exact for byte-level tokenizers)
+        extra = n_special + n_tok(prompt) + n_tok(answer) - length
+        if extra == 0:
+            break
+        budget -= extra
+        prompt = build(budget)
+    if budget < 0:
+        raise ValueError(f"length {length} is too short for task {task!r} (needs about {fixed} tokens)")
+    return Sample(task=task, prompt=prompt, answer=answer, length=length, depth=depth, values=values)
+
+
+def score(sample: Sample, prediction: str) -> float:
+    """Exact match of the answer (1.0 or 0.0); for multivalue, the fraction of values recalled."""
+    prediction = prediction.strip()
+    if sample.task == "multivalue":
+        return sum(v in prediction for v in sample.values) / len(sample.values)
+    return float(prediction == sample.answer)
