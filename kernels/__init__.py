@@ -1,18 +1,38 @@
 """Attention kernels: Triton on CUDA, the plain-torch references everywhere else.
 
 Every public function here has the signature and semantics of its reference in
-``kvpress.kernels.reference``; the dispatcher picks the Triton kernel when the tensors live on a
-CUDA device and Triton is importable, and the reference otherwise.
+``kvpress.kernels.reference``. The dispatcher picks the Triton kernels (``prefill``, ``decode``)
+when the tensors live on a CUDA device and Triton imports, and the reference otherwise. The
+environment variable ``KVPRESS_KERNELS`` (or the module attribute ``BACKEND``) overrides the choice:
+``auto`` (default), ``reference`` (always the torch reference), ``triton`` (always Triton, also on
+CPU tensors under ``TRITON_INTERPRET=1``; used by the CPU tests).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .reference import rank_mask
 
+try:
+    from .decode import decode_attention
+    from .prefill import prefill_attention
+except ImportError:  # no (usable) triton: the references serve everything
+    decode_attention = prefill_attention = None
+
 __all__ = ["rank_attention", "rank_mask", "split_cache_attention"]
+
+BACKEND = os.environ.get("KVPRESS_KERNELS", "auto")
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if BACKEND == "reference" or prefill_attention is None:
+        return False
+    return BACKEND == "triton" or t.is_cuda
 
 
 def rank_attention(
@@ -27,7 +47,13 @@ def rank_attention(
     window: int | None = None,
 ) -> torch.Tensor:
     """Attention under the rank mask; see :func:`kvpress.kernels.reference.rank_attention`."""
-    return reference.rank_attention(q, k, v, q_rank, k_rank, scale, sink=sink, recent=recent, window=window)
+    if not _use_triton(q):
+        return reference.rank_attention(q, k, v, q_rank, k_rank, scale, sink=sink, recent=recent, window=window)
+    if q.shape[2] == 1:
+        heads = torch.arange(k.shape[1], device=q.device)
+        return decode_attention(q, q_rank, scale, q.shape[1] // k.shape[1],
+                                split=(k, v, k_rank, heads, sink, recent), window=window, out=torch.empty_like(q))
+    return prefill_attention(q, k, v, q_rank, k_rank, scale, sink=sink, recent=recent, window=window)
 
 
 def split_cache_attention(
@@ -46,8 +72,49 @@ def split_cache_attention(
     recent: int,
     window: int | None = None,
 ) -> torch.Tensor:
-    """DuoAttention over a split cache; see :func:`kvpress.kernels.reference.split_cache_attention`."""
-    return reference.split_cache_attention(
-        q, full_k, full_v, full_rank, stream_k, stream_v, stream_rank, q_rank,
-        retrieval_heads, streaming_heads, scale, sink, recent, window,
-    )
+    """DuoAttention over a split cache; see :func:`kvpress.kernels.reference.split_cache_attention`.
+
+    On Triton: decode (one query token) is one split-K launch serving both head groups plus a
+    reduce launch (``decode``); prefill runs the streaming heads through the linear-cost A-shape
+    kernel (``prefill``) and the retrieval heads through torch SDPA's causal flash attention when
+    the batch has no padding and the queries are the whole cache, else through the rank-mask kernel.
+    """
+    if not _use_triton(q):
+        return reference.split_cache_attention(
+            q, full_k, full_v, full_rank, stream_k, stream_v, stream_rank, q_rank,
+            retrieval_heads, streaming_heads, scale, sink, recent, window,
+        )
+    num_kv = len(retrieval_heads) + len(streaming_heads)
+    group = q.shape[1] // num_kv
+    rh = retrieval_heads.to(q.device, torch.long)
+    sh = streaming_heads.to(q.device, torch.long)
+    out = torch.empty_like(q)  # the two groups cover every query head
+    if q.shape[2] == 1:
+        return decode_attention(q, q_rank, scale, group, split=(full_k, full_v, full_rank, rh, 0, None),
+                                single=(stream_k, stream_v, stream_rank, sh, sink, recent), window=window, out=out)
+    if len(sh):
+        prefill_attention(q, stream_k, stream_v, q_rank, stream_rank, scale, sink, recent, window,
+                          heads=sh, group=group, out=out)
+    if len(rh):
+        if not _causal_sdpa(q, full_k, full_v, full_rank, q_rank, rh, group, scale, window, out):
+            prefill_attention(q, full_k, full_v, q_rank, full_rank, scale, 0, None, window,
+                              heads=rh, group=group, out=out)
+    return out
+
+
+def _causal_sdpa(q, k, v, k_rank, q_rank, heads, group, scale, window, out) -> bool:
+    """Retrieval-head prefill through SDPA's flash kernel when plain causal attention is exact:
+    no sliding window, the queries are the whole cache and no row has padding (one host sync)."""
+    if not q.is_cuda or window is not None or q.shape[2] != k.shape[2]:
+        return False
+    pos = torch.arange(k.shape[2], device=q.device)
+    if not bool(((k_rank == pos).all() & (q_rank == pos).all()).item()):
+        return False
+    q_heads = (heads[:, None] * group + torch.arange(group, device=q.device)).flatten()
+    try:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            out[:, q_heads] = F.scaled_dot_product_attention(
+                q[:, q_heads], k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
+    except RuntimeError:  # flash cannot take these inputs (dtype, head dim): use the Triton kernel
+        return False
+    return True

@@ -1,0 +1,256 @@
+"""Triton kernels vs their torch references (CPU: Triton interpreter, fp16/fp32; GPU: bf16, longer).
+
+Speed is measured in benchmarks/bench_duo.py, never here.
+"""
+
+import pytest
+import torch
+
+import kvpress.kernels as kernels
+from kvpress.kernels import reference
+from kvpress.kernels.decode import decode_attention
+from kvpress.kernels.prefill import BLOCK_N, block_ranges, prefill_attention
+
+CPU_DTYPES = [torch.float32, torch.float16]
+MODES = {  # (sink, recent, window)
+    "causal": (0, None, None),
+    "a_shape": (4, 16, None),
+    "window": (0, None, 20),
+    "a_shape_window": (3, 10, 30),
+}
+
+
+def ranks(lengths, total):
+    """Left-padded ranks [B, total]: row b has lengths[b] real tokens at the end."""
+    r = torch.full((len(lengths), total), -1, dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        r[b, total - n:] = torch.arange(n, dtype=torch.int32)
+    return r
+
+
+def rand(*shape, dtype, device="cpu"):
+    return torch.randn(*shape, dtype=torch.float32, device=device).to(dtype)
+
+
+def check(out, ref, dtype):
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert torch.isfinite(out).all()
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err < tol * max(1.0, ref.abs().max().item()), err
+
+
+def ref_attention(q, k, v, q_rank, k_rank, scale, sink, recent, window):
+    return reference.rank_attention(q.double(), k.double(), v.double(), q_rank, k_rank, scale,
+                                    sink=sink, recent=recent, window=window)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU (interpreter) tests
+
+
+@pytest.mark.parametrize("lengths,total", [([150], 150), ([77, 150], 150)])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_block_ranges_cover_every_allowed_key(lengths, total, mode):
+    sink, recent, window = MODES[mode]
+    r = ranks(lengths, total)
+    block_m = 32
+    rng, _ = block_ranges(r, r, block_m, BLOCK_N, sink, recent, window)
+    allowed = reference.rank_mask(r, r, sink, recent, window)[:, 0]  # [B, Lq, Lk]
+    for b in range(r.shape[0]):
+        for qb in range(rng.shape[1]):
+            lo1, hi1, lo2, hi2, lo3, hi3 = rng[b, qb].tolist()
+            covered = torch.zeros(total, dtype=torch.bool)
+            for lo, hi in ((lo1, hi1), (max(lo2, hi1), hi2), (lo3, hi3)):
+                covered[lo * BLOCK_N:hi * BLOCK_N] = True
+            need = allowed[b, qb * block_m:(qb + 1) * block_m].any(0)
+            assert not (need & ~covered).any()
+            assert hi3 == 0  # sorted keys take the fast path
+            if mode == "a_shape" and total - lengths[b] == 0:  # linear cost: few blocks per query block
+                assert (hi1 - lo1) + max(0, hi2 - max(lo2, hi1)) <= 1 + (recent + block_m) // BLOCK_N + 2  # sinks + window span
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (3, 3), (6, 2)])
+def test_prefill_matches_reference(dtype, mode, hq, hkv):
+    torch.manual_seed(0)
+    sink, recent, window = MODES[mode]
+    B, L, D = 2, 133, 32
+    q, k, v = rand(B, hq, L, D, dtype=dtype), rand(B, hkv, L, D, dtype=dtype), rand(B, hkv, L, D, dtype=dtype)
+    r = ranks([L, 90], L)
+    out = prefill_attention(q, k, v, r, r, 0.3, sink, recent, window)
+    ref = ref_attention(q, k, v, r, r, 0.3, sink, recent, window)
+    check(out, ref, dtype)
+    assert (out[1, :, : L - 90] == 0).all()  # padding queries
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_prefill_odd_head_dim_and_strided_inputs(dtype):
+    torch.manual_seed(1)
+    B, Hq, Hkv, L, D = 1, 4, 2, 70, 24
+    q = rand(B, L, Hq, D, dtype=dtype).transpose(1, 2)  # [B, H, L, D] view of [B, L, H, D]
+    big_k, big_v = rand(B, Hkv, 100, D, dtype=dtype), rand(B, Hkv, 100, D, dtype=dtype)
+    k, v = big_k[:, :, :L], big_v[:, :, :L]  # views of a preallocated buffer
+    r = ranks([L], L)
+    out = prefill_attention(q, k, v, r, r, 0.25, 2, 12, None)
+    check(out, ref_attention(q, k, v, r, r, 0.25, 2, 12, None), dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_prefill_keys_in_any_order(dtype):
+    """Chunked prefill: stream keys = old window in ring order, then the chunk (slow path)."""
+    torch.manual_seed(2)
+    sink, recent, D, G = 4, 16, 32, 2
+    seen = [100, 61]  # tokens already cached per row
+    chunk = 40
+    # old window: sinks 0..3, then ranks seen-16..seen-1 rotated (ring), then the chunk
+    old = torch.stack([torch.cat([torch.arange(sink), (torch.arange(recent) + 5) % recent + s - recent])
+                       for s in seen]).int()
+    new = torch.stack([torch.arange(s, s + chunk) for s in seen]).int()
+    k_rank = torch.cat([old, new], 1)
+    k_rank[1, 0] = -1  # an empty slot
+    q_rank = new.clone()
+    q_rank[1, :3] = -1  # padding queries
+    C = k_rank.shape[1]
+    q = rand(2, 2 * G, chunk, D, dtype=dtype)
+    k, v = rand(2, 2, C, D, dtype=dtype), rand(2, 2, C, D, dtype=dtype)
+    rng, _ = block_ranges(q_rank, k_rank, 64, BLOCK_N, sink, recent, None)
+    assert (rng[..., 5] > 0).all()  # unsorted: the scanning path
+    out = prefill_attention(q, k, v, q_rank, k_rank, 0.3, sink, recent, None)
+    check(out, ref_attention(q, k, v, q_rank, k_rank, 0.3, sink, recent, None), dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("group", [1, 4])
+def test_decode_matches_reference(dtype, group):
+    torch.manual_seed(3)
+    B, D, T, C, sink, recent = 3, 32, 333, 21, 4, 16
+    hkv = 2
+    q = rand(B, hkv * group, 1, D, dtype=dtype)
+    full_rank = ranks([T, 200, 1], T)
+    q_rank = full_rank[:, -1:].clone()
+    fk, fv = rand(B, 1, T, D, dtype=dtype), rand(B, 1, T, D, dtype=dtype)
+    # streaming buffer: sinks then a ring of recent keys, some slots empty (-1)
+    s_rank = torch.full((B, C), -1, dtype=torch.int32)
+    for b, n in enumerate([T, 200, 1]):
+        keep = list(range(min(n, sink))) + list(range(max(sink, n - recent), n))
+        s_rank[b, : len(keep)] = torch.tensor(keep[::-1], dtype=torch.int32)
+    sk, sv = rand(B, 1, C, D, dtype=dtype), rand(B, 1, C, D, dtype=dtype)
+    heads_f, heads_s = torch.tensor([1]), torch.tensor([0])
+    out = decode_attention(q, q_rank, 0.3, group, split=(fk, fv, full_rank, heads_f, 0, None),
+                           single=(sk, sv, s_rank, heads_s, sink, recent))
+    ref_f = ref_attention(q[:, group:], fk, fv, q_rank, full_rank, 0.3, 0, None, None)
+    ref_s = ref_attention(q[:, :group], sk, sv, q_rank, s_rank, 0.3, sink, recent, None)
+    check(out[:, group:], ref_f, dtype)
+    check(out[:, :group], ref_s, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("lq", [1, 37])
+@pytest.mark.parametrize("retrieval", [[0, 3], [], [0, 1, 2, 3], [2]])
+def test_split_cache_attention_triton_path(dtype, lq, retrieval, monkeypatch):
+    """The dispatcher's Triton path (forced on CPU) vs the reference, prefill and decode."""
+    monkeypatch.setattr(kernels, "BACKEND", "triton")
+    torch.manual_seed(4)
+    B, hkv, G, D, sink, recent = 2, 4, 2, 32, 4, 16
+    T = 90 if lq > 1 else 150
+    retrieval_heads = torch.tensor(retrieval, dtype=torch.long)
+    streaming_heads = torch.tensor([h for h in range(hkv) if h not in retrieval], dtype=torch.long)
+    R, S = len(retrieval_heads), len(streaming_heads)
+    full_rank = ranks([T, T - 13], T)
+    q_rank = full_rank[:, T - lq:].clone()
+    buf_k, buf_v = rand(B, R, T + 20, D, dtype=dtype), rand(B, R, T + 20, D, dtype=dtype)
+    full_k, full_v = buf_k[:, :, :T], buf_v[:, :, :T]
+    if lq > 1:  # first prefill: the stream keys are the prompt itself
+        stream_rank = full_rank
+    else:  # decode: sink + recent (+1) slots
+        stream_rank = torch.cat([torch.arange(sink), torch.arange(T - recent, T), torch.tensor([-1])])[None].repeat(B, 1).int()
+        stream_rank[1] -= 13
+        stream_rank[1, -1] = -1
+    C = stream_rank.shape[1]
+    stream_k, stream_v = rand(B, S, C, D, dtype=dtype), rand(B, S, C, D, dtype=dtype)
+    q = rand(B, hkv * G, lq, D, dtype=dtype)
+    args = (q, full_k, full_v, full_rank, stream_k, stream_v, stream_rank, q_rank,
+            retrieval_heads, streaming_heads, 0.3, sink, recent)
+    out = kernels.split_cache_attention(*args)
+    ref = reference.split_cache_attention(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+                                            for a in args])
+    check(out, ref, dtype)
+
+
+def test_rank_attention_dispatch(monkeypatch):
+    torch.manual_seed(5)
+    q, k, v = rand(1, 4, 1, 32, dtype=torch.float32), rand(1, 2, 50, 32, dtype=torch.float32), rand(1, 2, 50, 32, dtype=torch.float32)
+    r = ranks([50], 50)
+    ref = kernels.rank_attention(q, k, v, r[:, -1:], r, 0.3, 2, 8)  # CPU: the reference
+    monkeypatch.setattr(kernels, "BACKEND", "triton")
+    check(kernels.rank_attention(q, k, v, r[:, -1:], r, 0.3, 2, 8), ref, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU tests (bf16, longer shapes); skipped without CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("L,lengths", [(4099, [4099]), (2047, [2047, 1500, 3])])
+def test_gpu_prefill(mode, L, lengths):
+    torch.manual_seed(6)
+    sink, recent, window = {"a_shape": (64, 256, None), "a_shape_window": (64, 256, 1000)}.get(mode, MODES[mode])
+    B, Hq, Hkv, D = len(lengths), 8, 2, 128
+    q, k, v = (rand(B, h, L, D, dtype=torch.bfloat16, device="cuda") for h in (Hq, Hkv, Hkv))
+    r = ranks(lengths, L).cuda()
+    out = kernels.rank_attention(q, k, v, r, r, D ** -0.5, sink, recent, window)
+    check(out, ref_attention(q, k, v, r, r, D ** -0.5, sink, recent, window), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lq", [1, 1537])
+@pytest.mark.parametrize("num_retrieval", [0, 2, 8])
+@pytest.mark.parametrize("group", [4, 1])
+def test_gpu_split_cache_attention(lq, num_retrieval, group):
+    torch.manual_seed(7)
+    B, hkv, D, sink, recent = 2, 8, 128, 64, 256
+    T = 1537 if lq > 1 else 20001
+    dev = "cuda"
+    perm = torch.randperm(hkv)
+    retrieval_heads = perm[:num_retrieval].sort().values.to(dev)
+    streaming_heads = perm[num_retrieval:].sort().values.to(dev)
+    R, S = num_retrieval, hkv - num_retrieval
+    full_rank = ranks([T, T - 501], T).to(dev)
+    q_rank = full_rank[:, T - lq:].contiguous()
+    buf = rand(2, B, R, T + 100, D, dtype=torch.bfloat16, device=dev)
+    full_k, full_v = buf[0, :, :, :T], buf[1, :, :, :T]
+    if lq > 1:
+        stream_rank = full_rank
+    else:
+        stream_rank = torch.cat([torch.arange(sink), torch.arange(T - recent, T), torch.tensor([-1])])[None].repeat(B, 1).int().to(dev)
+        stream_rank[1] -= 501
+        stream_rank[1, -1] = -1
+    C = stream_rank.shape[1]
+    stream_k, stream_v = rand(B, S, C, D, dtype=torch.bfloat16, device=dev), rand(B, S, C, D, dtype=torch.bfloat16, device=dev)
+    q = rand(B, hkv * group, lq, D, dtype=torch.bfloat16, device=dev)
+    args = (q, full_k, full_v, full_rank, stream_k, stream_v, stream_rank, q_rank,
+            retrieval_heads, streaming_heads, D ** -0.5, sink, recent)
+    out = kernels.split_cache_attention(*args)
+    ref = reference.split_cache_attention(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+                                            for a in args])
+    check(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_plain_causal_prefill_uses_exact_sdpa():
+    """No padding, queries = cache: the SDPA fast path for retrieval heads."""
+    torch.manual_seed(8)
+    B, hkv, G, L, D = 1, 4, 4, 3001, 128
+    dev = "cuda"
+    q = rand(B, hkv * G, L, D, dtype=torch.bfloat16, device=dev)
+    k, v = rand(B, 2, L, D, dtype=torch.bfloat16, device=dev), rand(B, 2, L, D, dtype=torch.bfloat16, device=dev)
+    sk, sv = rand(B, 2, L, D, dtype=torch.bfloat16, device=dev), rand(B, 2, L, D, dtype=torch.bfloat16, device=dev)
+    r = ranks([L], L).to(dev)
+    args = (q, k, v, r, sk, sv, r, r, torch.tensor([1, 3], device=dev), torch.tensor([0, 2], device=dev),
+            D ** -0.5, 64, 256)
+    out = kernels.split_cache_attention(*args)
+    ref = reference.split_cache_attention(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+                                            for a in args])
+    check(out, ref, torch.bfloat16)
