@@ -15,6 +15,7 @@ through ``patch``) puts back exactly what was there:
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -85,11 +86,7 @@ def patch(model: torch.nn.Module, method: str, config=None, *, prefill_chunk_siz
 
     patcher = Patcher()
     try:
-        if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS:
-            AttentionInterface.register(ATTENTION_NAME, _attention)
-        patcher.set(model.config, "_attn_implementation_internal", ATTENTION_NAME)
-        for module in info.attention_modules:
-            patcher.set(module, "_kvpress_method", runtime)
+        route_attention(patcher, model, info.attention_modules, runtime)
         runtime.patch_modules(patcher)
         signature = list(inspect.signature(info.base_model.forward).parameters)
         patcher.hook(info.base_model.register_forward_pre_hook(_before_forward(runtime, signature), with_kwargs=True))
@@ -118,6 +115,27 @@ def make_cache(model: torch.nn.Module) -> Cache:
     if not isinstance(state, PatchState):
         raise ValueError("this model is not patched by kvpress; call kvpress.patch(model, method) first")
     return state.method.new_cache()
+
+
+def route_attention(patcher: Patcher, model, attention_modules, runtime) -> None:
+    """Make every module in ``attention_modules`` call ``runtime.attention`` as its attention function."""
+    if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(ATTENTION_NAME, _attention)
+    patcher.set(model.config, "_attn_implementation_internal", ATTENTION_NAME)
+    for module in attention_modules:
+        patcher.set(module, "_kvpress_method", runtime)
+
+
+@contextmanager
+def attention_override(model, runtime):
+    """Within the block, the model's attention calls ``runtime.attention(module, q, k, v, mask, **kw)``
+    on raw key/value tensors (no kvpress cache): how calibration observes and changes attention."""
+    patcher = Patcher()
+    try:
+        route_attention(patcher, model, describe(model).attention_modules, runtime)
+        yield model
+    finally:
+        patcher.undo()
 
 
 def _attention(module, query, key, value, attention_mask, **kwargs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from ..adapters import ModelInfo, ModelShape
 from ..cache import AppendBuffer, KVPressLayer, TokenLedger
 from ..configfile import atomic_write, load_config_file, save_config_file
 from .base import Method
+
+log = logging.getLogger("kvpress")
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "data" / "duo"
+CONFIG_FILE_NAME = "kvpress-duo.safetensors"  # looked up in the model's own folder
 
 
 @dataclass
@@ -198,10 +203,7 @@ class DuoAttention(Method):
     def __init__(self, info: ModelInfo, config: DuoConfig | str | Path | None = None, **options):
         super().__init__(info)
         if config is None:
-            raise ValueError(
-                "DuoAttention needs gates for this model: pass config=DuoConfig.load(path) (a file made by "
-                "`kvpress-calibrate duo --model MODEL --out FILE`) or a reference pattern folder"
-            )
+            config = default_config(info)
         if isinstance(config, (str, Path)):
             config = DuoConfig.load(config)
         if not isinstance(config, DuoConfig):
@@ -237,3 +239,47 @@ class DuoAttention(Method):
             sink=self.config.sink, recent=self.config.recent, window=sliding_window,
         )
         return out.transpose(1, 2), None
+
+
+def default_config(info: ModelInfo) -> DuoConfig:
+    """The config used when ``patch`` gets none: one shipped for this model (``kvpress-duo.safetensors``
+    in the model's folder, or one bundled with kvpress under the folder's name), else gates scored at
+    once by attention mass on bundled text (a rough first guess; calibrate for real use)."""
+    source = Path(getattr(info.base_model.config, "_name_or_path", "") or "")
+    if source.name:
+        for candidate in (source / CONFIG_FILE_NAME, SHIPPED_CONFIGS / f"{source.name}.safetensors"):
+            if candidate.is_file():
+                config = DuoConfig.load(candidate)
+                if config.model_shape in (None, info.shape):
+                    log.info("kvpress: using the DuoAttention config %s", candidate)
+                    return config
+    return attention_mass_config(info, source)
+
+
+def attention_mass_config(info: ModelInfo, source: Path) -> DuoConfig:
+    from transformers import AutoTokenizer
+
+    from ..calibration.data import PasskeyData, PasskeyRecipe, read_haystack
+    from ..calibration.duo import attention_mass_gates
+
+    how = f"kvpress-calibrate duo --model {source or 'MODEL'} --out {CONFIG_FILE_NAME}"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        raise ValueError(
+            "DuoAttention needs gates for this model and none is shipped for it; pass config=DuoConfig.load(path), "
+            f"made with `{how}` (kvpress could not score heads itself: no tokenizer at {str(source)!r})"
+        ) from None
+    length = min(2048, getattr(info.base_model.config, "max_position_embeddings", 2048))
+    recipe = PasskeyRecipe(min_length=length, max_length=length, num_lengths=1, num_passkeys=4, passkey_words=8)
+    data = PasskeyData(tokenizer, recipe, read_haystack())
+    defaults = DuoConfig(gates=torch.zeros(1, 1))
+    log.warning(
+        "kvpress: no DuoAttention config for this model; scoring heads by attention mass on %d bundled samples of "
+        "%d tokens. For calibrated gates run: %s", 2, length, how,
+    )
+    was_training = info.base_model.training
+    info.base_model.eval()
+    gates = attention_mass_gates(info.base_model, data, samples=2, sink=defaults.sink, recent=defaults.recent, progress=False)
+    info.base_model.train(was_training)
+    return DuoConfig(gates=gates, model_shape=info.shape)
