@@ -130,15 +130,22 @@ class GatedStudent:
 def frozen_with_checkpointing(model):
     """Weights frozen, decoder layers recomputed in backward; everything restored afterwards."""
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training, was_checkpointing = model.training, model.is_gradient_checkpointing
+    was_training = model.training
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.18
+        was_checkpointing = model.is_activation_checkpointing
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.activation_checkpointing_disable
+    else:
+        was_checkpointing = model.is_gradient_checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.gradient_checkpointing_disable
     model.requires_grad_(False)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     try:
         yield
     finally:
         if not was_checkpointing:
-            model.gradient_checkpointing_disable()
+            disable()
         model.train(was_training)
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
