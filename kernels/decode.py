@@ -15,11 +15,13 @@ program per head); each is ``(k, v, k_rank, heads, sink, recent)`` or None, with
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .prefill import NO_LIMIT
+from .prefill import NO_LIMIT, as_ranks
 
 BLOCK_N = 64  # keys per inner step
 NUM_WARPS = 4
@@ -43,10 +45,10 @@ def _attend_range(q, qr, K, V, KR, start, stop, stride_kn, stride_vn, qk_scale, 
         kr = tl.load(KR + offs_n, mask=offs_n < stop, other=-1)
         dist = qr - kr
         ok = (kr >= 0) & (dist >= 0) & ((dist < recent) | (kr < sink)) & (dist < window)
-        if BLOCK_D == D:
-            kv_mask = (kr >= 0)[:, None]
+        if BLOCK_D == D:  # K/V are read by bounds only (masked keys must hold finite values)
+            kv_mask = (offs_n < stop)[:, None]
         else:
-            kv_mask = (kr >= 0)[:, None] & (offs_d[None, :] < D)
+            kv_mask = (offs_n < stop)[:, None] & (offs_d[None, :] < D)
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
@@ -64,7 +66,7 @@ def _attend_range(q, qr, K, V, KR, start, stop, stride_kn, stride_vn, qk_scale, 
 @triton.jit
 def _decode_kernel(Q, Out, QR, PO, PL,
                    FK, FV, FR, FH, SK, SV, SR, SH,
-                   stride_qb, stride_qh, stride_ob, stride_oh,
+                   stride_qb, stride_qh, stride_qrb, stride_ob, stride_oh,
                    stride_fkb, stride_fkh, stride_fkn, stride_fvb, stride_fvh, stride_fvn, stride_frb,
                    stride_skb, stride_skh, stride_skn, stride_svb, stride_svh, stride_svn, stride_srb,
                    n_single, n_f, n_s, T, C, n_splits, split_len, qk_scale,
@@ -82,7 +84,7 @@ def _decode_kernel(Q, Out, QR, PO, PL,
         b = pid // n_s
         slot = pid % n_s
         head = tl.load(SH + slot)
-        qr = tl.load(QR + b)
+        qr = tl.load(QR + b * stride_qrb)
         q = tl.load(Q + b * stride_qb + (head * G + g)[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
         acc, l_i, m_i = _attend_range(q, qr, SK + b * stride_skb + slot * stride_skh,
                                       SV + b * stride_svb + slot * stride_svh, SR + b * stride_srb,
@@ -97,7 +99,7 @@ def _decode_kernel(Q, Out, QR, PO, PL,
         b = pid // n_splits // n_f
         slot = pid // n_splits % n_f
         head = tl.load(FH + slot)
-        qr = tl.load(QR + b)
+        qr = tl.load(QR + b * stride_qrb)
         q = tl.load(Q + b * stride_qb + (head * G + g)[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
         start = split * split_len
         acc, l_i, m_i = _attend_range(q, qr, FK + b * stride_fkb + slot * stride_fkh,
@@ -126,22 +128,28 @@ def _reduce_kernel(Out, PO, PL, FH, stride_ob, stride_oh, n_f, n_splits,
     m = tl.where(m == float("-inf"), 0.0, m)
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    total = 0.0
+    wsum = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
     for c in range(0, n_splits, SPLIT_CHUNK):
         sp = c + tl.arange(0, SPLIT_CHUNK)
         w = tl.exp2(tl.load(PL + (bs * n_splits + sp) * GP + g, mask=sp < n_splits, other=float("-inf")) - m)
         o = tl.load(PO + ((bs * n_splits + sp) * GP + g)[:, None] * BLOCK_D + offs_d[None, :],
                     mask=(sp < n_splits)[:, None], other=0.0)
         acc += tl.sum(w[:, None] * o, 0)
-        total += tl.sum(w, 0)
+        wsum += w
+    total = tl.sum(wsum, 0)
     out = tl.where(total > 0, acc / tl.where(total > 0, total, 1.0), 0.0)
     tl.store(Out + b * stride_ob + (head * G + g) * stride_oh + offs_d, out.to(Out.dtype.element_ty),
              mask=offs_d < D)
 
 
+@functools.lru_cache
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_splits(batch_heads: int, length: int, device: torch.device) -> tuple[int, int]:
     """Splits per split-K head and keys per split (a multiple of ``BLOCK_N``)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _sm_count(device.index) if device.type == "cuda" else 4
     want = max(1, triton.cdiv(PROGRAMS_PER_SM * sms, max(batch_heads, 1)))
     split_len = triton.cdiv(triton.cdiv(max(length, 1), want), BLOCK_N) * BLOCK_N
     return triton.cdiv(max(length, 1), split_len), split_len
@@ -170,8 +178,7 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     dummy_h = fh if fh is not None else sh
     fk, fv, fr, fh = (fk, fv, fr, fh) if n_f else (dummy_k, dummy_k, dummy_r, dummy_h)
     sk, sv, sr, sh = (sk, sv, sr, sh) if n_s else (dummy_k, dummy_k, dummy_r, dummy_h)
-    fr, sr = fr.int().contiguous(), sr.int().contiguous()
-    q_rank = q_rank.int().contiguous()
+    fr, sr, q_rank = as_ranks(fr), as_ranks(sr), as_ranks(q_rank)
     for t in (q, fk, fv, sk, sv, out):
         assert t.stride(-1) == 1, "the head dimension must be contiguous"
     T, C = fk.shape[2], sk.shape[2]
@@ -183,7 +190,7 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     qk_scale = scale * 1.4426950408889634
     _decode_kernel[(B * n_s + B * n_f * n_splits,)](
         q, out, q_rank, partial_o, partial_l, fk, fv, fr, fh, sk, sv, sr, sh,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), q_rank.stride(0), out.stride(0), out.stride(1),
         fk.stride(0), fk.stride(1), fk.stride(2), fv.stride(0), fv.stride(1), fv.stride(2), fr.stride(0),
         sk.stride(0), sk.stride(1), sk.stride(2), sv.stride(0), sv.stride(1), sv.stride(2), sr.stride(0),
         B * n_s, n_f, n_s, T, C, n_splits, split_len, qk_scale,

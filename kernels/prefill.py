@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 NO_LIMIT = 1 << 30  # stands for "no recent window" / "no sliding window" (ranks are < 2**30)
+_BIG = tl.constexpr(NO_LIMIT)  # the same, for use inside kernels
 BLOCK_N = 64  # keys per inner step
 ROWS = 128  # query rows per program: BLOCK_M tokens x (G padded to a power of two) heads
 NUM_WARPS = 8
@@ -37,10 +38,10 @@ def _attend_block(acc, l_i, m_i, q, qr, K, V, KR, start_n, Lk, stride_kn, stride
     offs_d = tl.arange(0, BLOCK_D)
     kr = tl.load(KR + offs_n, mask=offs_n < Lk, other=-1)
     real = kr >= 0
-    if BLOCK_D == D:
-        kv_mask = real[:, None]
+    if BLOCK_D == D:  # K/V are read by bounds only (masked keys must hold finite values)
+        kv_mask = (offs_n < Lk)[:, None]
     else:
-        kv_mask = real[:, None] & (offs_d[None, :] < D)
+        kv_mask = (offs_n < Lk)[:, None] & (offs_d[None, :] < D)
     k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     dist = qr[:, None] - kr[None, :]
@@ -81,7 +82,7 @@ def _prefill_kernel(Q, K, V, Out, QR, KR, HEADS, RANGES, KSPAN,
     q = tl.load(Q + q_off, mask=q_mask, other=0.0)
     qr = tl.load(QR + b * stride_qrb + t, mask=row_ok, other=-1)
     qmax = tl.max(qr, 0)
-    qmin = tl.min(tl.where(qr >= 0, qr, NO_LIMIT), 0)
+    qmin = tl.min(tl.where(qr >= 0, qr, _BIG), 0)
     K += b * stride_kb + slot * stride_kh
     V += b * stride_vb + slot * stride_vh
     KR += b * stride_krb
@@ -114,6 +115,11 @@ def _prefill_kernel(Q, K, V, Out, QR, KR, HEADS, RANGES, KSPAN,
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
     o_off = b * stride_ob + (kv_head * G + g)[:, None] * stride_oh + t[:, None] * stride_om + offs_d[None, :]
     tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=q_mask)
+
+
+def as_ranks(rank: torch.Tensor) -> torch.Tensor:
+    """Ranks as int32 with a contiguous token axis (no copy when they already are)."""
+    return rank if rank.dtype == torch.int32 and rank.stride(-1) == 1 else rank.int().contiguous()
 
 
 def block_ranges(q_rank: torch.Tensor, k_rank: torch.Tensor, block_m: int, block_n: int,
@@ -184,8 +190,7 @@ def prefill_attention(q, k, v, q_rank, k_rank, scale, sink=0, recent=None, windo
     gp = triton.next_power_of_2(group)
     block_m = max(1, ROWS // gp)
     ranges, kspan = block_ranges(q_rank, k_rank, block_m, BLOCK_N, sink, recent, window)
-    q_rank = q_rank.int().contiguous()
-    k_rank = k_rank.int().contiguous()
+    q_rank, k_rank = as_ranks(q_rank), as_ranks(k_rank)
     grid = (triton.cdiv(Lq, block_m), B * n)
     _prefill_kernel[grid](
         q, k, v, out, q_rank, k_rank, heads, ranges, kspan,

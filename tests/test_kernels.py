@@ -11,6 +11,7 @@ from kvpress.kernels import reference
 from kvpress.kernels.decode import decode_attention
 from kvpress.kernels.prefill import BLOCK_N, block_ranges, prefill_attention
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the "CPU" tests run compiled on a GPU machine
 CPU_DTYPES = [torch.float32, torch.float16]
 MODES = {  # (sink, recent, window)
     "causal": (0, None, None),
@@ -25,15 +26,16 @@ def ranks(lengths, total):
     r = torch.full((len(lengths), total), -1, dtype=torch.int32)
     for b, n in enumerate(lengths):
         r[b, total - n:] = torch.arange(n, dtype=torch.int32)
-    return r
+    return r.to(DEV)
 
 
-def rand(*shape, dtype, device="cpu"):
+def rand(*shape, dtype, device=DEV):
     return torch.randn(*shape, dtype=torch.float32, device=device).to(dtype)
 
 
 def check(out, ref, dtype):
-    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    tol = {torch.float32: 1e-4 if out.device.type == "cpu" else 2e-3,  # tf32 dots on the GPU
+           torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert torch.isfinite(out).all()
     err = (out.float() - ref.float()).abs().max().item()
     assert err < tol * max(1.0, ref.abs().max().item()), err
@@ -52,7 +54,7 @@ def ref_attention(q, k, v, q_rank, k_rank, scale, sink, recent, window):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_block_ranges_cover_every_allowed_key(lengths, total, mode):
     sink, recent, window = MODES[mode]
-    r = ranks(lengths, total)
+    r = ranks(lengths, total).cpu()
     block_m = 32
     rng, _ = block_ranges(r, r, block_m, BLOCK_N, sink, recent, window)
     allowed = reference.rank_mask(r, r, sink, recent, window)[:, 0]  # [B, Lq, Lk]
@@ -107,9 +109,9 @@ def test_prefill_keys_in_any_order(dtype):
     old = torch.stack([torch.cat([torch.arange(sink), (torch.arange(recent) + 5) % recent + s - recent])
                        for s in seen]).int()
     new = torch.stack([torch.arange(s, s + chunk) for s in seen]).int()
-    k_rank = torch.cat([old, new], 1)
+    k_rank = torch.cat([old, new], 1).to(DEV)
     k_rank[1, 0] = -1  # an empty slot
-    q_rank = new.clone()
+    q_rank = new.to(DEV)
     q_rank[1, :3] = -1  # padding queries
     C = k_rank.shape[1]
     q = rand(2, 2 * G, chunk, D, dtype=dtype)
@@ -136,7 +138,8 @@ def test_decode_matches_reference(dtype, group):
         keep = list(range(min(n, sink))) + list(range(max(sink, n - recent), n))
         s_rank[b, : len(keep)] = torch.tensor(keep[::-1], dtype=torch.int32)
     sk, sv = rand(B, 1, C, D, dtype=dtype), rand(B, 1, C, D, dtype=dtype)
-    heads_f, heads_s = torch.tensor([1]), torch.tensor([0])
+    s_rank = s_rank.to(DEV)
+    heads_f, heads_s = torch.tensor([1], device=DEV), torch.tensor([0], device=DEV)
     out = decode_attention(q, q_rank, 0.3, group, split=(fk, fv, full_rank, heads_f, 0, None),
                            single=(sk, sv, s_rank, heads_s, sink, recent))
     ref_f = ref_attention(q[:, group:], fk, fv, q_rank, full_rank, 0.3, 0, None, None)
@@ -154,8 +157,8 @@ def test_split_cache_attention_triton_path(dtype, lq, retrieval, monkeypatch):
     torch.manual_seed(4)
     B, hkv, G, D, sink, recent = 2, 4, 2, 32, 4, 16
     T = 90 if lq > 1 else 150
-    retrieval_heads = torch.tensor(retrieval, dtype=torch.long)
-    streaming_heads = torch.tensor([h for h in range(hkv) if h not in retrieval], dtype=torch.long)
+    retrieval_heads = torch.tensor(retrieval, dtype=torch.long, device=DEV)
+    streaming_heads = torch.tensor([h for h in range(hkv) if h not in retrieval], dtype=torch.long, device=DEV)
     R, S = len(retrieval_heads), len(streaming_heads)
     full_rank = ranks([T, T - 13], T)
     q_rank = full_rank[:, T - lq:].clone()
@@ -164,7 +167,7 @@ def test_split_cache_attention_triton_path(dtype, lq, retrieval, monkeypatch):
     if lq > 1:  # first prefill: the stream keys are the prompt itself
         stream_rank = full_rank
     else:  # decode: sink + recent (+1) slots
-        stream_rank = torch.cat([torch.arange(sink), torch.arange(T - recent, T), torch.tensor([-1])])[None].repeat(B, 1).int()
+        stream_rank = torch.cat([torch.arange(sink), torch.arange(T - recent, T), torch.tensor([-1])])[None].repeat(B, 1).int().to(DEV)
         stream_rank[1] -= 13
         stream_rank[1, -1] = -1
     C = stream_rank.shape[1]

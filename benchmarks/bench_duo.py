@@ -1,0 +1,395 @@
+"""DuoAttention speed and memory: per-layer kernels and an 8B-shaped model end to end.
+
+    python benchmarks/bench_duo.py --parts layer,e2e     # on a CUDA GPU (H100 80GB in the README)
+
+Parts (each compares against dense attention measured in the same run):
+  layer  decode attention of one layer (one query token) over 32K/128K/512K cached tokens with 25%
+         and 50% retrieval heads vs dense SDPA decode, next to the bytes-read bound (kept cache
+         bytes / device copy bandwidth measured here); streaming-head (A-shape) prefill at 32K/128K
+         vs dense SDPA causal prefill; shapes of Llama-3-8B (32 q / 8 KV heads) and of an MHA
+         model (32 / 32), head dim 128, bf16. Kernel tile settings are swept first and the best used.
+  e2e    a LlamaForCausalLM with Llama-3-8B dimensions and random bf16 weights: time per output
+         token and peak memory at 32K and 128K, unpatched vs Duo (25% / 50% retrieval heads), and
+         the longest context that fits on the GPU (linear fit of measured peaks, checked by a run).
+Writes ``benchmarks/results/duo_<part>_<device>.json`` (or ``--out``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kvpress.kernels as kernels
+from kvpress.kernels import decode as decode_mod
+from kvpress.kernels import prefill as prefill_mod
+
+K = 1024
+SINK, RECENT = 64, 256
+SHAPES = {"gqa": (32, 8), "mha": (32, 32)}  # (query heads, KV heads), Llama-3-8B and Llama-2-7B
+D = 128
+
+
+def bench(fn, rep_ms=200):
+    """Median time of ``fn`` in seconds (CUDA events via triton.testing.do_bench, L2 flushed)."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median") * 1e-3
+    fn()
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def copy_bandwidth(dev):
+    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = (1 << 30) if dev == "cuda" else (1 << 20)
+    a, b = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev)
+    a.random_()
+    return 2 * n / bench(lambda: b.copy_(a))
+
+
+def environment():
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    import transformers
+    import triton
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "cuda": torch.version.cuda, "commit": commit}
+
+
+def head_split(hkv, frac):
+    """Retrieval KV heads (a fixed spread-out choice) and streaming KV heads for a fraction."""
+    r = round(frac * hkv)
+    order = torch.randperm(hkv, generator=torch.Generator().manual_seed(0))
+    return order[:r].sort().values, order[r:].sort().values
+
+
+def rand(*shape, dev, dtype=torch.bfloat16):
+    return torch.randn(*shape, device=dev, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+
+
+def decode_case(T, hq, hkv, frac, dev, cap_extra=1024):
+    """Inputs of one decode step as the Duo runtime makes them: full K/V are views of a larger
+    buffer; the stream buffer is the kept window (sinks + recent) ++ the new token."""
+    rh, sh = head_split(hkv, frac)
+    R, S = len(rh), len(sh)
+    fk = rand(1, R, T + cap_extra, D, dev=dev)[:, :, :T]
+    fv = rand(1, R, T + cap_extra, D, dev=dev)[:, :, :T]
+    full_rank = torch.arange(T, device=dev, dtype=torch.int32)[None]
+    stream_rank = torch.cat([torch.arange(SINK), torch.arange(T - 1 - RECENT, T)]).int().to(dev)[None]
+    C = stream_rank.shape[1]
+    sk, sv = rand(1, S, C, D, dev=dev), rand(1, S, C, D, dev=dev)
+    q = rand(1, hq, 1, D, dev=dev)
+    q_rank = torch.tensor([[T - 1]], device=dev, dtype=torch.int32)
+    args = (q, fk, fv, full_rank, sk, sv, stream_rank, q_rank, rh.to(dev), sh.to(dev), D ** -0.5, SINK, RECENT)
+    kept_bytes = 2 * (R * T + S * C) * D * 2
+    return args, kept_bytes
+
+
+def decode_rows(lengths, fracs, shapes, dev, bw):
+    rows = []
+    for shape in shapes:
+        hq, hkv = SHAPES[shape]
+        for T in lengths:
+            q = rand(1, hq, 1, D, dev=dev)
+            k, v = rand(1, hkv, T, D, dev=dev), rand(1, hkv, T, D, dev=dev)
+            t_dense = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv))
+            dense_bytes = 2 * hkv * T * D * 2
+            del k, v
+            for frac in fracs:
+                args, kept = decode_case(T, hq, hkv, frac, dev)
+                out = kernels.split_cache_attention(*args)
+                ref = kernels.reference.split_cache_attention(*args)
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                t = bench(lambda: kernels.split_cache_attention(*args))
+                rows.append({
+                    "shape": shape, "tokens": T, "retrieval_frac": frac, "dense_us": t_dense * 1e6,
+                    "dense_bytes": dense_bytes, "duo_us": t * 1e6, "kept_bytes": kept,
+                    "bound_us": kept / bw * 1e6, "speedup": t_dense / t, "of_bound": t / (kept / bw),
+                    "duo_GBps": kept / t / 1e9, "rel_err": err,
+                })
+                print(f"decode {shape} {T // K}K {frac:.0%}: dense {t_dense * 1e6:.1f} us, duo {t * 1e6:.1f} us "
+                      f"({t_dense / t:.2f}x), bound {kept / bw * 1e6:.1f} us, err {err:.1e}", flush=True)
+                del args
+    return rows
+
+
+def sweep_decode(T, dev, bw):
+    """Pick decode tile settings (BLOCK_N, warps, stages, programs per SM) on GQA 128K 25%/50%."""
+    cases = [decode_case(T, 32, 8, f, dev) for f in (0.25, 0.5)]
+    base = dict(BLOCK_N=decode_mod.BLOCK_N, NUM_WARPS=decode_mod.NUM_WARPS, NUM_STAGES=decode_mod.NUM_STAGES,
+                PROGRAMS_PER_SM=decode_mod.PROGRAMS_PER_SM)
+    grid = [dict(BLOCK_N=n, NUM_WARPS=w, NUM_STAGES=s) for n, w, s in
+            [(32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3),
+             (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3), (32, 2, 4)]]
+    results = []
+
+    def run(cfg):
+        for name, value in {**base, **cfg}.items():
+            setattr(decode_mod, name, value)
+        times = [bench(lambda: kernels.split_cache_attention(*args), rep_ms=100) for args, _ in cases]
+        score = sum(t / (kept / bw) for t, (_, kept) in zip(times, cases))  # sum of time / bound
+        results.append({**base, **cfg, "us_25": times[0] * 1e6, "us_50": times[1] * 1e6, "score": score})
+        print(f"decode sweep {cfg}: 25% {times[0] * 1e6:.1f} us, 50% {times[1] * 1e6:.1f} us", flush=True)
+        return score
+
+    best = min(grid, key=run)
+    base.update(best)
+    best_pps = min([1, 2, 4, 8, 16], key=lambda p: run({"PROGRAMS_PER_SM": p}))
+    base["PROGRAMS_PER_SM"] = best_pps
+    for name, value in base.items():
+        setattr(decode_mod, name, value)
+    return base, results
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill
+
+
+def prefill_case(L, hq, hkv, frac, dev):
+    rh, sh = head_split(hkv, frac)
+    r = torch.arange(L, device=dev, dtype=torch.int32)[None]
+    q = rand(1, hq, L, D, dev=dev)
+    k, v = rand(1, hkv, L, D, dev=dev), rand(1, hkv, L, D, dev=dev)
+    # the runtime gives retrieval heads their own tensors and streaming heads the prompt's
+    fk, fv = k[:, rh.to(dev)].contiguous(), v[:, rh.to(dev)].contiguous()
+    sk, sv = k[:, sh.to(dev)].contiguous(), v[:, sh.to(dev)].contiguous()
+    args = (q, fk, fv, r, sk, sv, r, r, rh.to(dev), sh.to(dev), D ** -0.5, SINK, RECENT)
+    return args, (q, k, v)
+
+
+def sweep_prefill(L, dev):
+    args, _ = prefill_case(L, 32, 8, 0.0, dev)
+    base = dict(ROWS=prefill_mod.ROWS, BLOCK_N=prefill_mod.BLOCK_N, NUM_WARPS=prefill_mod.NUM_WARPS,
+                NUM_STAGES=prefill_mod.NUM_STAGES)
+    grid = [dict(ROWS=r, BLOCK_N=n, NUM_WARPS=w, NUM_STAGES=s) for r, n, w, s in
+            [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+             (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2), (256, 64, 8, 2)]]
+    results = []
+
+    def run(cfg):
+        for name, value in cfg.items():
+            setattr(prefill_mod, name, value)
+        t = bench(lambda: kernels.split_cache_attention(*args), rep_ms=100)
+        results.append({**cfg, "ms": t * 1e3})
+        print(f"prefill sweep {cfg}: {t * 1e3:.2f} ms", flush=True)
+        return t
+
+    best = min(grid, key=run)
+    for name, value in best.items():
+        setattr(prefill_mod, name, value)
+    return best, results
+
+
+def prefill_rows(lengths, shapes, dev):
+    rows = []
+    for shape in shapes:
+        hq, hkv = SHAPES[shape]
+        for L in lengths:
+            args, (q, k, v) = prefill_case(L, hq, hkv, 0.0, dev)  # every head streaming
+            t_dense = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hkv))
+            t = bench(lambda: kernels.split_cache_attention(*args))
+            row = {"shape": shape, "tokens": L, "dense_ms": t_dense * 1e3, "stream_ms": t * 1e3,
+                   "speedup": t_dense / t}
+            if L <= 32 * K:  # check against flex-free exact math on a slice of queries
+                out = kernels.split_cache_attention(*args)
+                sl = slice(L - 2048, L)
+                ref = kernels.reference.rank_attention(q[:, :, sl], k, v, args[7][:, sl], args[3], D ** -0.5,
+                                                       SINK, RECENT)
+                row["rel_err"] = ((out[:, :, sl].float() - ref.float()).norm() / ref.float().norm()).item()
+            del args
+            for frac in (0.5,):  # a whole Duo layer: retrieval heads by SDPA, streaming heads A-shape
+                dargs, _ = prefill_case(L, hq, hkv, frac, dev)
+                row[f"duo{int(frac * 100)}_ms"] = bench(lambda: kernels.split_cache_attention(*dargs)) * 1e3
+                del dargs
+            rows.append(row)
+            print(f"prefill {shape} {L // K}K: dense {t_dense * 1e3:.2f} ms, streaming {t * 1e3:.3f} ms "
+                  f"({t_dense / t:.1f}x), duo50 layer {row['duo50_ms']:.2f} ms", flush=True)
+            del q, k, v
+    return rows
+
+
+def chunk_row(dev, T=128 * K, chunk=8 * K):
+    """Retrieval heads in chunked prefill (the Triton causal kernel): last chunk of a 128K prompt."""
+    hq, hkv = SHAPES["gqa"]
+    rh, sh = head_split(hkv, 0.5)
+    R = len(rh)
+    k, v = rand(1, R, T, D, dev=dev), rand(1, R, T, D, dev=dev)
+    q = rand(1, hq, chunk, D, dev=dev)
+    r = torch.arange(T, device=dev, dtype=torch.int32)[None]
+    out = torch.empty_like(q)
+    fn = lambda: prefill_mod.prefill_attention(q, k, v, r[:, T - chunk:], r, D ** -0.5, heads=rh.to(dev),  # noqa: E731
+                                               group=hq // hkv, out=out)
+    t = bench(fn)
+    flops = 4 * R * (hq // hkv) * chunk * (T - chunk / 2) * D
+    print(f"retrieval chunk {chunk // K}K at {T // K}K, {R} KV heads: {t * 1e3:.2f} ms, {flops / t / 1e12:.0f} TFLOP/s")
+    return {"tokens": T, "chunk": chunk, "kv_heads": R, "ms": t * 1e3, "tflops": flops / t / 1e12}
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end
+
+
+def llama8b_config(layers=32):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 21,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def build_model(dev, layers=32):
+    from transformers import LlamaForCausalLM
+
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(dev):
+        model = LlamaForCausalLM(llama8b_config(layers))
+    torch.set_default_dtype(torch.float32)
+    model.config.use_cache = True
+    return model.eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def run_context(model, L, chunk, new_tokens, dev, make_cache):
+    """Chunked prefill of L random tokens, then ``new_tokens`` greedy decode steps.
+    Returns (prefill s, time per output token s, peak bytes, cache bytes)."""
+    import kvpress
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, model.config.vocab_size, (1, L), device=dev)
+    cache = make_cache()
+    t0 = time.perf_counter()
+    for s in range(0, L, chunk):
+        out = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    t_prefill = time.perf_counter() - t0
+    tok = out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(new_tokens):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    tpot = sorted(times[2:])[len(times[2:]) // 2]
+    peak = torch.cuda.max_memory_allocated()
+    cache_bytes = kvpress.kv_cache_bytes(cache)
+    del cache, out, ids
+    return t_prefill, tpot, peak, cache_bytes
+
+
+def e2e_rows(dev, lengths, fracs, chunk, new_tokens, fit_check):
+    import kvpress
+    from transformers import DynamicCache
+
+    model = build_model(dev)
+    weights = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    print(f"model built: {weights / 2**30:.1f} GiB of weights, GPU {total / 2**30:.1f} GiB", flush=True)
+    variants = [("unpatched", None)] + [(f"duo{int(f * 100)}", f) for f in fracs]
+    rows, fits = [], {}
+    for name, frac in variants:
+        if frac is not None:
+            gates = torch.rand(32, 8, generator=torch.Generator().manual_seed(1))
+            kvpress.patch(model, "duo", config=kvpress.DuoConfig(gates=gates, sink=SINK, recent=RECENT, sparsity=1 - frac))
+            make_cache = lambda: kvpress.make_cache(model)  # noqa: E731
+        else:
+            make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
+        peaks = []
+        for L in lengths:
+            t_pre, tpot, peak, cache_bytes = run_context(model, L, chunk, new_tokens, dev, make_cache)
+            peaks.append((L, peak))
+            rows.append({"variant": name, "tokens": L, "prefill_s": t_pre, "tpot_ms": tpot * 1e3,
+                         "peak_GiB": peak / 2**30, "kv_GiB": cache_bytes / 2**30})
+            print(f"e2e {name} {L // K}K: prefill {t_pre:.1f} s, TPOT {tpot * 1e3:.2f} ms, peak {peak / 2**30:.2f} GiB, "
+                  f"KV {cache_bytes / 2**30:.2f} GiB", flush=True)
+        (l0, p0), (l1, p1) = peaks[0], peaks[-1]
+        per_token = (p1 - p0) / (l1 - l0)
+        usable = total - 2 * 2**30  # leave 2 GiB for the CUDA context and allocator slack
+        fits[name] = {"bytes_per_token": per_token, "max_tokens_fit": int(p0 + (usable - p0) / per_token * 0 + (usable - p0) / per_token + l0)}
+        print(f"e2e {name}: {per_token / K:.1f} KiB per token -> fits ~{fits[name]['max_tokens_fit'] // K}K tokens", flush=True)
+        if frac is not None:
+            kvpress.unpatch(model)
+    return rows, fits, weights
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def table(title, rows, cols):
+    print(f"\n{title}")
+    print(" | ".join(c for c, _ in cols))
+    for r in rows:
+        print(" | ".join(fmt.format(r[c]) if c in r else "-" for c, fmt in cols))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="layer", help="comma-separated: layer, e2e")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script, on CPU too)")
+    p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--e2e-lengths", default="32768,131072")
+    p.add_argument("--e2e-chunk", type=int, default=8192)
+    p.add_argument("--new-tokens", type=int, default=12)
+    a = p.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    tag = env["device"].replace(" ", "_").replace("/", "_")
+    print(env, flush=True)
+
+    if "layer" in a.parts:
+        bw = copy_bandwidth(dev)
+        print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+        res = {"env": env, "copy_bandwidth_Bps": bw, "sink": SINK, "recent": RECENT, "head_dim": D, "dtype": "bf16"}
+        if a.smoke:
+            dec_len, pre_len, shapes = [1000], [700], ["gqa"]
+        else:
+            dec_len, pre_len, shapes = [32 * K, 128 * K, 512 * K], [32 * K, 128 * K], ["gqa", "mha"]
+        if not a.no_sweep and not a.smoke:
+            res["decode_config"], res["decode_sweep"] = sweep_decode(128 * K, dev, bw)
+            res["prefill_config"], res["prefill_sweep"] = sweep_prefill(32 * K, dev)
+        res["decode"] = decode_rows(dec_len, [0.25, 0.5], shapes, dev, bw)
+        res["prefill"] = prefill_rows(pre_len, shapes, dev)
+        if not a.smoke:
+            res["retrieval_chunk"] = chunk_row(dev)
+        (out_dir / f"duo_layer_{tag}.json").write_text(json.dumps(res, indent=1))
+        table("Decode attention, one layer (bf16, D=128, batch 1), time in us", res["decode"],
+              [("shape", "{}"), ("tokens", "{}"), ("retrieval_frac", "{:.2f}"), ("dense_us", "{:.1f}"),
+               ("duo_us", "{:.1f}"), ("speedup", "{:.2f}x"), ("bound_us", "{:.1f}"), ("of_bound", "{:.2f}"),
+               ("duo_GBps", "{:.0f}")])
+        table("Prefill attention, one layer, all heads (bf16), time in ms", res["prefill"],
+              [("shape", "{}"), ("tokens", "{}"), ("dense_ms", "{:.2f}"), ("stream_ms", "{:.3f}"),
+               ("speedup", "{:.1f}x"), ("duo50_ms", "{:.2f}")])
+
+    if "e2e" in a.parts:
+        lengths = [int(x) for x in a.e2e_lengths.split(",")]
+        rows, fits, weights = e2e_rows(dev, lengths, [0.5, 0.25], a.e2e_chunk, a.new_tokens, True)
+        res = {"env": env, "rows": rows, "fits": fits, "weights_bytes": weights, "chunk": a.e2e_chunk,
+               "gpu_bytes": torch.cuda.get_device_properties(0).total_memory}
+        (out_dir / f"duo_e2e_{tag}.json").write_text(json.dumps(res, indent=1))
+        table("End to end, Llama-3-8B shape, random bf16 weights, batch 1", rows,
+              [("variant", "{}"), ("tokens", "{}"), ("prefill_s", "{:.1f}"), ("tpot_ms", "{:.2f}"),
+               ("peak_GiB", "{:.2f}"), ("kv_GiB", "{:.2f}")])
+
+
+if __name__ == "__main__":
+    main()
