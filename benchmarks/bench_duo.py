@@ -8,9 +8,10 @@ Parts (each compares against dense attention measured in the same run):
          bytes / device copy bandwidth measured here); streaming-head (A-shape) prefill at 32K/128K
          vs dense SDPA causal prefill; shapes of Llama-3-8B (32 q / 8 KV heads) and of an MHA
          model (32 / 32), head dim 128, bf16. Kernel tile settings are swept first and the best used.
-  e2e    a LlamaForCausalLM with Llama-3-8B dimensions and random bf16 weights: time per output
-         token and peak memory at 32K and 128K, unpatched vs Duo (25% / 50% retrieval heads), and
-         the longest context that fits on the GPU (linear fit of measured peaks, checked by a run).
+  e2e    a LlamaForCausalLM with Llama-3-8B dimensions (32 layers) and random bf16 weights: chunked
+         prefill, then time per output token and peak memory at 32K and 128K, unpatched (the
+         model's own sdpa, DynamicCache) vs Duo (25% / 50% retrieval heads), and the longest
+         context that fits on the GPU (linear fit of the peaks measured at the two lengths).
 Writes ``benchmarks/results/duo_<part>_<device>.json`` (or ``--out``) and prints a table.
 """
 
@@ -265,8 +266,9 @@ def build_model(dev, layers=32):
 
 @torch.inference_mode()
 def run_context(model, L, chunk, new_tokens, dev, make_cache):
-    """Chunked prefill of L random tokens, then ``new_tokens`` greedy decode steps.
-    Returns (prefill s, time per output token s, peak bytes, cache bytes)."""
+    """Prefill L random tokens in chunks of ``chunk``, then ``new_tokens`` greedy decode steps.
+    Returns prefill seconds, median time per output token (s), peak allocated bytes of the
+    prefill and of the decode, and the cache's bytes (``kvpress.kv_cache_bytes``)."""
     import kvpress
 
     torch.cuda.empty_cache()
@@ -278,6 +280,8 @@ def run_context(model, L, chunk, new_tokens, dev, make_cache):
         out = model(input_ids=ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
     torch.cuda.synchronize()
     t_prefill = time.perf_counter() - t0
+    peak_prefill = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     tok = out.logits[:, -1:].argmax(-1)
     times = []
     for _ in range(new_tokens):
@@ -288,45 +292,49 @@ def run_context(model, L, chunk, new_tokens, dev, make_cache):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     tpot = sorted(times[2:])[len(times[2:]) // 2]
-    peak = torch.cuda.max_memory_allocated()
+    peak_decode = torch.cuda.max_memory_allocated()
     cache_bytes = kvpress.kv_cache_bytes(cache)
     del cache, out, ids
-    return t_prefill, tpot, peak, cache_bytes
+    return t_prefill, tpot, peak_prefill, peak_decode, cache_bytes
 
 
-def e2e_rows(dev, lengths, fracs, chunk, new_tokens, fit_check):
+def e2e_rows(dev, lengths, fracs, chunk, new_tokens):
     import kvpress
     from transformers import DynamicCache
 
     model = build_model(dev)
     weights = torch.cuda.memory_allocated()
     total = torch.cuda.get_device_properties(0).total_memory
+    usable = total - 2 * 2**30  # CUDA context, allocator slack
     print(f"model built: {weights / 2**30:.1f} GiB of weights, GPU {total / 2**30:.1f} GiB", flush=True)
     variants = [("unpatched", None)] + [(f"duo{int(f * 100)}", f) for f in fracs]
     rows, fits = [], {}
     for name, frac in variants:
         if frac is not None:
             gates = torch.rand(32, 8, generator=torch.Generator().manual_seed(1))
-            kvpress.patch(model, "duo", config=kvpress.DuoConfig(gates=gates, sink=SINK, recent=RECENT, sparsity=1 - frac))
+            config = kvpress.DuoConfig(gates=gates, sink=SINK, recent=RECENT, sparsity=1 - frac)
+            kvpress.patch(model, "duo", config=config)
             make_cache = lambda: kvpress.make_cache(model)  # noqa: E731
         else:
             make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
         peaks = []
         for L in lengths:
-            t_pre, tpot, peak, cache_bytes = run_context(model, L, chunk, new_tokens, dev, make_cache)
+            t_pre, tpot, peak_pre, peak_dec, cache_bytes = run_context(model, L, chunk, new_tokens, dev, make_cache)
+            peak = max(peak_pre, peak_dec)
             peaks.append((L, peak))
             rows.append({"variant": name, "tokens": L, "prefill_s": t_pre, "tpot_ms": tpot * 1e3,
-                         "peak_GiB": peak / 2**30, "kv_GiB": cache_bytes / 2**30})
-            print(f"e2e {name} {L // K}K: prefill {t_pre:.1f} s, TPOT {tpot * 1e3:.2f} ms, peak {peak / 2**30:.2f} GiB, "
-                  f"KV {cache_bytes / 2**30:.2f} GiB", flush=True)
+                         "peak_GiB": peak / 2**30, "peak_prefill_GiB": peak_pre / 2**30,
+                         "peak_decode_GiB": peak_dec / 2**30, "kv_GiB": cache_bytes / 2**30})
+            print(f"e2e {name} {L // K}K: prefill {t_pre:.1f} s, TPOT {tpot * 1e3:.2f} ms, peak prefill "
+                  f"{peak_pre / 2**30:.2f} / decode {peak_dec / 2**30:.2f} GiB, KV {cache_bytes / 2**30:.2f} GiB", flush=True)
         (l0, p0), (l1, p1) = peaks[0], peaks[-1]
-        per_token = (p1 - p0) / (l1 - l0)
-        usable = total - 2 * 2**30  # leave 2 GiB for the CUDA context and allocator slack
-        fits[name] = {"bytes_per_token": per_token, "max_tokens_fit": int(p0 + (usable - p0) / per_token * 0 + (usable - p0) / per_token + l0)}
-        print(f"e2e {name}: {per_token / K:.1f} KiB per token -> fits ~{fits[name]['max_tokens_fit'] // K}K tokens", flush=True)
+        per_token = max(p1 - p0, 1) / (l1 - l0)  # peak bytes per extra context token (measured slope)
+        fits[name] = {"peak_bytes_per_token": per_token, "max_tokens_est": int(l0 + (usable - p0) / per_token)}
+        print(f"e2e {name}: {per_token / K:.1f} KiB of peak per token -> about {fits[name]['max_tokens_est'] // K}K "
+              "tokens fit", flush=True)
         if frac is not None:
             kvpress.unpatch(model)
-    return rows, fits, weights
+    return rows, fits, weights, usable
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,13 +390,15 @@ def main():
 
     if "e2e" in a.parts:
         lengths = [int(x) for x in a.e2e_lengths.split(",")]
-        rows, fits, weights = e2e_rows(dev, lengths, [0.5, 0.25], a.e2e_chunk, a.new_tokens, True)
+        rows, fits, weights, usable = e2e_rows(dev, lengths, [0.5, 0.25], a.e2e_chunk, a.new_tokens)
         res = {"env": env, "rows": rows, "fits": fits, "weights_bytes": weights, "chunk": a.e2e_chunk,
-               "gpu_bytes": torch.cuda.get_device_properties(0).total_memory}
+               "usable_bytes": usable, "sink": SINK, "recent": RECENT}
         (out_dir / f"duo_e2e_{tag}.json").write_text(json.dumps(res, indent=1))
         table("End to end, Llama-3-8B shape, random bf16 weights, batch 1", rows,
               [("variant", "{}"), ("tokens", "{}"), ("prefill_s", "{:.1f}"), ("tpot_ms", "{:.2f}"),
                ("peak_GiB", "{:.2f}"), ("kv_GiB", "{:.2f}")])
+        print("max context (linear fit of the measured peaks, GPU minus 2 GiB):",
+              ", ".join(f"{k} ~{v['max_tokens_est'] // K}K" for k, v in fits.items()))
 
 
 if __name__ == "__main__":
