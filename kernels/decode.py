@@ -26,8 +26,8 @@ from .prefill import NO_LIMIT, as_ranks
 BLOCK_N = 64  # keys per inner step
 NUM_WARPS = 4
 NUM_STAGES = 3
-PROGRAMS_PER_SM = 4  # split-K aims at this many programs per SM
-SPLIT_CHUNK = 16  # splits combined per step by the reduce kernel
+PROGRAMS_PER_SM = 1  # split-K fills one wave of this many programs per SM (as many as fit at once)
+MAX_SPLITS = 128  # splits per head; the reduce kernel combines them in one pass
 
 
 @triton.jit
@@ -108,37 +108,29 @@ def _decode_kernel(Q, Out, QR, PO, PL,
                                       qk_scale, f_sink, f_recent, window, GP, BLOCK_N, BLOCK_D, D)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(PO + (pid * GP + g)[:, None] * BLOCK_D + offs_d[None, :], out)
-        tl.store(PL + pid * GP + g, lse)
+        tl.store(PO + (pid * GP + g)[:, None] * BLOCK_D + offs_d[None, :], out, mask=(g < G)[:, None])
+        tl.store(PL + pid * GP + g, lse, mask=g < G)
 
 
 @triton.jit
 def _reduce_kernel(Out, PO, PL, FH, stride_ob, stride_oh, n_f, n_splits,
                    G: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
-                   NSP: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
-    """Combine the splits of one (batch row, head, query head of the group)."""
+                   NSP: tl.constexpr):
+    """Combine the splits of one (batch row, head, query head of the group) in one pass."""
     pid = tl.program_id(0)  # ((b * n_f + slot) * G + g)
     g = pid % G
     bs = pid // G
-    b = bs // n_f
     head = tl.load(FH + bs % n_f)
-    splits = tl.arange(0, NSP)
-    lse = tl.load(PL + (bs * n_splits + splits) * GP + g, mask=splits < n_splits, other=float("-inf"))
+    sp = tl.arange(0, NSP)
+    row = (bs * n_splits + sp) * GP + g
+    lse = tl.load(PL + row, mask=sp < n_splits, other=float("-inf"))
     m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
     offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    wsum = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
-    for c in range(0, n_splits, SPLIT_CHUNK):
-        sp = c + tl.arange(0, SPLIT_CHUNK)
-        w = tl.exp2(tl.load(PL + (bs * n_splits + sp) * GP + g, mask=sp < n_splits, other=float("-inf")) - m)
-        o = tl.load(PO + ((bs * n_splits + sp) * GP + g)[:, None] * BLOCK_D + offs_d[None, :],
-                    mask=(sp < n_splits)[:, None], other=0.0)
-        acc += tl.sum(w[:, None] * o, 0)
-        wsum += w
-    total = tl.sum(wsum, 0)
-    out = tl.where(total > 0, acc / tl.where(total > 0, total, 1.0), 0.0)
-    tl.store(Out + b * stride_ob + (head * G + g) * stride_oh + offs_d, out.to(Out.dtype.element_ty),
+    o = tl.load(PO + row[:, None] * BLOCK_D + offs_d[None, :], mask=(sp < n_splits)[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(Out + (bs // n_f) * stride_ob + (head * G + g) * stride_oh + offs_d, out.to(Out.dtype.element_ty),
              mask=offs_d < D)
 
 
@@ -147,10 +139,11 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits(batch_heads: int, length: int, device: torch.device) -> tuple[int, int]:
-    """Splits per split-K head and keys per split (a multiple of ``BLOCK_N``)."""
+def num_splits(batch_heads: int, single_programs: int, length: int, device: torch.device) -> tuple[int, int]:
+    """Splits per split-K head and keys per split (a multiple of ``BLOCK_N``): as many as fill one
+    wave of ``PROGRAMS_PER_SM`` programs per SM next to the single-program heads, at most ``MAX_SPLITS``."""
     sms = _sm_count(device.index) if device.type == "cuda" else 4
-    want = max(1, triton.cdiv(PROGRAMS_PER_SM * sms, max(batch_heads, 1)))
+    want = min(MAX_SPLITS, max(1, (PROGRAMS_PER_SM * sms - single_programs) // max(batch_heads, 1)))
     split_len = triton.cdiv(triton.cdiv(max(length, 1), want), BLOCK_N) * BLOCK_N
     return triton.cdiv(max(length, 1), split_len), split_len
 
@@ -184,9 +177,10 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     T, C = fk.shape[2], sk.shape[2]
     gp = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
     block_d = triton.next_power_of_2(D)
-    n_splits, split_len = num_splits(B * n_f, T, q.device) if n_f else (1, BLOCK_N)
-    partial_o = torch.empty(B * n_f * n_splits * gp * block_d, device=q.device, dtype=torch.float32)
-    partial_l = torch.empty(B * n_f * n_splits * gp, device=q.device, dtype=torch.float32)
+    n_splits, split_len = num_splits(B * n_f, B * n_s, T, q.device) if n_f else (1, BLOCK_N)
+    rows = B * n_f * n_splits * gp  # partial outputs [rows, block_d] then their log2-sum-exps [rows], fp32
+    partial = torch.empty(rows * (block_d + 1), device=q.device, dtype=torch.float32)
+    partial_o, partial_l = partial[: rows * block_d], partial[rows * block_d:]
     qk_scale = scale * 1.4426950408889634
     _decode_kernel[(B * n_s + B * n_f * n_splits,)](
         q, out, q_rank, partial_o, partial_l, fk, fv, fr, fh, sk, sv, sr, sh,
@@ -202,7 +196,6 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     if n_f:
         _reduce_kernel[(B * n_f * group,)](
             out, partial_o, partial_l, fh, out.stride(0), out.stride(1), n_f, n_splits,
-            G=group, GP=gp, BLOCK_D=block_d, D=D, NSP=triton.next_power_of_2(n_splits),
-            SPLIT_CHUNK=SPLIT_CHUNK, num_warps=4,
+            G=group, GP=gp, BLOCK_D=block_d, D=D, NSP=triton.next_power_of_2(n_splits), num_warps=8,
         )
     return out

@@ -34,7 +34,7 @@ def rand(*shape, dtype, device=DEV):
 
 
 def check(out, ref, dtype):
-    tol = {torch.float32: 1e-4 if out.device.type == "cpu" else 2e-3,  # tf32 dots on the GPU
+    tol = {torch.float32: 1e-4 if out.device.type == "cpu" else 5e-3,  # tf32 dots on the GPU
            torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert torch.isfinite(out).all()
     err = (out.float() - ref.float()).abs().max().item()
