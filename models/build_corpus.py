@@ -1,9 +1,12 @@
-"""Build the bundled natural-text corpus: docstrings and comments of Python's standard library.
+"""Build the bundled text corpora from Python's standard library (docstrings, comments, code).
 
-The result is `kvpress/data/pydoc_{train,heldout}.txt.gz` (ASCII text, documents separated by a
-blank line and a line `# <module path>`), used as haystack for the retrieval tasks, as training
-text for `models/needle-llama`, and as held-out text for perplexity. Source and licence: see
-`kvpress/data/SOURCES.md`. Run with the interpreter whose standard library you want to extract:
+- `kvpress/data/pydoc_{train,heldout}.txt.gz`: the docstrings and comments (natural English text),
+  one module after another, each introduced by a line `# <module path>`: haystack of the
+  retrieval tasks, training text of `models/needle-llama`, held-out text for perplexity.
+- `kvpress/data/pycode_train.txt.gz`: the source code of the training modules (training text:
+  code repeats names within a file, which teaches a model to copy from its context).
+
+All ASCII. Source and licence: see `kvpress/data/SOURCES.md`. Run with the interpreter whose standard library you want to extract:
 
     python models/build_corpus.py            # reads sysconfig's stdlib dir, writes kvpress/data/
 
@@ -69,6 +72,7 @@ def main():
     args = parser.parse_args()
 
     docs = {"train": [], "heldout": []}
+    code = []
     for root, dirs, files in os.walk(args.stdlib):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("config-"))
         for name in sorted(files):
@@ -78,19 +82,22 @@ def main():
             rel = os.path.relpath(path, args.stdlib)
             try:
                 with open(path, encoding="utf-8") as f:
-                    text = extract(f.read())
+                    source = f.read()
+                text = extract(source)
             except (SyntaxError, UnicodeDecodeError, tokenize.TokenError):
                 continue
             if len(text) < 200:
                 continue
             split = "heldout" if zlib.crc32(rel.encode()) % 20 == 0 else "train"
             docs[split].append(f"# {rel}\n\n{text}")
-    for split, items in docs.items():
-        out = os.path.join(args.out, f"pydoc_{split}.txt.gz")
+            if split == "train":
+                code.append(f"# {rel}\n\n{clean(source)}")
+    for name, items in (("pydoc_train", docs["train"]), ("pydoc_heldout", docs["heldout"]), ("pycode_train", code)):
+        out = os.path.join(args.out, f"{name}.txt.gz")
         data = ("\n\n".join(items) + "\n").encode("ascii")
         with gzip.GzipFile(out, "wb", mtime=0) as f:  # mtime=0: byte-identical rebuilds
             f.write(data)
-        print(f"{split}: {len(items)} modules, {len(data) / 1e6:.2f} MB text, {os.path.getsize(out) / 1e6:.2f} MB gz")
+        print(f"{name}: {len(items)} modules, {len(data) / 1e6:.2f} MB text, {os.path.getsize(out) / 1e6:.2f} MB gz")
 
 
 if __name__ == "__main__":

@@ -45,16 +45,24 @@ class TrainConfig:
     heads: int = 8
     kv_heads: int = 4
     rope_theta: float = 100000.0
-    # data: sequence lengths in tokens; all sequences of a step share one length
-    min_len: int = 512
-    start_len: int = 2048  # longest length at step 0; grows linearly to max_len
+    # data: sequence lengths in tokens; all sequences of a step share one length. The longest
+    # length starts at start_len and doubles (up to max_len) once the passkey and multikey
+    # answers at that length are right grow_at of the time, and at the latest on a fixed
+    # schedule: at force_from, force_from + force_every, ... of the steps.
+    min_len: int = 256
+    start_len: int = 256
     max_len: int = 8192
-    ramp_frac: float = 0.3  # fraction of the steps over which the longest length grows
+    grow_at: float = 0.9
+    force_from: float = 0.3
+    force_every: float = 0.07
+    lookahead: int = 48  # lengths are decided this many steps ahead (the data workers run ahead)
     p_max_len: float = 0.5  # probability that a step uses the current longest length
-    tokens_per_step: int = 131072
-    task_mix: dict = field(default_factory=lambda: {"passkey": 0.3, "multikey": 0.3, "multivalue": 0.2, "kvlookup": 0.2})
+    tokens_per_step: int = 65536
+    code_frac: float = 0.5  # fraction of haystacks cut from Python code (the rest: docstrings)
+    tasks: str = "passkey:0.35,multikey:0.35,multivalue:0.15,kvlookup:0.15"  # task:weight of the mix
+    questions: int = 8  # questions per sample (the asked one + follow-ups), each answer supervised
     # optimisation (AdamW, linear warm-up, cosine decay to min_lr_frac * lr)
-    steps: int = 2000
+    steps: int = 5000
     lr: float = 2e-3
     min_lr_frac: float = 0.1
     warmup: int = 100
@@ -63,7 +71,7 @@ class TrainConfig:
     seed: int = 0
     # run
     device: str = "cuda"
-    workers: int = 6
+    workers: int = 12
     max_minutes: float = 0.0  # stop early (and say so in the log) past this wall time; 0 = never
     log_every: int = 50
     out: str = "models/needle-llama"
@@ -96,47 +104,70 @@ def byte_tokenizer(max_len: int):
 # ----------------------------------------------------------------------------- data
 
 
-def seq_len(cfg: TrainConfig, step: int) -> int:
-    """Length of the sequences of `step`: a multiple of 256 in [min_len, current longest]."""
+def forced_longest(cfg: TrainConfig, step: int) -> int:
+    """The longest length the schedule imposes at `step`, whatever the accuracy."""
+    t = step / cfg.steps
+    doublings = 0 if t < cfg.force_from else 1 + int((t - cfg.force_from) / cfg.force_every)
+    return min(cfg.max_len, cfg.start_len * 2**doublings)
+
+
+def seq_len(cfg: TrainConfig, step: int, longest: int) -> int:
+    """Length of the sequences of `step`: `longest`, or a multiple of 256 in [min_len, longest]."""
     rng = random.Random(f"len/{cfg.seed}/{step}")
-    grow = min(1.0, step / max(1, cfg.ramp_frac * cfg.steps))
-    longest = int(cfg.start_len + grow * (cfg.max_len - cfg.start_len)) // 256 * 256
     if rng.random() < cfg.p_max_len:
         return longest
     return rng.randrange(cfg.min_len, longest + 1, 256)
 
 
-def make_batch(cfg: TrainConfig, tokenizer, corpus: str, step: int):
-    """(ids [B, L], answer mask [B, L]) of `step`; the mask marks the answer tokens."""
-    L = seq_len(cfg, step)
+def make_batch(cfg: TrainConfig, tokenizer, corpora: list[str], step: int, longest: int):
+    """(ids [B, L], answer mask [B, L], task index [B]) of `step`. The mask is 1 on the first
+    answer (the one evaluation asks), 2 on follow-up answers, 0 elsewhere."""
+    L = seq_len(cfg, step, longest)
     rng = random.Random(f"batch/{cfg.seed}/{step}")
-    tasks, weights = zip(*cfg.task_mix.items())
-    ids, mask = [], []
+    tasks, weights = zip(*task_mix(cfg).items())
+    ids, mask, kind = [], [], []
     for i in range(max(1, cfg.tokens_per_step // L)):
         task = rng.choices(tasks, weights)[0]
         most = {"passkey": 1, "multikey": min(8, L // 128), "multivalue": min(6, L // 128), "kvlookup": min(64, L // 48)}
         needles = rng.randint(min(2, most[task]), most[task])  # keys / values / pairs, fewer in short sequences
-        s = make_sample(task, tokenizer, corpus, L, rng.random(), seed=f"train/{cfg.seed}/{step}/{i}", num_needles=needles)
-        a = tokenizer.encode(s.answer, add_special_tokens=False)
-        x = tokenizer.encode(s.prompt) + a
+        corpus = corpora[rng.random() < cfg.code_frac]
+        seed = f"train/{cfg.seed}/{step}/{i}"
+        s = make_sample(task, tokenizer, corpus, L, rng.random(), seed, num_needles=needles, questions=min(cfg.questions, max(1, L // 384)))
+        x = tokenizer.encode(s.prompt)
+        m = [0] * len(x)
+        for j, (q, a) in enumerate([("", s.answer)] + s.followups):
+            q, a = tokenizer.encode(q, add_special_tokens=False), tokenizer.encode(a, add_special_tokens=False)
+            x += q + a
+            m += [0] * len(q) + [1 if j == 0 else 2] * len(a)
         assert len(x) == L, (len(x), L)  # byte-level tokenizer + ASCII corpus: lengths are exact
         ids.append(x)
-        mask.append([0] * (L - len(a)) + [1] * len(a))
-    return torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+        mask.append(m)
+        kind.append(tasks.index(task))
+    return torch.tensor(ids), torch.tensor(mask, dtype=torch.uint8), torch.tensor(kind)
+
+
+def task_mix(cfg: TrainConfig) -> dict[str, float]:
+    return {name: float(w) for name, w in (item.split(":") for item in cfg.tasks.split(","))}
 
 
 class Batches(torch.utils.data.IterableDataset):
-    """Steps start..steps-1 in order; worker w makes steps w, w + workers, ... (round robin)."""
+    """Steps 0..steps-1 in order; worker w makes steps w, w + workers, ... (round robin).
 
-    def __init__(self, cfg: TrainConfig, start: int = 0):
-        self.cfg, self.start = cfg, start
+    longest: shared table of the longest length of each step, written by the training loop
+    `lookahead` steps ahead; a worker waits for its step's entry."""
+
+    def __init__(self, cfg: TrainConfig, longest: torch.Tensor):
+        self.cfg, self.longest = cfg, longest
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, n = (info.id, info.num_workers) if info else (0, 1)
-        tokenizer, corpus = byte_tokenizer(self.cfg.max_len), load_corpus("train")
-        for step in range(self.start + w, self.cfg.steps, n):
-            yield step, *make_batch(self.cfg, tokenizer, corpus, step)
+        tokenizer = byte_tokenizer(self.cfg.max_len)
+        corpora = [load_corpus("train"), load_corpus("code")]
+        for step in range(w, self.cfg.steps, n):
+            while self.longest[step] == 0:
+                time.sleep(0.002)
+            yield step, *make_batch(self.cfg, tokenizer, corpora, step, int(self.longest[step]))
 
 
 # ----------------------------------------------------------------------------- model
@@ -189,20 +220,24 @@ def train(cfg: TrainConfig):
         betas=(0.9, 0.95),
         fused=device.type == "cuda",
     )
+    longest = torch.zeros(cfg.steps, dtype=torch.int32).share_memory_()
+    longest[: cfg.lookahead] = cfg.start_len
+    current, recent = cfg.start_len, []  # current longest length; answers right at it (passkey, multikey)
     loader = torch.utils.data.DataLoader(
-        Batches(cfg), batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None
+        Batches(cfg, longest), batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     t0, log, stats = time.time(), [], {}
     model.train()
-    for step, ids, ans in loader:
+    tasks = list(task_mix(cfg))
+    for step, ids, ans, kind in loader:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         ids, ans = ids.to(device, non_blocking=True), ans.to(device, non_blocking=True)
         with autocast:
             logits = model(input_ids=ids[:, :-1], use_cache=False).logits
         nll = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view_as(ans[:, 1:])
-        is_ans = ans[:, 1:]
+        is_ans, first = ans[:, 1:] > 0, ans[:, 1:] == 1
         loss_text = nll[~is_ans].mean()
         loss_ans = nll[is_ans].mean()
         loss = loss_text + loss_ans
@@ -213,12 +248,29 @@ def train(cfg: TrainConfig):
 
         # exact match of the answers under teacher forcing = exact match of greedy decoding
         with torch.no_grad():
-            wrong = ((logits.argmax(-1) != ids[:, 1:]) & is_ans).any(-1).float().mean().item()
-        for k, v in (("text", loss_text.item()), ("answer", loss_ans.item()), ("exact", 1 - wrong)):
-            stats[k] = stats.get(k, []) + [v]
+            exact = (~((logits.argmax(-1) != ids[:, 1:]) & first).any(-1)).float().cpu()  # first answer
+        for k, v in (("text", loss_text.item()), ("answer", loss_ans.item())):
+            stats.setdefault(k, []).append(v)
+        for i, task in enumerate(tasks):
+            stats.setdefault("exact_" + task, []).extend(exact[kind == i].tolist())
+        if ids.shape[1] == current:
+            judged = torch.tensor([tasks[k] in ("passkey", "multikey") for k in kind.tolist()], dtype=torch.bool)
+            recent = (recent + exact[judged].tolist())[-128:]
+
+        # curriculum: decide the longest length of step + lookahead
+        grown = current
+        if len(recent) >= 64 and sum(recent) / len(recent) >= cfg.grow_at:
+            grown = min(cfg.max_len, 2 * current)
+        grown = max(grown, forced_longest(cfg, step + cfg.lookahead))
+        if grown != current:
+            print(f"step {step}: longest length {current} -> {grown}", flush=True)
+            log.append({"step": step, "longest": grown, "recent_exact": round(sum(recent) / max(1, len(recent)), 3)})
+            current, recent = grown, []
+        if step + cfg.lookahead < cfg.steps:
+            longest[step + cfg.lookahead] = current
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            row = {k: round(sum(v) / len(v), 4) for k, v in stats.items()}
-            row.update(step=step, len=ids.shape[1], lr=round(lr_at(cfg, step), 6), minutes=round((time.time() - t0) / 60, 2))
+            row = {k: round(sum(v) / len(v), 4) for k, v in stats.items() if v}
+            row.update(step=step, len=ids.shape[1], longest=current, lr=round(lr_at(cfg, step), 6), minutes=round((time.time() - t0) / 60, 2))
             log.append(row)
             stats = {}
             print(json.dumps(row), flush=True)

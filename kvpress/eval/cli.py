@@ -83,18 +83,27 @@ def load_model(path: str, device: str, dtype: str):
 
 
 def patch_duo(model, config_path: str, sparsity: float | None = None, threshold: float | None = None):
-    """Patch `model` with DuoAttention from a saved DuoConfig, optionally re-binarising the gates."""
-    import dataclasses
-
+    """Patch `model` with DuoAttention from a saved DuoConfig, optionally re-binarising the gates
+    (`sparsity`: fraction of streaming heads, or `threshold`: gate of a retrieval head)."""
     import kvpress
 
-    cfg = kvpress.DuoConfig.load(config_path)
-    if sparsity is not None:
-        cfg = dataclasses.replace(cfg, sparsity=sparsity, threshold=None)
-    if threshold is not None:
-        cfg = dataclasses.replace(cfg, threshold=threshold, sparsity=None)
-    kvpress.patch(model, "duo", config=cfg)
-    return cfg
+    options = {k: v for k, v in (("sparsity", sparsity), ("threshold", threshold)) if v is not None}
+    config = kvpress.DuoConfig.load(config_path, **options)
+    kvpress.patch(model, "duo", config=config)
+    return config
+
+
+def duo_summary(config) -> dict:
+    """The settings of a DuoConfig and its binarised retrieval-head mask, as JSON."""
+    heads = config.retrieval_heads()
+    return {
+        "sink": config.sink,
+        "recent": config.recent,
+        "sparsity": config.sparsity,
+        "threshold": config.threshold,
+        "retrieval_heads": heads.int().tolist(),
+        "retrieval_fraction": heads.float().mean().item(),
+    }
 
 
 def environment(model) -> dict:
@@ -165,7 +174,7 @@ def main(argv=None):
     report = {
         "model": a.model,
         "duo_config": a.duo_config,
-        "duo": {k: v for k, v in vars(duo).items() if not isinstance(v, torch.Tensor)} if duo is not None else None,
+        "duo": duo_summary(duo) if duo is not None else None,
         "config": asdict(cfg),
         "environment": environment(model),
         "seconds": round(time.time() - t0, 2),

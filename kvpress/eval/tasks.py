@@ -50,16 +50,23 @@ class Sample:
     length: int  # requested length in tokens (BOS + prompt + answer)
     depth: float  # depth of the asked needle (or of the first value) in the haystack, in [0, 1]
     values: list[str] = field(default_factory=list)  # the values to retrieve (multivalue: several)
+    followups: list[tuple[str, str]] = field(default_factory=list)  # more (question, answer), training only
+
+
+CORPORA = {"train": "pydoc_train", "heldout": "pydoc_heldout", "code": "pycode_train"}
 
 
 @lru_cache(maxsize=None)
 def load_corpus(split: str = "train") -> str:
-    """The bundled haystack text (Python standard-library docstrings and comments, PSF licence).
+    """A bundled text corpus from Python's standard library (PSF licence; kvpress/data/SOURCES.md).
 
-    split: "train" (about 2.5 MB, also the default calibration haystack) or "heldout" (about
-    0.15 MB, modules never seen in training; used for evaluation and perplexity).
+    split: "train" (docstrings and comments, 2.6 MB; also the default calibration haystack),
+    "heldout" (docstrings and comments of 27 modules never seen in training, 0.15 MB; used for
+    evaluation and perplexity) or "code" (source code of the training modules, 9.3 MB).
     """
-    path = os.path.join(DATA_DIR, f"pydoc_{split}.txt.gz")
+    if split not in CORPORA:
+        raise ValueError(f"unknown corpus {split!r}; choose one of {list(CORPORA)}")
+    path = os.path.join(DATA_DIR, f"{CORPORA[split]}.txt.gz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing; rebuild it with `python models/build_corpus.py`")
     with gzip.open(path, "rt", encoding="ascii") as f:
@@ -75,31 +82,34 @@ def _hex(rng: random.Random, n: int = 8) -> str:
 
 
 def _needles(task: str, rng: random.Random, depth: float, num_needles: int):
-    """(needles [(depth, text)], question, answer, values) of one task instance."""
+    """(needles [(depth, text)], questions [(question, answer, values)]) of one task instance.
+
+    The first question is the asked one; the others (multikey: the other keys, kvlookup: the other
+    pairs) can follow it, for denser supervision in training."""
     if task == "passkey":
         key = _digits(rng)
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-        return [(depth, needle)], "What is the pass key? The pass key is ", key, [key]
+        return [(depth, needle)], [("What is the pass key? The pass key is ", key, [key])]
     if task == "multikey":
         keys = rng.sample(WORDS, num_needles)
         values = [_digits(rng) for _ in keys]
         depths = [depth] + [rng.random() for _ in keys[1:]]
         needles = [(d, f"One of the special magic numbers for {k} is: {v}.") for d, k, v in zip(depths, keys, values)]
-        question = f"What is the special magic number for {keys[0]}? The special magic number for {keys[0]} is: "
-        return needles, question, values[0], values[:1]
+        ask = lambda k: f"What is the special magic number for {k}? The special magic number for {k} is: "  # noqa: E731
+        return needles, [(ask(k), v, [v]) for k, v in zip(keys, values)]
     if task == "multivalue":
         key = rng.choice(WORDS)
         values = [_digits(rng) for _ in range(num_needles)]
         depths = sorted([depth] + [rng.uniform(depth, 1.0) for _ in values[1:]])
         needles = [(d, f"One of the special magic numbers for {key} is: {v}.") for d, v in zip(depths, values)]
         question = f"What are all the special magic numbers for {key}? The special magic numbers for {key} are: "
-        return needles, question, ", ".join(values), values
+        return needles, [(question, ", ".join(values), values)]
     if task == "kvlookup":
         pairs = [(_hex(rng), _hex(rng)) for _ in range(num_needles)]
-        key, value = rng.choice(pairs)
         block = "JSON data: {" + ", ".join(f'"{k}": "{v}"' for k, v in pairs) + "}"
-        question = f'Extract the value for key "{key}" from the JSON data above. Value: "'
-        return [(depth, block)], question, value, [value]
+        rng.shuffle(pairs)
+        ask = lambda k: f'Extract the value for key "{k}" from the JSON data above. Value: "'  # noqa: E731
+        return [(depth, block)], [(ask(k), v, [v]) for k, v in pairs]
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
@@ -114,15 +124,20 @@ def make_sample(
     depth: float,
     seed: int | str,
     num_needles: int | None = None,
+    questions: int = 1,
 ) -> Sample:
     """Build one `task` instance of `length` tokens with its (asked) needle at `depth`.
 
     haystack: source text; a window starting at a random line is used (wrapping around if short).
     num_needles: keys (multikey), values (multivalue) or pairs (kvlookup); defaults to DEFAULT_NEEDLES.
+    questions: up to this many questions (training: denser supervision); the first is `prompt` /
+        `answer`, the others go to `followups`, each asked on a new line after the previous answer.
     """
     rng = random.Random(f"{task}/{length}/{depth}/{seed}")
     num_needles = num_needles or DEFAULT_NEEDLES[task]
-    needles, question, answer, values = _needles(task, rng, depth, num_needles)
+    needles, qas = _needles(task, rng, depth, num_needles)
+    (question, answer, values), qas = qas[0], qas[1:questions]
+    followups = [("\n" + q, a) for q, a, _ in qas]
     n_tok = lambda s: len(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
     n_special = len(tokenizer.encode("", add_special_tokens=True))
     start = haystack.find("\n", rng.randrange(len(haystack))) + 1
@@ -146,17 +161,19 @@ def make_sample(
         return hay + "\n\n" + question
 
     fixed = n_special + n_tok(answer) + n_tok("\n\n" + question) + sum(n_tok(n + " ") for _, n in needles)
+    after = sum(n_tok(q) + n_tok(a) for q, a in followups)  # tokens of the follow-up questions
+    fixed += after
     budget = length - fixed
     prompt = build(budget)
     for _ in range(2):  # correct for tokenization at the seams (exact for byte-level tokenizers)
-        extra = n_special + n_tok(prompt) + n_tok(answer) - length
+        extra = n_special + n_tok(prompt) + n_tok(answer) + after - length
         if extra == 0:
             break
         budget -= extra
         prompt = build(budget)
     if budget < 0:
         raise ValueError(f"length {length} is too short for task {task!r} (needs about {fixed} tokens)")
-    return Sample(task=task, prompt=prompt, answer=answer, length=length, depth=depth, values=values)
+    return Sample(task, prompt, answer, length, depth, values, followups)
 
 
 def score(sample: Sample, prediction: str) -> float:
