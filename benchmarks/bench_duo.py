@@ -348,9 +348,26 @@ def run_context(model, L, chunk, new_tokens, dev, make_cache):
         times.append(time.perf_counter() - t)
     tpot = sorted(times[2:])[len(times[2:]) // 2]
     peak_decode = torch.cuda.max_memory_allocated()
+    gpu_per_token = gpu_busy(lambda: model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1))
     cache_bytes = kvpress.kv_cache_bytes(cache)
     del cache, out, ids
-    return t_prefill, tpot, peak_prefill, peak_decode, cache_bytes
+    return t_prefill, tpot, peak_prefill, peak_decode, cache_bytes, gpu_per_token
+
+
+def gpu_busy(step, n=4):
+    """GPU time per call of ``step`` (sum of its kernels' and copies' durations, torch profiler):
+    what a decode step costs the GPU, apart from the Python overhead of eager transformers."""
+    try:
+        from torch.autograd import DeviceType
+
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                step()
+            torch.cuda.synchronize()
+        return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) * 1e-6 / n
+    except Exception as error:  # the profiler is a nice-to-have here
+        print(f"gpu_busy failed: {error!r}")
+        return float("nan")
 
 
 def e2e_rows(dev, lengths, fracs, chunk, new_tokens):
@@ -372,21 +389,29 @@ def e2e_rows(dev, lengths, fracs, chunk, new_tokens):
             make_cache = lambda: kvpress.make_cache(model)  # noqa: E731
         else:
             make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
+        run_context(model, 4 * K, min(chunk, 2 * K), 3, dev, make_cache)  # warm-up: compile, allocate
         peaks = []
         for L in lengths:
-            t_pre, tpot, peak_pre, peak_dec, cache_bytes = run_context(model, L, chunk, new_tokens, dev, make_cache)
-            peak = max(peak_pre, peak_dec)
-            peaks.append((L, peak))
+            t_pre, tpot, peak_pre, peak_dec, cache_bytes, gpu_tok = run_context(model, L, chunk, new_tokens, dev, make_cache)
+            peaks.append((L, peak_pre, peak_dec))
             rows.append({"variant": name, "tokens": L, "prefill_s": t_pre, "tpot_ms": tpot * 1e3,
-                         "peak_GiB": peak / 2**30, "peak_prefill_GiB": peak_pre / 2**30,
-                         "peak_decode_GiB": peak_dec / 2**30, "kv_GiB": cache_bytes / 2**30})
-            print(f"e2e {name} {L // K}K: prefill {t_pre:.1f} s, TPOT {tpot * 1e3:.2f} ms, peak prefill "
-                  f"{peak_pre / 2**30:.2f} / decode {peak_dec / 2**30:.2f} GiB, KV {cache_bytes / 2**30:.2f} GiB", flush=True)
-        (l0, p0), (l1, p1) = peaks[0], peaks[-1]
-        per_token = max(p1 - p0, 1) / (l1 - l0)  # peak bytes per extra context token (measured slope)
-        fits[name] = {"peak_bytes_per_token": per_token, "max_tokens_est": int(l0 + (usable - p0) / per_token)}
-        print(f"e2e {name}: {per_token / K:.1f} KiB of peak per token -> about {fits[name]['max_tokens_est'] // K}K "
-              "tokens fit", flush=True)
+                         "gpu_ms_per_token": gpu_tok * 1e3, "peak_GiB": max(peak_pre, peak_dec) / 2**30,
+                         "peak_prefill_GiB": peak_pre / 2**30, "peak_decode_GiB": peak_dec / 2**30,
+                         "kv_GiB": cache_bytes / 2**30})
+            print(f"e2e {name} {L // K}K: prefill {t_pre:.1f} s, TPOT {tpot * 1e3:.2f} ms (GPU busy {gpu_tok * 1e3:.2f} ms), "
+                  f"peak prefill {peak_pre / 2**30:.2f} / decode {peak_dec / 2**30:.2f} GiB, KV {cache_bytes / 2**30:.2f} GiB",
+                  flush=True)
+        fit = {}
+        for phase, i in (("prefill", 1), ("decode", 2)):  # peak = a + b * tokens, per phase
+            (l0, p0), (l1, p1) = (peaks[0][0], peaks[0][i]), (peaks[-1][0], peaks[-1][i])
+            slope = max(p1 - p0, 1) / (l1 - l0)
+            fit[f"{phase}_bytes_per_token"] = slope
+            fit[f"{phase}_max_tokens"] = int(l0 + (usable - p0) / slope)
+        fit["max_tokens_est"] = min(fit["prefill_max_tokens"], fit["decode_max_tokens"])
+        fits[name] = fit
+        print(f"e2e {name}: peak grows {fit['prefill_bytes_per_token'] / K:.1f} KiB/token in prefill, "
+              f"{fit['decode_bytes_per_token'] / K:.1f} in decode -> about {fit['max_tokens_est'] // K}K tokens fit "
+              f"(prefill {fit['prefill_max_tokens'] // K}K, decode {fit['decode_max_tokens'] // K}K)", flush=True)
         if frac is not None:
             kvpress.unpatch(model)
     return rows, fits, weights, usable
@@ -454,7 +479,7 @@ def main():
         (out_dir / f"duo_e2e_{tag}.json").write_text(json.dumps(res, indent=1))
         table("End to end, Llama-3-8B shape, random bf16 weights, batch 1", rows,
               [("variant", "{}"), ("tokens", "{}"), ("prefill_s", "{:.1f}"), ("tpot_ms", "{:.2f}"),
-               ("peak_GiB", "{:.2f}"), ("kv_GiB", "{:.2f}")])
+               ("gpu_ms_per_token", "{:.2f}"), ("peak_GiB", "{:.2f}"), ("kv_GiB", "{:.2f}")])
         print("max context (linear fit of the measured peaks, GPU minus 2 GiB):",
               ", ".join(f"{k} ~{v['max_tokens_est'] // K}K" for k, v in fits.items()))
 
