@@ -91,7 +91,7 @@ class PasskeyData:
             )
 
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False, verbose=False)
 
     def _passkeys(self, rng: random.Random):
         """(needle, question, answer, tail) token lists of each passkey."""
