@@ -153,10 +153,12 @@ def make_sample(
                 break
             chars *= 2
         hay = tokenizer.decode(ids[: max(budget, 0)])
-        for d, needle in sorted(needles, reverse=True):  # from the end, so positions stay valid
+        spots = []
+        for i, (d, needle) in enumerate(needles):
             at = int(d * len(hay))
             line, sentence = hay.rfind("\n", 0, at) + 1, hay.rfind(". ", 0, at)
-            at = max(line, sentence + 2 if sentence >= 0 else 0)  # start of a line or sentence
+            spots.append((max(line, sentence + 2 if sentence >= 0 else 0), i, needle))  # a line or sentence start
+        for at, _, needle in sorted(spots, reverse=True):  # from the end, so positions stay valid
             hay = hay[:at] + needle + " " + hay[at:]
         return hay + "\n\n" + question
 

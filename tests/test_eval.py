@@ -1,0 +1,141 @@
+"""Unit tests of the evaluation harness (kvpress.eval): task format, determinism, scoring,
+perplexity and the CLI, on a tiny random Llama with needle-llama's byte-level tokenizer."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from kvpress.eval import TASKS, evaluate_task, load_corpus, make_sample, perplexity, score
+from kvpress.eval.cli import main as eval_main
+
+MODEL_DIR = os.path.join(os.path.dirname(__file__), "..", "models", "needle-llama")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def haystack():
+    return load_corpus("heldout")
+
+
+def tiny_byte_model(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=256, bos_token_id=257, eos_token_id=258,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def n_tokens(tokenizer, sample):
+    return len(tokenizer(sample.prompt).input_ids) + len(tokenizer.encode(sample.answer, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [512, 1500, 4096])
+def test_sample_has_exact_length_and_contains_its_answer(tokenizer, haystack, task, length):
+    s = make_sample(task, tokenizer, haystack, length, depth=0.5, seed=3)
+    assert n_tokens(tokenizer, s) == length
+    assert s.task == task and s.length == length
+    assert s.answer not in s.prompt.rsplit("\n\n", 1)[1]  # the question does not give the answer away
+    for value in s.values:
+        assert value in s.prompt  # ... the needles do
+    if task == "multivalue":
+        assert s.answer == ", ".join(s.values)
+        positions = [s.prompt.index(v) for v in s.values]
+        assert positions == sorted(positions)  # in order of appearance
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.7, 1.0])
+def test_needle_sits_at_its_depth(tokenizer, haystack, depth):
+    s = make_sample("passkey", tokenizer, haystack, 4096, depth=depth, seed=1)
+    at = s.prompt.index(f"The pass key is {s.answer}")
+    # snapped back to the start of a line or sentence: at most a line's length before the depth
+    assert depth * 4096 - 400 <= at <= depth * 4096 + 10
+
+
+def test_samples_are_deterministic_for_a_seed(tokenizer, haystack):
+    a = make_sample("multikey", tokenizer, haystack, 2048, 0.25, seed=7)
+    b = make_sample("multikey", tokenizer, haystack, 2048, 0.25, seed=7)
+    c = make_sample("multikey", tokenizer, haystack, 2048, 0.25, seed=8)
+    assert a == b
+    assert a.prompt != c.prompt and a.answer != c.answer
+
+
+def test_followup_questions_fit_the_length(tokenizer, haystack):
+    s = make_sample("multikey", tokenizer, haystack, 2048, 0.5, seed=0, num_needles=5, questions=5)
+    assert len(s.followups) == 4
+    total = n_tokens(tokenizer, s) + sum(len(tokenizer.encode(q + a, add_special_tokens=False)) for q, a in s.followups)
+    assert total == 2048
+    assert all(a in s.prompt for _, a in s.followups)
+
+
+def test_other_tokenizers_get_close_lengths(haystack):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator([haystack[:200_000]], trainers.BpeTrainer(vocab_size=600, special_tokens=["[UNK]"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="[UNK]")
+    for task in TASKS:
+        s = make_sample(task, tok, haystack, 1024, 0.5, seed=0)
+        assert abs(n_tokens(tok, s) - 1024) <= 8
+
+
+def test_score():
+    s = make_sample("multivalue", AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True), "word " * 500, 512, 0.2, 0)
+    assert score(s, s.answer) == 1.0
+    assert score(s, ", ".join(s.values[:2])) == pytest.approx(2 / len(s.values))
+    p = make_sample("passkey", AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True), "word " * 500, 512, 0.2, 0)
+    assert score(p, " " + p.answer + " ") == 1.0
+    assert score(p, p.answer[:-1]) == 0.0
+
+
+def test_evaluate_task_is_deterministic_and_reports_cache_bytes(tokenizer, haystack):
+    model = tiny_byte_model()
+    runs = [evaluate_task(model, tokenizer, "passkey", haystack, [256, 512], [0.0, 1.0], 2, seed=5, progress=False) for _ in range(2)]
+    assert runs[0].to_dict() == runs[1].to_dict()
+    r = runs[0]
+    assert set(r.grid) == {256, 512} and set(r.grid[256]) == {0.0, 1.0}
+    # an unpatched model holds a dense cache: 2 x layers x KV heads x head dim x tokens x 4 bytes
+    assert r.cache_bytes == r.dense_cache_bytes
+    assert r.cache_bytes[512] == pytest.approx(2 * 2 * 2 * 16 * (512 - 1) * 4)
+
+
+def test_perplexity_matches_the_model_loss(tokenizer):
+    model = tiny_byte_model()
+    text = "The quick brown fox jumps over the lazy dog. " * 10
+    r = perplexity(model, tokenizer, text, context=64, max_tokens=63, progress=False)
+    ids = tokenizer(text[:63], return_tensors="pt").input_ids  # BOS + 63 bytes: one window
+    loss = model(ids, labels=ids).loss.item()
+    assert r["tokens"] == 63
+    assert r["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    assert r["bits_per_byte"] == pytest.approx(loss / math.log(2), rel=1e-4)  # one byte per token
+
+
+def test_cli_writes_json(tmp_path, tokenizer):
+    model = tiny_byte_model()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "r.json"
+    eval_main(
+        ["--model", str(tmp_path / "m"), "--tasks", "passkey,kvlookup,ppl", "--lengths", "600", "--depths", "2",
+         "--samples", "1", "--ppl-tokens", "500", "--ppl-context", "256", "--device", "cpu", "--no-progress",
+         "--out", str(out)]
+    )
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"passkey", "kvlookup", "ppl"}
+    grid = report["results"]["passkey"]["grid"]
+    assert list(grid) == ["600"] and list(grid["600"]) == ["0.0", "1.0"]
+    assert report["results"]["passkey"]["accuracy"] == sum(grid["600"].values()) / 2
+    assert report["results"]["ppl"]["tokens"] == 500  # windows of BOS + 255 and BOS + 245 tokens, all predicted
+    assert report["config"]["depths"] == [0.0, 1.0]
+    assert report["environment"]["torch"] == torch.__version__
