@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     duo.add_argument("--model", required=True, help="local model folder (transformers format)")
     duo.add_argument("--out", required=True, help="config file to write (safetensors)")
     duo.add_argument("--tokenizer", help="tokenizer folder, if not the model's")
-    duo.add_argument("--method", choices=["optimize", "attention-mass"], default="optimize")
+    duo.add_argument("--method", choices=["optimize", "attention-mass"], default="optimize",
+                     help="optimize: the paper's training; attention-mass: quick scoring, no training")
     duo.add_argument("--pattern-dir", help="also write the reference format (full_attention_heads.tsv + config.json)")
     duo.add_argument("--haystack", nargs="*", help="haystack text files (.txt or .gz); default: the bundled corpus")
     duo.add_argument("--samples", type=int, default=8, help="samples scored by --method attention-mass")
