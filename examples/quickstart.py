@@ -1,34 +1,39 @@
-"""Quickstart: patch a model with DuoAttention, generate, and compare the KV cache bytes.
+"""Quickstart: patch the project's test model with DuoAttention, answer a passkey question from a
+4096-token prompt, and compare the KV cache bytes with the unpatched model's. CPU, no download.
 
-Runs on CPU in seconds, with no download: a tiny random Llama stands in for a real checkpoint.
+The model folder ships its calibrated gates (models/needle-llama/kvpress-duo.safetensors, made by
+`kvpress-calibrate duo`), which `kvpress.patch(model, "duo")` picks up by itself.
 """
 
+from pathlib import Path
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kvpress
+from kvpress.eval.tasks import load_corpus, make_sample
 
-torch.manual_seed(0)
-config = LlamaConfig(
-    vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-    num_attention_heads=8, num_key_value_heads=4, pad_token_id=0,
-)
-model = LlamaForCausalLM(config).eval()
-prompt = torch.randint(1, 256, (1, 2048))
+MODEL = Path(__file__).resolve().parents[1] / "models" / "needle-llama"
+tokenizer = AutoTokenizer.from_pretrained(MODEL)
+model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
 
-with torch.no_grad():
-    dense = model.generate(prompt, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
+sample = make_sample("passkey", tokenizer, load_corpus("heldout"), length=4096, depth=0.3, seed=0)
+inputs = tokenizer(sample.prompt, return_tensors="pt")
+print(f"prompt: {inputs.input_ids.shape[1]} tokens, ending with ...{sample.prompt[-60:]!r}")
 
-    # Half of the KV heads become streaming heads (64 sink + 256 recent tokens); here chosen at
-    # random. A real model uses calibrated gates: kvpress-calibrate duo --model PATH --out duo.safetensors
-    gates = torch.rand(config.num_hidden_layers, config.num_key_value_heads)
-    kvpress.patch(model, "duo", config=kvpress.DuoConfig(gates=gates, sink=64, recent=256, sparsity=0.5))
-    duo = model.generate(prompt, max_new_tokens=16, do_sample=False, return_dict_in_generate=True)
-    kvpress.unpatch(model)
 
-dense_bytes = kvpress.kv_cache_bytes(dense.past_key_values)
-duo_bytes = kvpress.kv_cache_bytes(duo.past_key_values)
-print(f"dense cache: {dense_bytes / 2**20:.2f} MiB")
-print(f"duo cache:   {duo_bytes / 2**20:.2f} MiB ({duo_bytes / dense_bytes:.2f}x)")
-print("first new tokens, dense:", dense.sequences[0, -16:].tolist())
-print("first new tokens, duo:  ", duo.sequences[0, -16:].tolist())
+def ask():
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=len(sample.answer), do_sample=False, return_dict_in_generate=True)
+    answer = tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    return answer, kvpress.kv_cache_bytes(out.past_key_values)
+
+
+dense_answer, dense_bytes = ask()
+kvpress.patch(model, "duo")  # 50% of the KV heads become streaming heads (64 sink + 256 recent tokens)
+duo_answer, duo_bytes = ask()
+kvpress.unpatch(model)
+
+print(f"expected answer: {sample.answer}")
+print(f"unpatched: {dense_answer!r:>12}  KV cache {dense_bytes / 2**20:6.2f} MiB")
+print(f"duo:       {duo_answer!r:>12}  KV cache {duo_bytes / 2**20:6.2f} MiB ({duo_bytes / dense_bytes:.2f}x)")
