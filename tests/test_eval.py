@@ -139,3 +139,22 @@ def test_cli_writes_json(tmp_path, tokenizer):
     assert report["results"]["ppl"]["tokens"] == 500  # windows of BOS + 255 and BOS + 245 tokens, all predicted
     assert report["config"]["depths"] == [0.0, 1.0]
     assert report["environment"]["torch"] == torch.__version__
+
+
+def test_cli_evaluates_a_duo_patched_model(tmp_path, tokenizer):
+    import kvpress
+
+    model = tiny_byte_model()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    gates = torch.tensor([[1.0, 0.2], [0.1, 0.9]])  # 2 layers x 2 KV heads
+    kvpress.DuoConfig(gates=gates, sink=4, recent=32).save(tmp_path / "duo.safetensors")
+    report = eval_main(
+        ["--model", str(tmp_path / "m"), "--tasks", "passkey", "--lengths", "300", "--depths", "0.5",
+         "--samples", "1", "--device", "cpu", "--no-progress", "--duo-config", str(tmp_path / "duo.safetensors"),
+         "--duo-sparsity", "0.75"]
+    )
+    assert report["duo"]["retrieval_heads"] == [[1, 0], [0, 0]]  # the top quarter of the gates
+    r = report["results"]["passkey"]
+    # one of four heads keeps 299 tokens, three keep sink + recent = 36: far below a dense cache
+    assert r["cache_bytes"][300] < 0.5 * r["dense_cache_bytes"][300]

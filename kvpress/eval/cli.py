@@ -129,7 +129,7 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="model folder or hub name")
     p.add_argument("--tasks", default="passkey,multikey,multivalue,kvlookup,ppl", help=f"any of {TASKS + ('ppl',)}")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths in tokens")
-    p.add_argument("--depths", default="11", help="a count of evenly spaced depths in [0,1], or a list like 0,0.5,1")
+    p.add_argument("--depths", default="11", help="a count of evenly spaced depths in [0,1] (11), or depths (0.5 or 0,0.5,1)")
     p.add_argument("--samples", type=int, default=2, help="samples per (length, depth) cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-needles", type=int, default=None, help="keys / values / pairs per sample")
@@ -147,10 +147,11 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
-    depths = parse_list(a.depths)
-    if "," not in a.depths:
+    if a.depths.isdigit():  # a count of evenly spaced depths
         n = int(a.depths)
         depths = [round(i / max(n - 1, 1), 4) for i in range(n)]
+    else:
+        depths = parse_list(a.depths)
     cfg = EvalConfig(
         tasks=a.tasks.split(","),
         lengths=parse_list(a.lengths, int),
