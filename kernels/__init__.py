@@ -50,9 +50,9 @@ def rank_attention(
     if not _use_triton(q):
         return reference.rank_attention(q, k, v, q_rank, k_rank, scale, sink=sink, recent=recent, window=window)
     if q.shape[2] == 1:
-        heads = torch.arange(k.shape[1], device=q.device)
         return decode_attention(q, q_rank, scale, q.shape[1] // k.shape[1],
-                                split=(k, v, k_rank, heads, sink, recent), window=window, out=torch.empty_like(q))
+                                split=(k, v, k_rank, _all_heads(k.shape[1], q.device), sink, recent),
+                                window=window, out=torch.empty_like(q))
     return prefill_attention(q, k, v, q_rank, k_rank, scale, sink=sink, recent=recent, window=window)
 
 
@@ -74,24 +74,25 @@ def split_cache_attention(
 ) -> torch.Tensor:
     """DuoAttention over a split cache; see :func:`kvpress.kernels.reference.split_cache_attention`.
 
-    On Triton: decode (one query token) is one split-K launch serving both head groups plus a
-    reduce launch (``decode``); prefill runs the streaming heads through the linear-cost A-shape
-    kernel (``prefill``) and the retrieval heads through torch SDPA's fused causal kernels when
-    the batch has no padding and the queries are the whole cache, else through the rank-mask kernel.
+    On Triton: decode (one query token) is one split-K launch that serves both head groups and
+    merges its own splits (``decode``); prefill runs the streaming heads through the linear-cost
+    A-shape kernel (``prefill``) and the retrieval heads through torch SDPA's fused causal kernels
+    when the batch has no padding and the queries are the whole cache, else through the rank-mask
+    kernel.
     """
     if not _use_triton(q):
         return reference.split_cache_attention(
             q, full_k, full_v, full_rank, stream_k, stream_v, stream_rank, q_rank,
             retrieval_heads, streaming_heads, scale, sink, recent, window,
         )
-    num_kv = len(retrieval_heads) + len(streaming_heads)
-    group = q.shape[1] // num_kv
-    rh = retrieval_heads.to(q.device, torch.long)
-    sh = streaming_heads.to(q.device, torch.long)
+    group = q.shape[1] // (len(retrieval_heads) + len(streaming_heads))
     out = torch.empty_like(q)  # the two groups cover every query head
-    if q.shape[2] == 1:
+    if q.shape[2] == 1:  # the decode kernel reads head indices of any integer dtype
+        rh, sh = _on(retrieval_heads, q.device), _on(streaming_heads, q.device)
         return decode_attention(q, q_rank, scale, group, split=(full_k, full_v, full_rank, rh, 0, None),
                                 single=(stream_k, stream_v, stream_rank, sh, sink, recent), window=window, out=out)
+    rh = retrieval_heads.to(q.device, torch.long)
+    sh = streaming_heads.to(q.device, torch.long)
     if len(sh):
         prefill_attention(q, stream_k, stream_v, q_rank, stream_rank, scale, sink, recent, window,
                           heads=sh, group=group, out=out)
@@ -100,6 +101,24 @@ def split_cache_attention(
             prefill_attention(q, full_k, full_v, q_rank, full_rank, scale, 0, None, window,
                               heads=rh, group=group, out=out)
     return out
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device)
+
+
+_ALL_HEADS: dict = {}
+
+
+def _all_heads(n: int, device: torch.device) -> torch.Tensor:
+    """``arange(n)`` on ``device``, made once (not cached while a CUDA graph is being captured:
+    a tensor made there only holds its values once the graph is replayed)."""
+    heads = _ALL_HEADS.get((n, device))
+    if heads is None:
+        heads = torch.arange(n, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _ALL_HEADS[(n, device)] = heads
+    return heads
 
 
 def _causal_sdpa(q, k, v, k_rank, q_rank, heads, group, scale, window, out) -> bool:

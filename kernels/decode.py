@@ -3,10 +3,18 @@
 DuoAttention (arXiv 2410.10819) keeps the whole context only for *retrieval* KV heads and a
 sink + recent window for *streaming* KV heads. At decode, time is the bytes of cache read, so the
 retrieval heads are split along the keys (flash-decoding, split-K: one long sequence still fills
-every SM) and each split writes a partial output and its log-sum-exp; the streaming heads, whose
-buffer is a few hundred tokens, are served by one program each in the same launch. A second small
-kernel combines the splits. Masks come from token ranks (``reference``), so batch rows may hold
+every SM) and the streaming heads, whose buffer is a few hundred tokens, are served by one program
+each in the same launch. Masks come from token ranks (``reference``), so batch rows may hold
 different lengths (padding rank -1) and empty streaming slots (-1) are skipped.
+
+The splits are combined in the same launch by the programs that finish last (no second kernel):
+each split writes its partial output and log-sum-exp to a workspace, then counts itself in with
+an atomic add; the last split to finish in each chunk of consecutive splits (``REDUCE_SPLITS``)
+merges the chunk, and the last chunk of a head merges the chunks and writes the output (two small
+merges, so no one program reads every split's partial). Whoever merges resets its counter to zero, so the workspace and counters
+are allocated (and zeroed) once per shape and device and then reused without a memset: a decode is
+one launch with no host sync, and can be captured in a CUDA graph. Calls sharing a workspace (same
+device and shape) must not run concurrently on two streams.
 
 ``decode_attention`` takes two head groups, ``split`` (split along keys) and ``single`` (one
 program per head); each is ``(k, v, k_rank, heads, sink, recent)`` or None, with K/V
@@ -28,7 +36,11 @@ BLOCK_N = 32  # keys per inner step
 NUM_WARPS = 4
 NUM_STAGES = 3
 PROGRAMS_PER_SM = 2  # split-K fills one wave of this many programs per SM
-MAX_SPLITS = 128  # splits per head; the reduce kernel combines them in one pass
+MAX_SPLITS = 128  # splits per head
+# Merging the splits: chunks of at most REDUCE_SPLITS splits, and at most REDUCE_VALUES fp32
+# partial values loaded per merge step (64 registers per thread at 4 warps)
+REDUCE_SPLITS = 16
+REDUCE_VALUES = 8192
 
 
 @triton.jit
@@ -65,15 +77,63 @@ def _attend_range(q, qr, K, V, KR, start, stop, stride_kn, stride_vn, qk_scale, 
 
 
 @triton.jit
-def _decode_kernel(Q, Out, QR, PO, PL,
+def _last_to_arrive(counter, count):
+    """True in the last of the ``count`` programs that call this on ``counter`` (a zero int32),
+    which then resets it to zero; what the others stored before calling is visible to that one."""
+    # Memory model: the barrier orders every thread's stores before the atomic, which one thread
+    # runs (acq_rel at GPU scope: release of those stores, acquire of the other programs'); its
+    # result reaches the other threads through shared memory behind a second barrier.
+    tl.debug_barrier()
+    last = tl.atomic_add(counter, 1, sem="acq_rel") == count - 1
+    if last:
+        tl.store(counter, 0)  # no other program touches it again in this launch
+    return last
+
+
+@triton.jit
+def _merge(PO, PL, first, count, G: tl.constexpr, GR: tl.constexpr, BLOCK_D: tl.constexpr,
+           CHUNK: tl.constexpr):
+    """Merge the partials in rows [first, first + count) of ``PO [rows, G, BLOCK_D]`` (outputs,
+    each normalised by its own sum) and ``PL [rows, G]`` (their log2-sum-exps), ``CHUNK`` rows per
+    step. Returns the merged output ``[GR, BLOCK_D]`` (normalised) and log2-sum-exp ``[GR]``."""
+    g = tl.arange(0, GR)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([GR, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([GR], dtype=tl.float32)
+    m_i = tl.full([GR], float("-inf"), dtype=tl.float32)
+    for start in range(0, count, CHUNK):
+        s = start + tl.arange(0, CHUNK)
+        row = (first + s)[:, None] * G + g[None, :]  # [CHUNK, GR]
+        ok = (s < count)[:, None] & (g < G)[None, :]
+        # .cg: read at L2, where the other programs' stores are (never a stale L1 line)
+        lse = tl.load(PL + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(PO + row[:, :, None] * BLOCK_D + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m_i, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp2(lse - m_safe[None, :])
+        alpha = tl.exp2(m_i - m_safe)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    return out, tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _decode_kernel(Q, Out, QR, PO, PL, PO2, PL2, CNT,
                    FK, FV, FR, FH, SK, SV, SR, SH,
                    stride_qb, stride_qh, stride_qrb, stride_ob, stride_oh,
                    stride_fkb, stride_fkh, stride_fkn, stride_fvb, stride_fvh, stride_fvn, stride_frb,
                    stride_skb, stride_skh, stride_skn, stride_svb, stride_svh, stride_svn, stride_srb,
                    n_single, n_f, n_s, T, C, n_splits, split_len, qk_scale,
                    f_sink, f_recent, s_sink, s_recent, window,
-                   G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   D: tl.constexpr):
+                   G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr):
+    """Programs [0, n_single): one streaming head of one row each. Then ``n_splits`` programs per
+    (row, retrieval head) ``bh``: a split each; partials go to rows ``bh * n_splits + split`` of
+    ``PO``/``PL``, chunk merges to rows ``bh * n_chunks + chunk`` of ``PO2``/``PL2``; ``CNT`` holds
+    ``n_chunks`` chunk counters then one head counter per ``bh`` (all zero between launches)."""
     pid = tl.program_id(0)
     g = tl.arange(0, GP)
     offs_d = tl.arange(0, BLOCK_D)
@@ -96,9 +156,10 @@ def _decode_kernel(Q, Out, QR, PO, PL,
                  out.to(Out.dtype.element_ty), mask=q_mask)
     else:  # one split of a split-K head (retrieval): a partial output and its log2-sum-exp
         pid -= n_single
+        bh = pid // n_splits  # b * n_f + slot
         split = pid % n_splits
-        b = pid // n_splits // n_f
-        slot = pid // n_splits % n_f
+        b = bh // n_f
+        slot = bh % n_f
         head = tl.load(FH + slot)
         qr = tl.load(QR + b * stride_qrb)
         q = tl.load(Q + b * stride_qb + (head * G + g)[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
@@ -109,30 +170,23 @@ def _decode_kernel(Q, Out, QR, PO, PL,
                                       qk_scale, f_sink, f_recent, window, GP, BLOCK_N, BLOCK_D, D)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(PO + (pid * GP + g)[:, None] * BLOCK_D + offs_d[None, :], out, mask=(g < G)[:, None])
-        tl.store(PL + pid * GP + g, lse, mask=g < G)
-
-
-@triton.jit
-def _reduce_kernel(Out, PO, PL, FH, stride_ob, stride_oh, n_f, n_splits,
-                   G: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
-                   NSP: tl.constexpr):
-    """Combine the splits of one (batch row, head, query head of the group) in one pass."""
-    pid = tl.program_id(0)  # ((b * n_f + slot) * G + g)
-    g = pid % G
-    bs = pid // G
-    head = tl.load(FH + bs % n_f)
-    sp = tl.arange(0, NSP)
-    row = (bs * n_splits + sp) * GP + g
-    lse = tl.load(PL + row, mask=sp < n_splits, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    offs_d = tl.arange(0, BLOCK_D)
-    o = tl.load(PO + row[:, None] * BLOCK_D + offs_d[None, :], mask=(sp < n_splits)[:, None], other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(Out + (bs // n_f) * stride_ob + (head * G + g) * stride_oh + offs_d, out.to(Out.dtype.element_ty),
-             mask=offs_d < D)
+        tl.store(PO + (pid * G + g)[:, None] * BLOCK_D + offs_d[None, :], out, mask=(g < G)[:, None])
+        tl.store(PL + pid * G + g, lse, mask=g < G)
+        # the last split of a chunk merges the chunk; the last chunk of the head merges the chunks
+        n_chunks = tl.cdiv(n_splits, CHUNK)
+        chunk = split // CHUNK
+        in_chunk = tl.minimum(CHUNK, n_splits - chunk * CHUNK)
+        counters = CNT + bh * (n_chunks + 1)  # one per chunk, then the head's
+        if _last_to_arrive(counters + chunk, in_chunk):
+            c_out, c_lse = _merge(PO, PL, bh * n_splits + chunk * CHUNK, in_chunk, G, GR, BLOCK_D, CHUNK)
+            r = tl.arange(0, GR)
+            row2 = bh * n_chunks + chunk
+            tl.store(PO2 + (row2 * G + r)[:, None] * BLOCK_D + offs_d[None, :], c_out, mask=(r < G)[:, None])
+            tl.store(PL2 + row2 * G + r, c_lse, mask=r < G)
+            if _last_to_arrive(counters + n_chunks, n_chunks):
+                h_out, _ = _merge(PO2, PL2, bh * n_chunks, n_chunks, G, GR, BLOCK_D, CHUNK)
+                tl.store(Out + b * stride_ob + (head * G + r)[:, None] * stride_oh + offs_d[None, :],
+                         h_out.to(Out.dtype.element_ty), mask=(r < G)[:, None] & (offs_d[None, :] < D))
 
 
 @functools.lru_cache
@@ -140,13 +194,48 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits(batch_heads: int, single_programs: int, length: int, device: torch.device) -> tuple[int, int]:
-    """Splits per split-K head and keys per split (a multiple of ``BLOCK_N``): as many as fill one
-    wave of ``PROGRAMS_PER_SM`` programs per SM next to the single-program heads, at most ``MAX_SPLITS``."""
+def max_splits(batch_heads: int, single_programs: int, device: torch.device) -> int:
+    """Splits per split-K head that fill one wave of ``PROGRAMS_PER_SM`` programs per SM next to
+    the single-program heads, at most ``MAX_SPLITS``."""
     sms = _sm_count(device.index) if device.type == "cuda" else 4
-    want = min(MAX_SPLITS, max(1, (PROGRAMS_PER_SM * sms - single_programs) // max(batch_heads, 1)))
-    split_len = triton.cdiv(triton.cdiv(max(length, 1), want), BLOCK_N) * BLOCK_N
-    return triton.cdiv(max(length, 1), split_len), split_len
+    return min(MAX_SPLITS, max(1, (PROGRAMS_PER_SM * sms - single_programs) // max(batch_heads, 1)))
+
+
+def num_splits(batch_heads: int, single_programs: int, length: int, device: torch.device) -> tuple[int, int]:
+    """Splits per split-K head (at most :func:`max_splits`) and keys per split (a multiple of ``BLOCK_N``)."""
+    return _split(length, max_splits(batch_heads, single_programs, device))
+
+
+def _split(length: int, most: int) -> tuple[int, int]:
+    split_len = _cdiv(_cdiv(max(length, 1), most), BLOCK_N) * BLOCK_N
+    return _cdiv(max(length, 1), split_len), split_len
+
+
+def _cdiv(a: int, b: int) -> int:  # plain Python: triton.cdiv is a slower jit-wrapped function
+    return -(-a // b)
+
+
+_WORKSPACES: dict = {}
+
+
+def _workspace(device, batch_heads, splits, chunk, group, block_d):
+    """Room for the partials of ``splits`` splits and of their chunks of ``chunk``, and zeroed
+    counters, for ``batch_heads`` split-K heads: made once per key, then reused (the kernel leaves
+    the counters at zero). One first needed while a CUDA graph is being captured is made (and
+    zeroed) inside the graph, so it is not cached: it only holds zeros once the graph is replayed."""
+    key = (device, batch_heads, splits, chunk, group, block_d)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        chunks = _cdiv(splits, chunk)
+        rows = batch_heads * (splits + chunks)  # the splits' partials, then the chunks'
+        n1 = batch_heads * splits
+        po = torch.empty(rows, group, block_d, device=device, dtype=torch.float32)
+        pl = torch.empty(rows, group, device=device, dtype=torch.float32)
+        cnt = torch.zeros(batch_heads * (chunks + 1), device=device, dtype=torch.int32)
+        ws = (po[:n1], pl[:n1], po[n1:], pl[n1:], cnt)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _WORKSPACES[key] = ws
+    return ws
 
 
 def decode_attention(q, q_rank, scale, group, split=None, single=None, window=None, out=None):
@@ -160,43 +249,35 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     B, Hq, Lq, D = q.shape
     assert Lq == 1, "decode_attention takes one query token per row"
     out = torch.zeros_like(q) if out is None else out
-    empty = (None, None, None, None, 0, None)
-    fk, fv, fr, fh, f_sink, f_recent = split if split is not None and split[0].shape[1] else empty
-    sk, sv, sr, sh, s_sink, s_recent = single if single is not None and single[0].shape[1] else empty
-    n_f = fk.shape[1] if fk is not None else 0
-    n_s = sk.shape[1] if sk is not None else 0
-    if n_f + n_s == 0:
+    split = split if split is not None and split[0].shape[1] else None
+    single = single if single is not None and single[0].shape[1] else None
+    if split is None and single is None:
         return out
-    dummy_k = fk if fk is not None else sk  # stands in for the missing group (never read)
-    dummy_r = fr if fr is not None else sr
-    dummy_h = fh if fh is not None else sh
-    fk, fv, fr, fh = (fk, fv, fr, fh) if n_f else (dummy_k, dummy_k, dummy_r, dummy_h)
-    sk, sv, sr, sh = (sk, sv, sr, sh) if n_s else (dummy_k, dummy_k, dummy_r, dummy_h)
+    # a missing group gets the other's tensors as stand-ins (it has no programs: never read)
+    fk, fv, fr, fh, f_sink, f_recent = split or single
+    sk, sv, sr, sh, s_sink, s_recent = single or split
+    n_f = fk.shape[1] if split else 0
+    n_s = sk.shape[1] if single else 0
     fr, sr, q_rank = as_ranks(fr), as_ranks(sr), as_ranks(q_rank)
-    for t in (q, fk, fv, sk, sv, out):
-        assert t.stride(-1) == 1, "the head dimension must be contiguous"
+    strides = [t.stride() for t in (q, out, fk, fv, sk, sv)]
+    assert all(st[-1] == 1 for st in strides), "the head dimension must be contiguous"
+    qs, os_, fks, fvs, sks, svs = strides
     T, C = fk.shape[2], sk.shape[2]
     gp = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
+    gr = max(2, triton.next_power_of_2(group))  # query heads in a merge
     block_d = triton.next_power_of_2(D)
-    n_splits, split_len = num_splits(B * n_f, B * n_s, T, q.device) if n_f else (1, BLOCK_N)
-    rows = B * n_f * n_splits * gp  # partial outputs [rows, block_d] then their log2-sum-exps [rows], fp32
-    partial = torch.empty(rows * (block_d + 1), device=q.device, dtype=torch.float32)
-    partial_o, partial_l = partial[: rows * block_d], partial[rows * block_d:]
-    qk_scale = scale * 1.4426950408889634
+    chunk = min(REDUCE_SPLITS, max(2, REDUCE_VALUES // (gr * block_d)))
+    most = max_splits(B * n_f, B * n_s, q.device) if n_f else 1
+    n_splits, split_len = _split(T, most)
+    po, pl, po2, pl2, cnt = _workspace(q.device, max(B * n_f, 1), most, chunk, group, block_d)
     _decode_kernel[(B * n_s + B * n_f * n_splits,)](
-        q, out, q_rank, partial_o, partial_l, fk, fv, fr, fh, sk, sv, sr, sh,
-        q.stride(0), q.stride(1), q_rank.stride(0), out.stride(0), out.stride(1),
-        fk.stride(0), fk.stride(1), fk.stride(2), fv.stride(0), fv.stride(1), fv.stride(2), fr.stride(0),
-        sk.stride(0), sk.stride(1), sk.stride(2), sv.stride(0), sv.stride(1), sv.stride(2), sr.stride(0),
-        B * n_s, n_f, n_s, T, C, n_splits, split_len, qk_scale,
+        q, out, q_rank, po, pl, po2, pl2, cnt, fk, fv, fr, fh, sk, sv, sr, sh,
+        *qs[:2], q_rank.stride(0), *os_[:2], *fks[:3], *fvs[:3], fr.stride(0), *sks[:3], *svs[:3], sr.stride(0),
+        B * n_s, n_f, n_s, T, C, n_splits, split_len, scale * 1.4426950408889634,
         f_sink if f_recent is not None else 0, f_recent if f_recent is not None else NO_LIMIT,
         s_sink if s_recent is not None else 0, s_recent if s_recent is not None else NO_LIMIT,
         window if window is not None else NO_LIMIT,
-        G=group, GP=gp, BLOCK_N=BLOCK_N, BLOCK_D=block_d, D=D, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        G=group, GP=gp, GR=gr, BLOCK_N=BLOCK_N, BLOCK_D=block_d, D=D, CHUNK=chunk,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
-    if n_f:
-        _reduce_kernel[(B * n_f * group,)](
-            out, partial_o, partial_l, fh, out.stride(0), out.stride(1), n_f, n_splits,
-            G=group, GP=gp, BLOCK_D=block_d, D=D, NSP=triton.next_power_of_2(n_splits), num_warps=8,
-        )
     return out

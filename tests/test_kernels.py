@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kvpress.kernels as kernels
+from kvpress.kernels import decode as decode_mod
 from kvpress.kernels import reference
 from kvpress.kernels.decode import decode_attention
 from kvpress.kernels.prefill import BLOCK_N, block_ranges, prefill_attention
@@ -148,6 +149,67 @@ def test_decode_matches_reference(dtype, group):
     check(out[:, :group], ref_s, dtype)
 
 
+def decode_case(lengths, T, C, sink, recent, group, n_f, n_s, dtype):
+    """Decode inputs: left-padded rows of ``lengths`` real tokens (0: a row of padding only), ``n_f``
+    split (full) KV heads then ``n_s`` single (streaming: sinks + recent window, empty slots -1)."""
+    B, D = len(lengths), 32
+    full_rank = ranks(lengths, T)
+    s_rank = torch.full((B, C), -1, dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        keep = list(range(min(n, sink))) + list(range(max(sink, n - recent), n))
+        s_rank[b, : len(keep)] = torch.tensor(keep[::-1], dtype=torch.int32)
+    q = rand(B, (n_f + n_s) * group, 1, D, dtype=dtype)
+    split = (rand(B, n_f, T, D, dtype=dtype), rand(B, n_f, T, D, dtype=dtype), full_rank,
+             torch.arange(n_f, device=DEV), 0, None)
+    single = (rand(B, n_s, C, D, dtype=dtype), rand(B, n_s, C, D, dtype=dtype), s_rank.to(DEV),
+              torch.arange(n_f, n_f + n_s, device=DEV), sink, recent)
+    return q, full_rank[:, -1:].clone(), split, single
+
+
+def check_decode(q, q_rank, split, single, group, dtype):
+    out = decode_attention(q, q_rank, 0.3, group, split=split, single=single)
+    h = split[0].shape[1] * group  # query heads of the split group (the first KV heads)
+    (fk, fv, fr, _, _, _), (sk, sv, sr, _, sink, recent) = split, single
+    check(out[:, :h], ref_attention(q[:, :h], fk, fv, q_rank, fr, 0.3, 0, None, None), dtype)
+    check(out[:, h:], ref_attention(q[:, h:], sk, sv, q_rank, sr, 0.3, sink, recent, None), dtype)
+    return out
+
+
+@pytest.fixture
+def many_splits(monkeypatch):
+    """Many splits per head in chunks of 4 even on the interpreter's 4 "SMs": both merge levels."""
+    monkeypatch.setattr(decode_mod, "PROGRAMS_PER_SM", 64)
+    monkeypatch.setattr(decode_mod, "REDUCE_SPLITS", 4)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_decode_twice_with_different_lengths(dtype, many_splits):
+    """The cached workspace is reused: its counters must be back at zero after every call."""
+    torch.manual_seed(9)
+    group, n_f, n_s = 2, 2, 1
+    for T in (333, 700, 333):  # 11 then 22 splits per head (3 then 6 chunks, the last one short)
+        q, q_rank, split, single = decode_case([T, T - 40], T, 21, 4, 16, group, n_f, n_s, dtype)
+        n_splits, _ = decode_mod.num_splits(2 * n_f, 2 * n_s, T, q.device)
+        assert n_splits > 2 * decode_mod.REDUCE_SPLITS
+        check_decode(q, q_rank, split, single, group, dtype)
+    assert decode_mod._WORKSPACES
+    assert all((ws[-1] == 0).all() for ws in decode_mod._WORKSPACES.values())
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("splits", ["default", "many"])
+def test_decode_batch_with_padded_rows(dtype, splits, request):
+    """Rows of different lengths, one of one token and one of padding only (zero output)."""
+    if splits == "many":
+        request.getfixturevalue("many_splits")
+    torch.manual_seed(10)
+    group, T = 4, 300
+    q, q_rank, split, single = decode_case([T, 123, 1, 0], T, 21, 4, 16, group, 2, 2, dtype)
+    assert q_rank[-1].item() == -1
+    out = check_decode(q, q_rank, split, single, group, dtype)
+    assert (out[-1] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("lq", [1, 37])
 @pytest.mark.parametrize("retrieval", [[0, 3], [], [0, 1, 2, 3], [2]])
@@ -239,6 +301,31 @@ def test_gpu_split_cache_attention(lq, num_retrieval, group):
     ref = reference.split_cache_attention(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a
                                             for a in args])
     check(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_in_cuda_graph():
+    """One-launch decode captured in a CUDA graph: every replay (new queries) is exact, and the
+    cached workspace's counters are back at zero after each."""
+    torch.manual_seed(9)
+    B, hkv, group, D, T = 2, 8, 4, 128, 20001
+    dev = "cuda"
+    split = (rand(B, 2, T, D, dtype=torch.bfloat16, device=dev), rand(B, 2, T, D, dtype=torch.bfloat16, device=dev),
+             ranks([T, T - 501], T).to(dev), torch.tensor([1, 5], device=dev), 0, None)
+    q_rank = split[2][:, -1:].contiguous()
+    q = rand(B, hkv * group, 1, D, dtype=torch.bfloat16, device=dev)
+    heads = (split[3][:, None] * group + torch.arange(group, device=dev)).flatten()
+    run = lambda: decode_attention(q, q_rank, D ** -0.5, group, split=split)  # noqa: E731
+    run()  # compiles and makes the workspace outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(3):
+        q.copy_(rand(*q.shape, dtype=torch.bfloat16, device=dev))
+        graph.replay()
+        ref = ref_attention(q[:, heads], split[0], split[1], q_rank, split[2], D ** -0.5, 0, None, None)
+        check(out[:, heads], ref, torch.bfloat16)
+        assert all((ws[-1] == 0).all() for ws in decode_mod._WORKSPACES.values())
 
 
 @pytest.mark.gpu
