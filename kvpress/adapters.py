@@ -66,11 +66,6 @@ class ModelInfo:
     base_model: nn.Module
     attention_modules: list[nn.Module]
 
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (GQA group)."""
-        return self.shape.num_heads // self.shape.num_kv_heads
-
 
 def describe(model: nn.Module) -> ModelInfo:
     """Resolve a transformers model (``*ForCausalLM`` or the bare ``*Model``) into :class:`ModelInfo`."""

@@ -166,9 +166,11 @@ def test_sampling_beams_and_user_cache_follow_generate():
         sampled = model.generate(ids, do_sample=True, num_return_sequences=3, max_new_tokens=8)
         beams = model.generate(ids, num_beams=3, do_sample=False, max_new_tokens=8)
         own_cache = model.generate(ids, past_key_values=DynamicCache(), do_sample=False, max_new_tokens=8)
-        runs[patched] = (sampled, beams, own_cache)
+        made_cache = kvpress.make_cache(model) if patched else DynamicCache()
+        runs[patched] = (sampled, beams, own_cache, model.generate(ids, past_key_values=made_cache, max_new_tokens=8))
     for before, after in zip(runs[False], runs[True]):
         assert before.shape == after.shape and torch.equal(before, after)
+    assert made_cache.get_seq_length() == 27 and kvpress.kv_cache_bytes(made_cache) > 0
     assert runs[True][0].shape == (6, 28)
 
 
