@@ -1,21 +1,24 @@
 """Train needle-llama: a small byte-level Llama (GQA) that retrieves needles from 8K-token contexts.
 
-The project's test model for KV-cache methods: small enough to ship in the repo (~19 MB) and to
+The project's test model for KV-cache methods: small enough to ship in the repo (19 MB) and to
 evaluate on a CPU, long-context enough that dropping the wrong KV heads or tokens measurably
 breaks it. Reads top to bottom:
 
 1. byte-level tokenizer (256 bytes + <pad> <bos> <eos>, token id = byte value), written as
    tokenizer.json, loadable offline with AutoTokenizer;
-2. data: windows of the bundled corpus (kvpress/data/pydoc_train.txt.gz) with needles of the four
-   retrieval tasks of kvpress/eval/tasks.py; every batch is a pure function of (seed, step);
-3. model: transformers' LlamaForCausalLM, trained with bf16 autocast and SDPA (flash) attention;
-4. loss: next-byte cross-entropy on the text + the same on the answer bytes (two means, summed,
+2. data: windows of the bundled corpora (kvpress/data: Python docstrings or code) with needles of
+   the four retrieval tasks of kvpress/eval/tasks.py and up to `questions` questions at the end;
+   every batch is a pure function of (seed, step, its longest length);
+3. curriculum: lengths start at 256 tokens and double once the answers at the longest length are
+   right 90% of the time (retrieval is learnt at short lengths first, then carried to 8192);
+4. model: transformers' LlamaForCausalLM, trained with bf16 autocast and SDPA (flash) attention;
+5. loss: next-byte cross-entropy on the text + the same on the answer bytes (two means, summed,
    so that the few answer bytes weigh as much as the whole text);
-5. save: a Hugging Face model folder (config, safetensors, tokenizer) and train_log.json.
+6. save: a Hugging Face model folder (config, safetensors, tokenizer) and train_log.json.
 
-    python models/train_needle_llama.py --out models/needle-llama          # GPU, the shipped model
-    python models/train_needle_llama.py --device cpu --steps 4 --tokens-per-step 4096 \
-        --max-len 1024 --start-len 1024 --out /tmp/tiny                     # CPU smoke test
+    python models/train_needle_llama.py --max-minutes 7 --out models/needle-llama    # H100: 6.4 min
+    python models/train_needle_llama.py --device cpu --workers 0 --steps 4 --tokens-per-step 4096 \
+        --max-len 1024 --out /tmp/tiny                                               # CPU smoke test
 """
 
 from __future__ import annotations
