@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from kvpress.adapters import describe
 from kvpress.api import attention_override
 from kvpress.configfile import atomic_write
+from kvpress.kernels.reference import rank_mask
 from kvpress.methods.duo import DuoConfig
 
 from .data import PasskeyData
@@ -74,13 +75,12 @@ def streaming_attention(q, k, v, sink: int, recent: int, scale: float) -> torch.
     values = torch.cat([sink_v, windows[1]], dim=3).transpose(1, 2).flatten(0, 1)
 
     device = q.device
-    q_pos = torch.arange(blocks * block, device=device).view(blocks, block, 1)
-    start = (torch.arange(blocks, device=device) - 1).view(blocks, 1, 1) * block
-    window_pos = start + torch.arange(2 * block, device=device).view(1, 1, -1)
-    sink_pos = torch.arange(num_sinks, device=device).view(1, 1, -1).expand(blocks, 1, -1)
-    in_window = (window_pos >= 0) & (window_pos <= q_pos) & ((q_pos - window_pos < recent) | (window_pos < sink))
-    from_sink = sink_pos < start  # a sink that the block's window does not already hold
-    allowed = torch.cat([from_sink.expand(-1, block, -1), in_window], dim=2)  # [n, b, S+2b]
+    q_pos = torch.arange(blocks * block, device=device).view(blocks, block)
+    start = (torch.arange(blocks, device=device) - 1)[:, None] * block
+    window_pos = start + torch.arange(2 * block, device=device)  # block n - 1's first key is at start
+    in_window = rank_mask(q_pos, window_pos.clamp_min(-1), sink, recent)[:, 0]  # [n, b, 2b]
+    from_sink = torch.arange(num_sinks, device=device) < start  # sinks the window does not already hold
+    allowed = torch.cat([from_sink[:, None, :].expand(-1, block, -1), in_window], dim=2)  # [n, b, S+2b]
     allowed = allowed[None].expand(batch, -1, -1, -1).flatten(0, 1)[:, None]
 
     queries = q.view(batch, heads, blocks, block, dim).transpose(1, 2).flatten(0, 1)  # [B*n, H, b, D]
@@ -234,11 +234,11 @@ class MassProbe:
         out = causal_attention(query, key, value, scaling, sliding_window)
         group = module.num_key_value_groups
         keys = key.float().repeat_interleave(group, 1)
-        key_pos = torch.arange(key.shape[2], device=query.device)
+        key_pos = torch.arange(key.shape[2], device=query.device)[None]
         lost = torch.zeros(query.shape[1], device=query.device)
         for chunk in self.queries.to(query.device).split(self.chunk):
-            causal = key_pos[None, :] <= chunk[:, None]
-            kept = causal & ((chunk[:, None] - key_pos[None, :] < self.recent) | (key_pos[None, :] < self.sink))
+            causal = rank_mask(chunk[None], key_pos)[0]  # [1, n, L]
+            kept = rank_mask(chunk[None], key_pos, self.sink, self.recent)[0]
             scores = query[:, :, chunk].float() @ keys.transpose(-1, -2) * scaling
             probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
             lost += (1 - (probs * kept).sum(-1)).sum(dim=(0, 2))
