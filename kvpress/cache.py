@@ -19,9 +19,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 class AppendBuffer:
     """A tensor that grows along ``dim`` with amortised O(1) appends.
 
-    The first append allocates exactly its size (a prefill wastes nothing); later appends grow the
-    capacity by at least 1/16 (and 64 slots), so decoding copies the buffer rarely and over-allocates
-    by at most ~6%. ``tensor`` is the filled part (a view).
+    The first append adopts its tensor (callers pass fresh tensors; no copy, nothing wasted); later
+    appends grow the capacity by at least 1/16 (and 64 slots), so decoding copies the buffer rarely
+    and over-allocates by at most ~6%. ``tensor`` is the filled part (a view).
     """
 
     def __init__(self, dim: int):
@@ -36,7 +36,7 @@ class AppendBuffer:
     def append(self, x: torch.Tensor) -> torch.Tensor:
         needed = self.length + x.shape[self.dim]
         if self.storage is None:
-            self.storage = x.clone(memory_format=torch.contiguous_format)
+            self.storage = x.contiguous()
         else:
             capacity = self.storage.shape[self.dim]
             if needed > capacity:

@@ -174,8 +174,8 @@ class DuoLayer(KVPressLayer):
         step = self.ledger.current()
         full_k = self.full_k.append(key_states.index_select(1, self.retrieval_heads))
         full_v = self.full_v.append(value_states.index_select(1, self.retrieval_heads))
-        stream_k = torch.cat([self.stream_k, key_states.index_select(1, self.streaming_heads)], dim=2)
-        stream_v = torch.cat([self.stream_v, value_states.index_select(1, self.streaming_heads)], dim=2)
+        stream_k = _append(self.stream_k, key_states.index_select(1, self.streaming_heads))
+        stream_v = _append(self.stream_v, value_states.index_select(1, self.streaming_heads))
         keep = step.window_keep[:, None, :, None].expand(-1, stream_k.shape[1], -1, stream_k.shape[3])
         self.stream_k, self.stream_v = stream_k.gather(2, keep), stream_v.gather(2, keep)
         kv = DuoKV(
@@ -194,6 +194,11 @@ class DuoLayer(KVPressLayer):
         if self.stream_k is not None:
             self.stream_k = self.stream_k.index_select(0, index.to(self.stream_k.device))
             self.stream_v = self.stream_v.index_select(0, index.to(self.stream_v.device))
+
+
+def _append(window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Window ++ new tokens along the token dim (no copy of ``new`` when the window is empty)."""
+    return new if window.shape[2] == 0 else torch.cat([window, new], dim=2)
 
 
 class DuoAttention(Method):
