@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import kvpress
-from kvpress.eval.cli import EvalConfig, environment, load_model, run_eval
+from kvpress.eval.cli import EvalConfig, environment, load_model, parse_depths, run_eval
 
 
 def variants(configs: dict[str, Path], sparsity: float, sink: int, recent: int, shape) -> dict:
@@ -47,7 +47,7 @@ def main():
     parser.add_argument("--recent", type=int, default=256)
     parser.add_argument("--tasks", default="passkey,multikey")
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
-    parser.add_argument("--depths", type=int, default=11, help="evenly spaced depths from 0 to 1")
+    parser.add_argument("--depths", default="11", help="a count of evenly spaced depths in [0, 1], or a list")
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
@@ -59,7 +59,7 @@ def main():
     configs = dict(item.split("=", 1) for item in args.config)
     eval_config = EvalConfig(
         tasks=args.tasks.split(","), lengths=[int(x) for x in args.lengths.split(",")],
-        depths=[i / (args.depths - 1) for i in range(args.depths)], samples=args.samples, progress=False,
+        depths=parse_depths(args.depths), samples=args.samples, progress=False,
     )
     results = {}
     for name, config in variants(configs, args.sparsity, args.sink, args.recent, shape).items():

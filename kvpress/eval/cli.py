@@ -124,6 +124,14 @@ def parse_list(text: str, kind=float) -> list:
     return [kind(x) for x in text.split(",") if x]
 
 
+def parse_depths(text: str) -> list[float]:
+    """"11": eleven evenly spaced depths in [0, 1]; "0,0.5,1": those depths."""
+    if text.isdigit():
+        n = int(text)
+        return [round(i / max(n - 1, 1), 4) for i in range(n)]
+    return parse_list(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="kvpress-eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="model folder or hub name")
@@ -147,11 +155,7 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
-    if a.depths.isdigit():  # a count of evenly spaced depths
-        n = int(a.depths)
-        depths = [round(i / max(n - 1, 1), 4) for i in range(n)]
-    else:
-        depths = parse_list(a.depths)
+    depths = parse_depths(a.depths)
     cfg = EvalConfig(
         tasks=a.tasks.split(","),
         lengths=parse_list(a.lengths, int),

@@ -15,21 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..cache import kv_cache_bytes
 from .tasks import Sample, make_sample, score
-
-
-def cache_bytes(cache) -> int:
-    """Bytes held by the tensors of a transformers Cache: `kvpress.kv_cache_bytes` where available."""
-    import kvpress
-
-    if hasattr(kvpress, "kv_cache_bytes"):
-        return int(kvpress.kv_cache_bytes(cache))
-    total = 0  # fallback for a plain DynamicCache: its keys and values per layer
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 def dense_cache_bytes(model, tokens: int, batch: int = 1) -> int:
@@ -58,7 +45,7 @@ def answer(model, tokenizer, sample: Sample) -> tuple[str, int, int]:
     )
     new = out.sequences[0, ids.shape[1] :]
     # The last generated token is never fed back, so the cache holds all but one token.
-    return tokenizer.decode(new, skip_special_tokens=True), cache_bytes(out.past_key_values), out.sequences.shape[1] - 1
+    return tokenizer.decode(new, skip_special_tokens=True), kv_cache_bytes(out.past_key_values), out.sequences.shape[1] - 1
 
 
 @dataclass
