@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kvpress.kernels as kernels
+import kvpress
+from kvpress import kernels
 from kvpress.kernels import decode as decode_mod
 from kvpress.kernels import prefill as prefill_mod
 
@@ -53,13 +54,18 @@ def bench(fn, rep_ms=200):
 _FLUSH = {}
 
 
-def graph_time(fn, replays=30):
+def graph_time(fn, replays=30, flush="read"):
     """GPU time of ``fn`` in seconds with no CPU launch overhead and a cold L2: ``flush(); fn()`` is
-    captured in a CUDA graph and timed per replay with events (median), minus the flush alone."""
+    captured in a CUDA graph and timed per replay with events (median), minus the flush alone.
+
+    ``flush="read"`` evicts L2 by reading a 256 MiB buffer, so L2 holds clean lines only, as in a
+    decode step, where the ops before attention read weights and write a few activations.
+    ``flush="write"`` zeroes the buffer (what ``triton.testing.do_bench`` does): L2 is then full of
+    dirty lines, and ``fn`` also pays for writing them back (~50 MB) as it evicts them."""
     if not torch.cuda.is_available():
         return bench(fn)
     if "buf" not in _FLUSH:
-        _FLUSH["buf"] = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        _FLUSH["buf"] = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")
 
     def timed(body):
         side = torch.cuda.Stream()
@@ -80,8 +86,9 @@ def graph_time(fn, replays=30):
         times = sorted(start.elapsed_time(end) for start, end in events)
         return times[len(times) // 2] * 1e-3
 
-    flush = lambda: _FLUSH["buf"].zero_()  # noqa: E731
-    return timed(lambda: (flush(), fn())) - timed(flush)
+    buf = _FLUSH["buf"]
+    evict = {"read": lambda: buf.amax(), "write": lambda: buf.zero_()}[flush]
+    return timed(lambda: (evict(), fn())) - timed(evict)
 
 
 def copy_bandwidth(dev):
@@ -144,6 +151,7 @@ def decode_rows(lengths, fracs, shapes, dev, bw):
             k, v = rand(1, hkv, T, D, dev=dev), rand(1, hkv, T, D, dev=dev)
             dense = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv)  # noqa: E731
             t_dense, t_dense_eager = graph_time(dense), bench(dense)
+            t_dense_dirty = graph_time(dense, flush="write")
             dense_bytes = 2 * hkv * T * D * 2
             del k, v
             for frac in fracs:
@@ -152,17 +160,21 @@ def decode_rows(lengths, fracs, shapes, dev, bw):
                 ref = kernels.reference.split_cache_attention(*args)
                 err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                 duo = lambda: kernels.split_cache_attention(*args)  # noqa: E731
-                t, t_eager = graph_time(duo), bench(duo)
+                t, t_eager, t_dirty = graph_time(duo), bench(duo), graph_time(duo, flush="write")
                 rows.append({
                     "shape": shape, "tokens": T, "retrieval_frac": frac, "dense_us": t_dense * 1e6,
                     "dense_bytes": dense_bytes, "duo_us": t * 1e6, "kept_bytes": kept,
                     "dense_eager_us": t_dense_eager * 1e6, "duo_eager_us": t_eager * 1e6,
                     "bound_us": kept / bw * 1e6, "speedup": t_dense / t, "of_bound": t / (kept / bw),
                     "duo_GBps": kept / t / 1e9, "rel_err": err,
+                    # the same with a dirty L2 (flushed by writing): both pay for the write-back
+                    "dense_dirty_us": t_dense_dirty * 1e6, "duo_dirty_us": t_dirty * 1e6,
+                    "speedup_dirty": t_dense_dirty / t_dirty, "of_bound_dirty": t_dirty / (kept / bw),
                 })
                 print(f"decode {shape} {T // K}K {frac:.0%}: dense {t_dense * 1e6:.1f} us, duo {t * 1e6:.1f} us "
                       f"({t_dense / t:.2f}x), bound {kept / bw * 1e6:.1f} us, eager dense {t_dense_eager * 1e6:.1f} / "
-                      f"duo {t_eager * 1e6:.1f} us, err {err:.1e}", flush=True)
+                      f"duo {t_eager * 1e6:.1f} us, dirty L2 dense {t_dense_dirty * 1e6:.1f} / duo {t_dirty * 1e6:.1f} us, "
+                      f"err {err:.1e}", flush=True)
                 del args
     return rows
 
@@ -300,23 +312,33 @@ def sdpa_check(dev, L=128 * K):
 # end to end
 
 
-def llama8b_config(layers=32):
+def llama8b_config(smoke=False):
+    """Llama-3-8B dimensions (``smoke``: the same heads, tiny everything else, for a CPU check)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1 << 21,
-                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    size = dict(vocab_size=512, hidden_size=256, intermediate_size=512) if smoke else \
+        dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336)
+    return LlamaConfig(**size, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=1 << 22, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False)
 
 
-def build_model(dev, layers=32):
+def build_model(dev, smoke=False):
     from transformers import LlamaForCausalLM
 
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(dev):
-        model = LlamaForCausalLM(llama8b_config(layers))
+        model = LlamaForCausalLM(llama8b_config(smoke))
     torch.set_default_dtype(torch.float32)
     model.config.use_cache = True
     return model.eval().requires_grad_(False)
+
+
+def random_duo_config(frac, layers=32, kv_heads=8):
+    """Duo gates drawn at random, ``frac`` of the KV heads retrieval (speed and memory only)."""
+
+    gates = torch.rand(layers, kv_heads, generator=torch.Generator().manual_seed(1))
+    return kvpress.DuoConfig(gates=gates, sink=SINK, recent=RECENT, sparsity=1 - frac)
 
 
 @torch.inference_mode()
@@ -324,7 +346,6 @@ def run_context(model, L, chunk, new_tokens, dev, make_cache):
     """Prefill L random tokens in chunks of ``chunk``, then ``new_tokens`` greedy decode steps.
     Returns prefill seconds, median time per output token (s), peak allocated bytes of the
     prefill and of the decode, and the cache's bytes (``kvpress.kv_cache_bytes``)."""
-    import kvpress
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -370,11 +391,9 @@ def gpu_busy(step, n=4):
         return float("nan")
 
 
-def e2e_rows(dev, lengths, fracs, chunk, new_tokens):
-    import kvpress
+def e2e_rows(model, dev, lengths, fracs, chunk, new_tokens):
     from transformers import DynamicCache
 
-    model = build_model(dev)
     weights = torch.cuda.memory_allocated()
     total = torch.cuda.get_device_properties(0).total_memory
     usable = total - 2 * 2**30  # CUDA context, allocator slack
@@ -383,9 +402,7 @@ def e2e_rows(dev, lengths, fracs, chunk, new_tokens):
     rows, fits = [], {}
     for name, frac in variants:
         if frac is not None:
-            gates = torch.rand(32, 8, generator=torch.Generator().manual_seed(1))
-            config = kvpress.DuoConfig(gates=gates, sink=SINK, recent=RECENT, sparsity=1 - frac)
-            kvpress.patch(model, "duo", config=config)
+            kvpress.patch(model, "duo", config=random_duo_config(frac))
             make_cache = lambda: kvpress.make_cache(model)  # noqa: E731
         else:
             make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
@@ -418,6 +435,122 @@ def e2e_rows(dev, lengths, fracs, chunk, new_tokens):
 
 
 # ----------------------------------------------------------------------------------------------
+# longest context that fits
+
+
+@torch.inference_mode()
+def fill_cache(model, cache, tokens, chunk, dev):
+    """Append ``tokens`` tokens of random K/V to every layer of ``cache``, ``chunk`` at a time: the
+    tensors a chunked prefill leaves in the cache (same updates, same growth), without its compute."""
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = torch.randn(1, cfg.num_key_value_heads, chunk, head_dim, device=dev, dtype=model.dtype)
+    ledger = cache.layers[0].ledger if kvpress.cache.is_kvpress_cache(cache) else None
+    for start in range(0, tokens, chunk):
+        n = min(chunk, tokens - start)
+        if ledger is not None:  # what the patched model's forward hook does for each chunk
+            ledger.begin(None, 1, n, dev)
+        for layer in range(cfg.num_hidden_layers):
+            cache.update(kv[:, :, :n], kv[:, :, :n], layer)
+        if ledger is not None:
+            ledger.end()
+
+
+def check_fill(model, make_cache, chunk, dev, L=None):
+    """``fill_cache`` leaves a cache of exactly the bytes a real chunked prefill of as many tokens
+    leaves (checked at ``L`` tokens, default 3.5 chunks); raises if not. Returns ``L``."""
+    L = L or 7 * chunk // 2
+    real, filled = make_cache(), make_cache()
+    with torch.inference_mode():
+        ids = torch.randint(0, model.config.vocab_size, (1, L), device=dev)
+        for start in range(0, L, chunk):
+            model(input_ids=ids[:, start:start + chunk], past_key_values=real, use_cache=True, logits_to_keep=1)
+    fill_cache(model, filled, L, chunk, dev)
+    if kvpress.kv_cache_bytes(real) != kvpress.kv_cache_bytes(filled) or real.get_seq_length() != filled.get_seq_length():
+        raise AssertionError(f"fill_cache: {kvpress.kv_cache_bytes(filled)} bytes, a real prefill {kvpress.kv_cache_bytes(real)}")
+    return L
+
+
+def fits(model, make_cache, L, chunk, dev, decode_steps=4):
+    """Whether a context of ``L`` tokens runs on the GPU: the cache is filled to ``L - chunk`` tokens
+    (``fill_cache``), then the last prefill chunk and ``decode_steps`` decode steps run for real.
+    Returns (fits, peak allocated bytes, KV cache bytes)."""
+
+    def attempt():
+        cache = make_cache()
+        fill_cache(model, cache, L - chunk, chunk, dev)
+        with torch.inference_mode():
+            ids = torch.randint(0, model.config.vocab_size, (1, chunk), device=dev)
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for _ in range(decode_steps):
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True,
+                            logits_to_keep=1)
+        return kvpress.kv_cache_bytes(cache)
+
+    cuda = torch.device(dev).type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        ok, cache_bytes = True, attempt()
+    except torch.OutOfMemoryError:
+        ok, cache_bytes = False, None
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.empty_cache()
+    return ok, peak, cache_bytes
+
+
+def longest_fitting(probe, lo, hi, step):
+    """The largest multiple of ``step`` for which ``probe`` holds, searched from the bracket [lo, hi)
+    (widened when wrong), assuming it holds below some length and fails above."""
+    while lo > step and not probe(lo):
+        lo, hi = lo // 2, lo
+    while probe(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if probe(mid) else (lo, mid)
+    return lo
+
+
+def max_context_rows(model, dev, fracs, chunk, brackets, step, search=longest_fitting):
+    """Longest context for which the last prefill chunk and decode run, per variant (``search``)."""
+    from transformers import DynamicCache
+
+    rows = []
+    for name, frac in [("unpatched", None)] + [(f"duo{int(f * 100)}", f) for f in fracs]:
+        if frac is not None:
+            kvpress.patch(model, "duo", config=random_duo_config(frac))
+            make_cache = lambda: kvpress.make_cache(model)  # noqa: E731
+        else:
+            make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
+        probes = []
+
+        def probe(L):
+            t = time.perf_counter()
+            ok, peak, kv_bytes = fits(model, make_cache, L, chunk, dev)
+            probes.append({"tokens": L, "fits": ok, "peak_GiB": peak / 2**30,
+                           "kv_GiB": kv_bytes / 2**30 if ok else None, "seconds": time.perf_counter() - t})
+            print(f"max context {name} {L // K}K: {'fits' if ok else 'out of memory'}, peak {peak / 2**30:.2f} GiB "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+            return ok
+
+        lo, hi = brackets[name]
+        checked = check_fill(model, make_cache, chunk, dev)
+        print(f"fill_cache check {name}: {checked} tokens filled hold the bytes of {checked} prefilled", flush=True)
+        best = search(probe, lo, hi, step)
+        rows.append({"variant": name, "max_tokens": best, "step": step, "probes": probes})
+        print(f"max context {name}: {best // K}K tokens", flush=True)
+        if frac is not None:
+            kvpress.unpatch(model)
+    for row in rows:
+        row["vs_unpatched"] = row["max_tokens"] / rows[0]["max_tokens"]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def table(title, rows, cols):
@@ -429,7 +562,7 @@ def table(title, rows, cols):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="layer", help="comma-separated: layer, e2e")
+    p.add_argument("--parts", default="layer", help="comma-separated: layer, e2e, maxctx")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script, on CPU too)")
     p.add_argument("--no-sweep", action="store_true")
@@ -437,6 +570,7 @@ def main():
     p.add_argument("--e2e-lengths", default="32768,131072")
     p.add_argument("--e2e-chunk", type=int, default=8192)
     p.add_argument("--new-tokens", type=int, default=12)
+    p.add_argument("--maxctx-step", type=int, default=16384, help="resolution of the longest-context search")
     a = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     out_dir = Path(a.out)
@@ -471,9 +605,10 @@ def main():
               [("shape", "{}"), ("tokens", "{}"), ("dense_ms", "{:.2f}"), ("stream_ms", "{:.3f}"),
                ("speedup", "{:.1f}x"), ("duo50_ms", "{:.2f}")])
 
+    model = build_model(dev, a.smoke) if "e2e" in a.parts or "maxctx" in a.parts else None
     if "e2e" in a.parts:
         lengths = [int(x) for x in a.e2e_lengths.split(",")]
-        rows, fits, weights, usable = e2e_rows(dev, lengths, [0.5, 0.25], a.e2e_chunk, a.new_tokens)
+        rows, fits, weights, usable = e2e_rows(model, dev, lengths, [0.5, 0.25], a.e2e_chunk, a.new_tokens)
         res = {"env": env, "rows": rows, "fits": fits, "weights_bytes": weights, "chunk": a.e2e_chunk,
                "usable_bytes": usable, "sink": SINK, "recent": RECENT}
         (out_dir / f"duo_e2e_{tag}.json").write_text(json.dumps(res, indent=1))
@@ -482,6 +617,20 @@ def main():
                ("gpu_ms_per_token", "{:.2f}"), ("peak_GiB", "{:.2f}"), ("kv_GiB", "{:.2f}")])
         print("max context (linear fit of the measured peaks, GPU minus 2 GiB):",
               ", ".join(f"{k} ~{v['max_tokens_est'] // K}K" for k, v in fits.items()))
+
+    if "maxctx" in a.parts:
+        if a.smoke:  # nothing runs out of memory on the CPU: one probe per variant checks the code
+            brackets = {name: (1024, 2048) for name in ("unpatched", "duo50", "duo25")}
+            rows = max_context_rows(model, dev, [0.5, 0.25], 512, brackets, 1024,
+                                    search=lambda probe, lo, hi, step: lo if probe(lo) else 0)
+        else:
+            brackets = {"unpatched": (256 * K, 768 * K), "duo50": (640 * K, 1536 * K), "duo25": (1280 * K, 3072 * K)}
+            rows = max_context_rows(model, dev, [0.5, 0.25], a.e2e_chunk, brackets, a.maxctx_step)
+        res = {"env": env, "rows": rows, "chunk": a.e2e_chunk, "gpu_bytes": torch.cuda.get_device_properties(0).total_memory
+               if dev == "cuda" else None, "sink": SINK, "recent": RECENT}
+        (out_dir / f"duo_maxctx_{tag}.json").write_text(json.dumps(res, indent=1))
+        table("Longest context that runs (last prefill chunk + 4 decode steps), Llama-3-8B shape", rows,
+              [("variant", "{}"), ("max_tokens", "{}"), ("vs_unpatched", "{:.2f}x")])
 
 
 if __name__ == "__main__":
