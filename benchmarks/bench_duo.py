@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import kvpress
 from kvpress import kernels
@@ -180,13 +182,16 @@ def decode_rows(lengths, fracs, shapes, dev, bw):
 
 
 def sweep_decode(T, dev, bw):
-    """Pick decode tile settings (BLOCK_N, warps, stages, programs per SM) on GQA 128K 25%/50%."""
+    """Pick decode tile settings (BLOCK_N, warps, stages, programs per SM, most splits per head) on
+    GQA 128K 25%/50%: the sum of time / bound decides."""
     cases = [decode_case(T, 32, 8, f, dev) for f in (0.25, 0.5)]
-    base = dict(BLOCK_N=decode_mod.BLOCK_N, NUM_WARPS=decode_mod.NUM_WARPS, NUM_STAGES=decode_mod.NUM_STAGES,
-                PROGRAMS_PER_SM=decode_mod.PROGRAMS_PER_SM)
-    grid = [dict(BLOCK_N=n, NUM_WARPS=w, NUM_STAGES=s, PROGRAMS_PER_SM=p) for n, w, s, p in
-            [(32, 4, 3, 2), (32, 4, 4, 2), (64, 4, 2, 2), (64, 4, 3, 2), (64, 4, 4, 1), (64, 8, 3, 2),
-             (64, 4, 3, 1), (128, 4, 2, 1), (128, 8, 2, 1), (32, 2, 4, 3), (64, 4, 2, 3), (32, 4, 2, 4)]]
+    names = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "MAX_SPLITS")
+    base = {name: getattr(decode_mod, name) for name in names}
+    grid = [dict(zip(names, values)) for values in [
+        (32, 4, 3, 2, 128), (32, 4, 4, 2, 128), (64, 4, 3, 2, 128), (64, 4, 3, 1, 128), (128, 4, 2, 1, 128),
+        (32, 4, 3, 3, 512), (32, 4, 3, 4, 512), (32, 4, 2, 4, 512), (32, 4, 4, 4, 512), (64, 4, 2, 3, 512),
+        (64, 4, 3, 3, 512), (64, 4, 2, 4, 512), (32, 2, 3, 6, 1024), (32, 2, 4, 8, 1024), (64, 8, 3, 2, 512),
+        (128, 8, 2, 2, 512), (32, 8, 4, 2, 512), (64, 8, 2, 3, 512)]]
     results = []
 
     def run(cfg):
@@ -205,6 +210,40 @@ def sweep_decode(T, dev, bw):
     for name, value in base.items():
         setattr(decode_mod, name, value)
     return base, results
+
+
+@triton.jit
+def _read_kernel(X, Out, per_program, BLOCK: tl.constexpr):
+    """Sum ``per_program`` elements of ``X`` per program: nothing but reading memory."""
+    start = tl.program_id(0).to(tl.int64) * per_program
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for offset in range(0, per_program, BLOCK):
+        acc += tl.load(X + start + offset + tl.arange(0, BLOCK)).to(tl.float32)
+    tl.store(Out + tl.program_id(0), tl.sum(acc))
+
+
+def read_floor_rows(dev, bw, sizes_mb=(134.4, 268.7, 536.9, 2147.5), programs=(132, 264, 528, 1056, 2112)):
+    """What reading the kept cache costs with nothing else to do: the fastest of a plain Triton read
+    kernel over several grid sizes, and torch's sum, on buffers of the decode cases' byte counts,
+    timed like the decode (CUDA graph, L2 flushed by reading)."""
+    rows = []
+    block = 4096
+    for mb in sizes_mb:
+        n = round(mb * 1e6 / 2 / (block * max(programs))) * block * max(programs)
+        x = rand(n, dev=dev)
+        out = torch.empty(max(programs), device=dev, dtype=torch.float32)
+        times = {p: graph_time(lambda p=p: _read_kernel[(p,)](x, out, n // p, BLOCK=block, num_warps=8))
+                 for p in programs}
+        t_sum = graph_time(lambda: x.sum(dtype=torch.float32))
+        best = min(times, key=times.get)
+        nbytes = 2 * n
+        rows.append({"bytes": nbytes, "read_us": {str(p): t * 1e6 for p, t in times.items()}, "best_programs": best,
+                     "best_read_us": times[best] * 1e6, "torch_sum_us": t_sum * 1e6, "bound_us": nbytes / bw * 1e6})
+        print(f"read floor {nbytes / 1e6:.1f} MB: best Triton read {times[best] * 1e6:.1f} us ({best} programs; "
+              + ", ".join(f"{p}: {t * 1e6:.1f}" for p, t in times.items()) + f"), torch sum {t_sum * 1e6:.1f} us, "
+              f"bound {nbytes / bw * 1e6:.1f} us", flush=True)
+        del x
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,7 +601,7 @@ def table(title, rows, cols):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="layer", help="comma-separated: layer, e2e, maxctx")
+    p.add_argument("--parts", default="layer", help="comma-separated: layer, floor, e2e, maxctx")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script, on CPU too)")
     p.add_argument("--no-sweep", action="store_true")
@@ -592,6 +631,8 @@ def main():
             if a.prefill_sweep:
                 res["prefill_config"], res["prefill_sweep"] = sweep_prefill(32 * K, dev)
         res["decode"] = decode_rows(dec_len, [0.25, 0.5], shapes, dev, bw)
+        if not a.smoke:
+            res["read_floor"] = read_floor_rows(dev, bw)
         res["prefill"] = prefill_rows(pre_len, shapes, dev)
         if not a.smoke:
             res["retrieval_chunk"] = chunk_row(dev)
@@ -606,6 +647,11 @@ def main():
                ("speedup", "{:.1f}x"), ("duo50_ms", "{:.2f}")])
 
     model = build_model(dev, a.smoke) if "e2e" in a.parts or "maxctx" in a.parts else None
+    if a.parts == "floor":  # only the read floor (also part of "layer")
+        bw = copy_bandwidth(dev)
+        res = {"env": env, "copy_bandwidth_Bps": bw, "read_floor": read_floor_rows(dev, bw)}
+        (out_dir / f"duo_floor_{tag}.json").write_text(json.dumps(res, indent=1))
+
     if "e2e" in a.parts:
         lengths = [int(x) for x in a.e2e_lengths.split(",")]
         rows, fits, weights, usable = e2e_rows(model, dev, lengths, [0.5, 0.25], a.e2e_chunk, a.new_tokens)
