@@ -1,23 +1,26 @@
 """DuoAttention speed and memory: per-layer kernels and an 8B-shaped model end to end.
 
-    python benchmarks/bench_duo.py --parts layer,e2e     # on a CUDA GPU (H100 80GB in the README)
+    python benchmarks/bench_duo.py --parts layer,e2e,maxctx     # on a CUDA GPU (H100 80GB in the README)
 
 Parts (each compares against dense attention measured in the same run):
   layer  decode attention of one layer (one query token) over 32K/128K/512K cached tokens with 25%
          and 50% retrieval heads vs dense SDPA decode, next to the bytes-read bound (kept cache
-         bytes / device copy bandwidth measured here); streaming-head (A-shape) prefill at 32K/128K
-         vs dense SDPA causal prefill; shapes of Llama-3-8B (32 q / 8 KV heads) and of an MHA
-         model (32 / 32), head dim 128, bf16. Kernel tile settings are swept first and the best used.
+         bytes / device copy bandwidth measured here) and the time of a plain read of as many
+         bytes; streaming-head (A-shape) prefill at 32K/128K vs dense SDPA causal prefill; shapes of
+         Llama-3-8B (32 q / 8 KV heads) and of an MHA model (32 / 32), head dim 128, bf16. Kernel
+         tile settings are swept first and the best used. (``floor``: the plain reads alone.)
   e2e    a LlamaForCausalLM with Llama-3-8B dimensions (32 layers) and random bf16 weights: chunked
          prefill, then time per output token and peak memory at 32K and 128K, unpatched (the
-         model's own sdpa, DynamicCache) vs Duo (25% / 50% retrieval heads), and the longest
-         context that fits on the GPU (linear fit of the peaks measured at the two lengths).
+         model's own sdpa, DynamicCache) vs Duo (25% / 50% retrieval heads).
+  maxctx the longest context that runs on the GPU for each variant, searched by real runs of the
+         last prefill chunk and a few decode steps over a cache filled to that length.
 Writes ``benchmarks/results/duo_<part>_<device>.json`` (or ``--out``) and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -431,46 +434,35 @@ def gpu_busy(step, n=4):
 
 
 def e2e_rows(model, dev, lengths, fracs, chunk, new_tokens):
+    """Prefill time, TPOT, GPU time per token, peaks and KV bytes per variant and length. Unpatched
+    runs twice: with torch's default SDPA backend choice (cuDNN on the H100 with torch 2.11, whose
+    decode call costs ~1.8 ms of CPU each) and with SDPA limited to its flash kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import DynamicCache
 
-    weights = torch.cuda.memory_allocated()
-    total = torch.cuda.get_device_properties(0).total_memory
-    usable = total - 2 * 2**30  # CUDA context, allocator slack
-    print(f"model built: {weights / 2**30:.1f} GiB of weights, GPU {total / 2**30:.1f} GiB", flush=True)
-    variants = [("unpatched", None)] + [(f"duo{int(f * 100)}", f) for f in fracs]
-    rows, fits = [], {}
+    variants = [("unpatched", None), ("unpatched-flash", None)] + [(f"duo{int(f * 100)}", f) for f in fracs]
+    rows = []
     for name, frac in variants:
         if frac is not None:
             kvpress.patch(model, "duo", config=random_duo_config(frac))
             make_cache = lambda: kvpress.make_cache(model)  # noqa: E731
         else:
             make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
-        run_context(model, 4 * K, min(chunk, 2 * K), 3, dev, make_cache)  # warm-up: compile, allocate
-        peaks = []
-        for L in lengths:
-            t_pre, tpot, peak_pre, peak_dec, cache_bytes, gpu_tok = run_context(model, L, chunk, new_tokens, dev, make_cache)
-            peaks.append((L, peak_pre, peak_dec))
-            rows.append({"variant": name, "tokens": L, "prefill_s": t_pre, "tpot_ms": tpot * 1e3,
-                         "gpu_ms_per_token": gpu_tok * 1e3, "peak_GiB": max(peak_pre, peak_dec) / 2**30,
-                         "peak_prefill_GiB": peak_pre / 2**30, "peak_decode_GiB": peak_dec / 2**30,
-                         "kv_GiB": cache_bytes / 2**30})
-            print(f"e2e {name} {L // K}K: prefill {t_pre:.1f} s, TPOT {tpot * 1e3:.2f} ms (GPU busy {gpu_tok * 1e3:.2f} ms), "
-                  f"peak prefill {peak_pre / 2**30:.2f} / decode {peak_dec / 2**30:.2f} GiB, KV {cache_bytes / 2**30:.2f} GiB",
-                  flush=True)
-        fit = {}
-        for phase, i in (("prefill", 1), ("decode", 2)):  # peak = a + b * tokens, per phase
-            (l0, p0), (l1, p1) = (peaks[0][0], peaks[0][i]), (peaks[-1][0], peaks[-1][i])
-            slope = max(p1 - p0, 1) / (l1 - l0)
-            fit[f"{phase}_bytes_per_token"] = slope
-            fit[f"{phase}_max_tokens"] = int(l0 + (usable - p0) / slope)
-        fit["max_tokens_est"] = min(fit["prefill_max_tokens"], fit["decode_max_tokens"])
-        fits[name] = fit
-        print(f"e2e {name}: peak grows {fit['prefill_bytes_per_token'] / K:.1f} KiB/token in prefill, "
-              f"{fit['decode_bytes_per_token'] / K:.1f} in decode -> about {fit['max_tokens_est'] // K}K tokens fit "
-              f"(prefill {fit['prefill_max_tokens'] // K}K, decode {fit['decode_max_tokens'] // K}K)", flush=True)
+        backend = sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if name == "unpatched-flash" else contextlib.nullcontext()
+        with backend:
+            run_context(model, 4 * K, min(chunk, 2 * K), 3, dev, make_cache)  # warm-up: compile, allocate
+            for L in lengths:
+                t_pre, tpot, peak_pre, peak_dec, cache_bytes, gpu_tok = run_context(model, L, chunk, new_tokens, dev, make_cache)
+                rows.append({"variant": name, "tokens": L, "prefill_s": t_pre, "tpot_ms": tpot * 1e3,
+                             "gpu_ms_per_token": gpu_tok * 1e3, "peak_GiB": max(peak_pre, peak_dec) / 2**30,
+                             "peak_prefill_GiB": peak_pre / 2**30, "peak_decode_GiB": peak_dec / 2**30,
+                             "kv_GiB": cache_bytes / 2**30})
+                print(f"e2e {name} {L // K}K: prefill {t_pre:.1f} s, TPOT {tpot * 1e3:.2f} ms (GPU busy {gpu_tok * 1e3:.2f} ms), "
+                      f"peak prefill {peak_pre / 2**30:.2f} / decode {peak_dec / 2**30:.2f} GiB, KV {cache_bytes / 2**30:.2f} GiB",
+                      flush=True)
         if frac is not None:
             kvpress.unpatch(model)
-    return rows, fits, weights, usable
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,15 +477,15 @@ def fill_cache(model, cache, tokens, chunk, dev):
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = torch.randn(1, cfg.num_key_value_heads, chunk, head_dim, device=dev, dtype=model.dtype)
-    ledger = cache.layers[0].ledger if kvpress.cache.is_kvpress_cache(cache) else None
+    press = kvpress.cache.is_kvpress_cache(cache)
     for start in range(0, tokens, chunk):
         n = min(chunk, tokens - start)
-        if ledger is not None:  # what the patched model's forward hook does for each chunk
-            ledger.begin(None, 1, n, dev)
+        if press:  # what the patched model's forward hooks do for each chunk
+            kvpress.cache.begin_forward(cache, None, 1, n, dev)
         for layer in range(cfg.num_hidden_layers):
             cache.update(kv[:, :, :n], kv[:, :, :n], layer)
-        if ledger is not None:
-            ledger.end()
+        if press:
+            kvpress.cache.end_forward(cache)
 
 
 def check_fill(model, make_cache, chunk, dev, L=None):
@@ -654,15 +646,12 @@ def main():
 
     if "e2e" in a.parts:
         lengths = [int(x) for x in a.e2e_lengths.split(",")]
-        rows, fits, weights, usable = e2e_rows(model, dev, lengths, [0.5, 0.25], a.e2e_chunk, a.new_tokens)
-        res = {"env": env, "rows": rows, "fits": fits, "weights_bytes": weights, "chunk": a.e2e_chunk,
-               "usable_bytes": usable, "sink": SINK, "recent": RECENT}
+        rows = e2e_rows(model, dev, lengths, [0.5, 0.25], a.e2e_chunk, a.new_tokens)
+        res = {"env": env, "rows": rows, "chunk": a.e2e_chunk, "sink": SINK, "recent": RECENT}
         (out_dir / f"duo_e2e_{tag}.json").write_text(json.dumps(res, indent=1))
         table("End to end, Llama-3-8B shape, random bf16 weights, batch 1", rows,
               [("variant", "{}"), ("tokens", "{}"), ("prefill_s", "{:.1f}"), ("tpot_ms", "{:.2f}"),
                ("gpu_ms_per_token", "{:.2f}"), ("peak_GiB", "{:.2f}"), ("kv_GiB", "{:.2f}")])
-        print("max context (linear fit of the measured peaks, GPU minus 2 GiB):",
-              ", ".join(f"{k} ~{v['max_tokens_est'] // K}K" for k, v in fits.items()))
 
     if "maxctx" in a.parts:
         if a.smoke:  # nothing runs out of memory on the CPU: one probe per variant checks the code

@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .adapters import describe
-from .cache import is_kvpress_cache
+from .cache import begin_forward, end_forward, is_kvpress_cache
 from .methods import Method, get_method
 
 ATTENTION_NAME = "kvpress"
@@ -167,7 +167,7 @@ def _before_forward(method: Method, signature: list[str]):
                     "an empty transformers Cache, or a cache this model returned (kvpress.make_cache(model))"
                 )
             cache.layers, cache.layer_class_to_replicate = method.make_layers(), None
-        cache.layers[0].ledger.begin(kwargs.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device)
+        begin_forward(cache, kwargs.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device)
         kwargs["past_key_values"] = cache
         return (), kwargs
 
@@ -175,4 +175,4 @@ def _before_forward(method: Method, signature: list[str]):
 
 
 def _after_forward(module, args, kwargs, output):
-    kwargs["past_key_values"].layers[0].ledger.end()
+    end_forward(kwargs["past_key_values"])

@@ -16,6 +16,11 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def window_slack(sink: int, recent: int) -> int:
+    """Slots a sink + recent window buffer may fill past the window before it is compacted."""
+    return max(16, (sink + recent) // 4)
+
+
 class AppendBuffer:
     """A tensor that grows along ``dim`` with amortised O(1) appends.
 
@@ -33,10 +38,13 @@ class AppendBuffer:
     def tensor(self) -> torch.Tensor | None:
         return None if self.storage is None else self.storage.narrow(self.dim, 0, self.length)
 
-    def append(self, x: torch.Tensor) -> torch.Tensor:
-        needed = self.length + x.shape[self.dim]
+    def append(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``x`` (only its entries ``heads`` along dim 1, when given: selected straight into
+        the buffer, one op). Returns the filled part."""
+        n = x.shape[self.dim]
+        needed = self.length + n
         if self.storage is None:
-            self.storage = x.contiguous()
+            self.storage = x.contiguous() if heads is None else x.index_select(1, heads)
         else:
             capacity = self.storage.shape[self.dim]
             if needed > capacity:
@@ -45,16 +53,41 @@ class AppendBuffer:
                 grown = self.storage.new_empty(shape)
                 grown.narrow(self.dim, 0, self.length).copy_(self.tensor)
                 self.storage = grown
-            self.storage.narrow(self.dim, self.length, x.shape[self.dim]).copy_(x)
+            slot = self.storage.narrow(self.dim, self.length, n)
+            if heads is None:
+                slot.copy_(x)
+            else:
+                torch.index_select(x, 1, heads, out=slot)
         self.length = needed
         return self.tensor
+
+    def replace(self, x: torch.Tensor, room: int = 0) -> None:
+        """Hold ``x`` from now on, with room for ``room`` more entries."""
+        length = x.shape[self.dim]
+        if room:
+            size = list(x.shape)
+            size[self.dim] += room
+            storage = x.new_empty(size)
+            storage.narrow(self.dim, 0, length).copy_(x)
+            x = storage
+        self.storage, self.length = x, length
+
+    def keep(self, index: torch.Tensor, room: int = 0) -> None:
+        """Keep, in each batch row, only the entries at ``index [B, W]`` along ``dim``, in that order
+        (with room for ``room`` more)."""
+        filled = self.tensor
+        view = [1] * filled.dim()
+        view[0], view[self.dim] = index.shape
+        size = list(filled.shape)
+        size[self.dim] = index.shape[1]
+        self.replace(filled.gather(self.dim, index.view(view).expand(size)), room)
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 
     def select_batch(self, index: torch.Tensor) -> None:
         if self.storage is not None:
-            self.storage = self.tensor.index_select(0, index.to(self.storage.device))
+            self.replace(self.tensor.index_select(0, index.to(self.storage.device)))
 
 
 @dataclass
@@ -63,25 +96,30 @@ class ForwardTokens:
 
     new_rank: torch.Tensor  # [B, n] int32 ranks of the new tokens (-1 = padding); also the query ranks
     all_rank: torch.Tensor  # [B, T + n] int32 ranks of every token seen, new ones included
-    window_rank: torch.Tensor | None = None  # [B, C + n] ranks of (kept window ++ new tokens)
-    window_keep: torch.Tensor | None = None  # [B, C'] int64 positions in window_rank to keep afterwards
-    next_window_rank: torch.Tensor | None = None  # [B, C'] ranks of the kept window after this forward
+    window_rank: torch.Tensor | None = None  # [B, C + n] ranks of (window buffer ++ new tokens)
 
 
 class TokenLedger:
     """Per-row token bookkeeping shared by all layers of one cache.
 
-    ``window=(sink, recent)`` also tracks a sink + recent window (StreamingLLM-style): which tokens a
-    layer that keeps only ``sink`` first and ``recent`` last real tokens of each row must keep. Sinks
-    are the first *real* tokens of a row, never padding.
+    ``window=(sink, recent)`` also tracks a sink + recent window (StreamingLLM-style) for layers that
+    keep only the ``sink`` first and ``recent`` last real tokens of each row (sinks are the first
+    *real* tokens of a row, never padding). Such a window buffer is appended to like the full cache
+    (tokens that left the window stay, masked by their ranks) and compacted to the window once it
+    has ``slack`` (default :func:`window_slack`) slots more than the window: after the forward that
+    fills it, ``compaction`` holds the positions each layer keeps (``KVPressLayer.after_forward``),
+    with room for ``slack`` more. Decode thus costs one in-place append per buffer and layer, and a
+    gather every ``slack`` steps.
     """
 
-    def __init__(self, window: tuple[int, int] | None = None):
+    def __init__(self, window: tuple[int, int] | None = None, slack: int | None = None):
         self.window = window
+        self.slack = slack if slack is not None or window is None else window_slack(*window)
         self.seen = 0  # tokens seen per row, padding included (what transformers calls the cache length)
         self.rank = AppendBuffer(dim=1)  # [B, T] int32
         self.num_real: torch.Tensor | None = None  # [B] int32
-        self.window_rank: torch.Tensor | None = None  # [B, C] int32, -1 = empty slot
+        self.window_rank = AppendBuffer(dim=1)  # [B, C] int32 ranks in the window buffer, -1 = empty slot
+        self.compaction: torch.Tensor | None = None  # [B, W] positions kept by the last forward's compaction
         self.step: ForwardTokens | None = None
 
     @property
@@ -92,37 +130,34 @@ class TokenLedger:
         """Register the ``num_new`` tokens of a forward; ``attention_mask`` is the usual 2D padding mask."""
         if self.step is not None:  # the previous forward failed half-way: forget its tokens
             self.rank.truncate(self.seen)
+            self.window_rank.truncate(self.window_rank.length - self.step.new_rank.shape[1])
         if self.num_real is None:
             self.num_real = torch.zeros(batch_size, dtype=torch.int32, device=device)
-            if self.window is not None:
-                self.window_rank = torch.empty(batch_size, 0, dtype=torch.int32, device=device)
         elif batch_size != self.batch_size:
             raise ValueError(
                 f"this cache holds {self.batch_size} sequences but the input has {batch_size}; "
                 "start a new cache (pass past_key_values=None) for a new batch"
             )
+        self.compaction = None
         valid = _new_token_mask(attention_mask, batch_size, num_new, device)
         count = valid.cumsum(dim=1, dtype=torch.int32)
         new_rank = torch.where(valid, self.num_real[:, None] + count - 1, -1).to(torch.int32)
         self.step = ForwardTokens(new_rank=new_rank, all_rank=self.rank.append(new_rank))
         if self.window is not None:
-            sink, recent = self.window
-            num_real = self.num_real + count[:, -1]
-            candidates = torch.cat([self.window_rank, new_rank], dim=1)
-            keep = (candidates >= 0) & ((candidates < sink) | (candidates >= num_real[:, None] - recent))
-            width = min(candidates.shape[1], sink + recent)
-            order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-            self.step.window_rank = candidates
-            self.step.window_keep = order
-            self.step.next_window_rank = torch.where(keep.gather(1, order), candidates.gather(1, order), -1)
+            self.step.window_rank = self.window_rank.append(new_rank)
 
     def end(self) -> None:
-        """Commit the forward registered by :meth:`begin`."""
+        """Commit the forward registered by :meth:`begin` (and compact the window when it is full)."""
         step = self.step
         self.seen += step.new_rank.shape[1]
         self.num_real = self.num_real + (step.new_rank >= 0).sum(dim=1, dtype=torch.int32)
-        if self.window is not None:
-            self.window_rank = step.next_window_rank
+        if self.window is not None and self.window_rank.length >= sum(self.window) + self.slack:
+            sink, recent = self.window
+            ranks = self.window_rank.tensor
+            keep = (ranks >= 0) & ((ranks < sink) | (ranks >= self.num_real[:, None] - recent))
+            self.compaction = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, : sink + recent]
+            kept = torch.where(keep.gather(1, self.compaction), ranks.gather(1, self.compaction), -1)
+            self.window_rank.replace(kept, room=self.slack)
         self.step = None
 
     def current(self) -> ForwardTokens:
@@ -135,13 +170,12 @@ class TokenLedger:
 
     def select_batch(self, index: torch.Tensor) -> None:
         self.rank.select_batch(index)
+        self.window_rank.select_batch(index)
         if self.num_real is not None:
             self.num_real = self.num_real.index_select(0, index.to(self.num_real.device))
-        if self.window_rank is not None:
-            self.window_rank = self.window_rank.index_select(0, index.to(self.window_rank.device))
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.rank.storage, self.num_real, self.window_rank) if t is not None]
+        return [t for t in (self.rank.storage, self.num_real, self.window_rank.storage) if t is not None]
 
 
 def _new_token_mask(attention_mask, batch_size: int, num_new: int, device) -> torch.Tensor:
@@ -197,6 +231,10 @@ class KVPressLayer(CacheLayerMixin):
     def select_batch(self, index: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def after_forward(self) -> None:
+        """Called on every layer once a forward has run through all of them (and the ledger has
+        committed it)."""
+
     def _reindex(self, index: torch.Tensor) -> None:
         if self.owns_ledger:
             self.ledger.select_batch(index)
@@ -227,6 +265,18 @@ class KVPressLayer(CacheLayerMixin):
 
     def prefetch(self):
         pass
+
+
+def begin_forward(cache: Cache, attention_mask, batch_size: int, num_new: int, device) -> None:
+    """Tell a kvpress cache about the ``num_new`` tokens of the forward about to run."""
+    cache.layers[0].ledger.begin(attention_mask, batch_size, num_new, device)
+
+
+def end_forward(cache: Cache) -> None:
+    """Commit the forward that just ran through every layer of a kvpress cache."""
+    cache.layers[0].ledger.end()
+    for layer in cache.layers:
+        layer.after_forward()
 
 
 def is_kvpress_cache(cache) -> bool:

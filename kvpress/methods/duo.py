@@ -150,55 +150,48 @@ class DuoKV:
 
 
 class DuoLayer(KVPressLayer):
-    """Split cache of one layer: full K/V for retrieval heads, a sink + recent window for the rest."""
+    """Split cache of one layer: full K/V for retrieval heads, a sink + recent window for the rest.
+
+    Both are append buffers; the window buffer is compacted to the window when the ledger says so
+    (see :class:`~kvpress.cache.TokenLedger`), so a decode step is two in-place appends per buffer pair.
+    """
 
     def __init__(self, ledger: TokenLedger, owns_ledger: bool, retrieval_heads: torch.Tensor):
         super().__init__(ledger, owns_ledger)
         self.retrieval_cpu = retrieval_heads.nonzero().flatten()
         self.streaming_cpu = (~retrieval_heads).nonzero().flatten()
-        self.full_k, self.full_v = AppendBuffer(dim=2), AppendBuffer(dim=2)
-        self.stream_k: torch.Tensor | None = None  # [B, S, C, D]
-        self.stream_v: torch.Tensor | None = None
+        self.full_k, self.full_v = AppendBuffer(dim=2), AppendBuffer(dim=2)  # [B, R, T, D]
+        self.stream_k, self.stream_v = AppendBuffer(dim=2), AppendBuffer(dim=2)  # [B, S, C, D]
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
         self.retrieval_heads = self.retrieval_cpu.to(self.device)
         self.streaming_heads = self.streaming_cpu.to(self.device)
-        batch, _, _, head_dim = key_states.shape
-        self.stream_k = key_states.new_empty(batch, len(self.streaming_heads), 0, head_dim)
-        self.stream_v = torch.empty_like(self.stream_k)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[DuoKV, None]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         step = self.ledger.current()
-        full_k = self.full_k.append(key_states.index_select(1, self.retrieval_heads))
-        full_v = self.full_v.append(value_states.index_select(1, self.retrieval_heads))
-        stream_k = _append(self.stream_k, key_states.index_select(1, self.streaming_heads))
-        stream_v = _append(self.stream_v, value_states.index_select(1, self.streaming_heads))
-        keep = step.window_keep[:, None, :, None].expand(-1, stream_k.shape[1], -1, stream_k.shape[3])
-        self.stream_k, self.stream_v = stream_k.gather(2, keep), stream_v.gather(2, keep)
         kv = DuoKV(
-            full_k, full_v, step.all_rank, stream_k, stream_v, step.window_rank, step.new_rank,
-            self.retrieval_heads, self.streaming_heads,
+            self.full_k.append(key_states, self.retrieval_heads), self.full_v.append(value_states, self.retrieval_heads),
+            step.all_rank,
+            self.stream_k.append(key_states, self.streaming_heads), self.stream_v.append(value_states, self.streaming_heads),
+            step.window_rank, step.new_rank, self.retrieval_heads, self.streaming_heads,
         )
         return kv, None
 
+    def after_forward(self) -> None:
+        if self.ledger.compaction is not None:
+            self.stream_k.keep(self.ledger.compaction, room=self.ledger.slack)
+            self.stream_v.keep(self.ledger.compaction, room=self.ledger.slack)
+
     def held_tensors(self) -> list[torch.Tensor]:
-        held = [self.full_k.storage, self.full_v.storage, self.stream_k, self.stream_v]
-        return [t for t in held if t is not None]
+        buffers = (self.full_k, self.full_v, self.stream_k, self.stream_v)
+        return [b.storage for b in buffers if b.storage is not None]
 
     def select_batch(self, index: torch.Tensor) -> None:
-        self.full_k.select_batch(index)
-        self.full_v.select_batch(index)
-        if self.stream_k is not None:
-            self.stream_k = self.stream_k.index_select(0, index.to(self.stream_k.device))
-            self.stream_v = self.stream_v.index_select(0, index.to(self.stream_v.device))
-
-
-def _append(window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """Window ++ new tokens along the token dim (no copy of ``new`` when the window is empty)."""
-    return new if window.shape[2] == 0 else torch.cat([window, new], dim=2)
+        for buffer in (self.full_k, self.full_v, self.stream_k, self.stream_v):
+            buffer.select_batch(index)
 
 
 class DuoAttention(Method):
