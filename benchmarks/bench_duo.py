@@ -109,7 +109,7 @@ def environment():
     import transformers
     import triton
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     return {"device": dev, "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "cuda": torch.version.cuda, "commit": commit}
 
@@ -436,7 +436,8 @@ def gpu_busy(step, n=4):
 def e2e_rows(model, dev, lengths, fracs, chunk, new_tokens):
     """Prefill time, TPOT, GPU time per token, peaks and KV bytes per variant and length. Unpatched
     runs twice: with torch's default SDPA backend choice (cuDNN on the H100 with torch 2.11, whose
-    decode call costs ~1.8 ms of CPU each) and with SDPA limited to its flash kernel."""
+    decode call costs ~1.8 ms of CPU each) and with SDPA limited to its flash kernel (and the
+    memory-efficient one where flash does not apply: masked prefill chunks)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import DynamicCache
 
@@ -448,7 +449,8 @@ def e2e_rows(model, dev, lengths, fracs, chunk, new_tokens):
             make_cache = lambda: kvpress.make_cache(model)  # noqa: E731
         else:
             make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
-        backend = sdpa_kernel([SDPBackend.FLASH_ATTENTION]) if name == "unpatched-flash" else contextlib.nullcontext()
+        no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]  # flash where it applies
+        backend = sdpa_kernel(no_cudnn) if name == "unpatched-flash" else contextlib.nullcontext()
         with backend:
             run_context(model, 4 * K, min(chunk, 2 * K), 3, dev, make_cache)  # warm-up: compile, allocate
             for L in lengths:
