@@ -113,8 +113,10 @@ class TokenLedger:
     """
 
     def __init__(self, window: tuple[int, int] | None = None, slack: int | None = None):
+        if slack is None and window is not None:
+            slack = window_slack(*window)
         self.window = window
-        self.slack = slack if slack is not None or window is None else window_slack(*window)
+        self.slack = slack
         self.seen = 0  # tokens seen per row, padding included (what transformers calls the cache length)
         self.rank = AppendBuffer(dim=1)  # [B, T] int32
         self.num_real: torch.Tensor | None = None  # [B] int32
@@ -130,7 +132,8 @@ class TokenLedger:
         """Register the ``num_new`` tokens of a forward; ``attention_mask`` is the usual 2D padding mask."""
         if self.step is not None:  # the previous forward failed half-way: forget its tokens
             self.rank.truncate(self.seen)
-            self.window_rank.truncate(self.window_rank.length - self.step.new_rank.shape[1])
+            if self.window is not None:
+                self.window_rank.truncate(self.window_rank.length - self.step.new_rank.shape[1])
         if self.num_real is None:
             self.num_real = torch.zeros(batch_size, dtype=torch.int32, device=device)
         elif batch_size != self.batch_size:

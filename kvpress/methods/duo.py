@@ -141,7 +141,7 @@ class DuoKV:
     full_k: torch.Tensor  # [B, R, T, D] retrieval heads, every token (new ones included)
     full_v: torch.Tensor
     full_rank: torch.Tensor  # [B, T]
-    stream_k: torch.Tensor  # [B, S, C + n, D] streaming heads: kept window ++ new tokens
+    stream_k: torch.Tensor  # [B, S, C + n, D] streaming heads: the window buffer, new tokens included
     stream_v: torch.Tensor
     stream_rank: torch.Tensor  # [B, C + n]
     query_rank: torch.Tensor  # [B, n]
@@ -152,8 +152,8 @@ class DuoKV:
 class DuoLayer(KVPressLayer):
     """Split cache of one layer: full K/V for retrieval heads, a sink + recent window for the rest.
 
-    Both are append buffers; the window buffer is compacted to the window when the ledger says so
-    (see :class:`~kvpress.cache.TokenLedger`), so a decode step is two in-place appends per buffer pair.
+    All four are append buffers written in place (one op each per decode step); the window buffers
+    are compacted to the window when the ledger says so (see :class:`~kvpress.cache.TokenLedger`).
     """
 
     def __init__(self, ledger: TokenLedger, owns_ledger: bool, retrieval_heads: torch.Tensor):
