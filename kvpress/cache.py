@@ -123,6 +123,7 @@ class TokenLedger:
         self.window_rank = AppendBuffer(dim=1)  # [B, C] int32 ranks in the window buffer, -1 = empty slot
         self.compaction: torch.Tensor | None = None  # [B, W] positions kept by the last forward's compaction
         self.step: ForwardTokens | None = None
+        self.recovering = False  # this forward follows one that failed half-way (see ``begin``)
 
     @property
     def batch_size(self) -> int | None:
@@ -130,7 +131,8 @@ class TokenLedger:
 
     def begin(self, attention_mask: torch.Tensor | None, batch_size: int, num_new: int, device) -> None:
         """Register the ``num_new`` tokens of a forward; ``attention_mask`` is the usual 2D padding mask."""
-        if self.step is not None:  # the previous forward failed half-way: forget its tokens
+        self.recovering = self.step is not None
+        if self.recovering:  # the previous forward failed half-way: forget its tokens (layers: ``committed``)
             self.rank.truncate(self.seen)
             if self.window is not None:
                 self.window_rank.truncate(self.window_rank.length - self.step.new_rank.shape[1])
@@ -162,6 +164,11 @@ class TokenLedger:
             kept = torch.where(keep.gather(1, self.compaction), ranks.gather(1, self.compaction), -1)
             self.window_rank.replace(kept, room=self.slack)
         self.step = None
+
+    def committed(self) -> tuple[int, int]:
+        """Tokens per row of every committed forward: in the full cache, and in the window buffer."""
+        n = self.step.new_rank.shape[1]
+        return self.seen, (self.window_rank.length - n if self.window is not None else 0)
 
     def current(self) -> ForwardTokens:
         if self.step is None:

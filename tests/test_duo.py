@@ -143,6 +143,32 @@ def test_left_padded_batch_matches_each_prompt_alone(family, slack, monkeypatch)
 
 
 @torch.no_grad()
+def test_a_forward_that_failed_half_way_leaves_the_cache_usable(monkeypatch):
+    """The second layer raises during a decode step (after the first layer appended its K/V); the
+    next step on the same cache computes what it computes on a cache that never saw the failure."""
+    model = tiny_model("llama")
+    kvpress.patch(model, "duo", config=half_streaming(sink=4, recent=8))
+    ids, steps = random_ids(2, 30), random_ids(2, 6, seed=1)
+
+    def run(fail_at=None):
+        cache = model(ids).past_key_values
+        for t in range(steps.shape[1]):
+            if t == fail_at:
+                layer = model.model.layers[1].self_attn
+                with monkeypatch.context() as m:
+                    m.setattr(layer, "_kvpress_method", None)  # the "kvpress" attention function raises
+                    with pytest.raises(RuntimeError):
+                        model(random_ids(2, 1, seed=9), past_key_values=cache)
+            logits = model(steps[:, t : t + 1], past_key_values=cache).logits
+        return logits, cache
+
+    clean_logits, clean_cache = run()
+    logits, cache = run(fail_at=3)
+    torch.testing.assert_close(logits, clean_logits)
+    assert kvpress.kv_cache_bytes(cache) == kvpress.kv_cache_bytes(clean_cache)
+
+
+@torch.no_grad()
 def test_chunked_prefill_equals_unchunked():
     model = tiny_model("qwen2")
     ids = random_ids(2, 45)

@@ -172,6 +172,10 @@ class DuoLayer(KVPressLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         step = self.ledger.current()
+        if self.ledger.recovering:  # drop what this layer appended in a forward that failed half-way
+            full, window = self.ledger.committed()
+            for buffer, length in ((self.full_k, full), (self.full_v, full), (self.stream_k, window), (self.stream_v, window)):
+                buffer.truncate(length)
         kv = DuoKV(
             self.full_k.append(key_states, self.retrieval_heads), self.full_v.append(value_states, self.retrieval_heads),
             step.all_rank,
