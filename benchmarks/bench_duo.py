@@ -383,6 +383,28 @@ def random_duo_config(frac, layers=32, kv_heads=8):
     return kvpress.DuoConfig(gates=gates, sink=SINK, recent=RECENT, sparsity=1 - frac)
 
 
+@contextlib.contextmanager
+def variant(model, name):
+    """``model`` as the variant ``name`` for the duration of the block; yields a cache factory.
+
+    ``unpatched``: the model's own sdpa attention with torch's backend choice, ``DynamicCache``;
+    ``unpatched-flash``: the same with SDPA limited to flash (memory-efficient where flash does not
+    apply: masked prefill chunks); ``duoNN``: Duo with NN% retrieval heads (random gates)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import DynamicCache
+
+    if name.startswith("duo"):
+        kvpress.patch(model, "duo", config=random_duo_config(int(name[3:]) / 100))
+        try:
+            yield lambda: kvpress.make_cache(model)
+        finally:
+            kvpress.unpatch(model)
+    else:
+        no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+        with sdpa_kernel(no_cudnn) if name == "unpatched-flash" else contextlib.nullcontext():
+            yield lambda: DynamicCache(config=model.config)
+
+
 @torch.inference_mode()
 def run_context(model, L, chunk, new_tokens, dev, make_cache):
     """Prefill L random tokens in chunks of ``chunk``, then ``new_tokens`` greedy decode steps.
@@ -435,23 +457,11 @@ def gpu_busy(step, n=4):
 
 def e2e_rows(model, dev, lengths, fracs, chunk, new_tokens):
     """Prefill time, TPOT, GPU time per token, peaks and KV bytes per variant and length. Unpatched
-    runs twice: with torch's default SDPA backend choice (cuDNN on the H100 with torch 2.11, whose
-    decode call costs ~1.8 ms of CPU each) and with SDPA limited to its flash kernel (and the
-    memory-efficient one where flash does not apply: masked prefill chunks)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from transformers import DynamicCache
-
-    variants = [("unpatched", None), ("unpatched-flash", None)] + [(f"duo{int(f * 100)}", f) for f in fracs]
+    runs twice (see ``variant``): with torch's default SDPA backend choice (cuDNN on the H100 with
+    torch 2.11, whose decode call costs ~1.8 ms of CPU each) and with SDPA limited to flash."""
     rows = []
-    for name, frac in variants:
-        if frac is not None:
-            kvpress.patch(model, "duo", config=random_duo_config(frac))
-            make_cache = lambda: kvpress.make_cache(model)  # noqa: E731
-        else:
-            make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
-        no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]  # flash where it applies
-        backend = sdpa_kernel(no_cudnn) if name == "unpatched-flash" else contextlib.nullcontext()
-        with backend:
+    for name in ["unpatched", "unpatched-flash"] + [f"duo{int(f * 100)}" for f in fracs]:
+        with variant(model, name) as make_cache:
             run_context(model, 4 * K, min(chunk, 2 * K), 3, dev, make_cache)  # warm-up: compile, allocate
             for L in lengths:
                 t_pre, tpot, peak_pre, peak_dec, cache_bytes, gpu_tok = run_context(model, L, chunk, new_tokens, dev, make_cache)
@@ -462,8 +472,6 @@ def e2e_rows(model, dev, lengths, fracs, chunk, new_tokens):
                 print(f"e2e {name} {L // K}K: prefill {t_pre:.1f} s, TPOT {tpot * 1e3:.2f} ms (GPU busy {gpu_tok * 1e3:.2f} ms), "
                       f"peak prefill {peak_pre / 2**30:.2f} / decode {peak_dec / 2**30:.2f} GiB, KV {cache_bytes / 2**30:.2f} GiB",
                       flush=True)
-        if frac is not None:
-            kvpress.unpatch(model)
     return rows
 
 
@@ -550,34 +558,25 @@ def longest_fitting(probe, lo, hi, step):
 
 def max_context_rows(model, dev, fracs, chunk, brackets, step, search=longest_fitting):
     """Longest context for which the last prefill chunk and decode run, per variant (``search``)."""
-    from transformers import DynamicCache
-
     rows = []
-    for name, frac in [("unpatched", None)] + [(f"duo{int(f * 100)}", f) for f in fracs]:
-        if frac is not None:
-            kvpress.patch(model, "duo", config=random_duo_config(frac))
-            make_cache = lambda: kvpress.make_cache(model)  # noqa: E731
-        else:
-            make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
+    for name in ["unpatched"] + [f"duo{int(f * 100)}" for f in fracs]:
         probes = []
+        with variant(model, name) as make_cache:
 
-        def probe(L):
-            t = time.perf_counter()
-            ok, peak, kv_bytes = fits(model, make_cache, L, chunk, dev)
-            probes.append({"tokens": L, "fits": ok, "peak_GiB": peak / 2**30,
-                           "kv_GiB": kv_bytes / 2**30 if ok else None, "seconds": time.perf_counter() - t})
-            print(f"max context {name} {L // K}K: {'fits' if ok else 'out of memory'}, peak {peak / 2**30:.2f} GiB "
-                  f"({time.perf_counter() - t:.0f} s)", flush=True)
-            return ok
+            def probe(L):
+                t = time.perf_counter()
+                ok, peak, kv_bytes = fits(model, make_cache, L, chunk, dev)
+                probes.append({"tokens": L, "fits": ok, "peak_GiB": peak / 2**30,
+                               "kv_GiB": kv_bytes / 2**30 if ok else None, "seconds": time.perf_counter() - t})
+                print(f"max context {name} {L // K}K: {'fits' if ok else 'out of memory'}, peak {peak / 2**30:.2f} GiB "
+                      f"({time.perf_counter() - t:.0f} s)", flush=True)
+                return ok
 
-        lo, hi = brackets[name]
-        checked = check_fill(model, make_cache, chunk, dev)
-        print(f"fill_cache check {name}: {checked} tokens filled hold the bytes of {checked} prefilled", flush=True)
-        best = search(probe, lo, hi, step)
+            checked = check_fill(model, make_cache, chunk, dev)
+            print(f"fill_cache check {name}: {checked} tokens filled hold the bytes of {checked} prefilled", flush=True)
+            best = search(probe, *brackets[name], step)
         rows.append({"variant": name, "max_tokens": best, "step": step, "probes": probes})
         print(f"max context {name}: {best // K}K tokens", flush=True)
-        if frac is not None:
-            kvpress.unpatch(model)
     for row in rows:
         row["vs_unpatched"] = row["max_tokens"] / rows[0]["max_tokens"]
     return rows
