@@ -1,0 +1,157 @@
+"""Host (CPU) time of one layer's attention at decode, by component: what an eager decode step
+pays per layer on top of the GPU work. Shapes of Llama-3-8B (32 q / 8 KV heads, D 128, bf16), a
+short cache (the GPU side is tiny, so each loop runs at the host's launch rate).
+
+    python benchmarks/host_overhead.py [--tokens 4096] [--calls 400]
+
+Prints microseconds per call (median of 5 loops) and writes ``--out`` JSON when given.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, "benchmarks")
+import bench_duo as b  # noqa: E402
+from kvpress import kernels  # noqa: E402
+from kvpress.cache import TokenLedger  # noqa: E402
+from kvpress.methods.duo import DuoLayer  # noqa: E402
+
+
+def host_us(fn, calls):
+    """Median over 5 loops of the wall time per call, the GPU synchronised around each loop."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) / calls * 1e6)
+    return sorted(times)[2]
+
+
+def launch_rows(args, calls):
+    """The decode kernel's launch alone: through ``kernel[grid](...)``, and straight through the
+    compiled kernel's launcher (what a launch costs without Triton's argument binding)."""
+    from kvpress.kernels import decode as decode_mod
+
+    real, seen = decode_mod._decode_kernel, {}
+
+    class Record:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.update(grid=grid, a=a, kw=kw)
+
+    decode_mod._decode_kernel = Record()
+    try:
+        kernels.split_cache_attention(*args, scale=b.D ** -0.5, sink=b.SINK, recent=b.RECENT)
+    finally:
+        decode_mod._decode_kernel = real
+    grid, a, kw = seen["grid"], seen["a"], seen["kw"]
+    rows = {f"  kernel[grid](...) alone ({len(a)} args)": host_us(lambda: real[grid](*a, **kw), calls)}
+    try:
+        compiled = real[grid](*a, **kw)
+        device = torch.cuda.current_device()
+        binder = real.device_caches[device][4]
+        values = list(binder(*a, **kw)[0].values())
+        stream = torch.cuda.current_stream().cuda_stream
+        rows["  compiled.run(...) alone"] = host_us(
+            lambda: compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                                 *values), calls)
+        rows["  binder alone"] = host_us(lambda: binder(*a, **kw), calls)
+    except Exception as e:  # private API: report and go on
+        print("direct launch failed:", repr(e))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--calls", type=int, default=400)
+    p.add_argument("--out")
+    a = p.parse_args()
+    dev, T, hq, hkv = "cuda", a.tokens, 32, 8
+    from transformers import DynamicCache
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = {}
+    q = b.rand(1, 1, hq, b.D, dev=dev).transpose(1, 2)  # as the model makes it: [B, H, 1, D] view
+    k_new = b.rand(1, 1, hkv, b.D, dev=dev).transpose(1, 2)
+    v_new = b.rand(1, 1, hkv, b.D, dev=dev).transpose(1, 2)
+
+    # unpatched: DynamicLayer.update (cat) + transformers' sdpa attention (flash)
+    class Module(torch.nn.Module):
+        is_causal = True
+        num_key_value_groups = hq // hkv
+
+    module = Module()
+    cache = DynamicCache()
+    cache.update(b.rand(1, hkv, T, b.D, dev=dev), b.rand(1, hkv, T, b.D, dev=dev), 0)
+    length = cache.layers[0].keys.shape[2]
+
+    def unpatched():
+        k, v = cache.update(k_new, v_new, 0)
+        out = sdpa_attention_forward(module, q, k, v, None, scaling=b.D ** -0.5)
+        cache.layers[0].keys = cache.layers[0].keys[:, :, :length]  # keep the length fixed
+        cache.layers[0].values = cache.layers[0].values[:, :, :length]
+        return out
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        rows["unpatched layer (cat + sdpa flash)"] = host_us(unpatched, a.calls)
+        kk, vv = cache.layers[0].keys, cache.layers[0].values
+        rows["  F.sdpa flash alone"] = host_us(
+            lambda: F.scaled_dot_product_attention(q, kk, vv, scale=0.1, enable_gqa=True), a.calls)
+    rows["  torch.cat alone"] = host_us(lambda: torch.cat([kk, k_new], dim=2), a.calls)
+
+    # Duo: DuoLayer.update + split_cache_attention (decode kernel)
+    retrieval = torch.zeros(hkv, dtype=torch.bool)
+    retrieval[: hkv // 2] = True
+    ledger = TokenLedger(window=(b.SINK, b.RECENT))
+    layer = DuoLayer(ledger, True, retrieval)
+    ledger.begin(None, 1, T, dev)
+    layer.update(b.rand(1, hkv, T, b.D, dev=dev), b.rand(1, hkv, T, b.D, dev=dev))
+    ledger.end()
+    layer.after_forward()
+
+    def duo_step():
+        ledger.begin(None, 1, 1, dev)
+        kv, _ = layer.update(k_new, v_new)
+        out = kernels.split_cache_attention(
+            q, kv.full_k, kv.full_v, kv.full_rank, kv.stream_k, kv.stream_v, kv.stream_rank, kv.query_rank,
+            kv.retrieval_heads, kv.streaming_heads, scale=b.D ** -0.5, sink=b.SINK, recent=b.RECENT)
+        ledger.step = None  # undo the step: the lengths stay fixed
+        ledger.rank.truncate(ledger.rank.length - 1)
+        ledger.window_rank.truncate(ledger.window_rank.length - 1)
+        for buf in (layer.full_k, layer.full_v, layer.stream_k, layer.stream_v):
+            buf.truncate(buf.length - 1)
+        return out
+
+    rows["duo layer (update + attention) + ledger begin"] = host_us(duo_step, a.calls)
+    ledger.begin(None, 1, 1, dev)
+    kv, _ = layer.update(k_new, v_new)
+    args = (q, kv.full_k, kv.full_v, kv.full_rank, kv.stream_k, kv.stream_v, kv.stream_rank, kv.query_rank,
+            kv.retrieval_heads, kv.streaming_heads)
+    rows["  split_cache_attention alone"] = host_us(
+        lambda: kernels.split_cache_attention(*args, scale=b.D ** -0.5, sink=b.SINK, recent=b.RECENT), a.calls)
+    buf = layer.full_k
+    rows["  index_select into a slot"] = host_us(
+        lambda: torch.index_select(k_new, 1, layer.retrieval_heads, out=buf.storage.narrow(2, buf.length - 1, 1)),
+        a.calls)
+    rows["  empty_like (a trivial op)"] = host_us(lambda: torch.empty_like(q), a.calls)
+    rows.update(launch_rows(args, a.calls))
+    rows["ledger begin alone"] = host_us(lambda: (ledger.begin(None, 1, 1, dev), ledger.rank.truncate(ledger.rank.length - 1),
+                                                  ledger.window_rank.truncate(ledger.window_rank.length - 1),
+                                                  setattr(ledger, "step", None)), a.calls)
+    for name, us in rows.items():
+        print(f"{name:<50} {us:8.1f} us", flush=True)
+    if a.out:
+        json.dump({"env": b.environment(), "tokens": T, "host_us": rows}, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
