@@ -493,7 +493,9 @@ def fill_cache(model, cache, tokens, chunk, dev):
         if press:  # what the patched model's forward hooks do for each chunk
             kvpress.cache.begin_forward(cache, None, 1, n, dev)
         for layer in range(cfg.num_hidden_layers):
-            cache.update(kv[:, :, :n], kv[:, :, :n], layer)
+            held, _ = cache.update(kv[:, :, :n], kv[:, :, :n], layer)
+            if press:  # Duo layers reserve room; the attention would write the tokens
+                held.write_new()
         if press:
             kvpress.cache.end_forward(cache)
 

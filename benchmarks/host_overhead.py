@@ -36,36 +36,26 @@ def host_us(fn, calls):
 
 
 def launch_rows(args, calls):
-    """The decode kernel's launch alone: through ``kernel[grid](...)``, and straight through the
-    compiled kernel's launcher (what a launch costs without Triton's argument binding)."""
+    """The decode kernel's launch alone: through ``kernel[grid](...)``, and through the direct
+    launcher (``kvpress.kernels.launch``)."""
     from kvpress.kernels import decode as decode_mod
 
-    real, seen = decode_mod._decode_kernel, {}
+    launcher, seen = decode_mod._launch_decode, {}
 
-    class Record:
-        def __getitem__(self, grid):
-            return lambda *a, **kw: seen.update(grid=grid, a=a, kw=kw)
+    def record(grid, a, constexprs, **options):
+        seen.update(grid=grid, a=a, c=constexprs, o=options)
 
-    decode_mod._decode_kernel = Record()
+    decode_mod._launch_decode = record
     try:
-        kernels.split_cache_attention(*args, scale=b.D ** -0.5, sink=b.SINK, recent=b.RECENT)
+        kernels.split_cache_attention(*args)
     finally:
-        decode_mod._decode_kernel = real
-    grid, a, kw = seen["grid"], seen["a"], seen["kw"]
-    rows = {f"  kernel[grid](...) alone ({len(a)} args)": host_us(lambda: real[grid](*a, **kw), calls)}
-    try:
-        compiled = real[grid](*a, **kw)
-        device = torch.cuda.current_device()
-        binder = real.device_caches[device][4]
-        values = list(binder(*a, **kw)[0].values())
-        stream = torch.cuda.current_stream().cuda_stream
-        rows["  compiled.run(...) alone"] = host_us(
-            lambda: compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                                 *values), calls)
-        rows["  binder alone"] = host_us(lambda: binder(*a, **kw), calls)
-    except Exception as e:  # private API: report and go on
-        print("direct launch failed:", repr(e))
-    return rows
+        decode_mod._launch_decode = launcher
+    grid, a, c, o = seen["grid"], seen["a"], seen["c"], seen["o"]
+    kernel = launcher.kernel
+    return {
+        f"  kernel[grid](...) ({len(a)} args)": host_us(lambda: kernel[grid](*a, **c, **o), calls),
+        "  direct launcher": host_us(lambda: launcher(grid, a, c, **o), calls),
+    }
 
 
 def main():
@@ -123,7 +113,8 @@ def main():
         kv, _ = layer.update(k_new, v_new)
         out = kernels.split_cache_attention(
             q, kv.full_k, kv.full_v, kv.full_rank, kv.stream_k, kv.stream_v, kv.stream_rank, kv.query_rank,
-            kv.retrieval_heads, kv.streaming_heads, scale=b.D ** -0.5, sink=b.SINK, recent=b.RECENT)
+            kv.retrieval_heads, kv.streaming_heads, scale=b.D ** -0.5, sink=b.SINK, recent=b.RECENT,
+            new_kv=(kv.new_k, kv.new_v))
         ledger.step = None  # undo the step: the lengths stay fixed
         ledger.rank.truncate(ledger.rank.length - 1)
         ledger.window_rank.truncate(ledger.window_rank.length - 1)
@@ -133,11 +124,13 @@ def main():
 
     rows["duo layer (update + attention) + ledger begin"] = host_us(duo_step, a.calls)
     ledger.begin(None, 1, 1, dev)
+    rows["  duo update alone"] = host_us(lambda: (layer.update(k_new, v_new), [
+        buf.truncate(buf.length - 1) for buf in (layer.full_k, layer.full_v, layer.stream_k, layer.stream_v)]), a.calls)
     kv, _ = layer.update(k_new, v_new)
     args = (q, kv.full_k, kv.full_v, kv.full_rank, kv.stream_k, kv.stream_v, kv.stream_rank, kv.query_rank,
-            kv.retrieval_heads, kv.streaming_heads)
-    rows["  split_cache_attention alone"] = host_us(
-        lambda: kernels.split_cache_attention(*args, scale=b.D ** -0.5, sink=b.SINK, recent=b.RECENT), a.calls)
+            kv.retrieval_heads, kv.streaming_heads, b.D ** -0.5, b.SINK, b.RECENT)
+    rows["  split_cache_attention alone (+ new token)"] = host_us(
+        lambda: kernels.split_cache_attention(*args, new_kv=(k_new, v_new)), a.calls)
     buf = layer.full_k
     rows["  index_select into a slot"] = host_us(
         lambda: torch.index_select(k_new, 1, layer.retrieval_heads, out=buf.storage.narrow(2, buf.length - 1, 1)),

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .reference import rank_mask
+from .reference import rank_mask, write_new_tokens
 
 try:
     from .decode import decode_attention
@@ -24,7 +24,7 @@ try:
 except ImportError:  # no (usable) triton: the references serve everything
     decode_attention = prefill_attention = None
 
-__all__ = ["rank_attention", "rank_mask", "split_cache_attention"]
+__all__ = ["rank_attention", "rank_mask", "split_cache_attention", "write_new_tokens"]
 
 BACKEND = os.environ.get("KVPRESS_KERNELS", "auto")
 
@@ -71,8 +71,13 @@ def split_cache_attention(
     sink: int,
     recent: int,
     window: int | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """DuoAttention over a split cache; see :func:`kvpress.kernels.reference.split_cache_attention`.
+
+    ``new_kv``: the forward's new tokens ``(k, v)``, ``[B, num_kv_heads, n, D]``, when the last ``n``
+    positions of the four buffers are room for them not written yet: they are written first (see
+    :func:`write_new_tokens`), at decode on Triton by the decode kernel itself.
 
     On Triton: decode (one query token) is one split-K launch that serves both head groups and
     merges its own splits (``decode``); prefill runs the streaming heads through the linear-cost
@@ -80,17 +85,22 @@ def split_cache_attention(
     when the batch has no padding and the queries are the whole cache, else through the rank-mask
     kernel.
     """
-    if not _use_triton(q):
+    triton = _use_triton(q)
+    if triton and q.shape[2] == 1 and q.shape[3] % 8 == 0:  # the decode kernel reads head indices of any integer dtype
+        rh, sh = _on(retrieval_heads, q.device), _on(streaming_heads, q.device)
+        return decode_attention(q, q_rank, scale, q.shape[1] // (len(rh) + len(sh)),
+                                split=(full_k, full_v, full_rank, rh, 0, None),
+                                single=(stream_k, stream_v, stream_rank, sh, sink, recent),
+                                window=window, out=torch.empty_like(q), new_kv=new_kv)
+    if new_kv is not None:
+        write_new_tokens(new_kv, full_k, full_v, stream_k, stream_v, retrieval_heads, streaming_heads)
+    if not triton:
         return reference.split_cache_attention(
             q, full_k, full_v, full_rank, stream_k, stream_v, stream_rank, q_rank,
             retrieval_heads, streaming_heads, scale, sink, recent, window,
         )
     group = q.shape[1] // (len(retrieval_heads) + len(streaming_heads))
     out = torch.empty_like(q)  # the two groups cover every query head
-    if q.shape[2] == 1:  # the decode kernel reads head indices of any integer dtype
-        rh, sh = _on(retrieval_heads, q.device), _on(streaming_heads, q.device)
-        return decode_attention(q, q_rank, scale, group, split=(full_k, full_v, full_rank, rh, 0, None),
-                                single=(stream_k, stream_v, stream_rank, sh, sink, recent), window=window, out=out)
     rh = retrieval_heads.to(q.device, torch.long)
     sh = streaming_heads.to(q.device, torch.long)
     if len(sh):

@@ -1,4 +1,4 @@
-"""Triton decode attention (one query token) over a split DuoAttention cache, in one launch.
+"""Triton decode attention (one query token) over a split DuoAttention cache.
 
 DuoAttention (arXiv 2410.10819) keeps the whole context only for *retrieval* KV heads and a
 sink + recent window for *streaming* KV heads. At decode, time is the bytes of cache read, so the
@@ -7,14 +7,19 @@ every SM) and the streaming heads, whose buffer is a few hundred tokens, are ser
 each in the same launch. Masks come from token ranks (``reference``), so batch rows may hold
 different lengths (padding rank -1) and empty streaming slots (-1) are skipped.
 
-The splits are combined in the same launch by the programs that finish last (no second kernel):
-each split writes its partial output and log-sum-exp to a workspace, then counts itself in with
-an atomic add; the last split to finish in each chunk of consecutive splits (``REDUCE_SPLITS``)
-merges the chunk, and the last chunk of a head merges the chunks and writes the output (two small
-merges, so no one program reads every split's partial). Whoever merges resets its counter to zero, so the workspace and counters
-are allocated (and zeroed) once per shape and device and then reused without a memset: a decode is
-one launch with no host sync, and can be captured in a CUDA graph. Calls sharing a workspace (same
+A second, small kernel merges each head's splits (partial outputs normalised by their own sums,
+and their log-sum-exps, in a workspace made once per shape and device) and writes the output. On
+Hopper it is launched with programmatic dependent launch: it is resident as soon as every split
+program has started and waits (``gdc_wait``) only for their results, so the merge costs about a
+microsecond instead of a launch gap or an in-kernel atomic hand-off (benchmarks/merge_probe.py at
+commit 2b84895, H100, 128K tokens, 25% retrieval heads: 50.8 us against 55.5 us for a two-level
+in-kernel merge). Nothing
+waits on the host, so a decode can be captured in a CUDA graph; calls sharing a workspace (same
 device and shape) must not run concurrently on two streams.
+
+With ``new_kv`` the kernel also appends the new token: the program that reads a group's last key
+slot writes the token's K/V there first, so a decode step needs no torch op per layer for the cache.
+Both launches go through :class:`~kvpress.kernels.launch.Launcher` (low host overhead).
 
 ``decode_attention`` takes two head groups, ``split`` (split along keys) and ``single`` (one
 program per head); each is ``(k, v, k_rank, heads, sink, recent)`` or None, with K/V
@@ -28,7 +33,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .launch import Launcher
 from .prefill import NO_LIMIT, as_ranks
 
 # Tile settings (the best of the sweep in benchmarks/bench_duo.py on an H100; all were within 5%)
@@ -37,10 +44,8 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 PROGRAMS_PER_SM = 2  # split-K fills one wave of this many programs per SM
 MAX_SPLITS = 128  # splits per head
-# Merging the splits: chunks of at most REDUCE_SPLITS splits, and at most REDUCE_VALUES fp32
-# partial values loaded per merge step (64 registers per thread at 4 warps)
-REDUCE_SPLITS = 16
-REDUCE_VALUES = 8192
+MERGE_BLOCK_D = 32  # head-dim entries per merge program (all splits at once: 128 x 32 fp32 values)
+MERGE_WARPS = 4
 
 
 @triton.jit
@@ -76,117 +81,114 @@ def _attend_range(q, qr, K, V, KR, start, stop, stride_kn, stride_vn, qk_scale, 
     return acc, l_i, m_i
 
 
-@triton.jit
-def _last_to_arrive(counter, count):
-    """True in the last of the ``count`` programs that call this on ``counter`` (a zero int32),
-    which then resets it to zero; what the others stored before calling is visible to that one."""
-    # Memory model: the barrier orders every thread's stores before the atomic, which one thread
-    # runs (acq_rel at GPU scope: release of those stores, acquire of the other programs'); its
-    # result reaches the other threads through shared memory behind a second barrier.
-    tl.debug_barrier()
-    last = tl.atomic_add(counter, 1, sem="acq_rel") == count - 1
-    if last:
-        tl.store(counter, 0)  # no other program touches it again in this launch
-    return last
+# Every integer argument is unspecialized (one compiled kernel for every length and stride, which the
+# direct launcher relies on); strides of K/V/Q/Out/new K/V come in units of ``UNIT`` elements
+# (their rows start 16-byte aligned: vector loads), pointers are aligned where the key says so.
+UNIT = 8
+_UNIT = tl.constexpr(UNIT)
+_INTS = ["q_b", "q_h", "o_b", "o_h", "n_b", "n_h", "qr_b", "f_b", "f_h", "fr_b", "s_b", "s_h", "sr_b",
+         "B", "n_f", "n_s", "T", "C", "n_splits", "split_len", "f_sink", "f_recent", "s_sink", "s_recent", "window"]
+_UNALIGNED = ["Q", "Out", "QR", "KN", "VN", "FR", "FH", "SR", "SH"]
 
 
-@triton.jit
-def _merge(PO, PL, first, count, G: tl.constexpr, GR: tl.constexpr, BLOCK_D: tl.constexpr,
-           CHUNK: tl.constexpr):
-    """Merge the partials in rows [first, first + count) of ``PO [rows, G, BLOCK_D]`` (outputs,
-    each normalised by its own sum) and ``PL [rows, G]`` (their log2-sum-exps), ``CHUNK`` rows per
-    step. Returns the merged output ``[GR, BLOCK_D]`` (normalised) and log2-sum-exp ``[GR]``."""
-    g = tl.arange(0, GR)
-    d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([GR, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([GR], dtype=tl.float32)
-    m_i = tl.full([GR], float("-inf"), dtype=tl.float32)
-    for start in range(0, count, CHUNK):
-        s = start + tl.arange(0, CHUNK)
-        row = (first + s)[:, None] * G + g[None, :]  # [CHUNK, GR]
-        ok = (s < count)[:, None] & (g < G)[None, :]
-        # .cg: read at L2, where the other programs' stores are (never a stale L1 line)
-        lse = tl.load(PL + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(PO + row[:, :, None] * BLOCK_D + d[None, None, :], mask=ok[:, :, None], other=0.0,
-                    cache_modifier=".cg")
-        m_new = tl.maximum(m_i, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp2(lse - m_safe[None, :])
-        alpha = tl.exp2(m_i - m_safe)
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
-        l_i = l_i * alpha + tl.sum(w, 0)
-        m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    return out, tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-
-
-@triton.jit
-def _decode_kernel(Q, Out, QR, PO, PL, PO2, PL2, CNT,
-                   FK, FV, FR, FH, SK, SV, SR, SH,
-                   stride_qb, stride_qh, stride_qrb, stride_ob, stride_oh,
-                   stride_fkb, stride_fkh, stride_fkn, stride_fvb, stride_fvh, stride_fvn, stride_frb,
-                   stride_skb, stride_skh, stride_skn, stride_svb, stride_svh, stride_svn, stride_srb,
-                   n_single, n_f, n_s, T, C, n_splits, split_len, qk_scale,
-                   f_sink, f_recent, s_sink, s_recent, window,
-                   G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr):
-    """Programs [0, n_single): one streaming head of one row each. Then ``n_splits`` programs per
-    (row, retrieval head) ``bh``: a split each; partials go to rows ``bh * n_splits + split`` of
-    ``PO``/``PL``, chunk merges to rows ``bh * n_chunks + chunk`` of ``PO2``/``PL2``; ``CNT`` holds
-    ``n_chunks`` chunk counters then one head counter per ``bh`` (all zero between launches)."""
+@triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=_UNALIGNED)
+def _decode_kernel(Q, Out, QR, PO, PL, KN, VN, FK, FV, FR, FH, SK, SV, SR, SH,
+                   q_b, q_h, o_b, o_h, n_b, n_h, qr_b, f_b, f_h, fr_b, s_b, s_h, sr_b,
+                   B, n_f, n_s, T, C, n_splits, split_len, f_sink, f_recent, s_sink, s_recent, window, qk_scale,
+                   G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   D: tl.constexpr, WRITE_NEW: tl.constexpr, PDL: tl.constexpr):
+    """Programs [0, B * n_s): one single-program head of one row each, final output. Then
+    ``n_splits`` programs per (row, split-K head) ``bh = b * n_f + slot``: partial outputs to rows
+    ``bh * n_splits + split`` of ``PO``/``PL`` (or the output itself when ``n_splits == 1``).
+    Strides: ``x_b``/``x_h`` of batch rows / heads in ``UNIT`` elements (K and V of a group share
+    theirs, as do ``KN`` and ``VN``; keys are rows of ``D`` contiguous values), ``*r_b`` of the rank
+    tensors in elements. With ``WRITE_NEW``, the program that reads a group's last key first writes
+    it (and its value) from ``KN``/``VN`` (KV head ``heads[slot]``)."""
+    if PDL:
+        gdc_launch_dependents()  # the merge kernel may start now and wait (gdc_wait) for this one
     pid = tl.program_id(0)
+    n_single = B * n_s
+    if pid < n_single:  # a single-program head (streaming): the whole buffer, final output
+        _one_program(Q, Out, QR, PO, PL, KN, VN, SK, SV, SR, SH, pid // n_s, pid % n_s, pid, 0, C, C - 1, True, True,
+                     q_b, q_h, o_b, o_h, n_b, n_h, qr_b, s_b, s_h, sr_b,
+                     qk_scale, s_sink, s_recent, window, G, GP, BLOCK_N, BLOCK_D, D, WRITE_NEW)
+    else:  # one split of a split-K head (retrieval): a partial output, or the output if it is the only split
+        pid -= n_single
+        bh = pid // n_splits
+        split = pid % n_splits
+        start = split * split_len
+        _one_program(Q, Out, QR, PO, PL, KN, VN, FK, FV, FR, FH, bh // n_f, bh % n_f, pid, start,
+                     tl.minimum(start + split_len, T), T - 1, split == n_splits - 1, n_splits == 1,
+                     q_b, q_h, o_b, o_h, n_b, n_h, qr_b, f_b, f_h, fr_b,
+                     qk_scale, f_sink, f_recent, window, G, GP, BLOCK_N, BLOCK_D, D, WRITE_NEW)
+
+
+@triton.jit
+def _offset(b, b_stride, h, h_stride):
+    """Element offset of (row ``b``, head ``h``) from strides in ``UNIT`` elements (64-bit)."""
+    return (b.to(tl.int64) * b_stride + h * h_stride.to(tl.int64)) * _UNIT
+
+
+@triton.jit
+def _one_program(Q, Out, QR, PO, PL, KN, VN, K, V, R, Heads, b, slot, row, start, stop, last, holds_last, final,
+                 q_b, q_h, o_b, o_h, n_b, n_h, qr_b, kv_b, kv_h, r_b,
+                 qk_scale, sink, recent, window,
+                 G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+                 WRITE_NEW: tl.constexpr):
+    """Keys [start, stop) of KV-head slot ``slot`` of row ``b`` of one group for its ``G`` query
+    heads: the output if ``final``, else partial row ``row`` of ``PO``/``PL``. ``last`` is the
+    group's last key slot, in this program's range when ``holds_last``."""
     g = tl.arange(0, GP)
     offs_d = tl.arange(0, BLOCK_D)
     if BLOCK_D == D:
         q_mask = (g < G)[:, None]
     else:
         q_mask = (g < G)[:, None] & (offs_d[None, :] < D)
-    if pid < n_single:  # a single-program head (streaming): the whole buffer, final output
-        b = pid // n_s
-        slot = pid % n_s
-        head = tl.load(SH + slot)
-        qr = tl.load(QR + b * stride_qrb)
-        q = tl.load(Q + b * stride_qb + (head * G + g)[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-        acc, l_i, m_i = _attend_range(q, qr, SK + b * stride_skb + slot * stride_skh,
-                                      SV + b * stride_svb + slot * stride_svh, SR + b * stride_srb,
-                                      0, C, stride_skn, stride_svn, qk_scale, s_sink, s_recent, window,
-                                      GP, BLOCK_N, BLOCK_D, D)
+    head = tl.load(Heads + slot)
+    K += _offset(b, kv_b, slot, kv_h)
+    V += _offset(b, kv_b, slot, kv_h)
+    if WRITE_NEW:
+        if holds_last:  # the new token's K/V into the last slot, visible to this program's reads below
+            new = _offset(b, n_b, head, n_h) + offs_d
+            tl.store(K + last * D + offs_d, tl.load(KN + new, mask=offs_d < D), mask=offs_d < D)
+            tl.store(V + last * D + offs_d, tl.load(VN + new, mask=offs_d < D), mask=offs_d < D)
+            tl.debug_barrier()
+    qr = tl.load(QR + b * qr_b)
+    rows = (head * G + g)[:, None]
+    q = tl.load(Q + _offset(b, q_b, rows, q_h) + offs_d[None, :], mask=q_mask, other=0.0)
+    acc, l_i, m_i = _attend_range(q, qr, K, V, R + b * r_b, start, stop, D, D,
+                                  qk_scale, sink, recent, window, GP, BLOCK_N, BLOCK_D, D)
+    if final:
         out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-        tl.store(Out + b * stride_ob + (head * G + g)[:, None] * stride_oh + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=q_mask)
-    else:  # one split of a split-K head (retrieval): a partial output and its log2-sum-exp
-        pid -= n_single
-        bh = pid // n_splits  # b * n_f + slot
-        split = pid % n_splits
-        b = bh // n_f
-        slot = bh % n_f
-        head = tl.load(FH + slot)
-        qr = tl.load(QR + b * stride_qrb)
-        q = tl.load(Q + b * stride_qb + (head * G + g)[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
-        start = split * split_len
-        acc, l_i, m_i = _attend_range(q, qr, FK + b * stride_fkb + slot * stride_fkh,
-                                      FV + b * stride_fvb + slot * stride_fvh, FR + b * stride_frb,
-                                      start, tl.minimum(start + split_len, T), stride_fkn, stride_fvn,
-                                      qk_scale, f_sink, f_recent, window, GP, BLOCK_N, BLOCK_D, D)
+        tl.store(Out + _offset(b, o_b, rows, o_h) + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
+    else:  # a partial output (normalised by its own sum) and its log2-sum-exp
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(PO + (pid * G + g)[:, None] * BLOCK_D + offs_d[None, :], out, mask=(g < G)[:, None])
-        tl.store(PL + pid * G + g, lse, mask=g < G)
-        # the last split of a chunk merges the chunk; the last chunk of the head merges the chunks
-        n_chunks = tl.cdiv(n_splits, CHUNK)
-        chunk = split // CHUNK
-        in_chunk = tl.minimum(CHUNK, n_splits - chunk * CHUNK)
-        counters = CNT + bh * (n_chunks + 1)  # one per chunk, then the head's
-        if _last_to_arrive(counters + chunk, in_chunk):
-            c_out, c_lse = _merge(PO, PL, bh * n_splits + chunk * CHUNK, in_chunk, G, GR, BLOCK_D, CHUNK)
-            r = tl.arange(0, GR)
-            row2 = bh * n_chunks + chunk
-            tl.store(PO2 + (row2 * G + r)[:, None] * BLOCK_D + offs_d[None, :], c_out, mask=(r < G)[:, None])
-            tl.store(PL2 + row2 * G + r, c_lse, mask=r < G)
-            if _last_to_arrive(counters + n_chunks, n_chunks):
-                h_out, _ = _merge(PO2, PL2, bh * n_chunks, n_chunks, G, GR, BLOCK_D, CHUNK)
-                tl.store(Out + b * stride_ob + (head * G + r)[:, None] * stride_oh + offs_d[None, :],
-                         h_out.to(Out.dtype.element_ty), mask=(r < G)[:, None] & (offs_d[None, :] < D))
+        tl.store(PO + (row * G + g)[:, None] * BLOCK_D + offs_d[None, :], out, mask=(g < G)[:, None])
+        tl.store(PL + row * G + g, lse, mask=g < G)
+
+
+@triton.jit(do_not_specialize=["o_b", "o_h", "n_f", "n_splits"], do_not_specialize_on_alignment=["Out", "FH"])
+def _merge_kernel(PO, PL, Out, FH, o_b, o_h, n_f, n_splits,
+                  G: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr, DB: tl.constexpr,
+                  SPLITS: tl.constexpr, PDL: tl.constexpr):
+    """Program ``(bh, g, d)``: merges the ``n_splits`` partials of query head ``g`` of split-K head
+    ``bh`` over head-dim block ``d`` (``DB`` wide) and writes the output (strides in ``UNIT``s)."""
+    bh = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.arange(0, SPLITS)
+    d = tl.program_id(2) * DB + tl.arange(0, DB)
+    row = (bh * n_splits + s) * G + g
+    head = tl.load(FH + bh % n_f)
+    if PDL:
+        gdc_wait()  # the split kernel has finished and its partials are visible
+    lse = tl.load(PL + row, mask=s < n_splits, other=float("-inf"))
+    o = tl.load(PO + row[:, None] * BLOCK_D + d[None, :], mask=(s < n_splits)[:, None], other=0.0)
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(Out + _offset(bh // n_f, o_b, head * G + g, o_h) + d, out.to(Out.dtype.element_ty), mask=d < D)
 
 
 @functools.lru_cache
@@ -218,36 +220,66 @@ def _cdiv(a: int, b: int) -> int:  # plain Python: triton.cdiv is a slower jit-w
 _WORKSPACES: dict = {}
 
 
-def _workspace(device, batch_heads, splits, chunk, group, block_d):
-    """Room for the partials of ``splits`` splits and of their chunks of ``chunk``, and zeroed
-    counters, for ``batch_heads`` split-K heads: made once per key, then reused (the kernel leaves
-    the counters at zero). One first needed while a CUDA graph is being captured is made (and
-    zeroed) inside the graph, so it is not cached: it only holds zeros once the graph is replayed."""
-    key = (device, batch_heads, splits, chunk, group, block_d)
+def _workspace(device, rows, group, block_d):
+    """Room for the partial outputs and log2-sum-exps of ``rows`` splits, made once per key and
+    reused (not cached while a CUDA graph is being captured: the graph owns what it allocates)."""
+    key = (device, rows, group, block_d)
     ws = _WORKSPACES.get(key)
     if ws is None:
-        chunks = _cdiv(splits, chunk)
-        rows = batch_heads * (splits + chunks)  # the splits' partials, then the chunks'
-        n1 = batch_heads * splits
-        po = torch.empty(rows, group, block_d, device=device, dtype=torch.float32)
-        pl = torch.empty(rows, group, device=device, dtype=torch.float32)
-        cnt = torch.zeros(batch_heads * (chunks + 1), device=device, dtype=torch.int32)
-        ws = (po[:n1], pl[:n1], po[n1:], pl[n1:], cnt)
+        ws = (torch.empty(rows, group, block_d, device=device, dtype=torch.float32),
+              torch.empty(rows, group, device=device, dtype=torch.float32))
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _WORKSPACES[key] = ws
     return ws
 
 
-def decode_attention(q, q_rank, scale, group, split=None, single=None, window=None, out=None):
-    """Attention of one query token per row, for two KV-head groups in one launch.
+@functools.lru_cache
+def _has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper (sm_90) and later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+_launch_decode = Launcher(_decode_kernel)
+_launch_merge = Launcher(_merge_kernel)
+
+
+def _layout(t: torch.Tensor, heads_dim: int = 1):
+    """Batch and head strides of ``t [B, H, L, D]`` in ``UNIT`` elements, or None unless its keys
+    are rows of D contiguous values (where L > 1) and those strides are multiples of ``UNIT``."""
+    b, h, n, d = t.stride()
+    if d != 1 or (n != t.shape[3] and t.shape[2] > 1) or (b | h) % UNIT:
+        return None
+    return b // UNIT, h // UNIT
+
+
+def _pair_layout(a: torch.Tensor, b: torch.Tensor, copy: bool):
+    """``a``, ``b`` and their shared :func:`_layout`, copied to fit it if ``copy`` (else an error)."""
+    layout = _layout(a)
+    if layout is not None and layout == _layout(b):
+        return a, b, layout
+    if not copy:
+        raise ValueError("decode_attention: K and V written in place must be [B, H, L, D] with contiguous rows "
+                         f"and batch/head strides that are multiples of {UNIT}, alike for both")
+    a, b = a.contiguous(), b.contiguous()
+    return a, b, _layout(a)
+
+
+def decode_attention(q, q_rank, scale, group, split=None, single=None, window=None, out=None, new_kv=None):
+    """Attention of one query token per row, for two KV-head groups: one launch, plus one small
+    merge launch when the split-K heads have more than one split.
 
     ``q [B, Hq, 1, D]``, ``q_rank [B, 1]`` (int); ``group`` = query heads per KV head; ``split`` and
     ``single`` are ``(k, v, k_rank, heads, sink, recent)`` or None (module docstring); ``recent``
-    None means no A-shape. Writes the query heads of both groups into ``out`` (default: zeros like
-    ``q``) and returns it. ``scale`` multiplies ``q . k``.
+    None means no A-shape. ``new_kv``: the new token's ``(k, v)``, ``[B, Hkv, 1, D]`` for every KV
+    head of the model, not yet in the groups' buffers: the kernel writes KV head ``heads[i]`` into
+    slot ``i`` of the last position of each group's K and V (in place) before reading it. Writes
+    the query heads of both groups into ``out`` (default: zeros like ``q``) and returns it.
+    ``scale`` multiplies ``q . k``. D must be a multiple of 8, and every stride of ``out`` (but the
+    last, 1) and of the buffers written in place too; other inputs are copied when they are not so.
     """
     B, Hq, Lq, D = q.shape
-    assert Lq == 1, "decode_attention takes one query token per row"
+    if Lq != 1 or D % UNIT:
+        raise ValueError(f"decode_attention takes one query token per row and a head dim that is a multiple of {UNIT}, got {tuple(q.shape)}")
     out = torch.zeros_like(q) if out is None else out
     split = split if split is not None and split[0].shape[1] else None
     single = single if single is not None and single[0].shape[1] else None
@@ -256,28 +288,45 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     # a missing group gets the other's tensors as stand-ins (it has no programs: never read)
     fk, fv, fr, fh, f_sink, f_recent = split or single
     sk, sv, sr, sh, s_sink, s_recent = single or split
+    writes = new_kv is not None
+    q_layout = _layout(q)
+    if q_layout is None:
+        q = q.contiguous()
+        q_layout = _layout(q)
+    o_layout = _layout(out)
+    if o_layout is None:
+        raise ValueError(f"decode_attention: out must have contiguous rows and strides that are multiples of {UNIT}")
+    fk, fv, f_layout = _pair_layout(fk, fv, copy=not writes)
+    sk, sv, s_layout = _pair_layout(sk, sv, copy=not writes)
+    kn, vn, n_layout = _pair_layout(*new_kv, copy=True) if writes else (q, q, q_layout)
+    if fh.dtype != sh.dtype:
+        sh = sh.to(fh.dtype)
     n_f = fk.shape[1] if split else 0
     n_s = sk.shape[1] if single else 0
     fr, sr, q_rank = as_ranks(fr), as_ranks(sr), as_ranks(q_rank)
-    strides = [t.stride() for t in (q, out, fk, fv, sk, sv)]
-    assert all(st[-1] == 1 for st in strides), "the head dimension must be contiguous"
-    qs, os_, fks, fvs, sks, svs = strides
     T, C = fk.shape[2], sk.shape[2]
-    gp = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
-    gr = max(2, triton.next_power_of_2(group))  # query heads in a merge
     block_d = triton.next_power_of_2(D)
-    chunk = min(REDUCE_SPLITS, max(2, REDUCE_VALUES // (gr * block_d)))
     most = max_splits(B * n_f, B * n_s, q.device) if n_f else 1
     n_splits, split_len = _split(T, most)
-    po, pl, po2, pl2, cnt = _workspace(q.device, max(B * n_f, 1), most, chunk, group, block_d)
-    _decode_kernel[(B * n_s + B * n_f * n_splits,)](
-        q, out, q_rank, po, pl, po2, pl2, cnt, fk, fv, fr, fh, sk, sv, sr, sh,
-        *qs[:2], q_rank.stride(0), *os_[:2], *fks[:3], *fvs[:3], fr.stride(0), *sks[:3], *svs[:3], sr.stride(0),
-        B * n_s, n_f, n_s, T, C, n_splits, split_len, scale * 1.4426950408889634,
-        f_sink if f_recent is not None else 0, f_recent if f_recent is not None else NO_LIMIT,
-        s_sink if s_recent is not None else 0, s_recent if s_recent is not None else NO_LIMIT,
-        window if window is not None else NO_LIMIT,
-        G=group, GP=gp, GR=gr, BLOCK_N=BLOCK_N, BLOCK_D=block_d, D=D, CHUNK=chunk,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    po, pl = _workspace(q.device, max(B * n_f, 1) * most, group, block_d)  # torch.empty: aligned
+    pdl = _has_pdl(q.device)
+    aligned = not (fk.data_ptr() | fv.data_ptr() | sk.data_ptr() | sv.data_ptr()) % 16
+    constexprs = dict(G=group, GP=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d, D=D,
+                      WRITE_NEW=writes, PDL=pdl)
+    _launch_decode(
+        (q.dtype, fk.dtype, kn.dtype, out.dtype, fh.dtype, aligned, NUM_WARPS, NUM_STAGES, *constexprs.values()),
+        (B * n_s + B * n_f * n_splits,),
+        (q, out, q_rank, po, pl, kn, vn, fk, fv, fr, fh, sk, sv, sr, sh,
+         *q_layout, *o_layout, *n_layout, q_rank.stride(0), *f_layout, fr.stride(0), *s_layout, sr.stride(0),
+         B, n_f, n_s, T, C, n_splits, split_len,
+         f_sink if f_recent is not None else 0, f_recent if f_recent is not None else NO_LIMIT,
+         s_sink if s_recent is not None else 0, s_recent if s_recent is not None else NO_LIMIT,
+         window if window is not None else NO_LIMIT, scale * 1.4426950408889634),
+        constexprs, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
+    if n_f and n_splits > 1:
+        db = min(MERGE_BLOCK_D, block_d)
+        constexprs = dict(G=group, BLOCK_D=block_d, D=D, DB=db, SPLITS=triton.next_power_of_2(most), PDL=pdl)
+        _launch_merge((out.dtype, fh.dtype, MERGE_WARPS, *constexprs.values()), (B * n_f, group, block_d // db),
+                      (po, pl, out, fh, *o_layout, n_f, n_splits), constexprs, num_warps=MERGE_WARPS, launch_pdl=pdl)
     return out

@@ -118,3 +118,15 @@ def split_cache_attention(
             q[:, q_heads], k, v, q_rank, k_rank, scale, sink=sink, recent=a_shape, window=window
         )
     return out
+
+
+def write_new_tokens(new_kv, full_k, full_v, stream_k, stream_v, retrieval_heads, streaming_heads) -> None:
+    """Write the new tokens ``new_kv = (k, v)`` (``[B, num_kv_heads, n, D]``) into the last ``n``
+    positions of a split cache's buffers, in place: KV heads ``retrieval_heads`` into the full
+    buffers, ``streaming_heads`` into the window buffers (what the decode kernel does with ``new_kv``)."""
+    k, v = new_kv
+    n = k.shape[2]
+    for buffer, new, heads in ((full_k, k, retrieval_heads), (full_v, v, retrieval_heads),
+                               (stream_k, k, streaming_heads), (stream_v, v, streaming_heads)):
+        slots = buffer.narrow(2, buffer.shape[2] - n, n)
+        torch.index_select(new, 1, heads.to(new.device), out=slots)

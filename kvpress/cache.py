@@ -21,6 +21,17 @@ def window_slack(sink: int, recent: int) -> int:
     return max(16, (sink + recent) // 4)
 
 
+def write_slots(filled: torch.Tensor, x: torch.Tensor, dim: int, heads: torch.Tensor | None = None) -> None:
+    """Write ``x`` (its entries ``heads`` along dim 1, when given) into the last ``x.shape[dim]``
+    entries along ``dim`` of ``filled`` (a view of a buffer; written in place)."""
+    n = x.shape[dim]
+    slot = filled.narrow(dim, filled.shape[dim] - n, n)
+    if heads is None:
+        slot.copy_(x)
+    else:
+        torch.index_select(x, 1, heads, out=slot)
+
+
 class AppendBuffer:
     """A tensor that grows along ``dim`` with amortised O(1) appends.
 
@@ -38,28 +49,34 @@ class AppendBuffer:
     def tensor(self) -> torch.Tensor | None:
         return None if self.storage is None else self.storage.narrow(self.dim, 0, self.length)
 
-    def append(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
-        """Append ``x`` (only its entries ``heads`` along dim 1, when given: selected straight into
-        the buffer, one op). Returns the filled part."""
+    def reserve(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Make room for ``x`` (only its entries ``heads`` along dim 1, when given) without writing
+        it; returns the filled part, whose last ``x.shape[dim]`` entries are the new, unwritten slots."""
         n = x.shape[self.dim]
         needed = self.length + n
         if self.storage is None:
-            self.storage = x.contiguous() if heads is None else x.index_select(1, heads)
-        else:
-            capacity = self.storage.shape[self.dim]
-            if needed > capacity:
-                shape = list(self.storage.shape)
-                shape[self.dim] = max(needed, capacity + max(capacity // 16, 64))
-                grown = self.storage.new_empty(shape)
-                grown.narrow(self.dim, 0, self.length).copy_(self.tensor)
-                self.storage = grown
-            slot = self.storage.narrow(self.dim, self.length, n)
-            if heads is None:
-                slot.copy_(x)
-            else:
-                torch.index_select(x, 1, heads, out=slot)
+            shape = list(x.shape)
+            if heads is not None:
+                shape[1] = len(heads)
+            self.storage = x.new_empty(shape)
+        elif needed > self.storage.shape[self.dim]:
+            shape = list(self.storage.shape)
+            shape[self.dim] = max(needed, shape[self.dim] + max(shape[self.dim] // 16, 64))
+            grown = self.storage.new_empty(shape)
+            grown.narrow(self.dim, 0, self.length).copy_(self.tensor)
+            self.storage = grown
         self.length = needed
         return self.tensor
+
+    def append(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``x`` (only its entries ``heads`` along dim 1, when given: selected straight into
+        the buffer, one op). Returns the filled part."""
+        if self.storage is None and heads is None:  # adopt the first tensor: no copy
+            self.storage, self.length = x.contiguous(), x.shape[self.dim]
+            return self.storage
+        filled = self.reserve(x, heads)
+        write_slots(filled, x, self.dim, heads)
+        return filled
 
     def replace(self, x: torch.Tensor, room: int = 0) -> None:
         """Hold ``x`` from now on, with room for ``room`` more entries."""

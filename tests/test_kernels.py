@@ -177,23 +177,19 @@ def check_decode(q, q_rank, split, single, group, dtype):
 
 @pytest.fixture
 def many_splits(monkeypatch):
-    """Many splits per head in chunks of 4 even on the interpreter's 4 "SMs": both merge levels."""
+    """Many splits per head even on the interpreter's 4 "SMs"."""
     monkeypatch.setattr(decode_mod, "PROGRAMS_PER_SM", 64)
-    monkeypatch.setattr(decode_mod, "REDUCE_SPLITS", 4)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_decode_twice_with_different_lengths(dtype, many_splits):
-    """The cached workspace is reused: its counters must be back at zero after every call."""
+    """The cached workspace is reused across calls with other numbers of splits."""
     torch.manual_seed(9)
     group, n_f, n_s = 2, 2, 1
-    for T in (333, 700, 333):  # 11 then 22 splits per head (3 then 6 chunks, the last one short)
-        q, q_rank, split, single = decode_case([T, T - 40], T, 21, 4, 16, group, n_f, n_s, dtype)
-        n_splits, _ = decode_mod.num_splits(2 * n_f, 2 * n_s, T, q.device)
-        assert n_splits > 2 * decode_mod.REDUCE_SPLITS
+    for T in (333, 700, 333, 20):  # 11, then 22 splits per head, then a single split (no merge)
+        q, q_rank, split, single = decode_case([T, T - 10], T, 21, 4, 16, group, n_f, n_s, dtype)
         check_decode(q, q_rank, split, single, group, dtype)
     assert decode_mod._WORKSPACES
-    assert all((ws[-1] == 0).all() for ws in decode_mod._WORKSPACES.values())
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -213,8 +209,10 @@ def test_decode_batch_with_padded_rows(dtype, splits, request):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("lq", [1, 37])
 @pytest.mark.parametrize("retrieval", [[0, 3], [], [0, 1, 2, 3], [2]])
-def test_split_cache_attention_triton_path(dtype, lq, retrieval, monkeypatch):
-    """The dispatcher's Triton path (forced on CPU) vs the reference, prefill and decode."""
+@pytest.mark.parametrize("new", [False, True])
+def test_split_cache_attention_triton_path(dtype, lq, retrieval, new, monkeypatch):
+    """The dispatcher's Triton path (forced on CPU) vs the reference, prefill and decode; with
+    ``new``, the new tokens' slots hold NaN and are written by the call (the decode kernel itself)."""
     monkeypatch.setattr(kernels, "BACKEND", "triton")
     torch.manual_seed(4)
     B, hkv, G, D, sink, recent = 2, 4, 2, 32, 4, 16
@@ -235,9 +233,19 @@ def test_split_cache_attention_triton_path(dtype, lq, retrieval, monkeypatch):
     C = stream_rank.shape[1]
     stream_k, stream_v = rand(B, S, C, D, dtype=dtype), rand(B, S, C, D, dtype=dtype)
     q = rand(B, hkv * G, lq, D, dtype=dtype)
+    buffers = (full_k, full_v, stream_k, stream_v)
+    new_kv = None
+    if new:
+        new_kv = (rand(B, hkv, lq, D, dtype=dtype), rand(B, hkv, lq, D, dtype=dtype))
+        reference.write_new_tokens(new_kv, *buffers, retrieval_heads, streaming_heads)
+        expected = [t.clone() for t in buffers]
+        for t in buffers:
+            t[:, :, -lq:] = float("nan")
     args = (q, full_k, full_v, full_rank, stream_k, stream_v, stream_rank, q_rank,
             retrieval_heads, streaming_heads, 0.3, sink, recent)
-    out = kernels.split_cache_attention(*args)
+    out = kernels.split_cache_attention(*args, new_kv=new_kv)
+    if new:
+        assert all(torch.equal(t, e) for t, e in zip(buffers, expected))
     ref = reference.split_cache_attention(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
                                             for a in args])
     check(out, ref, dtype)
@@ -305,8 +313,7 @@ def test_gpu_split_cache_attention(lq, num_retrieval, group):
 
 @pytest.mark.gpu
 def test_gpu_decode_in_cuda_graph():
-    """One-launch decode captured in a CUDA graph: every replay (new queries) is exact, and the
-    cached workspace's counters are back at zero after each."""
+    """Decode (split launch + merge launch) captured in a CUDA graph: every replay (new queries) is exact."""
     torch.manual_seed(9)
     B, hkv, group, D, T = 2, 8, 4, 128, 20001
     dev = "cuda"
@@ -325,7 +332,53 @@ def test_gpu_decode_in_cuda_graph():
         graph.replay()
         ref = ref_attention(q[:, heads], split[0], split[1], q_rank, split[2], D ** -0.5, 0, None, None)
         check(out[:, heads], ref, torch.bfloat16)
-        assert all((ws[-1] == 0).all() for ws in decode_mod._WORKSPACES.values())
+
+
+@pytest.mark.gpu
+def test_gpu_decode_repeated_launches_with_new_tokens():
+    """Repeated decodes go through the direct launcher (one compiled kernel for every length and
+    stride): each step appends a token through the kernel and matches the reference, in buffers
+    that grow (full) and are compacted (window), rows of different lengths."""
+    torch.manual_seed(11)
+    B, hkv, group, D, sink, recent = 3, 8, 4, 128, 64, 256
+    dev, dtype = "cuda", torch.bfloat16
+    rh, sh = torch.tensor([0, 5], device=dev), torch.tensor([1, 2, 3, 4, 6, 7], device=dev)
+    from kvpress.cache import AppendBuffer, TokenLedger
+
+    ledger = TokenLedger(window=(sink, recent))
+    bufs = [AppendBuffer(dim=2) for _ in range(4)]
+    lengths = [5000, 4321, 17]
+    mask = torch.zeros(B, 5000, dtype=torch.long, device=dev)
+    for b, n in enumerate(lengths):
+        mask[b, 5000 - n:] = 1
+    ledger.begin(mask, B, 5000, dev)
+    k, v = rand(B, hkv, 5000, D, dtype=dtype, device=dev), rand(B, hkv, 5000, D, dtype=dtype, device=dev)
+    for buf, x, heads in zip(bufs, (k, v, k, v), (rh, rh, sh, sh)):
+        buf.append(x, heads)
+
+    def end():
+        ledger.end()
+        if ledger.compaction is not None:  # what DuoLayer.after_forward does
+            for buf in bufs[2:]:
+                buf.keep(ledger.compaction, room=ledger.slack)
+
+    end()
+    compiled_before = set(decode_mod._launch_decode.compiled)
+    for step in range(40):
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long, device=dev)], dim=1)
+        ledger.begin(mask, B, 1, dev)
+        new_kv = (rand(B, hkv, 1, D, dtype=dtype, device=dev), rand(B, hkv, 1, D, dtype=dtype, device=dev))
+        fk, fv, sk, sv = (buf.reserve(x, heads) for buf, x, heads in zip(bufs, new_kv * 2, (rh, rh, sh, sh)))
+        q = rand(B, hkv * group, 1, D, dtype=dtype, device=dev)
+        st = ledger.step
+        out = kernels.split_cache_attention(q, fk, fv, st.all_rank, sk, sv, st.window_rank, st.new_rank, rh, sh,
+                                            D ** -0.5, sink, recent, new_kv=new_kv)
+        ref = reference.split_cache_attention(q.float(), fk.float(), fv.float(), st.all_rank, sk.float(), sv.float(),
+                                              st.window_rank, st.new_rank, rh, sh, D ** -0.5, sink, recent)
+        check(out, ref, dtype)
+        assert torch.equal(fk[:, :, -1], new_kv[0][:, rh, 0]) and torch.equal(sv[:, :, -1], new_kv[1][:, sh, 0])
+        end()
+    assert len(set(decode_mod._launch_decode.compiled) - compiled_before) <= 1, "one compiled kernel for every step"
 
 
 @pytest.mark.gpu

@@ -136,24 +136,36 @@ class DuoConfig:
 
 @dataclass
 class DuoKV:
-    """What a Duo cache layer hands to the attention function for one forward."""
+    """What a Duo cache layer hands to the attention function for one forward.
 
-    full_k: torch.Tensor  # [B, R, T, D] retrieval heads, every token (new ones included)
+    The buffers already have room for the forward's new tokens (their last ``n`` positions) but do
+    not hold them yet: the attention writes ``new_k``/``new_v`` there (the decode kernel does it in
+    its own launch; see ``kvpress.kernels.split_cache_attention``), or :meth:`write_new` does."""
+
+    full_k: torch.Tensor  # [B, R, T, D] retrieval heads, every token (the last n: room for the new ones)
     full_v: torch.Tensor
     full_rank: torch.Tensor  # [B, T]
-    stream_k: torch.Tensor  # [B, S, C + n, D] streaming heads: the window buffer, new tokens included
+    stream_k: torch.Tensor  # [B, S, C + n, D] streaming heads: the window buffer, room for the new tokens
     stream_v: torch.Tensor
     stream_rank: torch.Tensor  # [B, C + n]
     query_rank: torch.Tensor  # [B, n]
     retrieval_heads: torch.Tensor  # [R] KV-head indices
     streaming_heads: torch.Tensor  # [S]
+    new_k: torch.Tensor  # [B, num_kv_heads, n, D] the new tokens' keys and values, every KV head
+    new_v: torch.Tensor
+
+    def write_new(self) -> None:
+        """Write the new tokens into the buffers (what the attention does otherwise)."""
+        kernels.write_new_tokens((self.new_k, self.new_v), self.full_k, self.full_v, self.stream_k, self.stream_v,
+                                 self.retrieval_heads, self.streaming_heads)
 
 
 class DuoLayer(KVPressLayer):
     """Split cache of one layer: full K/V for retrieval heads, a sink + recent window for the rest.
 
-    All four are append buffers written in place (one op each per decode step); the window buffers
-    are compacted to the window when the ledger says so (see :class:`~kvpress.cache.TokenLedger`).
+    All four are append buffers; a forward reserves room for its tokens and the attention writes
+    them (at decode, inside the decode kernel: no torch op per layer). The window buffers are
+    compacted to the window when the ledger says so (see :class:`~kvpress.cache.TokenLedger`).
     """
 
     def __init__(self, ledger: TokenLedger, owns_ledger: bool, retrieval_heads: torch.Tensor):
@@ -176,11 +188,11 @@ class DuoLayer(KVPressLayer):
             full, window = self.ledger.committed()
             for buffer, length in ((self.full_k, full), (self.full_v, full), (self.stream_k, window), (self.stream_v, window)):
                 buffer.truncate(length)
+        rh, sh = self.retrieval_heads, self.streaming_heads
         kv = DuoKV(
-            self.full_k.append(key_states, self.retrieval_heads), self.full_v.append(value_states, self.retrieval_heads),
-            step.all_rank,
-            self.stream_k.append(key_states, self.streaming_heads), self.stream_v.append(value_states, self.streaming_heads),
-            step.window_rank, step.new_rank, self.retrieval_heads, self.streaming_heads,
+            self.full_k.reserve(key_states, rh), self.full_v.reserve(value_states, rh), step.all_rank,
+            self.stream_k.reserve(key_states, sh), self.stream_v.reserve(value_states, sh), step.window_rank,
+            step.new_rank, rh, sh, key_states, value_states,
         )
         return kv, None
 
@@ -239,7 +251,7 @@ class DuoAttention(Method):
             query, key.full_k, key.full_v, key.full_rank, key.stream_k, key.stream_v, key.stream_rank,
             key.query_rank, key.retrieval_heads, key.streaming_heads,
             scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
-            sink=self.config.sink, recent=self.config.recent, window=sliding_window,
+            sink=self.config.sink, recent=self.config.recent, window=sliding_window, new_kv=(key.new_k, key.new_v),
         )
         return out.transpose(1, 2), None
 
