@@ -42,19 +42,19 @@ def launch_rows(args, calls):
 
     launcher, seen = decode_mod._launch_decode, {}
 
-    def record(grid, a, constexprs, **options):
-        seen.update(grid=grid, a=a, c=constexprs, o=options)
+    def record(key, grid, a, constexprs, **options):
+        seen.update(key=key, grid=grid, a=a, c=constexprs, o=options)
 
     decode_mod._launch_decode = record
     try:
         kernels.split_cache_attention(*args)
     finally:
         decode_mod._launch_decode = launcher
-    grid, a, c, o = seen["grid"], seen["a"], seen["c"], seen["o"]
+    key, grid, a, c, o = seen["key"], seen["grid"], seen["a"], seen["c"], seen["o"]
     kernel = launcher.kernel
     return {
         f"  kernel[grid](...) ({len(a)} args)": host_us(lambda: kernel[grid](*a, **c, **o), calls),
-        "  direct launcher": host_us(lambda: launcher(grid, a, c, **o), calls),
+        "  direct launcher": host_us(lambda: launcher(key, grid, a, c, **o), calls),
     }
 
 
