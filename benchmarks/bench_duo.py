@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 import triton
 import triton.language as tl
 
@@ -475,6 +476,63 @@ def e2e_rows(model, dev, lengths, fracs, chunk, new_tokens):
     return rows
 
 
+def shared_twin(model):
+    """Another model object over the same weights (no copy), with its own config and modules: one
+    can be patched while the other is not."""
+    import copy
+
+    with torch.device("meta"):
+        twin = type(model)(copy.deepcopy(model.config))
+    twin.load_state_dict(model.state_dict(), assign=True)
+    twin.model.rotary_emb = model.model.rotary_emb  # its buffers are not in the state dict
+    return twin.eval()
+
+
+@torch.inference_mode()
+def tpot_rows(model, dev, lengths, names, steps, chunk):
+    """Time per output token of the variants ``names``, measured interleaved: each variant's cache
+    is filled to L tokens (``fill_cache``), then rounds of one decode step per variant, so that the
+    host's varying speed affects all alike. Median of ``steps`` rounds (after 3 warm-up rounds);
+    ``host_ms``: the time until the forward returns, before the GPU has finished (launch time)."""
+    twins = {name: shared_twin(model) for name in names}
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    rows = []
+    with contextlib.ExitStack() as stack:
+        factories = {name: stack.enter_context(variant(twins[name], name)) for name in names if name.startswith("duo")}
+        for L in lengths:
+            caches = {}
+            for name in names:
+                cache = factories[name]() if name in factories else transformers.DynamicCache(config=model.config)
+                fill_cache(twins[name], cache, L, chunk, dev)
+                caches[name] = cache
+            times = {name: [] for name in names}
+            host = {name: [] for name in names}
+            tok = torch.ones(1, 1, dtype=torch.long, device=dev)
+            for step in range(steps + 3):
+                for name in names:
+                    flash = name == "unpatched-flash"
+                    with variant(twins[name], name) if flash else contextlib.nullcontext():
+                        sync()
+                        t = time.perf_counter()
+                        twins[name](input_ids=tok, past_key_values=caches[name], use_cache=True, logits_to_keep=1)
+                        t_host = time.perf_counter() - t
+                        sync()
+                    if step >= 3:
+                        times[name].append(time.perf_counter() - t)
+                        host[name].append(t_host)
+            for name in names:
+                ts = sorted(times[name])
+                rows.append({"variant": name, "tokens": L, "tpot_ms": ts[len(ts) // 2] * 1e3,
+                             "tpot_p10_ms": ts[len(ts) // 10] * 1e3, "tpot_p90_ms": ts[9 * len(ts) // 10] * 1e3,
+                             "host_ms": sorted(host[name])[len(ts) // 2] * 1e3,
+                             "kv_GiB": kvpress.kv_cache_bytes(caches[name]) / 2**30})
+                print(f"tpot {name} {L // K}K: median {rows[-1]['tpot_ms']:.2f} ms, host {rows[-1]['host_ms']:.2f} ms "
+                      f"(p10 {rows[-1]['tpot_p10_ms']:.2f}, p90 {rows[-1]['tpot_p90_ms']:.2f})", flush=True)
+            del caches
+            torch.cuda.empty_cache()
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # longest context that fits
 
@@ -596,7 +654,7 @@ def table(title, rows, cols):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="layer", help="comma-separated: layer, floor, e2e, maxctx")
+    p.add_argument("--parts", default="layer", help="comma-separated: layer, floor, e2e, tpot, maxctx")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes (checks the script, on CPU too)")
     p.add_argument("--no-sweep", action="store_true")
@@ -604,6 +662,8 @@ def main():
     p.add_argument("--e2e-lengths", default="32768,131072")
     p.add_argument("--e2e-chunk", type=int, default=8192)
     p.add_argument("--new-tokens", type=int, default=12)
+    p.add_argument("--tpot-lengths", default="8192,32768,131072")
+    p.add_argument("--tpot-steps", type=int, default=40)
     p.add_argument("--maxctx-step", type=int, default=16384, help="resolution of the longest-context search")
     a = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -641,7 +701,7 @@ def main():
               [("shape", "{}"), ("tokens", "{}"), ("dense_ms", "{:.2f}"), ("stream_ms", "{:.3f}"),
                ("speedup", "{:.1f}x"), ("duo50_ms", "{:.2f}")])
 
-    model = build_model(dev, a.smoke) if "e2e" in a.parts or "maxctx" in a.parts else None
+    model = build_model(dev, a.smoke) if any(x in a.parts for x in ("e2e", "tpot", "maxctx")) else None
     if a.parts == "floor":  # only the read floor (also part of "layer")
         bw = copy_bandwidth(dev)
         res = {"env": env, "copy_bandwidth_Bps": bw, "read_floor": read_floor_rows(dev, bw)}
@@ -655,6 +715,16 @@ def main():
         table("End to end, Llama-3-8B shape, random bf16 weights, batch 1", rows,
               [("variant", "{}"), ("tokens", "{}"), ("prefill_s", "{:.1f}"), ("tpot_ms", "{:.2f}"),
                ("gpu_ms_per_token", "{:.2f}"), ("peak_GiB", "{:.2f}"), ("kv_GiB", "{:.2f}")])
+
+    if "tpot" in a.parts:
+        lengths = [int(x) for x in a.tpot_lengths.split(",")] if not a.smoke else [1024]
+        names = ["unpatched", "unpatched-flash", "duo50", "duo25"]
+        rows = tpot_rows(model, dev, lengths, names, a.tpot_steps if not a.smoke else 2, a.e2e_chunk)
+        res = {"env": env, "rows": rows, "sink": SINK, "recent": RECENT}
+        (out_dir / f"duo_tpot_{tag}.json").write_text(json.dumps(res, indent=1))
+        table("Time per output token, interleaved variants, Llama-3-8B shape, batch 1", rows,
+              [("variant", "{}"), ("tokens", "{}"), ("tpot_ms", "{:.2f}"), ("tpot_p10_ms", "{:.2f}"),
+               ("tpot_p90_ms", "{:.2f}"), ("host_ms", "{:.2f}"), ("kv_GiB", "{:.2f}")])
 
     if "maxctx" in a.parts:
         if a.smoke:  # nothing runs out of memory on the CPU: one probe per variant checks the code

@@ -1,8 +1,8 @@
-"""Where the wall time of an eager decode step goes (CPU side): an 8B-shaped model (random bf16
-weights) at a short context, so the GPU time is small, for the variants of ``bench_duo.variant``.
-Prints the time per output token and a cProfile of three decode steps of each.
+"""Where the host time of an eager decode step goes: cProfile of decode steps of an 8B-shaped
+model (random bf16 weights) over a cache filled to ``--tokens`` (``bench_duo.fill_cache``), for
+each variant of ``bench_duo.variant``; prints the functions with the most own time.
 
-    python benchmarks/profile_decode_step.py [--tokens 8192] [--steps 20]
+    python benchmarks/profile_decode_step.py [--tokens 32768] [--steps 5] [--variants unpatched-flash,duo50]
 """
 import argparse
 import cProfile
@@ -17,25 +17,28 @@ import bench_duo as b  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--variants", default="unpatched-flash,duo50")
+    p.add_argument("--top", type=int, default=30)
     a = p.parse_args()
     model = b.build_model("cuda")
-    for name in ("unpatched", "unpatched-flash", "duo50"):
-        with b.variant(model, name) as make_cache:
-            _, tpot, *_ = b.run_context(model, a.tokens, a.tokens, a.steps, "cuda", make_cache)
+    tok = torch.ones(1, 1, dtype=torch.long, device="cuda")
+    for name in a.variants.split(","):
+        with b.variant(model, name) as make_cache, torch.inference_mode():
             cache = make_cache()
-            with torch.inference_mode():
-                tok = model(input_ids=torch.ones(1, a.tokens, dtype=torch.long, device="cuda"), past_key_values=cache,
-                            logits_to_keep=1).logits.argmax(-1)
-                profiler = cProfile.Profile()
-                profiler.enable()
-                for _ in range(3):
-                    tok = model(input_ids=tok, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
-                torch.cuda.synchronize()
-                profiler.disable()
-        print(f"{name}: TPOT median {tpot * 1e3:.2f} ms", flush=True)
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+            b.fill_cache(model, cache, a.tokens, 8192, "cuda")
+            for _ in range(3):
+                model(input_ids=tok, past_key_values=cache, logits_to_keep=1)
+            torch.cuda.synchronize()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(a.steps):
+                model(input_ids=tok, past_key_values=cache, logits_to_keep=1)
+            torch.cuda.synchronize()
+            profiler.disable()
+        print(f"=== {name}: {a.steps} decode steps at {a.tokens} tokens", flush=True)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(a.top)
 
 
 if __name__ == "__main__":

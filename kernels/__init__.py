@@ -88,10 +88,10 @@ def split_cache_attention(
     triton = _use_triton(q)
     if triton and q.shape[2] == 1 and q.shape[3] % 8 == 0:  # the decode kernel reads head indices of any integer dtype
         rh, sh = _on(retrieval_heads, q.device), _on(streaming_heads, q.device)
-        return decode_attention(q, q_rank, scale, q.shape[1] // (len(rh) + len(sh)),
+        return decode_attention(q, q_rank, scale, q.shape[1] // (rh.shape[0] + sh.shape[0]),
                                 split=(full_k, full_v, full_rank, rh, 0, None),
                                 single=(stream_k, stream_v, stream_rank, sh, sink, recent),
-                                window=window, out=torch.empty_like(q), new_kv=new_kv)
+                                window=window, new_kv=new_kv)
     if new_kv is not None:
         write_new_tokens(new_kv, full_k, full_v, stream_k, stream_v, retrieval_heads, streaming_heads)
     if not triton:
