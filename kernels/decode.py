@@ -318,10 +318,11 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     fr, sr, q_rank = as_ranks(fr), as_ranks(sr), as_ranks(q_rank)
     T, C = fk.shape[2], sk.shape[2]
     block_d = _pow2(D)
-    most = max_splits(B * n_f, B * n_s, q.device) if n_f else 1
+    device = q.device
+    most = max_splits(B * n_f, B * n_s, device) if n_f else 1
     n_splits, split_len = _split(T, most)
-    po, pl = _workspace(q.device, max(B * n_f, 1) * most, group, block_d)  # torch.empty: aligned
-    pdl = _has_pdl(q.device)
+    po, pl = _workspace(device, max(B * n_f, 1) * most, group, block_d)  # torch.empty: aligned
+    pdl = _has_pdl(device)
     aligned = not (fk.data_ptr() | fv.data_ptr() | sk.data_ptr() | sv.data_ptr()) % 16
     constexprs = dict(G=group, GP=max(16, _pow2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d, D=D,
                       WRITE_NEW=writes, PDL=pdl)

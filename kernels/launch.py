@@ -38,15 +38,14 @@ class Launcher:
             self.kernel[grid](*args, **constexprs, **options)
             return
         device = driver.active.get_current_device()
-        compiled = self.compiled.get((device, key))
-        if compiled is None:
+        launch = self.compiled.get((device, key))
+        if launch is None:
             compiled = self.kernel[grid](*args, **constexprs, **options)
             if self._reusable(args) and hasattr(compiled, "packed_metadata"):
-                self.compiled[(device, key)] = compiled
+                self.compiled[(device, key)] = _direct(compiled)
             return
         grid = tuple(grid) + (1, 1)
-        compiled.run(grid[0], grid[1], grid[2], driver.active.get_current_stream(device), compiled.function,
-                     compiled.packed_metadata, None, None, None, *args, *constexprs.values())
+        launch(grid[0], grid[1], grid[2], driver.active.get_current_stream(device), *args, *constexprs.values())
 
     def _reusable(self, args) -> bool:
         """Whether the kernel compiled for ``args`` serves every call with the same key."""
@@ -58,3 +57,19 @@ class Launcher:
                 if a not in _I32:
                     return False
         return True
+
+
+def _direct(compiled):
+    """``launch(grid_x, grid_y, grid_z, stream, *args)`` for a compiled kernel: its C launcher
+    itself when the kernel needs no scratch memory, else the launcher object's call."""
+    launcher = compiled.run
+    meta = (compiled.packed_metadata, None, None, None)  # no launch metadata, no enter/exit hooks
+    if getattr(launcher, "global_scratch_size", 1) == 0 and getattr(launcher, "profile_scratch_size", 1) == 0:
+        c_launch, flags = launcher.launch, (launcher.launch_cooperative_grid, launcher.launch_pdl, None, None)
+
+        def launch(gx, gy, gz, stream, *args):
+            c_launch(gx, gy, gz, stream, compiled.function, *flags, *meta, *args)
+    else:
+        def launch(gx, gy, gz, stream, *args):
+            launcher(gx, gy, gz, stream, compiled.function, *meta, *args)
+    return launch
