@@ -244,6 +244,11 @@ def _has_pdl(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def _use_pdl(device: torch.device) -> bool:
+    """PDL for the merge launch: only into a CUDA graph (see the module docstring)."""
+    return _has_pdl(device) and torch.cuda.is_current_stream_capturing()
+
+
 _launch_decode = Launcher(_decode_kernel)
 _launch_merge = Launcher(_merge_kernel)
 
@@ -323,7 +328,7 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     most = max_splits(B * n_f, B * n_s, device) if n_f else 1
     n_splits, split_len = _split(T, most)
     po, pl = _workspace(device, max(B * n_f, 1) * most, group, block_d)  # torch.empty: aligned
-    pdl = _has_pdl(device) and torch.cuda.is_current_stream_capturing()
+    pdl = _use_pdl(device)
     aligned = not (fk.data_ptr() | fv.data_ptr() | sk.data_ptr() | sv.data_ptr()) % 16
     constexprs = dict(G=group, GP=max(16, _pow2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d, D=D,
                       WRITE_NEW=writes, PDL=pdl)
