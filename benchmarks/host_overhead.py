@@ -36,26 +36,31 @@ def host_us(fn, calls):
 
 
 def launch_rows(args, calls):
-    """The decode kernel's launch alone: through ``kernel[grid](...)``, and through the direct
-    launcher (``kvpress.kernels.launch``)."""
+    """The decode kernels' launches alone: the split kernel through ``kernel[grid](...)`` and through
+    the direct launcher (``kvpress.kernels.launch``); the merge kernel plainly and with PDL."""
     from kvpress.kernels import decode as decode_mod
 
-    launcher, seen = decode_mod._launch_decode, {}
+    launchers, seen = (decode_mod._launch_decode, decode_mod._launch_merge), {}
 
-    def record(key, grid, a, constexprs, **options):
-        seen.update(key=key, grid=grid, a=a, c=constexprs, o=options)
+    def recorder(name):
+        return lambda key, grid, a, constexprs, **options: seen.update({name: (key, grid, a, constexprs, options)})
 
-    decode_mod._launch_decode = record
+    decode_mod._launch_decode, decode_mod._launch_merge = recorder("split"), recorder("merge")
     try:
         kernels.split_cache_attention(*args)
     finally:
-        decode_mod._launch_decode = launcher
-    key, grid, a, c, o = seen["key"], seen["grid"], seen["a"], seen["c"], seen["o"]
-    kernel = launcher.kernel
-    return {
-        f"  kernel[grid](...) ({len(a)} args)": host_us(lambda: kernel[grid](*a, **c, **o), calls),
-        "  direct launcher": host_us(lambda: launcher(key, grid, a, c, **o), calls),
+        decode_mod._launch_decode, decode_mod._launch_merge = launchers
+    key, grid, a, c, o = seen["split"]
+    split, merge = launchers
+    rows = {
+        f"  split kernel[grid](...) ({len(a)} args)": host_us(lambda: split.kernel[grid](*a, **c, **o), calls),
+        "  split, direct launcher": host_us(lambda: split(key, grid, a, c, **o), calls),
     }
+    key, grid, a, c, o = seen["merge"]
+    for pdl in (False, True):
+        cp, op = {**c, "PDL": pdl}, {**o, "launch_pdl": pdl}
+        rows[f"  merge, direct launcher, PDL {pdl}"] = host_us(lambda: merge((key, pdl), grid, a, cp, **op), calls)
+    return rows
 
 
 def main():
