@@ -11,10 +11,9 @@ A second, small kernel merges each head's splits (partial outputs normalised by 
 and their log-sum-exps, in a workspace made once per shape and device) and writes the output
 (benchmarks/merge_probe.py at commit 2b84895, H100, 128K tokens, 25% retrieval heads: 51.5 us
 against 55.5 us for the earlier two-level merge inside the kernel by the last programs to finish).
-When the launches are captured into a CUDA graph on Hopper, the merge kernel is launched with
-programmatic dependent launch: it is resident as soon as every split program has started and waits
-(``gdc_wait``) only for their results (50.8 us). In eager mode a PDL launch cost the host ~35 us
-more than a plain one (an 8B model's decode step: +1.2 ms), more than the ~1 us it saves. Nothing
+On Hopper the merge kernel is launched with programmatic dependent launch: it is resident as soon
+as every split program has started and waits (``gdc_wait``) only for their results (50.8 us; the
+launch costs the host the same as a plain one, benchmarks/host_overhead.py). Nothing
 waits on the host, so a decode can be captured in a CUDA graph; calls sharing a workspace (same
 device and shape) must not run concurrently on two streams.
 
@@ -244,11 +243,6 @@ def _has_pdl(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _use_pdl(device: torch.device) -> bool:
-    """PDL for the merge launch: only into a CUDA graph (see the module docstring)."""
-    return _has_pdl(device) and torch.cuda.is_current_stream_capturing()
-
-
 _launch_decode = Launcher(_decode_kernel)
 _launch_merge = Launcher(_merge_kernel)
 
@@ -328,7 +322,7 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     most = max_splits(B * n_f, B * n_s, device) if n_f else 1
     n_splits, split_len = _split(T, most)
     po, pl = _workspace(device, max(B * n_f, 1) * most, group, block_d)  # torch.empty: aligned
-    pdl = _use_pdl(device)
+    pdl = _has_pdl(device)
     aligned = not (fk.data_ptr() | fv.data_ptr() | sk.data_ptr() | sv.data_ptr()) % 16
     constexprs = dict(G=group, GP=max(16, _pow2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d, D=D,
                       WRITE_NEW=writes, PDL=pdl)
