@@ -1,6 +1,6 @@
 """DuoAttention speed and memory: per-layer kernels and an 8B-shaped model end to end.
 
-    python benchmarks/bench_duo.py --parts layer,e2e,maxctx     # on a CUDA GPU (H100 80GB in the README)
+    python benchmarks/bench_duo.py --parts layer,e2e,tpot,maxctx     # on a CUDA GPU (H100 80GB in the README)
 
 Parts (each compares against dense attention measured in the same run):
   layer  decode attention of one layer (one query token) over 32K/128K/512K cached tokens with 25%
@@ -12,6 +12,8 @@ Parts (each compares against dense attention measured in the same run):
   e2e    a LlamaForCausalLM with Llama-3-8B dimensions (32 layers) and random bf16 weights: chunked
          prefill, then time per output token and peak memory at 32K and 128K, unpatched (the
          model's own sdpa, DynamicCache) vs Duo (25% / 50% retrieval heads).
+  tpot   time per output token of those variants at 8K/32K/128K, measured interleaved (rounds of
+         one decode step per variant), so that a host whose speed drifts affects all alike.
   maxctx the longest context that runs on the GPU for each variant, searched by real runs of the
          last prefill chunk and a few decode steps over a cache filled to that length.
 Writes ``benchmarks/results/duo_<part>_<device>.json`` (or ``--out``) and prints a table.

@@ -79,14 +79,14 @@ def split_cache_attention(
     positions of the four buffers are room for them not written yet: they are written first (see
     :func:`write_new_tokens`), at decode on Triton by the decode kernel itself.
 
-    On Triton: decode (one query token) is one split-K launch that serves both head groups and
-    merges its own splits (``decode``); prefill runs the streaming heads through the linear-cost
+    On Triton: decode (one query token) is one split-K launch that serves both head groups, plus a
+    merge launch (``decode``); prefill runs the streaming heads through the linear-cost
     A-shape kernel (``prefill``) and the retrieval heads through torch SDPA's fused causal kernels
     when the batch has no padding and the queries are the whole cache, else through the rank-mask
     kernel.
     """
     triton = _use_triton(q)
-    if triton and q.shape[2] == 1 and q.shape[3] % 8 == 0:  # the decode kernel reads head indices of any integer dtype
+    if triton and q.shape[2] == 1 and q.shape[3] % 8 == 0:  # decode: D a multiple of 8, heads of any int dtype
         rh, sh = _on(retrieval_heads, q.device), _on(streaming_heads, q.device)
         return decode_attention(q, q_rank, scale, q.shape[1] // (rh.shape[0] + sh.shape[0]),
                                 split=(full_k, full_v, full_rank, rh, 0, None),

@@ -21,23 +21,13 @@ def window_slack(sink: int, recent: int) -> int:
     return max(16, (sink + recent) // 4)
 
 
-def write_slots(filled: torch.Tensor, x: torch.Tensor, dim: int, heads: torch.Tensor | None = None) -> None:
-    """Write ``x`` (its entries ``heads`` along dim 1, when given) into the last ``x.shape[dim]``
-    entries along ``dim`` of ``filled`` (a view of a buffer; written in place)."""
-    n = x.shape[dim]
-    slot = filled.narrow(dim, filled.shape[dim] - n, n)
-    if heads is None:
-        slot.copy_(x)
-    else:
-        torch.index_select(x, 1, heads, out=slot)
-
-
 class AppendBuffer:
     """A tensor that grows along ``dim`` with amortised O(1) appends.
 
-    The first append adopts its tensor (callers pass fresh tensors; no copy, nothing wasted); later
-    appends grow the capacity by at least 1/16 (and 64 slots), so decoding copies the buffer rarely
-    and over-allocates by at most ~6%. ``tensor`` is the filled part (a view).
+    Entries are appended (:meth:`append`) or reserved to be written by the caller (:meth:`reserve`).
+    The first allocation is exactly the size of the first entries (a first append adopts its
+    tensor: no copy); later ones grow the capacity by at least 1/16 (and 64 slots), so decoding
+    copies the buffer rarely and over-allocates by at most ~6%. ``tensor`` is the filled part (a view).
     """
 
     def __init__(self, dim: int):
@@ -68,14 +58,14 @@ class AppendBuffer:
         self.length = needed
         return self.tensor
 
-    def append(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
-        """Append ``x`` (only its entries ``heads`` along dim 1, when given: selected straight into
-        the buffer, one op). Returns the filled part."""
-        if self.storage is None and heads is None:  # adopt the first tensor: no copy
-            self.storage, self.length = x.contiguous(), x.shape[self.dim]
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """Append ``x``; returns the filled part."""
+        n = x.shape[self.dim]
+        if self.storage is None:  # adopt the first tensor: no copy
+            self.storage, self.length = x.contiguous(), n
             return self.storage
-        filled = self.reserve(x, heads)
-        write_slots(filled, x, self.dim, heads)
+        filled = self.reserve(x)
+        filled.narrow(self.dim, self.length - n, n).copy_(x)
         return filled
 
     def replace(self, x: torch.Tensor, room: int = 0) -> None:
