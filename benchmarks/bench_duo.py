@@ -491,7 +491,7 @@ def shared_twin(model):
 
 
 @torch.inference_mode()
-def tpot_rows(model, dev, lengths, names, steps, chunk):
+def tpot_rows(model, dev, lengths, names, steps, chunk, batch=1):
     """Time per output token of the variants ``names``, measured interleaved: each variant's cache
     is filled to L tokens (``fill_cache``), then rounds of one decode step per variant, so that the
     host's varying speed affects all alike. Median of ``steps`` rounds (after 3 warm-up rounds);
@@ -505,11 +505,11 @@ def tpot_rows(model, dev, lengths, names, steps, chunk):
             caches = {}
             for name in names:
                 cache = factories[name]() if name in factories else transformers.DynamicCache(config=model.config)
-                fill_cache(twins[name], cache, L, chunk, dev)
+                fill_cache(twins[name], cache, L, chunk, dev, batch)
                 caches[name] = cache
             times = {name: [] for name in names}
             host = {name: [] for name in names}
-            tok = torch.ones(1, 1, dtype=torch.long, device=dev)
+            tok = torch.ones(batch, 1, dtype=torch.long, device=dev)
             for step in range(steps + 3):
                 for name in names:
                     flash = name == "unpatched-flash"
@@ -524,11 +524,11 @@ def tpot_rows(model, dev, lengths, names, steps, chunk):
                         host[name].append(t_host)
             for name in names:
                 ts = sorted(times[name])
-                rows.append({"variant": name, "tokens": L, "tpot_ms": ts[len(ts) // 2] * 1e3,
+                rows.append({"variant": name, "tokens": L, "batch": batch, "tpot_ms": ts[len(ts) // 2] * 1e3,
                              "tpot_p10_ms": ts[len(ts) // 10] * 1e3, "tpot_p90_ms": ts[9 * len(ts) // 10] * 1e3,
                              "host_ms": sorted(host[name])[len(ts) // 2] * 1e3,
                              "kv_GiB": kvpress.kv_cache_bytes(caches[name]) / 2**30})
-                print(f"tpot {name} {L // K}K: median {rows[-1]['tpot_ms']:.2f} ms, host {rows[-1]['host_ms']:.2f} ms "
+                print(f"tpot {name} {L // K}K x{batch}: median {rows[-1]['tpot_ms']:.2f} ms, host {rows[-1]['host_ms']:.2f} ms "
                       f"(p10 {rows[-1]['tpot_p10_ms']:.2f}, p90 {rows[-1]['tpot_p90_ms']:.2f})", flush=True)
             del caches
             torch.cuda.empty_cache()
@@ -540,18 +540,19 @@ def tpot_rows(model, dev, lengths, names, steps, chunk):
 
 
 @torch.inference_mode()
-def fill_cache(model, cache, tokens, chunk, dev):
-    """Append ``tokens`` tokens of random K/V to every layer of ``cache``, ``chunk`` at a time: the
-    tensors a chunked prefill leaves in the cache (same updates, same growth), without its compute."""
+def fill_cache(model, cache, tokens, chunk, dev, batch=1):
+    """Append ``tokens`` tokens of random K/V (``batch`` rows) to every layer of ``cache``, ``chunk``
+    at a time: the tensors a chunked prefill leaves in the cache (same updates, same growth), without
+    its compute."""
 
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = torch.randn(1, cfg.num_key_value_heads, chunk, head_dim, device=dev, dtype=model.dtype)
+    kv = torch.randn(batch, cfg.num_key_value_heads, chunk, head_dim, device=dev, dtype=model.dtype)
     press = kvpress.cache.is_kvpress_cache(cache)
     for start in range(0, tokens, chunk):
         n = min(chunk, tokens - start)
         if press:  # what the patched model's forward hooks do for each chunk
-            kvpress.cache.begin_forward(cache, None, 1, n, dev)
+            kvpress.cache.begin_forward(cache, None, batch, n, dev)
         for layer in range(cfg.num_hidden_layers):
             held, _ = cache.update(kv[:, :, :n], kv[:, :, :n], layer)
             if press:  # Duo layers reserve room; the attention would write the tokens
@@ -666,6 +667,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--tpot-lengths", default="8192,32768,131072")
     p.add_argument("--tpot-steps", type=int, default=40)
+    p.add_argument("--tpot-batch", type=int, default=1, help="sequences per decode step (tpot part)")
     p.add_argument("--maxctx-step", type=int, default=16384, help="resolution of the longest-context search")
     a = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -721,10 +723,11 @@ def main():
     if "tpot" in a.parts:
         lengths = [int(x) for x in a.tpot_lengths.split(",")] if not a.smoke else [1024]
         names = ["unpatched", "unpatched-flash", "duo50", "duo25"]
-        rows = tpot_rows(model, dev, lengths, names, a.tpot_steps if not a.smoke else 2, a.e2e_chunk)
+        rows = tpot_rows(model, dev, lengths, names, a.tpot_steps if not a.smoke else 2, a.e2e_chunk, a.tpot_batch)
         res = {"env": env, "rows": rows, "sink": SINK, "recent": RECENT}
-        (out_dir / f"duo_tpot_{tag}.json").write_text(json.dumps(res, indent=1))
-        table("Time per output token, interleaved variants, Llama-3-8B shape, batch 1", rows,
+        suffix = f"_batch{a.tpot_batch}" if a.tpot_batch > 1 else ""
+        (out_dir / f"duo_tpot{suffix}_{tag}.json").write_text(json.dumps(res, indent=1))
+        table(f"Time per output token, interleaved variants, Llama-3-8B shape, batch {a.tpot_batch}", rows,
               [("variant", "{}"), ("tokens", "{}"), ("tpot_ms", "{:.2f}"), ("tpot_p10_ms", "{:.2f}"),
                ("tpot_p90_ms", "{:.2f}"), ("host_ms", "{:.2f}"), ("kv_GiB", "{:.2f}")])
 
