@@ -668,6 +668,7 @@ def main():
     p.add_argument("--tpot-lengths", default="8192,32768,131072")
     p.add_argument("--tpot-steps", type=int, default=40)
     p.add_argument("--tpot-batch", type=int, default=1, help="sequences per decode step (tpot part)")
+    p.add_argument("--tpot-variants", default="unpatched,unpatched-flash,duo50,duo25")
     p.add_argument("--maxctx-step", type=int, default=16384, help="resolution of the longest-context search")
     a = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -722,10 +723,11 @@ def main():
 
     if "tpot" in a.parts:
         lengths = [int(x) for x in a.tpot_lengths.split(",")] if not a.smoke else [1024]
-        names = ["unpatched", "unpatched-flash", "duo50", "duo25"]
+        names = a.tpot_variants.split(",")
         rows = tpot_rows(model, dev, lengths, names, a.tpot_steps if not a.smoke else 2, a.e2e_chunk, a.tpot_batch)
         res = {"env": env, "rows": rows, "sink": SINK, "recent": RECENT}
-        suffix = f"_batch{a.tpot_batch}" if a.tpot_batch > 1 else ""
+        suffix = (f"_batch{a.tpot_batch}" if a.tpot_batch > 1 else "") + ("_" + a.tpot_lengths.replace(",", "_")
+                                                                           if a.tpot_lengths != "8192,32768,131072" else "")
         (out_dir / f"duo_tpot{suffix}_{tag}.json").write_text(json.dumps(res, indent=1))
         table(f"Time per output token, interleaved variants, Llama-3-8B shape, batch {a.tpot_batch}", rows,
               [("variant", "{}"), ("tokens", "{}"), ("tpot_ms", "{:.2f}"), ("tpot_p10_ms", "{:.2f}"),
