@@ -11,14 +11,17 @@ The key must determine everything Triton specializes on. So every integer argume
 fit 32 bits, as sizes and strides in units of 8 elements of one GPU's tensors do; a kernel first
 seen with a larger one is not kept), and the key must hold the tensors' dtypes and whether the
 pointers that Triton specializes on alignment are 16-byte aligned. The first call of a key goes
-through ``kernel[grid](...)`` (which compiles), as does every call under the interpreter.
+through ``kernel[grid](...)`` (which compiles), as does every call under the interpreter and on
+Triton versions other than those in ``TESTED_TRITON`` (the compiled launcher is Triton-internal).
 """
 
 from __future__ import annotations
 
+import triton
 from triton.runtime import driver
 
 _I32 = range(-(1 << 31), 1 << 31)
+TESTED_TRITON = ("3.6.",)
 
 
 class Launcher:
@@ -31,7 +34,8 @@ class Launcher:
     def __init__(self, kernel):
         self.kernel = kernel
         self.compiled: dict = {}
-        self.params = getattr(kernel, "params", None)  # None under the interpreter: plain launches
+        direct = triton.__version__.startswith(TESTED_TRITON)
+        self.params = getattr(kernel, "params", None) if direct else None  # None: plain launches (and the interpreter)
 
     def __call__(self, key, grid, args, constexprs: dict, **options):
         if self.params is None:
