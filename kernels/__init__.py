@@ -19,10 +19,10 @@ from . import reference
 from .reference import rank_mask, write_new_tokens
 
 try:
-    from .decode import decode_attention
+    from .decode import decode_attention, made_once
     from .prefill import prefill_attention
 except ImportError:  # no (usable) triton: the references serve everything
-    decode_attention = prefill_attention = None
+    decode_attention = prefill_attention = made_once = None
 
 __all__ = ["rank_attention", "rank_mask", "split_cache_attention", "write_new_tokens"]
 
@@ -85,8 +85,8 @@ def split_cache_attention(
     when the batch has no padding and the queries are the whole cache, else through the rank-mask
     kernel.
     """
-    triton = _use_triton(q)
-    if triton and q.shape[2] == 1 and q.shape[3] % 8 == 0:  # decode: D a multiple of 8, heads of any int dtype
+    on_triton = _use_triton(q)
+    if on_triton and q.shape[2] == 1 and q.shape[3] % 8 == 0:  # decode: D a multiple of 8, heads of any int dtype
         rh, sh = _on(retrieval_heads, q.device), _on(streaming_heads, q.device)
         return decode_attention(q, q_rank, scale, q.shape[1] // (rh.shape[0] + sh.shape[0]),
                                 split=(full_k, full_v, full_rank, rh, 0, None),
@@ -94,7 +94,7 @@ def split_cache_attention(
                                 window=window, new_kv=new_kv)
     if new_kv is not None:
         write_new_tokens(new_kv, full_k, full_v, stream_k, stream_v, retrieval_heads, streaming_heads)
-    if not triton:
+    if not on_triton:
         return reference.split_cache_attention(
             q, full_k, full_v, full_rank, stream_k, stream_v, stream_rank, q_rank,
             retrieval_heads, streaming_heads, scale, sink, recent, window,
@@ -121,14 +121,8 @@ _ALL_HEADS: dict = {}
 
 
 def _all_heads(n: int, device: torch.device) -> torch.Tensor:
-    """``arange(n)`` on ``device``, made once (not cached while a CUDA graph is being captured:
-    a tensor made there only holds its values once the graph is replayed)."""
-    heads = _ALL_HEADS.get((n, device))
-    if heads is None:
-        heads = torch.arange(n, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _ALL_HEADS[(n, device)] = heads
-    return heads
+    """``arange(n)`` on ``device``, made once (see :func:`~kvpress.kernels.decode.made_once`)."""
+    return made_once(_ALL_HEADS, (device, n), lambda: torch.arange(n, device=device))
 
 
 def _causal_sdpa(q, k, v, k_rank, q_rank, heads, group, scale, window, out) -> bool:

@@ -221,20 +221,26 @@ def _pow2(n: int) -> int:  # the same for triton.next_power_of_2 (~7 us a call o
     return 1 << (n - 1).bit_length()
 
 
+def made_once(store: dict, key, make):
+    """``store[key]``, made by ``make()`` the first time. Not kept when made while a CUDA graph is
+    being captured: such a tensor only holds its values (or stays allocated) through the graph."""
+    value = store.get(key)
+    if value is None:
+        value = make()
+        device = key[0]
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            store[key] = value
+    return value
+
+
 _WORKSPACES: dict = {}
 
 
 def _workspace(device, rows, group, block_d):
-    """Room for the partial outputs and log2-sum-exps of ``rows`` splits, made once per key and
-    reused (not cached while a CUDA graph is being captured: the graph owns what it allocates)."""
-    key = (device, rows, group, block_d)
-    ws = _WORKSPACES.get(key)
-    if ws is None:
-        ws = (torch.empty(rows, group, block_d, device=device, dtype=torch.float32),
-              torch.empty(rows, group, device=device, dtype=torch.float32))
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _WORKSPACES[key] = ws
-    return ws
+    """Room for the partial outputs and log2-sum-exps of ``rows`` splits, made once per key and reused."""
+    return made_once(_WORKSPACES, (device, rows, group, block_d), lambda: (
+        torch.empty(rows, group, block_d, device=device, dtype=torch.float32),
+        torch.empty(rows, group, device=device, dtype=torch.float32)))
 
 
 @functools.lru_cache
