@@ -89,8 +89,9 @@ def patch(model: torch.nn.Module, method: str, config=None, *, prefill_chunk_siz
         route_attention(patcher, model, info.attention_modules, runtime)
         runtime.patch_modules(patcher)
         signature = list(inspect.signature(info.base_model.forward).parameters)
-        patcher.hook(info.base_model.register_forward_pre_hook(_before_forward(runtime, signature), with_kwargs=True))
-        patcher.hook(info.base_model.register_forward_hook(_after_forward, with_kwargs=True))
+        cache_arg = cache_argument(signature)
+        patcher.hook(info.base_model.register_forward_pre_hook(_before_forward(runtime, signature, cache_arg), with_kwargs=True))
+        patcher.hook(info.base_model.register_forward_hook(_after_forward(cache_arg), with_kwargs=True))
         if prefill_chunk_size is not None:
             patcher.set(model.generation_config, "prefill_chunk_size", prefill_chunk_size)
         patcher.set(model, "_kvpress_patch", PatchState(runtime, patcher))
@@ -149,7 +150,26 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     return method.attention(module, query, key, value, attention_mask, **kwargs)
 
 
-def _before_forward(method: Method, signature: list[str]):
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers >= 5.24 names it `cache`; older, `past_key_values`
+
+
+def cache_argument(signature: list[str]) -> str:
+    """The name under which a base model's forward takes its cache."""
+    for name in CACHE_ARGUMENTS:
+        if name in signature:
+            return name
+    raise ValueError(f"this model's forward takes no cache argument ({' or '.join(CACHE_ARGUMENTS)}); kvpress cannot patch it")
+
+
+def given_cache(kwargs: dict):
+    """The cache a forward call was given, under either name (the new name wins, as in transformers)."""
+    for name in CACHE_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def _before_forward(method: Method, signature: list[str], cache_arg: str):
     def hook(module, args, kwargs):
         kwargs = {**dict(zip(signature, args)), **kwargs}
         tokens = kwargs.get("input_ids")
@@ -157,7 +177,7 @@ def _before_forward(method: Method, signature: list[str]):
             tokens = kwargs.get("inputs_embeds")
         if tokens is None:
             return None  # let the model raise its own error
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         if cache is None:
             cache = method.new_cache()
         elif not method.owns(cache):
@@ -168,11 +188,16 @@ def _before_forward(method: Method, signature: list[str]):
                 )
             cache.layers, cache.layer_class_to_replicate = method.make_layers(), None
         begin_forward(cache, kwargs.get("attention_mask"), tokens.shape[0], tokens.shape[1], tokens.device)
-        kwargs["past_key_values"] = cache
+        for name in CACHE_ARGUMENTS:
+            kwargs.pop(name, None)
+        kwargs[cache_arg] = cache
         return (), kwargs
 
     return hook
 
 
-def _after_forward(module, args, kwargs, output):
-    end_forward(kwargs["past_key_values"])
+def _after_forward(cache_arg: str):
+    def hook(module, args, kwargs, output):
+        end_forward(kwargs[cache_arg])
+
+    return hook
