@@ -1,0 +1,160 @@
+"""Palu latent-cache kernels: the Triton decode kernel against the plain-torch reference, and the
+reference's own pieces (packing, quantisation, rotation, RoPE) against direct computations."""
+
+import pytest
+import torch
+
+from kvpress.kernels import palu_reference as ref
+from kvpress.kernels.reference import rank_attention
+
+palu = pytest.importorskip("kvpress.kernels.palu")
+
+
+def rope_tables(length: int, dim: int, dtype=torch.float32, theta: float = 10000.0):
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
+    angles = torch.arange(length)[:, None].float() * inv
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def make_case(batch=2, hq=8, hkv=4, gs=2, dim=16, rk=12, rv=8, tokens=70, dtype=torch.float32, bits=None,
+              quant_group=4, bias=True, norm=True, pad=5, device="cpu", seed=0):
+    """Random latents of a left-padded batch (row 1 has ``pad`` padding tokens) and what attention needs."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = hkv // gs
+    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    hk, hv = rand(batch, groups, tokens, rk), rand(batch, groups, tokens, rv)
+    padding = torch.zeros(batch, tokens, dtype=torch.bool)
+    padding[1 % batch, :pad] = True
+    k_rank = torch.where(padding, -1, (~padding).int().cumsum(1) - 1).int()
+    positions = torch.where(padding, 1, k_rank).long()
+    cos, sin = rope_tables(tokens + 8, dim, dtype)
+    spec = ref.QuantSpec(bits, quant_group) if bits else None
+
+    def latents(h):
+        h = h.to(dtype)
+        if spec is None:
+            return ref.Latents(h.to(device), h.shape[-1])
+        words, scale_min = ref.quantize(h, spec)
+        return ref.Latents(words.to(device), h.shape[-1], spec, scale_min.to(device))
+
+    on = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    args = dict(
+        q=on(rand(batch, hq, 1, dim)), k=latents(hk), v=latents(hv),
+        k_up=on(rand(groups, gs * dim, rk) / rk**0.5), v_up=on(rand(groups, gs * dim, rv) / rv**0.5),
+        positions=positions.to(device), cos=on(cos), sin=on(sin),
+        q_rank=k_rank[:, -1:].clone().to(device), k_rank=k_rank.to(device), scale=dim**-0.5,
+        k_bias=on(rand(hkv * dim) * 0.1) if bias else None, v_bias=on(rand(hkv * dim) * 0.1) if bias else None,
+        k_norm=(on(rand(dim).abs() + 0.5), 1e-6) if norm else None,
+    )
+    return args
+
+
+# -- reference pieces ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_roundtrip(bits):
+    spec = ref.QuantSpec(bits, 4)
+    codes = torch.randint(0, 1 << bits, (3, 5, 37), dtype=torch.int32)
+    words = ref.pack(codes, spec)
+    assert words.dtype == torch.int32 and words.shape[-1] == -(-37 // (32 // bits))
+    assert torch.equal(ref.unpack(words, spec, 37), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantize_error_within_half_step(bits):
+    h = torch.randn(2, 3, 50, 16)
+    words, scale_min = ref.quantize(h, ref.QuantSpec(bits, 8))
+    back = ref.dequantize(words, scale_min, ref.QuantSpec(bits, 8), 16)
+    step = scale_min[..., :2].repeat_interleave(8, -1)
+    assert ((back - h).abs() <= step / 2 + 1e-5).all()
+    assert scale_min.shape[-1] == 4  # two groups: two scales, two minima
+
+
+def test_hadamard_is_orthonormal():
+    for n in (8, 16, 24, 96):
+        h = ref.hadamard(n, dtype=torch.float64)
+        torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64))
+
+
+def test_rope_matches_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = rope_tables(40, 16)
+    x = torch.randn(2, 3, 7, 16)
+    positions = torch.randint(0, 40, (2, 7))
+    full_cos = torch.cat([cos[positions]] * 2, -1)
+    full_sin = torch.cat([sin[positions]] * 2, -1)
+    want, _ = apply_rotary_pos_emb(x, x, full_cos, full_sin)
+    torch.testing.assert_close(ref.apply_rope(x, positions, cos, sin), want)
+
+
+def test_latent_attention_is_attention_over_rebuilt_states():
+    """The reference equals dense attention over keys/values computed from the latents directly."""
+    a = make_case(bits=None)
+    hk, hv = a["k"].data, a["v"].data
+    keys = torch.einsum("bgtr,gor->bgto", hk, a["k_up"]).unflatten(-1, (2, 16)).permute(0, 1, 3, 2, 4).flatten(1, 2)
+    keys = keys + a["k_bias"].view(1, 4, 1, 16)
+    keys = ref.rms_norm(keys, a["k_norm"][0], 1e-6)
+    keys = ref.apply_rope(keys, a["positions"], a["cos"], a["sin"])
+    values = torch.einsum("bgtr,gor->bgto", hv, a["v_up"]).unflatten(-1, (2, 16)).permute(0, 1, 3, 2, 4).flatten(1, 2)
+    values = values + a["v_bias"].view(1, 4, 1, 16)
+    want = rank_attention(a["q"], keys, values, a["q_rank"], a["k_rank"], a["scale"])
+    torch.testing.assert_close(ref.latent_attention(**a), want)
+
+
+def test_value_output_folds_the_up_projection():
+    a = make_case(bits=None, hq=8, hkv=4, gs=2, rv=8)
+    o_lat = torch.randn(2, 8, 1, 8)
+    values = ref.value_output(o_lat, a["v_up"], a["v_bias"], num_kv_heads=4)
+    per_kv = a["v_up"].reshape(4, 16, 8)
+    for h in range(8):
+        want = per_kv[h // 2] @ o_lat[:, h, 0].T + a["v_bias"].view(4, 16)[h // 2, :, None]
+        torch.testing.assert_close(values[:, h, 0], want.T)
+
+
+# -- the Triton decode kernel (interpreter on CPU) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(),  # GQA, 2 groups of 2 KV heads, rank 12 (three 4-wide chunks), bias, k_norm
+        dict(gs=1, rk=16, bias=False, norm=False),  # per-head groups, no bias / norm (Llama)
+        dict(hq=4, hkv=4, gs=4, rk=8, rv=16, tokens=33),  # MHA, one group of all heads
+        dict(batch=1, tokens=1, pad=0),  # a single cached token
+    ],
+)
+def test_decode_kernel_matches_reference(shape):
+    a = make_case(**shape)
+    want = ref.latent_attention(**a)
+    got = palu.palu_decode(**a, splits=2)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits,quant_group,rk,rv", [(4, 4, 16, 8), (3, 4, 12, 12), (2, 8, 16, 8)])
+def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv):
+    a = make_case(bits=bits, quant_group=quant_group, rk=rk, rv=rv)
+    torch.testing.assert_close(palu.palu_decode(**a), ref.latent_attention(**a), atol=2e-5, rtol=1e-4)
+
+
+def test_decode_kernel_fp16_window_and_padding_query():
+    a = make_case(dtype=torch.float16, tokens=45)
+    a["q_rank"][1] = -1  # a padding query: zero output
+    want = ref.latent_attention(**a, window=9)
+    got = palu.palu_decode(**a, window=9, splits=3)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    assert got[1].abs().max() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [None, 4, 3])
+@pytest.mark.parametrize("gs,qpk,rk,rv", [(1, 4, 64, 64), (4, 4, 224, 256), (1, 1, 64, 64)])
+def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv):
+    hkv = 8
+    a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
+                  bits=bits, quant_group=32, pad=700, device="cuda")
+    want = ref.latent_attention(**a)
+    got = palu.palu_decode(**a)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
