@@ -9,20 +9,17 @@ Writes benchmarks/results/calibration_memory_<device>.json.
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvpress.calibration.data import PasskeyRecipe, Sample
-from kvpress.calibration.duo import DuoTraining, train_gates
-
-LLAMA_3_8B = dict(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0,
-)
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+from kvpress.calibration.data import PasskeyRecipe, Sample  # noqa: E402
+from kvpress.calibration.duo import DuoTraining, train_gates  # noqa: E402
 
 
 class RandomTokens:
@@ -48,12 +45,9 @@ def main():
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = LlamaConfig(**LLAMA_3_8B)
     started = time.perf_counter()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
+    model = common.build_model("cuda", max_positions=131072)  # train_gates sets train mode and grads itself
+    config = model.config
     build_seconds = time.perf_counter() - started
     weights = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -74,6 +68,7 @@ def main():
         "device_total_gib": torch.cuda.get_device_properties(0).total_memory / 2**30,
         "seconds_per_step": seconds / args.steps, "model_build_seconds": build_seconds,
         "gates_changed": bool((gates < 1).any()),
+        "env": common.environment(),
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"calibration_memory_{name.split()[1].lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

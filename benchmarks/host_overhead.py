@@ -10,12 +10,14 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, "benchmarks")
+sys.path.insert(0, str(Path(__file__).parent))
 import bench_duo as b  # noqa: E402
+import common as c  # noqa: E402
 from kvpress import kernels  # noqa: E402
 from kvpress.cache import TokenLedger  # noqa: E402
 from kvpress.methods.duo import DuoLayer  # noqa: E402
@@ -75,9 +77,9 @@ def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     rows = {}
-    q = b.rand(1, 1, hq, b.D, dev=dev).transpose(1, 2)  # as the model makes it: [B, H, 1, D] view
-    k_new = b.rand(1, 1, hkv, b.D, dev=dev).transpose(1, 2)
-    v_new = b.rand(1, 1, hkv, b.D, dev=dev).transpose(1, 2)
+    q = c.rand(1, 1, hq, c.D, dev=dev).transpose(1, 2)  # as the model makes it: [B, H, 1, D] view
+    k_new = c.rand(1, 1, hkv, c.D, dev=dev).transpose(1, 2)
+    v_new = c.rand(1, 1, hkv, c.D, dev=dev).transpose(1, 2)
 
     # unpatched: DynamicLayer.update (cat) + transformers' sdpa attention (flash)
     class Module(torch.nn.Module):
@@ -86,12 +88,12 @@ def main():
 
     module = Module()
     cache = DynamicCache()
-    cache.update(b.rand(1, hkv, T, b.D, dev=dev), b.rand(1, hkv, T, b.D, dev=dev), 0)
+    cache.update(c.rand(1, hkv, T, c.D, dev=dev), c.rand(1, hkv, T, c.D, dev=dev), 0)
     length = cache.layers[0].keys.shape[2]
 
     def unpatched():
         k, v = cache.update(k_new, v_new, 0)
-        out = sdpa_attention_forward(module, q, k, v, None, scaling=b.D ** -0.5)
+        out = sdpa_attention_forward(module, q, k, v, None, scaling=c.D ** -0.5)
         cache.layers[0].keys = cache.layers[0].keys[:, :, :length]  # keep the length fixed
         cache.layers[0].values = cache.layers[0].values[:, :, :length]
         return out
@@ -109,7 +111,7 @@ def main():
     ledger = TokenLedger(window=(b.SINK, b.RECENT))
     layer = DuoLayer(ledger, True, retrieval)
     ledger.begin(None, 1, T, dev)
-    layer.update(b.rand(1, hkv, T, b.D, dev=dev), b.rand(1, hkv, T, b.D, dev=dev))
+    layer.update(c.rand(1, hkv, T, c.D, dev=dev), c.rand(1, hkv, T, c.D, dev=dev))
     ledger.end()
     layer.after_forward()
 
@@ -118,7 +120,7 @@ def main():
         kv, _ = layer.update(k_new, v_new)
         out = kernels.split_cache_attention(
             q, kv.full_k, kv.full_v, kv.full_rank, kv.stream_k, kv.stream_v, kv.stream_rank, kv.query_rank,
-            kv.retrieval_heads, kv.streaming_heads, scale=b.D ** -0.5, sink=b.SINK, recent=b.RECENT,
+            kv.retrieval_heads, kv.streaming_heads, scale=c.D ** -0.5, sink=b.SINK, recent=b.RECENT,
             new_kv=(kv.new_k, kv.new_v))
         ledger.step = None  # undo the step: the lengths stay fixed
         ledger.rank.truncate(ledger.rank.length - 1)
@@ -133,7 +135,7 @@ def main():
         buf.truncate(buf.length - 1) for buf in (layer.full_k, layer.full_v, layer.stream_k, layer.stream_v)]), a.calls)
     kv, _ = layer.update(k_new, v_new)
     args = (q, kv.full_k, kv.full_v, kv.full_rank, kv.stream_k, kv.stream_v, kv.stream_rank, kv.query_rank,
-            kv.retrieval_heads, kv.streaming_heads, b.D ** -0.5, b.SINK, b.RECENT)
+            kv.retrieval_heads, kv.streaming_heads, c.D ** -0.5, b.SINK, b.RECENT)
     rows["  split_cache_attention alone (+ new token)"] = host_us(
         lambda: kernels.split_cache_attention(*args, new_kv=(k_new, v_new)), a.calls)
     buf = layer.full_k
@@ -148,7 +150,7 @@ def main():
     for name, us in rows.items():
         print(f"{name:<50} {us:8.1f} us", flush=True)
     if a.out:
-        json.dump({"env": b.environment(), "tokens": T, "host_us": rows}, open(a.out, "w"), indent=1)
+        json.dump({"env": c.environment(), "tokens": T, "host_us": rows}, open(a.out, "w"), indent=1)
 
 
 if __name__ == "__main__":
