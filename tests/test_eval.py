@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from kvpress.eval import TASKS, evaluate_task, load_corpus, make_sample, perplexity, score
 from kvpress.eval.cli import main as eval_main
+from kvpress.eval.cli import run as eval_run
 
 MODEL_DIR = os.path.join(os.path.dirname(__file__), "..", "models", "needle-llama")
 
@@ -149,7 +150,7 @@ def test_cli_evaluates_a_duo_patched_model(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "m")
     gates = torch.tensor([[1.0, 0.2], [0.1, 0.9]])  # 2 layers x 2 KV heads
     kvpress.DuoConfig(gates=gates, sink=4, recent=32).save(tmp_path / "duo.safetensors")
-    report = eval_main(
+    report = eval_run(
         ["--model", str(tmp_path / "m"), "--tasks", "passkey", "--lengths", "300", "--depths", "0.5",
          "--samples", "1", "--device", "cpu", "--no-progress", "--duo-config", str(tmp_path / "duo.safetensors"),
          "--duo-sparsity", "0.75"]
@@ -158,3 +159,72 @@ def test_cli_evaluates_a_duo_patched_model(tmp_path, tokenizer):
     r = report["results"]["passkey"]
     # one of four heads keeps 299 tokens, three keep sink + recent = 36: far below a dense cache
     assert r["cache_bytes"][300] < 0.5 * r["dense_cache_bytes"][300]
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("eval") / "tiny-llama"
+    tiny_byte_model().save_pretrained(path)  # max_position_embeddings 2048 (LlamaConfig default)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_exits_0_and_prints_no_report_to_stderr(saved_tiny, capsys):
+    code = eval_main(["--model", str(saved_tiny), "--tasks", "passkey", "--lengths", "300", "--depths", "1",
+                      "--samples", "1", "--device", "cpu", "--no-progress"])
+    assert code == 0  # the console script passes it to sys.exit
+    out, err = capsys.readouterr()
+    assert out.startswith("passkey") and "results" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "passkey,foo"], "argument --tasks: unknown task(s) foo"),
+    (["--duo-config", "nowhere.safetensors"], "argument --duo-config: nowhere.safetensors not found"),
+    (["--lengths", "20"], "argument --lengths: length 20 is too short for task 'passkey'"),
+    (["--lengths", "1024,4096"], "argument --lengths: 4096 exceeds the model's max_position_embeddings (2048)"),
+    (["--depths", "0,1.5"], "argument --depths: depths are fractions in [0, 1]"),
+    (["--duo-sparsity", "0.5"], "--duo-sparsity / --duo-threshold need --duo-config FILE"),
+    (["--heatmap", "x.png", "--tasks", "kvlookup"], "add passkey to --tasks"),
+])
+def test_cli_rejects_bad_arguments_before_loading_the_model(saved_tiny, monkeypatch, capsys, args, message):
+    import kvpress.eval.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--model", str(saved_tiny), "--device", "cpu", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("kvpress-eval: error: ")
+
+
+def test_cli_heatmap_needs_matplotlib(saved_tiny, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit):
+        eval_main(["--model", str(saved_tiny), "--heatmap", "x.png"])
+    assert "argument --heatmap: needs matplotlib" in capsys.readouterr().err
+
+
+def test_cli_version(capsys):
+    import kvpress
+
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--version"])
+    assert exit_info.value.code == 0 and kvpress.__version__ in capsys.readouterr().out
+
+
+def test_heatmap_title_names_the_model_folder_and_method(saved_tiny, tmp_path, monkeypatch):
+    import kvpress
+    import kvpress.eval.cli as cli
+
+    titles = []
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())  # matplotlib "installed"
+    monkeypatch.setattr(cli, "heatmap", lambda result, path, title: titles.append(title) or True)
+    kvpress.DuoConfig(gates=torch.tensor([[1.0, 0.2], [0.1, 0.9]]), sink=4, recent=32).save(tmp_path / "duo.safetensors")
+    eval_run(["--model", str(saved_tiny), "--tasks", "passkey", "--lengths", "300", "--depths", "1", "--samples", "1",
+              "--device", "cpu", "--no-progress", "--heatmap", str(tmp_path / "h.png"),
+              "--duo-config", str(tmp_path / "duo.safetensors")])
+    assert titles[0].startswith("passkey on tiny-llama: ")
+    assert "DuoAttention: 2 of 4 KV heads retrieval (sparsity 0.5), streaming sink 4 + recent 32" in titles[0]

@@ -1,23 +1,60 @@
-"""`kvpress-eval`: long-context retrieval accuracy, KV cache bytes and perplexity of a model.
+"""kvpress-eval: long-context retrieval accuracy, KV cache bytes and perplexity of a model.
 
-    kvpress-eval --model models/needle-llama --tasks passkey,multikey,ppl \
+    kvpress-eval --model models/needle-llama --tasks passkey,multikey,ppl \\
         --lengths 1024,2048,4096,8192 --depths 11 --samples 4 --out results.json --heatmap passkey.png
 
-Add `--duo-config FILE` to evaluate the model patched with DuoAttention (`kvpress.patch`).
+Add --duo-config FILE to evaluate the model patched with DuoAttention (kvpress.patch).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import logging
+import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from .harness import evaluate_task, heatmap, perplexity
-from .tasks import TASKS, load_corpus
+from .tasks import TASKS, load_corpus, make_sample
+
+EXAMPLE = __doc__.split("\n\n", 1)[1]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with the usage example kept as written and every option's default shown (options
+    whose default is None or a flag say in their own help what happens without them)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        default = action.default
+        if "default" in help or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return help
+        return help + " (default: %(default)s)"
+
+
+def setup_logging() -> None:
+    """Show kvpress's log lines (INFO and up) on stderr as ``kvpress: message``, once."""
+    logger = logging.getLogger("kvpress")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+def version_string(prog: str) -> str:
+    from kvpress import __version__
+
+    return f"{prog} (kvpress {__version__})"
 
 
 @dataclass
@@ -35,6 +72,7 @@ class EvalConfig:
     ppl_context: int = 2048
     ppl_tokens: int = 65536
     progress: bool = True
+    chat: bool = False  # wrap prompts in the tokenizer's chat template (instruction models)
 
 
 def read_text(name: str) -> str:
@@ -67,17 +105,18 @@ def run_eval(model, tokenizer, cfg: EvalConfig) -> dict:
                 cfg.seed,
                 cfg.num_needles,
                 cfg.progress,
+                chat=cfg.chat,
             )
             results[task] = r.to_dict()
         results[task]["seconds"] = round(time.time() - t0, 2)
     return results
 
 
-def load_model(path: str, device: str, dtype: str):
+def load_model(path: str, device: str, dtype: str, tokenizer=None):
     """Model and tokenizer from a local folder or hub name (offline if cached), in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     return model, tokenizer
 
@@ -106,6 +145,16 @@ def duo_summary(config) -> dict:
     }
 
 
+def method_label(duo: dict | None) -> str:
+    """One line naming the method and its settings, e.g. for a heatmap title."""
+    if duo is None:
+        return "unpatched (dense KV cache)"
+    heads = [x for row in duo["retrieval_heads"] for x in row]
+    split = f"sparsity {duo['sparsity']}" if duo["sparsity"] is not None else f"threshold {duo['threshold']}"
+    return (f"DuoAttention: {sum(heads)} of {len(heads)} KV heads retrieval ({split}), "
+            f"streaming sink {duo['sink']} + recent {duo['recent']}")
+
+
 def environment(model) -> dict:
     """Versions and device, recorded with every result."""
     import transformers
@@ -132,45 +181,135 @@ def parse_depths(text: str) -> list[float]:
     return parse_list(text)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="kvpress-eval", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="model folder or hub name")
-    p.add_argument("--tasks", default="passkey,multikey,multivalue,kvlookup,ppl", help=f"any of {TASKS + ('ppl',)}")
-    p.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths in tokens")
-    p.add_argument("--depths", default="11", help="a count of evenly spaced depths in [0,1] (11), or depths (0.5 or 0,0.5,1)")
-    p.add_argument("--samples", type=int, default=2, help="samples per (length, depth) cell")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-needles", type=int, default=None, help="keys / values / pairs per sample")
-    p.add_argument("--haystack", default="heldout", help="'heldout', 'train' or a text file")
-    p.add_argument("--ppl-text", default="heldout", help="'heldout', 'train' or a text file")
-    p.add_argument("--ppl-context", type=int, default=2048)
-    p.add_argument("--ppl-tokens", type=int, default=65536)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--duo-config", default=None, help="a saved kvpress.DuoConfig: evaluate the patched model")
-    p.add_argument("--duo-sparsity", type=float, default=None, help="override: fraction of streaming heads")
-    p.add_argument("--duo-threshold", type=float, default=None, help="override: gate threshold for retrieval heads")
-    p.add_argument("--out", default=None, help="write the results JSON here")
-    p.add_argument("--heatmap", default=None, help="write the passkey heatmap PNG here (needs matplotlib)")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-
-    depths = parse_depths(a.depths)
-    cfg = EvalConfig(
-        tasks=a.tasks.split(","),
-        lengths=parse_list(a.lengths, int),
-        depths=depths,
-        samples=a.samples,
-        seed=a.seed,
-        num_needles=a.num_needles,
-        haystack=a.haystack,
-        ppl_text=a.ppl_text,
-        ppl_context=a.ppl_context,
-        ppl_tokens=a.ppl_tokens,
-        progress=not a.no_progress,
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvpress-eval", formatter_class=HelpFormatter, epilog="example:\n" + EXAMPLE,
+        description="Long-context retrieval accuracy, KV cache bytes and perplexity of a causal LM, "
+        "unpatched or patched by kvpress.",
     )
+    all_tasks = ",".join(TASKS + ("ppl",))
+    p.add_argument("--version", action="version", version=version_string("kvpress-eval"))
+    p.add_argument("--model", required=True, help="model folder (or a hub name already in the local cache); required")
+    p.add_argument("--tasks", default=all_tasks, help=f"comma-separated tasks, any of {all_tasks}")
+    p.add_argument("--lengths", default="1024,2048,4096,8192",
+                   help="comma-separated context lengths in tokens (each at most the model's max_position_embeddings)")
+    p.add_argument("--depths", default="11",
+                   help="a count of evenly spaced needle depths in [0, 1] (11), or a comma-separated list (0,0.5,1)")
+    p.add_argument("--samples", type=int, default=2, help="samples per (length, depth) cell")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples (a sample is a pure function of it)")
+    p.add_argument("--num-needles", type=int, default=None,
+                   help="keys / values / pairs per sample (default: the task's own: passkey 1, multikey 4, "
+                   "multivalue 4, kvlookup 16)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the tokenizer's chat template (instruction models; default: plain text)")
+    p.add_argument("--haystack", default="heldout", help="haystack text: 'heldout', 'train' (bundled) or a text file")
+    p.add_argument("--ppl-text", default="heldout", help="perplexity text: 'heldout', 'train' (bundled) or a text file")
+    p.add_argument("--ppl-context", type=int, default=2048, help="perplexity window in tokens")
+    p.add_argument("--ppl-tokens", type=int, default=65536, help="tokens of --ppl-text scored for perplexity")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights' dtype")
+    p.add_argument("--duo-config", default=None,
+                   help="a saved kvpress.DuoConfig (file or pattern folder): evaluate the model patched with it "
+                   "(default: unpatched)")
+    p.add_argument("--duo-sparsity", type=float, default=None,
+                   help="with --duo-config: fraction of streaming KV heads, in [0, 1] (default: the config's)")
+    p.add_argument("--duo-threshold", type=float, default=None,
+                   help="with --duo-config: gate at or above which a head is a retrieval head (default: the config's)")
+    p.add_argument("--out", default=None, help="write the results JSON here (default: print only)")
+    p.add_argument("--heatmap", default=None,
+                   help="write the passkey accuracy heatmap PNG here; needs matplotlib (default: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    return p
+
+
+def check_args(parser: argparse.ArgumentParser, a) -> tuple[EvalConfig, object, object]:
+    """Validate the arguments before any model weights load; parser.error (exit 2, one line) on the
+    first problem. Returns the EvalConfig, the model config and the tokenizer."""
+    tasks = [t for t in a.tasks.split(",") if t]
+    if unknown := [t for t in tasks if t not in TASKS + ("ppl",)]:
+        parser.error(f"argument --tasks: unknown task(s) {','.join(unknown)}; choose from {','.join(TASKS + ('ppl',))}")
+    if not tasks:
+        parser.error("argument --tasks: give at least one task")
+    try:
+        lengths = parse_list(a.lengths, int)
+        depths = parse_depths(a.depths)
+    except ValueError as error:
+        parser.error(f"argument --lengths/--depths: {error}")
+    if not lengths or min(lengths) < 1:
+        parser.error(f"argument --lengths: give positive token counts, got {a.lengths!r}")
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        parser.error(f"argument --depths: depths are fractions in [0, 1], got {a.depths!r}")
+    for name in ("samples", "ppl_context", "ppl_tokens"):
+        if getattr(a, name) < 1:
+            parser.error(f"argument --{name.replace('_', '-')}: must be at least 1")
+    if a.num_needles is not None and a.num_needles < 1:
+        parser.error("argument --num-needles: must be at least 1")
+    for name in ("haystack", "ppl_text"):
+        value = getattr(a, name)
+        if value not in ("heldout", "train") and not os.path.isfile(value):
+            parser.error(f"argument --{name.replace('_', '-')}: {value!r} is neither 'heldout', 'train' nor a file")
+    if a.duo_config is None and (a.duo_sparsity is not None or a.duo_threshold is not None):
+        parser.error("--duo-sparsity / --duo-threshold need --duo-config FILE")
+    if a.duo_config is not None and not os.path.exists(a.duo_config):
+        parser.error(f"argument --duo-config: {a.duo_config} not found; make one with "
+                     f"`kvpress-calibrate duo --model {a.model} --out {a.duo_config}`")
+    if a.duo_sparsity is not None and a.duo_threshold is not None:
+        parser.error("give --duo-sparsity or --duo-threshold, not both")
+    for name in ("duo_sparsity", "duo_threshold"):
+        value = getattr(a, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            parser.error(f"argument --{name.replace('_', '-')}: must be in [0, 1], got {value}")
+    if a.heatmap:
+        if "passkey" not in tasks:
+            parser.error("argument --heatmap: it draws the passkey grid; add passkey to --tasks")
+        if importlib.util.find_spec("matplotlib") is None:
+            parser.error("argument --heatmap: needs matplotlib; `pip install matplotlib` (or kvpress[eval])")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"argument --device: {a.device} asked but torch sees no CUDA GPU; use --device cpu")
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(a.model)
+    except (OSError, ValueError) as error:
+        parser.error(f"argument --model: cannot read a model config from {a.model}: {str(error).splitlines()[0]}")
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text_config, "max_position_embeddings", None)
+    if window is not None:
+        if max(lengths) > window:
+            parser.error(f"argument --lengths: {max(lengths)} exceeds the model's max_position_embeddings ({window})")
+        if "ppl" in tasks and a.ppl_context > window:
+            parser.error(f"argument --ppl-context: {a.ppl_context} exceeds the model's max_position_embeddings ({window})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(a.model)
+    except (OSError, ValueError) as error:
+        parser.error(f"argument --model: cannot load a tokenizer from {a.model}: {str(error).splitlines()[0]}")
+    if a.chat and not getattr(tokenizer, "chat_template", None):
+        parser.error(f"argument --chat: the tokenizer of {a.model} has no chat template")
+    haystack = read_text(a.haystack)
+    for task in tasks:
+        if task != "ppl":
+            try:
+                make_sample(task, tokenizer, haystack, min(lengths), 0.5, seed=0, num_needles=a.num_needles,
+                            chat=a.chat)
+            except ValueError as error:
+                parser.error(f"argument --lengths: {error}")
+    cfg = EvalConfig(
+        tasks=tasks, lengths=lengths, depths=depths, samples=a.samples, seed=a.seed, num_needles=a.num_needles,
+        haystack=a.haystack, ppl_text=a.ppl_text, ppl_context=a.ppl_context, ppl_tokens=a.ppl_tokens,
+        progress=not a.no_progress, chat=a.chat,
+    )
+    return cfg, config, tokenizer
+
+
+def run(argv=None) -> dict:
+    """Parse `argv`, evaluate, print a summary (and write --out / --heatmap); returns the report."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    cfg, _, tokenizer = check_args(parser, a)
+    setup_logging()
     torch.manual_seed(a.seed)
-    model, tokenizer = load_model(a.model, a.device, a.dtype)
+    model, tokenizer = load_model(a.model, a.device, a.dtype, tokenizer)
     duo = None
     if a.duo_config:
         duo = patch_duo(model, a.duo_config, a.duo_sparsity, a.duo_threshold)
@@ -196,11 +335,19 @@ def main(argv=None):
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)
-    if a.heatmap and "passkey" in results:
-        if not heatmap(results["passkey"], a.heatmap, title=f"passkey, {a.model}"):
-            print("matplotlib is not installed: no heatmap")
+    if a.heatmap:
+        name = Path(os.path.abspath(a.model)).name if os.path.isdir(a.model) else a.model
+        r = results["passkey"]
+        title = f"passkey on {name}: {100 * r['accuracy']:.1f}%\n{method_label(report['duo'])}"
+        heatmap(r, a.heatmap, title=title)
     return report
 
 
+def main(argv=None) -> int:
+    """The kvpress-eval command: 0 on success (argument errors exit 2 before the model loads)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

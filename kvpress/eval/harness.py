@@ -29,11 +29,24 @@ def dense_cache_bytes(model, tokens: int, batch: int = 1) -> int:
     return 2 * c.num_hidden_layers * kv_heads * head_dim * tokens * batch * elem
 
 
+def folds_leading_space(tokenizer) -> bool:
+    """True for tokenizers that merge a word's leading space into its first token (BPE, SentencePiece):
+    a prompt ending in a space is then an unnatural token boundary."""
+    return len(tokenizer.encode(" pass", add_special_tokens=False)) == len(tokenizer.encode("pass", add_special_tokens=False))
+
+
 @torch.no_grad()
 def answer(model, tokenizer, sample: Sample) -> tuple[str, int, int]:
-    """Greedy-decode as many tokens as the answer has; returns (text, cache bytes, tokens cached)."""
-    ids = tokenizer(sample.prompt, return_tensors="pt").input_ids.to(model.device)
-    n_new = len(tokenizer.encode(sample.answer, add_special_tokens=False))
+    """Greedy-decode as many tokens as the answer has; returns (text, cache bytes, tokens cached).
+
+    A prompt that ends in a space ("The pass key is ") leaves that space to the model when the
+    tokenizer folds leading spaces into words (the answer is then " 1234567"); byte-level
+    tokenizers read the prompt as it is."""
+    prompt, expected = sample.prompt, sample.answer
+    if prompt.endswith(" ") and folds_leading_space(tokenizer):
+        prompt, expected = prompt[:-1], " " + expected
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not sample.chat).input_ids.to(model.device)
+    n_new = len(tokenizer.encode(expected, add_special_tokens=False))
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -75,12 +88,14 @@ def evaluate_task(
     seed: int = 0,
     num_needles: int | None = None,
     progress: bool = True,
+    chat: bool = False,
 ) -> TaskResult:
-    """Score `samples` instances of `task` per (length, depth) cell; deterministic for a seed."""
+    """Score `samples` instances of `task` per (length, depth) cell; deterministic for a seed.
+    chat: prompts in the tokenizer's chat template (see tasks.make_sample)."""
     cells = [(n, d, i) for n in lengths for d in depths for i in range(samples)]
     grid, by_len, mem, examples = {}, {}, {}, []
     for n, d, i in tqdm(cells, desc=task, disable=not progress, leave=False):
-        s = make_sample(task, tokenizer, haystack, n, d, seed=f"{seed}/{i}", num_needles=num_needles)
+        s = make_sample(task, tokenizer, haystack, n, d, seed=f"{seed}/{i}", num_needles=num_needles, chat=chat)
         pred, nbytes, ntok = answer(model, tokenizer, s)
         sc = score(s, pred)
         grid.setdefault(n, {}).setdefault(d, []).append(sc)
@@ -130,8 +145,15 @@ def perplexity(model, tokenizer, text: str, context: int = 2048, max_tokens: int
     }
 
 
+def length_label(tokens: int) -> str:
+    """1024 -> "1K", 1536 -> "1.5K", 300 -> "300" (tokens)."""
+    tokens = int(tokens)
+    return f"{tokens / 1024:g}K" if tokens >= 1024 and tokens % 256 == 0 else str(tokens)
+
+
 def heatmap(result: dict, path: str, title: str = "") -> bool:
-    """Draw a TaskResult dict's grid (depth rows x length columns) to `path`; False without matplotlib."""
+    """Draw a TaskResult dict's grid (needle depth rows x context length columns, accuracy in % in
+    each cell) to `path`; False without matplotlib."""
     try:
         import matplotlib
 
@@ -142,17 +164,17 @@ def heatmap(result: dict, path: str, title: str = "") -> bool:
     lengths = sorted(result["grid"], key=int)
     depths = sorted({d for row in result["grid"].values() for d in row}, key=float)
     z = [[result["grid"][n][d] for n in lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.35 * len(depths)))
+    fig, ax = plt.subplots(figsize=(3.0 + 0.9 * len(lengths), 1.6 + 0.38 * len(depths)))
     im = ax.imshow(z, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{float(d):.2f}" for d in depths])
+    ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{100 * float(d):.0f}%" for d in depths])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
+    ax.set_ylabel("needle depth (0% = start)")
     for i, row in enumerate(z):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
-    ax.set_title(title or f"{result['task']}: {100 * result['accuracy']:.1f}%")
-    fig.colorbar(im, ax=ax, fraction=0.05)
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=9, color="black")
+    ax.set_title(title or f"{result['task']}: {100 * result['accuracy']:.1f}%", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.05, label="accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

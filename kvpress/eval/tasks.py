@@ -8,6 +8,13 @@ question whose answer the model must copy from the needles:
 - `multivalue`: several values for one key, all asked, in order of appearance (RULER niah_multivalue).
 - `kvlookup`: a JSON object of random hex keys and values, one key asked (Liu et al. 2023,
   "Lost in the Middle", arXiv 2307.03172).
+- `secret`: one natural-language needle, a secret English word, asked in plain words (passkey
+  retrieval for small instruction models, which copy a word more reliably than 7 digits).
+- `people`: several natural-language facts ("Alice lives in the city of Oslo."), one person asked
+  (a natural-language multi-key needle task).
+
+The first four are the formats `models/needle-llama` was trained on; `secret` and `people` suit
+pretrained instruction models (with ``chat=True``, the prompt goes through the chat template).
 
 Lengths are in tokens of the given tokenizer and include the BOS token (if the tokenizer adds one)
 and the answer. With a byte-level tokenizer and ASCII text the length is exact; with other
@@ -23,7 +30,7 @@ import random
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-TASKS = ("passkey", "multikey", "multivalue", "kvlookup")
+TASKS = ("passkey", "multikey", "multivalue", "kvlookup", "secret", "people")
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
 
@@ -39,6 +46,18 @@ rocket saddle salmon silver spider spruce statue summit tiger timber tulip tunne
 walnut willow window winter zebra
 """.split()
 
+# Keys and values of the natural-language `people` needles: first names and cities, one token or two
+# in common tokenizers, so small instruction models can copy them.
+NAMES = """
+Alice Bob Carol David Emma Frank Grace Henry Irene Jack Karen Louis Maria Nathan Olivia Peter
+Quinn Rachel Samuel Teresa Victor Wendy Xavier Yvonne
+""".split()
+CITIES = """
+Amsterdam Athens Bangkok Barcelona Berlin Boston Cairo Chicago Dublin Geneva Helsinki Istanbul
+Lisbon London Madrid Manila Montreal Moscow Nairobi Oslo Paris Prague Rome Seoul Sydney Tokyo
+Toronto Vienna Warsaw Zurich
+""".split()
+
 
 @dataclass
 class Sample:
@@ -51,6 +70,7 @@ class Sample:
     depth: float  # depth of the asked needle (or of the first value) in the haystack, in [0, 1]
     values: list[str] = field(default_factory=list)  # the values to retrieve (multivalue: several)
     followups: list[tuple[str, str]] = field(default_factory=list)  # more (question, answer), training only
+    chat: bool = False  # the prompt is a chat template's text: tokenize it without adding special tokens
 
 
 CORPORA = {"train": "pydoc_train", "heldout": "pydoc_heldout", "code": "pycode_train"}
@@ -82,38 +102,50 @@ def _hex(rng: random.Random, n: int = 8) -> str:
 
 
 def _needles(task: str, rng: random.Random, depth: float, num_needles: int):
-    """(needles [(depth, text)], questions [(question, answer, values)]) of one task instance.
+    """(needles [(depth, text)], questions [(ask, lead, answer, values)]) of one task instance.
 
-    The first question is the asked one; the others (multikey: the other keys, kvlookup: the other
-    pairs) can follow it, for denser supervision in training."""
+    A question is asked as ``ask + " " + lead`` and answered right after ``lead`` (with a chat
+    template, ``ask`` is the user's message and ``lead`` starts the assistant's reply). The first
+    question is the asked one; the others (multikey: the other keys, kvlookup: the other pairs) can
+    follow it, for denser supervision in training."""
     if task == "passkey":
         key = _digits(rng)
         needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-        return [(depth, needle)], [("What is the pass key? The pass key is ", key, [key])]
+        return [(depth, needle)], [("What is the pass key?", "The pass key is ", key, [key])]
     if task == "multikey":
         keys = rng.sample(WORDS, num_needles)
         values = [_digits(rng) for _ in keys]
         depths = [depth] + [rng.random() for _ in keys[1:]]
         needles = [(d, f"One of the special magic numbers for {k} is: {v}.") for d, k, v in zip(depths, keys, values)]
-        ask = lambda k: f"What is the special magic number for {k}? The special magic number for {k} is: "  # noqa: E731
-        return needles, [(ask(k), v, [v]) for k, v in zip(keys, values)]
+        return needles, [(f"What is the special magic number for {k}?", f"The special magic number for {k} is: ", v, [v])
+                         for k, v in zip(keys, values)]
     if task == "multivalue":
         key = rng.choice(WORDS)
         values = [_digits(rng) for _ in range(num_needles)]
         depths = sorted([depth] + [rng.uniform(depth, 1.0) for _ in values[1:]])
         needles = [(d, f"One of the special magic numbers for {key} is: {v}.") for d, v in zip(depths, values)]
-        question = f"What are all the special magic numbers for {key}? The special magic numbers for {key} are: "
-        return needles, [(question, ", ".join(values), values)]
+        return needles, [(f"What are all the special magic numbers for {key}?",
+                          f"The special magic numbers for {key} are: ", ", ".join(values), values)]
     if task == "kvlookup":
         pairs = [(_hex(rng), _hex(rng)) for _ in range(num_needles)]
         block = "JSON data: {" + ", ".join(f'"{k}": "{v}"' for k, v in pairs) + "}"
         rng.shuffle(pairs)
-        ask = lambda k: f'Extract the value for key "{k}" from the JSON data above. Value: "'  # noqa: E731
-        return [(depth, block)], [(ask(k), v, [v]) for k, v in pairs]
+        return [(depth, block)], [(f'Extract the value for key "{k}" from the JSON data above.', 'Value: "', v, [v])
+                                  for k, v in pairs]
+    if task == "secret":
+        word = rng.choice(WORDS)
+        needle = f"Here is a secret to keep in mind: the secret word is {word}."
+        return [(depth, needle)], [("What is the secret word mentioned in the text?", "The secret word is ", word, [word])]
+    if task == "people":
+        names = rng.sample(NAMES, num_needles)
+        cities = rng.sample(CITIES, num_needles)
+        depths = [depth] + [rng.random() for _ in names[1:]]
+        needles = [(d, f"{n} lives in the city of {c}.") for d, n, c in zip(depths, names, cities)]
+        return needles, [(f"In which city does {n} live?", f"{n} lives in the city of ", c, [c]) for n, c in zip(names, cities)]
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
-DEFAULT_NEEDLES = {"passkey": 1, "multikey": 4, "multivalue": 4, "kvlookup": 16}
+DEFAULT_NEEDLES = {"passkey": 1, "multikey": 4, "multivalue": 4, "kvlookup": 16, "secret": 1, "people": 4}
 
 
 def make_sample(
@@ -125,21 +157,35 @@ def make_sample(
     seed: int | str,
     num_needles: int | None = None,
     questions: int = 1,
+    chat: bool = False,
 ) -> Sample:
     """Build one `task` instance of `length` tokens with its (asked) needle at `depth`.
 
     haystack: source text; a window starting at a random line is used (wrapping around if short).
-    num_needles: keys (multikey), values (multivalue) or pairs (kvlookup); defaults to DEFAULT_NEEDLES.
+    num_needles: keys (multikey, people), values (multivalue) or pairs (kvlookup); defaults to
+        DEFAULT_NEEDLES.
     questions: up to this many questions (training: denser supervision); the first is `prompt` /
         `answer`, the others go to `followups`, each asked on a new line after the previous answer.
+    chat: the prompt is the tokenizer's chat template of one user message (the haystack and the
+        question) and the start of the assistant's reply; it holds its special tokens as text, so
+        tokenize it with ``add_special_tokens=False`` (``Sample.chat`` says so).
     """
+    if chat and questions > 1:
+        raise ValueError("follow-up questions are for plain-text training samples; use questions=1 with chat")
     rng = random.Random(f"{task}/{length}/{depth}/{seed}")
     num_needles = num_needles or DEFAULT_NEEDLES[task]
     needles, qas = _needles(task, rng, depth, num_needles)
-    (question, answer, values), qas = qas[0], qas[1:questions]
-    followups = [("\n" + q, a) for q, a, _ in qas]
+    (ask, lead, answer, values), qas = qas[0], qas[1:questions]
+    question = ask + " " + lead
+    followups = [("\n" + q + " " + l, a) for q, l, a, _ in qas]
     n_tok = lambda s: len(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
-    n_special = len(tokenizer.encode("", add_special_tokens=True))
+    n_special = 0 if chat else len(tokenizer.encode("", add_special_tokens=True))
+
+    def finish(hay: str) -> str:
+        if not chat:
+            return hay + "\n\n" + question
+        messages = [{"role": "user", "content": hay + "\n\n" + ask}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + lead
     start = haystack.find("\n", rng.randrange(len(haystack))) + 1
 
     def build(budget: int) -> str:
@@ -160,9 +206,9 @@ def make_sample(
             spots.append((max(line, sentence + 2 if sentence >= 0 else 0), i, needle))  # a line or sentence start
         for at, _, needle in sorted(spots, reverse=True):  # from the end, so positions stay valid
             hay = hay[:at] + needle + " " + hay[at:]
-        return hay + "\n\n" + question
+        return finish(hay)
 
-    fixed = n_special + n_tok(answer) + n_tok("\n\n" + question) + sum(n_tok(n + " ") for _, n in needles)
+    fixed = n_special + n_tok(answer) + n_tok(finish("")) + sum(n_tok(n + " ") for _, n in needles)
     after = sum(n_tok(q) + n_tok(a) for q, a in followups)  # tokens of the follow-up questions
     fixed += after
     budget = length - fixed
@@ -175,7 +221,7 @@ def make_sample(
         prompt = build(budget)
     if budget < 0:
         raise ValueError(f"length {length} is too short for task {task!r} (needs about {fixed} tokens)")
-    return Sample(task, prompt, answer, length, depth, values, followups)
+    return Sample(task, prompt, answer, length, depth, values, followups, chat)
 
 
 def score(sample: Sample, prediction: str) -> float:
