@@ -10,13 +10,15 @@ CPU tensors under ``TRITON_INTERPRET=1``; used by the CPU tests).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import reference
-from .reference import rank_mask, write_new_tokens
+from .reference import rank_mask, write_new_into, write_new_tokens
 
 try:
     from .decode import decode_attention, made_once
@@ -24,7 +26,7 @@ try:
 except ImportError:  # no (usable) triton: the references serve everything
     decode_attention = prefill_attention = made_once = None
 
-__all__ = ["rank_attention", "rank_mask", "split_cache_attention", "write_new_tokens"]
+__all__ = ["grouped_attention", "rank_attention", "rank_mask", "split_cache_attention", "write_new_into", "write_new_tokens"]
 
 BACKEND = os.environ.get("KVPRESS_KERNELS", "auto")
 
@@ -56,6 +58,53 @@ def rank_attention(
     return prefill_attention(q, k, v, q_rank, k_rank, scale, sink=sink, recent=recent, window=window)
 
 
+def grouped_attention(q, groups, q_rank, scale, window=None, new_kv=None, full_prefill=None) -> torch.Tensor:
+    """Attention over a cache whose KV heads are split into groups (``kvpress.cache.HeadGroup``:
+    ``heads [n]``, ``k``/``v [B, n, T, D]``, ``rank [B, T]``, ``window`` with ``sink``/``recent`` or
+    None for a group that keeps every token); query head ``h`` reads KV head ``h // group``.
+
+    ``q [B, Hq, Lq, D]``, ``q_rank [B, Lq]``; ``window``: the model's sliding window or None.
+    ``new_kv``: the forward's new tokens ``(k, v)``, ``[B, num_kv_heads, n, D]``, when the last ``n``
+    slots of every group's buffers are room for them not written yet: they are written first (at
+    decode on Triton, by the decode kernel itself). ``full_prefill(q, k, v, q_rank, k_rank, q_heads,
+    scale, window)``: the attention of groups that keep every token at prefill (a sparse prefill
+    method); None = dense causal.
+
+    On Triton: decode (one query token, at most two groups) is one split-K launch serving both
+    groups plus a merge launch (``decode``); prefill runs windowed groups through the linear-cost
+    A-shape kernel (``prefill``) and full groups through ``full_prefill``, or torch SDPA's fused
+    causal kernels when the batch has no padding and the queries are the whole cache, else the
+    rank-mask kernel. Elsewhere: the torch reference. Returns ``[B, Hq, Lq, D]``.
+    """
+    groups = [g for g in groups if len(g.heads)]
+    num_kv_heads = sum(len(g.heads) for g in groups)
+    group = q.shape[1] // num_kv_heads if num_kv_heads else 1
+    on_triton = _use_triton(q)
+    with _on_device(q):
+        if on_triton and q.shape[2] == 1 and q.shape[3] % 8 == 0 and 0 < len(groups) <= 2:
+            # the larger group (the one that keeps every token, if any) is split along the keys
+            ordered = sorted(groups, key=lambda g: (g.window is not None, -g.k.shape[2]))
+            split, single = [(g.k, g.v, g.rank, _on(g.heads, q.device), *_a_shape(g)) for g in ordered] + [None] * (2 - len(ordered))
+            return decode_attention(q, q_rank, scale, group, split=split, single=single, window=window, new_kv=new_kv)
+        if new_kv is not None:
+            write_new_into(new_kv, [(g.k, g.v, g.heads) for g in groups])
+        out = torch.empty_like(q) if num_kv_heads * group == q.shape[1] else torch.zeros_like(q)
+        for g in groups:
+            heads = _on(g.heads, q.device).long()
+            q_heads = (heads[:, None] * group + torch.arange(group, device=q.device)).flatten()
+            sink, recent = _a_shape(g)
+            if recent is None and full_prefill is not None and q.shape[2] > 1:
+                out.index_copy_(1, q_heads, full_prefill(q.index_select(1, q_heads), g.k, g.v, q_rank, g.rank,
+                                                         q_heads, scale, window))
+            elif not on_triton:
+                out[:, q_heads] = reference.rank_attention(q[:, q_heads], g.k, g.v, q_rank, g.rank, scale,
+                                                           sink=sink, recent=recent, window=window)
+            elif recent is not None or not _causal_sdpa(q, g.k, g.v, g.rank, q_rank, heads, group, scale, window, out):
+                prefill_attention(q, g.k, g.v, q_rank, g.rank, scale, sink, recent, window,
+                                  heads=heads, group=group, out=out)
+        return out
+
+
 def split_cache_attention(
     q: torch.Tensor,
     full_k: torch.Tensor,
@@ -73,44 +122,36 @@ def split_cache_attention(
     window: int | None = None,
     new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """DuoAttention over a split cache; see :func:`kvpress.kernels.reference.split_cache_attention`.
+    """DuoAttention over a split cache (:func:`grouped_attention` with a group of retrieval heads
+    that keeps every token and a group of streaming heads that keeps ``sink`` + ``recent``); see
+    :func:`kvpress.kernels.reference.split_cache_attention`."""
+    groups = [_Group(retrieval_heads, full_k, full_v, full_rank, None),
+              _Group(streaming_heads, stream_k, stream_v, stream_rank, _Window(sink, recent))]
+    return grouped_attention(q, groups, q_rank, scale, window=window, new_kv=new_kv)
 
-    ``new_kv``: the forward's new tokens ``(k, v)``, ``[B, num_kv_heads, n, D]``, when the last ``n``
-    positions of the four buffers are room for them not written yet: they are written first (see
-    :func:`write_new_tokens`), at decode on Triton by the decode kernel itself.
 
-    On Triton: decode (one query token) is one split-K launch that serves both head groups, plus a
-    merge launch (``decode``); prefill runs the streaming heads through the linear-cost
-    A-shape kernel (``prefill``) and the retrieval heads through torch SDPA's fused causal kernels
-    when the batch has no padding and the queries are the whole cache, else through the rank-mask
-    kernel.
-    """
-    on_triton = _use_triton(q)
-    if on_triton and q.shape[2] == 1 and q.shape[3] % 8 == 0:  # decode: D a multiple of 8, heads of any int dtype
-        rh, sh = _on(retrieval_heads, q.device), _on(streaming_heads, q.device)
-        return decode_attention(q, q_rank, scale, q.shape[1] // (rh.shape[0] + sh.shape[0]),
-                                split=(full_k, full_v, full_rank, rh, 0, None),
-                                single=(stream_k, stream_v, stream_rank, sh, sink, recent),
-                                window=window, new_kv=new_kv)
-    if new_kv is not None:
-        write_new_tokens(new_kv, full_k, full_v, stream_k, stream_v, retrieval_heads, streaming_heads)
-    if not on_triton:
-        return reference.split_cache_attention(
-            q, full_k, full_v, full_rank, stream_k, stream_v, stream_rank, q_rank,
-            retrieval_heads, streaming_heads, scale, sink, recent, window,
-        )
-    group = q.shape[1] // (len(retrieval_heads) + len(streaming_heads))
-    out = torch.empty_like(q)  # the two groups cover every query head
-    rh = retrieval_heads.to(q.device, torch.long)
-    sh = streaming_heads.to(q.device, torch.long)
-    if len(sh):
-        prefill_attention(q, stream_k, stream_v, q_rank, stream_rank, scale, sink, recent, window,
-                          heads=sh, group=group, out=out)
-    if len(rh):
-        if not _causal_sdpa(q, full_k, full_v, full_rank, q_rank, rh, group, scale, window, out):
-            prefill_attention(q, full_k, full_v, q_rank, full_rank, scale, 0, None, window,
-                              heads=rh, group=group, out=out)
-    return out
+class _Window(NamedTuple):
+    sink: int
+    recent: int
+
+
+class _Group(NamedTuple):
+    heads: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    rank: torch.Tensor
+    window: _Window | None
+
+
+def _a_shape(g) -> tuple[int, int | None]:
+    return (0, None) if g.window is None else (g.window.sink, g.window.recent)
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU (layers of one model may live on several)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:

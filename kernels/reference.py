@@ -120,13 +120,19 @@ def split_cache_attention(
     return out
 
 
-def write_new_tokens(new_kv, full_k, full_v, stream_k, stream_v, retrieval_heads, streaming_heads) -> None:
+def write_new_into(new_kv, targets) -> None:
     """Write the new tokens ``new_kv = (k, v)`` (``[B, num_kv_heads, n, D]``) into the last ``n``
-    positions of a split cache's buffers, in place: KV heads ``retrieval_heads`` into the full
-    buffers, ``streaming_heads`` into the window buffers (what the decode kernel does with ``new_kv``)."""
+    positions of cache buffers, in place: ``targets`` is a list of ``(k_buffer, v_buffer, heads)``,
+    buffer ``[B, len(heads), T, D]`` holding the KV heads ``heads``."""
     k, v = new_kv
     n = k.shape[2]
-    for buffer, new, heads in ((full_k, k, retrieval_heads), (full_v, v, retrieval_heads),
-                               (stream_k, k, streaming_heads), (stream_v, v, streaming_heads)):
-        slots = buffer.narrow(2, buffer.shape[2] - n, n)
-        torch.index_select(new, 1, heads.to(new.device), out=slots)
+    for k_buffer, v_buffer, heads in targets:
+        heads = heads.to(k.device)
+        for buffer, new in ((k_buffer, k), (v_buffer, v)):
+            torch.index_select(new, 1, heads, out=buffer.narrow(2, buffer.shape[2] - n, n))
+
+
+def write_new_tokens(new_kv, full_k, full_v, stream_k, stream_v, retrieval_heads, streaming_heads) -> None:
+    """:func:`write_new_into` for a split cache: KV heads ``retrieval_heads`` into the full buffers,
+    ``streaming_heads`` into the window buffers (what the decode kernel does with ``new_kv``)."""
+    write_new_into(new_kv, [(full_k, full_v, retrieval_heads), (stream_k, stream_v, streaming_heads)])

@@ -65,6 +65,12 @@ class ModelInfo:
     facts: FamilyFacts
     base_model: nn.Module
     attention_modules: list[nn.Module]
+    layer_windows: list[int | None]  # each layer's own sliding window (tokens), None = full attention
+
+    @property
+    def source(self) -> str:
+        """The folder (or hub name) the model was loaded from, '' if unknown."""
+        return str(getattr(self.base_model.config, "_name_or_path", "") or "")
 
 
 def describe(model: nn.Module) -> ModelInfo:
@@ -92,4 +98,14 @@ def describe(model: nn.Module) -> ModelInfo:
         num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
     )
-    return ModelInfo(shape=shape, facts=facts, base_model=base_model, attention_modules=attention_modules)
+    windows = [_sliding_window(module, config, facts) for module in attention_modules]
+    return ModelInfo(shape=shape, facts=facts, base_model=base_model, attention_modules=attention_modules,
+                     layer_windows=windows)
+
+
+def _sliding_window(module: nn.Module, config, facts: FamilyFacts) -> int | None:
+    """The layer's sliding window: the module's own (Qwen2/Qwen3 per layer), else the config's (Mistral)."""
+    if not facts.may_slide:
+        return None
+    window = module.sliding_window if hasattr(module, "sliding_window") else getattr(config, "sliding_window", None)
+    return int(window) if window else None

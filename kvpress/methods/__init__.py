@@ -1,9 +1,10 @@
 """kvpress methods: one module per method, each with its config dataclass and runtime."""
 
-from .base import Method
+from .base import GroupedMethod, Method
+from .dense import Dense, DenseConfig
 from .duo import DuoAttention, DuoConfig
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (DuoAttention,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, DuoAttention)}
 
 
 def get_method(name: str) -> type[Method]:
@@ -12,4 +13,4 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "DuoAttention", "DuoConfig", "get_method"]
+__all__ = ["METHODS", "Dense", "DenseConfig", "DuoAttention", "DuoConfig", "GroupedMethod", "Method", "get_method"]
