@@ -41,11 +41,11 @@ NO_LIMIT = 1 << 30
 
 
 @triton.jit
-def _latent_tile(L, S, row, cols, col_ok, R: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
+def _latent_tile(L, S, row, srow, cols, col_ok, R: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
                  NQ: tl.constexpr, WORDS: tl.constexpr, row_ok, dtype: tl.constexpr):
-    """Latents ``[BLOCK_N, C]`` of token rows ``row`` (element offsets of each token's latent row in
-    ``L``, and of its scales/minima in ``S``) for latent channels ``cols``; dequantised in fp32 when
-    ``BITS`` > 0 (codes packed ``32 // BITS`` per int32 word)."""
+    """Latents ``[BLOCK_N, C]`` of token rows ``row`` of ``L`` (and ``srow`` of the scales/minima
+    ``S``) for latent channels ``cols``; dequantised in fp32 when ``BITS`` > 0 (codes packed
+    ``32 // BITS`` per int32 word)."""
     mask = row_ok[:, None] & col_ok[None, :]
     if BITS == 0:
         h = tl.load(L + row[:, None] * R + cols[None, :], mask=mask, other=0.0)
@@ -54,15 +54,19 @@ def _latent_tile(L, S, row, cols, col_ok, R: tl.constexpr, BITS: tl.constexpr, Q
         words = tl.load(L + row[:, None] * WORDS + (cols // PER_WORD)[None, :], mask=mask, other=0)
         codes = (words >> ((cols % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
         q = cols // QG
-        scale = tl.load(S + row[:, None] * (2 * NQ) + q[None, :], mask=mask, other=0.0).to(tl.float32)
-        low = tl.load(S + row[:, None] * (2 * NQ) + NQ + q[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(S + srow[:, None] * (2 * NQ) + q[None, :], mask=mask, other=0.0).to(tl.float32)
+        low = tl.load(S + srow[:, None] * (2 * NQ) + NQ + q[None, :], mask=mask, other=0.0).to(tl.float32)
         h = codes.to(tl.float32) * scale + low
     return h.to(dtype)
 
 
-@triton.jit(do_not_specialize=["T", "split_len", "window"])
+_STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos_b", "kr_b"]
+
+
+@triton.jit(do_not_specialize=["T", "split_len", "window"] + _STRIDES)
 def _palu_decode_kernel(
     Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML,
+    kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b,
     T, split_len, window, qk_scale, eps,
     G: tl.constexpr, GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr,
     D: tl.constexpr, HALF: tl.constexpr,
@@ -74,9 +78,11 @@ def _palu_decode_kernel(
     group ``g`` for its ``GS * QPK`` query heads; writes the unnormalised partial value latent
     ``PO [B, G, S, GP, BLOCK_RV]`` and its ``(max, sum)`` in ``PML [B, G, S, GP, 2]`` (log2 units).
 
-    Layouts (contiguous): ``Q [B, Hq, D]``; latents ``[B, G, T, R]`` (or ``[B, G, T, WORDS]`` int32
-    codes and ``[B, G, T, 2 * NQ]`` scales/minima); ``KUP [G, GS * D, RK]``; ``KB [Hkv * D]``;
-    ``KNW [D]``; ``POS``/``KR [B, T]``; ``QR [B]``; ``COS``/``SIN [P, HALF]``."""
+    Layouts: ``Q [B, Hq, D]``; latents ``[B, G, T, R]`` (or ``[B, G, T, WORDS]`` int32 codes and
+    ``[B, G, T, 2 * NQ]`` scales/minima) with contiguous token rows and batch / group strides
+    ``*_b``/``*_g`` in rows (append buffers with room to grow); ``KUP [G, GS * D, RK]``;
+    ``KB [Hkv * D]``; ``KNW [D]``; ``POS``/``KR [B, T]`` with row strides ``pos_b``/``kr_b``;
+    ``QR [B]``; ``COS``/``SIN [P, HALF]``; the rest contiguous."""
     g = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -92,7 +98,11 @@ def _palu_decode_kernel(
 
     start = split * split_len
     stop = tl.minimum(start + split_len, T)
-    lat_row0 = (b.to(tl.int64) * G + g) * T  # token row of (b, g, 0) in the latent tensors
+    b64 = b.to(tl.int64)
+    k_row0 = b64 * kl_b + g * kl_g  # token row of (b, g, 0) in each latent tensor
+    ks_row0 = b64 * ks_b + g * ks_g
+    v_row0 = b64 * vl_b + g * vl_g
+    vs_row0 = b64 * vs_b + g * vs_g
     up_base = KUP + g.to(tl.int64) * (GS * D * RK)
     rc = tl.arange(0, RC)
     rv = tl.arange(0, BLOCK_RV)
@@ -103,14 +113,13 @@ def _palu_decode_kernel(
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < stop
-        kr = tl.load(KR + b.to(tl.int64) * T + offs_n, mask=n_ok, other=-1)
-        pos = tl.load(POS + b.to(tl.int64) * T + offs_n, mask=n_ok, other=0)
+        kr = tl.load(KR + b64 * kr_b + offs_n, mask=n_ok, other=-1)
+        pos = tl.load(POS + b64 * pos_b + offs_n, mask=n_ok, other=0)
         pos = tl.maximum(pos, 0).to(tl.int64)
         cos = tl.load(COS + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
         sin = tl.load(SIN + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
         dist = qr - kr
         ok = (kr >= 0) & (dist >= 0) & (dist < window)
-        rows = lat_row0 + offs_n
 
         s = tl.zeros([GP, BLOCK_N], dtype=tl.float32)
         for j in tl.static_range(GS):  # each KV head of the group: rebuild, bias, norm, RoPE, scores
@@ -118,7 +127,7 @@ def _palu_decode_kernel(
             k2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
             for c in tl.static_range(RK // RC):
                 cols = c * RC + rc
-                h = _latent_tile(KL, KS, rows, cols, cols < RK, RK, K_BITS, K_QG, K_NQ, K_WORDS, n_ok, dtype)
+                h = _latent_tile(KL, KS, k_row0 + offs_n, ks_row0 + offs_n, cols, cols < RK, RK, K_BITS, K_QG, K_NQ, K_WORDS, n_ok, dtype)
                 u1 = tl.load(up_base + (j * D + d)[None, :] * RK + cols[:, None])  # [RC, HALF] = up.T
                 u2 = tl.load(up_base + (j * D + HALF + d)[None, :] * RK + cols[:, None])
                 k1 += tl.dot(h, u1)
@@ -143,7 +152,7 @@ def _palu_decode_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        hv = _latent_tile(VL, VS, rows, rv, rv < RV, RV, V_BITS, V_QG, V_NQ, V_WORDS, n_ok, dtype)
+        hv = _latent_tile(VL, VS, v_row0 + offs_n, vs_row0 + offs_n, rv, rv < RV, RV, V_BITS, V_QG, V_NQ, V_WORDS, n_ok, dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), hv)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -200,6 +209,26 @@ def _palu_merge_kernel(PO, PML, VUP, VB, Out, n_splits,
 @functools.lru_cache
 def _sm_count(index) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [B, G, T, W]`` with contiguous token rows (the layout of an append buffer's filled part);
+    copied only when it is not."""
+    w = x.shape[-1]
+    ok = x.stride(-1) == 1 and (x.shape[2] <= 1 or x.stride(2) == w)
+    ok = ok and x.stride(1) % w == 0 and x.stride(0) % w == 0
+    return x if ok else x.contiguous()
+
+
+def _row_strides(x: torch.Tensor) -> tuple[int, int]:
+    """Batch and group strides of ``x [B, G, T, W]`` in token rows."""
+    w = x.shape[-1]
+    return x.stride(0) // w, x.stride(1) // w
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """``x [B, T]`` with a contiguous token axis."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
 def _chunk(rank: int) -> int:
@@ -261,18 +290,22 @@ def palu_decode(
     dummy = q.new_empty(1)
 
     def quant(x: ref.Latents):
+        data = _rows(x.data)
         if x.quant is None:
-            return x.data.contiguous(), dummy, 0, 1, 1, 1
-        return (x.data.contiguous(), x.scale_min.contiguous(), x.quant.bits, x.quant.group,
+            return (data, dummy, *_row_strides(data), 0, 0, 0, 1, 1, 1)
+        sm = _rows(x.scale_min)
+        return (data, sm, *_row_strides(data), *_row_strides(sm), x.quant.bits, x.quant.group,
                 x.rank // x.quant.group, x.data.shape[-1])
 
-    kl, ks, kbits, kqg, knq, kwords = quant(k)
-    vl, vs, vbits, vqg, vnq, vwords = quant(v)
+    kl, ks, kl_b, kl_g, ks_b, ks_g, kbits, kqg, knq, kwords = quant(k)
+    vl, vs, vl_b, vl_g, vs_b, vs_g, vbits, vqg, vnq, vwords = quant(v)
+    positions, k_rank = _tokens(positions), _tokens(k_rank.int() if k_rank.dtype != torch.int32 else k_rank)
     _palu_decode_kernel[(G, splits, B)](
         q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
         k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
-        positions.contiguous(), k_rank.int().contiguous(), q_rank.reshape(B).int().contiguous(),
+        positions, k_rank, q_rank.reshape(B).int().contiguous(),
         cos.contiguous(), sin.contiguous(), po, pml,
+        kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
         T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
         float(k_norm[1]) if k_norm is not None else 0.0,
         G=G, GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,

@@ -158,3 +158,25 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv):
     want = ref.latent_attention(**a)
     got = palu.palu_decode(**a)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_decode_kernel_reads_buffers_with_room():
+    """Latents, scales, positions and ranks as views of larger buffers (append buffers with room to
+    grow along the tokens): read in place, same result."""
+    a = make_case(bits=4, quant_group=4, rk=16, rv=8, tokens=40)
+    want = ref.latent_attention(**a)
+
+    def roomy(x, dim):
+        size = list(x.shape)
+        size[dim] += 13
+        buffer = torch.full(size, 7, dtype=x.dtype)
+        view = buffer.narrow(dim, 0, x.shape[dim])
+        view.copy_(x)
+        return view
+
+    for side in ("k", "v"):
+        a[side] = ref.Latents(roomy(a[side].data, 2), a[side].rank, a[side].quant, roomy(a[side].scale_min, 2))
+    a["positions"], a["k_rank"] = roomy(a["positions"], 1), roomy(a["k_rank"], 1)
+    assert not a["k"].data.is_contiguous()
+    assert palu._rows(a["k"].data) is a["k"].data  # no copy
+    torch.testing.assert_close(palu.palu_decode(**a, splits=2), want, atol=2e-5, rtol=1e-4)
