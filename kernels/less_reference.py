@@ -355,11 +355,12 @@ def eviction_times(q, k, policy: Policy, scale: float, start: int | None = None)
     evict_at[..., :start] = torch.where(keep, length, start)
     alive = torch.zeros(b, hkv, length, dtype=torch.bool, device=q.device)
     alive[..., :start] = keep
+    if policy.heavy:  # every decode query's logits at once: [B, Hkv, L - start, G, L]
+        logits = torch.einsum("bhgqd,bhkd->bhqgk", q[:, :, start:].float().view(b, hkv, g, length - start, d), k.float()) * scale
     for i in range(start, length):
         alive[..., i] = True
         if policy.heavy:
-            s = torch.einsum("bhgd,bhkd->bhgk", q[:, :, i].float().view(b, hkv, g, d), k[:, :, : i + 1].float()) * scale
-            s = s.masked_fill(~alive[:, :, None, : i + 1], float("-inf"))
+            s = logits[:, :, i - start, :, : i + 1].masked_fill(~alive[:, :, None, : i + 1], float("-inf"))
             score[..., : i + 1] += s.softmax(dim=-1).sum(dim=2)
         if int(alive[0, 0].sum()) <= policy.budget:
             continue
@@ -375,22 +376,31 @@ def simulate(q, k, v, evict_at: torch.Tensor, scale: float, w: FeatureWeights | 
     """LESS attention of every position of an unpadded batch at once, from eviction times (training
     forward; equals running :func:`decode_step` position by position). ``w=None``: sparse only.
     Returns ``[B, Hq, L, D]`` fp32. Cost ``O(L^2)`` per head: for training lengths."""
-    b, hq, length, d = q.shape
-    hkv = k.shape[1]
-    pos = torch.arange(length, device=q.device)
-    causal = pos[None, :] <= pos[:, None]  # [Lq, Lk]
-    kept = causal & (evict_at[:, :, None, :] > pos[:, None])  # [B, Hkv, Lq, Lk]
-    o_kept, lse_kept, _ = masked_attention(q, k, v, kept[:, :, None], scale)
+    o_kept, lse_kept = sparse_part(q, k, v, evict_at, scale)
     if w is None:
         return o_kept
-    evicted = (evict_at[:, :, None, :] <= pos[:, None]) & causal  # [B, Hkv, Lq, Lk]
-    phi_q = phi(q, w)  # [B, Hq, L, R]
-    psi_k = psi(k, w)  # [B, Hs, L, R]
-    hs = w.state_heads
+    return with_state(o_kept, lse_kept, phi(q, w), psi(k, w), v, evict_at)
+
+
+def sparse_part(q, k, v, evict_at: torch.Tensor, scale: float):
+    """``(o_kept, lse_kept)`` of every position: attention over the tokens each query still sees."""
+    length = q.shape[2]
+    pos = torch.arange(length, device=q.device)
+    kept = (pos[None, :] <= pos[:, None]) & (evict_at[:, :, None, :] > pos[:, None])  # [B, Hkv, Lq, Lk]
+    o_kept, lse_kept, _ = masked_attention(q, k, v, kept[:, :, None], scale)
+    return o_kept, lse_kept
+
+
+def with_state(o_kept, lse_kept, phi_q, psi_k, v, evict_at: torch.Tensor) -> torch.Tensor:
+    """Add the state term to :func:`sparse_part`'s result, differentiably in ``phi_q [B, Hq, L, R]``
+    and ``psi_k [B, Hs, L, R]``: query ``i`` reads the state of the tokens evicted before it."""
+    b, hq, length, d = o_kept.shape
+    hkv, hs = evict_at.shape[1], psi_k.shape[1]
     g = hq // hs
-    a = torch.einsum("bhgqr,bhkr->bhgqk", phi_q.view(b, hs, g, length, -1), psi_k)
-    ev = _expand_heads(evicted, hs)[:, :, None]
-    a = a * ev
+    pos = torch.arange(length, device=o_kept.device)
+    evicted = evict_at[:, :, None, :] <= pos[:, None]  # [B, Hkv, Lq, Lk] (evicted tokens are all earlier)
+    a = torch.einsum("bhgqr,bhkr->bhgqk", phi_q.reshape(b, hs, g, length, -1), psi_k)
+    a = a * _expand_heads(evicted, hs)[:, :, None]
     num = torch.einsum("bhgqk,bhkd->bhgqd", a, _expand_heads(v, hs).float()).reshape(b, hq, length, d)
     den = a.sum(dim=-1).reshape(b, hq, length)
     has_state = evicted.any(dim=-1).repeat_interleave(hq // hkv, dim=1)  # [B, Hq, Lq]

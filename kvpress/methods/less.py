@@ -1,0 +1,233 @@
+"""LESS (Dong et al., 2024, arXiv 2402.09398): a sparse eviction policy plus a learned low-rank state.
+
+Each (batch row, KV head) keeps ``sink + heavy + recent`` tokens chosen by the policy (Lambda: sinks
+plus a recent window; H2O: heavy hitters by accumulated attention probability plus a recent window);
+every token it evicts is folded, once, into a constant-size fp32 state ``H = sum psi(k)^T v``
+(``R x D``) and ``z = sum psi(k)`` (``R``) through learned feature maps, and attention reads the
+kept tokens and the state through one log-space normaliser (``kvpress.kernels.less_reference``).
+The cache really holds only the budget's tokens: memory is constant over generation.
+
+Config files are folders (``kvpress-calibrate less --model PATH --out DIR``): ``less.json`` (fields,
+model fingerprint, digest of the weights) and ``less.safetensors`` (per-layer feature-map weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..adapters import ModelShape
+from ..configfile import atomic_write
+from ..kernels.less_reference import FeatureWeights, Policy
+
+FORMAT = "kvpress-less/1"
+JSON_NAME = "less.json"
+WEIGHTS_NAME = "less.safetensors"
+WEIGHT_NAMES = ("q_w1", "q_w2", "k_w1", "k_w2", "k_scale", "k_mix", "k_mix_scale")
+
+
+@dataclass
+class LessConfig:
+    """LESS settings and feature maps for one model.
+
+    Args:
+        policy: ``"h2o"`` (heavy hitters + recent window; ``heavy >= 1``) or ``"lambda"`` (sinks +
+            recent window; ``heavy = 0``).
+        sink, heavy, recent: tokens each (row, KV head) keeps: the ``sink`` first real tokens, the
+            ``heavy`` tokens of highest accumulated attention probability, the ``recent`` last
+            tokens (the current one included). The reference gives budgets as fractions of the
+            model's maximum length: "5% H2O" on a 4096-token model is ``heavy=102, recent=102``
+            (:meth:`from_fraction`); Lambda's reference is ``sink=4, recent=200``.
+        rank: R, the size of the state (``R x D`` plus ``R`` per state head); 8 in the paper.
+        hidden: hidden width of the feature maps (512 in the paper).
+        state_heads: ``"kv"`` (one state per KV head; psi per KV head) or ``"query"`` (one state
+            per query head, G times the state memory under GQA).
+        state: False turns the state off: the plain policy ("Lambda only" / "H2O only").
+        layers: per-layer :class:`FeatureWeights` (None: untrained maps made by :meth:`random`).
+        model_shape: the model the maps were trained for; checked at patch time.
+    """
+
+    policy: str = "lambda"
+    sink: int = 4
+    heavy: int = 0
+    recent: int = 200
+    rank: int = 8
+    hidden: int = 512
+    state_heads: str = "kv"
+    state: bool = True
+    layers: list[FeatureWeights] | None = field(default=None, repr=False)
+    model_shape: ModelShape | None = None
+
+    def __post_init__(self):
+        if self.policy not in ("h2o", "lambda"):
+            raise ValueError(f"LessConfig.policy must be 'h2o' or 'lambda', got {self.policy!r}")
+        for name in ("sink", "heavy", "recent", "rank", "hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"LessConfig.{name} must be a non-negative int (tokens / sizes), got {value!r}")
+        if self.recent < 1 or self.rank < 1 or self.hidden < 1:
+            raise ValueError("LessConfig needs recent >= 1 token, rank >= 1 and hidden >= 1")
+        if self.policy == "lambda" and self.heavy:
+            raise ValueError("the Lambda policy keeps no heavy hitters: set heavy=0 or policy='h2o'")
+        if self.policy == "h2o" and not self.heavy:
+            raise ValueError("the H2O policy needs heavy >= 1 heavy-hitter tokens (or use policy='lambda')")
+        if self.state_heads not in ("kv", "query"):
+            raise ValueError(f"LessConfig.state_heads must be 'kv' or 'query', got {self.state_heads!r}")
+
+    @property
+    def budget(self) -> Policy:
+        return Policy(sink=self.sink, heavy=self.heavy, recent=self.recent)
+
+    @classmethod
+    def from_fraction(cls, fraction: float, max_length: int, policy: str = "h2o", **kwargs) -> "LessConfig":
+        """The reference's budgets: ``fraction`` of ``max_length`` tokens, split evenly between
+        heavy hitters and the recent window (H2O), or 4 sinks + the rest recent (Lambda)."""
+        total = max(2, round(fraction * max_length))
+        if policy == "h2o":
+            return cls(policy="h2o", sink=0, heavy=total // 2, recent=total - total // 2, **kwargs)
+        return cls(policy="lambda", sink=min(4, total - 1), heavy=0, recent=total - min(4, total - 1), **kwargs)
+
+    def num_state_heads(self, shape: ModelShape) -> int:
+        return shape.num_kv_heads if self.state_heads == "kv" else shape.num_heads
+
+    @classmethod
+    def random(cls, shape: ModelShape, seed: int = 0, **kwargs) -> "LessConfig":
+        """Untrained maps, initialised as for training (the state's scales start at 1e-4)."""
+        config = cls(model_shape=shape, **kwargs)
+        torch.manual_seed(seed)
+        config.layers = [
+            FeatureMaps(shape.head_dim, shape.num_heads, config.num_state_heads(shape), config.rank, config.hidden).weights()
+            for _ in range(shape.num_layers)
+        ]
+        return config
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def fields_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("layers", "model_shape")}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/less.safetensors`` then ``folder/less.json`` (which names the weights' digest),
+        each atomically: a reader sees the old config or the new one, never a mix."""
+        if self.layers is None:
+            raise ValueError("this LessConfig has no feature maps to save (train them: kvpress-calibrate less)")
+        folder = Path(folder)
+        tensors = {f"layers.{i}.{name}": getattr(w, name).detach().float().cpu().contiguous()
+                   for i, w in enumerate(self.layers) for name in WEIGHT_NAMES}
+        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+        payload = {
+            "format": FORMAT,
+            "method": "less",
+            "fields": self.fields_dict(),
+            "model_shape": None if self.model_shape is None else self.model_shape.to_dict(),
+            "weights_sha256": _digest(folder / WEIGHTS_NAME),
+        }
+        atomic_write(folder / JSON_NAME, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n"))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, **overrides) -> "LessConfig":
+        """Read a folder written by :meth:`save` (``kvpress-calibrate less``); ``overrides`` replace fields."""
+        folder = Path(folder)
+        meta_path = folder / JSON_NAME
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"no LESS config in {folder} (missing {JSON_NAME}); make one with "
+                f"`kvpress-calibrate less --model MODEL --out {folder}`"
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path} has format {meta.get('format')!r}; this kvpress reads {FORMAT!r}")
+        weights = folder / WEIGHTS_NAME
+        if not weights.is_file() or _digest(weights) != meta.get("weights_sha256"):
+            raise ValueError(f"{weights} is missing or does not match {meta_path}; re-run kvpress-calibrate less")
+        tensors = load_file(str(weights))
+        count = len({name.split(".")[1] for name in tensors})
+        layers = [FeatureWeights(**{n: tensors[f"layers.{i}.{n}"] for n in WEIGHT_NAMES}) for i in range(count)]
+        shape = ModelShape(**meta["model_shape"]) if meta.get("model_shape") else None
+        return cls(**{**meta["fields"], **overrides}, layers=layers, model_shape=shape)
+
+    def check(self, shape: ModelShape) -> None:
+        """Raise a clear error unless the maps fit a model of ``shape``."""
+        if self.model_shape is not None:
+            self.model_shape.check_matches(shape, "this LESS config")
+        if self.layers is None:
+            raise ValueError("this LessConfig has no feature maps: load one (LessConfig.load) or use LessConfig.random(shape)")
+        if len(self.layers) != shape.num_layers:
+            raise ValueError(f"this LESS config has maps for {len(self.layers)} layers, the model has {shape.num_layers}")
+        hs = self.num_state_heads(shape)
+        w = self.layers[0]
+        expected = {"q_w1": (shape.num_heads, shape.head_dim, self.hidden), "k_w1": (hs, shape.head_dim, self.hidden),
+                    "q_w2": (shape.num_heads, self.hidden, self.rank), "k_mix": (hs, self.rank, self.rank)}
+        for name, size in expected.items():
+            if tuple(getattr(w, name).shape) != size:
+                raise ValueError(f"LESS map {name} has shape {tuple(getattr(w, name).shape)}, expected {size} "
+                                 f"(rank {self.rank}, hidden {self.hidden}, state_heads {self.state_heads!r})")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FeatureMaps(nn.Module):
+    """The trainable feature maps of one layer (arXiv 2402.09398, section 4): per query head
+    ``phi(q) = |GELU(GELU(q W1) W2)|`` (``D -> hidden -> R``, no biases), per state head the same
+    map for keys, times ``|k_scale|`` (init 1e-4), plus an ``R x R`` interaction scaled by
+    ``k_mix_scale`` (init 1e-4), then the absolute value. Dropout after the first layer in training."""
+
+    def __init__(self, head_dim: int, num_heads: int, state_heads: int, rank: int = 8, hidden: int = 512, dropout: float = 0.3):
+        super().__init__()
+
+        def uniform(*size, fan_in):
+            return nn.Parameter(torch.empty(*size).uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in)))
+
+        self.q_w1 = uniform(num_heads, head_dim, hidden, fan_in=head_dim)
+        self.q_w2 = uniform(num_heads, hidden, rank, fan_in=hidden)
+        self.k_w1 = uniform(state_heads, head_dim, hidden, fan_in=head_dim)
+        self.k_w2 = uniform(state_heads, hidden, rank, fan_in=hidden)
+        self.k_scale = nn.Parameter(torch.full((state_heads, rank), 1e-4))
+        self.k_mix = uniform(state_heads, rank, rank, fan_in=rank)
+        self.k_mix_scale = nn.Parameter(torch.full((state_heads, rank), 1e-4))
+        self.dropout = dropout
+
+    def _map(self, x, w1, w2):
+        hidden = F.gelu(torch.einsum("bhld,hdn->bhln", x.float(), w1))
+        hidden = F.dropout(hidden, self.dropout, self.training)
+        return F.gelu(torch.einsum("bhln,hnr->bhlr", hidden, w2)).abs()
+
+    def phi(self, q: torch.Tensor) -> torch.Tensor:
+        """``q [B, Hq, L, D]`` -> ``[B, Hq, L, R]`` fp32."""
+        return self._map(q, self.q_w1, self.q_w2)
+
+    def psi(self, k: torch.Tensor) -> torch.Tensor:
+        """``k [B, Hkv, L, D]`` -> ``[B, Hs, L, R]`` fp32 (state head j reads KV head j // G)."""
+        hs = self.k_w1.shape[0]
+        if k.shape[1] != hs:
+            k = k.repeat_interleave(hs // k.shape[1], dim=1)
+        h = self._map(k, self.k_w1, self.k_w2)
+        mix = torch.einsum("bhlr,hrs->bhls", h, self.k_mix)
+        return (h * self.k_scale.abs()[None, :, None] + mix * self.k_mix_scale[None, :, None]).abs()
+
+    def weights(self) -> FeatureWeights:
+        return FeatureWeights(**{name: getattr(self, name).detach().clone() for name in WEIGHT_NAMES})
+
+    @classmethod
+    def from_weights(cls, w: FeatureWeights, dropout: float = 0.3) -> "FeatureMaps":
+        maps = cls(w.q_w1.shape[1], w.q_w1.shape[0], w.k_w1.shape[0], w.rank, w.q_w1.shape[2], dropout)
+        with torch.no_grad():
+            for name in WEIGHT_NAMES:
+                getattr(maps, name).copy_(getattr(w, name))
+        return maps
