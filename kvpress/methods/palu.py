@@ -2,24 +2,50 @@
 
 Each layer's ``k_proj`` and ``v_proj`` are factored per group of ``group_size`` KV heads into
 ``down`` (hidden -> rank) and ``up`` (rank -> the group's heads); the cache stores only the latents
-``x @ down.T`` of every token, *before* RoPE. See ``kvpress.kernels.palu_reference`` for the layout
-and the math, ``kvpress.calibration.palu`` for how the factors are made.
+``x @ down.T`` of every token, *before* RoPE (optionally quantised to 2-4 bits), plus their rotary
+positions. See ``kvpress.kernels.palu_reference`` for the layout and the math,
+``kvpress.calibration.palu`` for how the factors are made.
+
+transformers applies RoPE before ``cache.update``, so Palu cannot work through the attention
+function alone: ``prepare`` replaces each attention module's forward (instance level, undone exactly
+by ``unpatch``) with :func:`palu_forward`: project queries (q_norm, RoPE as the model does) and
+latents, append the latents to the cache, attend, ``o_proj``. Prefill (several new tokens) rebuilds
+keys (bias, k_norm, RoPE at each token's position) and values for every cached token and runs the
+dense path of ``kvpress.kernels``; decode (one new token) runs the fused Triton kernel
+``kvpress.kernels.palu`` on CUDA, which rebuilds and rotates keys block by block and attends the
+value latents directly (values are up-projected once per query head after the softmax: no value is
+rebuilt per token, and o_proj keeps its size).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
+import math
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..adapters import ModelShape
+from .. import kernels
+from ..adapters import ModelInfo, ModelShape
+from ..cache import AppendBuffer, HeadGroup, KVPressLayer, LedgerSpec, TokenLedger
+from ..kernels import palu_reference as ref
+from .base import Method
+
+try:
+    from ..kernels import palu as palu_kernels
+except ImportError:  # no usable triton: the reference serves every step
+    palu_kernels = None
+
+log = logging.getLogger("kvpress")
 
 FORMAT_VERSION = 1
 CONFIG_JSON = "palu.json"
@@ -155,3 +181,250 @@ class PaluConfig:
         fields = {**meta.get("fields", {}), **options}
         return cls(factors=load_file(str(path / FACTORS_FILE)), model_shape=ModelShape(**shape) if shape else None,
                    calibration=meta.get("calibration", {}), **fields)
+
+
+# -- runtime ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerPlan:
+    """One layer's factors on the model's device and dtype, and what rebuilding needs."""
+
+    k_down: torch.Tensor  # [G * rk, hidden]
+    k_up: torch.Tensor  # [G, gs * D, rk]
+    v_down: torch.Tensor
+    v_up: torch.Tensor
+    k_quant: ref.QuantSpec | None
+    v_quant: ref.QuantSpec | None
+    k_bias: torch.Tensor | None  # [Hkv * D]
+    v_bias: torch.Tensor | None
+    k_norm: tuple[torch.Tensor, float] | None  # Qwen3 per-head RMSNorm (weight [D], eps)
+    window: int | None  # the model's sliding window of this layer
+
+    @property
+    def groups(self) -> int:
+        return self.k_up.shape[0]
+
+
+@dataclass
+class PaluView:
+    """What a Palu cache layer holds after appending a forward's latents."""
+
+    k: ref.Latents  # [B, G, T, .] every cached token, the new ones included
+    v: ref.Latents
+    positions: torch.Tensor  # [B, T] int32 rotary positions
+    rank: torch.Tensor  # [B, T] int32 token ranks
+    query_rank: torch.Tensor  # [B, n]
+
+
+class PaluLayer(KVPressLayer):
+    """Latent cache of one layer: key and value latents ``[B, G, T, r]`` (or packed codes and
+    scales/minima) in append buffers; the rotary positions ``[B, T]`` are one buffer shared by every
+    layer of the cache (written by layer 0)."""
+
+    def __init__(self, ledger: TokenLedger, owns_ledger: bool, plan: LayerPlan, positions: AppendBuffer,
+                 writes_positions: bool):
+        super().__init__(ledger, owns_ledger)
+        self.plan = plan
+        self.buffers = {name: AppendBuffer(dim=2) for name in ("k", "k_sm", "v", "v_sm")}
+        self.positions = positions
+        self.writes_positions = writes_positions
+
+    def update(self, key_latents: torch.Tensor, value_latents: torch.Tensor, *args, **kwargs) -> PaluView:
+        """Append the latents ``[B, G, n, r]`` of a forward's new tokens (quantised here when set)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_latents, value_latents)
+        step = self.ledger.current(key_latents.device)
+        if self.ledger.recovering:  # drop what a forward that failed half-way appended
+            full, _ = self.ledger.committed()
+            for buffer in (*self.buffers.values(), self.positions):
+                buffer.truncate(full)
+        if self.writes_positions:
+            self.positions.append(step.positions.to(torch.int32))
+        sides = []
+        for side, h, spec in (("k", key_latents, self.plan.k_quant), ("v", value_latents, self.plan.v_quant)):
+            if spec is None:
+                sides.append(ref.Latents(self.buffers[side].append(h), h.shape[-1]))
+            else:
+                words, scale_min = ref.quantize(h, spec)
+                sides.append(ref.Latents(self.buffers[side].append(words), h.shape[-1], spec,
+                                         self.buffers[side + "_sm"].append(scale_min)))
+        return PaluView(sides[0], sides[1], self.positions.tensor, step.all_rank, step.new_rank)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        buffers = (*self.buffers.values(), self.positions)
+        return [b.storage for b in buffers if b.storage is not None]
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        for buffer in self.buffers.values():
+            buffer.select_batch(index)
+        if self.owns_ledger:
+            self.positions.select_batch(index)
+
+
+class Palu(Method):
+    """Palu runtime: latent cache layers, the replaced attention forward, rebuild + dense prefill and
+    the fused decode kernel."""
+
+    name = "palu"
+    config_class = PaluConfig
+    config_file_name = CONFIG_DIR_NAME
+
+    def check_config(self, config: PaluConfig) -> None:
+        info, shape = self.info, self.info.shape
+        gs = min(config.group_size, shape.num_kv_heads)
+        if shape.num_kv_heads % gs:
+            raise ValueError(f"Palu group_size {gs} does not divide the model's {shape.num_kv_heads} KV heads; choose a divisor")
+        if not config.factors:
+            from ..calibration.palu import factors_from_weights
+
+            if config.rank_ratio < 1.0:
+                log.warning(
+                    "kvpress: Palu without calibrated factors: plain SVD at %.0f%% rank with uniform ranks. For whitened "
+                    "factors and Fisher rank allocation run: kvpress-calibrate palu --model MODEL --out DIR",
+                    100 * config.rank_ratio,
+                )
+            factors = factors_from_weights(info.base_model, gs, config.rank_ratio, config.rank_multiple)
+            config = self.config = dataclasses.replace(config, factors=factors, group_size=gs, model_shape=shape)
+        elif config.num_layers != shape.num_layers:
+            raise ValueError(f"this PaluConfig has factors for {config.num_layers} layers, the model has {shape.num_layers}")
+        self.plans = [self._plan(i, module, config) for i, module in enumerate(info.attention_modules)]
+        self._positions = weakref.WeakKeyDictionary()  # ledger -> the positions buffer its layers share
+        self._tables: dict = {}  # (device, dtype) -> (cos, sin) [P, D / 2]
+
+    def _plan(self, i: int, module, config: PaluConfig) -> LayerPlan:
+        shape = self.info.shape
+        weight = module.k_proj.weight
+        factors = config.layer(i)
+        groups = factors["k.up"].shape[0]
+        for side in "kv":
+            up, down = factors[f"{side}.up"], factors[f"{side}.down"]
+            expected_up = (groups, shape.num_kv_heads * shape.head_dim // groups, up.shape[-1])
+            if tuple(up.shape) != expected_up or tuple(down.shape) != (groups * up.shape[-1], weight.shape[1]) \
+                    or shape.num_kv_heads % groups:
+                raise ValueError(
+                    f"Palu factors of layer {i} ({side}: up {tuple(up.shape)}, down {tuple(down.shape)}) do not fit the "
+                    f"model ({shape.num_kv_heads} KV heads of {shape.head_dim}, hidden {weight.shape[1]}); use the config "
+                    "made for this model"
+                )
+        on = dict(device=weight.device, dtype=weight.dtype)
+        parts, quants = {}, {}
+        for side in "kv":
+            up, down = factors[f"{side}.up"].double(), factors[f"{side}.down"].double()
+            rank = up.shape[-1]
+            quants[side] = None
+            if config.bits is not None:
+                quants[side] = ref.QuantSpec(config.bits, math.gcd(rank, config.quant_group))
+                if config.hadamard:  # latent h R: down <- R^T down per group, up <- up R
+                    rot = ref.hadamard(rank, dtype=torch.float64)
+                    up = up @ rot
+                    down = torch.cat([rot.T @ block for block in down.split(rank)])
+            parts[side] = (up.to(**on).contiguous(), down.to(**on).contiguous())
+        norm = getattr(module, "k_norm", None) if self.info.facts.qk_norm else None
+        return LayerPlan(
+            k_down=parts["k"][1], k_up=parts["k"][0], v_down=parts["v"][1], v_up=parts["v"][0],
+            k_quant=quants["k"], v_quant=quants["v"],
+            k_bias=_bias(module.k_proj), v_bias=_bias(module.v_proj),
+            k_norm=(norm.weight.detach(), float(norm.variance_epsilon)) if norm is not None else None,
+            window=self.info.layer_windows[i],
+        )
+
+    # -- the cache ------------------------------------------------------------------------------
+
+    def ledger_spec(self) -> LedgerSpec:
+        return LedgerSpec(all_ranks=True, positions=True)
+
+    def make_layer(self, layer_idx: int, ledger: TokenLedger) -> PaluLayer:
+        positions = self._positions.setdefault(ledger, AppendBuffer(dim=1))
+        return PaluLayer(ledger, owns_ledger=layer_idx == self.info.shape.num_layers - 1, plan=self.plans[layer_idx],
+                         positions=positions, writes_positions=layer_idx == 0)
+
+    # -- the model ------------------------------------------------------------------------------
+
+    def prepare(self, patcher) -> None:
+        for module in self.info.attention_modules:
+            patcher.swap_forward(module, palu_forward)
+
+    def attention(self, module, query, key, value, attention_mask, **kwargs):
+        raise RuntimeError(
+            "Palu replaces the attention modules' forward; its attention function is not called by a patched model. "
+            "Call the patched model itself (model(...) or model.generate(...))"
+        )
+
+    def rope_tables(self, positions: torch.Tensor, ledger: TokenLedger, num_new: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Half tables ``cos``/``sin [P, D / 2]`` covering every position seen so far (grown by doubling)."""
+        key = (positions.device, dtype)
+        needed = ledger.seen + num_new + 1
+        if num_new > 1:  # prefill: the exact largest position (one host sync per forward, not per step)
+            needed = max(needed, int(positions.max()) + 2)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < needed:
+            length = max(1024, 1 << (needed - 1).bit_length())
+            rotary = self.info.base_model.rotary_emb
+            table = ref.rope_half_tables(rotary, length, self.info.shape.head_dim, positions.device, dtype)
+            self._tables[key] = table
+        return table
+
+    def attend(self, module, q: torch.Tensor, view: PaluView, plan: LayerPlan, cos, sin) -> torch.Tensor:
+        """Attention ``[B, Hq, n, D]`` of post-RoPE queries over the layer's latent cache."""
+        scale = getattr(module, "scaling", q.shape[-1] ** -0.5)
+        args = dict(q=q, k=view.k, v=view.v, k_up=plan.k_up, v_up=plan.v_up, positions=view.positions, cos=cos,
+                    sin=sin, q_rank=view.query_rank, k_rank=view.rank, scale=scale, k_bias=plan.k_bias,
+                    v_bias=plan.v_bias, k_norm=plan.k_norm, window=plan.window)
+        if q.shape[2] == 1:
+            if _use_kernel(q) and palu_kernels.supported(q, view.k, view.v, plan.k_up.shape[1] // q.shape[-1]):
+                return palu_kernels.palu_decode(**args)
+            return ref.latent_attention(**args)
+        keys = ref.rebuild_keys(view.k, plan.k_up, view.positions, cos, sin, plan.k_bias, plan.k_norm).to(q.dtype)
+        values = ref.rebuild(view.v.values(), plan.v_up, plan.v_bias, q.shape[-1]).to(q.dtype)
+        heads = torch.arange(keys.shape[1], device=q.device)
+        full_prefill = self.prefill_method.full_prefill
+        if full_prefill is not None:
+            full_prefill = functools.partial(full_prefill, module.layer_idx)
+        return kernels.grouped_attention(q, [HeadGroup(heads, keys, values, view.rank)], view.query_rank, scale,
+                                         plan.window, full_prefill=full_prefill)
+
+
+def palu_forward(module, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, *args, **kwargs):
+    """The attention forward of a module patched with Palu (replaces ``LlamaAttention.forward`` and its
+    Mistral / Qwen2 / Qwen3 twins at instance level): the model's query path, latents into the cache,
+    attention over the latent cache, ``o_proj``."""
+    runtime: Palu = module._kvpress_method
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
+    if cache is None or not runtime.owns(cache):
+        raise RuntimeError(
+            "a Palu-patched attention ran without its model's Palu cache; call the patched model itself "
+            "(model(...) or model.generate(...)) with no cache or kvpress.make_cache(model)"
+        )
+    plan = runtime.plans[module.layer_idx]
+    batch, n, _ = hidden_states.shape
+    head_dim = runtime.info.shape.head_dim
+    q = module.q_proj(hidden_states).view(batch, n, -1, head_dim)
+    if getattr(module, "q_norm", None) is not None and runtime.info.facts.qk_norm:
+        q = module.q_norm(q)
+    q = q.transpose(1, 2)
+    cos, sin = position_embeddings
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q1, q2 = q.chunk(2, dim=-1)
+    q = q * cos + torch.cat([-q2, q1], dim=-1) * sin  # transformers' apply_rotary_pos_emb
+    layer = cache.layers[module.layer_idx]
+    view = layer.update(ref.project(hidden_states, plan.k_down, plan.groups),
+                        ref.project(hidden_states, plan.v_down, plan.groups))
+    tables = runtime.rope_tables(view.positions, layer.ledger, n, q.dtype)
+    out = runtime.attend(module, q, view, plan, *tables)
+    out = out.transpose(1, 2).reshape(batch, n, -1)
+    return module.o_proj(out), None
+
+
+def _bias(linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach()
+
+
+def _use_kernel(q: torch.Tensor) -> bool:
+    """The Triton decode kernel on CUDA (``KVPRESS_KERNELS``: ``reference`` never, ``triton`` also on CPU
+    under the interpreter)."""
+    if palu_kernels is None or kernels.BACKEND == "reference":
+        return False
+    return kernels.BACKEND == "triton" or q.is_cuda
