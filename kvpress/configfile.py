@@ -25,11 +25,18 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a config file gets the user's default
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_config_file(
@@ -62,6 +69,12 @@ def load_config_file(path: str | os.PathLike, method: str) -> tuple[dict[str, to
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path} is not a kvpress config file (safetensors): {error}") from None
+    version = metadata.get("kvpress_format")
+    if version is not None and version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is a kvpress config file of format version {version}, but this kvpress reads version "
+            f"{FORMAT_VERSION}; re-create it with this version's `kvpress-calibrate {method}` or use the kvpress that wrote it"
+        )
     found = metadata.get("kvpress_method")
     if found != method:
         what = f"a config for method {found!r}" if found else "not a kvpress config file"
