@@ -127,17 +127,19 @@ def _top(scores: torch.Tensor, sizes: torch.Tensor, values: torch.Tensor | None)
     return picked.masked_fill(unused, SENTINEL).sort(dim=-1).values.int()
 
 
-def vs_index(q, k, q_rank, k_rank, scale, vertical_size, slash_size, window=None):
-    """Vertical-slash index of every query head (module docstring).
+def vs_index(q, k, q_rank, k_rank, scale, vertical_size, slash_size, window=None, heads=None):
+    """Vertical-slash index of the query heads ``heads`` (default: all; module docstring).
 
     ``vertical_size`` / ``slash_size``: ints or ``[Hq]`` tensors (per head). Returns ``vertical
-    [B, Hq, NV]`` (key ranks) and ``slash [B, Hq, NS]`` (offsets), int32, ascending, unused entries
-    ``SENTINEL``.
+    [B, n, NV]`` (key ranks) and ``slash [B, n, NS]`` (offsets), int32, ascending, unused entries
+    ``SENTINEL``, for the ``n`` heads.
     """
     Hq, T = q.shape[1], k.shape[2]
     vsz = _sizes(vertical_size, Hq, q.device).clamp(min=MIN_VERTICAL).clamp(max=T)
     ssz = _sizes(slash_size, Hq, q.device).clamp(min=MIN_SLASH).clamp(max=T)
     vertical, slash = vs_scores(q, k, q_rank, k_rank, scale, window)
+    if heads is not None:
+        vertical, slash, vsz, ssz = vertical[:, heads], slash[:, heads], vsz[heads], ssz[heads]
     return _top(vertical, vsz, k_rank.long()), _top(slash, ssz, None)
 
 
@@ -167,28 +169,30 @@ def _pool(x: torch.Tensor, block: torch.Tensor, n: int) -> torch.Tensor:
     return (sums / count.clamp(min=1)[:, None, :, None])[:, :, :n], count[:, :n] > 0
 
 
-def block_index(q, k, q_rank, k_rank, top_k):
-    """Block-sparse index of every query head (module docstring).
+def block_index(q, k, q_rank, k_rank, top_k, heads=None):
+    """Block-sparse index of the query heads ``heads`` (default: all; module docstring).
 
-    ``top_k``: int or ``[Hq]`` tensor (key blocks per query block). Returns ``blocks [B, Hq, NQB,
-    K]`` int32: for the ``m``-th query block of a row (rank block ``first_query_block + m``,
-    ``NQB = query_blocks(Lq)``) the kept key rank-blocks, ascending, unused entries ``-1``.
+    ``top_k``: int or tensor with one value per selected head (key blocks per query block). Returns
+    ``blocks [B, n, NQB, K]`` int32: for the ``m``-th query block of a row (rank block
+    ``first_query_block + m``, ``NQB = query_blocks(Lq)``) the kept key rank-blocks, ascending,
+    unused entries ``-1``. Only the pooled keys (64x fewer than the keys) are gathered per head.
     """
     B, Hq, Lq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
-    G = Hq // Hkv
+    heads = torch.arange(Hq, device=q.device) if heads is None else torch.as_tensor(heads, device=q.device)
+    n_heads = heads.shape[0]
     nqb, nkb = query_blocks(Lq), (T + BLOCK - 1) // BLOCK
-    sizes = _sizes(top_k, Hq, q.device).clamp(min=1)
+    sizes = _sizes(top_k, n_heads, q.device).clamp(min=1)
     first = first_query_block(q_rank)
     qb = torch.where(q_rank >= 0, _block_ids(q_rank) - first[:, None], -1)
-    q_pool, q_has = _pool(q, qb, nqb)  # [B, Hq, NQB, D]
+    q_pool, q_has = _pool(q.index_select(1, heads), qb, nqb)  # [B, n, NQB, D]
     k_pool, k_has = _pool(k, _block_ids(k_rank), nkb)  # [B, Hkv, NKB, D]
+    k_pool = k_pool.index_select(1, heads // (Hq // Hkv))  # [B, n, NKB, D]
     n = min(int(sizes.max()), nkb)
-    out = torch.full((B, Hq, nqb, n), -1, dtype=torch.int32, device=q.device)
+    out = torch.full((B, n_heads, nqb, n), -1, dtype=torch.int32, device=q.device)
     kb = torch.arange(nkb, device=q.device)
-    for m0, m1 in _chunks(nqb, B * Hq * nkb * 4 * 2):
-        scores = torch.matmul(_grouped(q_pool[:, :, m0:m1].contiguous(), Hkv), k_pool.transpose(-1, -2))
-        scores = scores.view(B, Hq, m1 - m0, nkb)
+    for m0, m1 in _chunks(nqb, B * n_heads * nkb * 4 * 2):
+        scores = torch.matmul(q_pool[:, :, m0:m1], k_pool.transpose(-1, -2))  # [B, n, m, NKB]
         rb = first[:, None] + torch.arange(m0, m1, device=q.device)  # [B, m] absolute query rank block
         ok = k_has[:, None, :] & (kb[None, None, :] <= rb[:, :, None]) & q_has[:, m0:m1, None]
         scores = scores.masked_fill(~ok[:, None], float("-inf"))

@@ -1,0 +1,206 @@
+"""MInference runtime: configs, the per-head sparse prefill, composition with Duo, chunked prefill,
+padding, and the pattern search (CPU; tiny models)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import random_ids, tiny_model
+
+import kvpress
+from kvpress.api import attention_override
+from kvpress.calibration.minference import parse_candidates, search_patterns
+from kvpress.kernels import minference_reference as R
+from kvpress.kernels.reference import rank_mask
+from kvpress.methods import METHODS
+from kvpress.methods.duo import DuoConfig
+from kvpress.methods.minference import (
+    A_SHAPE, BLOCK_SPARSE, VS, MInference, MInferenceConfig, plan_heads, sparse_prefill,
+)
+
+LOSSY = dict(min_length=0, vertical_size=30, slash_size=50, scale_length=None, max_density=1.0)
+
+
+@pytest.fixture(autouse=True)
+def registered(monkeypatch):
+    if "minference" not in METHODS:
+        monkeypatch.setitem(METHODS, "minference", MInference)
+    with torch.no_grad():
+        yield
+
+
+def ranks(lengths, total):
+    r = torch.full((len(lengths), total), -1, dtype=torch.int32)
+    for b, n in enumerate(lengths):
+        r[b, total - n:] = torch.arange(n, dtype=torch.int32)
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def test_reference_json_loads_with_default_for_missing_heads(tmp_path):
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps([{"0": ["vertical_and_slash", 100, 750, 0.9], "3": ["stream_llm", 100, 800, 0.5]},
+                                {"1": ["block_sparse", 12, 0, 0.7]}]))
+    config = MInferenceConfig.load(path)
+    assert config.head_pattern(0, 0, 50000) == (VS, 100, 750)
+    assert config.head_pattern(0, 3, 50000) == (A_SHAPE, 100, 800)
+    assert config.head_pattern(1, 1, 50000) == (BLOCK_SPARSE, 12, 0)
+    assert config.head_pattern(1, 2, 50000) == (VS, 1000, 6096)  # no entry: the reference's default
+    assert config.scores[0, 3] == pytest.approx(0.5)
+    back = tmp_path / "back.json"
+    config.save_reference_json(back)
+    assert MInferenceConfig.load(back).patterns == config.patterns
+    path.write_text(json.dumps([{"0": ["dense", 1, 2, 0.0]}]))
+    with pytest.raises(ValueError, match="vertical_and_slash"):
+        MInferenceConfig.load(path)
+
+
+def test_config_file_roundtrip_and_fingerprint(tmp_path):
+    model = tiny_model("llama")
+    shape = kvpress.adapters.describe(model).shape
+    patterns = [{h: ("vertical_and_slash", 30 + h, 50) for h in range(8)}, {0: ("stream_llm", 4, 16)}]
+    config = MInferenceConfig(patterns=patterns, scores=torch.rand(2, 8), min_length=123, model_shape=shape)
+    config.save(tmp_path / "mi.safetensors")
+    loaded = MInferenceConfig.load(tmp_path / "mi.safetensors")
+    assert loaded.patterns == config.patterns and loaded.min_length == 123 and loaded.model_shape == shape
+    torch.testing.assert_close(loaded.scores, config.scores)
+    other = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="num_heads"):
+        kvpress.patch(other, "minference", config=str(tmp_path / "mi.safetensors"))
+
+
+def test_default_budget_scales_down_for_short_inputs():
+    config = MInferenceConfig()
+    assert config.head_pattern(0, 0, 131072) == (VS, 1000, 6096)
+    assert config.head_pattern(0, 0, 1 << 20) == (VS, 1000, 6096)
+    assert config.head_pattern(0, 0, 32768) == (VS, 250, 1524)
+    assert config.head_pattern(0, 0, 1000) == (VS, 30, 50)  # the minimums
+
+
+# ----------------------------------------------------------------------------------------------
+# The sparse prefill of one layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mixed_patterns_triton_matches_reference(dtype):
+    """Every pattern in one layer, padding, chunked prefill (T > Lq), GQA: Triton (interpreter) vs torch."""
+    torch.manual_seed(0)
+    config = MInferenceConfig(patterns=[{0: ("vertical_and_slash", 30, 50), 1: ("stream_llm", 4, 32),
+                                         2: ("block_sparse", 2, 0), 5: ("stream_llm", 8, 20)}])
+    plan = plan_heads(config, 0, list(range(6)), 200)
+    B, Hq, Hkv, T, Lq, D = 2, 6, 2, 200, 140, 32
+    k_rank = ranks([200, 150], T)
+    q_rank = k_rank[:, -Lq:]
+    q, k, v = (torch.randn(B, h, n, D).to(dtype) for h, n in ((Hq, Lq), (Hkv, T), (Hkv, T)))
+    ref = sparse_prefill(plan, q.double(), k.double(), v.double(), q_rank, k_rank, 0.3, use_triton=False)
+    out = sparse_prefill(plan, q, k, v, q_rank, k_rank, 0.3, use_triton=True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    assert (out.double() - ref).abs().max() < tol
+
+
+# ----------------------------------------------------------------------------------------------
+# Through kvpress.patch
+
+
+def test_budgets_covering_everything_are_lossless():
+    model = tiny_model("llama")
+    ids = random_ids(2, 150)
+    dense = model(ids).logits
+    kvpress.patch(model, "minference", min_length=0, vertical_size=1000, slash_size=1000, max_density=1.0)
+    torch.testing.assert_close(model(ids).logits, dense, atol=1e-5, rtol=1e-5)
+
+
+class Oracle:
+    """Per-head rules from the torch references, on the whole unpadded sequence (no kvpress cache):
+    Duo's streaming heads A-shape, the other heads VS (30, 50) with the index of each prefill chunk
+    built from that chunk's last 64 queries against every key before it."""
+
+    def __init__(self, streaming, sink, recent, chunks):
+        self.streaming, self.sink, self.recent, self.chunks = streaming, sink, recent, chunks
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        B, H, L, _ = query.shape
+        group = H // key.shape[1]
+        stream_q = self.streaming[module.layer_idx].repeat_interleave(group)  # [H] query heads of streaming KV heads
+        out = torch.empty_like(query)
+        for s, e in self.chunks:
+            qr = torch.arange(s, e, dtype=torch.int32)[None].expand(B, -1)
+            kr = torch.arange(e, dtype=torch.int32)[None].expand(B, -1)
+            q = query[:, :, s:e]
+            vertical, slash = R.vs_index(q, key[:, :, :e], qr, kr, scaling, 30, 50)
+            mask = R.vs_mask(qr, kr, vertical, slash)
+            mask[:, stream_q] = rank_mask(qr, kr, self.sink, self.recent)
+            out[:, :, s:e] = R.masked_attention(q, key[:, :, :e], value[:, :, :e], mask, scaling)
+        return out.transpose(1, 2), None
+
+
+def test_minference_duo_equals_each_methods_rule_per_head():
+    model = tiny_model("llama")
+    ids = random_ids(1, 300)
+    streaming = torch.tensor([[0, 1, 0, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    with attention_override(model, Oracle(streaming, 4, 16, [(0, 300)])):
+        want = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    dense = model.base_model(input_ids=ids).last_hidden_state
+    duo = DuoConfig.from_retrieval_mask(~streaming, sink=4, recent=16)
+    kvpress.patch(model, "minference+duo", config={"duo": duo}, **LOSSY)
+    got = model.base_model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - dense).abs().max() > 1e-2  # the sparse prefill did drop keys
+
+
+def test_chunked_prefill_builds_indices_against_previous_keys():
+    model = tiny_model("llama")
+    ids = random_ids(1, 330)
+    none = torch.zeros(2, 4, dtype=torch.bool)
+    with attention_override(model, Oracle(none, 0, 1, [(0, 200), (200, 330)])):
+        want = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    kvpress.patch(model, "minference", **LOSSY)
+    cache = kvpress.make_cache(model)
+    model.base_model(input_ids=ids[:, :200], past_key_values=cache)
+    got = model.base_model(input_ids=ids[:, 200:], past_key_values=cache).last_hidden_state
+    torch.testing.assert_close(got, want[:, 200:], atol=1e-4, rtol=1e-4)
+
+
+def test_left_padded_rows_match_rows_alone():
+    model = tiny_model("qwen2")
+    kvpress.patch(model, "minference", **LOSSY)
+    ids = random_ids(2, 290)
+    mask = torch.ones_like(ids)
+    mask[1, :90] = 0
+    batch = model(ids, attention_mask=mask).logits
+    alone = model(ids[1:, 90:]).logits
+    torch.testing.assert_close(batch[1, 90:], alone[0], atol=1e-4, rtol=1e-4)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 293)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pattern search
+
+
+def test_parse_candidates():
+    assert parse_candidates("vs:30:800,ashape:100:800,block:1/8,block:5") == [
+        ("vertical_and_slash", 30.0, 800.0), ("stream_llm", 100.0, 800.0), ("block_sparse", -0.125, 0.0),
+        ("block_sparse", 5.0, 0.0)]
+    with pytest.raises(ValueError, match="vs:COLUMNS"):
+        parse_candidates("vs:30")
+
+
+def test_pattern_search_tiny_and_load(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(Path(__file__).resolve().parent.parent / "models" / "needle-llama")
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = search_patterns(model, tokenizer, length=384, start=128, num_passkeys=1, passkey_words=4,
+                             candidates="ashape:8:32,vs:30:50,block:2", progress=False)
+    assert len(config.patterns) == 8 and all(len(layer) == 8 for layer in config.patterns)
+    assert ((config.scores > 0) & (config.scores <= 1 + 1e-5)).all()
+    config.save(tmp_path / "mi.safetensors")
+    kvpress.patch(model, "minference", config=str(tmp_path / "mi.safetensors"), min_length=0)
+    ids = tokenizer("hello world " * 40, return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
