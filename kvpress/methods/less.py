@@ -25,9 +25,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import kernels as _kernels  # noqa: F401  (kvpress.kernels must be importable first)
 from ..adapters import ModelShape
+from ..cache import KVPressLayer, LedgerSpec, TokenLedger
 from ..configfile import atomic_write
+from ..kernels import less as less_kernels
+from ..kernels import less_reference as reference
 from ..kernels.less_reference import FeatureWeights, Policy
+from .base import Method
 
 FORMAT = "kvpress-less/1"
 JSON_NAME = "less.json"
@@ -231,3 +236,105 @@ class FeatureMaps(nn.Module):
             for name in WEIGHT_NAMES:
                 getattr(maps, name).copy_(getattr(w, name))
         return maps
+
+
+# -- the runtime ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LessStep:
+    """What a LESS cache layer hands the attention function for one forward."""
+
+    layer: "LessLayer"
+    k: torch.Tensor  # [B, Hkv, n, D] the new tokens' post-RoPE keys
+    v: torch.Tensor
+    rank: torch.Tensor  # [B, n] their ranks (-1 = padding)
+
+
+class LessLayer(KVPressLayer):
+    """One layer's LESS cache: ``sink + heavy + recent + 1`` slots per (row, KV head) and the fp32
+    state (:class:`~kvpress.kernels.less_reference.LessCache`). Nothing grows with the tokens seen."""
+
+    def __init__(self, ledger: TokenLedger, owns_ledger: bool, method: "Less", layer_idx: int):
+        super().__init__(ledger, owns_ledger)
+        self.less, self.layer_idx = method, layer_idx
+        self.cache: reference.LessCache | None = None
+        self.applied = 0  # tokens per row this layer has attended (to detect a forward that failed half-way)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        step = self.ledger.current(key_states.device)
+        if self.applied != self.ledger.seen:
+            raise RuntimeError("a forward through this LESS cache failed half-way (its state has moved on); "
+                               "start a new cache (pass no cache)")
+        if self.cache is None:
+            shape, config = self.less.info.shape, self.less.config
+            self.cache = reference.LessCache.empty(
+                key_states.shape[0], shape.num_kv_heads, config.budget.slots, shape.head_dim,
+                config.num_state_heads(shape), config.rank, key_states.dtype, key_states.device)
+        return LessStep(self, key_states, value_states, step.new_rank), None
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        return [] if self.cache is None else self.cache.tensors()
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.select_batch(index)
+
+
+class Less(Method):
+    """LESS runtime: per-(row, KV head) kept sets under the policy, plus the learned state."""
+
+    name = "less"
+    config_class = LessConfig
+    config_file_name = "kvpress-less"  # a folder in the model's own folder
+
+    @classmethod
+    def fallback_config(cls, info):
+        raise ValueError(
+            "LESS needs feature maps trained for this model: run `kvpress-calibrate less --model MODEL --out DIR` "
+            "and patch with config=DIR (or LessConfig.random(shape) for untrained maps)"
+        )
+
+    def check_config(self, config: LessConfig) -> None:
+        config.check(self.info.shape)
+        if any(w is not None for w in self.info.layer_windows):
+            raise ValueError("LESS does not support models with sliding-window layers (their own window already "
+                             "evicts tokens); use a model with full attention or kvpress.patch(model, 'duo')")
+        self._weights: dict = {}
+
+    def ledger_spec(self) -> LedgerSpec:
+        return LedgerSpec()  # no all-token ranks: the bookkeeping stays constant-size too
+
+    def make_layer(self, layer_idx: int, ledger: TokenLedger) -> LessLayer:
+        return LessLayer(ledger, layer_idx == self.info.shape.num_layers - 1, self, layer_idx)
+
+    def weights(self, layer_idx: int, device, dtype) -> reference.FeatureWeights:
+        """The layer's maps on ``device``: fp32 for the torch path, the model's dtype for the kernels."""
+        key = (layer_idx, device, dtype)
+        if key not in self._weights:
+            self._weights[key] = self.config.layers[layer_idx].to(device=device, dtype=dtype)
+        return self._weights[key]
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
+        if not isinstance(key, LessStep):
+            raise RuntimeError("the LESS attention got plain key/value tensors instead of its cache's step: call the "
+                               "patched model with no cache or with kvpress.make_cache(model)")
+        layer, config = key.layer, self.config
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        cache = layer.cache
+        fast = less_kernels.available(query)
+        w = self.weights(layer.layer_idx, query.device, query.dtype if fast else torch.float32)
+        if query.shape[2] == 1:
+            step = less_kernels.decode_step if fast else reference.decode_step
+            out = step(query, key.k, key.v, key.rank[:, 0], cache, w, config.budget, scale, state=config.state)
+        else:
+            out = less_kernels.prefill_step(query, key.k, key.v, key.rank, cache, w, config.budget, scale,
+                                            state=config.state)
+        layer.applied = self.ledger_seen(layer) + query.shape[2]
+        return out.transpose(1, 2), None
+
+    @staticmethod
+    def ledger_seen(layer: LessLayer) -> int:
+        return layer.ledger.seen
