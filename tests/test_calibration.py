@@ -108,12 +108,12 @@ def test_interrupted_run_resumes_to_the_same_gates(model_dir, tmp_path, monkeypa
     monkeypatch.setattr(PasskeyData, "sample", failing)
     with pytest.raises(KeyboardInterrupt):
         train_gates(model, data, settings, checkpoint=checkpoint, progress=False)
-    assert torch.load(checkpoint)["step"] == 6
+    assert torch.load(checkpoint)["step"] == 7  # the interrupt saved the last finished step
     monkeypatch.setattr(PasskeyData, "sample", original)
     calls = []
     monkeypatch.setattr(PasskeyData, "sample", lambda self, i: calls.append(i) or original(self, i))
     resumed = train_gates(model, data, settings, checkpoint=checkpoint, progress=False)
-    assert calls == [6, 7]
+    assert calls == [7]
     torch.testing.assert_close(resumed, uninterrupted)
     assert all(p.requires_grad for p in model.parameters())  # the weights' flags are restored
 
@@ -142,3 +142,77 @@ def test_patch_without_config_uses_shipped_file_or_quick_calibration(model_dir, 
     with pytest.raises(ValueError, match="kvpress-calibrate duo"):
         kvpress.patch(bare, "duo")
     assert not hasattr(bare.model.layers[0].self_attn, "_kvpress_method")
+
+
+def test_ctrl_c_before_the_first_checkpoint_keeps_the_work(model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "duo.safetensors"
+    args = ["duo", "--model", str(model_dir), "--out", str(out), "--steps", "4", "--no-progress", *TINY_RECIPE]
+    original = PasskeyData.sample
+
+    def interrupted(self, index):
+        if index == 2:
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    monkeypatch.setattr(PasskeyData, "sample", interrupted)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"kvpress-calibrate: interrupted at step 2 of 4; progress saved to {out}.partial; run the same command to resume" in err
+    assert torch.load(f"{out}.partial")["step"] == 2
+    monkeypatch.setattr(PasskeyData, "sample", original)
+    assert main(args) == 0
+    assert "kvpress: resuming from step 2 of 4" in capsys.readouterr().err
+    assert out.is_file() and not (tmp_path / "duo.safetensors.partial").exists()
+
+
+def test_default_lengths_and_passkeys_fit_the_model(model_dir, tmp_path, capsys):
+    # max_position_embeddings 1024: the default 1K..32K lengths and 10 passkeys of 32 words cannot fit
+    out = tmp_path / "duo.safetensors"
+    assert main(["duo", "--model", str(model_dir), "--out", str(out), "--steps", "1", "--no-progress",
+                 "--num-lengths", "2", "--train-sink", "8", "--train-recent", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "kvpress: calibrating at lengths up to 1024 tokens, the model's max_position_embeddings" in err
+    assert "shortest calibration sample: 256 tokens" in err
+    assert "using 1 of 2 words" in err  # one NATO passkey of 2 words: the byte-level needle takes ~100 tokens
+
+
+def test_closing_line_reports_the_progress_bar_quantity(model_dir, tmp_path, capsys):
+    out = tmp_path / "duo.safetensors"
+    assert main(["duo", "--model", str(model_dir), "--out", str(out), "--steps", "3", "--no-progress", *TINY_RECIPE]) == 0
+    gates = kvpress.DuoConfig.load(out).gates
+    line = capsys.readouterr().out
+    assert f"gates<0.5: {(gates < 0.5).float().mean().item():.0%} (as in the progress bar)" in line
+    assert "at sparsity 0.5 (patch time), 2 of 4 heads stream" in line
+
+
+@pytest.mark.parametrize("kind", ["kvlookup", "multivalue"])
+def test_other_calibration_needles_are_exact_and_supervise_their_answers(kind):
+    tokenizer = ByT5Tokenizer()
+    recipe = PasskeyRecipe(min_length=1200, max_length=1500, num_lengths=2, num_passkeys=3, passkey_words=16, data=kind)
+    data = PasskeyData(tokenizer, recipe, read_haystack(), seed=0)
+    for index, length in enumerate(recipe.lengths()):
+        sample = data.sample(index)
+        assert sample.input_ids.shape == (1, length)
+        text = tokenizer.decode(sample.input_ids[0])
+        context = text[: text.index("\nThe value of key" if kind == "kvlookup" else "\nWhat are all")]
+        answers = tokenizer.decode(sample.input_ids[0][sample.supervised])
+        if kind == "kvlookup":
+            assert len(answers) == 3 * 36 and context.count('": "') == 6  # 3 UUIDs asked of 6 pairs
+            assert all(answers[i * 36 : (i + 1) * 36] in context for i in range(3))
+        else:
+            values = answers.strip().split("; ")
+            assert len(values) == 3 and all(len(v.split()) == 2 for v in values)
+            assert [context.index(v) for v in values] == sorted(context.index(v) for v in values)  # in order
+
+
+def test_data_mix_draws_each_kind_and_rejects_unknown_ones():
+    tokenizer = ByT5Tokenizer()
+    recipe = PasskeyRecipe(min_length=1500, max_length=1500, num_lengths=1, num_passkeys=2, passkey_words=4,
+                           data="passkey,kvlookup,multivalue")
+    data = PasskeyData(tokenizer, recipe, read_haystack())
+    texts = [tokenizer.decode(data.sample(i).input_ids[0]) for i in range(12)]
+    assert any("passkey number" in t for t in texts) and any("JSON data" in t for t in texts)
+    assert any("codes for" in t for t in texts)
+    with pytest.raises(ValueError, match="passkey, kvlookup, multivalue"):
+        PasskeyData(tokenizer, PasskeyRecipe(data="passkey,foo"), read_haystack())

@@ -34,19 +34,30 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         help = action.help or ""
         default = action.default
-        if "default" in help or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in help or default is None or default is False or default == argparse.SUPPRESS or not action.option_strings:
             return help
         return help + " (default: %(default)s)"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging() -> None:
-    """Show kvpress's log lines (INFO and up) on stderr as ``kvpress: message``, once."""
+    """Show kvpress's log lines (INFO and up) on stderr as ``kvpress: message`` (for the commands)."""
     logger = logging.getLogger("kvpress")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         logger.addHandler(handler)
-        logger.propagate = False
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
 
@@ -206,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-text", default="heldout", help="perplexity text: 'heldout', 'train' (bundled) or a text file")
     p.add_argument("--ppl-context", type=int, default=2048, help="perplexity window in tokens")
     p.add_argument("--ppl-tokens", type=int, default=65536, help="tokens of --ppl-text scored for perplexity")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights' dtype")
     p.add_argument("--duo-config", default=None,
                    help="a saved kvpress.DuoConfig (file or pattern folder): evaluate the model patched with it "
