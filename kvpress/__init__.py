@@ -12,4 +12,4 @@ from .cache import kv_cache_bytes
 from .methods import METHODS, DuoConfig
 
 __all__ = ["FAMILIES", "METHODS", "DuoConfig", "ModelShape", "kv_cache_bytes", "make_cache", "patch", "unpatch"]
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

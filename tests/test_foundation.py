@@ -73,3 +73,36 @@ def test_config_file_format_version_is_checked(tmp_path):
     save_file(load_file(str(path)), str(path), metadata=metadata)
     with pytest.raises(ValueError, match="format version 99"):
         kvpress.DuoConfig.load(path)
+
+
+def test_direct_launcher_is_used_only_on_tested_triton_versions():
+    """The direct launcher relies on Triton-internal API (kvpress.kernels.launch): on other versions
+    every launch goes through the public ``kernel[grid](...)``."""
+    import triton
+
+    from kvpress.kernels import decode, launch
+
+    tested = triton.__version__.startswith(launch.TESTED_TRITON) and os.environ.get("TRITON_INTERPRET") != "1"
+    assert (decode._launch_decode.params is not None) == tested
+
+
+@pytest.mark.gpu
+def test_direct_launcher_signature_still_matches_on_the_tested_triton():
+    """Fails loudly if the private launcher signature changed: on a tested Triton version, a second
+    decode (a new length) must go through the kept compiled launcher and still match the reference."""
+    import triton
+
+    from kvpress.kernels import decode, launch, reference
+
+    if not triton.__version__.startswith(launch.TESTED_TRITON):
+        pytest.skip(f"triton {triton.__version__}: plain launches (direct launcher tested on {launch.TESTED_TRITON})")
+    torch.manual_seed(0)
+    for length in (3000, 3100):
+        q = torch.randn(2, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 2, length, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        rank = torch.arange(length, device="cuda", dtype=torch.int32).expand(2, length).contiguous()
+        heads = torch.arange(2, device="cuda")
+        out = decode.decode_attention(q, rank[:, -1:], 0.1, 4, split=(k, v, rank, heads, 0, None))
+        ref = reference.rank_attention(q.float(), k.float(), v.float(), rank[:, -1:], rank, 0.1)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    assert decode._launch_decode.compiled, "the compiled decode kernel was not kept for direct launches"

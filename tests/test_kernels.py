@@ -343,9 +343,10 @@ def test_gpu_decode_repeated_launches_with_new_tokens():
     B, hkv, group, D, sink, recent = 3, 8, 4, 128, 64, 256
     dev, dtype = "cuda", torch.bfloat16
     rh, sh = torch.tensor([0, 5], device=dev), torch.tensor([1, 2, 3, 4, 6, 7], device=dev)
-    from kvpress.cache import AppendBuffer, TokenLedger
+    from kvpress.cache import AppendBuffer, LedgerSpec, TokenLedger, Window
 
-    ledger = TokenLedger(window=(sink, recent))
+    window = Window(sink, recent)
+    ledger = TokenLedger(LedgerSpec(all_ranks=True, windows=(window,)))
     bufs = [AppendBuffer(dim=2) for _ in range(4)]
     lengths = [5000, 4321, 17]
     mask = torch.zeros(B, 5000, dtype=torch.long, device=dev)
@@ -358,9 +359,10 @@ def test_gpu_decode_repeated_launches_with_new_tokens():
 
     def end():
         ledger.end()
-        if ledger.compaction is not None:  # what DuoLayer.after_forward does
+        kept = ledger.compaction(window, dev)
+        if kept is not None:  # what GroupedLayer.after_forward does
             for buf in bufs[2:]:
-                buf.keep(ledger.compaction, room=ledger.slack)
+                buf.keep(kept, room=ledger.slack[window])
 
     end()
     compiled_before = set(decode_mod._launch_decode.compiled)
@@ -371,10 +373,10 @@ def test_gpu_decode_repeated_launches_with_new_tokens():
         fk, fv, sk, sv = (buf.reserve(x, heads) for buf, x, heads in zip(bufs, new_kv * 2, (rh, rh, sh, sh)))
         q = rand(B, hkv * group, 1, D, dtype=dtype, device=dev)
         st = ledger.step
-        out = kernels.split_cache_attention(q, fk, fv, st.all_rank, sk, sv, st.window_rank, st.new_rank, rh, sh,
+        out = kernels.split_cache_attention(q, fk, fv, st.all_rank, sk, sv, st.window_rank[window], st.new_rank, rh, sh,
                                             D ** -0.5, sink, recent, new_kv=new_kv)
         ref = reference.split_cache_attention(q.float(), fk.float(), fv.float(), st.all_rank, sk.float(), sv.float(),
-                                              st.window_rank, st.new_rank, rh, sh, D ** -0.5, sink, recent)
+                                              st.window_rank[window], st.new_rank, rh, sh, D ** -0.5, sink, recent)
         check(out, ref, dtype)
         assert torch.equal(fk[:, :, -1], new_kv[0][:, rh, 0]) and torch.equal(sv[:, :, -1], new_kv[1][:, sh, 0])
         end()
