@@ -1,0 +1,222 @@
+"""Palu (arXiv 2407.21118): calibration math, the latent cache runtime against the unpatched model,
+real cache bytes, and the Triton decode path inside the model against the reference path."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import FAMILIES, random_ids, tiny_model
+
+import kvpress
+from kvpress import kernels
+from kvpress.calibration import palu as calib
+from kvpress.methods import METHODS
+from kvpress.methods.palu import Palu, PaluConfig
+
+METHODS.setdefault("palu", Palu)  # until kvpress.methods registers it
+
+
+def padded_batch(length=12):
+    ids = random_ids(2, length)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    return ids, mask
+
+
+def dense_bytes(model, batch, tokens):
+    c = model.config
+    return 2 * c.num_hidden_layers * batch * tokens * c.num_key_value_heads * c.head_dim * 4
+
+
+# -- the math of the calibration ----------------------------------------------------------------
+
+
+def test_whitened_factors_are_exact_at_full_rank_and_better_on_the_data():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 24, dtype=torch.float64)
+    x = torch.randn(500, 24, dtype=torch.float64) * torch.logspace(0, -2, 24, dtype=torch.float64)  # skewed inputs
+    s = calib.whitening(x.T @ x)
+    up, down = calib.factorize(weight, groups=2, rank=16, s=s)
+    rebuilt = torch.cat([up[g] @ down[g * 16:(g + 1) * 16] for g in range(2)]).double()
+    torch.testing.assert_close(rebuilt, weight, atol=1e-4, rtol=1e-4)
+    err = {}
+    for name, factor in (("whiten", s), ("svd", None)):
+        up, down = calib.factorize(weight, groups=2, rank=4, s=factor)
+        rebuilt = torch.cat([up[g] @ down[g * 4:(g + 1) * 4] for g in range(2)]).double()
+        err[name] = (x @ (rebuilt - weight).T).norm()
+    assert err["whiten"] < 0.8 * err["svd"]
+
+
+def test_whitening_shifts_a_singular_gram_matrix():
+    x = torch.randn(3, 8)  # rank 3 < 8: not positive definite
+    s = calib.whitening(x.T @ x)
+    assert torch.isfinite(s).all() and (s.diagonal() > 0).all()
+
+
+def test_allocate_ranks_follows_scores_caps_and_rounds():
+    scores = torch.tensor([[10.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    ranks = calib.allocate_ranks(scores, full=64, groups=2, ratio=0.5, multiple=8)
+    assert ranks[0, 0] == 64  # capped at full rank, the excess shared by the others
+    assert (ranks % 8 == 0).all() and (ranks >= 8).all()
+    assert abs(ranks.sum().item() - 0.5 * 64 * 6) <= 8 * 6
+    uniform = calib.allocate_ranks(torch.ones(3, 2), full=64, groups=2, ratio=0.5, multiple=8)
+    assert (uniform == 32).all()
+
+
+def test_head_groups_use_all_heads_when_fewer():
+    assert calib.head_groups(2, 4) == (2, 1)
+    assert calib.head_groups(8, 4) == (4, 2)
+    with pytest.raises(ValueError, match="divide"):
+        calib.head_groups(6, 4)
+
+
+class ByteTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return [1 + b % 127 for b in text.encode()]
+
+
+def test_calibration_writes_a_folder_resumes_and_patches(tmp_path):
+    model = tiny_model("qwen2")
+    out = tmp_path / "palu"
+    options = calib.PaluCalibration(ratio=0.5, group_size=2, samples=2, seq_len=32, multiple=8)
+    config = calib.calibrate_palu(model, ByteTokenizer(), out=out, options=options, progress=False)
+    meta = json.loads((out / "palu.json").read_text())
+    assert meta["model_shape"]["num_kv_heads"] == 4 and meta["kvpress_format"] == 1
+    assert meta["calibration"]["allocation"] == "fisher" and len(meta["calibration"]["fisher"]) == 2
+    assert not (tmp_path / "palu.partial").exists()
+    assert 0.3 < config.kept_ratio() < 0.7
+    loaded = PaluConfig.load(out)
+    assert loaded.ranks() == config.ranks() and loaded.group_size == 2
+
+    ids, mask = padded_batch()
+    kvpress.patch(model, "palu", config=out)
+    try:
+        logits = model(ids, attention_mask=mask).logits
+        assert torch.isfinite(logits).all()
+    finally:
+        kvpress.unpatch(model)
+
+
+def test_calibration_resumes_from_partial_layers(tmp_path):
+    model = tiny_model("llama")
+    options = calib.PaluCalibration(ratio=0.5, group_size=4, samples=1, seq_len=16, multiple=8,
+                                    allocation="uniform", decomposition="svd")
+    out = tmp_path / "palu"
+    full = calib.calibrate_palu(model, ByteTokenizer(), options=options, progress=False)
+    partial = tmp_path / "palu.partial"
+    partial.mkdir()
+    record = {**__import__("dataclasses").asdict(options), "model_shape": kvpress.adapters.describe(model).shape.to_dict(),
+              "haystack": []}
+    (partial / "options.json").write_text(json.dumps(record))
+    planted = {name: torch.zeros_like(t) for name, t in full.factors.items() if name.startswith("0.")}
+    from safetensors.torch import save_file
+
+    save_file(planted, str(partial / "layer_0.safetensors"))
+    resumed = calib.calibrate_palu(model, ByteTokenizer(), out=out, options=options, progress=False)
+    assert resumed.factors["0.k.up"].abs().sum() == 0  # layer 0 came from the partial folder
+    torch.testing.assert_close(resumed.factors["1.k.up"], full.factors["1.k.up"])
+
+
+# -- the runtime ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_rank_matches_the_unpatched_model(family):
+    model = tiny_model(family)
+    ids, mask = padded_batch()
+    want = model(ids, attention_mask=mask).logits
+    want_tokens = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    kvpress.patch(model, "palu")  # no config: exact factors from the weights
+    try:
+        got = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), want_tokens)
+        assert model.model.layers[0].self_attn.forward.__func__.__name__ == "palu_forward"
+    finally:
+        kvpress.unpatch(model)
+    assert "forward" not in vars(model.model.layers[0].self_attn)
+    assert torch.equal(model(ids, attention_mask=mask).logits, want)
+
+
+def test_chunked_prefill_matches_one_prefill():
+    model = tiny_model("qwen3")
+    ids, mask = padded_batch(20)
+    kvpress.patch(model, "palu", rank_ratio=0.5, group_size=2)
+    try:
+        whole = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        model.generation_config.prefill_chunk_size = 7
+        chunked = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    finally:
+        model.generation_config.prefill_chunk_size = None
+        kvpress.unpatch(model)
+    assert torch.equal(whole, chunked)
+
+
+def test_cache_holds_latents_only():
+    model = tiny_model("llama")
+    ids, mask = padded_batch(16)
+    dense = dense_bytes(model, 2, 16)
+    sizes = {}
+    for name, options in (("full", {}), ("half", dict(rank_ratio=0.5, group_size=1)),
+                          ("4bit", dict(rank_ratio=0.5, group_size=1, bits=4, quant_group=8))):
+        kvpress.patch(model, "palu", **options)
+        try:
+            cache = kvpress.make_cache(model)
+            model(ids, attention_mask=mask, past_key_values=cache)
+            sizes[name] = kvpress.kv_cache_bytes(cache)
+        finally:
+            kvpress.unpatch(model)
+    bookkeeping = 2 * 16 * 4 * 2 + 2 * 4  # ranks and positions [2, 16] int32, num_real
+    assert sizes["full"] == dense + bookkeeping
+    assert sizes["half"] == dense // 2 + bookkeeping
+    # 8 latents of 4 bits = one int32 word per token and group, plus a scale and a minimum (fp32)
+    assert sizes["4bit"] == 2 * 2 * 2 * 16 * 4 * (4 + 8) + bookkeeping
+
+
+@pytest.mark.parametrize("family,options", [
+    ("qwen3", dict(rank_ratio=0.5, group_size=1, bits=3, quant_group=4)),  # k_norm, 3-bit latents
+    ("qwen2", dict(rank_ratio=0.5, group_size=2)),  # k/v bias, groups of two KV heads
+])
+def test_decode_kernel_in_the_model_matches_the_reference(family, options, monkeypatch):
+    model = tiny_model(family)
+    ids, mask = padded_batch()
+    kvpress.patch(model, "palu", **options)
+    try:
+        runs = []
+        for backend in ("reference", "triton"):
+            monkeypatch.setattr(kernels, "BACKEND", backend)
+            runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                       output_logits=True, return_dict_in_generate=True))
+    finally:
+        kvpress.unpatch(model)
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for a, b in zip(runs[0].logits, runs[1].logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_quantised_latents_stay_close():
+    model = tiny_model("llama")
+    ids, mask = padded_batch(16)
+    kvpress.patch(model, "palu", rank_ratio=0.5, group_size=1)
+    want = model(ids, attention_mask=mask).logits
+    kvpress.unpatch(model)
+    errors = {}
+    for bits in (4, 2):
+        kvpress.patch(model, "palu", rank_ratio=0.5, group_size=1, bits=bits, quant_group=8)
+        errors[bits] = (model(ids, attention_mask=mask).logits - want)[mask.bool()].abs().mean().item()
+        kvpress.unpatch(model)
+    assert 0 < errors[4] < errors[2] and errors[4] < 0.1 * want.abs().mean().item()
+
+
+def test_config_for_another_model_is_refused(tmp_path):
+    small = tiny_model("llama")
+    config = PaluConfig(factors=calib.factors_from_weights(small, 4), group_size=4,
+                        model_shape=kvpress.adapters.describe(small).shape)
+    config.save(tmp_path / "palu")
+    other = tiny_model("llama", num_key_value_heads=2)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        kvpress.patch(other, "palu", config=tmp_path / "palu")
+    with pytest.raises(ValueError, match="bits"):
+        kvpress.patch(small, "palu", bits=5)
+    with pytest.raises(FileNotFoundError, match="kvpress-calibrate palu"):
+        kvpress.patch(small, "palu", config=tmp_path / "missing")
