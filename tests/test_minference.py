@@ -19,7 +19,7 @@ from kvpress.methods.minference import (
     A_SHAPE, BLOCK_SPARSE, VS, MInference, MInferenceConfig, plan_heads, sparse_prefill,
 )
 
-LOSSY = dict(min_length=0, vertical_size=30, slash_size=50, scale_length=None, max_density=1.0)
+LOSSY = dict(min_length=0, min_queries=0, vertical_size=30, slash_size=50, scale_length=None, max_density=1.0)
 
 
 @pytest.fixture(autouse=True)

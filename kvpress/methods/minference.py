@@ -62,8 +62,10 @@ class MInferenceConfig:
         scale_length: keys at which the no-config budget reaches its full size (None: never scaled).
         min_length: prefills with fewer keys than this are dense. Provisional (16384): to be set
             from the measured crossover of ``benchmarks/bench_minference.py``.
+        min_queries: forwards with fewer new tokens than this are dense (the VS index costs what
+            64 queries of dense attention cost).
         max_density: a layer prefills dense when its heads' estimated kept keys per query average
-            more than this fraction of the keys a query sees on average (``T / 2``).
+            more than this fraction of the keys a query sees on average (``T / 2``; above 1: never).
         model_shape: the model the patterns were calibrated for; checked at patch time when set.
     """
 
@@ -73,6 +75,7 @@ class MInferenceConfig:
     slash_size: int = 6096
     scale_length: int | None = 131072
     min_length: int = 16384
+    min_queries: int = 64
     max_density: float = 0.5
     model_shape: ModelShape | None = None
 
@@ -85,9 +88,9 @@ class MInferenceConfig:
         if self.vertical_size < 1 or self.slash_size < 1:
             raise ValueError(f"MInferenceConfig budgets must be >= 1 token, got vertical_size={self.vertical_size}, "
                              f"slash_size={self.slash_size}")
-        if self.min_length < 0 or not 0.0 < self.max_density <= 1.0:
-            raise ValueError(f"MInferenceConfig needs min_length >= 0 and 0 < max_density <= 1, got "
-                             f"min_length={self.min_length}, max_density={self.max_density}")
+        if self.min_length < 0 or self.min_queries < 0 or not self.max_density > 0.0:
+            raise ValueError(f"MInferenceConfig needs min_length >= 0, min_queries >= 0 and max_density > 0, got "
+                             f"min_length={self.min_length}, min_queries={self.min_queries}, max_density={self.max_density}")
         if self.scale_length is not None and self.scale_length < 1:
             raise ValueError(f"MInferenceConfig.scale_length must be >= 1 or None, got {self.scale_length}")
 
@@ -306,7 +309,7 @@ class MInference(GroupedMethod):
         [B, nkv, T, D]`` of a group that keeps every token, sparse per head where it pays, else dense."""
         T = k.shape[2]
         plan = plan_heads(self.config, layer_idx, q_heads.tolist(), T)
-        dense = (T < self.config.min_length or q.shape[2] < R.BLOCK
+        dense = (T < self.config.min_length or q.shape[2] < self.config.min_queries
                  or plan.kept > self.config.max_density * T / 2 or not keys_in_rank_order(q_rank, k_rank))
         if dense:
             group = _DenseGroup(torch.arange(k.shape[1], device=q.device), k, v, k_rank)
