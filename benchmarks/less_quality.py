@@ -1,0 +1,213 @@
+"""LESS quality on the project's test model (CPU, minutes): perplexity gap recovered and retrieval.
+
+For each policy (Lambda: sinks + recent window; H2O: heavy hitters + recent window) at a budget
+where the policy alone clearly loses quality, rows: the unpatched model, the policy alone,
+"Baseline+" (the policy with as many extra tokens as the state's memory), LESS with untrained
+(random) maps and LESS with maps trained here (``calibrate_less`` at small settings, or
+``--trained-lambda/--trained-h2o DIR``). Columns: held-out perplexity per byte, the share of the
+policy's perplexity gap recovered, passkey retrieval accuracy with the real runtime
+(``kvpress.patch(model, "less", ...)`` + ``generate``), KV cache bytes.
+
+Perplexity is teacher-forced over whole windows through the decode-by-decode simulation
+(``less_reference.simulate``: every position sees what a decode step at that position sees; the
+run checks it against the runtime's decode on one window and reports the largest logit gap).
+
+    python benchmarks/less_quality.py --out benchmarks/results/less_quality_needle_llama.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import kvpress
+from kvpress.adapters import describe
+from kvpress.calibration.less import LessTraining, calibrate_less, text_windows
+from kvpress.kernels import less_reference as R
+from kvpress.methods.less import Less, LessConfig
+
+SIM = "kvpress_less_simulation"
+
+
+def register() -> None:
+    """Make ``kvpress.patch(model, "less")`` available even where the registry does not list it yet."""
+    from kvpress.methods import METHODS
+
+    METHODS.setdefault("less", Less)
+
+
+@contextmanager
+def simulated(model, config: LessConfig | None):
+    """Within the block the model's attention is LESS simulated over whole sequences (None: exact)."""
+    from transformers import AttentionInterface
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if config is None:
+            out = R.dense_attention(query, key, value, scale)
+        else:
+            evict_at = R.eviction_times(query, key, config.budget, scale)
+            w = config.layers[module.layer_idx] if config.state else None
+            out = R.simulate(query, key, value, evict_at, scale, w)
+        return out.to(query.dtype).transpose(1, 2), None
+
+    AttentionInterface.register(SIM, attend)
+    old = model.config._attn_implementation
+    model.config._attn_implementation_internal = SIM
+    try:
+        yield
+    finally:
+        model.config._attn_implementation_internal = old
+
+
+@torch.no_grad()
+def perplexity(model, windows, config: LessConfig | None) -> float:
+    """exp(mean NLL per byte) over the windows, scored after the budget's first tokens."""
+    nll, count = 0.0, 0
+    skip = 0 if config is None else config.budget.budget
+    with simulated(model, config):
+        for ids in windows:
+            logits = model(ids, use_cache=False).logits[0, :-1].float()
+            target = ids[0, 1:]
+            losses = F.cross_entropy(logits, target, reduction="none")[skip:]
+            nll += losses.sum().item()
+            count += losses.numel()
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def runtime_gap(model, ids, config: LessConfig, prompt: int) -> float:
+    """Largest |logit| difference between the runtime (prefill ``prompt`` tokens, then decode token by
+    token) and the simulation started at the same point."""
+    with simulated(model, config):
+        ref = model(ids, use_cache=False).logits[0, prompt - 1 : -1].float()
+    kvpress.patch(model, "less", config=config)
+    try:
+        cache = kvpress.make_cache(model)
+        out = [model(ids[:, :prompt], cache=cache).logits[0, -1:]]
+        for i in range(prompt, ids.shape[1] - 1):
+            out.append(model(ids[:, i : i + 1], cache=cache).logits[0, -1:])
+    finally:
+        kvpress.unpatch(model)
+    return (torch.cat(out).float() - ref).abs().max().item()
+
+
+def retrieval(model, tokenizer, config: LessConfig | None, lengths, depths, samples) -> dict:
+    from kvpress.eval.cli import EvalConfig, run_eval
+
+    eval_config = EvalConfig(tasks=["passkey"], lengths=lengths, depths=depths, samples=samples, progress=False)
+    if config is not None:
+        kvpress.patch(model, "less", config=config)
+    try:
+        result = run_eval(model, tokenizer, eval_config)["passkey"]
+    finally:
+        if config is not None:
+            kvpress.unpatch(model)
+    return {"accuracy": result["accuracy"], "cache_bytes": result["cache_bytes"], "dense_cache_bytes": result["dense_cache_bytes"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="models/needle-llama")
+    parser.add_argument("--sink", type=int, default=4, help="Lambda's sinks (tokens)")
+    parser.add_argument("--recent", type=int, default=60, help="Lambda's recent window; H2O splits sink+recent "
+                        "evenly between heavy hitters and its window")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--state-heads", default="kv", choices=["kv", "query"])
+    parser.add_argument("--train-samples", type=int, default=16)
+    parser.add_argument("--train-length", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--halve-every", type=int, default=3)
+    parser.add_argument("--trained-lambda", help="a trained LESS config folder for the Lambda rows (skips training)")
+    parser.add_argument("--trained-h2o", help="the same for the H2O rows")
+    parser.add_argument("--eval-windows", type=int, default=8)
+    parser.add_argument("--eval-length", type=int, default=1024)
+    parser.add_argument("--passkey-lengths", default="1024")
+    parser.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9")
+    parser.add_argument("--passkey-samples", type=int, default=1)
+    parser.add_argument("--work", default="/tmp/kvpress_less_quality", help="where trained maps go")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    register()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    shape = describe(model).shape
+    from kvpress.eval.tasks import load_corpus
+
+    windows = list(text_windows(tokenizer, args.eval_windows, args.eval_length, seed=1, text=load_corpus("heldout")))
+    total = args.sink + args.recent
+    maps = dict(rank=args.rank, hidden=args.hidden, state_heads=args.state_heads)
+    policies = {
+        "lambda": LessConfig(policy="lambda", sink=args.sink, heavy=0, recent=args.recent, **maps),
+        "h2o": LessConfig(policy="h2o", sink=0, heavy=total // 2, recent=total - total // 2, **maps),
+    }
+    per_kv = shape.num_heads // shape.num_kv_heads if args.state_heads == "query" else 1
+    extra = R.tokens_of_state(shape.head_dim, args.rank, 4, per_kv)
+    started = time.perf_counter()
+    full_ppl = perplexity(model, windows, None)
+    lengths = [int(x) for x in args.passkey_lengths.split(",")]
+    depths = [float(x) for x in args.passkey_depths.split(",")]
+    rows = {"full (unpatched)": {"ppl": full_ppl, **retrieval(model, tokenizer, None, lengths, depths, args.passkey_samples)}}
+    print(f"full: ppl {full_ppl:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    checks = {}
+    for name, base in policies.items():
+        trained_dir = getattr(args, f"trained_{name}")
+        if trained_dir:
+            trained = LessConfig.load(trained_dir)
+        else:
+            training = LessTraining(samples=args.train_samples, length=args.train_length, epochs=args.epochs,
+                                    halve_every=args.halve_every, spill_gb=4.0)
+            t0 = time.perf_counter()
+            trained = calibrate_less(model, tokenizer, Path(args.work) / name, base, training, progress=False)
+            print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
+        plus = dict(recent=base.recent + extra) if name == "lambda" else dict(heavy=base.heavy + extra)
+        variants = {
+            f"{name} only": LessConfig.random(shape, **{**base.fields_dict(), "state": False}),
+            f"{name} Baseline+ (+{extra} tokens)": LessConfig.random(shape, **{**base.fields_dict(), **plus, "state": False}),
+            f"LESS {name}, untrained maps": LessConfig.random(shape, **base.fields_dict()),
+            f"LESS {name}, trained": trained,
+        }
+        for label, config in variants.items():
+            ppl = perplexity(model, windows, config)
+            rows[label] = {"ppl": ppl, **retrieval(model, tokenizer, config, lengths, depths, args.passkey_samples)}
+            print(f"{label}: ppl {ppl:.4f} passkey {rows[label]['accuracy']:.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
+        only = rows[f"{name} only"]["ppl"]
+        for label in variants:
+            rows[label]["gap_recovered"] = (only - rows[label]["ppl"]) / (only - full_ppl) if only != full_ppl else None
+        checks[name] = runtime_gap(model, windows[0][:, :256], trained, prompt=base.budget.budget)
+    longest = max(lengths)
+    lines = ["| variant | ppl (held-out, per byte) | gap recovered | passkey | KV bytes at %d |" % longest, "|---|---|---|---|---|"]
+    for label, row in rows.items():
+        gap = row.get("gap_recovered")
+        lines.append(f"| {label} | {row['ppl']:.4f} | {'' if gap is None else f'{gap:.0%}'} | {row['accuracy']:.0%} | "
+                     f"{row['cache_bytes'][longest] / 1024:.0f} KiB |")
+    table = "\n".join(lines)
+    print(table)
+    print("runtime decode vs simulation, largest logit gap:", checks)
+    if args.out:
+        payload = {"args": vars(args), "extra_tokens_baseline_plus": extra, "rows": rows, "table": table,
+                   "runtime_vs_simulation_max_logit_gap": checks, "torch": torch.__version__,
+                   "seconds": time.perf_counter() - started}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

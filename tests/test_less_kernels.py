@@ -1,0 +1,82 @@
+"""LESS Triton kernels (kernels/less.py) against the torch reference (kernels/less_reference.py).
+
+On CPU the kernels run under the Triton interpreter (tiny shapes, fp32/fp16); the GPU tests (bf16,
+Llama-3-8B-like heads) run where CUDA is available."""
+
+import copy
+
+import pytest
+import torch
+
+from kvpress.kernels import less as K
+from kvpress.kernels import less_reference as R
+
+
+def weights(hq, hs, d, n, r, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return R.FeatureWeights(q_w1=rnd(hq, d, n) / 4, q_w2=rnd(hq, n, r) / 4, k_w1=rnd(hs, d, n) / 4,
+                            k_w2=rnd(hs, n, r) / 4, k_scale=torch.rand(hs, r, generator=g),
+                            k_mix=rnd(hs, r, r) / 3, k_mix_scale=torch.rand(hs, r, generator=g))
+
+
+def run_both(policy, state_heads, dtype, device="cpu", b=2, hq=4, hkv=2, d=16, n=32, r=8, length=11, prompt=7,
+             state=True, splits=2, padded=True):
+    """Prefill ``prompt`` tokens (reference), then decode the rest with the reference and the kernels."""
+    torch.manual_seed(1)
+    hs = hkv if state_heads == "kv" else hq
+    w = weights(hq, hs, d, n, r).to(device)
+    q = torch.randn(b, hq, length, d, device=device).to(dtype)
+    k = torch.randn(b, hkv, length, d, device=device).to(dtype)
+    v = torch.randn(b, hkv, length, d, device=device).to(dtype)
+    rank = torch.arange(length, device=device)[None].repeat(b, 1).int()
+    if padded:  # row 1 is left-padded by 3 tokens
+        rank[1, :3] = -1
+        rank[1, 3:] -= 3
+    scale = d ** -0.5
+    ref = R.LessCache.empty(b, hkv, policy.slots, d, hs, r, dtype, device)
+    R.prefill_step(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], rank[:, :prompt], ref, w, policy, scale, state=state)
+    tri = copy.deepcopy(ref)
+    worst = 0.0
+    for i in range(prompt, length):
+        args = (q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], rank[:, i])
+        a = R.decode_step(*args, ref, w, policy, scale, state=state)
+        out = K.decode_step(*args, tri, w.to(dtype), policy, scale, state=state, splits=splits)
+        worst = max(worst, (a.float() - out.float()).abs().max().item())
+    return ref, tri, worst
+
+
+@pytest.mark.parametrize("policy", [R.Policy(sink=2, heavy=0, recent=3), R.Policy(sink=0, heavy=3, recent=2)], ids=["lambda", "h2o"])
+@pytest.mark.parametrize("state_heads", ["kv", "query"])
+def test_decode_step_matches_reference_fp32(policy, state_heads):
+    ref, tri, worst = run_both(policy, state_heads, torch.float32)
+    assert worst < 1e-5
+    assert torch.equal(ref.rank, tri.rank) and torch.equal(ref.spare, tri.spare) and torch.equal(ref.pending, tri.pending)
+    torch.testing.assert_close(tri.hs, ref.hs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tri.z, ref.z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tri.score, ref.score, rtol=1e-5, atol=1e-5)
+    kept = ref.rank >= 0
+    torch.testing.assert_close(tri.k[kept], ref.k[kept])
+
+
+def test_decode_step_fp16_and_no_state():
+    _, _, worst = run_both(R.Policy(sink=0, heavy=3, recent=2), "kv", torch.float16)
+    assert worst < 5e-3
+    ref, tri, worst = run_both(R.Policy(sink=2, heavy=0, recent=3), "kv", torch.float32, state=False)
+    assert worst < 1e-5 and not tri.z.any() and not tri.pending.any()
+
+
+def test_decode_step_one_split():
+    _, _, worst = run_both(R.Policy(sink=1, heavy=2, recent=2), "kv", torch.float32, splits=1)
+    assert worst < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("state_heads", ["kv", "query"])
+def test_decode_step_gpu(dtype, state_heads):
+    ref, tri, worst = run_both(R.Policy(sink=0, heavy=200, recent=56), state_heads, dtype, device="cuda", b=3, hq=32,
+                               hkv=8, d=128, n=512, length=400, prompt=300, splits=None)
+    assert worst < 3e-2
+    assert torch.equal(ref.rank, tri.rank)
+    torch.testing.assert_close(tri.hs, ref.hs, rtol=2e-2, atol=2e-2)
