@@ -3,8 +3,11 @@
 from .base import GroupedMethod, Method
 from .dense import Dense, DenseConfig
 from .duo import DuoAttention, DuoConfig
+from .less import Less, LessConfig
+from .minference import MInference, MInferenceConfig
+from .palu import Palu, PaluConfig
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, DuoAttention)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, DuoAttention, MInference, Palu, Less)}
 
 
 def get_method(name: str) -> type[Method]:
@@ -13,4 +16,7 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Dense", "DenseConfig", "DuoAttention", "DuoConfig", "GroupedMethod", "Method", "get_method"]
+__all__ = [
+    "METHODS", "Dense", "DenseConfig", "DuoAttention", "DuoConfig", "GroupedMethod", "Less", "LessConfig",
+    "MInference", "MInferenceConfig", "Method", "Palu", "PaluConfig", "get_method",
+]
