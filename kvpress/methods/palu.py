@@ -237,7 +237,7 @@ class PaluLayer(KVPressLayer):
         step = self.ledger.current(key_latents.device)
         if self.ledger.recovering:  # drop what a forward that failed half-way appended
             full, _ = self.ledger.committed()
-            for buffer in (*self.buffers.values(), self.positions):
+            for buffer in (*self.buffers.values(), *([self.positions] if self.writes_positions else [])):
                 buffer.truncate(full)
         if self.writes_positions:
             self.positions.append(step.positions.to(torch.int32))
@@ -389,7 +389,9 @@ def palu_forward(module, hidden_states: torch.Tensor, position_embeddings=None, 
     """The attention forward of a module patched with Palu (replaces ``LlamaAttention.forward`` and its
     Mistral / Qwen2 / Qwen3 twins at instance level): the model's query path, latents into the cache,
     attention over the latent cache, ``o_proj``."""
-    runtime: Palu = module._kvpress_method
+    runtime = getattr(module, "_kvpress_method", None)
+    if not isinstance(runtime, Palu):
+        raise RuntimeError("this attention module's Palu forward has lost its runtime; kvpress.unpatch(model) and patch again")
     cache = kwargs.get("cache")
     if cache is None:
         cache = kwargs.get("past_key_values")
