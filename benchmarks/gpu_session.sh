@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call: GPU tests and benchmarks of this tree (results under $OUT).
+#   bash benchmarks/gpu_session.sh tests        GPU tests (pytest -m gpu)
+#   bash benchmarks/gpu_session.sh duo-ab       Duo decode/prefill layer bench, before (.gpu_old) and now
+#   bash benchmarks/gpu_session.sh methods      the MInference / Palu / LESS benchmarks
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/kvpress-gpu}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+for part in "$@"; do
+  case $part in
+    duo-ab)
+      if [ -d .gpu_old ]; then  # the tree before a change, carried as .gpu_old (git archive COMMIT)
+        pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-old ./.gpu_old >/dev/null 2>&1
+        (cd /tmp && PYTHONPATH=/tmp/kvpress-old timeout 240 python "$OLDPWD/.gpu_old/benchmarks/bench_duo.py" \
+           --parts layer --no-sweep --out "$OUT/before") 2>&1 | tail -30
+      fi
+      pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+      timeout 240 python benchmarks/bench_duo.py --parts layer --no-sweep --out "$OUT/after" 2>&1 | tail -30 ;;
+    tests)
+      pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+      timeout 400 python -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
