@@ -8,19 +8,22 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvpress-gpu}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# The tree is installed (not editable) under /tmp and run with PYTHONPATH, never from the repository
+# root on sys.path (./kvpress there lacks the kvpress.kernels / kvpress.calibration mapping).
+install() { pip install -q --no-deps --no-build-isolation --target "$2" "$1" >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"; }
+install . /tmp/kvpress-new
+export PYTHONPATH=/tmp/kvpress-new
 for part in "$@"; do
   case $part in
     duo-ab)
       if [ -d .gpu_old ]; then  # the tree before a change, carried as .gpu_old (git archive COMMIT)
-        pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-old ./.gpu_old >/dev/null 2>&1
+        install ./.gpu_old /tmp/kvpress-old
         (cd /tmp && PYTHONPATH=/tmp/kvpress-old timeout 240 python "$OLDPWD/.gpu_old/benchmarks/bench_duo.py" \
            --parts layer --no-sweep --out "$OUT/before") 2>&1 | tail -30
       fi
-      pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
       timeout 240 python benchmarks/bench_duo.py --parts layer --no-sweep --out "$OUT/after" 2>&1 | tail -30 ;;
     tests)
-      pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-      timeout 400 python -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+      timeout 400 pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
     *) echo "unknown part $part" ;;
   esac
 done
