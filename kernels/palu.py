@@ -38,6 +38,7 @@ PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
 NO_LIMIT = 1 << 30
+HOIST_UP = True  # load ``up`` once per program when it is one tile (groups of one KV head, rank <= 64)
 
 
 @triton.jit
@@ -73,6 +74,7 @@ def _palu_decode_kernel(
     RK: tl.constexpr, RC: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_NQ: tl.constexpr, K_WORDS: tl.constexpr,
     RV: tl.constexpr, BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
     V_WORDS: tl.constexpr, HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HOIST: tl.constexpr,
 ):
     """Program ``(group g, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of head
     group ``g`` for its ``GS * QPK`` query heads; writes the unnormalised partial value latent
@@ -82,7 +84,8 @@ def _palu_decode_kernel(
     ``[B, G, T, 2 * NQ]`` scales/minima) with contiguous token rows and batch / group strides
     ``*_b``/``*_g`` in rows (append buffers with room to grow); ``KUP [G, GS * D, RK]``;
     ``KB [Hkv * D]``; ``KNW [D]``; ``POS``/``KR [B, T]`` with row strides ``pos_b``/``kr_b``;
-    ``QR [B]``; ``COS``/``SIN [P, HALF]``; the rest contiguous."""
+    ``QR [B]``; ``COS``/``SIN [P, HALF]``; the rest contiguous. ``HOIST``: the group's whole ``up``
+    (one KV head, one rank chunk) is loaded once, before the token loop."""
     g = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -107,6 +110,9 @@ def _palu_decode_kernel(
     rc = tl.arange(0, RC)
     rv = tl.arange(0, BLOCK_RV)
 
+    if HOIST:  # [RC, HALF] = up.T halves, kept in registers for the whole loop
+        u1_all = tl.load(up_base + d[None, :] * RK + rc[:, None])
+        u2_all = tl.load(up_base + (HALF + d)[None, :] * RK + rc[:, None])
     acc = tl.zeros([GP, BLOCK_RV], dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
@@ -128,10 +134,14 @@ def _palu_decode_kernel(
             for c in tl.static_range(RK // RC):
                 cols = c * RC + rc
                 h = _latent_tile(KL, KS, k_row0 + offs_n, ks_row0 + offs_n, cols, cols < RK, RK, K_BITS, K_QG, K_NQ, K_WORDS, n_ok, dtype)
-                u1 = tl.load(up_base + (j * D + d)[None, :] * RK + cols[:, None])  # [RC, HALF] = up.T
-                u2 = tl.load(up_base + (j * D + HALF + d)[None, :] * RK + cols[:, None])
-                k1 += tl.dot(h, u1)
-                k2 += tl.dot(h, u2)
+                if HOIST:
+                    k1 += tl.dot(h, u1_all)
+                    k2 += tl.dot(h, u2_all)
+                else:
+                    u1 = tl.load(up_base + (j * D + d)[None, :] * RK + cols[:, None])  # [RC, HALF] = up.T
+                    u2 = tl.load(up_base + (j * D + HALF + d)[None, :] * RK + cols[:, None])
+                    k1 += tl.dot(h, u1)
+                    k2 += tl.dot(h, u2)
             if HAS_KB:
                 kv_head = g * GS + j
                 k1 += tl.load(KB + kv_head * D + d).to(tl.float32)[None, :]
@@ -312,6 +322,7 @@ def palu_decode(
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=BLOCK_N,
+        HOIST=HOIST_UP and gs == 1 and _chunk(rk) == rk,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     _palu_merge_kernel[(hq, B)](
