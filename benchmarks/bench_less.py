@@ -1,0 +1,147 @@
+"""LESS decode, one layer: a whole decode step (features + fold, attention over the kept tokens with
+the state, heavy-hitter update and eviction) vs dense SDPA decode; and cache memory over generation.
+
+    python benchmarks/bench_less.py layer [--lengths 32768 131072 524288] [--smoke]
+    python benchmarks/bench_less.py memory [--tokens 10240] [--smoke]
+
+``layer``: Llama-3-8B attention shape (32 query heads, 8 KV heads, D 128, bf16), batch 1. Dense is
+SDPA over L cached tokens; LESS keeps a fixed budget per KV head whatever L is (H2O 1024 heavy +
+1024 recent, Lambda 4 + 2044, and H2O 2048 + 2048), feature maps of the paper's size (R 8, hidden
+512), state per KV head and per query head. Times are CUDA-graph replays with a cold L2
+(``common.graph_time``); eager times (``common.bench``) beside them. Before timing, one step is
+checked against the torch reference. ``memory``: an 8B-shaped Llama (4 layers, random weights)
+patched with LESS (random maps) generates ``--tokens`` tokens after a 4K prompt; the KV cache bytes
+are recorded every 1024 steps (they must not move). Writes ``benchmarks/results/less_<part>_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common as c  # noqa: E402
+
+import kvpress  # noqa: E402
+from kvpress.adapters import describe  # noqa: E402
+from kvpress.kernels import less as kernel  # noqa: E402
+from kvpress.kernels import less_reference as ref  # noqa: E402
+from kvpress.methods import METHODS  # noqa: E402
+from kvpress.methods.less import FeatureMaps, Less, LessConfig  # noqa: E402
+
+METHODS.setdefault("less", Less)  # until kvpress.methods registers it
+
+RESULTS = Path(__file__).parent / "results"
+POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
+            "h2o 2048+2048": ref.Policy(0, 2048, 2048)}
+
+
+def filled_cache(policy, hq, hkv, d, hs, rank, length, dev, dtype):
+    """A full LESS cache as after ``length`` tokens: every slot real, distinct ranks, a state, a pending victim."""
+    slots = policy.slots
+    cache = ref.LessCache.empty(1, hkv, slots, d, hs, rank, dtype, dev)
+    cache.k.copy_(c.rand(1, hkv, slots, d, dev=dev, dtype=dtype))
+    cache.v.copy_(c.rand(1, hkv, slots, d, dev=dev, dtype=dtype))
+    ranks = torch.cat([torch.arange(policy.sink), torch.arange(length - slots + policy.sink, length)]).to(dev)
+    cache.rank.copy_(ranks.int()[None, None].expand(1, hkv, slots))
+    cache.score.copy_(torch.rand(1, hkv, slots, device=dev))
+    cache.hs.copy_(torch.randn(1, hs, rank, d, device=dev))
+    cache.z.copy_(torch.rand(1, hs, rank, device=dev))
+    cache.spare.fill_(policy.sink + 1)
+    cache.pending.fill_(1)
+    return cache
+
+
+def layer_rows(dev, lengths, smoke):
+    hq, hkv, d, rank, hidden = (32, 8, 128, 8, 512) if not smoke else (4, 2, 16, 8, 32)
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    policies = POLICIES if not smoke else {"h2o 8+8": ref.Policy(0, 8, 8)}
+    rows = []
+    for L in lengths:
+        q = c.rand(1, hq, 1, d, dev=dev, dtype=dtype)
+        k = c.rand(1, hkv, L, d, dev=dev, dtype=dtype)
+        v = c.rand(1, hkv, L, d, dev=dev, dtype=dtype)
+        dense = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+        t_dense = c.graph_time(dense)
+        rows.append({"L": L, "variant": "dense SDPA", "graph_us": t_dense * 1e6, "eager_us": c.bench(dense) * 1e6,
+                     "speedup": 1.0, "kv_bytes": 2 * k.numel() * k.element_size()})
+        del k, v
+        for name, policy in policies.items():
+            for state_heads in ("kv", "query"):
+                hs = hkv if state_heads == "kv" else hq
+                torch.manual_seed(0)
+                w = FeatureMaps(d, hq, hs, rank, hidden).weights().to(dev)
+                w.k_scale.fill_(0.05)
+                w.k_mix_scale.fill_(0.05)
+                cache = filled_cache(policy, hq, hkv, d, hs, rank, L, dev, dtype)
+                k_new = c.rand(1, hkv, 1, d, dev=dev, dtype=dtype)
+                v_new = c.rand(1, hkv, 1, d, dev=dev, dtype=dtype)
+                q_rank = torch.full((1,), L, dtype=torch.int32, device=dev)
+                check = copy.deepcopy(cache)
+                expected = ref.decode_step(q, k_new, v_new, q_rank, check, w, policy, d ** -0.5)
+                wk = w.to(dtype)
+                got = kernel.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(cache), wk, policy, d ** -0.5)
+                error = (got.float() - expected.float()).abs().max().item()
+                step = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5)  # noqa: E731
+                t = c.graph_time(step)
+                state_bytes = (cache.hs.numel() + cache.z.numel()) * 4
+                rows.append({"L": L, "variant": f"LESS {name}, state per {state_heads} head", "graph_us": t * 1e6,
+                             "eager_us": c.bench(step) * 1e6, "speedup": t_dense / t, "max_error_vs_reference": error,
+                             "kv_bytes": sum(x.numel() * x.element_size() for x in cache.tensors()),
+                             "state_bytes": state_bytes})
+    c.table("LESS decode step, one layer (Llama-3-8B attention shape, batch 1)", rows,
+            [("L", "{}"), ("variant", "{}"), ("graph_us", "{:.1f}"), ("eager_us", "{:.1f}"), ("speedup", "{:.1f}x"),
+             ("kv_bytes", "{}")])
+    return rows
+
+
+@torch.no_grad()
+def memory_rows(dev, tokens, smoke):
+    model = c.build_model(dev, smoke=smoke, layers=4)
+    shape = describe(model).shape
+    config = LessConfig.random(shape, policy="h2o", sink=0, heavy=512, recent=512)
+    config.layers = [w.to(dev) for w in config.layers]
+    kvpress.patch(model, "less", config=config)
+    prompt = 4096 if not smoke else 64
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=dev)
+    cache = kvpress.make_cache(model)
+    out = c.forward(model, ids, cache)
+    rows = []
+    token = out.logits[:, -1:].argmax(-1)
+    for step in range(tokens):
+        out = c.forward(model, token, cache)
+        token = out.logits[:, -1:].argmax(-1)
+        if step % 1024 == 0 or step == tokens - 1:
+            rows.append({"generated": step + 1, "seen": prompt + step + 1, "kv_cache_bytes": kvpress.kv_cache_bytes(cache)})
+    kvpress.unpatch(model)
+    c.table("LESS cache bytes over generation (4 layers, 8B-shaped, H2O 512+512)", rows,
+            [("generated", "{}"), ("seen", "{}"), ("kv_cache_bytes", "{}")])
+    assert len({r["kv_cache_bytes"] for r in rows}) == 1, "the LESS cache grew"
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=["layer", "memory"])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072, 524288])
+    parser.add_argument("--tokens", type=int, default=10240)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (Triton interpreter): checks the script")
+    args = parser.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.part == "layer":
+        rows = layer_rows(dev, [256] if args.smoke else args.lengths, args.smoke)
+    else:
+        rows = memory_rows(dev, 40 if args.smoke else args.tokens, args.smoke)
+    env = c.environment()
+    if not args.smoke:
+        c.write_json(RESULTS / f"less_{args.part}_{c.device_tag(env)}.json", {"environment": env, "args": vars(args), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
