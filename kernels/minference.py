@@ -44,7 +44,7 @@ def _attend(acc, l_i, m_i, q, qr, K, V, kidx, kr, keep, stride_kn, stride_vn, qk
         kv_mask = keep[:, None]
     else:
         kv_mask = keep[:, None] & (offs_d[None, :] < D)
-    k = tl.load(K + kidx[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + kidx[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     dist = qr[:, None] - kr[None, :]
     ok = keep[None, :] & (qr[:, None] >= 0) & (dist >= 0) & (dist < window)
@@ -53,7 +53,7 @@ def _attend(acc, l_i, m_i, q, qr, K, V, kidx, kr, keep, stride_kn, stride_vn, qk
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    v = tl.load(V + kidx[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + kidx[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i * alpha + tl.sum(p, 1), m_new
 
@@ -76,7 +76,9 @@ def _setup(Q, LAYOUT, HEADS, b, slot, m, stride_qb, stride_qh, stride_qm,
         q_mask = row_ok[:, None]
     else:
         q_mask = row_ok[:, None] & (offs_d[None, :] < D)
-    q_off = b * stride_qb + head * stride_qh + (rank + q_shift)[:, None] * stride_qm + offs_d[None, :]
+    # int64 offsets: head * stride_qh alone passes 2**31 elements at 1M tokens x 32 heads
+    q_off = (b.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+             + (rank + q_shift)[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
     q = tl.load(Q + q_off, mask=q_mask, other=0.0)
     return head, k_shift, q_hi, base, qr, q, q_off, q_mask
 
@@ -100,8 +102,8 @@ def _vs_kernel(Q, K, V, Out, LAYOUT, HEADS, RUN_LO, RUN_HI, NRUN, VERT, NVERT, C
     slot = pid % n_slots
     head, k_shift, q_hi, base, qr, q, q_off, q_mask = _setup(
         Q, LAYOUT, HEADS, b, slot, m, stride_qb, stride_qh, stride_qm, BLOCK_M, BLOCK_D, D)
-    K += b * stride_kb + (head // G) * stride_kh
-    V += b * stride_vb + (head // G) * stride_vh
+    K += b.to(tl.int64) * stride_kb + (head // G).to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + (head // G).to(tl.int64) * stride_vh
     hb = b * n_slots + slot
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -147,8 +149,8 @@ def _block_kernel(Q, K, V, Out, LAYOUT, HEADS, BLOCKS,
     slot = pid % n_slots
     head, k_shift, q_hi, base, qr, q, q_off, q_mask = _setup(
         Q, LAYOUT, HEADS, b, slot, m, stride_qb, stride_qh, stride_qm, BLOCK_M, BLOCK_D, D)
-    K += b * stride_kb + (head // G) * stride_kh
-    V += b * stride_vb + (head // G) * stride_vh
+    K += b.to(tl.int64) * stride_kb + (head // G).to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + (head // G).to(tl.int64) * stride_vh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
