@@ -196,8 +196,8 @@ def main(argv=None):
         if args.sweep and not args.smoke:
             result["sweep"] = sweep_rows(lengths[0], dev, dtype, args.inputs)
     if "ttft" in parts:
-        lengths = [2048] if args.smoke else [int(x) for x in args.ttft_lengths.split(",")]
-        result["ttft"] = ttft_rows(dev, lengths, 1024 if args.smoke else args.chunk, args.smoke)
+        lengths = [512] if args.smoke else [int(x) for x in args.ttft_lengths.split(",")]
+        result["ttft"] = ttft_rows(dev, lengths, 256 if args.smoke else args.chunk, args.smoke)
     out = args.out or Path(__file__).resolve().parent / "results" / f"minference_{'_'.join(parts)}_{c.device_tag(env)}.json"
     if not args.smoke or args.out:
         c.write_json(out, result)
