@@ -1,12 +1,14 @@
 """Retrieval quality of DuoAttention configurations on one model, in one run.
 
-Rows: the unpatched model; all KV heads streaming; and for every ``--config NAME=FILE`` the config at
-``--sparsity`` and its inverse (the other heads made retrieval heads). Columns: accuracy per task,
-the worst drop in any (length, depth) cell against the unpatched model, and the KV cache bytes at the
-longest length relative to the unpatched cache.
+Rows: the unpatched model; all KV heads streaming; and for every ``--config NAME=FILE`` and every
+sparsity of ``--sparsity`` (fractions of streaming KV heads, comma-separated), the config at that
+sparsity and its inverse (the same number of streaming heads, chosen among the config's retrieval
+heads first). Columns: accuracy per task, the worst drop in any (length, depth) cell against the
+unpatched model, and the KV cache bytes at the longest length relative to the unpatched cache.
 
     python benchmarks/duo_quality.py --model models/needle-llama \\
-        --config calibrated=models/needle-llama/kvpress-duo.safetensors --out benchmarks/results/duo_quality.json
+        --config calibrated=models/needle-llama/kvpress-duo.safetensors --sparsity 0.5,0.75,0.9 \\
+        --out benchmarks/results/duo_quality.json
 """
 
 import argparse
@@ -19,16 +21,19 @@ import kvpress
 from kvpress.eval.cli import EvalConfig, environment, load_model, parse_depths, run_eval
 
 
-def variants(configs: dict[str, Path], sparsity: float, sink: int, recent: int, shape) -> dict:
+def variants(configs: dict[str, Path], sparsities: list[float], sink: int, recent: int, shape) -> dict:
     """Name -> DuoConfig (None = unpatched)."""
     rows = {"full (unpatched)": None}
     zeros = torch.zeros(shape.num_layers, shape.num_kv_heads)
     rows["all streaming"] = kvpress.DuoConfig.from_retrieval_mask(zeros.bool(), sink=sink, recent=recent)
     for name, path in configs.items():
-        config = kvpress.DuoConfig.load(path, sparsity=sparsity, sink=sink, recent=recent)
-        retrieval = config.retrieval_heads()
-        rows[f"{name} ({1 - sparsity:.0%} retrieval)"] = kvpress.DuoConfig.from_retrieval_mask(retrieval, sink=sink, recent=recent)
-        rows[f"{name} inverted"] = kvpress.DuoConfig.from_retrieval_mask(~retrieval, sink=sink, recent=recent)
+        for sparsity in sparsities:
+            config = kvpress.DuoConfig.load(path, sparsity=sparsity, sink=sink, recent=recent)
+            retrieval = config.retrieval_heads()
+            # inverted: the lowest gates become the retrieval heads (as many as above)
+            inverted = kvpress.DuoConfig(gates=1 - config.gates, sparsity=sparsity).retrieval_heads()
+            rows[f"{name} ({sparsity:.0%} streaming)"] = kvpress.DuoConfig.from_retrieval_mask(retrieval, sink=sink, recent=recent)
+            rows[f"{name} inverted ({sparsity:.0%} streaming)"] = kvpress.DuoConfig.from_retrieval_mask(inverted, sink=sink, recent=recent)
     return rows
 
 
@@ -42,10 +47,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--config", action="append", default=[], help="NAME=FILE of a saved DuoConfig (repeatable)")
-    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--sparsity", default="0.5", help="comma-separated fractions of streaming KV heads")
     parser.add_argument("--sink", type=int, default=64)
     parser.add_argument("--recent", type=int, default=256)
     parser.add_argument("--tasks", default="passkey,multikey")
+    parser.add_argument("--chat", action="store_true", help="prompts in the tokenizer's chat template (instruction models)")
+    parser.add_argument("--num-needles", type=int, default=None, help="keys / values / pairs per sample (default: the task's)")
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
     parser.add_argument("--depths", default="11", help="a count of evenly spaced depths in [0, 1], or a list")
     parser.add_argument("--samples", type=int, default=2)
@@ -59,10 +66,12 @@ def main():
     configs = dict(item.split("=", 1) for item in args.config)
     eval_config = EvalConfig(
         tasks=args.tasks.split(","), lengths=[int(x) for x in args.lengths.split(",")],
-        depths=parse_depths(args.depths), samples=args.samples, progress=False,
+        depths=parse_depths(args.depths), samples=args.samples, progress=False, chat=args.chat,
+        num_needles=args.num_needles,
     )
+    sparsities = [float(x) for x in args.sparsity.split(",")]
     results = {}
-    for name, config in variants(configs, args.sparsity, args.sink, args.recent, shape).items():
+    for name, config in variants(configs, sparsities, args.sink, args.recent, shape).items():
         if config is not None:
             kvpress.patch(model, "duo", config=config)
         results[name] = run_eval(model, tokenizer, eval_config)
