@@ -228,3 +228,17 @@ def test_heatmap_title_names_the_model_folder_and_method(saved_tiny, tmp_path, m
               "--duo-config", str(tmp_path / "duo.safetensors")])
     assert titles[0].startswith("passkey on tiny-llama: ")
     assert "DuoAttention: 2 of 4 KV heads retrieval (sparsity 0.5), streaming sink 4 + recent 32" in titles[0]
+
+
+def test_chat_samples_use_the_template_and_keep_their_length(haystack):
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    for task in ("passkey", "people"):
+        s = make_sample(task, tok, haystack, 1024, 0.5, seed=0, chat=True)
+        assert s.chat and s.prompt.startswith("<|user|>") and "?<|end|><|assistant|>" in s.prompt
+        assert s.prompt.endswith(" is ") or s.prompt.endswith("city of ")  # the reply starts with the lead
+        ids = tok(s.prompt, add_special_tokens=False).input_ids + tok.encode(s.answer, add_special_tokens=False)
+        assert len(ids) == 1024 and s.answer in s.prompt.split("<|end|>")[0]
+    with pytest.raises(ValueError, match="follow-up"):
+        make_sample("multikey", tok, haystack, 1024, 0.5, seed=0, chat=True, questions=2)

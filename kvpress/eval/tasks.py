@@ -8,13 +8,13 @@ question whose answer the model must copy from the needles:
 - `multivalue`: several values for one key, all asked, in order of appearance (RULER niah_multivalue).
 - `kvlookup`: a JSON object of random hex keys and values, one key asked (Liu et al. 2023,
   "Lost in the Middle", arXiv 2307.03172).
-- `secret`: one natural-language needle, a secret English word, asked in plain words (passkey
-  retrieval for small instruction models, which copy a word more reliably than 7 digits).
-- `people`: several natural-language facts ("Alice lives in the city of Oslo."), one person asked
-  (a natural-language multi-key needle task).
+- `people`: several natural-language facts ("Alice lives in the city of Oslo.") in the prose, one
+  person asked (a natural-language multi-key needle task for pretrained models).
 
-The first four are the formats `models/needle-llama` was trained on; `secret` and `people` suit
-pretrained instruction models (with ``chat=True``, the prompt goes through the chat template).
+The first four are the formats `models/needle-llama` was trained on. Pretrained instruction models
+(SmolLM2-135M-Instruct, `kvpress.testbed`) take ``chat=True``: the haystack and question become
+the user's message in the tokenizer's chat template and the answer's lead ("The pass key is")
+starts the assistant's reply.
 
 Lengths are in tokens of the given tokenizer and include the BOS token (if the tokenizer adds one)
 and the answer. With a byte-level tokenizer and ASCII text the length is exact; with other
@@ -30,7 +30,7 @@ import random
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-TASKS = ("passkey", "multikey", "multivalue", "kvlookup", "secret", "people")
+TASKS = ("passkey", "multikey", "multivalue", "kvlookup", "people")
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
 
@@ -132,10 +132,6 @@ def _needles(task: str, rng: random.Random, depth: float, num_needles: int):
         rng.shuffle(pairs)
         return [(depth, block)], [(f'Extract the value for key "{k}" from the JSON data above.', 'Value: "', v, [v])
                                   for k, v in pairs]
-    if task == "secret":
-        word = rng.choice(WORDS)
-        needle = f"Here is a secret to keep in mind: the secret word is {word}."
-        return [(depth, needle)], [("What is the secret word mentioned in the text?", "The secret word is ", word, [word])]
     if task == "people":
         names = rng.sample(NAMES, num_needles)
         cities = rng.sample(CITIES, num_needles)
@@ -145,7 +141,7 @@ def _needles(task: str, rng: random.Random, depth: float, num_needles: int):
     raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
-DEFAULT_NEEDLES = {"passkey": 1, "multikey": 4, "multivalue": 4, "kvlookup": 16, "secret": 1, "people": 4}
+DEFAULT_NEEDLES = {"passkey": 1, "multikey": 4, "multivalue": 4, "kvlookup": 16, "people": 4}
 
 
 def make_sample(
