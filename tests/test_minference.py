@@ -93,12 +93,13 @@ def test_mixed_patterns_triton_matches_reference(dtype):
                                          2: ("block_sparse", 2, 0), 5: ("stream_llm", 8, 20)}])
     plan = plan_heads(config, 0, list(range(6)), 200)
     B, Hq, Hkv, T, Lq, D = 2, 6, 2, 200, 140, 32
-    k_rank = ranks([200, 150], T)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU, compiled on a GPU
+    k_rank = ranks([200, 150], T).to(dev)
     q_rank = k_rank[:, -Lq:]
-    q, k, v = (torch.randn(B, h, n, D).to(dtype) for h, n in ((Hq, Lq), (Hkv, T), (Hkv, T)))
+    q, k, v = (torch.randn(B, h, n, D, device=dev).to(dtype) for h, n in ((Hq, Lq), (Hkv, T), (Hkv, T)))
     ref = sparse_prefill(plan, q.double(), k.double(), v.double(), q_rank, k_rank, 0.3, use_triton=False)
     out = sparse_prefill(plan, q, k, v, q_rank, k_rank, 0.3, use_triton=True)
-    tol = 1e-4 if dtype == torch.float32 else 2e-3
+    tol = (1e-4 if dev == "cpu" else 5e-3) if dtype == torch.float32 else 2e-3  # tf32 dots on a GPU
     assert (out.double() - ref).abs().max() < tol
 
 
