@@ -26,6 +26,10 @@ import common as c  # noqa: E402
 
 from kvpress.kernels import palu as kernel  # noqa: E402
 from kvpress.kernels import palu_reference as ref  # noqa: E402
+from kvpress.methods import METHODS  # noqa: E402
+from kvpress.methods.palu import Palu  # noqa: E402
+
+METHODS.setdefault("palu", Palu)  # until kvpress.methods registers it
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {"gqa": (32, 8), "mha": (32, 32)}  # (query heads, KV heads), D = 128
