@@ -25,8 +25,9 @@ print(f"prompt: {inputs.input_ids.shape[1]} tokens, ending with ...{sample.promp
 def ask():
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=len(sample.answer), do_sample=False, return_dict_in_generate=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]  # transformers >= 5.24 names it `cache`
     answer = tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
-    return answer, kvpress.kv_cache_bytes(out.past_key_values)
+    return answer, kvpress.kv_cache_bytes(cache)
 
 
 dense_answer, dense_bytes = ask()
