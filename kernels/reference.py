@@ -123,13 +123,15 @@ def split_cache_attention(
 def write_new_into(new_kv, targets) -> None:
     """Write the new tokens ``new_kv = (k, v)`` (``[B, num_kv_heads, n, D]``) into the last ``n``
     positions of cache buffers, in place: ``targets`` is a list of ``(k_buffer, v_buffer, heads)``,
-    buffer ``[B, len(heads), T, D]`` holding the KV heads ``heads``."""
+    buffer ``[B, len(heads), T, D]`` holding the KV heads ``heads``. A cache holds values, not a
+    graph: the write is not recorded by autograd (as in the decode kernel)."""
     k, v = new_kv
     n = k.shape[2]
-    for k_buffer, v_buffer, heads in targets:
-        heads = heads.to(k.device)
-        for buffer, new in ((k_buffer, k), (v_buffer, v)):
-            torch.index_select(new, 1, heads, out=buffer.narrow(2, buffer.shape[2] - n, n))
+    with torch.no_grad():
+        for k_buffer, v_buffer, heads in targets:
+            heads = heads.to(k.device)
+            for buffer, new in ((k_buffer, k), (v_buffer, v)):
+                torch.index_select(new.detach(), 1, heads, out=buffer.narrow(2, buffer.shape[2] - n, n))
 
 
 def write_new_tokens(new_kv, full_k, full_v, stream_k, stream_v, retrieval_heads, streaming_heads) -> None:
