@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub = commands.add_parser(name, help=f"(unavailable: {error})", formatter_class=HelpFormatter)
             sub.set_defaults(run=lambda args, error=error, name=name: unavailable(name, error))
             continue
-        summary = getattr(module, "HELP", None) or (module.__doc__ or name).strip().splitlines()[0]
+        summary = getattr(module, "HELP", None) or " ".join((module.__doc__ or name).strip().split("\n\n")[0].split())
+        summary = summary.replace("`", "")  # plain text in --help
         sub = commands.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(run=module.main)
