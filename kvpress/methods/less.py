@@ -260,20 +260,41 @@ class LessLayer(KVPressLayer):
         self.less, self.layer_idx = method, layer_idx
         self.cache: reference.LessCache | None = None
         self.applied = 0  # tokens per row this layer has attended (to detect a forward that failed half-way)
+        self.undo = None  # what the forward in progress changes in place (``_snapshot``)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         step = self.ledger.current(key_states.device)
-        if self.applied != self.ledger.seen:
-            raise RuntimeError("a forward through this LESS cache failed half-way (its state has moved on); "
-                               "start a new cache (pass no cache)")
+        if self.applied != self.ledger.seen:  # this layer ran a forward that failed in a later layer
+            self._restore()
         if self.cache is None:
             shape, config = self.less.info.shape, self.less.config
             self.cache = reference.LessCache.empty(
                 key_states.shape[0], shape.num_kv_heads, config.budget.slots, shape.head_dim,
                 config.num_state_heads(shape), config.rank, key_states.dtype, key_states.device)
+        self._snapshot()
         return LessStep(self, key_states, value_states, step.new_rank), None
+
+    def _snapshot(self) -> None:
+        """Keep what a forward changes in place (the state, scores, slot pointers and the spare
+        slot's token), so that a forward failing in a later layer can be undone."""
+        c = self.cache
+        index = c.spare.long()
+        kv_index = index[..., None, None].expand(-1, -1, 1, c.k.shape[-1])
+        saved = {name: getattr(c, name).clone() for name in ("hs", "z", "score", "spare", "pending")}
+        saved.update(k=c.k.gather(2, kv_index), v=c.v.gather(2, kv_index), rank=c.rank.gather(2, index[..., None]))
+        self.undo = (dataclasses.replace(c), saved, index)
+
+    def _restore(self) -> None:
+        old, saved, index = self.undo
+        for name in ("hs", "z", "score", "spare", "pending"):
+            getattr(old, name).copy_(saved[name])
+        kv_index = index[..., None, None].expand(-1, -1, 1, old.k.shape[-1])
+        old.k.scatter_(2, kv_index, saved["k"])
+        old.v.scatter_(2, kv_index, saved["v"])
+        old.rank.scatter_(2, index[..., None], saved["rank"])
+        self.cache, self.applied = old, self.ledger.seen
 
     def held_tensors(self) -> list[torch.Tensor]:
         return [] if self.cache is None else self.cache.tensors()
