@@ -55,7 +55,7 @@ def simulated(model, config: LessConfig | None):
             out = R.dense_attention(query, key, value, scale)
         else:
             evict_at = R.eviction_times(query, key, config.budget, scale)
-            w = config.layers[module.layer_idx] if config.state else None
+            w = config.layers[module.layer_idx].to(query.device) if config.state else None
             out = R.simulate(query, key, value, evict_at, scale, w)
         return out.to(query.dtype).transpose(1, 2), None
 
@@ -138,6 +138,7 @@ def main() -> int:
     parser.add_argument("--passkey-samples", type=int, default=1)
     parser.add_argument("--work", default="/tmp/kvpress_less_quality", help="where trained maps go")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (the model stays fp32)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -145,14 +146,15 @@ def main() -> int:
     register()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     for p in model.parameters():
         p.requires_grad_(False)
     shape = describe(model).shape
     from kvpress.eval.tasks import load_corpus
 
-    windows = list(text_windows(tokenizer, args.eval_windows, args.eval_length, seed=1, text=load_corpus("heldout")))
+    windows = [w.to(args.device) for w in text_windows(tokenizer, args.eval_windows, args.eval_length, seed=1,
+                                                         text=load_corpus("heldout"))]
     total = args.sink + args.recent
     maps = dict(rank=args.rank, hidden=args.hidden, state_heads=args.state_heads)
     policies = {
