@@ -64,6 +64,9 @@ def grouped_attention(q, groups, q_rank, scale, window=None, new_kv=None, full_p
     None for a group that keeps every token); query head ``h`` reads KV head ``h // group``.
 
     ``q [B, Hq, Lq, D]``, ``q_rank [B, Lq]``; ``window``: the model's sliding window or None.
+    A group with a ``length`` (an int32 device tensor; ``HeadGroup.length``) uses only that many of
+    its slots: the Triton decode kernel reads it on the device (a CUDA-graph step), other paths
+    narrow the group to it.
     ``new_kv``: the forward's new tokens ``(k, v)``, ``[B, num_kv_heads, n, D]``, when the last ``n``
     slots of every group's buffers are room for them not written yet: they are written first (at
     decode on Triton, by the decode kernel itself). ``full_prefill(q, k, v, q_rank, k_rank, q_heads,
@@ -84,8 +87,10 @@ def grouped_attention(q, groups, q_rank, scale, window=None, new_kv=None, full_p
         if on_triton and q.shape[2] == 1 and q.shape[3] % 8 == 0 and 0 < len(groups) <= 2:
             # the larger group (the one that keeps every token, if any) is split along the keys
             ordered = sorted(groups, key=lambda g: (g.window is not None, -g.k.shape[2]))
-            split, single = [(g.k, g.v, g.rank, _on(g.heads, q.device), *_a_shape(g)) for g in ordered] + [None] * (2 - len(ordered))
+            split, single = [(g.k, g.v, g.rank, _on(g.heads, q.device), *_a_shape(g), _length(g))
+                             for g in ordered] + [None] * (2 - len(ordered))
             return decode_attention(q, q_rank, scale, group, split=split, single=single, window=window, new_kv=new_kv)
+        groups = [_in_use(g) for g in groups]
         if new_kv is not None:
             write_new_into(new_kv, [(g.k, g.v, g.heads) for g in groups])
         out = torch.empty_like(q) if num_kv_heads * group == q.shape[1] else torch.zeros_like(q)
@@ -141,6 +146,21 @@ class _Group(NamedTuple):
     v: torch.Tensor
     rank: torch.Tensor
     window: _Window | None
+
+
+def _length(g) -> torch.Tensor | None:
+    """A group's device length (``HeadGroup.length``: buffers of a fixed capacity), or None."""
+    return getattr(g, "length", None)
+
+
+def _in_use(g):
+    """The group narrowed to the slots in use when it has a device length (reads it: a host sync,
+    for the paths that are not captured in a CUDA graph)."""
+    length = _length(g)
+    if length is None:
+        return g
+    n = int(length.reshape(-1)[0])
+    return _Group(g.heads, g.k.narrow(2, 0, n), g.v.narrow(2, 0, n), g.rank.narrow(1, 0, n), g.window)
 
 
 def _a_shape(g) -> tuple[int, int | None]:

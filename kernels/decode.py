@@ -88,24 +88,31 @@ UNIT = 8
 _UNIT = tl.constexpr(UNIT)
 _INTS = ["q_b", "q_h", "o_b", "o_h", "n_b", "n_h", "qr_b", "f_b", "f_h", "fr_b", "s_b", "s_h", "sr_b",
          "B", "n_f", "n_s", "T", "C", "n_splits", "split_len", "f_sink", "f_recent", "s_sink", "s_recent", "window"]
-_UNALIGNED = ["Q", "Out", "QR", "KN", "VN", "FR", "FH", "SR", "SH"]
+_UNALIGNED = ["Q", "Out", "QR", "KN", "VN", "FR", "FH", "SR", "SH", "FL", "SL"]
 
 
 @triton.jit(do_not_specialize=_INTS, do_not_specialize_on_alignment=_UNALIGNED)
-def _decode_kernel(Q, Out, QR, PO, PL, KN, VN, FK, FV, FR, FH, SK, SV, SR, SH,
+def _decode_kernel(Q, Out, QR, PO, PL, KN, VN, FK, FV, FR, FH, SK, SV, SR, SH, FL, SL,
                    q_b, q_h, o_b, o_h, n_b, n_h, qr_b, f_b, f_h, fr_b, s_b, s_h, sr_b,
                    B, n_f, n_s, T, C, n_splits, split_len, f_sink, f_recent, s_sink, s_recent, window, qk_scale,
                    G: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   D: tl.constexpr, WRITE_NEW: tl.constexpr, PDL: tl.constexpr):
+                   D: tl.constexpr, WRITE_NEW: tl.constexpr, PDL: tl.constexpr, DEVICE_LEN: tl.constexpr):
     """Programs [0, B * n_s): one single-program head of one row each, final output. Then
     ``n_splits`` programs per (row, split-K head) ``bh = b * n_f + slot``: partial outputs to rows
     ``bh * n_splits + split`` of ``PO``/``PL`` (or the output itself when ``n_splits == 1``).
     Strides: ``x_b``/``x_h`` of batch rows / heads in ``UNIT`` elements (K and V of a group share
     theirs, as do ``KN`` and ``VN``; keys are rows of ``D`` contiguous values), ``*r_b`` of the rank
     tensors in elements. With ``WRITE_NEW``, the program that reads a group's last key first writes
-    it (and its value) from ``KN``/``VN`` (KV head ``heads[slot]``)."""
+    it (and its value) from ``KN``/``VN`` (KV head ``heads[slot]``). With ``DEVICE_LEN`` the keys in
+    use, ``T`` and ``C``, are read from ``FL``/``SL`` (int32 scalars on the device: a CUDA graph
+    replays the launch as the cache grows) and ``split_len`` follows from ``T`` and ``n_splits``;
+    the splits past ``T`` have nothing to read."""
     if PDL:
         gdc_launch_dependents()  # the merge kernel may start now and wait (gdc_wait) for this one
+    if DEVICE_LEN:
+        T = tl.load(FL)
+        C = tl.load(SL)
+        split_len = tl.cdiv(tl.cdiv(T, n_splits), BLOCK_N) * BLOCK_N
     pid = tl.program_id(0)
     n_single = B * n_s
     if pid < n_single:  # a single-program head (streaming): the whole buffer, final output
@@ -117,8 +124,9 @@ def _decode_kernel(Q, Out, QR, PO, PL, KN, VN, FK, FV, FR, FH, SK, SV, SR, SH,
         bh = pid // n_splits
         split = pid % n_splits
         start = split * split_len
+        stop = tl.minimum(start + split_len, T)
         _one_program(Q, Out, QR, PO, PL, KN, VN, FK, FV, FR, FH, bh // n_f, bh % n_f, pid, start,
-                     tl.minimum(start + split_len, T), T - 1, split == n_splits - 1, n_splits == 1,
+                     stop, T - 1, (start <= T - 1) & (T - 1 < start + split_len), n_splits == 1,
                      q_b, q_h, o_b, o_h, n_b, n_h, qr_b, f_b, f_h, fr_b,
                      qk_scale, f_sink, f_recent, window, G, GP, BLOCK_N, BLOCK_D, D, WRITE_NEW)
 
@@ -278,13 +286,30 @@ def _pair_layout(a: torch.Tensor, b: torch.Tensor, copy: bool):
     return a, b, _layout(a, b)
 
 
+def _with_length(group: tuple) -> tuple:
+    """A group tuple with its optional 7th entry (the device length, or None)."""
+    return tuple(group) + (None,) * (7 - len(group))
+
+
+def _as_length(length, stand_in: torch.Tensor) -> torch.Tensor:
+    """A device length as an int32 scalar tensor (``stand_in`` when there is none: never read)."""
+    if length is None:
+        return stand_in
+    if length.dtype != torch.int32 or length.device != stand_in.device:
+        raise ValueError("decode_attention: a device length is an int32 tensor on the query's device")
+    return length
+
+
 def decode_attention(q, q_rank, scale, group, split=None, single=None, window=None, out=None, new_kv=None):
     """Attention of one query token per row, for two KV-head groups: one launch, plus one small
     merge launch when the split-K heads have more than one split.
 
     ``q [B, Hq, 1, D]``, ``q_rank [B, 1]`` (int); ``group`` = query heads per KV head; ``split`` and
     ``single`` are ``(k, v, k_rank, heads, sink, recent)`` or None (module docstring); ``recent``
-    None means no A-shape. ``new_kv``: the new token's ``(k, v)``, ``[B, Hkv, 1, D]`` for every KV
+    None means no A-shape. A group may carry a 7th entry ``length``: an int32 tensor on the device
+    holding how many of its ``Lk`` slots are in use (the new token's slot the last of them), for
+    buffers of a fixed capacity (a CUDA-graph decode step; give both groups one or neither); slots
+    past it are never read. ``new_kv``: the new token's ``(k, v)``, ``[B, Hkv, 1, D]`` for every KV
     head of the model, not yet in the groups' buffers: the kernel writes KV head ``heads[i]`` into
     slot ``i`` of the last position of each group's K and V (in place) before reading it. Writes
     the query heads of both groups into ``out`` (default: a new tensor like ``q``, zeros where
@@ -300,8 +325,11 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     if split is None and single is None:
         return torch.zeros_like(q) if out is None else out
     # a missing group gets the other's tensors as stand-ins (it has no programs: never read)
-    fk, fv, fr, fh, f_sink, f_recent = split or single
-    sk, sv, sr, sh, s_sink, s_recent = single or split
+    fk, fv, fr, fh, f_sink, f_recent, f_len = _with_length(split or single)
+    sk, sv, sr, sh, s_sink, s_recent, s_len = _with_length(single or split)
+    device_len = f_len is not None
+    if device_len != (s_len is not None):
+        raise ValueError("decode_attention: give both groups a device length (7th entry) or neither")
     writes = new_kv is not None
     q_layout = _layout(q)
     if q_layout is None:
@@ -322,20 +350,23 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     if fh.dtype != sh.dtype:
         sh = sh.to(fh.dtype)
     fr, sr, q_rank = as_ranks(fr), as_ranks(sr), as_ranks(q_rank)
-    T, C = fk.shape[2], sk.shape[2]
+    T, C = fk.shape[2], sk.shape[2]  # with device lengths: the capacities (the splits cover T)
     block_d = _pow2(D)
     device = q.device
     most = max_splits(B * n_f, B * n_s, device) if n_f else 1
-    n_splits, split_len = _split(T, most)
+    # with device lengths every split the length could need is launched (the ones past it read
+    # nothing); its split_len, computed in the kernel, is the one _split gives here: same partials
+    n_splits, split_len = (most, 0) if device_len else _split(T, most)
     po, pl = _workspace(device, max(B * n_f, 1) * most, group, block_d)  # torch.empty: aligned
     pdl = _has_pdl(device)
     aligned = not (fk.data_ptr() | fv.data_ptr() | sk.data_ptr() | sv.data_ptr()) % 16
     constexprs = dict(G=group, GP=max(16, _pow2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d, D=D,
-                      WRITE_NEW=writes, PDL=pdl)
+                      WRITE_NEW=writes, PDL=pdl, DEVICE_LEN=device_len)
     _launch_decode(
         (q.dtype, fk.dtype, kn.dtype, out.dtype, fh.dtype, aligned, NUM_WARPS, NUM_STAGES, *constexprs.values()),
         (B * n_s + B * n_f * n_splits,),
         (q, out, q_rank, po, pl, kn, vn, fk, fv, fr, fh, sk, sv, sr, sh,
+         _as_length(f_len, q_rank), _as_length(s_len, q_rank),
          *q_layout, *o_layout, *n_layout, q_rank.stride(0), *f_layout, fr.stride(0), *s_layout, sr.stride(0),
          B, n_f, n_s, T, C, n_splits, split_len,
          f_sink if f_recent is not None else 0, f_recent if f_recent is not None else NO_LIMIT,

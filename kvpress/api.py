@@ -80,7 +80,8 @@ class PatchState:
         )
 
 
-def patch(model: torch.nn.Module, method: str | list[str], config=None, *, prefill_chunk_size: int | None = None, **options):
+def patch(model: torch.nn.Module, method: str | list[str], config=None, *, prefill_chunk_size: int | None = None,
+          decode: str = "eager", **options):
     """Patch ``model``'s attention in place with a kvpress method and return the model.
 
     Args:
@@ -93,6 +94,9 @@ def patch(model: torch.nn.Module, method: str | list[str], config=None, *, prefi
             default. When composing, a dict from method name to its config.
         prefill_chunk_size: if set, ``model.generate`` prefills the prompt in chunks of this many
             tokens (transformers' ``generation_config.prefill_chunk_size``), which bounds prefill memory.
+        decode: ``"eager"`` (default) or ``"graph"``: decode steps (one token per row, on CUDA) are
+            captured in a CUDA graph per cache and replayed (``kvpress.graph``), which removes the
+            host's per-layer work; prefill and anything unusual still run eagerly.
         **options: fields of the method's config to override (e.g. ``sink=``, ``recent=``, ``sparsity=``);
             when composing, each goes to the method whose config has that field.
 
@@ -113,6 +117,8 @@ def patch(model: torch.nn.Module, method: str | list[str], config=None, *, prefi
         raise ValueError(f"prefill_chunk_size must be a positive number of tokens, got {prefill_chunk_size!r}")
     if prefill_chunk_size is not None and getattr(model, "generation_config", None) is None:
         raise ValueError("prefill_chunk_size applies to model.generate; this model has no generation_config")
+    if decode not in ("eager", "graph"):
+        raise ValueError(f"decode must be 'eager' or 'graph' (CUDA-graph decode steps), got {decode!r}")
     runtime = build_runtime(info, method, config, options)  # validates everything before the model is touched
 
     patcher = Patcher()
@@ -125,6 +131,10 @@ def patch(model: torch.nn.Module, method: str | list[str], config=None, *, prefi
         patcher.hook(info.base_model.register_forward_hook(_after_forward(cache_arg), with_kwargs=True))
         if prefill_chunk_size is not None:
             patcher.set(model.generation_config, "prefill_chunk_size", prefill_chunk_size)
+        if decode == "graph":
+            from .graph import install
+
+            install(patcher, model, runtime)
         patcher.set(model, "_kvpress_patch", PatchState(runtime, patcher))
     except BaseException:
         patcher.undo()

@@ -10,6 +10,7 @@ keeps and returns whatever its attention function needs.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,21 @@ class AppendBuffer:
     @property
     def tensor(self) -> torch.Tensor | None:
         return None if self.storage is None else self.storage.narrow(self.dim, 0, self.length)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.storage is None else self.storage.shape[self.dim]
+
+    def ensure_capacity(self, capacity: int) -> None:
+        """Grow the storage to at least ``capacity`` entries (a copy), keeping what it holds."""
+        if self.storage is None:
+            raise RuntimeError("this buffer holds nothing yet: a forward must fill it before it is grown")
+        if capacity > self.capacity:
+            shape = list(self.storage.shape)
+            shape[self.dim] = capacity
+            grown = self.storage.new_empty(shape)
+            grown.narrow(self.dim, 0, self.length).copy_(self.tensor)
+            self.storage = grown
 
     def reserve(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
         """Make room for ``x`` (only its entries ``heads`` along dim 1, when given) without writing
@@ -68,9 +84,14 @@ class AppendBuffer:
         filled.narrow(self.dim, self.length - n, n).copy_(x)
         return filled
 
-    def replace(self, x: torch.Tensor, room: int = 0) -> None:
-        """Hold ``x`` from now on, with room for ``room`` more entries."""
+    def replace(self, x: torch.Tensor, room: int = 0, in_place: bool = False) -> None:
+        """Hold ``x`` from now on, with room for ``room`` more entries. ``in_place``: copy ``x`` into
+        the storage when it is large enough (its address stays: what a captured CUDA graph reads)."""
         length = x.shape[self.dim]
+        if in_place and self._fits(x, length + room):
+            self.storage.narrow(self.dim, 0, length).copy_(x)
+            self.length = length
+            return
         if room:
             size = list(x.shape)
             size[self.dim] += room
@@ -79,22 +100,30 @@ class AppendBuffer:
             x = storage
         self.storage, self.length = x, length
 
-    def keep(self, index: torch.Tensor, room: int = 0) -> None:
+    def keep(self, index: torch.Tensor, room: int = 0, in_place: bool = False) -> None:
         """Keep, in each batch row, only the entries at ``index [B, W]`` along ``dim``, in that order
-        (with room for ``room`` more)."""
+        (with room for ``room`` more; ``in_place`` as in :meth:`replace`)."""
         filled = self.tensor
         view = [1] * filled.dim()
         view[0], view[self.dim] = index.shape
         size = list(filled.shape)
         size[self.dim] = index.shape[1]
-        self.replace(filled.gather(self.dim, index.view(view).expand(size)), room)
+        self.replace(filled.gather(self.dim, index.view(view).expand(size)), room, in_place)
+
+    def _fits(self, x: torch.Tensor, entries: int) -> bool:
+        if self.storage is None or self.capacity < entries or x.dim() != self.storage.dim():
+            return False
+        return all(a == b for i, (a, b) in enumerate(zip(x.shape, self.storage.shape)) if i != self.dim)
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 
-    def select_batch(self, index: torch.Tensor) -> None:
+    def select_batch(self, index: torch.Tensor, in_place: bool = False) -> None:
+        """Reindex the batch rows (``in_place``: keep the storage and its capacity when the batch
+        size stays, as a beam search's reorder between static decode steps)."""
         if self.storage is not None:
-            self.replace(self.tensor.index_select(0, index.to(self.storage.device)))
+            rows = self.tensor.index_select(0, index.to(self.storage.device))
+            self.replace(rows, self.capacity - self.length if in_place else 0, in_place)
 
 
 @dataclass(frozen=True)
@@ -138,11 +167,40 @@ class ForwardTokens:
     all_rank: torch.Tensor | None = None  # [B, T + n] ranks of every token seen (LedgerSpec.all_ranks)
     window_rank: dict = field(default_factory=dict)  # Window -> [B, C + n] ranks of (window buffer ++ new tokens)
     positions: torch.Tensor | None = None  # [B, n] int64 rotary positions of the new tokens (LedgerSpec.positions)
+    # Static decode steps (:class:`StaticDecode`): Window (None: the full buffers) -> [1] int32 slots
+    # in use on the device, the new token's the last of them; the rank tensors above (and the layers'
+    # buffers) are then whole storages of a fixed capacity. None: every slot of them is in use.
+    lengths: dict | None = None
 
     def to(self, device) -> ForwardTokens:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return ForwardTokens(move(self.new_rank), move(self.all_rank),
-                             {w: move(r) for w, r in self.window_rank.items()}, move(self.positions))
+                             {w: move(r) for w, r in self.window_rank.items()}, move(self.positions),
+                             None if self.lengths is None else {w: move(n) for w, n in self.lengths.items()})
+
+
+def static_bucket(slots: int) -> int:
+    """Capacity that full buffers grow to when a static decode step needs ``slots`` of them: the
+    next multiple of 1/32 of ``slots``' power of two (at least 4096) above ``slots``, so that a
+    captured graph serves 3-6% more tokens (at least 4096) before the buffers grow again."""
+    unit = max(4096, (1 << (max(slots, 1) - 1).bit_length()) // 32)
+    return (slots // unit + 1) * unit
+
+
+@dataclass
+class StaticDecode:
+    """Device-side state of decode steps that run on buffers of a fixed capacity, so that a CUDA
+    graph can replay them (``kvpress.graph``): nothing in such a step depends on host integers.
+
+    ``lengths [1 + windows]`` (int32): slots in use of the full buffers (the tokens seen) and of each
+    window buffer, in ``LedgerSpec.windows`` order; a step adds one to each, writes the new token's
+    rank at the new last slot, and the attention reads the counts on the device. ``valid [B]``:
+    whether each row's new token is real (copied in before each step). The host keeps the same
+    counts (``seen``, the buffers' ``length``) and advances them after each step
+    (:meth:`TokenLedger.advance_static`)."""
+
+    lengths: torch.Tensor
+    valid: torch.Tensor
 
 
 class TokenLedger:
@@ -174,6 +232,10 @@ class TokenLedger:
         self.step: ForwardTokens | None = None
         self._on_device: dict = {}
         self.recovering = False  # this forward follows one that failed half-way (see ``begin``)
+        self.static: StaticDecode | None = None  # device counters of static decode steps (prepare_static)
+        self.capturing = False  # forwards are static decode steps (set around them by kvpress.graph)
+        self.epoch = 0  # bumped whenever a buffer may have been reallocated or the counters went stale
+        self._synced = -1  # the epoch at which ``static.lengths`` was last written from the host counts
 
     @property
     def batch_size(self) -> int | None:
@@ -183,6 +245,9 @@ class TokenLedger:
               position_ids: torch.Tensor | None = None) -> None:
         """Register the ``num_new`` tokens of a forward; ``attention_mask`` is the usual 2D padding
         mask, ``position_ids`` what the model was given (None: it counts from ``seen``)."""
+        if self.capturing:
+            return self._begin_static(batch_size, num_new, position_ids)
+        self.epoch += 1
         self.recovering = self.step is not None
         if self.recovering:  # the previous forward failed half-way: forget its tokens (layers: ``committed``)
             n = self.step.new_rank.shape[1]
@@ -214,6 +279,10 @@ class TokenLedger:
 
     def end(self) -> None:
         """Commit the forward registered by :meth:`begin` (and compact the windows that are full)."""
+        if self.capturing:
+            self.num_real.add_(self.static.valid.to(torch.int32))  # the host counts advance in advance_static
+            self.step, self._on_device = None, {}
+            return
         step = self.step
         self.seen += step.new_rank.shape[1]
         self.num_real = self.num_real + (step.new_rank >= 0).sum(dim=1, dtype=torch.int32)
@@ -252,12 +321,102 @@ class TokenLedger:
             self._on_device[device] = self.step.to(device)
         return self._on_device[device]
 
+    # -- static decode steps (kvpress.graph) ----------------------------------------------------
+
+    def static_room(self, window: Window | None) -> tuple[int, int]:
+        """(slots a buffer of ``window`` (None: a full buffer) needs for one more static step, the
+        capacity to grow it to when it has fewer)."""
+        if window is None:
+            return self.seen + 1, static_bucket(self.seen + 1)
+        room = window.sink + window.recent + self.slack[window]
+        return room, room
+
+    def prepare_static(self, device) -> int:
+        """Make the rank buffers big enough for one more static step (growing them outside any
+        graph; a growth bumps ``epoch``) and the device counters (:class:`StaticDecode`) match the
+        host's. Returns how many static steps the buffers now have room for."""
+        if self.num_real is None or self.step is not None:
+            raise RuntimeError("static decode steps follow a completed forward (a prefill) of this cache")
+        buffers = ([(self.rank, None)] if self.rank is not None else []) + [(b, w) for w, b in self.window_rank.items()]
+        for buffer, window in buffers:
+            needed, capacity = self.static_room(window)
+            if buffer.capacity < needed:
+                buffer.ensure_capacity(capacity)
+                self.epoch += 1
+        steps = self.rank.capacity - self.seen if self.rank is not None else 1 << 30
+        if self.static is None:
+            self.static = StaticDecode(lengths=torch.zeros(1 + len(self.window_rank), dtype=torch.int32, device=device),
+                                       valid=torch.ones(self.batch_size, dtype=torch.bool, device=device))
+            self.epoch += 1
+        if self._synced != self.epoch:
+            counts = [self.seen] + [b.length for b in self.window_rank.values()]
+            for i, count in enumerate(counts):
+                self.static.lengths[i].fill_(count)  # a launch each, no host sync
+            self._synced = self.epoch
+        return steps
+
+    def _begin_static(self, batch_size: int, num_new: int, position_ids) -> None:
+        """:meth:`begin` of a static decode step: device work only, on buffers of a fixed capacity."""
+        if num_new != 1 or batch_size != self.batch_size or self.static is None:
+            raise RuntimeError("a static decode step takes one new token per row of a prepared cache (prepare_static)")
+        lengths = self.static.lengths
+        lengths.add_(1)
+        slots = (lengths - 1).long()
+        new_rank = torch.where(self.static.valid[:, None], self.num_real[:, None], -1).to(torch.int32)
+        step = ForwardTokens(new_rank=new_rank, lengths={None: lengths[0:1]})
+        if self.rank is not None:
+            self.rank.storage.index_copy_(1, slots[0:1], new_rank)
+            step.all_rank = self.rank.storage
+        for i, (window, buffer) in enumerate(self.window_rank.items()):
+            buffer.storage.index_copy_(1, slots[i + 1:i + 2], new_rank)
+            step.window_rank[window] = buffer.storage
+            step.lengths[window] = lengths[i + 1:i + 2]
+        if self.spec.positions:
+            if position_ids is None:
+                raise RuntimeError("a static decode step needs the model's position_ids")
+            step.positions = position_ids.to(dtype=torch.long).expand(batch_size, 1)
+        self._compaction, self._on_device = {}, {}
+        self.step = step
+
+    def advance_static(self) -> dict:
+        """After a static step ran: advance the host counts by its token and compact the window
+        buffers that are full, in place (as :meth:`end` does). Returns ``{window: kept [B, W]}``
+        for the layers (``KVPressLayer.advance_static``)."""
+        self.seen += 1
+        if self.rank is not None:
+            self.rank.length += 1
+        kept = {}
+        for window, buffer in self.window_rank.items():
+            buffer.length += 1
+            if buffer.length >= window.sink + window.recent + self.slack[window]:
+                ranks = buffer.tensor
+                keep = (ranks >= 0) & ((ranks < window.sink) | (ranks >= self.num_real[:, None] - window.recent))
+                kept[window] = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, : window.sink + window.recent]
+                buffer.replace(torch.where(keep.gather(1, kept[window]), ranks.gather(1, kept[window]), -1),
+                               room=self.slack[window], in_place=True)
+        if kept:
+            self.epoch += 1  # the window counts changed on the host only
+        return kept
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """The tensors a static step reads or writes in place (a captured graph holds their addresses)."""
+        buffers = [b for b in (self.rank, *self.window_rank.values()) if b is not None]
+        return [b.storage for b in buffers] + [self.num_real, self.static.lengths, self.static.valid]
+
     def select_batch(self, index: torch.Tensor) -> None:
+        self.epoch += 1
+        if self.static is not None and self.static.valid.shape[0] != index.shape[0]:
+            self.static = None  # made again for the new batch size
+        in_place = self.static is not None  # static steps ran: keep what a captured graph reads
         for buffer in (self.rank, *self.window_rank.values()):
             if buffer is not None:
-                buffer.select_batch(index)
+                buffer.select_batch(index, in_place)
         if self.num_real is not None:
-            self.num_real = self.num_real.index_select(0, index.to(self.num_real.device))
+            rows = self.num_real.index_select(0, index.to(self.num_real.device))
+            if in_place and rows.shape == self.num_real.shape:
+                self.num_real.copy_(rows)
+            else:
+                self.num_real = rows
 
     def tensors(self) -> list[torch.Tensor]:
         buffers = [self.rank, *self.window_rank.values()]
@@ -293,6 +452,9 @@ class KVPressLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     is_sliding = False
+    # Whether the layer runs static decode steps (``kvpress.graph``: buffers of a fixed capacity,
+    # counts on the device): then it implements prepare_static, static_tensors and advance_static.
+    static_decode = False
 
     def __init__(self, ledger: TokenLedger, owns_ledger: bool):
         super().__init__()
@@ -324,7 +486,23 @@ class KVPressLayer(CacheLayerMixin):
         """Called on every layer once a forward has run through all of them (and the ledger has
         committed it)."""
 
+    def prepare_static(self) -> int:
+        """Make every buffer big enough for one more static decode step (``TokenLedger.static_room``),
+        growing it outside any graph (and bumping ``ledger.epoch`` if it does); returns how many
+        static steps the buffers now have room for (window buffers, compacted in place, always have)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run static decode steps")
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        """The tensors a static step of this layer reads or writes (a captured graph holds their addresses)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run static decode steps")
+
+    def advance_static(self, kept: dict) -> None:
+        """After a static step ran: advance the host lengths by its token and apply the window
+        compactions ``kept`` (``TokenLedger.advance_static``) in place."""
+        raise NotImplementedError(f"{type(self).__name__} does not run static decode steps")
+
     def _reindex(self, index: torch.Tensor) -> None:
+        self.ledger.epoch += 1
         if self.owns_ledger:
             self.ledger.select_batch(index)
         self.select_batch(index)
@@ -368,6 +546,7 @@ class HeadGroup:
     v: torch.Tensor
     rank: torch.Tensor  # [B, T] int32 ranks of the stored tokens (-1 = padding / empty slot)
     window: Window | None = None
+    length: torch.Tensor | None = None  # [1] int32 on the device: slots of k/v/rank in use (static steps); None: all
 
 
 @dataclass
@@ -407,7 +586,11 @@ class GroupedLayer(KVPressLayer):
     own sliding window keeps ``Window(0, sliding_window)``.
 
     A forward reserves room for its tokens and the attention writes them (at decode, inside the
-    decode kernel: no torch op per layer)."""
+    decode kernel: no torch op per layer). A static decode step (``kvpress.graph``) hands the
+    attention the whole storages with their lengths on the device instead, and the host lengths
+    advance afterwards (:meth:`advance_static`)."""
+
+    static_decode = True
 
     def __init__(self, ledger: TokenLedger, owns_ledger: bool, groups: list[tuple[torch.Tensor, Window | None]]):
         super().__init__(ledger, owns_ledger)
@@ -423,6 +606,12 @@ class GroupedLayer(KVPressLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         step = self.ledger.current(key_states.device)
+        if step.lengths is not None:  # a static decode step: whole storages, lengths on the device
+            groups = [HeadGroup(heads, keys.storage, values.storage, step.all_rank if window is None else step.window_rank[window],
+                                window, step.lengths[window])
+                      for (heads, window), (keys, values) in zip(self.group_specs, self.buffers)]
+            self.view = KVView(groups, step.new_rank, key_states, value_states)
+            return self.view, None
         if self.ledger.recovering:  # drop what this layer appended in a forward that failed half-way
             full, windows = self.ledger.committed()
             for (_, window), pair in zip(self.group_specs, self.buffers):
@@ -448,10 +637,32 @@ class GroupedLayer(KVPressLayer):
     def held_tensors(self) -> list[torch.Tensor]:
         return [b.storage for pair in self.buffers for b in pair if b.storage is not None]
 
+    def prepare_static(self) -> int:
+        steps = 1 << 30
+        for (_, window), pair in zip(self.group_specs, self.buffers):
+            needed, capacity = self.ledger.static_room(window)
+            for buffer in pair:
+                if buffer.capacity < needed:
+                    buffer.ensure_capacity(capacity)
+                    self.ledger.epoch += 1
+                if window is None:
+                    steps = min(steps, buffer.capacity - self.ledger.seen)
+        return steps
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        return [b.storage for pair in self.buffers for b in pair] + [heads for heads, _ in self.group_specs]
+
+    def advance_static(self, kept: dict) -> None:
+        for (_, window), pair in zip(self.group_specs, self.buffers):
+            for buffer in pair:
+                buffer.length += 1
+                if window is not None and window in kept:
+                    buffer.keep(kept[window], room=self.ledger.slack[window], in_place=True)
+
     def select_batch(self, index: torch.Tensor) -> None:
         for pair in self.buffers:
             for buffer in pair:
-                buffer.select_batch(index)
+                buffer.select_batch(index, in_place=self.ledger.static is not None)
 
 
 def begin_forward(cache: Cache, attention_mask, batch_size: int, num_new: int, device, position_ids=None) -> None:
@@ -464,6 +675,51 @@ def end_forward(cache: Cache) -> None:
     cache.layers[0].ledger.end()
     for layer in cache.layers:
         layer.after_forward()
+
+
+def supports_static_decode(cache: Cache) -> bool:
+    """Whether every layer of a kvpress cache runs static decode steps (``kvpress.graph``)."""
+    return is_kvpress_cache(cache) and all(layer.static_decode for layer in cache.layers)
+
+
+def prepare_static_decode(cache: Cache, device) -> None:
+    """Room for one more static decode step in every buffer of ``cache`` (grown outside any graph,
+    by whole buckets: :func:`static_bucket`), device counters in sync with the host's. Cheap when
+    nothing changed since the last call and the buffers still have room."""
+    ledger = cache.layers[0].ledger
+    if ledger.epoch == getattr(ledger, "_static_epoch", None) and ledger.seen < ledger._static_until:
+        return
+    steps = min([layer.prepare_static() for layer in cache.layers] + [ledger.prepare_static(device)])
+    ledger._static_epoch, ledger._static_until = ledger.epoch, ledger.seen + steps
+
+
+def static_tensors(cache: Cache) -> list[torch.Tensor]:
+    """Every tensor a static decode step of ``cache`` reads or writes in place."""
+    return cache.layers[0].ledger.static_tensors() + [t for layer in cache.layers for t in layer.static_tensors()]
+
+
+def advance_static_decode(cache: Cache) -> None:
+    """Host bookkeeping after a static decode step of ``cache`` ran (on the device, or replayed)."""
+    kept = cache.layers[0].ledger.advance_static()
+    for layer in cache.layers:
+        layer.advance_static(kept)
+
+
+@contextmanager
+def static_steps(cache: Cache):
+    """Within the block, forwards of the patched model on ``cache`` are static decode steps."""
+    ledger = cache.layers[0].ledger
+    ledger.capturing = True
+    try:
+        yield
+    finally:
+        ledger.capturing = False
+        if ledger.step is not None:  # the step failed half-way: it left no host count behind
+            ledger.step, ledger._on_device = None, {}
+            ledger.epoch += 1
+            for layer in cache.layers:
+                if hasattr(layer, "view"):
+                    layer.view = None
 
 
 def is_kvpress_cache(cache) -> bool:

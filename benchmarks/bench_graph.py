@@ -1,0 +1,298 @@
+"""Time per output token with CUDA-graph decode (issue #15): kvpress's eager and graph decode
+against transformers' eager decode and its StaticCache + torch.compile ("reduce-overhead") decode.
+
+Llama-3-8B shape, random bf16 weights, the cache filled to L tokens with random K/V
+(``common.fill_cache``), then ``--steps`` decode steps after 3 warm-up steps (the graph variants
+capture in their first step; the compiled variant compiles in its first ones). One variant at a
+time (each holds only its own cache). Per row: median TPOT (and p10/p90), host time until the
+forward returned, peak allocated memory over fill and decode, the cache's bytes, and the bytes
+floor: the weights read once (the input embedding excepted: one row) plus the cache bytes a step
+must read, over the measured copy bandwidth (read + write counted). Variants:
+
+  eager           transformers, sdpa, DynamicCache
+  static-compile  transformers, sdpa, StaticCache(max_cache_len = L + steps + 8), forward compiled
+                  with torch.compile(mode="reduce-overhead") (part ``compile``: compiles per shape)
+  dense, duo50, duo25         kvpress eager decode (duoNN: NN% retrieval heads, random gates,
+                              sink 64, recent 256)
+  dense-graph, duo50-graph, duo25-graph   the same with kvpress.patch(..., decode="graph")
+
+A row whose cache cannot fit the GPU is skipped (estimated from its bytes; "skipped" in the JSON).
+The ``check`` part prefills 8K real tokens and generates 64 greedy tokens with Duo 25% eager and
+graph: they must be the same tokens.
+
+    python benchmarks/bench_graph.py --parts check,tpot --batch 1        # ~5 min on an H200
+    python benchmarks/bench_graph.py --parts tpot --batch 4              # ~4 min
+    python benchmarks/bench_graph.py --parts compile                     # ~4 min (32K, 128K; batch 1)
+    python benchmarks/bench_graph.py --parts profile                     # ~30 s: where a Duo 25% graph step's GPU time goes
+    python benchmarks/bench_graph.py --smoke                             # CPU, tiny model, seconds
+
+Writes ``benchmarks/results/graph_<part>_batch<B>_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+import common
+import kvpress
+
+K = 1024
+KVPRESS_VARIANTS = ["dense", "dense-graph", "duo50", "duo50-graph", "duo25", "duo25-graph"]
+SINK, RECENT = 64, 256
+# issue #15's targets at 128K, batch 1 (ms), and the most a graph variant may take over its floor at 32K
+TARGETS_128K = {"duo25-graph": 6.0, "duo50-graph": 7.0, "dense-graph": 9.5}
+FLOOR_RATIO_32K = 1.3
+
+
+def duo_config(fraction, layers):
+    """Duo gates drawn at random, ``fraction`` of the KV heads retrieval heads (speed and memory only)."""
+    gates = torch.rand(layers, 8, generator=torch.Generator().manual_seed(1))
+    return kvpress.DuoConfig(gates=gates, sink=SINK, recent=RECENT, sparsity=1 - fraction)
+
+
+def retrieval_fraction(name):
+    return 1.0 if name.startswith(("dense", "eager", "static")) else int(name[3:5]) / 100
+
+
+@contextlib.contextmanager
+def variant(model, name, max_len):
+    """``model`` as variant ``name`` inside the block; yields an empty-cache factory."""
+    if name == "eager":
+        yield lambda: __import__("transformers").DynamicCache(config=model.config)
+    elif name == "static-compile":
+        from transformers import StaticCache
+
+        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+        try:
+            yield lambda: StaticCache(config=model.config, max_cache_len=max_len)
+        finally:
+            del model.forward
+    else:
+        method, _, graph = name.partition("-")
+        options = {"decode": "graph"} if graph else {}
+        config = None if method == "dense" else duo_config(retrieval_fraction(method), model.config.num_hidden_layers)
+        with common.kvpress_variant(model, "dense" if method == "dense" else "duo", config, **options) as make_cache:
+            yield make_cache
+
+
+def weight_bytes(model):
+    """Bytes a decode step reads of the weights: all of them but the input embedding (one row)."""
+    embed = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - embed.numel() * embed.element_size()
+
+
+def cache_read_bytes(model, name, L, batch):
+    """Bytes of cache a decode step must read at L tokens: K and V of every retrieval head over L
+    tokens, of every streaming head over sink + recent."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2 * batch  # K and V, bf16
+    r = retrieval_fraction(name)
+    return per_token * (r * L + (1 - r) * min(L, SINK + RECENT))
+
+
+@torch.inference_mode()
+def measure(model, name, L, batch, steps, chunk, dev):
+    """One row: fill a cache of ``name`` to L tokens, then 3 + ``steps`` decode steps."""
+    arg = common.cache_argument(model)
+    with variant(model, name, L + steps + 8) as make_cache:
+        common._empty_cache(dev)
+        common._reset_peak(dev)
+        cache = make_cache()
+        t = time.perf_counter()
+        common.fill_cache(model, cache, L, chunk, dev, batch)
+        fill_s = time.perf_counter() - t
+        tok = torch.ones(batch, 1, dtype=torch.long, device=dev)
+        times, host = [], []
+        for step in range(steps + 3):
+            common._sync(dev)
+            t = time.perf_counter()
+            model(input_ids=tok, **{arg: cache}, use_cache=True, logits_to_keep=1)
+            t_host = time.perf_counter() - t
+            common._sync(dev)
+            if step >= 3:
+                times.append(time.perf_counter() - t)
+                host.append(t_host)
+        peak = common._peak(dev)
+        kv = kvpress.kv_cache_bytes(cache)
+        runner = vars(model).get("_kvpress_graph")
+        captures = runner.captures if runner is not None else None
+        del cache
+    times.sort()
+    return {"variant": name, "tokens": L, "batch": batch, "tpot_ms": times[len(times) // 2] * 1e3,
+            "tpot_p10_ms": times[len(times) // 10] * 1e3, "tpot_p90_ms": times[9 * len(times) // 10] * 1e3,
+            "host_ms": sorted(host)[len(host) // 2] * 1e3, "peak_GiB": peak / 2**30, "kv_GiB": kv / 2**30,
+            "fill_s": fill_s, "graph_captures": captures}
+
+
+def fits(model, name, L, batch, dev):
+    """Whether a cache of ``name`` at L tokens fits the GPU beside the weights (with 15% to spare)."""
+    if dev != "cuda":
+        return True
+    full = name.startswith(("eager", "static", "dense"))
+    need = weight_bytes(model) + cache_read_bytes(model, name if not full else "dense", L, batch) * (1.1 if full else 1.06)
+    return need < 0.85 * torch.cuda.get_device_properties(0).total_memory
+
+
+def tpot_part(model, names, lengths, batch, steps, chunk, dev, bw):
+    rows = []
+    weights = weight_bytes(model)
+    for L in lengths:
+        for name in names:
+            if not fits(model, name, L, batch, dev):
+                rows.append({"variant": name, "tokens": L, "batch": batch, "skipped": "does not fit"})
+                print(f"{name} {L // K}K x{batch}: skipped (does not fit)", flush=True)
+                continue
+            try:
+                row = measure(model, name, L, batch, steps, chunk, dev)
+            except torch.OutOfMemoryError:
+                rows.append({"variant": name, "tokens": L, "batch": batch, "skipped": "out of memory"})
+                print(f"{name} {L // K}K x{batch}: out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            row["floor_ms"] = (weights + cache_read_bytes(model, name, L, batch)) / bw * 1e3
+            row["vs_floor"] = row["tpot_ms"] / row["floor_ms"]
+            rows.append(row)
+            print(f"{name} {L // K}K x{batch}: TPOT {row['tpot_ms']:.2f} ms (p10 {row['tpot_p10_ms']:.2f}, p90 "
+                  f"{row['tpot_p90_ms']:.2f}; host {row['host_ms']:.2f}), floor {row['floor_ms']:.2f} ms "
+                  f"({row['vs_floor']:.2f}x), peak {row['peak_GiB']:.1f} GiB, KV {row['kv_GiB']:.2f} GiB", flush=True)
+    return rows
+
+
+def targets(rows):
+    """Issue #15's done criteria, checked on the rows that were measured."""
+    out = {}
+    for r in rows:
+        if "tpot_ms" not in r or r["batch"] != 1:
+            continue
+        if r["tokens"] == 128 * K and r["variant"] in TARGETS_128K:
+            out[f"{r['variant']} 128K <= {TARGETS_128K[r['variant']]} ms"] = r["tpot_ms"] <= TARGETS_128K[r["variant"]]
+        if r["tokens"] == 32 * K and r["variant"].endswith("-graph"):
+            out[f"{r['variant']} 32K <= {FLOOR_RATIO_32K}x floor"] = r["vs_floor"] <= FLOOR_RATIO_32K
+    return out
+
+
+@torch.inference_mode()
+def check_part(model, dev, L, new_tokens):
+    """Greedy tokens of Duo 25% eager and graph after a real prefill of L tokens."""
+    ids = torch.randint(0, model.config.vocab_size, (1, L), device=dev, generator=torch.Generator(dev).manual_seed(0))
+    runs = {}
+    for name in ("duo25", "duo25-graph"):
+        with variant(model, name, 0):
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+            runs[name] = out[0, L:].tolist()
+    same = runs["duo25"] == runs["duo25-graph"]
+    first = next((i for i, (a, b) in enumerate(zip(runs["duo25"], runs["duo25-graph"])) if a != b), None)
+    print(f"check: Duo 25% graph {'==' if same else '!='} eager over {new_tokens} greedy tokens after {L} "
+          f"(first difference at {first})", flush=True)
+    return {"tokens": L, "new_tokens": new_tokens, "same": same, "first_difference": first, "eager": runs["duo25"],
+            "graph": runs["duo25-graph"]}
+
+
+@torch.inference_mode()
+def profile_part(model, name, L, batch, chunk, dev):
+    """Where the GPU time of one decode step of ``name`` goes (torch profiler over 4 steps after
+    warm-up): kernels per step, their summed time, and the 15 largest by total time. The gap between
+    the TPOT and the summed kernel time is launch latency between the many small kernels."""
+    from torch.autograd import DeviceType
+
+    arg = common.cache_argument(model)
+    with variant(model, name, L + 16) as make_cache:
+        cache = make_cache()
+        common.fill_cache(model, cache, L, chunk, dev, batch)
+        tok = torch.ones(batch, 1, dtype=torch.long, device=dev)
+        step = lambda: model(input_ids=tok, **{arg: cache}, use_cache=True, logits_to_keep=1)  # noqa: E731
+        for _ in range(3):
+            step()
+        common._sync(dev)
+        activity = torch.profiler.ProfilerActivity.CUDA if dev == "cuda" else torch.profiler.ProfilerActivity.CPU
+        kind = DeviceType.CUDA if dev == "cuda" else DeviceType.CPU  # CPU (smoke): ops instead of kernels
+        with torch.profiler.profile(activities=[activity]) as prof:
+            for _ in range(4):
+                step()
+            common._sync(dev)
+        kernels = {}
+        for e in prof.events():
+            if e.device_type == kind:
+                count, total = kernels.get(e.name, (0, 0.0))
+                kernels[e.name] = (count + 1, total + e.time_range.elapsed_us())
+        del cache
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]
+    res = {"variant": name, "tokens": L, "batch": batch,
+           "kernels_per_step": sum(c for c, _ in kernels.values()) / 4,
+           "kernel_ms_per_step": sum(t for _, t in kernels.values()) / 4e3,
+           "top": [{"name": n[:120], "per_step": c / 4, "ms_per_step": t / 4e3} for n, (c, t) in top]}
+    print(f"profile {name} {L // K}K x{batch}: {res['kernels_per_step']:.0f} kernels per step, "
+          f"{res['kernel_ms_per_step']:.2f} ms of kernel time", flush=True)
+    for row in res["top"]:
+        print(f"  {row['ms_per_step']:7.3f} ms  {row['per_step']:6.1f}x  {row['name']}", flush=True)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="check,tpot", help="comma-separated: check, tpot, compile, profile")
+    p.add_argument("--profile", default="duo25-graph:131072", help="variant:length of the profile part")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--lengths", default="8192,32768,131072,524288")
+    p.add_argument("--variants", default=",".join(["eager"] + KVPRESS_VARIANTS))
+    p.add_argument("--compile-lengths", default="32768,131072")
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps per row (after 3 warm-up steps)")
+    p.add_argument("--chunk", type=int, default=16384, help="tokens per fill chunk (up to 1/4 of L)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny 2-layer model on CPU: checks the script in seconds")
+    a = p.parse_args()
+    dev = "cuda" if torch.cuda.is_available() and not a.smoke else "cpu"
+    torch.manual_seed(0)
+    if a.smoke:
+        torch.set_num_threads(1)
+    model = common.build_model(dev, smoke=a.smoke, layers=2 if a.smoke else 32)
+    env = common.environment()
+    tag = common.device_tag(env)
+    out_dir = Path(a.out or (Path(__file__).parent / "results"))
+    parts = a.parts.split(",")
+    lengths = [int(x) for x in a.lengths.split(",")] if not a.smoke else [300]
+    bw = common.copy_bandwidth(dev)
+    print(f"{env['device']}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write), weights read per step "
+          f"{weight_bytes(model) / 1e9:.2f} GB", flush=True)
+    base = {"env": env, "copy_bandwidth_Bps": bw, "weight_bytes": weight_bytes(model), "sink": SINK, "recent": RECENT,
+            "steps": a.steps}
+    cols = [("variant", "{}"), ("tokens", "{}"), ("tpot_ms", "{:.2f}"), ("floor_ms", "{:.2f}"), ("vs_floor", "{:.2f}"),
+            ("host_ms", "{:.2f}"), ("peak_GiB", "{:.1f}"), ("kv_GiB", "{:.2f}"), ("skipped", "{}")]
+    if "check" in parts:
+        res = {**base, "check": check_part(model, dev, 300 if a.smoke else 8192, 8 if a.smoke else 64)}
+        common.write_json(out_dir / f"graph_check_{tag}.json", res)
+    if "tpot" in parts:
+        chunk = 128 if a.smoke else a.chunk
+        names = a.variants.split(",")
+        rows = []
+        for L in lengths:
+            rows += tpot_part(model, names, [L], a.batch, 2 if a.smoke else a.steps, min(chunk, max(L // 4, 128)), dev, bw)
+        res = {**base, "rows": rows, "targets": targets(rows)}
+        common.write_json(out_dir / f"graph_tpot_batch{a.batch}_{tag}.json", res)
+        common.table(f"TPOT, Llama-3-8B shape, batch {a.batch}", rows, cols)
+        for what, ok in res["targets"].items():
+            print(f"target {what}: {'met' if ok else 'NOT met'}")
+    if "profile" in parts:
+        name, length = a.profile.split(":")
+        length = 300 if a.smoke else int(length)
+        res = {**base, "profile": profile_part(model, name, length, a.batch, min(a.chunk, max(length // 4, 128)), dev)}
+        common.write_json(out_dir / f"graph_profile_{name}_batch{a.batch}_{tag}.json", res)
+    if "compile" in parts:
+        compile_lengths = [int(x) for x in a.compile_lengths.split(",")] if not a.smoke else [300]
+        rows = []
+        for L in compile_lengths:
+            rows += tpot_part(model, ["static-compile"], [L], a.batch, 2 if a.smoke else a.steps,
+                              min(a.chunk if not a.smoke else 128, max(L // 4, 128)), dev, bw)
+        res = {**base, "rows": rows}
+        common.write_json(out_dir / f"graph_compile_batch{a.batch}_{tag}.json", res)
+        common.table(f"TPOT, transformers StaticCache + torch.compile, batch {a.batch}", rows, cols)
+
+
+if __name__ == "__main__":
+    main()
