@@ -236,6 +236,7 @@ class TokenLedger:
         self.capturing = False  # forwards are static decode steps (set around them by kvpress.graph)
         self.epoch = 0  # bumped whenever a buffer may have been reallocated or the counters went stale
         self._synced = -1  # the epoch at which ``static.lengths`` was last written from the host counts
+        self._static_epoch, self._static_until = -1, 0  # prepare_static_decode's check: nothing to do below ``until``
 
     @property
     def batch_size(self) -> int | None:
@@ -656,7 +657,7 @@ class GroupedLayer(KVPressLayer):
         for (_, window), pair in zip(self.group_specs, self.buffers):
             for buffer in pair:
                 buffer.length += 1
-                if window is not None and window in kept:
+                if kept and window in kept:
                     buffer.keep(kept[window], room=self.ledger.slack[window], in_place=True)
 
     def select_batch(self, index: torch.Tensor) -> None:
@@ -687,7 +688,7 @@ def prepare_static_decode(cache: Cache, device) -> None:
     by whole buckets: :func:`static_bucket`), device counters in sync with the host's. Cheap when
     nothing changed since the last call and the buffers still have room."""
     ledger = cache.layers[0].ledger
-    if ledger.epoch == getattr(ledger, "_static_epoch", None) and ledger.seen < ledger._static_until:
+    if ledger.epoch == ledger._static_epoch and ledger.seen < ledger._static_until:
         return
     steps = min([layer.prepare_static() for layer in cache.layers] + [ledger.prepare_static(device)])
     ledger._static_epoch, ledger._static_until = ledger.epoch, ledger.seen + steps

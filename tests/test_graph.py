@@ -15,7 +15,7 @@ import torch
 
 import kvpress
 import kvpress.cache
-from kvpress.cache import HeadGroup, Window
+from kvpress.cache import HeadGroup
 from kvpress.kernels import grouped_attention
 from kvpress.kernels.decode import decode_attention
 from cases_duo import gates
