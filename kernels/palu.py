@@ -1,20 +1,27 @@
 """Triton decode attention over Palu's latent KV cache (arXiv 2407.21118), one pass per token block.
 
-A decode step (one query token per row) reads each cached token's key and value *latents* once:
-per head group ``g`` and block of cached tokens, the kernel (dequantises and) rebuilds the pre-RoPE
-keys of the group's KV heads from the latents (``h @ up.T``, fp32 accumulation), adds the key bias,
-applies the per-head ``k_norm`` (Qwen3), rotates them at each token's own position (half tables
-``cos``/``sin`` gathered by position), scores them against the group's query heads, runs the online
-softmax and accumulates the softmax-weighted *value latents* (values are never rebuilt per token).
-Blocks of tokens are split over programs (split-K) so a long sequence fills the GPU; a second small
-kernel merges each query head's splits and up-projects its value latent once (``up_v`` of its KV
-head, plus the value bias), writing the attention output ``[B, Hq, 1, D]``.
+A decode step (one query token per row) reads each cached token's key and value *latents* once from
+HBM: one program per KV head and block of cached tokens (split-K over the tokens, so a long sequence
+fills the GPU) (dequantises and) rebuilds its head's pre-RoPE keys from its group's latents
+(``h @ up.T``, fp32 accumulation), adds the key bias, applies the per-head ``k_norm`` (Qwen3),
+rotates them at each token's own position (half tables ``cos``/``sin`` gathered by position),
+scores them against the head's query heads, runs the online softmax and accumulates the
+softmax-weighted *value latents* (values are never rebuilt per token). The ``gs`` programs of a
+group read the same latents (the repeats come from L2). A second small kernel merges each query
+head's splits and up-projects its value latent once (``up_v`` of its KV head, plus the value bias),
+writing the attention output ``[B, Hq, 1, D]``.
 
-Cost per cached token and head group of ``gs`` KV heads at rank ``r``: ``2 * gs * D * r`` FLOP to
-rebuild keys against ``2 * r`` latents read (``bits / 8`` bytes each when quantised). With ``gs = 1``
-and ``r = D / 2`` (Palu-50%) that is 64 FLOP per byte in bf16, below the H200's ~165 FLOP/B ridge:
-the decode stays bound by the latent bytes. Larger groups rebuild ``gs`` times more per byte (the
-quality / speed trade-off of G-LRD, measured in ``benchmarks/bench_palu.py``).
+Cost per cached token and KV head at group rank ``r`` (group of ``gs`` KV heads): ``2 * D * r`` FLOP
+to rebuild its keys against ``2 * r / gs`` latent values read from HBM (``bits / 8`` bytes each when
+quantised). With ``gs = 1`` and ``r = D / 2`` (Palu-50%) that is 64 FLOP per byte in bf16, below
+the H200's ~165 FLOP/B ridge; groups of ``gs`` heads at the same ratio rebuild ``gs`` times more per
+byte and soon become compute-bound (the quality / speed trade-off of G-LRD, measured in
+``benchmarks/bench_palu.py``): small groups are the fast ones.
+
+Shared memory: the tiles and the pipelining depth come from the shapes (:func:`plans`: a
+conservative estimate under ``SMEM_BUDGET``; a launch that still runs out of shared memory retries
+with the next, smaller plan). When the key rank is more than one ``tl.dot`` chunk, the chunks are the
+innermost loop, so shared memory holds one chunk per stage whatever the rank.
 
 Masks come from token ranks (``kvpress.kernels.reference``): any batch with left padding, the
 model's sliding window. Tiles are constexpr; boundaries are masked. ``kvpress.kernels.palu_reference``
@@ -31,14 +38,14 @@ import triton.language as tl
 
 from . import palu_reference as ref
 
-BLOCK_N = 64  # cached tokens per inner step
+BLOCK_N = 64  # cached tokens per inner step (largest; the plan lowers it when shared memory is short)
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 3  # software-pipelining depth of the innermost loop (the plan lowers it when short)
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
 NO_LIMIT = 1 << 30
-HOIST_UP = True  # load ``up`` once per program when it is one tile (groups of one KV head, rank <= 64)
+SMEM_BUDGET = 160 * 1024  # bytes of shared memory a plan may use by estimate (H200: 227 KB per block)
 
 
 @triton.jit
@@ -69,50 +76,61 @@ def _palu_decode_kernel(
     Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML,
     kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b,
     T, split_len, window, qk_scale, eps,
-    G: tl.constexpr, GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr,
-    D: tl.constexpr, HALF: tl.constexpr,
+    GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
     RK: tl.constexpr, RC: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_NQ: tl.constexpr, K_WORDS: tl.constexpr,
     RV: tl.constexpr, BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
     V_WORDS: tl.constexpr, HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
-    HOIST: tl.constexpr,
 ):
-    """Program ``(group g, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of head
-    group ``g`` for its ``GS * QPK`` query heads; writes the unnormalised partial value latent
-    ``PO [B, G, S, GP, BLOCK_RV]`` and its ``(max, sum)`` in ``PML [B, G, S, GP, 2]`` (log2 units).
+    """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
+    head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
+    partial value latent ``PO [B, Hkv, S, GP, BLOCK_RV]`` and its ``(max, sum)`` in
+    ``PML [B, Hkv, S, GP, 2]`` (log2 units).
 
     Layouts: ``Q [B, Hq, D]``; latents ``[B, G, T, R]`` (or ``[B, G, T, WORDS]`` int32 codes and
     ``[B, G, T, 2 * NQ]`` scales/minima) with contiguous token rows and batch / group strides
     ``*_b``/``*_g`` in rows (append buffers with room to grow); ``KUP [G, GS * D, RK]``;
     ``KB [Hkv * D]``; ``KNW [D]``; ``POS``/``KR [B, T]`` with row strides ``pos_b``/``kr_b``;
-    ``QR [B]``; ``COS``/``SIN [P, HALF]``; the rest contiguous. ``HOIST``: the group's whole ``up``
-    (one KV head, one rank chunk) is loaded once, before the token loop."""
-    g = tl.program_id(0)
+    ``QR [B]``; ``COS``/``SIN [P, HALF]``; the rest contiguous. Each KV head of a group rebuilds
+    only its own keys from the group's latents (the group's other programs read the same latents,
+    mostly from L2). When the key rank is one chunk (``RC == RK``) its ``up`` rows are loaded once,
+    before the token loop (the innermost, pipelined loop); otherwise the rank chunks are the
+    innermost loop (pipelined), so shared memory holds one chunk per stage, never the whole rank."""
+    kvh = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
+    hkv = tl.num_programs(0)
     n_splits = tl.num_programs(1)
+    g = kvh // GS
     dtype = Q.dtype.element_ty
 
-    m_rows = tl.arange(0, GP)  # query heads of the group (padded to GP rows)
-    m_ok = m_rows < GS * QPK
-    m_head = m_rows // QPK  # KV head of each row within the group
+    m_rows = tl.arange(0, GP)  # query heads of this KV head (padded to GP rows)
+    q_ok = (m_rows < QPK)[:, None]
     d = tl.arange(0, HALF)
-    q_base = Q + (b.to(tl.int64) * (G * GS * QPK) + g * (GS * QPK)) * D
+    b64 = b.to(tl.int64)
+    q_base = Q + (b64 * hkv + kvh) * (QPK * D)
+    q1 = tl.load(q_base + m_rows[:, None] * D + d[None, :], mask=q_ok, other=0.0)
+    q2 = tl.load(q_base + m_rows[:, None] * D + HALF + d[None, :], mask=q_ok, other=0.0)
     qr = tl.load(QR + b)
 
     start = split * split_len
     stop = tl.minimum(start + split_len, T)
-    b64 = b.to(tl.int64)
     k_row0 = b64 * kl_b + g * kl_g  # token row of (b, g, 0) in each latent tensor
     ks_row0 = b64 * ks_b + g * ks_g
     v_row0 = b64 * vl_b + g * vl_g
     vs_row0 = b64 * vs_b + g * vs_g
-    up_base = KUP + g.to(tl.int64) * (GS * D * RK)
+    up_base = KUP + kvh.to(tl.int64) * (D * RK)  # this head's D rows of its group's up [GS * D, RK]
     rc = tl.arange(0, RC)
     rv = tl.arange(0, BLOCK_RV)
-
-    if HOIST:  # [RC, HALF] = up.T halves, kept in registers for the whole loop
+    if HAS_KB:
+        kb1 = tl.load(KB + kvh * D + d).to(tl.float32)
+        kb2 = tl.load(KB + kvh * D + HALF + d).to(tl.float32)
+    if HAS_NORM:
+        nw1 = tl.load(KNW + d).to(tl.float32)
+        nw2 = tl.load(KNW + HALF + d).to(tl.float32)
+    if RC == RK:  # [RK, HALF] = up.T halves, loaded once for the whole loop
         u1_all = tl.load(up_base + d[None, :] * RK + rc[:, None])
         u2_all = tl.load(up_base + (HALF + d)[None, :] * RK + rc[:, None])
+
     acc = tl.zeros([GP, BLOCK_RV], dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
@@ -127,35 +145,31 @@ def _palu_decode_kernel(
         dist = qr - kr
         ok = (kr >= 0) & (dist >= 0) & (dist < window)
 
-        s = tl.zeros([GP, BLOCK_N], dtype=tl.float32)
-        for j in tl.static_range(GS):  # each KV head of the group: rebuild, bias, norm, RoPE, scores
+        # rebuild this head's keys: [BLOCK_N, HALF] halves, fp32 accumulation
+        if RC == RK:
+            h = _latent_tile(KL, KS, k_row0 + offs_n, ks_row0 + offs_n, rc, rc < RK, RK, K_BITS, K_QG, K_NQ, K_WORDS, n_ok, dtype)
+            k1 = tl.dot(h, u1_all)
+            k2 = tl.dot(h, u2_all)
+        else:
             k1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
             k2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-            for c in tl.static_range(RK // RC):
-                cols = c * RC + rc
+            for c in range(0, RK, RC):
+                cols = c + rc
                 h = _latent_tile(KL, KS, k_row0 + offs_n, ks_row0 + offs_n, cols, cols < RK, RK, K_BITS, K_QG, K_NQ, K_WORDS, n_ok, dtype)
-                if HOIST:
-                    k1 += tl.dot(h, u1_all)
-                    k2 += tl.dot(h, u2_all)
-                else:
-                    u1 = tl.load(up_base + (j * D + d)[None, :] * RK + cols[:, None])  # [RC, HALF] = up.T
-                    u2 = tl.load(up_base + (j * D + HALF + d)[None, :] * RK + cols[:, None])
-                    k1 += tl.dot(h, u1)
-                    k2 += tl.dot(h, u2)
-            if HAS_KB:
-                kv_head = g * GS + j
-                k1 += tl.load(KB + kv_head * D + d).to(tl.float32)[None, :]
-                k2 += tl.load(KB + kv_head * D + HALF + d).to(tl.float32)[None, :]
-            if HAS_NORM:
-                inv = tl.rsqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / D + eps)
-                k1 = k1 * inv[:, None] * tl.load(KNW + d).to(tl.float32)[None, :]
-                k2 = k2 * inv[:, None] * tl.load(KNW + HALF + d).to(tl.float32)[None, :]
-            r1 = (k1 * cos - k2 * sin).to(dtype)
-            r2 = (k2 * cos + k1 * sin).to(dtype)
-            q_ok = (m_ok & (m_head == j))[:, None]
-            q1 = tl.load(q_base + m_rows[:, None] * D + d[None, :], mask=q_ok, other=0.0)
-            q2 = tl.load(q_base + m_rows[:, None] * D + HALF + d[None, :], mask=q_ok, other=0.0)
-            s += tl.dot(q1, tl.trans(r1)) + tl.dot(q2, tl.trans(r2))
+                u1 = tl.load(up_base + d[None, :] * RK + cols[:, None])  # [RC, HALF] = up.T
+                u2 = tl.load(up_base + (HALF + d)[None, :] * RK + cols[:, None])
+                k1 = tl.dot(h, u1, k1)
+                k2 = tl.dot(h, u2, k2)
+        if HAS_KB:
+            k1 += kb1[None, :]
+            k2 += kb2[None, :]
+        if HAS_NORM:
+            inv = tl.rsqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / D + eps)
+            k1 = k1 * inv[:, None] * nw1[None, :]
+            k2 = k2 * inv[:, None] * nw2[None, :]
+        r1 = (k1 * cos - k2 * sin).to(dtype)
+        r2 = (k2 * cos + k1 * sin).to(dtype)
+        s = tl.dot(q1, tl.trans(r1)) + tl.dot(q2, tl.trans(r2))
 
         s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -167,7 +181,7 @@ def _palu_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
-    part = ((b.to(tl.int64) * G + g) * n_splits + split) * GP + m_rows
+    part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
     tl.store(PO + part[:, None] * BLOCK_RV + rv[None, :], acc)
     tl.store(PML + part * 2, m_i)
     tl.store(PML + part * 2 + 1, l_i)
@@ -175,22 +189,23 @@ def _palu_decode_kernel(
 
 @triton.jit
 def _palu_merge_kernel(PO, PML, VUP, VB, Out, n_splits,
-                       G: tl.constexpr, GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                       QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                        RV: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_VB: tl.constexpr, SB: tl.constexpr):
     """Program ``(query head h, row b)``: merges the head's partial value latents over the splits,
     normalises, up-projects with its KV head's ``up_v`` rows (+ value bias) and writes ``Out [B, Hq, D]``
-    (zeros for a row with no key to attend)."""
+    (zeros for a row with no key to attend). ``VUP [G, GS * D, RV]`` holds KV head ``kv``'s rows at
+    ``kv * D`` of its flat ``[Hkv * D, RV]`` view."""
     h = tl.program_id(0)
     b = tl.program_id(1)
+    hq = tl.num_programs(0)
     kv = h // QPK
-    g = kv // GS
-    m = h - g * (GS * QPK)  # row of this head in its group's partials
+    m = h - kv * QPK  # row of this head in its KV head's partials
     rv = tl.arange(0, BLOCK_RV)
     sp = tl.arange(0, SB)
     acc = tl.zeros([BLOCK_RV], dtype=tl.float32)
     total = tl.zeros([1], dtype=tl.float32)
     top = tl.full([1], float("-inf"), dtype=tl.float32)
-    base = (b.to(tl.int64) * G + g) * n_splits
+    base = (b.to(tl.int64) * (hq // QPK) + kv) * n_splits
     for s0 in range(0, n_splits, SB):
         s = s0 + sp
         part = (base + s) * GP + m
@@ -206,14 +221,13 @@ def _palu_merge_kernel(PO, PML, VUP, VB, Out, n_splits,
         top = new_top
     o_lat = acc / tl.where(total > 0, total, 1.0)
     dd = tl.arange(0, D)
-    j = kv - g * GS
-    up = tl.load(VUP + (g.to(tl.int64) * (GS * D) + j * D + dd)[:, None] * RV + rv[None, :],
+    up = tl.load(VUP + (kv.to(tl.int64) * D + dd)[:, None] * RV + rv[None, :],
                  mask=(rv < RV)[None, :], other=0.0).to(tl.float32)
     out = tl.sum(up * o_lat[None, :], 1)
     if HAS_VB:
         out += tl.load(VB + kv * D + dd).to(tl.float32)
     out = tl.where(total > 0, out, 0.0)
-    tl.store(Out + (b.to(tl.int64) * (G * GS * QPK) + h) * D + dd, out.to(Out.dtype.element_ty))
+    tl.store(Out + (b.to(tl.int64) * hq + h) * D + dd, out.to(Out.dtype.element_ty))
 
 
 @functools.lru_cache
@@ -246,14 +260,49 @@ def _chunk(rank: int) -> int:
     return min(rank & -rank, 64)
 
 
+def _tile_bytes(channels: int, bits: int, elt: int) -> int:
+    """Bytes per token of a latent tile of ``channels`` columns as the kernel loads it: values, or
+    (quantised) one gathered int32 word plus a scale and a minimum per column."""
+    return channels * (elt if bits == 0 else 4 + 2 * elt)
+
+
+def smem_estimate(block_n: int, stages: int, d: int, rk: int, rv: int, k_bits: int, v_bits: int, elt: int, gp: int = 16) -> int:
+    """Shared memory (bytes) of one decode program, by estimate (Triton on Hopper): ``stages`` copies
+    of every tile the innermost loop loads, plus the ``tl.dot`` operands staged once. Conservative
+    (every load counted as pipelined, dequantised tiles counted twice)."""
+    half, rc, block_rv = d // 2, _chunk(rk), max(16, triton.next_power_of_2(rv))
+    dots = 2 * block_n * half * elt + gp * block_n * elt + block_n * (block_rv + rc) * elt  # rotated keys, p, hv, h
+    outer = block_n * (_tile_bytes(block_rv, v_bits, elt) + 2 * half * elt + 8)  # value latents, cos/sin, pos/rank
+    if rc == rk:  # the token loop is innermost; up is loaded once
+        return stages * (outer + block_n * _tile_bytes(rk, k_bits, elt)) + 2 * rk * half * elt + dots
+    return stages * (block_n * _tile_bytes(rc, k_bits, elt) + 2 * rc * half * elt) + outer + dots
+
+
+def plans(d: int, rk: int, rv: int, k_bits: int, v_bits: int, elt: int, gp: int = 16) -> list[tuple[int, int]]:
+    """``(block_n, num_stages)`` settings of the decode kernel for these shapes, best first: token
+    tiles and pipelining depths (at most ``BLOCK_N`` and ``NUM_STAGES``) whose :func:`smem_estimate`
+    fits ``SMEM_BUDGET``, larger tiles and deeper pipelines first; empty when nothing fits."""
+    tiles = [n for n in (128, 64, 32, 16) if n <= BLOCK_N] or [16]
+    stages = [s for s in (3, 2) if s <= NUM_STAGES]
+    order = [(n, s) for n in tiles for s in stages] + [(n, 1) for n in tiles]
+    return [(n, s) for n, s in order if smem_estimate(n, s, d, rk, rv, k_bits, v_bits, elt, gp) <= SMEM_BUDGET]
+
+
+_CHOSEN: dict[tuple, tuple[int, int]] = {}  # shapes -> the first plan that launched on this GPU
+
+
 def supported(q: torch.Tensor, k: ref.Latents, v: ref.Latents, group_size: int) -> bool:
     """Whether the kernel serves these shapes (power-of-two head dim and group size, key rank with a
-    power-of-two factor of at least 16 on the GPU; the interpreter accepts smaller tiles)."""
+    power-of-two factor of at least 16 on the GPU, the interpreter accepts smaller tiles; ranks whose
+    tiles fit in shared memory)."""
     d = q.shape[-1]
     pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
     min_tile = 16 if q.is_cuda else 1
-    return (q.shape[2] == 1 and pow2(d) and d >= 2 * min_tile and pow2(group_size)
-            and _chunk(k.rank) >= min_tile and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
+    if not (q.shape[2] == 1 and pow2(d) and d >= 2 * min_tile and pow2(group_size)
+            and _chunk(k.rank) >= min_tile and q.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return False
+    bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
+    return bool(plans(d, k.rank, v.rank, bits(k), bits(v), q.element_size()))
 
 
 def palu_decode(
@@ -279,24 +328,61 @@ def palu_decode(
 
     ``q [B, Hq, 1, D]`` post-RoPE; latents ``[B, G, T, .]`` (``Latents``); ``k_up``/``v_up
     [G, gs * D, r]`` in ``q.dtype``; ``positions``/``k_rank [B, T]``; ``q_rank [B, 1]``; ``cos``/``sin
-    [P, D / 2]`` covering every position. ``splits``: programs per (row, group) along the tokens
+    [P, D / 2]`` covering every position. ``splits``: programs per (row, KV head) along the tokens
     (default: enough to fill the GPU)."""
     B, hq, _, D = q.shape
     G, rows, rk = k_up.shape
     gs = rows // D
-    qpk = hq // (G * gs)
+    hkv = G * gs
+    qpk = hq // hkv
     T = k.data.shape[2]
-    gp = max(16, triton.next_power_of_2(gs * qpk))
+    gp = max(16, triton.next_power_of_2(qpk))
     block_rv = max(16, triton.next_power_of_2(v.rank))
+    bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
+    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, BLOCK_N, NUM_STAGES)
+    candidates = [_CHOSEN[key]] if key in _CHOSEN else plans(*key[:7])
+    if not candidates:
+        raise ValueError(f"Palu decode: head dim {D}, key rank {rk}, value rank {v.rank} need more shared memory "
+                         f"than {SMEM_BUDGET} bytes even with 16-token tiles; use a smaller rank per group (smaller "
+                         "groups), or the reference (kvpress.kernels.palu_reference.latent_attention)")
+    for i, (block_n, stages) in enumerate(candidates):
+        try:
+            po, pml, splits_used = _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_bias,
+                                                  k_norm, window, splits, block_n, stages, gp, block_rv)
+        except triton.runtime.OutOfResources:  # the estimate was short: the next, smaller plan
+            if i == len(candidates) - 1:
+                raise
+            continue
+        _CHOSEN[key] = (block_n, stages)
+        break
+    out = torch.empty(B, hq, 1, D, device=q.device, dtype=q.dtype)
+    dummy = q.new_empty(1)
+    _palu_merge_kernel[(hq, B)](
+        po, pml, v_up.contiguous(), v_bias if v_bias is not None else dummy, out, splits_used,
+        QPK=qpk, GP=gp, D=D, RV=v.rank, BLOCK_RV=block_rv, HAS_VB=v_bias is not None,
+        SB=MERGE_SPLITS, num_warps=4,
+    )
+    return out
+
+
+def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_bias, k_norm, window, splits,
+                   block_n, stages, gp, block_rv):
+    """Launches the split-K decode kernel with one plan; returns the partials and the split count.
+    Triton raises ``OutOfResources`` at launch, before anything runs, when the plan does not fit."""
+    B, hq, _, D = q.shape
+    G, rows, rk = k_up.shape
+    gs = rows // D
+    hkv = G * gs
+    qpk = hq // hkv
+    T = k.data.shape[2]
     if splits is None:
         target = PROGRAMS_PER_SM * (_sm_count(q.device.index or 0) if q.is_cuda else 1)
-        splits = max(1, min(-(-target // (B * G)), -(-T // BLOCK_N), MAX_SPLITS))
+        splits = max(1, min(-(-target // (B * hkv)), -(-T // block_n), MAX_SPLITS))
     split_len = -(-max(T, 1) // splits)
-    split_len = -(-split_len // BLOCK_N) * BLOCK_N
+    split_len = -(-split_len // block_n) * block_n
     splits = max(1, -(-T // split_len))
-    po = torch.empty(B, G, splits, gp, block_rv, device=q.device, dtype=torch.float32)
-    pml = torch.empty(B, G, splits, gp, 2, device=q.device, dtype=torch.float32)
-    out = torch.empty(B, hq, 1, D, device=q.device, dtype=q.dtype)
+    po = torch.empty(B, hkv, splits, gp, block_rv, device=q.device, dtype=torch.float32)
+    pml = torch.empty(B, hkv, splits, gp, 2, device=q.device, dtype=torch.float32)
     dummy = q.new_empty(1)
 
     def quant(x: ref.Latents):
@@ -310,7 +396,7 @@ def palu_decode(
     kl, ks, kl_b, kl_g, ks_b, ks_g, kbits, kqg, knq, kwords = quant(k)
     vl, vs, vl_b, vl_g, vs_b, vs_g, vbits, vqg, vnq, vwords = quant(v)
     positions, k_rank = _tokens(positions), _tokens(k_rank.int() if k_rank.dtype != torch.int32 else k_rank)
-    _palu_decode_kernel[(G, splits, B)](
+    _palu_decode_kernel[(hkv, splits, B)](
         q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
         k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
         positions, k_rank, q_rank.reshape(B).int().contiguous(),
@@ -318,16 +404,10 @@ def palu_decode(
         kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
         T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
         float(k_norm[1]) if k_norm is not None else 0.0,
-        G=G, GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,
+        GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords,
-        HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=BLOCK_N,
-        HOIST=HOIST_UP and gs == 1 and _chunk(rk) == rk,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n,
+        num_warps=NUM_WARPS, num_stages=stages,
     )
-    _palu_merge_kernel[(hq, B)](
-        po, pml, v_up.contiguous(), v_bias if v_bias is not None else dummy, out, splits,
-        G=G, GS=gs, QPK=qpk, GP=gp, D=D, RV=v.rank, BLOCK_RV=block_rv, HAS_VB=v_bias is not None,
-        SB=MERGE_SPLITS, num_warps=4,
-    )
-    return out
+    return po, pml, splits

@@ -188,3 +188,42 @@ def test_decode_kernel_reads_buffers_with_room():
     assert not a["k"].data.is_contiguous()
     assert palu._rows(a["k"].data) is a["k"].data  # no copy
     torch.testing.assert_close(palu.palu_decode(**a, splits=2), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("elt", [2, 4])
+@pytest.mark.parametrize("bits", [0, 4, 3, 2])
+def test_plans_fit_shared_memory(bits, elt):
+    """Every rank the runtime meets (head dim 128, groups of 1-4 KV heads, up to 512 per group) has a
+    plan whose estimate fits the budget, and the budget leaves room under the H200's 227 KB."""
+    assert palu.SMEM_BUDGET <= 200 * 1024
+    for rk in (32, 64, 96, 128, 192, 224, 256, 384, 512):
+        for rv in (32, 64, 128, 256, 512):
+            if elt == 4 and bits and rk + rv > 512:
+                continue  # fp32 models with quantised wide groups fall back to the reference
+            found = palu.plans(128, rk, rv, bits, bits, elt)
+            assert found, (rk, rv, bits, elt)
+            assert all(palu.smem_estimate(n, s, 128, rk, rv, bits, bits, elt) <= palu.SMEM_BUDGET for n, s in found)
+    # Llama-3-8B at 50% rank with groups of one KV head, bf16: the largest tile, the deepest pipeline
+    assert palu.plans(128, 64, 64, 0, 0, 2)[0] == (64, 3)
+
+
+@interpreter_only
+def test_decode_retries_a_smaller_plan_when_out_of_shared_memory(monkeypatch):
+    import triton
+
+    a = make_case(gs=1, rk=16, bias=False, norm=False)
+    want = ref.latent_attention(**a)
+    tried = []
+    launch = palu._launch_decode
+
+    def flaky(*args):
+        tried.append(args[-4:-2])
+        if len(tried) == 1:
+            raise triton.runtime.OutOfResources(300000, 232448, "shared memory")
+        return launch(*args)
+
+    monkeypatch.setattr(palu, "_launch_decode", flaky)
+    monkeypatch.setattr(palu, "_CHOSEN", {})
+    torch.testing.assert_close(palu.palu_decode(**a, splits=2), want, atol=2e-5, rtol=1e-4)
+    assert len(tried) == 2 and tried[1] != tried[0]
+    assert list(palu._CHOSEN.values()) == [tried[1]]
