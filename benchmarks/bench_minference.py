@@ -94,7 +94,49 @@ def dense(q, k, v, scale):
 
 def configs(hq):
     return {"default": MInferenceConfig(patterns=[{}]),  # every head: the reference's VS (1000, 6096)
+            "local": MInferenceConfig(patterns=[{}]),  # the same, diagonals replaced by the nearest 6096
             "mix": MInferenceConfig(patterns=[{h: MIX[h % len(MIX)] for h in range(hq)}])}
+
+
+def vs_index(plan, q, k, rank, scale, local):
+    """The VS index that ``sparse_prefill`` builds for ``plan``'s VS heads; ``local``: its diagonals
+    replaced by the nearest ones (offsets 0, 1, ...: one run, the budget's least work)."""
+    heads = torch.tensor(plan.vs, device=q.device)
+    sizes = [torch.ones(q.shape[1], dtype=torch.long, device=q.device) for _ in range(2)]
+    for size, values in zip(sizes, plan.vs_sizes):
+        size[heads] = torch.tensor(values, device=q.device)
+    vertical, slash = R.vs_index(q, k, rank, rank, scale, sizes[0], sizes[1], heads=heads)
+    if local:
+        n = torch.arange(slash.shape[-1], device=q.device, dtype=slash.dtype)
+        slash = torch.where(slash < R.SENTINEL, n, slash)
+    return heads, vertical, slash
+
+
+def vs_kernel_stats(name, plan, q, k, v, rank, scale, dev, reps, local=False):
+    """Time of the VS kernel alone (index prepared) and the work it really does: 64-key tiles run
+    per query block (diagonal ranges cut into tiles + gathered columns) and TFLOP/s on those tiles."""
+    heads, vertical, slash = vs_index(plan, q, k, rank, scale, local)
+    prep = M.vs_prepare(rank, rank, vertical, slash)
+    work = M.vs_work(prep)
+    out = torch.empty_like(q)
+    t_prep = elapsed(lambda: M.vs_prepare(rank, rank, vertical, slash), dev, reps)
+    t_kernel = elapsed(lambda: M.vs_attention(q, k, v, rank, rank, vertical, slash, scale, heads=heads, out=out,
+                                              plan=prep), dev, reps)
+    tiles = work["diagonal_tiles"] + work["column_tiles"]
+    blocks = max(1, work["query_blocks"])
+    d, L = q.shape[-1], q.shape[2]
+    causal = len(plan.vs) * L * (L + 1) / 2  # (query, key) pairs of dense causal attention
+    stats = {"kernel_ms": t_kernel * 1e3, "prepare_ms": t_prep * 1e3,
+             "keys_per_qblock": M.BLOCK_N * tiles / blocks,
+             "useful_keys_per_qblock": (work["diagonal_keys"] + M.BLOCK_N * work["column_tiles"]) / blocks,
+             "budget_keys": sum(a + b for a, b in zip(*plan.vs_sizes)) / len(plan.vs),
+             "work_vs_dense": 64 * M.BLOCK_N * tiles / causal,
+             "kernel_tflops": 4 * d * 64 * M.BLOCK_N * tiles / t_kernel / 1e12}
+    if not local:
+        runs = M.slash_runs(slash)[0]
+        stats["slash_runs_mean"] = float((runs < R.SENTINEL).sum(-1).float().mean())
+    return {f"{name}_vs_{key}" if key not in ("slash_runs_mean",) else f"{name}_{key}": value
+            for key, value in stats.items()}
 
 
 def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D)):
@@ -111,13 +153,23 @@ def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D)):
                "dense_tflops": 2 * 2 * hq * d * L * (L + 1) / 2 / t_dense / 1e12}
         for name in variants:
             plan = plan_heads(configs(hq)[name], 0, list(range(hq)), L)
-            t = elapsed(lambda: sparse_prefill(plan, q, k, v, rank, rank, scale, use_triton=use_triton), dev, reps_L)
-            vs_heads = torch.tensor(plan.vs, device=dev)
-            t_index = elapsed(lambda: R.vs_index(q, k, rank, rank, scale, 1000, 6096, heads=vs_heads), dev, reps_L)
-            vertical, slash = R.vs_index(q, k, rank, rank, scale, 1000, 6096)
-            runs = M.slash_runs(slash)[0]
-            row.update({f"{name}_ms": t * 1e3, f"{name}_index_ms": t_index * 1e3, f"{name}_speedup": t_dense / t,
-                        f"{name}_slash_runs_mean": float((runs < R.SENTINEL).sum(-1).float().mean())})
+            local = name == "local"
+            if local:  # index built as at run time, then the kernel under the local diagonals
+                out = torch.empty_like(q)
+
+                def run():
+                    heads, vertical, slash = vs_index(plan, q, k, rank, scale, True)
+                    if use_triton:
+                        return M.vs_attention(q, k, v, rank, rank, vertical, slash, scale, heads=heads, out=out)
+                    return R.vs_attention(q, k, v, rank, rank, vertical, slash, scale)
+            else:
+                def run():
+                    return sparse_prefill(plan, q, k, v, rank, rank, scale, use_triton=use_triton)
+            t = elapsed(run, dev, reps_L)
+            t_index = elapsed(lambda: vs_index(plan, q, k, rank, scale, False), dev, reps_L) if plan.vs else 0.0
+            row.update({f"{name}_ms": t * 1e3, f"{name}_index_ms": t_index * 1e3, f"{name}_speedup": t_dense / t})
+            if plan.vs:
+                row.update(vs_kernel_stats(name, plan, q, k, v, rank, scale, dev, reps_L, local))
         rows.append(row)
         print("layer " + ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                                    for key, value in row.items()), flush=True)
@@ -138,6 +190,7 @@ def crossover(rows, name):
 
 def sweep_rows(L, dev, dtype, kind):
     rows = []
+    defaults = M.NUM_WARPS, M.NUM_STAGES
     for warps in (4, 8):
         for stages in (1, 2, 3, 4):
             M.NUM_WARPS, M.NUM_STAGES = warps, stages
@@ -147,7 +200,7 @@ def sweep_rows(L, dev, dtype, kind):
                 print(f"sweep warps {warps} stages {stages}: {error}")
                 continue
             rows.append({"num_warps": warps, "num_stages": stages, **row})
-    M.NUM_WARPS, M.NUM_STAGES = 4, 2
+    M.NUM_WARPS, M.NUM_STAGES = defaults
     return rows
 
 
@@ -167,7 +220,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="layer", help="comma-separated: layer, ttft")
     p.add_argument("--lengths", default="8192,16384,24576,32768,65536,131072,262144,524288,1048576")
-    p.add_argument("--variants", default="default,mix")
+    p.add_argument("--variants", default="default,local,mix")
     p.add_argument("--inputs", default="rope", choices=["rope", "random"])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sweep", action="store_true", help="also sweep the VS kernel's warps / stages at the first length")
@@ -192,6 +245,11 @@ def main(argv=None):
         c.table("one layer: dense SDPA vs MInference (index building included)", rows,
                 [("tokens", "{:d}"), ("dense_ms", "{:.2f}")] + [(f"{n}_{x}", "{:.2f}") for n in variants
                                                                   for x in ("ms", "index_ms", "speedup")])
+        c.table("VS kernel alone: the work it runs (64-key tiles) and its throughput", rows,
+                [("tokens", "{:d}"), ("dense_tflops", "{:.0f}")] + [
+                    (f"{n}_vs_{x}", f) for n in variants for x, f in (
+                        ("kernel_ms", "{:.2f}"), ("keys_per_qblock", "{:.0f}"), ("work_vs_dense", "{:.3f}"),
+                        ("kernel_tflops", "{:.0f}"))])
         print("crossover (tokens):", result["crossover_tokens"])
         if args.sweep and not args.smoke:
             result["sweep"] = sweep_rows(lengths[0], dev, dtype, args.inputs)

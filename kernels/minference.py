@@ -8,18 +8,27 @@ Query blocks are aligned in *rank* space (``64 * (rank // 64)``), so padding nev
 
 * :func:`vs_attention`: the chosen diagonals, merged into *runs* (sorted offsets whose gaps are
   <= 64 make one contiguous key range per query block: ``[base - last, base - first + 63]``), are
-  read as key ranges in 64-key tiles, then the chosen columns are gathered 64 at a time, skipping
-  any column that a chosen diagonal range already covers (a prefix count over chosen offsets
-  answers that with two loads), so no key is counted twice.
+  cut once per head into 64-key *tiles* in distance space (``base - key``), the same for every
+  query block; a program walks the tiles at or below its block in one flat, software-pipelined
+  loop (no loop per run, so no short inner loops that the pipeliner cannot overlap), then gathers
+  the chosen columns 64 at a time, skipping any column that a chosen diagonal range already
+  covers (a prefix count over chosen offsets answers that with two loads), so no key is counted
+  twice. :func:`vs_prepare` builds these tables and :func:`vs_work` counts the tiles a launch
+  runs (the work the benchmark divides by the time).
 * :func:`block_sparse_attention`: the kept 64-key blocks of each query block.
 
 The A-shape pattern is served by ``prefill.prefill_attention`` (``sink``/``recent``).
 
-Per-query-head programs (not one union index per KV group): a head's cost is its own budget, and
-the G heads of a KV head read the same K/V tiles close in time, mostly from L2.
+Per-query-head programs (not one union index per KV group): a head's cost is its own budget (a
+union over the G heads of a KV head costs each head the union's keys: more FLOPs for fewer K/V
+reads). Programs run heaviest query block first (the last block of a head has the most keys),
+consecutive programs are consecutive query blocks of one head, whose diagonal ranges are the same
+keys shifted by 64, so K/V tiles are mostly read from L2.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +40,7 @@ from .minference_reference import BLOCK, SENTINEL, first_query_block, query_bloc
 NO_LIMIT = 1 << 30
 BLOCK_N = 64  # keys per tile (= BLOCK: a diagonal range and a key block are one tile wide)
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 3  # Hopper: 3 stages of a 64x128 bf16 K and V tile = 96 KiB of shared memory
 
 
 @triton.jit
@@ -90,13 +99,13 @@ def _finish(Out, acc, l_i, q_off, q_mask):
 
 
 @triton.jit
-def _vs_kernel(Q, K, V, Out, LAYOUT, HEADS, RUN_LO, RUN_HI, NRUN, VERT, NVERT, COUNT,
+def _vs_kernel(Q, K, V, Out, LAYOUT, HEADS, TILE_LO, TILE_HI, NTILE, VERT, NVERT, COUNT,
                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-               stride_vb, stride_vh, stride_vn, n_slots, n_qblocks, n_runs, n_vert, count_w,
+               stride_vb, stride_vh, stride_vn, n_slots, n_qblocks, n_tiles, n_vert, count_w,
                qk_scale, window,
                G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, D: tl.constexpr):
-    m = tl.program_id(0)
+    m = n_qblocks - 1 - tl.program_id(0)  # heaviest (last) query block first
     pid = tl.program_id(1)
     b = pid // n_slots
     slot = pid % n_slots
@@ -110,16 +119,15 @@ def _vs_kernel(Q, K, V, Out, LAYOUT, HEADS, RUN_LO, RUN_HI, NRUN, VERT, NVERT, C
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
 
-    # Diagonal runs: the run of offsets [o1, o2] covers key ranks [base - o2, base - o1 + 63].
-    for r in range(0, tl.load(NRUN + hb * n_qblocks + m)):
-        o1 = tl.load(RUN_LO + hb * n_runs + r)
-        o2 = tl.load(RUN_HI + hb * n_runs + r)
-        lo = tl.maximum(base - o2, 0)
-        hi = tl.minimum(base - o1 + BLOCK_M - 1, q_hi)
-        for n0 in range(lo, hi + 1, BLOCK_N):
-            kr = n0 + offs_n
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, qr, K, V, kr + k_shift, kr, kr <= hi,
-                                    stride_kn, stride_vn, qk_scale, window, BLOCK_D, D)
+    # Diagonal tiles: distances [d_lo, d_hi] (d_hi - d_lo < BLOCK_N) are key ranks [base - d_hi, base - d_lo].
+    TILE_LO += hb * n_tiles
+    TILE_HI += hb * n_tiles
+    for t in range(0, tl.load(NTILE + hb * n_qblocks + m)):
+        k_lo = base - tl.load(TILE_HI + t)
+        k_hi = tl.minimum(base - tl.load(TILE_LO + t), q_hi)
+        kr = k_lo + offs_n
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, qr, K, V, kr + k_shift, kr, (kr >= 0) & (kr <= k_hi),
+                                stride_kn, stride_vn, qk_scale, window, BLOCK_D, D)
 
     # Columns not covered by a chosen diagonal range: offsets in [d, d + 63] with d = base - j.
     COUNT += hb * count_w
@@ -192,6 +200,31 @@ def slash_runs(slash: torch.Tensor):
     return run_lo.int().contiguous(), run_hi.int().contiguous()
 
 
+def slash_tiles(slash: torch.Tensor):
+    """64-key tiles of the diagonal ranges of ``slash [B, H, NS]``, in distance space.
+
+    A run of offsets ``[o1, o2]`` covers the distances ``base - key`` in ``[o1 - 63, o2]`` for every
+    query block; it is cut into ``BLOCK_N``-wide tiles from its near end. Returns ``(tile_lo,
+    tile_hi)`` ``[B, H, NT]`` int32 (smallest and largest distance of each tile, ``tile_hi -
+    tile_lo < BLOCK_N``), ascending, ``SENTINEL``-padded. One host sync (the longest tile list).
+    """
+    run_lo, run_hi = slash_runs(slash)
+    valid = run_lo < SENTINEL
+    d_lo = run_lo.long() - (BLOCK - 1)
+    d_hi = run_hi.long()
+    n = torch.where(valid, (d_hi - d_lo + BLOCK_N) // BLOCK_N, 0)  # tiles per run
+    ends = n.cumsum(-1).contiguous()
+    per_head = ends[..., -1:]
+    nt = max(1, int(per_head.max()))
+    j = torch.arange(nt, device=slash.device).expand(*slash.shape[:2], nt).contiguous()
+    r = torch.searchsorted(ends, j, right=True).clamp(max=n.shape[-1] - 1)  # the run of tile j
+    lo = d_lo.gather(-1, r) + BLOCK_N * (j - (ends - n).gather(-1, r))
+    hi = torch.minimum(lo + BLOCK_N - 1, d_hi.gather(-1, r))
+    used = j < per_head
+    return (torch.where(used, lo, SENTINEL).int().contiguous(),
+            torch.where(used, hi, SENTINEL).int().contiguous())
+
+
 def offset_counts(slash: torch.Tensor, T: int) -> torch.Tensor:
     """``[B, H, T + 65]`` int32: ``count[x]`` = chosen offsets below ``x``."""
     width = T + BLOCK + 1
@@ -213,35 +246,71 @@ def _heads(heads, n, device):
     return heads.to(device=device, dtype=torch.int32).contiguous()
 
 
-def vs_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window=None, heads=None, out=None):
+class VSPlan(NamedTuple):
+    """What :func:`vs_attention` launches with (built by :func:`vs_prepare`; ``n`` heads, ``NQB``
+    query blocks)."""
+
+    layout: torch.Tensor  # [B, 5] int32, see layout()
+    tile_lo: torch.Tensor  # [B, n, NT] int32, slash_tiles()
+    tile_hi: torch.Tensor  # [B, n, NT] int32
+    n_tile: torch.Tensor  # [B, n, NQB] int32: diagonal tiles at or below each query block
+    vertical: torch.Tensor  # [B, n, NV] int32 key ranks, ascending
+    n_vert: torch.Tensor  # [B, n, NQB] int32: columns at or below each query block
+    count: torch.Tensor  # [B, n, T + 65] int32, offset_counts()
+
+
+def vs_prepare(q_rank, k_rank, vertical, slash) -> VSPlan:
+    """The tile tables of a VS index (``vs_index``) for queries ``q_rank`` and keys ``k_rank``."""
+    B, Lq = q_rank.shape
+    n, T = vertical.shape[1], k_rank.shape[1]
+    lay = layout(q_rank, k_rank)
+    nqb = query_blocks(Lq)
+    base = (lay[:, 4:5].long() + torch.arange(nqb, device=q_rank.device)) * BLOCK  # [B, NQB]
+    empty = ((base + BLOCK - 1 < lay[:, 2:3]) | (base > lay[:, 3:4]))[:, None]  # no query in the block
+    tile_lo, tile_hi = slash_tiles(slash)
+    vertical = vertical.int().contiguous()
+    n_tile = torch.searchsorted(tile_lo, base[:, None].expand(B, n, nqb).int().contiguous(), right=True)
+    limit = (base + BLOCK - 1)[:, None].expand(B, n, nqb).int().contiguous()
+    n_vert = torch.searchsorted(vertical, limit, right=True)
+    return VSPlan(lay, tile_lo, tile_hi, n_tile.masked_fill(empty, 0).int(), vertical,
+                  n_vert.masked_fill(empty, 0).int(), offset_counts(slash, T))
+
+
+def vs_work(plan: VSPlan) -> dict:
+    """Work of one :func:`vs_attention` launch: 64-key tiles run (diagonal, column) and the query
+    blocks that run them. One tile is ``4 * 64 * BLOCK_N * D`` FLOPs (QK^T and PV)."""
+    diagonal = int(plan.n_tile.sum())
+    columns = int(((plan.n_vert + BLOCK_N - 1) // BLOCK_N).sum())
+    widths = (plan.tile_hi - plan.tile_lo + 1).masked_fill(plan.tile_lo == SENTINEL, 0).long()
+    keys = torch.cat([torch.zeros_like(widths[..., :1]), widths.cumsum(-1)], -1).gather(-1, plan.n_tile.long())
+    blocks = int(((plan.n_tile > 0) | (plan.n_vert > 0)).sum())
+    return {"diagonal_tiles": diagonal, "column_tiles": columns, "query_blocks": blocks,
+            "diagonal_keys": int(keys.sum())}  # keys in the diagonal tiles (those below rank 0 included)
+
+
+def vs_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window=None, heads=None, out=None, plan=None):
     """Triton version of ``minference_reference.vs_attention``.
 
     ``vertical [B, n, NV]`` / ``slash [B, n, NS]``: the VS index (``vs_index``) of the query heads
     ``heads [n]`` (indices into ``q``'s head axis; default all). Only those heads of ``out``
-    (default: zeros like ``q``) are written. Returns ``out``.
+    (default: zeros like ``q``) are written. ``plan``: :func:`vs_prepare` of the same index (built
+    here when None). Returns ``out``.
     """
     B, Hq, Lq, D = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     heads = _heads(heads, Hq, q.device)
     out = torch.zeros_like(q) if out is None else out
     n = heads.shape[0]
     if n == 0 or Lq == 0:
         return out
-    lay = layout(q_rank, k_rank)
-    nqb = query_blocks(Lq)
-    base = (lay[:, 4:5].long() + torch.arange(nqb, device=q.device)) * BLOCK  # [B, NQB]
-    limit = (base + BLOCK - 1)[:, None].expand(B, n, nqb).contiguous()
-    empty = ((base + BLOCK - 1 < lay[:, 2:3]) | (base > lay[:, 3:4]))[:, None]  # no query in the block
-    run_lo, run_hi = slash_runs(slash)
-    vertical = vertical.int().contiguous()
-    n_run = torch.searchsorted(run_lo, limit, right=True).masked_fill(empty, 0).int()
-    n_vert = torch.searchsorted(vertical, limit, right=True).masked_fill(empty, 0).int()
-    count = offset_counts(slash, T)
+    plan = vs_prepare(q_rank, k_rank, vertical, slash) if plan is None else plan
+    nqb = plan.n_tile.shape[-1]
     grid = (nqb, B * n)
     _vs_kernel[grid](
-        q, k, v, out, lay, heads, run_lo, run_hi, n_run, vertical, n_vert, count,
-        *_launch_args(q, k, v, out), n, nqb, run_lo.shape[-1], vertical.shape[-1], count.shape[-1],
-        scale * 1.4426950408889634, window if window is not None else NO_LIMIT,
+        q, k, v, out, plan.layout, heads, plan.tile_lo, plan.tile_hi, plan.n_tile, plan.vertical,
+        plan.n_vert, plan.count,
+        *_launch_args(q, k, v, out), n, nqb, plan.tile_lo.shape[-1], plan.vertical.shape[-1],
+        plan.count.shape[-1], scale * 1.4426950408889634, window if window is not None else NO_LIMIT,
         G=Hq // Hkv, BLOCK_M=BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D), D=D,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )

@@ -148,6 +148,42 @@ def test_block_mask_and_reference_attention():
 # Triton kernels against the references (interpreter on CPU)
 
 
+def test_slash_tiles_cover_exactly_the_diagonal_ranges():
+    """Tiles are <= 64 distances wide, disjoint, ascending, and their union is the union over chosen
+    offsets ``o`` of the distances ``[o - 63, o]`` (a query block's diagonal ranges, shifted)."""
+    slash = torch.tensor([[[0, 1, 2, 70, 200, 263, 264, 400, 401, 402, 600] + [R.SENTINEL] * 3,
+                           [5, 500, 1000] + [R.SENTINEL] * 11]], dtype=torch.int32)
+    lo, hi = M.slash_tiles(slash)
+    for h in range(2):
+        offs = [o for o in slash[0, h].tolist() if o < R.SENTINEL]
+        want = sorted({d for o in offs for d in range(o - 63, o + 1)})
+        tiles = [(a, b) for a, b in zip(lo[0, h].tolist(), hi[0, h].tolist()) if a < R.SENTINEL]
+        assert all(0 <= b - a < M.BLOCK_N for a, b in tiles)
+        assert all(b1 < a2 for (_, b1), (a2, _) in zip(tiles, tiles[1:]))
+        assert sorted(d for a, b in tiles for d in range(a, b + 1)) == want
+    # head 0: runs [0, 2], [70, 70], [200, 264], [400, 402], [600, 600], 64 + last - first distances
+    # wide -> 2 + 1 + 2 + 2 + 1 tiles
+    assert (lo[0, 0] < R.SENTINEL).sum() == 8 and (lo[0, 1] < R.SENTINEL).sum() == 3
+
+
+def test_vs_prepare_counts_tiles_and_columns_per_query_block():
+    q, k, _, q_rank, k_rank = case([203, 130], 203, 150)
+    vertical, slash = R.vs_index(q, k, q_rank, k_rank, 0.3, 40, 60)
+    plan = M.vs_prepare(q_rank, k_rank, vertical, slash)
+    first = R.first_query_block(q_rank)
+    for b in range(2):
+        for h in range(4):
+            for m in range(plan.n_tile.shape[-1]):
+                base = (int(first[b]) + m) * 64
+                has_query = any(base <= int(r) < base + 64 for r in q_rank[b].tolist() if r >= 0)
+                tiles = sum(1 for d in plan.tile_lo[b, h].tolist() if d <= base) if has_query else 0
+                cols = sum(1 for j in vertical[b, h].tolist() if j <= base + 63) if has_query else 0
+                assert int(plan.n_tile[b, h, m]) == tiles and int(plan.n_vert[b, h, m]) == cols
+    work = M.vs_work(plan)
+    assert work["diagonal_tiles"] == int(plan.n_tile.sum()) and work["query_blocks"] > 0
+    assert work["diagonal_keys"] <= work["diagonal_tiles"] * M.BLOCK_N
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window", [None, 70])
 def test_vs_kernel_matches_reference(dtype, window):

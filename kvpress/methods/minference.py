@@ -60,8 +60,9 @@ class MInferenceConfig:
             calibration (informational), or None.
         vertical_size, slash_size: the VS budget (tokens) of heads without calibrated patterns.
         scale_length: keys at which the no-config budget reaches its full size (None: never scaled).
-        min_length: prefills with fewer keys than this are dense. Provisional (16384): to be set
-            from the measured crossover of ``benchmarks/bench_minference.py``.
+        min_length: prefills with fewer keys than this are dense. 131072: the measured crossover of
+            ``benchmarks/bench_minference.py`` on an H200 (one Llama-3-8B-shaped layer, VS (1000, 6096)
+            on every head: 0.39x dense at 32K, 1.11x at 128K; docs/minference.md).
         min_queries: forwards with fewer new tokens than this are dense (the VS index costs what
             64 queries of dense attention cost).
         max_density: a layer prefills dense when its heads' estimated kept keys per query average
@@ -74,7 +75,7 @@ class MInferenceConfig:
     vertical_size: int = 1000
     slash_size: int = 6096
     scale_length: int | None = 131072
-    min_length: int = 16384
+    min_length: int = 131072
     min_queries: int = 64
     max_density: float = 0.5
     model_shape: ModelShape | None = None
