@@ -8,13 +8,17 @@
 Layer part: 32 query heads, 8 KV heads, D 128, bf16, batch 1. Dense = torch SDPA causal prefill
 (fused kernels) in the same run. MInference = ``sparse_prefill`` exactly as the runtime calls it,
 index building included (and timed alone beside): "default" = every head VS (1000, 6096), the
-reference's default; "mix" = a searched-looking mix of the reference's candidates over the heads
+reference's default; "local" = the same index with its diagonals replaced by the 6096 nearest the
+main one (one run: the budget's least work, what a head whose attention decays with distance
+selects); "mix" = a searched-looking mix of the reference's candidates over the heads
 (A-shape (100, 800), VS (30, 800), (100, 750), (500, 700), (3500, 100)). Inputs: random q/k/v with
 RoPE and a shared component (attention decays with distance, as in trained models, so diagonals
 cluster near the main one) and a few heavy key columns (attention sinks); ``--inputs random``:
 plain random tensors (diagonals spread: the worst case for slash ranges). Speed-ups and the
 crossover length (shortest measured length from which sparse is faster at every longer length)
-go into ``benchmarks/results/minference_layer_<device>.json``.
+go into ``benchmarks/results/minference_layer_<device>.json``. For the VS heads of each variant the
+VS kernel is also timed alone (index prepared) beside the work it runs (``kernels.minference.
+vs_work``: 64-key tiles per query block, that work over dense causal attention's, TFLOP/s on it).
 
 TTFT part: the 8B-shaped model (random weights), unpatched (SDPA) vs ``kvpress.patch(model,
 "minference", min_length=0)`` with the reference default on every head, chunked prefill.
