@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import kernels as _kernels  # noqa: F401  (kvpress.kernels must be importable first)
 from ..adapters import ModelShape
 from ..cache import KVPressLayer, LedgerSpec, TokenLedger
 from ..configfile import atomic_write
