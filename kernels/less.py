@@ -31,8 +31,13 @@ import triton.language as tl
 from . import less_reference as reference
 
 BLOCK_N = 64  # slots per inner step of the attention
-BLOCK_H = 64  # hidden units per step of the feature maps
+BLOCK_H = 128  # hidden units per step of the feature maps
+MERGE_BLOCK = 512  # slots per step of the eviction loop (one program per row and KV head: few, long steps)
 NUM_WARPS = 4
+WIDE_WARPS = 8  # features and merge/evict programs (few programs, wide tiles)
+# H200 at 618bcc9 (BLOCK_H 64, MERGE_BLOCK 64, 4 warps everywhere): a step took 59 us (Lambda, 2049 slots)
+# to 109 us (H2O, 4097 slots) whatever the context, latency-bound in the two single-program-per-head
+# launches; the wider tiles here are untuned.
 LOG2E = 1.4426950408889634
 
 
@@ -287,7 +292,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
         _features_kernel[(grid,)](q, phi, cache.k, cache.v, cache.spare, cache.pending, cache.hs, cache.z,
                                   w.q_w1, w.q_w2, w.k_w1, w.k_w2, w.k_scale, w.k_mix, w.k_mix_scale,
                                   q.stride(0), q.stride(1), b, hq, hkv, hs_heads, slots, n_hidden,
-                                  D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_H=BLOCK_H, num_warps=NUM_WARPS)
+                                  D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_H=BLOCK_H, num_warps=WIDE_WARPS)
     if splits is None:
         programs = 2 * (torch.cuda.get_device_properties(dev).multi_processor_count if q.is_cuda else 2)
         splits = max(1, min(math.ceil(programs / (b * hkv)), math.ceil(slots / BLOCK_N)))
@@ -309,8 +314,8 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
                                     cache.spare, cache.pending, logits, out.stride(0), out.stride(1),
                                     hkv, slots, splits, policy.sink, policy.recent,
                                     G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r,
-                                    BLOCK_N=BLOCK_N, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy,
-                                    num_warps=NUM_WARPS)
+                                    BLOCK_N=MERGE_BLOCK, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy,
+                                    num_warps=WIDE_WARPS)
     if not state:
         cache.pending.zero_()
     return out
