@@ -9,15 +9,17 @@ export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/kvpress-gpu}
 RES=/tmp/duo-mix; mkdir -p $RES "$OUT"
 [ -d /tmp/kvpress-new ] || pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-new . >/dev/null 2>&1
 export PYTHONPATH=/tmp/kvpress-new${PYTHONPATH:+:$PYTHONPATH}
-CAL=/tmp/kvpress-new/bin/kvpress-calibrate
+cal() { python -c "import sys; from kvpress.calibration.cli import main; sys.exit(main())" "$@"; }  # the python that has torch
 MIXES="passkey passkey,kvlookup,multivalue"
 case ${1:-} in
   needle)
     for d in $MIXES; do n=${d//,/+}
-      $CAL duo --model models/needle-llama --out $RES/nl_$n.safetensors --data $d --steps 500 \
+      cal duo --model models/needle-llama --out $RES/nl_$n.safetensors --data $d --steps 500 \
         --min-length 1024 --max-length 8192 --num-passkeys 4 --passkey-words 6 --no-progress > $RES/nl_$n.log 2>&1
     done
     touch $RES/needle.done ;;
+  all)
+    bash "$0" needle; bash "$0" smol ;;
   smol)
     mkdir -p /tmp/smol && cp .smol/*.part* /tmp/smol/ 2>/dev/null
     pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl >/dev/null 2>&1
@@ -25,7 +27,7 @@ case ${1:-} in
       --out /tmp/kvc/smollm2-135m-instruct 2>&1 | tail -2
     SMOL=/tmp/kvc/smollm2-135m-instruct
     for d in $MIXES; do n=${d//,/+}
-      $CAL duo --model $SMOL --out $RES/smol_$n.safetensors --data $d --steps 500 \
+      cal duo --model $SMOL --out $RES/smol_$n.safetensors --data $d --steps 500 \
         --min-length 1024 --max-length 4096 --num-passkeys 4 --passkey-words 6 --no-progress 2>&1 | tail -1
     done
     while [ ! -f $RES/needle.done ]; do sleep 5; done; tail -n 1 $RES/nl_*.log
