@@ -9,22 +9,26 @@ export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/kvpress-gpu}
 RES=/tmp/duo-mix; mkdir -p $RES "$OUT"
 [ -d /tmp/kvpress-new ] || pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-new . >/dev/null 2>&1
 export PYTHONPATH=/tmp/kvpress-new${PYTHONPATH:+:$PYTHONPATH}
-cal() { python -c "import sys; from kvpress.calibration.cli import main; sys.exit(main())" "$@"; }  # the python that has torch
+ROOT=$PWD
+# the python that has torch, run outside the repository root (whose ./kvpress lacks the kvpress.kernels mapping)
+cal() { (cd /tmp && python -c "import sys; from kvpress.calibration.cli import main; sys.exit(main())" "$@"); }
 MIXES="passkey passkey,kvlookup,multivalue"
 case ${1:-} in
   needle)
     for d in $MIXES; do n=${d//,/+}
-      cal duo --model models/needle-llama --out $RES/nl_$n.safetensors --data $d --steps 500 \
+      cal duo --model $ROOT/models/needle-llama --out $RES/nl_$n.safetensors --data $d --steps 500 \
         --min-length 1024 --max-length 8192 --num-passkeys 4 --passkey-words 6 --no-progress > $RES/nl_$n.log 2>&1
     done
     touch $RES/needle.done ;;
   all)
     bash "$0" needle; bash "$0" smol ;;
   smol)
-    mkdir -p /tmp/smol && cp .smol/*.part* /tmp/smol/ 2>/dev/null
-    pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl >/dev/null 2>&1
-    PYTHONPATH=$PYTHONPATH:/tmp/site python models/fetch_smollm2.py --from /tmp/smol/*.part00 /tmp/smol/*.part01 /tmp/smol/*.part02 \
-      --out /tmp/kvc/smollm2-135m-instruct 2>&1 | tail -2
+    if [ ! -f /tmp/kvc/smollm2-135m-instruct/config.json ]; then
+      mkdir -p /tmp/smol && cp .smol/*.part* /tmp/smol/ 2>/dev/null
+      pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl >/dev/null 2>&1
+      PYTHONPATH=$PYTHONPATH:/tmp/site python models/fetch_smollm2.py --from /tmp/smol/*.part00 /tmp/smol/*.part01 \
+        /tmp/smol/*.part02 --out /tmp/kvc/smollm2-135m-instruct 2>&1 | tail -2
+    fi
     SMOL=/tmp/kvc/smollm2-135m-instruct
     for d in $MIXES; do n=${d//,/+}
       cal duo --model $SMOL --out $RES/smol_$n.safetensors --data $d --steps 500 \
