@@ -9,7 +9,9 @@ SDPA over L cached tokens; LESS keeps a fixed budget per KV head whatever L is (
 1024 recent, Lambda 4 + 2044, and H2O 2048 + 2048), feature maps of the paper's size (R 8, hidden
 512), state per KV head and per query head. Times are CUDA-graph replays with a cold L2
 (``common.graph_time``); eager times (``common.bench``) beside them. Before timing, one step is
-checked against the torch reference. ``memory``: an 8B-shaped Llama (4 layers, random weights)
+checked against the torch reference (same maps in bf16). A step is ``kernel.launches()`` kernel
+launches (2; 3 before 2026-11-30, whose single-program-per-head merge/evict loop made a step 58-130 us
+whatever the context on the H200). ``memory``: an 8B-shaped Llama (4 layers, random weights)
 patched with LESS (random maps) generates ``--tokens`` tokens after a 4K prompt; the KV cache bytes
 are recorded every 1024 steps (they must not move). Writes ``benchmarks/results/less_<part>_<device>.json``.
 """
@@ -83,8 +85,8 @@ def layer_rows(dev, lengths, smoke):
                 v_new = c.rand(1, hkv, 1, d, dev=dev, dtype=dtype)
                 q_rank = torch.full((1,), L, dtype=torch.int32, device=dev)
                 check = copy.deepcopy(cache)
-                expected = ref.decode_step(q, k_new, v_new, q_rank, check, w, policy, d ** -0.5)
-                wk = w.to(dtype)
+                wk = w.to(dtype)  # the runtime's kernels get the maps in the model's dtype; so does the check
+                expected = ref.decode_step(q, k_new, v_new, q_rank, check, wk, policy, d ** -0.5)
                 got = kernel.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(cache), wk, policy, d ** -0.5)
                 error = (got.float() - expected.float()).abs().max().item()
                 step = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5)  # noqa: E731
@@ -92,6 +94,7 @@ def layer_rows(dev, lengths, smoke):
                 state_bytes = (cache.hs.numel() + cache.z.numel()) * 4
                 rows.append({"L": L, "variant": f"LESS {name}, state per {state_heads} head", "graph_us": t * 1e6,
                              "eager_us": c.bench(step) * 1e6, "speedup": t_dense / t, "max_error_vs_reference": error,
+                             "launches": kernel.launches(),
                              "kv_bytes": sum(x.numel() * x.element_size() for x in cache.tensors()),
                              "state_bytes": state_bytes})
     c.table("LESS decode step, one layer (Llama-3-8B attention shape, batch 1)", rows,

@@ -1,22 +1,28 @@
-"""Triton kernels of LESS (arXiv 2402.09398): a decode step over the kept tokens plus the state, and
-H2O's accumulated probabilities of a prefill, blockwise. Semantics: ``kvpress.kernels.less_reference``.
+"""Triton kernels of LESS (arXiv 2402.09398): a decode step over the kept tokens plus the state.
+Semantics: ``kvpress.kernels.less_reference`` (the CPU path and the oracle).
 
-A decode step is three launches, none of which waits on the host (a step can be captured in a CUDA
-graph):
+A decode step is two launches, none of which waits on the host (a step can be captured in a CUDA
+graph), and no torch op besides the output's allocation:
 
-1. ``_features_kernel``: ``phi(q)`` of every query head; and for every (row, state head) whose spare
-   slot holds the token evicted by the last step, ``psi(k)`` of that token folded into the state
-   (``H += psi^T v``, ``z += psi``): the fold happens once, at eviction, with the post-RoPE key.
-2. ``_attend_kernel``: split-K attention of the G query heads of a KV head over its slots
-   (flash-decoding); the program whose range holds the spare slot writes the new token there (and
-   reads it from registers). With heavy hitters, the raw logits go to a small workspace.
-3. ``_merge_evict_kernel``, one program per (row, KV head): merges the splits, adds the state as one
-   more partial in the log-space normaliser (``log(max(phi(q).z, 1e-6))``), writes the output; then
-   adds this step's probabilities to the heavy-hitter scores, picks the next spare slot (an empty
-   one, or the lowest-scored evictable one, which is folded at the start of the next step).
+1. ``_step_kernel``: split-K attention of the G query heads of each KV head over its slots
+   (flash-decoding; the spare slot is read as the new token, from registers), beside the feature
+   maps split over chunks of hidden units: ``phi(q)`` of every query head and, for every (row,
+   state head) whose spare slot holds the token evicted by the last step, ``psi(k)`` of that token
+   (pre-activations summed in fp32 with atomics). With heavy hitters the raw logits go to a small
+   workspace.
+2. ``_finish_kernel``, one program per (row, KV head, split): adds this step's probabilities to the
+   heavy-hitter scores of its slots and proposes its eviction candidate; the last program of a (row,
+   KV head) (an atomic counter) finishes the features, folds the pending token into the fp32 state
+   (``H += psi^T v``, ``z += psi``: once, at eviction, with the post-RoPE key), writes the new token
+   to the spare slot, merges the splits and the state (``log(max(phi(q).z, 1e-6))`` as one more
+   partial of the normaliser), writes the output and picks the next spare slot (an empty one, or
+   the lowest-scored evictable one, folded at the next step).
 
-The prefill runs through the torch reference, with H2O's column sums from ``column_mass`` (Triton,
-blockwise: no ``L x L`` matrix) on CUDA.
+Workspaces (partials, logits, feature accumulators, counters) are allocated once per shape and
+device and left zeroed by every step; the first step of a shape should run outside CUDA-graph
+capture (as Triton's compilation must anyway).
+
+The prefill runs through the torch reference.
 """
 
 from __future__ import annotations
@@ -31,13 +37,10 @@ import triton.language as tl
 from . import less_reference as reference
 
 BLOCK_N = 64  # slots per inner step of the attention
-BLOCK_H = 128  # hidden units per step of the feature maps
-MERGE_BLOCK = 512  # slots per step of the eviction loop (one program per row and KV head: few, long steps)
+BLOCK_E = 256  # slots per step of the score update / eviction candidates
+BLOCK_H = 64  # hidden units per feature program
+MAX_SPLITS = 16  # splits of a KV head's slots (the last program merges them in one tile)
 NUM_WARPS = 4
-WIDE_WARPS = 8  # features and merge/evict programs (few programs, wide tiles)
-# H200 at 618bcc9 (BLOCK_H 64, MERGE_BLOCK 64, 4 warps everywhere): a step took 59 us (Lambda, 2049 slots)
-# to 109 us (H2O, 4097 slots) whatever the context, latency-bound in the two single-program-per-head
-# launches; the wider tiles here are untuned.
 LOG2E = 1.4426950408889634
 
 
@@ -56,196 +59,169 @@ def _gelu(x):
 
 
 @triton.jit
-def _two_layer(X, W1, W2, N, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-               BLOCK_H: tl.constexpr):
-    """``GELU(GELU(x W1) W2)`` of one vector ``x [D]`` (W1 ``[D, N]``, W2 ``[N, R]`` row-major), fp32 ``[BLOCK_R]``."""
+def _partial_map(X, W1, W2, ACC, chunk, N, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One chunk of hidden units of ``GELU(GELU(x W1) W2)``: adds ``GELU(x W1[:, c]) W2[c, :]`` (the
+    second layer's pre-activation over the chunk, fp32) to ``ACC [R]`` atomically. ``x [D]``,
+    ``W1 [D, N]``, ``W2 [N, R]`` row-major; the consumer applies the outer GELU to the full sum."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
-    offs_h = tl.arange(0, BLOCK_H)
+    hh = chunk * BLOCK_H + tl.arange(0, BLOCK_H)
     x = tl.load(X + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for start in range(0, N, BLOCK_H):
-        hh = start + offs_h
-        w1 = tl.load(W1 + offs_d[:, None] * N + hh[None, :], mask=(offs_d[:, None] < D) & (hh[None, :] < N), other=0.0)
-        hidden = _gelu(tl.sum(x[:, None] * w1.to(tl.float32), 0))
-        w2 = tl.load(W2 + hh[:, None] * R + offs_r[None, :], mask=(hh[:, None] < N) & (offs_r[None, :] < R), other=0.0)
-        acc += tl.sum(hidden[:, None] * w2.to(tl.float32), 0)
-    return _gelu(acc)
+    w1 = tl.load(W1 + offs_d[:, None] * N + hh[None, :], mask=(offs_d[:, None] < D) & (hh[None, :] < N), other=0.0)
+    hidden = _gelu(tl.sum(x[:, None] * w1.to(tl.float32), 0))
+    w2 = tl.load(W2 + hh[:, None] * R + offs_r[None, :], mask=(hh[:, None] < N) & (offs_r[None, :] < R), other=0.0)
+    tl.atomic_add(ACC + offs_r, tl.sum(hidden[:, None] * w2.to(tl.float32), 0), mask=offs_r < R)
 
 
 @triton.jit
-def _features_kernel(Q, PHI, K, V, SPARE, PENDING, HS, Z, QW1, QW2, KW1, KW2, KS, KM, KMS,
-                     q_b, q_h, B, Hq, Hkv, Hs, S, N,
-                     D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                     BLOCK_H: tl.constexpr):
+def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, PHI_ACC, PSI_ACC,
+                 QW1, QW2, KW1, KW2,
+                 q_b, q_h, n_b, n_h, Hq, Hkv, Hs, S, N, n_phi, n_fold, n_splits, split_len, qk_scale,
+                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 STORE_LOGITS: tl.constexpr):
+    """Launch 1 of a decode step: three kinds of programs, independent of one another.
+
+    * ``n_phi = B * Hq * CHUNKS`` feature programs (0 without a state): one chunk of hidden units of ``phi(q)`` of a query head,
+      summed into ``PHI_ACC [B, Hq, R]`` (atomics; the merge applies the last GELU).
+    * ``n_fold = B * Hs * CHUNKS`` fold programs (0 without a state): where ``PENDING``, the same for
+      ``psi`` of the key evicted by the last step (still in slot ``SPARE``) into ``PSI_ACC [B, Hs, R]``.
+    * ``B * Hkv * n_splits`` attention programs: split-K attention of the G query heads of a KV head
+      over ``split_len`` slots, the spare slot read as the new token (from registers: this launch
+      writes nothing to the cache); partials ``PO``/``PM``/``PL`` (log2 units) and, for heavy
+      hitters, the raw logits ``LOGITS [B, Hq, S]`` (log2 units).
+    """
     pid = tl.program_id(0)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    if pid < B * Hq:  # phi of one query head
-        b = pid // Hq
-        h = pid % Hq
-        f = tl.abs(_two_layer(Q + b * q_b + h * q_h, QW1 + h * D * N, QW2 + h * N * R, N, D, R, BLOCK_D, BLOCK_R, BLOCK_H))
-        tl.store(PHI + pid * R + offs_r, f, mask=offs_r < R)
-    else:  # fold the pending token of one state head
-        pid -= B * Hq
-        b = pid // Hs
-        j = pid % Hs
-        kvh = j // (Hs // Hkv)
-        bh = b * Hkv + kvh
+    if pid < n_phi:
+        head = pid // CHUNKS  # b * Hq + h
+        b = head // Hq
+        h = head % Hq
+        _partial_map(Q + b * q_b + h * q_h, QW1 + h * D * N, QW2 + h * N * R, PHI_ACC + head * R, pid % CHUNKS, N,
+                     D, R, BLOCK_D, BLOCK_R, BLOCK_H)
+    elif pid < n_phi + n_fold:
+        pid -= n_phi
+        head = pid // CHUNKS  # b * Hs + j
+        b = head // Hs
+        j = head % Hs
+        bh = b * Hkv + j // (Hs // Hkv)
         if tl.load(PENDING + bh) != 0:
             slot = tl.load(SPARE + bh).to(tl.int64)
-            row = (bh * S + slot) * D
-            h = tl.abs(_two_layer(K + row, KW1 + j * D * N, KW2 + j * N * R, N, D, R, BLOCK_D, BLOCK_R, BLOCK_H))
-            rmask = offs_r < R
-            mix = tl.load(KM + j * R * R + offs_r[:, None] * R + offs_r[None, :],
-                          mask=rmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
-            mixed = tl.sum(h[:, None] * mix, 0)
-            scale = tl.abs(tl.load(KS + j * R + offs_r, mask=rmask, other=0.0).to(tl.float32))
-            mix_scale = tl.load(KMS + j * R + offs_r, mask=rmask, other=0.0).to(tl.float32)
-            f = tl.abs(h * scale + mixed * mix_scale)
-            v = tl.load(V + row + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-            state = HS + (b * Hs + j) * R * D + offs_r[:, None] * D + offs_d[None, :]
-            smask = rmask[:, None] & (offs_d[None, :] < D)
-            tl.store(state, tl.load(state, mask=smask, other=0.0) + f[:, None] * v[None, :], mask=smask)
-            zp = Z + (b * Hs + j) * R + offs_r
-            tl.store(zp, tl.load(zp, mask=rmask, other=0.0) + f, mask=rmask)
+            _partial_map(K + (bh * S + slot) * D, KW1 + j * D * N, KW2 + j * N * R, PSI_ACC + head * R,
+                         pid % CHUNKS, N, D, R, BLOCK_D, BLOCK_R, BLOCK_H)
+    else:
+        pid -= n_phi + n_fold
+        bh = pid // n_splits
+        split = pid % n_splits
+        b = bh // Hkv
+        kvh = bh % Hkv
+        start = split * split_len
+        stop = tl.minimum(start + split_len, S)
+        offs_g = tl.arange(0, GP)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        gmask = offs_g < G
+        heads = kvh * G + offs_g
+        qr = tl.load(QR + b).to(tl.int32)
+        spare = tl.load(SPARE + bh)
+        q = tl.load(Q + b * q_b + heads[:, None] * q_h + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
+        k_new = tl.load(KN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
+        v_new = tl.load(VN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
+        base = bh.to(tl.int64) * S
+        acc = tl.zeros([GP, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([GP], dtype=tl.float32)
+        m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+        for block in range(start, stop, BLOCK_N):
+            offs_n = block + tl.arange(0, BLOCK_N)
+            nmask = offs_n < stop
+            is_new = offs_n == spare
+            kr = tl.load(RANK + base + offs_n, mask=nmask, other=-1)
+            kr = tl.where(is_new, qr, kr)
+            kv_mask = nmask[:, None] & dmask[None, :]
+            k = tl.load(K + (base + offs_n[:, None]) * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(V + (base + offs_n[:, None]) * D + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.where(is_new[:, None], k_new[None, :].to(k.dtype), k)
+            v = tl.where(is_new[:, None], v_new[None, :].to(v.dtype), v)
+            ok = (kr >= 0) & (kr <= qr) & nmask
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+            s = tl.where(ok[None, :], s, float("-inf"))
+            if STORE_LOGITS:
+                tl.store(LOGITS + (b * Hq + heads[:, None]).to(tl.int64) * S + offs_n[None, :], s,
+                         mask=gmask[:, None] & nmask[None, :])
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        row = (b * Hq + heads) * n_splits + split
+        tl.store(PO + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
+        tl.store(PM + row, m_i, mask=gmask)
+        tl.store(PL + row, l_i, mask=gmask)
 
 
 @triton.jit
-def _attend_kernel(Q, QR, KN, VN, K, V, RANK, SCORE, SPARE, PO, PM, PL, LOGITS,
-                   q_b, q_h, n_b, n_h, Hkv, S, n_splits, split_len, qk_scale,
-                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, STORE_LOGITS: tl.constexpr):
+def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, QR, RANK, SCORE, SPARE,
+                   PENDING, LOGITS, CAND_KEY, CAND_IDX, CAND_EMPTY, COUNT,
+                   o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, split_len, sink, recent,
+                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_R: tl.constexpr, SP: tl.constexpr, BLOCK_E: tl.constexpr, STATE: tl.constexpr,
+                   STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr):
+    """Launch 2 of a decode step: one program per (row, KV head, split).
+
+    Every program: this step's probabilities of its ``split_len`` slots added to the heavy-hitter
+    scores (the normaliser merged from all splits' ``(max, sum)``), the new token's rank and score
+    written to the spare slot, and the slots' eviction candidate (lowest-scored evictable slot,
+    first empty slot) written to ``CAND_*``. The last program of a (row, KV head) to finish
+    (``COUNT``, an atomic counter it resets) then: finishes ``phi`` (and ``psi`` of the pending
+    token, folded into ``HS``/``Z`` with that token's value, fp32), writes the new token's key and
+    value to the spare slot, merges the attention partials with the state term into ``Out``, picks
+    the next spare slot and pending flag, and zeroes the feature accumulators for the next step.
+    """
     pid = tl.program_id(0)
     bh = pid // n_splits
     split = pid % n_splits
     b = bh // Hkv
     kvh = bh % Hkv
-    start = split * split_len
-    stop = tl.minimum(start + split_len, S)
     offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
+    offs_s = tl.arange(0, SP)
     gmask = offs_g < G
+    smask = offs_s < n_splits
     heads = kvh * G + offs_g
-    qr = tl.load(QR + b)
+    rows = (b * Hq + heads) * n_splits  # [GP] first partial of each query head
+    qr = tl.load(QR + b).to(tl.int32)
     spare = tl.load(SPARE + bh)
-    q = tl.load(Q + b * q_b + heads[:, None] * q_h + offs_d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0)
-    k_new = tl.load(KN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
-    v_new = tl.load(VN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
     base = bh.to(tl.int64) * S
-    if (spare >= start) & (spare < stop):  # the new token goes into the spare slot
-        tl.store(K + (base + spare) * D + offs_d, k_new.to(K.dtype.element_ty), mask=dmask)
-        tl.store(V + (base + spare) * D + offs_d, v_new.to(V.dtype.element_ty), mask=dmask)
-        tl.store(RANK + base + spare, qr)
-        tl.store(SCORE + base + spare, 0.0)
-    acc = tl.zeros([GP, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([GP], dtype=tl.float32)
-    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
-    for block in range(start, stop, BLOCK_N):
-        offs_n = block + tl.arange(0, BLOCK_N)
-        nmask = offs_n < stop
-        is_new = offs_n == spare
-        kr = tl.load(RANK + base + offs_n, mask=nmask, other=-1)
-        kr = tl.where(is_new, qr, kr)
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(K + (base + offs_n[:, None]) * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + (base + offs_n[:, None]) * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        k = tl.where(is_new[:, None], k_new[None, :].to(k.dtype), k)
-        v = tl.where(is_new[:, None], v_new[None, :].to(v.dtype), v)
-        ok = (kr >= 0) & (kr <= qr) & nmask
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        if STORE_LOGITS:
-            tl.store(LOGITS + (b * Hkv * G + heads[:, None]).to(tl.int64) * S + offs_n[None, :], s,
-                     mask=gmask[:, None] & nmask[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-    row = (b * Hkv * G + heads) * n_splits + split
-    tl.store(PO + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
-    tl.store(PM + row, m_i, mask=gmask)
-    tl.store(PL + row, l_i, mask=gmask)
 
-
-@triton.jit
-def _merge_evict_kernel(Out, PO, PM, PL, PHI, HS, Z, QR, RANK, SCORE, SPARE, PENDING, LOGITS,
-                        o_b, o_h, Hkv, S, n_splits, sink, recent,
-                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                        STATE: tl.constexpr, STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr):
-    bh = tl.program_id(0)
-    b = bh // Hkv
-    kvh = bh % Hkv
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_r = tl.arange(0, BLOCK_R)
-    gmask = offs_g < G
-    dmask = offs_d < D
-    rmask = offs_r < R
-    heads = kvh * G + offs_g
-    rows = (b * Hkv * G + heads) * n_splits
-    # merge the splits (log2 units)
-    m_max = tl.full([GP], float("-inf"), dtype=tl.float32)
-    for split in range(0, n_splits):
-        m_max = tl.maximum(m_max, tl.load(PM + rows + split, mask=gmask, other=float("-inf")))
+    # the normaliser of the kept slots, per query head (log2 units)
+    pm = tl.load(PM + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=float("-inf"))
+    m_max = tl.max(pm, 1)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    acc = tl.zeros([GP, BLOCK_D], dtype=tl.float32)
-    l_sum = tl.zeros([GP], dtype=tl.float32)
-    for split in range(0, n_splits):
-        alpha = tl.exp2(tl.load(PM + rows + split, mask=gmask, other=float("-inf")) - m_safe)
-        l_sum += alpha * tl.load(PL + rows + split, mask=gmask, other=0.0)
-        acc += alpha[:, None] * tl.load(PO + (rows + split)[:, None] * D + offs_d[None, :],
-                                        mask=gmask[:, None] & dmask[None, :], other=0.0)
+    w_split = tl.exp2(pm - m_safe[:, None])  # [GP, SP]
+    l_sum = tl.sum(w_split * tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0), 1)
     has_keys = l_sum > 0
     lse_kept = tl.where(has_keys, m_safe + tl.log2(tl.where(has_keys, l_sum, 1.0)), float("-inf"))
-    out = acc / tl.where(has_keys, l_sum, 1.0)[:, None]
-    if STATE:  # the state: one more partial of the normaliser
-        phi = tl.load(PHI + (b * Hkv * G + heads)[:, None] * R + offs_r[None, :], mask=gmask[:, None] & rmask[None, :], other=0.0)
-        if STATE_PER_QUERY:
-            sh = b * Hkv * G + heads  # [GP]
-            hs = tl.load(HS + (sh[:, None, None] * R + offs_r[None, :, None]) * D + offs_d[None, None, :],
-                         mask=gmask[:, None, None] & rmask[None, :, None] & dmask[None, None, :], other=0.0)
-            z = tl.load(Z + sh[:, None] * R + offs_r[None, :], mask=gmask[:, None] & rmask[None, :], other=0.0)
-            num = tl.sum(phi[:, :, None] * hs, 1)
-            den = tl.sum(phi * z, 1)
-            has_state = tl.sum(z, 1) > 0
-        else:
-            hs = tl.load(HS + (bh * R + offs_r[:, None]) * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-            z = tl.load(Z + bh * R + offs_r, mask=rmask, other=0.0)
-            num = tl.sum(phi[:, :, None] * hs[None, :, :], 1)
-            den = tl.sum(phi * z[None, :], 1)
-            has_state = (tl.zeros([GP], dtype=tl.float32) + tl.sum(z, 0)) > 0
-        lse_state = tl.where(has_state, tl.log2(tl.maximum(den, 1e-6)), float("-inf"))
-        top = tl.maximum(lse_kept, lse_state)
-        top_safe = tl.where(top == float("-inf"), 0.0, top)
-        lse = top_safe + tl.log2(tl.exp2(lse_kept - top_safe) + tl.exp2(lse_state - top_safe))
-        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-        w_kept = tl.exp2(lse_kept - lse_safe)
-        w_state = tl.where(has_state, tl.exp2(-lse_safe), 0.0)  # 2^-lse2 = e^-lse: lse2 = log2(sum + den)
-        out = out * w_kept[:, None] + num * w_state[:, None]
-    tl.store(Out + b * o_b + heads[:, None] * o_h + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=gmask[:, None] & dmask[None, :])
-    # eviction: accumulate probabilities, choose the next spare slot
-    qr = tl.load(QR + b)
-    base = bh.to(tl.int64) * S
+    lse_k = tl.where(has_keys, lse_kept, 0.0)
+
+    # this split's slots: scores, the new token's rank, the eviction candidate
+    start = split * split_len
+    stop = tl.minimum(start + split_len, S)
     best_key = float("inf")
-    best_idx = 0
+    best_idx = start
     first_empty = S
-    for block in range(0, S, BLOCK_N):
-        offs_n = block + tl.arange(0, BLOCK_N)
-        nmask = offs_n < S
+    for block in range(start, stop, BLOCK_E):
+        offs_n = block + tl.arange(0, BLOCK_E)
+        nmask = offs_n < stop
+        is_new = offs_n == spare
         kr = tl.load(RANK + base + offs_n, mask=nmask, other=0)
+        kr = tl.where(is_new, qr, kr)
         if HEAVY:
-            s = tl.load(LOGITS + (b * Hkv * G + heads[:, None]).to(tl.int64) * S + offs_n[None, :],
+            s = tl.load(LOGITS + (b * Hq + heads[:, None]).to(tl.int64) * S + offs_n[None, :],
                         mask=gmask[:, None] & nmask[None, :], other=float("-inf"))
-            lse_k = tl.where(lse_kept == float("-inf"), 0.0, lse_kept)
-            p = tl.where(lse_kept[:, None] == float("-inf"), 0.0, tl.exp2(s - lse_k[:, None]))
-            score = tl.load(SCORE + base + offs_n, mask=nmask, other=0.0) + tl.sum(p, 0)
+            p = tl.where(has_keys[:, None], tl.exp2(s - lse_k[:, None]), 0.0)
+            old = tl.load(SCORE + base + offs_n, mask=nmask, other=0.0)
+            score = tl.where(is_new, 0.0, old) + tl.sum(p, 0)
             tl.store(SCORE + base + offs_n, score, mask=nmask)
             key = score
         else:
@@ -259,65 +235,184 @@ def _merge_evict_kernel(Out, PO, PM, PL, PHI, HS, Z, QR, RANK, SCORE, SPARE, PEN
         best_key = tl.where(better, block_min, best_key)
         empty = tl.where(nmask & (kr < 0), offs_n, S)
         first_empty = tl.minimum(first_empty, tl.min(empty, 0))
-    full = first_empty == S
-    tl.store(SPARE + bh, tl.where(full, best_idx, first_empty).to(tl.int32))
-    tl.store(PENDING + bh, (full & (best_key < float("inf"))).to(tl.int32))
+    if (spare >= start) & (spare < stop):
+        tl.store(RANK + base + spare, qr)
+        if not HEAVY:
+            tl.store(SCORE + base + spare, 0.0)
+    tl.store(CAND_KEY + pid, best_key)
+    tl.store(CAND_IDX + pid, best_idx)
+    tl.store(CAND_EMPTY + pid, first_empty)
+    if tl.atomic_add(COUNT + bh, 1, sem="acq_rel") == n_splits - 1:  # the last program of this (row, KV head)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_r = tl.arange(0, BLOCK_R)
+        dmask = offs_d < D
+        rmask = offs_r < R
+        v_old = tl.load(V + (base + spare) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        k_new = tl.load(KN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
+        v_new = tl.load(VN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
+        # merge the splits
+        po = tl.load(PO + (rows[:, None, None] + offs_s[None, :, None]) * D + offs_d[None, None, :],
+                     mask=gmask[:, None, None] & smask[None, :, None] & dmask[None, None, :], other=0.0)
+        out = tl.sum(w_split[:, :, None] * po, 1) / tl.where(has_keys, l_sum, 1.0)[:, None]
+        if STATE:
+            pending = tl.load(PENDING + bh) != 0
+            gr = gmask[:, None] & rmask[None, :]
+            phi_p = PHI_ACC + (b * Hq + heads)[:, None] * R + offs_r[None, :]
+            phi = tl.abs(_gelu(tl.load(phi_p, mask=gr, other=0.0)))
+            tl.store(phi_p, tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
+            if STATE_PER_QUERY:  # state heads = this KV head's query heads
+                sh = b * Hq + heads  # [GP]
+                hs_p = HS + (sh[:, None, None] * R + offs_r[None, :, None]) * D + offs_d[None, None, :]
+                hmask = gmask[:, None, None] & rmask[None, :, None] & dmask[None, None, :]
+                hs = tl.load(hs_p, mask=hmask, other=0.0)
+                z = tl.load(Z + sh[:, None] * R + offs_r[None, :], mask=gr, other=0.0)
+                if pending:
+                    j = heads  # state head index within the row
+                    psi_p = PSI_ACC + sh[:, None] * R + offs_r[None, :]
+                    h = tl.abs(_gelu(tl.load(psi_p, mask=gr, other=0.0)))  # [GP, R]
+                    tl.store(psi_p, tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
+                    mix = tl.load(KM + (j[:, None, None] * R + offs_r[None, :, None]) * R + offs_r[None, None, :],
+                                  mask=gmask[:, None, None] & rmask[None, :, None] & rmask[None, None, :], other=0.0)
+                    mixed = tl.sum(h[:, :, None] * mix.to(tl.float32), 1)
+                    scale = tl.abs(tl.load(KS + j[:, None] * R + offs_r[None, :], mask=gr, other=0.0).to(tl.float32))
+                    mix_scale = tl.load(KMS + j[:, None] * R + offs_r[None, :], mask=gr, other=0.0).to(tl.float32)
+                    f = tl.abs(h * scale + mixed * mix_scale)
+                    hs += f[:, :, None] * v_old[None, None, :]
+                    z += f
+                    tl.store(hs_p, hs, mask=hmask)
+                    tl.store(Z + sh[:, None] * R + offs_r[None, :], z, mask=gr)
+                num = tl.sum(phi[:, :, None] * hs, 1)
+                den = tl.sum(phi * z, 1)
+                has_state = tl.sum(z, 1) > 0
+            else:  # one state head per KV head
+                hs_p = HS + (bh * R + offs_r[:, None]) * D + offs_d[None, :]
+                hmask = rmask[:, None] & dmask[None, :]
+                hs = tl.load(hs_p, mask=hmask, other=0.0)
+                z = tl.load(Z + bh * R + offs_r, mask=rmask, other=0.0)
+                if pending:
+                    psi_p = PSI_ACC + bh * R + offs_r
+                    h = tl.abs(_gelu(tl.load(psi_p, mask=rmask, other=0.0)))
+                    tl.store(psi_p, tl.zeros([BLOCK_R], dtype=tl.float32), mask=rmask)
+                    mix = tl.load(KM + kvh * R * R + offs_r[:, None] * R + offs_r[None, :],
+                                  mask=rmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+                    mixed = tl.sum(h[:, None] * mix, 0)
+                    scale = tl.abs(tl.load(KS + kvh * R + offs_r, mask=rmask, other=0.0).to(tl.float32))
+                    mix_scale = tl.load(KMS + kvh * R + offs_r, mask=rmask, other=0.0).to(tl.float32)
+                    f = tl.abs(h * scale + mixed * mix_scale)
+                    hs += f[:, None] * v_old[None, :]
+                    z += f
+                    tl.store(hs_p, hs, mask=hmask)
+                    tl.store(Z + bh * R + offs_r, z, mask=rmask)
+                num = tl.sum(phi[:, :, None] * hs[None, :, :], 1)
+                den = tl.sum(phi * z[None, :], 1)
+                has_state = (tl.zeros([GP], dtype=tl.float32) + tl.sum(z, 0)) > 0
+            lse_state = tl.where(has_state, tl.log2(tl.maximum(den, 1e-6)), float("-inf"))
+            top = tl.maximum(lse_kept, lse_state)
+            top_safe = tl.where(top == float("-inf"), 0.0, top)
+            lse = top_safe + tl.log2(tl.exp2(lse_kept - top_safe) + tl.exp2(lse_state - top_safe))
+            lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+            w_kept = tl.exp2(lse_kept - lse_safe)
+            w_state = tl.where(has_state, tl.exp2(-lse_safe), 0.0)  # 2^-lse2 = e^-lse: lse2 = log2(sum + den)
+            out = out * w_kept[:, None] + num * w_state[:, None]
+        tl.store(Out + b * o_b + heads[:, None] * o_h + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=gmask[:, None] & dmask[None, :])
+        # the new token's key and value (after the pending token's value was read)
+        tl.store(K + (base + spare) * D + offs_d, k_new.to(K.dtype.element_ty), mask=dmask)
+        tl.store(V + (base + spare) * D + offs_d, v_new.to(V.dtype.element_ty), mask=dmask)
+        # the next spare slot: the lowest-scored evictable slot (first on ties), or the first empty one
+        cands = bh * n_splits + offs_s
+        keys = tl.load(CAND_KEY + cands, mask=smask, other=float("inf"), volatile=True)
+        idx = tl.load(CAND_IDX + cands, mask=smask, other=S, volatile=True)
+        empties = tl.load(CAND_EMPTY + cands, mask=smask, other=S, volatile=True)
+        best = tl.min(keys, 0)
+        victim = tl.min(tl.where(keys == best, idx, S), 0)
+        victim = tl.where(best == float("inf"), 0, victim)
+        first_empty = tl.min(empties, 0)
+        full = first_empty == S
+        tl.store(SPARE + bh, tl.where(full, victim, first_empty).to(tl.int32))
+        if STATE:
+            tl.store(PENDING + bh, (full & (best < float("inf"))).to(tl.int32))
+        else:
+            tl.store(PENDING + bh, 0)
+        tl.store(COUNT + bh, 0)
 
 
 def _pow2(n: int, low: int = 1) -> int:
     return max(low, triton.next_power_of_2(n))
 
 
+_WORKSPACES: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def _workspace(dev, b, hq, hkv, hs, rank, d, slots, splits) -> dict[str, torch.Tensor]:
+    """Per-step scratch of one shape, allocated once: attention partials, logits, eviction candidates
+    (overwritten every step) and the feature accumulators and counters (zero between steps)."""
+    key = (str(dev), b, hq, hkv, hs, rank, d, slots, splits)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        f32 = dict(dtype=torch.float32, device=dev)
+        ws = dict(po=torch.empty(b * hq * splits, d, **f32), pm=torch.empty(b * hq * splits, **f32),
+                  pl=torch.empty(b * hq * splits, **f32), logits=torch.empty(b * hq * slots, **f32),
+                  phi=torch.zeros(b * hq, rank, **f32), psi=torch.zeros(b * hs, rank, **f32),
+                  cand_key=torch.empty(b * hkv * splits, **f32),
+                  cand_idx=torch.empty(b * hkv * splits, dtype=torch.int32, device=dev),
+                  cand_empty=torch.empty(b * hkv * splits, dtype=torch.int32, device=dev),
+                  count=torch.zeros(b * hkv, dtype=torch.int32, device=dev))
+        _WORKSPACES[key] = ws
+    return ws
+
+
+def launches(state: bool = True) -> int:
+    """Kernel launches of one decode step (and no other GPU op)."""
+    return 2
+
+
 def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: reference.FeatureWeights,
                 policy: reference.Policy, scale: float, state: bool = True, splits: int | None = None) -> torch.Tensor:
-    """One decode step; same contract as :func:`kvpress.kernels.less_reference.decode_step`."""
+    """One decode step; same contract as :func:`kvpress.kernels.less_reference.decode_step`.
+    ``splits``: programs per (row, KV head) along the slots (default: enough to fill the GPU, at
+    most ``MAX_SPLITS``)."""
     b, hq, _, d = q.shape
     _, hkv, slots, _ = cache.k.shape
     g = hq // hkv
     hs_heads, rank_r = cache.hs.shape[1], cache.hs.shape[2]
     n_hidden = w.q_w1.shape[2]
-    for name in ("k", "v", "rank", "score", "hs", "z"):
+    for name in ("k", "v", "rank", "score", "hs", "z", "spare", "pending"):
         if not getattr(cache, name).is_contiguous():
             setattr(cache, name, getattr(cache, name).contiguous())
     if q.stride(3) != 1 or k_new.stride(3) != 1 or v_new.stride(3) != 1 or k_new.stride() != v_new.stride():
         q, k_new, v_new = q.contiguous(), k_new.contiguous(), v_new.contiguous()
-    q_rank = q_rank.to(torch.int32).contiguous()
+    if q_rank.dtype not in (torch.int32, torch.int64) or not q_rank.is_contiguous():
+        q_rank = q_rank.to(torch.int32).contiguous()
     dev = q.device
-    block_d, block_r = _pow2(d, 16), _pow2(rank_r, 2)
-    phi = torch.empty(b, hq, rank_r, dtype=torch.float32, device=dev)
-    if not state:
-        cache.pending.zero_()
-    grid = b * hq + (b * hs_heads if state else 0)
-    if state:
-        _features_kernel[(grid,)](q, phi, cache.k, cache.v, cache.spare, cache.pending, cache.hs, cache.z,
-                                  w.q_w1, w.q_w2, w.k_w1, w.k_w2, w.k_scale, w.k_mix, w.k_mix_scale,
-                                  q.stride(0), q.stride(1), b, hq, hkv, hs_heads, slots, n_hidden,
-                                  D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_H=BLOCK_H, num_warps=WIDE_WARPS)
     if splits is None:
         programs = 2 * (torch.cuda.get_device_properties(dev).multi_processor_count if q.is_cuda else 2)
-        splits = max(1, min(math.ceil(programs / (b * hkv)), math.ceil(slots / BLOCK_N)))
+        splits = math.ceil(programs / (b * hkv))
+    splits = max(1, min(splits, MAX_SPLITS, math.ceil(slots / BLOCK_N)))
     split_len = math.ceil(math.ceil(slots / splits) / BLOCK_N) * BLOCK_N
     splits = math.ceil(slots / split_len)
-    po = torch.empty(b * hq * splits, d, dtype=torch.float32, device=dev)
-    pm = torch.empty(b * hq * splits, dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
+    ws = _workspace(dev, b, hq, hkv, hs_heads, rank_r, d, slots, splits)
     heavy = policy.heavy > 0
-    logits = torch.empty(b * hq * slots if heavy else 1, dtype=torch.float32, device=dev)
-    gp = _pow2(g, 16)
-    _attend_kernel[(b * hkv * splits,)](q, q_rank, k_new, v_new, cache.k, cache.v, cache.rank, cache.score, cache.spare,
-                                        po, pm, pl, logits, q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1),
-                                        hkv, slots, splits, split_len, scale * LOG2E,
-                                        G=g, GP=gp, D=d, BLOCK_D=block_d, BLOCK_N=BLOCK_N, STORE_LOGITS=heavy,
-                                        num_warps=NUM_WARPS)
+    block_d, block_r = _pow2(d, 16), _pow2(rank_r, 2)
+    chunks = math.ceil(n_hidden / BLOCK_H)
+    n_phi = b * hq * chunks if state else 0
+    n_fold = b * hs_heads * chunks if state else 0
+    _step_kernel[(n_phi + n_fold + b * hkv * splits,)](
+        q, q_rank, k_new, v_new, cache.k, cache.v, cache.rank, cache.spare, cache.pending,
+        ws["po"], ws["pm"], ws["pl"], ws["logits"], ws["phi"], ws["psi"], w.q_w1, w.q_w2, w.k_w1, w.k_w2,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, hs_heads, slots, n_hidden,
+        n_phi, n_fold, splits, split_len, scale * LOG2E,
+        G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
+        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, num_warps=NUM_WARPS)
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
-    _merge_evict_kernel[(b * hkv,)](out, po, pm, pl, phi, cache.hs, cache.z, q_rank, cache.rank, cache.score,
-                                    cache.spare, cache.pending, logits, out.stride(0), out.stride(1),
-                                    hkv, slots, splits, policy.sink, policy.recent,
-                                    G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r,
-                                    BLOCK_N=MERGE_BLOCK, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy,
-                                    num_warps=WIDE_WARPS)
-    if not state:
-        cache.pending.zero_()
+    _finish_kernel[(b * hkv * splits,)](
+        out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs, cache.z,
+        w.k_scale, w.k_mix, w.k_mix_scale, q_rank, cache.rank, cache.score, cache.spare, cache.pending, ws["logits"],
+        ws["cand_key"], ws["cand_idx"], ws["cand_empty"], ws["count"],
+        out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
+        policy.sink, policy.recent,
+        G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2),
+        BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, num_warps=NUM_WARPS)
     return out
 
 

@@ -22,10 +22,15 @@ def weights(hq, hs, d, n, r, seed=0):
 
 def run_both(policy, state_heads, dtype, device="cpu", b=2, hq=4, hkv=2, d=16, n=32, r=8, length=11, prompt=7,
              state=True, splits=2, padded=True):
-    """Prefill ``prompt`` tokens (reference), then decode the rest with the reference and the kernels."""
+    """Prefill ``prompt`` tokens (reference), then decode the rest with the reference and the kernels.
+
+    Both get the maps in ``dtype`` (the runtime gives the kernels the model's dtype): feature maps
+    from bf16-rounded weights differ from fp32 ones by ~1% (6% of a bf16 state's entries by more
+    than 2e-2 after 100 folds, measured with the reference alone), which is the weights' rounding,
+    not the kernels' arithmetic (fp32 features and state in both)."""
     torch.manual_seed(1)
     hs = hkv if state_heads == "kv" else hq
-    w = weights(hq, hs, d, n, r).to(device)
+    w = weights(hq, hs, d, n, r).to(dtype).to(device)
     q = torch.randn(b, hq, length, d, device=device).to(dtype)
     k = torch.randn(b, hkv, length, d, device=device).to(dtype)
     v = torch.randn(b, hkv, length, d, device=device).to(dtype)
@@ -41,7 +46,7 @@ def run_both(policy, state_heads, dtype, device="cpu", b=2, hq=4, hkv=2, d=16, n
     for i in range(prompt, length):
         args = (q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], rank[:, i])
         a = R.decode_step(*args, ref, w, policy, scale, state=state)
-        out = K.decode_step(*args, tri, w.to(dtype), policy, scale, state=state, splits=splits)
+        out = K.decode_step(*args, tri, w, policy, scale, state=state, splits=splits)
         worst = max(worst, (a.float() - out.float()).abs().max().item())
     return ref, tri, worst
 
@@ -71,6 +76,39 @@ def test_decode_step_one_split():
     assert worst < 1e-5
 
 
+@pytest.mark.parametrize("policy", [R.Policy(sink=2, heavy=0, recent=90), R.Policy(sink=1, heavy=80, recent=20)],
+                         ids=["lambda", "h2o"])
+def test_decode_step_several_splits(policy):
+    """More slots than one attention block: several splits per KV head, merged by the last program
+    to finish (atomic counter); scratch left zeroed for the next step."""
+    ref, tri, worst = run_both(policy, "query", torch.float32, length=110, prompt=104, splits=3)
+    assert worst < 1e-5
+    assert torch.equal(ref.rank, tri.rank) and torch.equal(ref.spare, tri.spare) and torch.equal(ref.pending, tri.pending)
+    torch.testing.assert_close(tri.hs, ref.hs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tri.score, ref.score, rtol=1e-5, atol=1e-5)
+    for ws in K._WORKSPACES.values():
+        assert not ws["phi"].any() and not ws["psi"].any() and not ws["count"].any()
+
+
+def test_decode_step_is_two_launches(monkeypatch):
+    """A step is two kernel launches and allocates only its output."""
+    launched = []
+    for name in ("_step_kernel", "_finish_kernel"):
+        kernel = getattr(K, name)
+        monkeypatch.setattr(K, name, _Recorder(kernel, name, launched))
+    run_both(R.Policy(sink=0, heavy=3, recent=2), "kv", torch.float32, length=9)
+    assert launched == ["_step_kernel", "_finish_kernel"] * 2
+
+
+class _Recorder:
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("state_heads", ["kv", "query"])
@@ -78,5 +116,6 @@ def test_decode_step_gpu(dtype, state_heads):
     ref, tri, worst = run_both(R.Policy(sink=0, heavy=200, recent=56), state_heads, dtype, device="cuda", b=3, hq=32,
                                hkv=8, d=128, n=512, length=400, prompt=300, splits=None)
     assert worst < 3e-2
-    assert torch.equal(ref.rank, tri.rank)
-    torch.testing.assert_close(tri.hs, ref.hs, rtol=2e-2, atol=2e-2)
+    assert torch.equal(ref.rank, tri.rank) and torch.equal(ref.spare, tri.spare)
+    torch.testing.assert_close(tri.hs, ref.hs, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(tri.z, ref.z, rtol=2e-3, atol=2e-3)
