@@ -118,7 +118,8 @@ def test_interrupted_run_resumes_to_the_same_gates(model_dir, tmp_path, monkeypa
     assert all(p.requires_grad for p in model.parameters())  # the weights' flags are restored
 
 
-def test_patch_without_config_uses_shipped_file_or_quick_calibration(model_dir, tmp_path, caplog):
+def test_patch_without_config_uses_shipped_file_or_quick_calibration(model_dir, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("KVPRESS_CACHE", str(tmp_path / "cache"))  # quick gates are cached there
     model = LlamaForCausalLM.from_pretrained(model_dir)
     with caplog.at_level(logging.WARNING, logger="kvpress"):
         kvpress.patch(model, "duo")
@@ -136,6 +137,13 @@ def test_patch_without_config_uses_shipped_file_or_quick_calibration(model_dir, 
         kvpress.unpatch(model)
     finally:
         (model_dir / "kvpress-duo.safetensors").unlink()
+
+    caplog.clear()  # the quick gates were cached: the next patch reuses them, no calibration
+    with caplog.at_level(logging.INFO, logger="kvpress"):
+        kvpress.patch(model, "duo")
+    assert "quick calibration steps" not in caplog.text and "cached at" in caplog.text
+    assert torch.equal(model._kvpress_patch.method.config.gates, quick.gates)
+    kvpress.unpatch(model)
 
     bare = LlamaForCausalLM(model.config)  # no folder, so no tokenizer
     bare.config._name_or_path = str(tmp_path / "nowhere")

@@ -58,7 +58,7 @@ def answer(model, tokenizer, sample: Sample) -> tuple[str, int, int]:
     )
     new = out.sequences[0, ids.shape[1] :]
     # The last generated token is never fed back, so the cache holds all but one token.
-    return tokenizer.decode(new, skip_special_tokens=True), kv_cache_bytes(out.past_key_values), out.sequences.shape[1] - 1
+    return tokenizer.decode(new, skip_special_tokens=True), kv_cache_bytes(out['cache'] if 'cache' in out else out['past_key_values']), out.sequences.shape[1] - 1
 
 
 @dataclass

@@ -195,16 +195,18 @@ def quick_config(info: ModelInfo) -> DuoConfig:
     config = DuoConfig(gates=gates, model_shape=info.shape)
     if cached is not None:
         config.save(cached)
-        log.warning("saved the quick gates to %s; they are reused for this model (KVPRESS_CACHE_DIR=off disables)", cached)
+        log.warning("saved the quick gates to %s; they are reused for this model (KVPRESS_QUICK_CACHE=off disables)", cached)
     return config
 
 
 def quick_cache_file(info: ModelInfo) -> Path | None:
-    """Where quick gates of this model are cached: ``$KVPRESS_CACHE_DIR`` (default
+    """Where quick gates of this model are cached: kvpress's cache folder (``$KVPRESS_CACHE``, default
     ``~/.cache/kvpress``) ``/duo-quick/<folder name>-<hash of folder and shape>.safetensors``;
-    None when ``KVPRESS_CACHE_DIR=off`` or the model's folder is unknown."""
-    root = os.environ.get("KVPRESS_CACHE_DIR", str(Path.home() / ".cache" / "kvpress"))
-    if root.lower() in ("", "off", "0", "none") or not info.source:
+    None when ``KVPRESS_QUICK_CACHE=off`` or the model's folder is unknown."""
+    from ..testbed import cache_dir
+
+    if os.environ.get("KVPRESS_QUICK_CACHE", "on").lower() in ("off", "0", "no") or not info.source:
         return None
+    root = cache_dir()
     key = hashlib.sha256(json.dumps([str(Path(info.source).resolve()), info.shape.to_dict()]).encode()).hexdigest()[:12]
-    return Path(root) / "duo-quick" / f"{Path(info.source).name}-{key}.safetensors"
+    return root / "duo-quick" / f"{Path(info.source).name}-{key}.safetensors"

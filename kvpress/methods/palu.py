@@ -280,7 +280,7 @@ class Palu(Method):
 
             if config.rank_ratio < 1.0:
                 log.warning(
-                    "kvpress: Palu without calibrated factors: plain SVD at %.0f%% rank with uniform ranks. For whitened "
+                    "Palu without calibrated factors: plain SVD at %.0f%% rank with uniform ranks. For whitened "
                     "factors and Fisher rank allocation run: kvpress-calibrate palu --model MODEL --out DIR",
                     100 * config.rank_ratio,
                 )
