@@ -14,28 +14,22 @@ model fingerprint, digest of the weights) and ``less.safetensors`` (per-layer fe
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..adapters import ModelShape
 from ..cache import KVPressLayer, LedgerSpec, TokenLedger
-from ..configfile import atomic_write
+from ..configfile import load_config_folder, save_config_folder
 from ..kernels import less as less_kernels
 from ..kernels import less_reference as reference
 from ..kernels.less_reference import FeatureWeights, Policy
 from .base import Method
 
-FORMAT = "kvpress-less/1"
-JSON_NAME = "less.json"
-WEIGHTS_NAME = "less.safetensors"
 WEIGHT_NAMES = ("q_w1", "q_w2", "k_w1", "k_w2", "k_scale", "k_mix", "k_mix_scale")
 
 
@@ -120,45 +114,21 @@ class LessConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("layers", "model_shape")}
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``folder/less.safetensors`` then ``folder/less.json`` (which names the weights' digest),
-        each atomically: a reader sees the old config or the new one, never a mix."""
+        """Write the config folder (``less.json`` + ``less.safetensors``; see
+        :func:`kvpress.configfile.save_config_folder`)."""
         if self.layers is None:
             raise ValueError("this LessConfig has no feature maps to save (train them: kvpress-calibrate less)")
-        folder = Path(folder)
-        tensors = {f"layers.{i}.{name}": getattr(w, name).detach().float().cpu().contiguous()
+        tensors = {f"layers.{i}.{name}": getattr(w, name).float()
                    for i, w in enumerate(self.layers) for name in WEIGHT_NAMES}
-        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
-        payload = {
-            "format": FORMAT,
-            "method": "less",
-            "fields": self.fields_dict(),
-            "model_shape": None if self.model_shape is None else self.model_shape.to_dict(),
-            "weights_sha256": _digest(folder / WEIGHTS_NAME),
-        }
-        atomic_write(folder / JSON_NAME, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1) + "\n"))
-        return folder
+        return save_config_folder(folder, "less", tensors, self.fields_dict(), self.model_shape)
 
     @classmethod
     def load(cls, folder: str | Path, **overrides) -> "LessConfig":
         """Read a folder written by :meth:`save` (``kvpress-calibrate less``); ``overrides`` replace fields."""
-        folder = Path(folder)
-        meta_path = folder / JSON_NAME
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"no LESS config in {folder} (missing {JSON_NAME}); make one with "
-                f"`kvpress-calibrate less --model MODEL --out {folder}`"
-            )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path} has format {meta.get('format')!r}; this kvpress reads {FORMAT!r}")
-        weights = folder / WEIGHTS_NAME
-        if not weights.is_file() or _digest(weights) != meta.get("weights_sha256"):
-            raise ValueError(f"{weights} is missing or does not match {meta_path}; re-run kvpress-calibrate less")
-        tensors = load_file(str(weights))
+        tensors, fields, shape, _ = load_config_folder(folder, "less")
         count = len({name.split(".")[1] for name in tensors})
         layers = [FeatureWeights(**{n: tensors[f"layers.{i}.{n}"] for n in WEIGHT_NAMES}) for i in range(count)]
-        shape = ModelShape(**meta["model_shape"]) if meta.get("model_shape") else None
-        return cls(**{**meta["fields"], **overrides}, layers=layers, model_shape=shape)
+        return cls(**{**fields, **overrides}, layers=layers, model_shape=shape)
 
     def check(self, shape: ModelShape) -> None:
         """Raise a clear error unless the maps fit a model of ``shape``."""
@@ -176,14 +146,6 @@ class LessConfig:
             if tuple(getattr(w, name).shape) != size:
                 raise ValueError(f"LESS map {name} has shape {tuple(getattr(w, name).shape)}, expected {size} "
                                  f"(rank {self.rank}, hidden {self.hidden}, state_heads {self.state_heads!r})")
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class FeatureMaps(nn.Module):

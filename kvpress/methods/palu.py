@@ -21,22 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .. import kernels
-from ..adapters import ModelInfo, ModelShape
+from ..adapters import ModelShape
 from ..cache import AppendBuffer, HeadGroup, KVPressLayer, LedgerSpec, TokenLedger
+from ..configfile import load_config_folder, save_config_folder
 from ..kernels import palu_reference as ref
 from .base import Method
 
@@ -47,9 +43,6 @@ except ImportError:  # no usable triton: the reference serves every step
 
 log = logging.getLogger("kvpress")
 
-FORMAT_VERSION = 1
-CONFIG_JSON = "palu.json"
-FACTORS_FILE = "palu.safetensors"
 CONFIG_DIR_NAME = "kvpress-palu"  # looked up in the model's own folder
 
 
@@ -129,58 +122,19 @@ class PaluConfig:
     # -- files ----------------------------------------------------------------------------------
 
     def save(self, path) -> Path:
-        """Write the config folder (``palu.json`` + ``palu.safetensors``), atomically: a half-written
-        folder never stands at ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "kvpress_format": FORMAT_VERSION,
-            "kvpress_method": "palu",
-            "model_shape": self.model_shape.to_dict() if self.model_shape is not None else None,
-            "fields": {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                       if f.name not in ("factors", "model_shape", "calibration")},
-            "ranks": self.ranks() if self.factors else None,
-            "kept_ratio": self.kept_ratio(),
-            "calibration": self.calibration,
-        }
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.factors.items()}, str(tmp / FACTORS_FILE))
-            (tmp / CONFIG_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-            old = None
-            if path.exists():
-                old = path.parent / f".{path.name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        """Write the config folder (``palu.json`` + ``palu.safetensors``; see
+        :func:`kvpress.configfile.save_config_folder`)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("factors", "model_shape", "calibration")}
+        return save_config_folder(path, "palu", self.factors, fields, self.model_shape,
+                                  ranks=self.ranks() if self.factors else None, kept_ratio=self.kept_ratio(),
+                                  calibration=self.calibration)
 
     @classmethod
     def load(cls, path, **options) -> PaluConfig:
         """Read a folder written by :meth:`save` (``kvpress-calibrate palu --out DIR``)."""
-        path = Path(path)
-        meta_file = path / CONFIG_JSON
-        if not meta_file.is_file():
-            raise FileNotFoundError(
-                f"no Palu config at {path} (expected a folder with {CONFIG_JSON} and {FACTORS_FILE}); make one with "
-                f"`kvpress-calibrate palu --model MODEL --out {path}`"
-            )
-        meta = json.loads(meta_file.read_text())
-        if meta.get("kvpress_method") != "palu":
-            raise ValueError(f"{path} is not a Palu config (method {meta.get('kvpress_method')!r})")
-        if meta.get("kvpress_format") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has Palu config format {meta.get('kvpress_format')!r}; this kvpress reads format "
-                f"{FORMAT_VERSION}: re-run `kvpress-calibrate palu`"
-            )
-        shape = meta.get("model_shape")
-        fields = {**meta.get("fields", {}), **options}
-        return cls(factors=load_file(str(path / FACTORS_FILE)), model_shape=ModelShape(**shape) if shape else None,
-                   calibration=meta.get("calibration", {}), **fields)
+        factors, fields, shape, meta = load_config_folder(path, "palu")
+        return cls(factors=factors, model_shape=shape, calibration=meta.get("calibration", {}), **{**fields, **options})
 
 
 # -- runtime ----------------------------------------------------------------------------------------
