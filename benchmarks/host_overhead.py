@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_duo as b  # noqa: E402
 import common as c  # noqa: E402
 from kvpress import kernels  # noqa: E402
-from kvpress.cache import TokenLedger  # noqa: E402
-from kvpress.methods.duo import DuoLayer  # noqa: E402
+from kvpress.cache import GroupedLayer, LedgerSpec, TokenLedger, Window  # noqa: E402
 
 
 def host_us(fn, calls):
@@ -105,42 +104,43 @@ def main():
             lambda: F.scaled_dot_product_attention(q, kk, vv, scale=0.1, enable_gqa=True), a.calls)
     rows["  torch.cat alone"] = host_us(lambda: torch.cat([kk, k_new], dim=2), a.calls)
 
-    # Duo: DuoLayer.update + split_cache_attention (decode kernel)
+    # Duo: the grouped cache layer's update + grouped_attention (decode kernel)
     retrieval = torch.zeros(hkv, dtype=torch.bool)
     retrieval[: hkv // 2] = True
-    ledger = TokenLedger(window=(b.SINK, b.RECENT))
-    layer = DuoLayer(ledger, True, retrieval)
+    window = Window(b.SINK, b.RECENT)
+    ledger = TokenLedger(LedgerSpec(all_ranks=True, windows=(window,)))
+    heads = torch.arange(hkv)
+    layer = GroupedLayer(ledger, True, [(heads[retrieval], None), (heads[~retrieval], window)])
+    buffers = [buf for pair in layer.buffers for buf in pair]
     ledger.begin(None, 1, T, dev)
-    layer.update(c.rand(1, hkv, T, c.D, dev=dev), c.rand(1, hkv, T, c.D, dev=dev))
+    layer.update(c.rand(1, hkv, T, c.D, dev=dev), c.rand(1, hkv, T, c.D, dev=dev))[0].write_new()
     ledger.end()
     layer.after_forward()
 
+    def undo_step():  # the lengths stay fixed
+        ledger.step = None
+        ledger.rank.truncate(ledger.rank.length - 1)
+        ledger.window_rank[window].truncate(ledger.window_rank[window].length - 1)
+        for buf in buffers:
+            buf.truncate(buf.length - 1)
+
     def duo_step():
         ledger.begin(None, 1, 1, dev)
-        kv, _ = layer.update(k_new, v_new)
-        out = kernels.split_cache_attention(
-            q, kv.full_k, kv.full_v, kv.full_rank, kv.stream_k, kv.stream_v, kv.stream_rank, kv.query_rank,
-            kv.retrieval_heads, kv.streaming_heads, scale=c.D ** -0.5, sink=b.SINK, recent=b.RECENT,
-            new_kv=(kv.new_k, kv.new_v))
-        ledger.step = None  # undo the step: the lengths stay fixed
-        ledger.rank.truncate(ledger.rank.length - 1)
-        ledger.window_rank.truncate(ledger.window_rank.length - 1)
-        for buf in (layer.full_k, layer.full_v, layer.stream_k, layer.stream_v):
-            buf.truncate(buf.length - 1)
+        view, _ = layer.update(k_new, v_new)
+        out = kernels.grouped_attention(q, view.groups, view.query_rank, c.D ** -0.5, new_kv=view.take_new())
+        undo_step()
         return out
 
     rows["duo layer (update + attention) + ledger begin"] = host_us(duo_step, a.calls)
     ledger.begin(None, 1, 1, dev)
     rows["  duo update alone"] = host_us(lambda: (layer.update(k_new, v_new), [
-        buf.truncate(buf.length - 1) for buf in (layer.full_k, layer.full_v, layer.stream_k, layer.stream_v)]), a.calls)
-    kv, _ = layer.update(k_new, v_new)
-    args = (q, kv.full_k, kv.full_v, kv.full_rank, kv.stream_k, kv.stream_v, kv.stream_rank, kv.query_rank,
-            kv.retrieval_heads, kv.streaming_heads, c.D ** -0.5, b.SINK, b.RECENT)
-    rows["  split_cache_attention alone (+ new token)"] = host_us(
-        lambda: kernels.split_cache_attention(*args, new_kv=(k_new, v_new)), a.calls)
-    buf = layer.full_k
+        buf.truncate(buf.length - 1) for buf in buffers]), a.calls)
+    view, _ = layer.update(k_new, v_new)
+    rows["  grouped_attention alone (+ new token)"] = host_us(
+        lambda: kernels.grouped_attention(q, view.groups, view.query_rank, c.D ** -0.5, new_kv=(k_new, v_new)), a.calls)
+    buf = buffers[0]
     rows["  index_select into a slot"] = host_us(
-        lambda: torch.index_select(k_new, 1, layer.retrieval_heads, out=buf.storage.narrow(2, buf.length - 1, 1)),
+        lambda: torch.index_select(k_new, 1, view.groups[0].heads, out=buf.storage.narrow(2, buf.length - 1, 1)),
         a.calls)
     rows["  empty_like (a trivial op)"] = host_us(lambda: torch.empty_like(q), a.calls)
     rows.update(launch_rows(args, a.calls))
