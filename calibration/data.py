@@ -47,7 +47,8 @@ class PasskeyRecipe:
     def kinds(self) -> list[str]:
         kinds = [k for k in self.data.split(",") if k]
         if not kinds or (unknown := set(kinds) - set(KINDS)):
-            raise ValueError(f"unknown calibration data {self.data!r}; give a comma-separated mix of {', '.join(KINDS)}")
+            what = f"unknown kind(s) {', '.join(sorted(unknown))} in" if kinds else "no kind in"
+            raise ValueError(f"{what} calibration data {self.data!r}; give a comma-separated mix of {', '.join(KINDS)}")
         return kinds
 
     def lengths(self) -> list[int]:

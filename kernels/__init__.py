@@ -31,7 +31,8 @@ __all__ = ["grouped_attention", "rank_attention", "rank_mask", "split_cache_atte
 BACKEND = os.environ.get("KVPRESS_KERNELS", "auto")
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether ``t``'s attention runs the Triton kernels (CUDA, or forced by ``BACKEND``) or the reference."""
     if BACKEND == "reference" or prefill_attention is None:
         return False
     return BACKEND == "triton" or t.is_cuda
@@ -49,7 +50,7 @@ def rank_attention(
     window: int | None = None,
 ) -> torch.Tensor:
     """Attention under the rank mask; see :func:`kvpress.kernels.reference.rank_attention`."""
-    if not _use_triton(q):
+    if not use_triton(q):
         return reference.rank_attention(q, k, v, q_rank, k_rank, scale, sink=sink, recent=recent, window=window)
     if q.shape[2] == 1:
         return decode_attention(q, q_rank, scale, q.shape[1] // k.shape[1],
@@ -82,7 +83,7 @@ def grouped_attention(q, groups, q_rank, scale, window=None, new_kv=None, full_p
     groups = [g for g in groups if len(g.heads)]
     num_kv_heads = sum(len(g.heads) for g in groups)
     group = q.shape[1] // num_kv_heads if num_kv_heads else 1
-    on_triton = _use_triton(q)
+    on_triton = use_triton(q)
     with _on_device(q):
         if on_triton and q.shape[2] == 1 and q.shape[3] % 8 == 0 and 0 < len(groups) <= 2:
             # the larger group (the one that keeps every token, if any) is split along the keys

@@ -335,7 +335,6 @@ def palu_decode(
     gs = rows // D
     hkv = G * gs
     qpk = hq // hkv
-    T = k.data.shape[2]
     gp = max(16, triton.next_power_of_2(qpk))
     block_rv = max(16, triton.next_power_of_2(v.rank))
     bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731

@@ -26,7 +26,8 @@ from typing import NamedTuple
 import torch
 
 from .. import kernels
-from ..adapters import ModelInfo, ModelShape
+from ..adapters import ModelShape
+from ..cache import HeadGroup
 from ..configfile import atomic_write, load_config_file, save_config_file
 from ..kernels import minference_reference as R
 from ..kernels.reference import rank_mask
@@ -274,14 +275,6 @@ def keys_in_rank_order(q_rank: torch.Tensor, k_rank: torch.Tensor) -> bool:
 # The method
 
 
-class _DenseGroup(NamedTuple):
-    heads: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    rank: torch.Tensor
-    window: None = None
-
-
 class MInference(GroupedMethod):
     """MInference's sparse prefill over the dense cache (every KV head keeps every token); decode dense.
 
@@ -313,6 +306,6 @@ class MInference(GroupedMethod):
         dense = (T < self.config.min_length or q.shape[2] < self.config.min_queries
                  or plan.kept > self.config.max_density * T / 2 or not keys_in_rank_order(q_rank, k_rank))
         if dense:
-            group = _DenseGroup(torch.arange(k.shape[1], device=q.device), k, v, k_rank)
+            group = HeadGroup(torch.arange(k.shape[1], device=q.device), k, v, k_rank)
             return kernels.grouped_attention(q, [group], q_rank, scale, window)
-        return sparse_prefill(plan, q, k, v, q_rank, k_rank, scale, window, use_triton=kernels._use_triton(q))
+        return sparse_prefill(plan, q, k, v, q_rank, k_rank, scale, window, use_triton=kernels.use_triton(q))
