@@ -14,14 +14,20 @@ ROOT=$PWD
 cal() { (cd /tmp && python -c "import sys; from kvpress.calibration.cli import main; sys.exit(main())" "$@"); }
 MIXES="passkey passkey,kvlookup,multivalue"
 case ${1:-} in
-  needle)
-    for d in $MIXES; do n=${d//,/+}
-      cal duo --model $ROOT/models/needle-llama --out $RES/nl_$n.safetensors --data $d --steps 500 \
-        --min-length 1024 --max-length 8192 --num-passkeys 4 --passkey-words 6 --no-progress > $RES/nl_$n.log 2>&1
+  needle)  # per mix, in parallel on one GPU: calibrate (500 steps, 2K-8K tokens), then every task + perplexity
+    EVAL="--dtype float32 --sparsity 0.5,0.75,0.9 --inverted 0.5 --tasks passkey,multikey,multivalue,kvlookup,ppl
+      --lengths 1024,2048,4096,8192 --depths 5 --samples 1 --ppl-context 8192 --ppl-tokens 65536"
+    quality() { timeout 330 python benchmarks/duo_quality.py --model models/needle-llama $EVAL --config "$1=$2" \
+      --out $OUT/needle_duo_$1.json > $OUT/needle_duo_$1.log 2>&1; }
+    quality shipped models/needle-llama/kvpress-duo.safetensors &
+    for d in $MIXES passkey,kvlookup; do n=${d//,/+}
+      ( timeout 240 bash -c "$(declare -f cal); cal duo --model $ROOT/models/needle-llama --out $OUT/nl_$n.safetensors \
+          --data $d --steps 500 --min-length 2048 --max-length 8192 --num-passkeys 4 --passkey-words 6 --no-progress" \
+          > $OUT/nl_$n.log 2>&1 && quality $n $OUT/nl_$n.safetensors ) &
     done
-    touch $RES/needle.done ;;
+    wait; tail -n 2 $OUT/nl_*.log; grep -h "^| " $OUT/needle_duo_*.log ;;
   all)
-    bash "$0" needle; bash "$0" smol ;;
+    bash "$0" needle; bash "$0" smol ;;  # longer than one device call: run the parts separately
   smol)
     if [ ! -f /tmp/kvc/smollm2-135m-instruct/config.json ]; then
       mkdir -p /tmp/smol && cp .smol/*.part* /tmp/smol/ 2>/dev/null

@@ -21,7 +21,7 @@ import kvpress
 from kvpress.eval.cli import EvalConfig, environment, load_model, parse_depths, run_eval
 
 
-def variants(configs: dict[str, Path], sparsities: list[float], sink: int, recent: int, shape) -> dict:
+def variants(configs: dict[str, Path], sparsities: list[float], sink: int, recent: int, shape, inverted_at=None) -> dict:
     """Name -> DuoConfig (None = unpatched)."""
     rows = {"full (unpatched)": None}
     zeros = torch.zeros(shape.num_layers, shape.num_kv_heads)
@@ -33,7 +33,8 @@ def variants(configs: dict[str, Path], sparsities: list[float], sink: int, recen
             # inverted: the lowest gates become the retrieval heads (as many as above)
             inverted = kvpress.DuoConfig(gates=1 - config.gates, sparsity=sparsity).retrieval_heads()
             rows[f"{name} ({sparsity:.0%} streaming)"] = kvpress.DuoConfig.from_retrieval_mask(retrieval, sink=sink, recent=recent)
-            rows[f"{name} inverted ({sparsity:.0%} streaming)"] = kvpress.DuoConfig.from_retrieval_mask(inverted, sink=sink, recent=recent)
+            if inverted_at is None or sparsity in inverted_at:
+                rows[f"{name} inverted ({sparsity:.0%} streaming)"] = kvpress.DuoConfig.from_retrieval_mask(inverted, sink=sink, recent=recent)
     return rows
 
 
@@ -50,7 +51,10 @@ def main():
     parser.add_argument("--sparsity", default="0.5", help="comma-separated fractions of streaming KV heads")
     parser.add_argument("--sink", type=int, default=64)
     parser.add_argument("--recent", type=int, default=256)
-    parser.add_argument("--tasks", default="passkey,multikey")
+    parser.add_argument("--tasks", default="passkey,multikey", help="comma-separated tasks of kvpress-eval; 'ppl' adds perplexity")
+    parser.add_argument("--ppl-tokens", type=int, default=65536, help="held-out tokens scored for perplexity")
+    parser.add_argument("--ppl-context", type=int, default=2048, help="perplexity window in tokens")
+    parser.add_argument("--inverted", default=None, help="sparsities that also get the inverted split (default: all)")
     parser.add_argument("--chat", action="store_true", help="prompts in the tokenizer's chat template (instruction models)")
     parser.add_argument("--num-needles", type=int, default=None, help="keys / values / pairs per sample (default: the task's)")
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
@@ -67,28 +71,34 @@ def main():
     eval_config = EvalConfig(
         tasks=args.tasks.split(","), lengths=[int(x) for x in args.lengths.split(",")],
         depths=parse_depths(args.depths), samples=args.samples, progress=False, chat=args.chat,
-        num_needles=args.num_needles,
+        num_needles=args.num_needles, ppl_tokens=args.ppl_tokens, ppl_context=args.ppl_context,
     )
     sparsities = [float(x) for x in args.sparsity.split(",")]
     results = {}
-    for name, config in variants(configs, sparsities, args.sink, args.recent, shape).items():
+    inverted_at = None if args.inverted is None else [float(x) for x in args.inverted.split(",") if x]
+    for name, config in variants(configs, sparsities, args.sink, args.recent, shape, inverted_at).items():
         if config is not None:
             kvpress.patch(model, "duo", config=config)
         results[name] = run_eval(model, tokenizer, eval_config)
         if config is not None:
             kvpress.unpatch(model)
-        print(name, {task: round(results[name][task]["accuracy"], 3) for task in eval_config.tasks}, flush=True)
+        print(name, {task: round(r.get("accuracy", r.get("perplexity", 0.0)), 3) for task, r in results[name].items()}, flush=True)
 
     reference = results["full (unpatched)"]
     longest = max(eval_config.lengths)
-    header = ["configuration"] + [f"{t} acc" for t in eval_config.tasks] + [f"{t} worst cell drop" for t in eval_config.tasks]
-    lines = ["| " + " | ".join(header + [f"KV bytes at {longest} vs unpatched"]) + " |", "|" + "---|" * (len(header) + 1)]
+    retrieval = [t for t in eval_config.tasks if t != "ppl"]
+    header = ["configuration"] + [f"{t} acc" for t in retrieval] + [f"{t} worst cell drop" for t in retrieval]
+    header += ["perplexity"] * ("ppl" in eval_config.tasks) + [f"KV bytes at {longest} vs unpatched"] * bool(retrieval)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, result in results.items():
-        first = eval_config.tasks[0]
-        ratio = result[first]["cache_bytes"][longest] / reference[first]["cache_bytes"][longest]
-        cells = [f"{result[t]['accuracy']:.1%}" for t in eval_config.tasks]
-        cells += [f"{worst_cell_drop(result[t], reference[t]):.1%}" for t in eval_config.tasks]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+        cells = [f"{result[t]['accuracy']:.1%}" for t in retrieval]
+        cells += [f"{worst_cell_drop(result[t], reference[t]):.1%}" for t in retrieval]
+        if "ppl" in eval_config.tasks:
+            cells.append(f"{result['ppl']['perplexity']:.3f}")
+        if retrieval:
+            first = retrieval[0]
+            cells.append(f"{result[first]['cache_bytes'][longest] / reference[first]['cache_bytes'][longest]:.2f}x")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     if args.out:
