@@ -1,33 +1,54 @@
 """MInference sparse prefill on the GPU: one layer shaped like Llama-3-8B, and time to first token.
 
-    python benchmarks/bench_minference.py                          # layer: 8K .. 1M, crossover
+    python benchmarks/bench_minference.py                          # layer: 32K .. 1M, crossover
     python benchmarks/bench_minference.py --parts layer --lengths 131072 --sweep   # tile sweep
-    python benchmarks/bench_minference.py --parts ttft --ttft-lengths 131072,524288
+    python benchmarks/bench_minference.py --parts ttft --ttft 131072x32,524288x4   # tokens x layers
+    python benchmarks/bench_minference.py --plot benchmarks/results/minference_layer_NVIDIA_H200.json
     python benchmarks/bench_minference.py --smoke                  # CPU: tiny, checks the script runs
 
 Layer part: 32 query heads, 8 KV heads, D 128, bf16, batch 1. Dense = torch SDPA causal prefill
 (fused kernels) in the same run. MInference = ``sparse_prefill`` exactly as the runtime calls it,
-index building included (and timed alone beside): "default" = every head VS (1000, 6096), the
-reference's default; "local" = the same index with its diagonals replaced by the 6096 nearest the
-main one (one run: the budget's least work, what a head whose attention decays with distance
-selects); "mix" = a searched-looking mix of the reference's candidates over the heads
-(A-shape (100, 800), VS (30, 800), (100, 750), (500, 700), (3500, 100)). Inputs: random q/k/v with
-RoPE and a shared component (attention decays with distance, as in trained models, so diagonals
-cluster near the main one) and a few heavy key columns (attention sinks); ``--inputs random``:
-plain random tensors (diagonals spread: the worst case for slash ranges). Speed-ups and the
-crossover length (shortest measured length from which sparse is faster at every longer length)
-go into ``benchmarks/results/minference_layer_<device>.json``. For the VS heads of each variant the
-VS kernel is also timed alone (index prepared) beside the work it runs (``kernels.minference.
-vs_work``: 64-key tiles per query block, that work over dense causal attention's, TFLOP/s on it).
+index building included (and timed alone beside). Variants (``--variants``):
 
-TTFT part: the 8B-shaped model (random weights), unpatched (SDPA) vs ``kvpress.patch(model,
-"minference", min_length=0)`` with the reference default on every head, chunked prefill.
+* ``default``: every head VS (1000, 6096), the reference's pattern of a head without an entry;
+* ``published``: the reference's published Llama-3-8B config
+  (``Llama_3_8B_Instruct_262k_kv_out_v32_fit_o_best_pattern.json`` of microsoft/MInference: every
+  head VS, 473 of its 1024 heads (1000, 6096), 278 (30, 800), 153 (100, 800), 31 (500, 700), 89
+  (3500, 100)) as one 32-head layer with the same proportions (15, 8, 5, 1, 3 heads);
+  ``PUBLISHED`` below holds its per-layer table, which the TTFT part and ``million.py`` use whole;
+* ``mix``: the reference's search candidates in turn over the heads (A-shape (100, 800), VS
+  (30, 800), (100, 750), (500, 700), (3500, 100)), the mix measured in earlier sessions;
+* ``local``: ``default`` with its diagonals replaced by the 6096 nearest the main one (one run:
+  the budget's least work, what a head whose attention decays with distance selects).
+
+Inputs: random q/k/v with RoPE and a shared component (attention decays with distance, as in
+trained models, so diagonals cluster near the main one) and a few heavy key columns (attention
+sinks); ``--inputs random``: plain random tensors (diagonals spread: the worst case for slash
+ranges). Speed-ups and the crossover length (shortest measured length from which sparse is faster
+at every longer length) go into ``benchmarks/results/minference_layer_<device>.json``. For the VS
+heads of each variant the VS kernel is also timed alone (index prepared) beside the work it runs
+(``kernels.minference.vs_work``: 64-key tiles per query block, that work over dense causal
+attention's, TFLOP/s on it). Lengths from 512K on are timed once, without a warm-up call (dense
+SDPA takes ~4.6 s per layer at 512K and ~18 s at 1M).
+
+Union index per KV group (``--union``, on the all-VS variants): the G = 4 query heads of a KV head
+could share one program walking the *union* of their indices (K/V read once, 4x taller tiles, but
+every head pays the union's keys). Measured: the union's work over the per-head work, the VS
+kernel run with every head given its group's union (per-head programs over the union), and the
+best case of a union kernel (the union's FLOPs at dense SDPA's throughput in the same run).
+
+TTFT part (``--ttft TOKENSxLAYERS,...``): the 8B-shaped model (random weights; ``--attention
+local``, the default: q/k projections carry a bias shared by each KV head's query heads, so that
+attention decays with distance under RoPE as in trained models, without which the dynamic index
+has no structure to find; ``random``: no bias), chunked prefill: ``unpatched`` (the model's SDPA,
+one chunk: its chunked path would build a [chunk, T] mask), ``minference`` (the published config,
+every layer its own row) and ``minference+duo`` (the same, 50% retrieval KV heads chosen by random
+gates; streaming heads with the A-shape kernel), the kvpress variants in ``--chunk`` chunks.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -40,12 +61,49 @@ import common as c  # noqa: E402
 
 from kvpress.kernels import minference as M  # noqa: E402
 from kvpress.kernels import minference_reference as R  # noqa: E402
+from kvpress.methods.duo import DuoConfig  # noqa: E402
 from kvpress.methods.minference import MInferenceConfig, plan_heads, sparse_prefill  # noqa: E402
 
 K = 1024
 HQ, HKV, D = 32, 8, 128
 MIX = [("stream_llm", 100, 800), ("vertical_and_slash", 30, 800), ("vertical_and_slash", 100, 750),
        ("vertical_and_slash", 500, 700), ("vertical_and_slash", 3500, 100)]
+
+# The reference's published Llama-3-8B pattern table (microsoft/MInference,
+# minference/configs/Llama_3_8B_Instruct_262k_kv_out_v32_fit_o_best_pattern.json): one string per
+# layer, one letter per query head; every head is vertical-and-slash with these budgets.
+CODES = {"A": (1000, 6096), "B": (30, 800), "C": (100, 800), "D": (500, 700), "E": (3500, 100)}
+PUBLISHED = [
+    "AAAAAAAAAAAAAAAABBBAAAAAAAAAEEEE", "BBABBBBBCACBABAABBBBBBAABBBBAABA", "BABACAABBBCBCBCABBBAAAABBBBBBBBB",
+    "AAAABBBBBBBBAACABBBBAAAAAABABBBC", "CCCBBBABAAAABBBCABAACABABBBBACCB", "BABBBAAAAAAABBBBCAABAAAAADBABBBB",
+    "BCCCCBABBBBBBBBBBCBBAABBAAAACACA", "BBBCBBAABBABBACCAAAACEACCAABBBAA", "AAAABBBAAACAABAAAAAABBBBAAAAAAAA",
+    "AAAAAAAABBBBAACAAAAAAAAACACEAABA", "AAAAAAAACBABAAACBAAAAAAAADACACCA", "AAAACAAAAABAAAAABDBBAAAAAAAAEEEB",
+    "BADBAAAACBACBBADBDBBBBBDBBDBBBBD", "AAAAAAACAAAAAAAAAAAAAACABCCAABAA", "AAAAAAAABBBBAAAAAAAAACAAAABACEAE",
+    "BAAABABBDBBCBAAAAAACAAAAAAAAAAAB", "EACCDADCAACEBDDBCCAAAABAAECABBBB", "AAACEAECCCABBDAACBCEDECAEEACAACA",
+    "CAAAACCBAABADBDCAAAACAAABBBCACAA", "ACAAACACBACACCAABABACACCABAAAAAC", "AAAABAACAAAAAECAAAAAACDAACAACBAA",
+    "AAAABCBBEBBAECEECEACAAAAADAAAAAA", "EEAAAAAEACCCAAAABBBBAAAABBBCAACE", "DCBCAAAAACEAAAEEBDADACECAECABBBB",
+    "ACCECCAABBBBEDCCEEEAAAEAAAAADBBE", "EEAAEEEECBCCEAEECCECBBBBBCCBBBBB", "ACAAABAACBACEAEAEDAECCCEAACAAECE",
+    "CDBBEAEABBBBAABCACAAAAEEABDDABAA", "EBCBBBBBCBEBAEAAECECEDBEAABADCCC", "CCBBCCCBECACBBBBEACEAAAABBBBAAEE",
+    "AECECCEBAEBAAAAAAAACAECBEACECEAA", "BBBBBBBCBBBABBABEEBCEECBBBBBCEEA"]
+
+
+def published_patterns(layers: int = 32) -> list[dict]:
+    """Per-layer patterns of the published table for a model of ``layers`` layers (32: the table
+    itself; fewer: evenly spaced rows of it)."""
+    rows = [PUBLISHED[i * len(PUBLISHED) // layers] for i in range(layers)]
+    return [{h: ("vertical_and_slash", *CODES[code]) for h, code in enumerate(row)} for row in rows]
+
+
+def published_layer(hq: int = HQ) -> dict:
+    """One layer of ``hq`` heads with the published table's pattern proportions (largest remainder),
+    the kinds spread over the KV groups (head ``h`` takes kind ``(13 h) mod hq`` of the sorted list)."""
+    table = "".join(PUBLISHED)
+    share = {code: table.count(code) * hq / len(table) for code in CODES}
+    count = {code: int(s) for code, s in share.items()}
+    for code in sorted(share, key=lambda x: count[x] - share[x])[:hq - sum(count.values())]:
+        count[code] += 1
+    kinds = [code for code in CODES for _ in range(count[code])]
+    return {h: ("vertical_and_slash", *CODES[kinds[(13 * h) % hq]]) for h in range(hq)}
 
 
 def rope(x, theta=500000.0):
@@ -71,15 +129,16 @@ def inputs(L, dev, dtype, kind, hq=HQ, hkv=HKV, d=D):
     return q.contiguous(), k.contiguous(), v
 
 
-def elapsed(fn, dev, reps):
-    """Median seconds of ``fn`` (CUDA events), after one warm-up call."""
-    fn()
+def elapsed(fn, dev, reps, warmup=True):
+    """Median seconds of ``fn`` (CUDA events) over ``reps`` calls, after one warm-up call."""
+    if warmup:
+        fn()
     if not c._is_cuda(dev):
         t = time.perf_counter()
         fn()
         return time.perf_counter() - t
     times = []
-    for _ in range(reps):
+    for _ in range(max(1, reps)):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -99,7 +158,8 @@ def dense(q, k, v, scale):
 def configs(hq):
     return {"default": MInferenceConfig(patterns=[{}]),  # every head: the reference's VS (1000, 6096)
             "local": MInferenceConfig(patterns=[{}]),  # the same, diagonals replaced by the nearest 6096
-            "mix": MInferenceConfig(patterns=[{h: MIX[h % len(MIX)] for h in range(hq)}])}
+            "mix": MInferenceConfig(patterns=[{h: MIX[h % len(MIX)] for h in range(hq)}]),
+            "published": MInferenceConfig(patterns=[published_layer(hq)])}
 
 
 def vs_index(plan, q, k, rank, scale, local):
@@ -116,16 +176,21 @@ def vs_index(plan, q, k, rank, scale, local):
     return heads, vertical, slash
 
 
-def vs_kernel_stats(name, plan, q, k, v, rank, scale, dev, reps, local=False):
+def head_tiles(prep: M.VSPlan) -> torch.Tensor:
+    """``[B, n]`` 64-key tiles each head's programs run (diagonal tiles + column tiles), over all query blocks."""
+    return prep.n_tile.long().sum(-1) + ((prep.n_vert.long() + M.BLOCK_N - 1) // M.BLOCK_N).sum(-1)
+
+
+def vs_kernel_stats(name, plan, q, k, v, rank, scale, dev, reps, local=False, warmup=True):
     """Time of the VS kernel alone (index prepared) and the work it really does: 64-key tiles run
     per query block (diagonal ranges cut into tiles + gathered columns) and TFLOP/s on those tiles."""
     heads, vertical, slash = vs_index(plan, q, k, rank, scale, local)
     prep = M.vs_prepare(rank, rank, vertical, slash)
     work = M.vs_work(prep)
     out = torch.empty_like(q)
-    t_prep = elapsed(lambda: M.vs_prepare(rank, rank, vertical, slash), dev, reps)
+    t_prep = elapsed(lambda: M.vs_prepare(rank, rank, vertical, slash), dev, reps, warmup)
     t_kernel = elapsed(lambda: M.vs_attention(q, k, v, rank, rank, vertical, slash, scale, heads=heads, out=out,
-                                              plan=prep), dev, reps)
+                                              plan=prep), dev, reps, warmup)
     tiles = work["diagonal_tiles"] + work["column_tiles"]
     blocks = max(1, work["query_blocks"])
     d, L = q.shape[-1], q.shape[2]
@@ -143,7 +208,50 @@ def vs_kernel_stats(name, plan, q, k, v, rank, scale, dev, reps, local=False):
             for key, value in stats.items()}
 
 
-def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D)):
+def union_index(index: torch.Tensor, heads: torch.Tensor, group: int):
+    """The union of ``index [B, n, N]`` (ascending, ``SENTINEL``-padded, for query heads ``heads``)
+    over the query heads of each KV head: ``[B, g, N']`` for the ``g`` KV heads present, and each
+    head's row in it ``[n]``."""
+    kv = heads.long() // group
+    present = kv.unique()
+    parts = []
+    for g in present.tolist():
+        x = index[:, (kv == g).nonzero().flatten()].flatten(1).long().sort(-1).values
+        dup = torch.zeros_like(x, dtype=torch.bool)
+        dup[:, 1:] = x[:, 1:] == x[:, :-1]
+        parts.append(x.masked_fill(dup, R.SENTINEL).sort(-1).values)
+    width = max(1, max(int((p < R.SENTINEL).sum(-1).max()) for p in parts))
+    union = torch.stack([F.pad(p, (0, max(0, width - p.shape[-1])), value=R.SENTINEL)[..., :width] for p in parts], 1)
+    return union.int().contiguous(), torch.searchsorted(present, kv)
+
+
+def union_stats(name, plan, q, k, v, rank, scale, dev, reps, dense_s, warmup=True):
+    """Per-KV-group union index vs per-query-head programs (module docstring): the union's work over
+    the per-head work (tiles), the VS kernel timed with every head walking its group's union, and a
+    union kernel's best case (its FLOPs at dense SDPA's throughput)."""
+    heads, vertical, slash = vs_index(plan, q, k, rank, scale, False)
+    group = q.shape[1] // k.shape[1]
+    per_head = head_tiles(M.vs_prepare(rank, rank, vertical, slash)).sum()
+    union_v, row = union_index(vertical, heads, group)
+    union_s, _ = union_index(slash, heads, group)
+    union_tiles = head_tiles(M.vs_prepare(rank, rank, union_v, union_s))  # [B, g]: per group
+    union_work = union_tiles[:, row].sum()  # every head of a group runs its group's union
+    vu, su = union_v[:, row].contiguous(), union_s[:, row].contiguous()
+    prep = M.vs_prepare(rank, rank, vu, su)
+    out = torch.empty_like(q)
+    t_union = elapsed(lambda: M.vs_attention(q, k, v, rank, rank, vu, su, scale, heads=heads, out=out, plan=prep),
+                      dev, reps, warmup)
+    L, d = q.shape[2], q.shape[3]
+    dense_flops = 4 * d * q.shape[1] * L * (L + 1) / 2
+    union_flops = 4 * d * 64 * M.BLOCK_N * float(union_work)
+    return {f"{name}_union_work_vs_per_head": float(union_work) / max(1.0, float(per_head)),
+            f"{name}_union_slash_per_group": float((union_s < R.SENTINEL).sum(-1).float().mean()),
+            f"{name}_union_vertical_per_group": float((union_v < R.SENTINEL).sum(-1).float().mean()),
+            f"{name}_union_per_head_programs_ms": t_union * 1e3,
+            f"{name}_union_best_case_ms": union_flops / (dense_flops / dense_s) * 1e3 if dense_s > 0 else None}
+
+
+def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), union=True):
     hq, hkv, d = shape
     scale = d ** -0.5
     use_triton = c._is_cuda(dev)
@@ -151,9 +259,10 @@ def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D)):
     for L in lengths:
         q, k, v = inputs(L, dev, dtype, kind, hq, hkv, d)
         rank = torch.arange(L, device=dev, dtype=torch.int32)[None]
-        reps_L = reps if L <= 256 * K else 2
-        t_dense = elapsed(lambda: dense(q, k, v, scale), dev, reps_L)
-        row = {"tokens": L, "inputs": kind, "dense_ms": t_dense * 1e3,
+        long = L >= 512 * K  # timed once, no warm-up call: the kernels were compiled at shorter lengths
+        reps_L, warm = (1, False) if long and len(lengths) > 1 else (reps, True)
+        t_dense = elapsed(lambda: dense(q, k, v, scale), dev, reps_L, warm)
+        row = {"tokens": L, "inputs": kind, "dense_ms": t_dense * 1e3, "reps": reps_L,
                "dense_tflops": 2 * 2 * hq * d * L * (L + 1) / 2 / t_dense / 1e12}
         for name in variants:
             plan = plan_heads(configs(hq)[name], 0, list(range(hq)), L)
@@ -169,11 +278,21 @@ def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D)):
             else:
                 def run():
                     return sparse_prefill(plan, q, k, v, rank, rank, scale, use_triton=use_triton)
-            t = elapsed(run, dev, reps_L)
-            t_index = elapsed(lambda: vs_index(plan, q, k, rank, scale, False), dev, reps_L) if plan.vs else 0.0
+            t = elapsed(run, dev, reps_L, warm)
+            t_index = elapsed(lambda: vs_index(plan, q, k, rank, scale, False), dev, reps_L, warm) if plan.vs else 0.0
             row.update({f"{name}_ms": t * 1e3, f"{name}_index_ms": t_index * 1e3, f"{name}_speedup": t_dense / t})
-            if plan.vs:
-                row.update(vs_kernel_stats(name, plan, q, k, v, rank, scale, dev, reps_L, local))
+            if plan.vs and use_triton:
+                row.update(vs_kernel_stats(name, plan, q, k, v, rank, scale, dev, reps_L, local, warm))
+            if union and plan.vs and not local and len(plan.vs) == hq:
+                if use_triton:
+                    row.update(union_stats(name, plan, q, k, v, rank, scale, dev, reps_L, t_dense, warm))
+                else:  # CPU: the work ratio only
+                    heads, vertical, slash = vs_index(plan, q, k, rank, scale, False)
+                    uv, r = union_index(vertical, heads, hq // hkv)
+                    us, _ = union_index(slash, heads, hq // hkv)
+                    per_head = head_tiles(M.vs_prepare(rank, rank, vertical, slash)).sum()
+                    row[f"{name}_union_work_vs_per_head"] = float(
+                        head_tiles(M.vs_prepare(rank, rank, uv, us))[:, r].sum()) / float(per_head)
         rows.append(row)
         print("layer " + ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                                    for key, value in row.items()), flush=True)
@@ -208,31 +327,138 @@ def sweep_rows(L, dev, dtype, kind):
     return rows
 
 
-def ttft_rows(dev, lengths, chunk, smoke):
-    model = c.build_model(dev, smoke=smoke)
+def build_model(dev, layers=32, attention="local", smoke=False, seed=0):
+    """The 8B-shaped Llama (``common.llama8b_config``: Llama-3-8B dimensions, rope theta 500000,
+    ``max_position_embeddings`` 4M) with random bf16 weights. ``attention="local"``: the q and k
+    projections get a bias, the same random vector ``u`` (per KV head; entries of 0.6x the size of a
+    projection's output entries) for the KV head and its query heads, so that scores carry
+    ``u . R(i - j) u`` (RoPE), which is largest near the diagonal: attention decays with distance
+    as in trained models (the layer part's ``rope`` inputs, in a model). ``"random"``: no bias
+    (every score is noise, so the chosen diagonals scatter: the worst case for VS)."""
+    from transformers import LlamaForCausalLM
 
-    def variant(model, name):
-        if name == "minference":
-            return c.kvpress_variant(model, "minference", min_length=0)
-        return c.baseline_variant(model, name)
+    if attention not in ("local", "random"):
+        raise ValueError(f"attention is 'local' or 'random', got {attention!r}")
+    config = c.llama8b_config(smoke=smoke, layers=layers)
+    config.attention_bias = attention == "local"
+    torch.manual_seed(seed)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(dev):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.config.use_cache = True
+    model = model.eval().requires_grad_(False)
+    if attention == "local":
+        hq, hkv = config.num_attention_heads, config.num_key_value_heads
+        d = config.hidden_size // hq
+        size = 0.6 * config.initializer_range * config.hidden_size ** 0.5  # 0.6 x the std of W x (x RMS-normed)
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            u = torch.randn(hkv, d, device=dev) * size
+            attn.q_proj.bias.copy_(u.repeat_interleave(hq // hkv, 0).flatten())
+            attn.k_proj.bias.copy_(u.flatten())
+            attn.v_proj.bias.zero_()
+            attn.o_proj.bias.zero_()
+    return model
 
-    return c.e2e_rows(model, dev, lengths, ["unpatched", "minference"], variant, chunk, new_tokens=3,
-                      warmup_tokens=min(4 * K, lengths[0]))
+
+def random_duo(layers, kv_heads, retrieval=0.5, seed=0):
+    """DuoAttention config with ``retrieval`` of the KV heads, chosen by random gates (an ablation split)."""
+    gates = torch.rand(layers, kv_heads, generator=torch.Generator().manual_seed(seed))
+    return DuoConfig(gates=gates, sparsity=1.0 - retrieval)
+
+
+def ttft_rows(dev, plan, chunk, smoke, attention="local", retrieval=0.5):
+    """Time to first token per (tokens, layers) of ``plan``: unpatched (one chunk), minference and
+    minference+duo (``chunk``-token chunks), the published config on every layer."""
+    rows = []
+    for L, layers in plan:
+        model = build_model(dev, layers, attention, smoke)
+        published = MInferenceConfig(patterns=published_patterns(layers))
+        duo = random_duo(layers, model.config.num_key_value_heads, retrieval)
+
+        def variant(model, name):
+            if name == "minference":
+                return c.kvpress_variant(model, "minference", config=published)
+            if name == "minference+duo":
+                return c.kvpress_variant(model, "minference+duo", config={"minference": published, "duo": duo})
+            return c.baseline_variant(model, name)
+
+        warm = min(4 * K, L)
+        for name in ("unpatched", "minference", "minference+duo"):
+            part = c.e2e_rows(model, dev, [L], [name], variant, L if name == "unpatched" else min(chunk, L),
+                              new_tokens=3, warmup_tokens=warm)
+            for row in part:
+                row.update(layers=layers, attention=attention, chunk=L if name == "unpatched" else min(chunk, L))
+            rows += part
+        base = next(r["prefill_s"] for r in rows if r["variant"] == "unpatched" and r["tokens"] == L and r["layers"] == layers)
+        for r in rows:
+            if r["tokens"] == L and r["layers"] == layers:
+                r["ttft_speedup"] = base / r["prefill_s"]
+        del model
+        c._empty_cache(dev)
+    return rows
+
+
+def plot(path, out):
+    """Speed-up over dense SDPA vs length per variant, from a layer JSON, with the done-when targets."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.loads(Path(path).read_text())
+    rows = result["layer"]
+    names = [key[:-len("_speedup")] for key in rows[0] if key.endswith("_speedup")]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    labels = {"default": "VS (1000, 6096) on every head", "published": "reference's published Llama-3-8B mix",
+              "mix": "reference's candidates in turn", "local": "VS (1000, 6096), nearest diagonals"}
+    for name in names:
+        pts = [(r["tokens"], r[f"{name}_speedup"]) for r in rows if f"{name}_speedup" in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labels.get(name, name))
+    ax.scatter([128 * K, 512 * K, 1024 * K], [4, 10, 20], marker="*", s=120, color="black", zorder=5,
+               label="targets (4x, 10x, 20x)")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ticks = sorted({r["tokens"] for r in rows})
+    ax.set_xticks(ticks, [f"{t // K}K" if t < K * K else f"{t // (K * K)}M" for t in ticks])
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("speed-up over dense SDPA (one layer)")
+    env = result.get("env", {})
+    ax.set_title(f"MInference prefill, one Llama-3-8B-shaped layer, {env.get('device', '')}", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print("wrote", out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", default="layer", help="comma-separated: layer, ttft")
-    p.add_argument("--lengths", default="8192,16384,24576,32768,65536,131072,262144,524288,1048576")
-    p.add_argument("--variants", default="default,local,mix")
+    p.add_argument("--lengths", default="32768,65536,131072,262144,524288,1048576")
+    p.add_argument("--variants", default="default,published,mix")
     p.add_argument("--inputs", default="rope", choices=["rope", "random"])
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-union", action="store_true", help="skip the per-KV-group union measurement")
     p.add_argument("--sweep", action="store_true", help="also sweep the VS kernel's warps / stages at the first length")
-    p.add_argument("--ttft-lengths", default="131072,524288")
-    p.add_argument("--chunk", type=int, default=131072, help="prefill chunk of the ttft part (tokens)")
+    p.add_argument("--ttft", default="131072x32", help="TTFT runs: TOKENSxLAYERS, comma-separated")
+    p.add_argument("--attention", default="local", choices=["local", "random"], help="the TTFT model's attention")
+    p.add_argument("--chunk", type=int, default=131072, help="prefill chunk of the kvpress variants (tokens)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script, times mean nothing)")
+    p.add_argument("--plot", default=None, metavar="JSON", help="only plot a layer JSON (to --plot-out)")
+    p.add_argument("--plot-out", default=str(Path(__file__).resolve().parent.parent / "docs" / "minference_speed.png"))
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.plot:
+        plot(args.plot, args.plot_out)
+        return 0
     dev = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
     parts = args.parts.split(",")
@@ -241,9 +467,9 @@ def main(argv=None):
               "tiles": {"num_warps": M.NUM_WARPS, "num_stages": M.NUM_STAGES}}
     if "layer" in parts:
         lengths = [256, 512] if args.smoke else [int(x) for x in args.lengths.split(",")]
-        shape = (4, 2, 32) if args.smoke else (HQ, HKV, D)
+        shape = (8, 2, 32) if args.smoke else (HQ, HKV, D)
         variants = args.variants.split(",")
-        rows = layer_rows(lengths, dev, dtype, args.inputs, variants, args.reps, shape)
+        rows = layer_rows(lengths, dev, dtype, args.inputs, variants, args.reps, shape, union=not args.no_union)
         result["layer"] = rows
         result["crossover_tokens"] = {name: crossover(rows, name) for name in variants}
         c.table("one layer: dense SDPA vs MInference (index building included)", rows,
@@ -254,12 +480,18 @@ def main(argv=None):
                     (f"{n}_vs_{x}", f) for n in variants for x, f in (
                         ("kernel_ms", "{:.2f}"), ("keys_per_qblock", "{:.0f}"), ("work_vs_dense", "{:.3f}"),
                         ("kernel_tflops", "{:.0f}"))])
+        c.table("union index per KV group: its work over the per-head work; per-head programs over it; best case", rows,
+                [("tokens", "{:d}")] + [(f"{n}_union_{x}", f) for n in variants for x, f in (
+                    ("work_vs_per_head", "{:.2f}"), ("per_head_programs_ms", "{:.1f}"), ("best_case_ms", "{:.1f}"))])
         print("crossover (tokens):", result["crossover_tokens"])
         if args.sweep and not args.smoke:
             result["sweep"] = sweep_rows(lengths[0], dev, dtype, args.inputs)
     if "ttft" in parts:
-        lengths = [512] if args.smoke else [int(x) for x in args.ttft_lengths.split(",")]
-        result["ttft"] = ttft_rows(dev, lengths, 256 if args.smoke else args.chunk, args.smoke)
+        plan = [(512, 2)] if args.smoke else [tuple(int(x) for x in item.split("x")) for item in args.ttft.split(",")]
+        result["ttft"] = ttft_rows(dev, plan, 256 if args.smoke else args.chunk, args.smoke, args.attention)
+        c.table("time to first token (s) on the 8B shape", result["ttft"],
+                [("variant", "{}"), ("tokens", "{:d}"), ("layers", "{:d}"), ("prefill_s", "{:.2f}"),
+                 ("ttft_speedup", "{:.2f}"), ("peak_prefill_GiB", "{:.1f}"), ("kv_GiB", "{:.2f}")])
     out = args.out or Path(__file__).resolve().parent / "results" / f"minference_{'_'.join(parts)}_{c.device_tag(env)}.json"
     if not args.smoke or args.out:
         c.write_json(out, result)
