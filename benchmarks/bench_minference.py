@@ -251,7 +251,8 @@ def union_stats(name, plan, q, k, v, rank, scale, dev, reps, dense_s, warmup=Tru
             f"{name}_union_best_case_ms": union_flops / (dense_flops / dense_s) * 1e3 if dense_s > 0 else None}
 
 
-def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), union=True):
+def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), union=True, on_row=None):
+    """One row per length (``on_row(rows)`` after each: the caller saves partial results)."""
     hq, hkv, d = shape
     scale = d ** -0.5
     use_triton = c._is_cuda(dev)
@@ -294,6 +295,8 @@ def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), un
                     row[f"{name}_union_work_vs_per_head"] = float(
                         head_tiles(M.vs_prepare(rank, rank, uv, us))[:, r].sum()) / float(per_head)
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
         print("layer " + ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                                    for key, value in row.items()), flush=True)
         del q, k, v
@@ -407,6 +410,7 @@ def plot(path, out):
     import json
 
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -425,6 +429,7 @@ def plot(path, out):
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
     ticks = sorted({r["tokens"] for r in rows})
     ax.set_xticks(ticks, [f"{t // K}K" if t < K * K else f"{t // (K * K)}M" for t in ticks])
     ax.set_xlabel("prompt tokens")
@@ -465,11 +470,19 @@ def main(argv=None):
     env = c.environment()
     result = {"env": env, "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": str(dtype)},
               "tiles": {"num_warps": M.NUM_WARPS, "num_stages": M.NUM_STAGES}}
+    out = args.out or Path(__file__).resolve().parent / "results" / f"minference_{'_'.join(parts)}_{c.device_tag(env)}.json"
+    save = not args.smoke or args.out
+
+    def partial(rows):  # a run cut short (timeout) still leaves its rows
+        if save:
+            c.write_json(out, {**result, "layer": rows, "partial": True})
+
     if "layer" in parts:
         lengths = [256, 512] if args.smoke else [int(x) for x in args.lengths.split(",")]
         shape = (8, 2, 32) if args.smoke else (HQ, HKV, D)
         variants = args.variants.split(",")
-        rows = layer_rows(lengths, dev, dtype, args.inputs, variants, args.reps, shape, union=not args.no_union)
+        rows = layer_rows(lengths, dev, dtype, args.inputs, variants, args.reps, shape, union=not args.no_union,
+                          on_row=partial)
         result["layer"] = rows
         result["crossover_tokens"] = {name: crossover(rows, name) for name in variants}
         c.table("one layer: dense SDPA vs MInference (index building included)", rows,
@@ -492,10 +505,8 @@ def main(argv=None):
         c.table("time to first token (s) on the 8B shape", result["ttft"],
                 [("variant", "{}"), ("tokens", "{:d}"), ("layers", "{:d}"), ("prefill_s", "{:.2f}"),
                  ("ttft_speedup", "{:.2f}"), ("peak_prefill_GiB", "{:.1f}"), ("kv_GiB", "{:.2f}")])
-    out = args.out or Path(__file__).resolve().parent / "results" / f"minference_{'_'.join(parts)}_{c.device_tag(env)}.json"
-    if not args.smoke or args.out:
+    if save:
         c.write_json(out, result)
-        print("wrote", out)
     return 0
 
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# MInference speed (#12) and one million tokens (#18) on the H200. Everything lands in $OUT/mink/.
+#   bash benchmarks/gpu_mink.sh            GPU tests of MInference, one layer 32K..1M (+ union index), TTFT 128K (~2.5 min)
+#   bash benchmarks/gpu_mink.sh million    benchmarks/million.py: 256K/512K/1M x Duo 50%/25% (its own call, < 8 min)
+#   bash benchmarks/gpu_mink.sh ttft512    TTFT at 512K on 4 layers (~2 min)
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/kvpress-gpu}
+R="$OUT/mink"
+mkdir -p "$R"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R/gpu.txt"
+# The tree must be importable as installed (not from the repository root): install it unless the caller did.
+if ! (cd /tmp && python -c "import kvpress.kernels.minference" >/dev/null 2>&1); then
+  pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-mink . >"$R/install.log" 2>&1 || tail -5 "$R/install.log"
+  export PYTHONPATH=/tmp/kvpress-mink${PYTHONPATH:+:$PYTHONPATH}
+fi
+part=${1:-main}
+start=$(date +%s)
+case $part in
+  main)
+    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_minference*.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
+    timeout 240 python benchmarks/bench_minference.py --parts layer --reps 2 \
+      --lengths 32768,65536,131072,262144,524288,1048576 --variants default,published,mix \
+      --out "$R/minference_layer.json" 2>&1 | tee "$R/layer.log" | tail -32
+    [ -f "$R/minference_layer.json" ] && timeout 60 python benchmarks/bench_minference.py \
+      --plot "$R/minference_layer.json" --plot-out "$R/minference_speed.png" 2>&1 | tail -2
+    timeout 200 python benchmarks/bench_minference.py --parts ttft --ttft 131072x32 \
+      --out "$R/minference_ttft_128k.json" 2>&1 | tee "$R/ttft.log" | tail -8 ;;
+  ttft512)
+    timeout 300 python benchmarks/bench_minference.py --parts ttft --ttft 524288x4 \
+      --out "$R/minference_ttft_512k.json" 2>&1 | tee "$R/ttft512.log" | tail -8 ;;
+  million)
+    timeout 470 python benchmarks/million.py --lengths 262144,524288,1048576 --retrieval 0.5,0.25 \
+      --out "$R/million.json" 2>&1 | tee "$R/million.log" | tail -20 ;;
+  *) echo "unknown part $part (main, ttft512, million)" ;;
+esac
+echo "mink $part: $(( $(date +%s) - start )) s"
