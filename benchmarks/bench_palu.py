@@ -1,24 +1,40 @@
-"""Palu decode attention, one layer: the fused latent kernel vs dense SDPA decode.
+"""Palu decode attention, one layer: the fused latent kernel vs dense SDPA decode; and time per output
+token of an 8B-shaped Llama.
 
-    python benchmarks/bench_palu.py layer [--lengths 65536 131072] [--smoke]
-    python benchmarks/bench_palu.py sweep               # tile settings of the kernel at 128K
-    python benchmarks/bench_palu.py e2e [--lengths ...] # TPOT of an 8B-shaped Llama, patched vs not
+    python benchmarks/bench_palu.py layer [--lengths 65536 131072] [--group-sizes 1 2 4]
+                                          [--ratios 0.25 0.5 0.75] [--bits 16 4] [--smoke]
+    python benchmarks/bench_palu.py sweep [--lengths 131072]   # kernel settings at one length
+    python benchmarks/bench_palu.py tpot [--lengths ...]      # 8B-shaped Llama, patched vs not
 
-``layer``: one query token per row against a cache of L tokens, Llama-3-8B attention shape (32 query
-heads, 8 KV heads, D 128, bf16) and an MHA shape (32/32), Palu-50% (per-group rank = half the group's
-output width, keys and values), latents in bf16 and at 4 bits. By default groups of one KV head:
-rebuilding keys is compute (``2 * D * r`` FLOP per token and KV head, ``r`` the group's rank), so
+``layer`` (the speed side of the frontier): one query token per row against a cache of L tokens,
+Llama-3-8B attention shape (32 query heads, 8 KV heads, D 128, bf16) and an MHA shape (32/32), per
+group size ``gs`` (KV heads per latent group) and kept rank ratio (per-group rank = ratio x
+``gs * D``, keys and values), latents in bf16 and quantised (``--bits``, 16 = unquantised).
+Rebuilding keys is compute (``2 * D * r`` FLOP per token and KV head, ``r`` the group's rank), so
 only small groups can beat dense decode by the issue's margins (>= 1.5x GQA, >= 1.8x MHA, >= 2.5x
-at 4 bits, at 64K and 128K); ``--group-sizes 1 2 4 --bits 16 4 3`` measures the whole trade-off.
-Each time is a CUDA graph replay with a cold L2 (``common.graph_time``), next to dense SDPA decode
-and to "rebuild" (keys and values rebuilt from latents with torch, then SDPA: what the value
-side would cost without the fused kernel). Writes ``benchmarks/results/palu_<part>_<device>.json``.
+at 4 bits, at 64K and 128K). Each time is a CUDA graph replay with a cold L2
+(``common.graph_time``), next to dense SDPA decode on the same shape.
+
+``sweep``: the kernel's settings (score orientation ``TOKENS_M``, token tile, warps, pipelining
+depth, programs per SM) at one length, GQA, groups of one KV head, half rank.
+
+``tpot``: the 8B-shaped Llama with random weights (``common.build_model``), Palu factors made from
+those weights at patch time (plain SVD, half rank, groups of one KV head: the speed does not depend
+on the factors' values), the caches filled to L tokens with random latents / K/V (no prefill
+compute), then eager decode steps: median time per output token, GPU busy time per step (the part
+the kernel changes; eager transformers spends most of a step on the host), peak memory, cache bytes.
+
+Rows are written as they come (a step cut short by a timeout keeps what it measured) to
+``--out/palu_<part>_<device>.json`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -27,6 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import common as c  # noqa: E402
 
+import kvpress  # noqa: E402
 from kvpress.kernels import palu as kernel  # noqa: E402
 from kvpress.kernels import palu_reference as ref  # noqa: E402
 from kvpress.methods import METHODS  # noqa: E402
@@ -36,11 +53,11 @@ METHODS.setdefault("palu", Palu)  # until kvpress.methods registers it
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {"gqa": (32, 8), "mha": (32, 32)}  # (query heads, KV heads), D = 128
+D = 128
 
 
 def latent_case(T, hq, hkv, gs, ratio, bits, dev, dtype=torch.bfloat16, quant_group=32, batch=1):
     """Random latents of ``T`` tokens per row and everything ``palu_decode`` takes."""
-    D = 128
     groups = hkv // gs
     rank = int(gs * D * ratio)
     spec = ref.QuantSpec(bits, quant_group) if bits else None
@@ -66,110 +83,210 @@ def latent_case(T, hq, hkv, gs, ratio, bits, dev, dtype=torch.bfloat16, quant_gr
 
 
 def latent_bytes(case) -> int:
+    """Bytes of the cached latents (codes, scales and minima) of a case."""
     return sum(t.numel() * t.element_size() for side in (case["k"], case["v"])
                for t in (side.data, side.scale_min) if t is not None)
 
 
-def layer_rows(dev, lengths, shapes, group_sizes, bits_list, ratio=0.5):
-    rows = []
-    for shape in shapes:
-        hq, hkv = SHAPES[shape]
+class Recorder:
+    """Rows of one part, written to its JSON after each row."""
+
+    def __init__(self, path: Path | None, env: dict):
+        self.path, self.env, self.rows = path, env, []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print(row, flush=True)
+        if self.path is not None:
+            c.write_json(self.path, {"env": self.env, "rows": self.rows})
+
+
+def dense_time(hq, hkv, T, dev):
+    """Dense SDPA decode of one query token over ``T`` bf16 keys/values: (seconds, K/V bytes)."""
+    k = c.rand(1, hkv, T, D, dev=dev)
+    v = c.rand(1, hkv, T, D, dev=dev)
+    q = c.rand(1, hq, 1, D, dev=dev)
+    t = c.graph_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv))
+    return t, 2 * k.numel() * k.element_size()
+
+
+def layer_settings(group_sizes, ratios, bits_list):
+    """(gs, ratio, bits) in the order measured: the issue's setting (groups of one, half rank) first."""
+    settings = list(itertools.product(group_sizes, ratios, bits_list))
+    return sorted(settings, key=lambda s: (s[0] != 1 or s[1] != 0.5, s[0], s[1]))
+
+
+def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list):
+    dense = {}
+    for shape in shapes:  # dense first: the speed-ups need it
         for T in lengths:
-            k = c.rand(1, hkv, T, 128, dev=dev)
-            v = c.rand(1, hkv, T, 128, dev=dev)
-            q = c.rand(1, hq, 1, 128, dev=dev)
-            dense = c.graph_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv))
-            dense_bytes = 2 * k.numel() * k.element_size()
-            rows.append({"shape": shape, "tokens": T, "variant": "dense-sdpa", "us": dense * 1e6, "bytes": dense_bytes,
-                         "speedup": 1.0})
-            del k, v
-            for gs in group_sizes:
-                for bits in bits_list:
+            hq, hkv = SHAPES[shape]
+            dense[shape, T] = dense_time(hq, hkv, T, dev)
+            rec.add({"shape": shape, "tokens": T, "variant": "dense-sdpa", "us": dense[shape, T][0] * 1e6,
+                     "bytes": dense[shape, T][1], "speedup": 1.0})
+    for gs, ratio, bits in layer_settings(group_sizes, ratios, bits_list):
+        for shape in shapes:
+            hq, hkv = SHAPES[shape]
+            for T in lengths:
+                t_dense, dense_bytes = dense[shape, T]
+                try:
                     case = latent_case(T, hq, hkv, gs, ratio, bits, dev)
                     t = c.graph_time(lambda: kernel.palu_decode(**case))
-                    nbytes = latent_bytes(case)
-                    rows.append({"shape": shape, "tokens": T, "variant": f"palu gs={gs} bits={bits or 16}",
-                                 "group_size": gs, "bits": bits or 16, "us": t * 1e6, "bytes": nbytes,
-                                 "speedup": dense / t, "bytes_ratio": nbytes / dense_bytes,
-                                 "read_tb_s": nbytes / t / 1e12})
-                    if bits is None and gs == 1:  # values (and keys) rebuilt with torch, then SDPA
-                        def rebuild():
-                            keys = ref.rebuild_keys(case["k"], case["k_up"], case["positions"], case["cos"], case["sin"])
-                            values = ref.rebuild(case["v"].values(), case["v_up"], None, 128)
-                            return F.scaled_dot_product_attention(case["q"], keys, values, enable_gqa=hq != hkv)
-                        t = c.graph_time(rebuild)
-                        rows.append({"shape": shape, "tokens": T, "variant": "rebuild+sdpa gs=1", "group_size": 1,
-                                     "bits": 16, "us": t * 1e6, "speedup": dense / t})
-                    print(rows[-1], flush=True)
-                    del case
-            torch.cuda.empty_cache() if dev == "cuda" else None
-    return rows
+                except Exception as error:  # a setting that does not compile or fit: recorded, the rest goes on
+                    rec.add({"shape": shape, "tokens": T, "group_size": gs, "ratio": ratio, "bits": bits or 16,
+                             "error": f"{type(error).__name__}: {str(error)[:300]}"})
+                    continue
+                nbytes = latent_bytes(case)
+                rank = case["k"].rank
+                flop = 2 * T * hkv * D * rank  # rebuilding keys (per KV head: its D rows of the group's up)
+                rec.add({"shape": shape, "tokens": T, "variant": f"palu gs={gs} r={ratio} bits={bits or 16}",
+                         "group_size": gs, "ratio": ratio, "rank": rank, "bits": bits or 16, "us": t * 1e6,
+                         "bytes": nbytes, "speedup": t_dense / t, "bytes_ratio": nbytes / dense_bytes,
+                         "read_tb_s": nbytes / t / 1e12, "rebuild_tflop_s": flop / t / 1e12,
+                         "plan": kernel._CHOSEN.get(_plan_key(case))})
+                del case
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
 
 
-def sweep_rows(dev, T, shape="gqa", gs=1, bits_list=(None, 4)):
-    """Tile settings of the decode kernel (module constants) at one length."""
-    rows = []
+def _plan_key(case):
+    bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
+    qpk = case["q"].shape[1] // (case["k_up"].shape[0] * case["k_up"].shape[1] // D)
+    gp = max(16, 1 << (qpk - 1).bit_length())
+    return (D, case["k"].rank, case["v"].rank, bits(case["k"]), bits(case["v"]), case["q"].element_size(), gp,
+            kernel.BLOCK_N, kernel.NUM_STAGES, kernel.TOKENS_M, kernel.NUM_WARPS)
+
+
+SWEEP = dict(tokens_m=(True, False), block_n=(64, 128), warps=(4, 8), stages=(3, 2), per_sm=(2, 1, 4))
+
+
+def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid=SWEEP):
+    """Settings of the decode kernel (module constants) at one length; the defaults are restored."""
     hq, hkv = SHAPES[shape]
-    defaults = (kernel.BLOCK_N, kernel.NUM_WARPS, kernel.NUM_STAGES, kernel.PROGRAMS_PER_SM)
+    t_dense, _ = dense_time(hq, hkv, T, dev)
+    rec.add({"shape": shape, "tokens": T, "variant": "dense-sdpa", "us": t_dense * 1e6})
+    names = ("TOKENS_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM")
+    defaults = {name: getattr(kernel, name) for name in names}
     try:
         for bits in bits_list:
-            case = latent_case(T, hq, hkv, gs, 0.5, bits, dev)
-            for block_n in (32, 64, 128):
-                for warps in (4, 8):
-                    for stages in (1, 2, 3):
-                        for per_sm in (1, 2, 4):
-                            kernel.BLOCK_N, kernel.NUM_WARPS, kernel.NUM_STAGES, kernel.PROGRAMS_PER_SM = block_n, warps, stages, per_sm
-                            try:
-                                t = c.graph_time(lambda: kernel.palu_decode(**case))
-                            except Exception as error:  # a tile that does not compile (resources)
-                                print(f"skip {block_n}/{warps}/{stages}/{per_sm}: {type(error).__name__}")
-                                continue
-                            rows.append({"tokens": T, "bits": bits or 16, "block_n": block_n, "warps": warps,
-                                         "stages": stages, "programs_per_sm": per_sm, "us": t * 1e6})
-                            print(rows[-1], flush=True)
+            case = latent_case(T, hq, hkv, gs, ratio, bits, dev)
+            for tokens_m, block_n, warps, stages in itertools.product(grid["tokens_m"], grid["block_n"], grid["warps"],
+                                                                       grid["stages"]):
+                for per_sm in grid["per_sm"]:
+                    values = (tokens_m, block_n, warps, stages, per_sm)
+                    for name, value in zip(names, values):
+                        setattr(kernel, name, value)
+                    row = {"shape": shape, "tokens": T, "bits": bits or 16, "group_size": gs, "ratio": ratio,
+                           "tokens_m": tokens_m, "block_n": block_n, "warps": warps, "stages": stages,
+                           "programs_per_sm": per_sm}
+                    try:
+                        t = c.graph_time(lambda: kernel.palu_decode(**case))
+                    except Exception as error:  # a setting that does not compile (resources)
+                        rec.add({**row, "error": f"{type(error).__name__}: {str(error)[:200]}"})
+                        break  # the other per_sm values compile the same kernel
+                    rec.add({**row, "us": t * 1e6, "speedup": t_dense / t, "plan": kernel._CHOSEN.get(_plan_key(case))})
+            del case
     finally:
-        kernel.BLOCK_N, kernel.NUM_WARPS, kernel.NUM_STAGES, kernel.PROGRAMS_PER_SM = defaults
-    return rows
+        for name, value in defaults.items():
+            setattr(kernel, name, value)
 
 
-def e2e_rows(dev, lengths, smoke):
-    """TPOT of the 8B-shaped Llama (random weights, factors from the weights at 50%, groups of one KV
-    head), unpatched vs Palu bf16 and 4-bit latents."""
+# -- time per output token of the 8B shape -------------------------------------------------------
+
+
+def fill_palu(model, cache, tokens, chunk, dev):
+    """Append ``tokens`` random latents per layer to a Palu cache, ``chunk`` at a time (what a chunked
+    prefill leaves in it, without its compute)."""
+    plans = [module._kvpress_method.plans[i] for i, module in enumerate(kvpress.adapters.describe(model).attention_modules)]
+    for start in range(0, tokens, chunk):
+        n = min(chunk, tokens - start)
+        kvpress.cache.begin_forward(cache, None, 1, n, dev)
+        for i, plan in enumerate(plans):
+            hk = torch.randn(1, plan.groups, n, plan.k_up.shape[-1], device=dev, dtype=model.dtype)
+            hv = torch.randn(1, plan.groups, n, plan.v_up.shape[-1], device=dev, dtype=model.dtype)
+            cache.layers[i].update(hk, hv)
+        kvpress.cache.end_forward(cache)
+
+
+TPOT_VARIANTS = {"unpatched": None, "palu-50": None, "palu-50-4bit": 4}
+
+
+@torch.inference_mode()
+def tpot_rows(rec, dev, lengths, smoke, steps=8, chunk=8 * c.K):
     model = c.build_model(dev, smoke=smoke)
-    names = ["unpatched", "palu-50", "palu-50-4bit"]
-
-    def variant(model, name):
-        if name in c.BASELINES:
-            return c.baseline_variant(model, name)
-        bits = 4 if name.endswith("4bit") else None
-        return c.kvpress_variant(model, "palu", rank_ratio=0.5, group_size=1, rank_multiple=32, bits=bits)
-
-    return c.e2e_rows(model, dev, lengths, names, variant, chunk=8 * c.K, new_tokens=16)
+    arg = c.cache_argument(model)
+    for name, bits in TPOT_VARIANTS.items():
+        if name == "unpatched":
+            context = c.baseline_variant(model, name)
+        else:
+            t0 = time.perf_counter()
+            context = c.kvpress_variant(model, "palu", rank_ratio=0.5, group_size=1, rank_multiple=32, bits=bits)
+        with context as make_cache:
+            if name != "unpatched":
+                print(f"{name}: factors made in {time.perf_counter() - t0:.1f} s", flush=True)
+            for L in lengths:
+                cache = make_cache()
+                if name == "unpatched":
+                    c.fill_cache(model, cache, L, chunk, dev)
+                else:
+                    fill_palu(model, cache, L, chunk, dev)
+                c._sync(dev)
+                c._empty_cache(dev)
+                c._reset_peak(dev)
+                tok = torch.ones(1, 1, dtype=torch.long, device=dev)
+                times = []
+                for _ in range(steps + 3):
+                    c._sync(dev)
+                    t = time.perf_counter()
+                    model(input_ids=tok, **{arg: cache}, use_cache=True, logits_to_keep=1)
+                    c._sync(dev)
+                    times.append(time.perf_counter() - t)
+                times = sorted(times[3:])
+                peak = c._peak(dev)
+                busy = c.gpu_busy(lambda: model(input_ids=tok, **{arg: cache}, use_cache=True, logits_to_keep=1))
+                rec.add({"variant": name, "tokens": L, "tpot_ms": times[len(times) // 2] * 1e3,
+                         "gpu_ms_per_token": busy * 1e3, "peak_decode_GiB": peak / 2**30,
+                         "kv_GiB": kvpress.kv_cache_bytes(cache) / 2**30,
+                         "factors": None if name == "unpatched" else "plain SVD of the random weights"})
+                del cache
+                c._empty_cache(dev)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["layer", "sweep", "e2e"])
-    parser.add_argument("--lengths", type=int, nargs="*", default=[64 * c.K, 128 * c.K])
+    parser.add_argument("part", choices=["layer", "sweep", "tpot"])
+    parser.add_argument("--lengths", type=int, nargs="*", default=None)
     parser.add_argument("--shapes", nargs="*", default=["gqa", "mha"], choices=list(SHAPES))
-    parser.add_argument("--group-sizes", type=int, nargs="*", default=[1])
+    parser.add_argument("--group-sizes", type=int, nargs="*", default=[1, 2, 4])
+    parser.add_argument("--ratios", type=float, nargs="*", default=[0.5, 0.25, 0.75])
     parser.add_argument("--bits", type=int, nargs="*", default=[16, 4], help="16 = unquantised latents")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON")
+    parser.add_argument("--tag", default="", help="added to the JSON's name")
     parser.add_argument("--smoke", action="store_true", help="tiny lengths on CPU (interpreter), checks the script")
     args = parser.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    lengths = [256] if args.smoke else args.lengths
+    default_lengths = {"layer": [64 * c.K, 128 * c.K], "sweep": [128 * c.K], "tpot": [64 * c.K, 128 * c.K]}
+    lengths = args.lengths or default_lengths[args.part]
     bits = [None if b == 16 else b for b in args.bits]
     env = c.environment()
-    if args.part == "layer":
-        rows = layer_rows(dev, lengths, args.shapes, args.group_sizes, bits)
-        c.table("Palu decode attention, one layer", rows,
-                [("shape", "{}"), ("tokens", "{}"), ("variant", "{}"), ("us", "{:.1f}"), ("speedup", "{:.2f}x")])
-    elif args.part == "sweep":
-        rows = sweep_rows(dev, lengths[-1])
-    else:
-        rows = e2e_rows(dev, lengths, args.smoke)
-    if not args.smoke:
-        c.write_json(RESULTS / f"palu_{args.part}_{c.device_tag(env)}.json", {"env": env, "rows": rows})
+    path = None if args.smoke else args.out / f"palu_{args.part}{args.tag}_{c.device_tag(env)}.json"
+    rec = Recorder(path, env)
+    try:
+        if args.part == "layer":
+            layer_rows(rec, dev, [256] if args.smoke else lengths, args.shapes, args.group_sizes, args.ratios, bits)
+            c.table("Palu decode attention, one layer", [r for r in rec.rows if "us" in r],
+                    [("shape", "{}"), ("tokens", "{}"), ("variant", "{}"), ("us", "{:.1f}"), ("speedup", "{:.2f}x")])
+        elif args.part == "sweep":
+            grid = dict(tokens_m=(True, False), block_n=(16,), warps=(4,), stages=(1,), per_sm=(1,)) if args.smoke else SWEEP
+            sweep_rows(rec, dev, 256 if args.smoke else lengths[-1], bits, grid=grid)
+        else:
+            tpot_rows(rec, dev, [1024, 2048] if args.smoke else lengths, args.smoke, steps=2 if args.smoke else 8,
+                      chunk=512 if args.smoke else 8 * c.K)
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        print(f"palu {args.part}: {len(rec.rows)} rows" + (f" -> {path}" if path else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from . import palu_reference as ref
 BLOCK_N = 64  # cached tokens per inner step (largest; the plan lowers it when shared memory is short)
 NUM_WARPS = 4
 NUM_STAGES = 3  # software-pipelining depth of the innermost loop (the plan lowers it when short)
+TOKENS_M = True  # scores as [tokens, query heads] (see _palu_decode_kernel); False: [query heads, tokens]
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
@@ -49,16 +50,38 @@ SMEM_BUDGET = 160 * 1024  # bytes of shared memory a plan may use by estimate (H
 
 
 @triton.jit
-def _latent_tile(L, S, row, srow, cols, col_ok, R: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
-                 NQ: tl.constexpr, WORDS: tl.constexpr, row_ok, dtype: tl.constexpr):
+def _latent_tile(L, S, row, srow, c0, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
+                 NQ: tl.constexpr, WORDS: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr, row_ok,
+                 dtype: tl.constexpr):
     """Latents ``[BLOCK_N, C]`` of token rows ``row`` of ``L`` (and ``srow`` of the scales/minima
-    ``S``) for latent channels ``cols``; dequantised in fp32 when ``BITS`` > 0 (codes packed
-    ``32 // BITS`` per int32 word)."""
-    mask = row_ok[:, None] & col_ok[None, :]
+    ``S``), latent channels ``c0 .. c0 + C``; dequantised in fp32 when ``BITS`` > 0 (codes packed
+    ``32 // BITS`` per int32 word, channel ``c`` in word ``c // per_word`` at bit
+    ``(c % per_word) * BITS``).
+
+    ``FAST`` (2 and 4 bits, chunks of whole words and whole quantisation groups): each word is
+    loaded once and split into its codes in registers (``[BLOCK_N, words, per_word]`` -> ``[BLOCK_N,
+    C]``), and each scale/minimum once per quantisation group. Otherwise (3 bits, ragged ranks) every
+    channel gathers its word, scale and minimum."""
+    cols = c0 + tl.arange(0, C)
+    col_ok = cols < R
     if BITS == 0:
-        h = tl.load(L + row[:, None] * R + cols[None, :], mask=mask, other=0.0)
+        h = tl.load(L + row[:, None] * R + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    elif FAST:
+        PER_WORD: tl.constexpr = 32 // BITS
+        CW: tl.constexpr = C // PER_WORD
+        CQ: tl.constexpr = C // QG
+        w = c0 // PER_WORD + tl.arange(0, CW)
+        words = tl.load(L + row[:, None] * WORDS + w[None, :], mask=row_ok[:, None], other=0)  # [BLOCK_N, CW]
+        shifts = tl.arange(0, PER_WORD) * BITS
+        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, CW, PER_WORD]
+        q = c0 // QG + tl.arange(0, CQ)
+        scale = tl.load(S + srow[:, None] * (2 * NQ) + q[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        low = tl.load(S + srow[:, None] * (2 * NQ) + NQ + q[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        x = tl.reshape(codes.to(tl.float32), [BLOCK_N, CQ, QG]) * scale[:, :, None] + low[:, :, None]
+        h = tl.reshape(x, [BLOCK_N, C])
     else:
         PER_WORD: tl.constexpr = 32 // BITS
+        mask = row_ok[:, None] & col_ok[None, :]
         words = tl.load(L + row[:, None] * WORDS + (cols // PER_WORD)[None, :], mask=mask, other=0)
         codes = (words >> ((cols % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
         q = cols // QG
@@ -77,9 +100,11 @@ def _palu_decode_kernel(
     kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b,
     T, split_len, window, qk_scale, eps,
     GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-    RK: tl.constexpr, RC: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_NQ: tl.constexpr, K_WORDS: tl.constexpr,
+    RK: tl.constexpr, RC: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_NQ: tl.constexpr,
+    K_WORDS: tl.constexpr, K_FAST: tl.constexpr,
     RV: tl.constexpr, BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
-    V_WORDS: tl.constexpr, HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
+    V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
+    HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_M: tl.constexpr,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -90,11 +115,15 @@ def _palu_decode_kernel(
     ``[B, G, T, 2 * NQ]`` scales/minima) with contiguous token rows and batch / group strides
     ``*_b``/``*_g`` in rows (append buffers with room to grow); ``KUP [G, GS * D, RK]``;
     ``KB [Hkv * D]``; ``KNW [D]``; ``POS``/``KR [B, T]`` with row strides ``pos_b``/``kr_b``;
-    ``QR [B]``; ``COS``/``SIN [P, HALF]``; the rest contiguous. Each KV head of a group rebuilds
-    only its own keys from the group's latents (the group's other programs read the same latents,
-    mostly from L2). When the key rank is one chunk (``RC == RK``) its ``up`` rows are loaded once,
-    before the token loop (the innermost, pipelined loop); otherwise the rank chunks are the
-    innermost loop (pipelined), so shared memory holds one chunk per stage, never the whole rank."""
+    ``QR [B]``; ``COS``/``SIN [P, HALF]``; the rest contiguous.
+
+    Rebuilt keys come out of ``tl.dot`` as ``[BLOCK_N, HALF]`` halves (tokens x head dims). With
+    ``TOKENS_M`` the scores are computed the same way round, ``[BLOCK_N, GP] = keys @ q.T`` (the
+    rotated keys feed the next ``tl.dot`` from registers, the softmax runs down the tokens) and the
+    value side is ``acc.T [BLOCK_RV, GP] += h_v.T @ p``; otherwise ``[GP, BLOCK_N] = q @ keys.T``
+    (keys transposed through shared memory) and ``acc [GP, BLOCK_RV] += p @ h_v``. When the key
+    rank is one chunk (``RC == RK``) its ``up`` rows are loaded once, before the token loop;
+    otherwise the rank chunks are the innermost loop, so shared memory holds one chunk per stage."""
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -103,13 +132,17 @@ def _palu_decode_kernel(
     g = kvh // GS
     dtype = Q.dtype.element_ty
 
-    m_rows = tl.arange(0, GP)  # query heads of this KV head (padded to GP rows)
-    q_ok = (m_rows < QPK)[:, None]
+    m_rows = tl.arange(0, GP)  # query heads of this KV head (padded to GP)
+    q_ok = m_rows < QPK
     d = tl.arange(0, HALF)
     b64 = b.to(tl.int64)
     q_base = Q + (b64 * hkv + kvh) * (QPK * D)
-    q1 = tl.load(q_base + m_rows[:, None] * D + d[None, :], mask=q_ok, other=0.0)
-    q2 = tl.load(q_base + m_rows[:, None] * D + HALF + d[None, :], mask=q_ok, other=0.0)
+    if TOKENS_M:  # [HALF, GP] = q.T halves
+        q1 = tl.load(q_base + m_rows[None, :] * D + d[:, None], mask=q_ok[None, :], other=0.0)
+        q2 = tl.load(q_base + m_rows[None, :] * D + HALF + d[:, None], mask=q_ok[None, :], other=0.0)
+    else:  # [GP, HALF]
+        q1 = tl.load(q_base + m_rows[:, None] * D + d[None, :], mask=q_ok[:, None], other=0.0)
+        q2 = tl.load(q_base + m_rows[:, None] * D + HALF + d[None, :], mask=q_ok[:, None], other=0.0)
     qr = tl.load(QR + b)
 
     start = split * split_len
@@ -131,7 +164,10 @@ def _palu_decode_kernel(
         u1_all = tl.load(up_base + d[None, :] * RK + rc[:, None])
         u2_all = tl.load(up_base + (HALF + d)[None, :] * RK + rc[:, None])
 
-    acc = tl.zeros([GP, BLOCK_RV], dtype=tl.float32)
+    if TOKENS_M:
+        acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)
+    else:
+        acc = tl.zeros([GP, BLOCK_RV], dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
     for start_n in range(start, stop, BLOCK_N):
@@ -147,15 +183,17 @@ def _palu_decode_kernel(
 
         # rebuild this head's keys: [BLOCK_N, HALF] halves, fp32 accumulation
         if RC == RK:
-            h = _latent_tile(KL, KS, k_row0 + offs_n, ks_row0 + offs_n, rc, rc < RK, RK, K_BITS, K_QG, K_NQ, K_WORDS, n_ok, dtype)
+            h = _latent_tile(KL, KS, k_row0 + offs_n, ks_row0 + offs_n, 0, RK, RC, K_BITS, K_QG, K_NQ, K_WORDS,
+                             K_FAST, BLOCK_N, n_ok, dtype)
             k1 = tl.dot(h, u1_all)
             k2 = tl.dot(h, u2_all)
         else:
             k1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
             k2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
             for c in range(0, RK, RC):
+                h = _latent_tile(KL, KS, k_row0 + offs_n, ks_row0 + offs_n, c, RK, RC, K_BITS, K_QG, K_NQ, K_WORDS,
+                                 K_FAST, BLOCK_N, n_ok, dtype)
                 cols = c + rc
-                h = _latent_tile(KL, KS, k_row0 + offs_n, ks_row0 + offs_n, cols, cols < RK, RK, K_BITS, K_QG, K_NQ, K_WORDS, n_ok, dtype)
                 u1 = tl.load(up_base + d[None, :] * RK + cols[:, None])  # [RC, HALF] = up.T
                 u2 = tl.load(up_base + (HALF + d)[None, :] * RK + cols[:, None])
                 k1 = tl.dot(h, u1, k1)
@@ -169,20 +207,33 @@ def _palu_decode_kernel(
             k2 = k2 * inv[:, None] * nw2[None, :]
         r1 = (k1 * cos - k2 * sin).to(dtype)
         r2 = (k2 * cos + k1 * sin).to(dtype)
-        s = tl.dot(q1, tl.trans(r1)) + tl.dot(q2, tl.trans(r2))
-
-        s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        hv = _latent_tile(VL, VS, v_row0 + offs_n, vs_row0 + offs_n, rv, rv < RV, RV, V_BITS, V_QG, V_NQ, V_WORDS, n_ok, dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), hv)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        hv = _latent_tile(VL, VS, v_row0 + offs_n, vs_row0 + offs_n, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ, V_WORDS,
+                          V_FAST, BLOCK_N, n_ok, dtype)
+        if TOKENS_M:  # scores [BLOCK_N, GP], softmax down the tokens
+            s = tl.dot(r2, q2, tl.dot(r1, q1))
+            s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[None, :])
+            alpha = tl.exp2(m_i - m_safe)
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), p.to(dtype))
+            l_i = l_i * alpha + tl.sum(p, 0)
+        else:  # scores [GP, BLOCK_N]
+            s = tl.dot(q2, tl.trans(r2), tl.dot(q1, tl.trans(r1)))
+            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), hv)
+            l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
     part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
-    tl.store(PO + part[:, None] * BLOCK_RV + rv[None, :], acc)
+    if TOKENS_M:
+        tl.store(PO + part[None, :] * BLOCK_RV + rv[:, None], acc)
+    else:
+        tl.store(PO + part[:, None] * BLOCK_RV + rv[None, :], acc)
     tl.store(PML + part * 2, m_i)
     tl.store(PML + part * 2 + 1, l_i)
 
@@ -258,6 +309,15 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 def _chunk(rank: int) -> int:
     """Latent channels per ``tl.dot`` step: the largest power of two dividing ``rank`` (<= 64)."""
     return min(rank & -rank, 64)
+
+
+def _fast_dequant(x: ref.Latents, chunk: int) -> bool:
+    """Whether the kernel dequantises ``x``'s tiles of ``chunk`` channels word by word (2 or 4 bits, each
+    tile whole words and whole quantisation groups of a power-of-two size, no padded channel)."""
+    spec = x.quant
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    return (spec.bits in (2, 4) and chunk % spec.per_word == 0 and chunk % spec.group == 0 and pow2(spec.group)
+            and x.rank % chunk == 0)
 
 
 def _tile_bytes(channels: int, bits: int, elt: int) -> int:
@@ -338,7 +398,7 @@ def palu_decode(
     gp = max(16, triton.next_power_of_2(qpk))
     block_rv = max(16, triton.next_power_of_2(v.rank))
     bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
-    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, BLOCK_N, NUM_STAGES)
+    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, BLOCK_N, NUM_STAGES, TOKENS_M, NUM_WARPS)
     candidates = [_CHOSEN[key]] if key in _CHOSEN else plans(*key[:7])
     if not candidates:
         raise ValueError(f"Palu decode: head dim {D}, key rank {rk}, value rank {v.rank} need more shared memory "
@@ -384,16 +444,16 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     pml = torch.empty(B, hkv, splits, gp, 2, device=q.device, dtype=torch.float32)
     dummy = q.new_empty(1)
 
-    def quant(x: ref.Latents):
+    def quant(x: ref.Latents, chunk: int):
         data = _rows(x.data)
         if x.quant is None:
-            return (data, dummy, *_row_strides(data), 0, 0, 0, 1, 1, 1)
+            return (data, dummy, *_row_strides(data), 0, 0, 0, 1, 1, 1, False)
         sm = _rows(x.scale_min)
         return (data, sm, *_row_strides(data), *_row_strides(sm), x.quant.bits, x.quant.group,
-                x.rank // x.quant.group, x.data.shape[-1])
+                x.rank // x.quant.group, x.data.shape[-1], _fast_dequant(x, chunk))
 
-    kl, ks, kl_b, kl_g, ks_b, ks_g, kbits, kqg, knq, kwords = quant(k)
-    vl, vs, vl_b, vl_g, vs_b, vs_g, vbits, vqg, vnq, vwords = quant(v)
+    kl, ks, kl_b, kl_g, ks_b, ks_g, kbits, kqg, knq, kwords, kfast = quant(k, _chunk(rk))
+    vl, vs, vl_b, vl_g, vs_b, vs_g, vbits, vqg, vnq, vwords, vfast = quant(v, block_rv)
     positions, k_rank = _tokens(positions), _tokens(k_rank.int() if k_rank.dtype != torch.int32 else k_rank)
     _palu_decode_kernel[(hkv, splits, B)](
         q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
@@ -404,9 +464,9 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
         float(k_norm[1]) if k_norm is not None else 0.0,
         GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,
-        RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords,
-        RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords,
-        HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n,
+        RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
+        RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
+        HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, TOKENS_M=TOKENS_M,
         num_warps=NUM_WARPS, num_stages=stages,
     )
     return po, pml, splits

@@ -130,7 +130,9 @@ def test_value_output_folds_the_up_projection():
         dict(batch=1, tokens=1, pad=0),  # a single cached token
     ],
 )
-def test_decode_kernel_matches_reference(shape):
+@pytest.mark.parametrize("tokens_m", [True, False])
+def test_decode_kernel_matches_reference(shape, tokens_m, monkeypatch):
+    monkeypatch.setattr(palu, "TOKENS_M", tokens_m)
     a = make_case(**shape)
     want = ref.latent_attention(**a)
     got = palu.palu_decode(**a, splits=2)
@@ -138,9 +140,14 @@ def test_decode_kernel_matches_reference(shape):
 
 
 @interpreter_only
-@pytest.mark.parametrize("bits,quant_group,rk,rv", [(4, 4, 16, 8), (3, 4, 12, 12), (2, 8, 16, 8)])
+@pytest.mark.parametrize("bits,quant_group,rk,rv", [(4, 4, 16, 8), (3, 4, 12, 12), (2, 8, 16, 8), (4, 8, 16, 16),
+                                                    (2, 16, 32, 16), (4, 4, 24, 16)])
 def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv):
+    """Word-by-word dequantisation (2 and 4 bits, whole words per tile: (4, 8, 16, 16), (2, 16, 32, 16),
+    keys of (4, 4, 16, 8)), per-channel gathers otherwise (3 bits, ragged ranks)."""
     a = make_case(bits=bits, quant_group=quant_group, rk=rk, rv=rv)
+    if (bits, rk, rv) == (4, 16, 16):
+        assert palu._fast_dequant(a["k"], 16) and palu._fast_dequant(a["v"], 16)
     torch.testing.assert_close(palu.palu_decode(**a), ref.latent_attention(**a), atol=2e-5, rtol=1e-4)
 
 
