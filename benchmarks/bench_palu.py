@@ -139,11 +139,17 @@ def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list):
                 nbytes = latent_bytes(case)
                 rank = case["k"].rank
                 flop = 2 * T * hkv * D * rank  # rebuilding keys (per KV head: its D rows of the group's up)
+                plan = kernel._CHOSEN.get(_plan_key(case))
+                extra = {}
+                if gs == 1 and ratio == 0.5 and plan is not None:  # the merge (+ value up-projection) kernel's share
+                    gp, block_rv = _plan_key(case)[6], max(16, 1 << (case["v"].rank - 1).bit_length())
+                    launch = [case[n] for n in ("q", "k", "v", "k_up", "positions", "cos", "sin", "q_rank", "k_rank",
+                                                "scale")] + [None, None, None, None, *plan, gp, block_rv]
+                    extra["split_kernel_us"] = c.graph_time(lambda: kernel._launch_decode(*launch)) * 1e6
                 rec.add({"shape": shape, "tokens": T, "variant": f"palu gs={gs} r={ratio} bits={bits or 16}",
                          "group_size": gs, "ratio": ratio, "rank": rank, "bits": bits or 16, "us": t * 1e6,
                          "bytes": nbytes, "speedup": t_dense / t, "bytes_ratio": nbytes / dense_bytes,
-                         "read_tb_s": nbytes / t / 1e12, "rebuild_tflop_s": flop / t / 1e12,
-                         "plan": kernel._CHOSEN.get(_plan_key(case))})
+                         "read_tb_s": nbytes / t / 1e12, "rebuild_tflop_s": flop / t / 1e12, "plan": plan, **extra})
                 del case
                 if dev == "cuda":
                     torch.cuda.empty_cache()
@@ -170,8 +176,8 @@ def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid=SWEEP)
     try:
         for bits in bits_list:
             case = latent_case(T, hq, hkv, gs, ratio, bits, dev)
-            for tokens_m, block_n, warps, stages in itertools.product(grid["tokens_m"], grid["block_n"], grid["warps"],
-                                                                       grid["stages"]):
+            for block_n, warps, stages, tokens_m in itertools.product(grid["block_n"], grid["warps"], grid["stages"],
+                                                                       grid["tokens_m"]):
                 for per_sm in grid["per_sm"]:
                     values = (tokens_m, block_n, warps, stages, per_sm)
                     for name, value in zip(names, values):

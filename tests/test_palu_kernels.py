@@ -162,10 +162,21 @@ def test_decode_kernel_fp16_window_and_padding_query():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bits", [None, 4, 3])
-@pytest.mark.parametrize("gs,qpk,rk,rv", [(1, 4, 64, 64), (4, 4, 224, 256), (1, 1, 64, 64)])
-def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv):
+@pytest.mark.parametrize(
+    "dtype,bits,gs,qpk,rk,rv,tokens_m",
+    [
+        (torch.bfloat16, None, 1, 4, 64, 64, True),  # Llama-3-8B at 50%, groups of one KV head
+        (torch.bfloat16, None, 1, 4, 64, 64, False),
+        (torch.bfloat16, 4, 1, 4, 64, 64, True),  # 4-bit, word-by-word dequantisation
+        (torch.bfloat16, 4, 1, 1, 64, 64, False),  # MHA
+        (torch.bfloat16, None, 1, 1, 96, 96, True),  # ragged rank: three chunks, padded value tile
+        (torch.float16, 3, 4, 4, 224, 256, True),  # 3-bit gathers, wide groups
+        (torch.float16, None, 2, 4, 128, 128, True),
+        (torch.bfloat16, 2, 4, 4, 256, 256, True),  # rank chunks of 2-bit words
+    ],
+)
+def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, tokens_m, monkeypatch):
+    monkeypatch.setattr(palu, "TOKENS_M", tokens_m)
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
                   bits=bits, quant_group=32, pad=700, device="cuda")
