@@ -337,13 +337,11 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
         q_layout = _layout(q)
     n_f = fk.shape[1] if split else 0
     n_s = sk.shape[1] if single else 0
-    if out is None:  # like q, so with its layout
-        out = torch.empty_like(q) if (n_f + n_s) * group == Hq else torch.zeros_like(q)
-        o_layout = q_layout
-    else:
-        o_layout = _layout(out)
-        if o_layout is None:
-            raise ValueError(f"decode_attention: out must have contiguous rows and strides that are multiples of {UNIT}")
+    if out is None:  # contiguous (q may be a view with gaps, e.g. of a fused q/k/v projection)
+        out = q.new_empty(q.shape) if (n_f + n_s) * group == Hq else q.new_zeros(q.shape)
+    o_layout = _layout(out)
+    if o_layout is None:
+        raise ValueError(f"decode_attention: out must have contiguous rows and strides that are multiples of {UNIT}")
     fk, fv, f_layout = _pair_layout(fk, fv, copy=not writes)
     sk, sv, s_layout = _pair_layout(sk, sv, copy=not writes)
     kn, vn, n_layout = _pair_layout(*new_kv, copy=True) if writes else (q, q, q_layout)

@@ -30,13 +30,16 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .cache import (advance_static_decode, prepare_static_decode, static_steps, static_tensors,
                     supports_static_decode)
+from .kernels import fused as ops
 
 log = logging.getLogger("kvpress")
 
@@ -273,9 +276,13 @@ def _fresh(out):
     return type(out)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()})
 
 
-def install(patcher, model: torch.nn.Module, method) -> GraphRunner:
+def install(patcher, model: torch.nn.Module, method, fuse_ops: str | None = None) -> GraphRunner:
     """Swap ``model.forward`` (instance level, undone by the patcher) for the runner's; graphs are
-    freed when the patch is undone."""
+    freed when the patch is undone. On CUDA the model's small ops are fused too (:func:`fuse`;
+    ``fuse_ops`` overrides :data:`FUSE`)."""
+    spec = FUSE if fuse_ops is None else fuse_ops
+    if spec != "none" and next(model.parameters()).is_cuda:
+        fuse(patcher, model, spec)
     runner = GraphRunner(model, method)
 
     @functools.wraps(runner.original)  # generate reads the forward's signature (position_ids, logits_to_keep)
@@ -286,3 +293,224 @@ def install(patcher, model: torch.nn.Module, method) -> GraphRunner:
     patcher.set(model, "forward", forward)
     patcher.set(model, "_kvpress_graph", runner)
     return runner
+
+
+# -- fused ops (issue #15: the launch-bound tail of a decode step) ---------------------------------
+
+FUSE_PARTS = ("norm", "rotary", "mlp", "residual", "qkv", "gate_up")
+# What ``decode="graph"`` fuses on CUDA: "all", "none", or a comma-separated subset of FUSE_PARTS.
+FUSE = os.environ.get("KVPRESS_FUSE", "all")
+
+
+def fuse_parts(spec: str) -> tuple[str, ...]:
+    parts = FUSE_PARTS if spec == "all" else () if spec == "none" else tuple(p for p in spec.split(",") if p)
+    unknown = sorted(set(parts) - set(FUSE_PARTS))
+    if unknown:
+        raise ValueError(f"unknown fused parts {', '.join(unknown)}: use 'all', 'none' or some of {', '.join(FUSE_PARTS)}")
+    return parts
+
+
+def fuse(patcher, model: torch.nn.Module, spec: str = "all") -> dict[str, int]:
+    """Swap the decoder's small ops for fused kernels (``kvpress.kernels.fused``), each change recorded
+    by ``patcher`` (exact undo). Parts (``spec``: "all" or a comma-separated subset of :data:`FUSE_PARTS`):
+
+    * ``norm``: every RMSNorm module runs one kernel (transformers' math: fp32 variance, cast, weight);
+    * ``rotary``: the attention modules apply RoPE to q and k in one kernel (their forward is swapped
+      for :func:`attention_forward`, unless the method swapped it already);
+    * ``mlp``: SiLU(gate) * up in one kernel;
+    * ``residual``: the decoder layer's residual add fused into its post-attention RMSNorm;
+    * ``qkv`` / ``gate_up``: the q/k/v (gate/up) projections as one GEMM over their weights
+      concatenated: the parameters stay the same objects but their data become row blocks of the
+      concatenated tensor (no second copy); unpatching gives each its own storage back.
+
+    The fused forwards run the kernels where ``kvpress.kernels`` runs Triton (CUDA) and no gradient
+    is recorded, transformers' expressions otherwise. Returns how many modules each part changed."""
+    from .adapters import describe
+
+    parts = fuse_parts(spec)
+    info = describe(model)
+    heads = getattr(info, "heads", None)
+    if heads is not None and heads.partial:  # tensor parallel: the projections are sharded and hooked
+        log.info("kvpress decode='graph': no fused ops on a tensor-parallel model")
+        return {}
+    layers = getattr(info.base_model, info.facts.layers_attr)
+    done = dict.fromkeys(parts, 0)
+    for module in model.modules():
+        if "norm" in parts and _is_rms_norm(module) and "forward" not in vars(module):
+            patcher.swap_forward(module, norm_forward)
+            done["norm"] += 1
+    for layer, attention in zip(layers, info.attention_modules):
+        if ("rotary" in parts or "qkv" in parts) and "forward" not in vars(attention) and _plain_attention(attention):
+            patcher.set(attention, "_kvpress_window", info.layer_windows[attention.layer_idx])
+            patcher.set(attention, "_kvpress_rotary", "rotary" in parts)
+            if "qkv" in parts and _concatenate(patcher, attention, "_kvpress_qkv", [attention.q_proj, attention.k_proj, attention.v_proj]):
+                done["qkv"] += 1
+            patcher.swap_forward(attention, attention_forward)
+            if "rotary" in parts:
+                done["rotary"] += 1
+        mlp = getattr(layer, "mlp", None)
+        if ("mlp" in parts or "gate_up" in parts) and _plain_mlp(mlp) and "forward" not in vars(mlp):
+            if "gate_up" in parts and _concatenate(patcher, mlp, "_kvpress_gate_up", [mlp.gate_proj, mlp.up_proj]):
+                done["gate_up"] += 1
+            patcher.set(mlp, "_kvpress_silu_mul", "mlp" in parts)
+            patcher.swap_forward(mlp, mlp_forward)
+            if "mlp" in parts:
+                done["mlp"] += 1
+        if "residual" in parts and _plain_layer(layer) and "forward" not in vars(layer):
+            patcher.swap_forward(layer, layer_forward)
+            done["residual"] += 1
+    log.info("kvpress decode='graph': fused %s", ", ".join(f"{k} x{v}" for k, v in done.items()))
+    return done
+
+
+def _is_rms_norm(module) -> bool:
+    return (type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and module.weight.dim() == 1 and isinstance(getattr(module, "variance_epsilon", None), float)
+            and type(module).__name__ != "GemmaRMSNorm")
+
+
+def _plain_linear(module) -> bool:
+    """An ``nn.Linear`` itself (not quantized, sharded or hooked): its forward is ``F.linear``."""
+    return (type(module) is torch.nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and "forward" not in vars(module))
+
+
+def _plain_attention(module) -> bool:
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return (all(_plain_linear(getattr(module, n, None)) for n in names)
+            and isinstance(getattr(module, "head_dim", None), int) and hasattr(module, "layer_idx"))
+
+
+def _plain_mlp(module) -> bool:
+    return (module is not None and all(_plain_linear(getattr(module, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
+            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))  # torch.nn.functional.silu
+
+
+def _plain_layer(layer) -> bool:
+    if not all(hasattr(layer, n) for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")):
+        return False
+    params = inspect.signature(type(layer).forward).parameters
+    return _is_rms_norm(layer.post_attention_layernorm) and "position_embeddings" in params
+
+
+class Concatenated:
+    """Row blocks of one tensor as the weights (and biases) of several ``nn.Linear``: each parameter
+    stays the same object, its data a view into ``weight`` (``bias``). ``remove`` (at unpatch) gives
+    each parameter its own storage back, with the same values."""
+
+    def __init__(self, linears: list[torch.nn.Linear]):
+        self.linears = linears
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors (parameters refuse inference tensors)
+            self.weight = torch.cat([m.weight.detach() for m in linears])
+            self.bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+        rows = [m.weight.shape[0] for m in linears]
+        for m, w in zip(linears, self.weight.split(rows)):
+            m.weight.data = w
+        if self.bias is not None:
+            for m, b in zip(linears, self.bias.split(rows)):
+                m.bias.data = b
+        self.pointers = self._pointers()
+
+    def _pointers(self):
+        return [(m.weight, m.weight.data_ptr(), m.bias, None if m.bias is None else m.bias.data_ptr()) for m in self.linears]
+
+    def intact(self) -> bool:
+        """Whether the linears still hold their parameters as views here (nothing replaced or moved them)."""
+        return self.weight is not None and all(
+            m.weight is w and m.weight.data_ptr() == wp and m.bias is b and (b is None or b.data_ptr() == bp)
+            for m, (w, wp, b, bp) in zip(self.linears, self.pointers))
+
+    def remove(self) -> None:
+        """Each parameter that is still a view here gets its own storage back (same values)."""
+        with torch.inference_mode(False), torch.no_grad():
+            for w, wp, b, bp in self.pointers:
+                for p, ptr in ((w, wp), (b, bp)):
+                    if p is not None and p.data_ptr() == ptr:
+                        p.data = p.data.clone()
+        self.weight = self.bias = None
+
+
+def _concatenate(patcher, module, name: str, linears) -> bool:
+    """Concatenate ``linears``' weights (same dtype, device, input size, bias or not) and hold them as
+    ``module.<name>``; False when they cannot be."""
+    weights = [m.weight for m in linears]
+    if (len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or weights[0].device.type == "meta"
+            or len({m.bias is None for m in linears}) != 1
+            or (linears[0].bias is not None and len({(m.bias.dtype, m.bias.device) for m in linears}) != 1)
+            or len({w.data_ptr() for w in weights}) != len(weights)):
+        return False
+    try:
+        joined = Concatenated(list(linears))
+    except RuntimeError as error:  # e.g. inference tensors, which refuse new data
+        log.info("kvpress: %s not concatenated (%s)", name, error)
+        return False
+    patcher.hook(joined)
+    patcher.set(module, name, joined)
+    return True
+
+
+def norm_forward(module, hidden_states):
+    """An RMSNorm module's forward through ``kernels.fused.rms_norm``."""
+    return ops.rms_norm(hidden_states, module.weight, module.variance_epsilon)
+
+
+def mlp_forward(module, x):
+    """``down(silu(gate(x)) * up(x))``, with gate/up as one GEMM when concatenated and the product fused."""
+    joined = vars(module).get("_kvpress_gate_up")
+    if joined is not None and joined.intact():
+        gate, up = F.linear(x, joined.weight, joined.bias).chunk(2, dim=-1)
+    else:
+        gate, up = module.gate_proj(x), module.up_proj(x)
+    act = ops.silu_mul(gate, up) if vars(module).get("_kvpress_silu_mul") else module.act_fn(gate) * up
+    return module.down_proj(act)
+
+
+def attention_forward(module, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+    """transformers' Llama / Mistral / Qwen2 / Qwen3 attention forward, with q/k/v as one GEMM when
+    concatenated and RoPE of q and k in one kernel (in place in the projections' output)."""
+    if args or position_embeddings is None:
+        return type(module).forward(module, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    B, T, _ = hidden_states.shape
+    D = module.head_dim
+    joined = vars(module).get("_kvpress_qkv")
+    if joined is not None and joined.intact():
+        sizes = [m.weight.shape[0] for m in joined.linears]
+        q, k, v = F.linear(hidden_states, joined.weight, joined.bias).split(sizes, dim=-1)
+    else:
+        q, k, v = module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states)
+    q, k, v = q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D)
+    if getattr(module, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
+        q, k = module.q_norm(q), module.k_norm(k)
+    cos, sin = position_embeddings
+    if vars(module).get("_kvpress_rotary"):
+        q, k = ops.rotary(q, k, cos, sin, inplace=not (q.requires_grad or k.requires_grad))
+    else:
+        q, k = ops.rotary_reference(q, k, cos, sin)
+    if T > 1:  # prefill: the layouts transformers hands the attention ([B, T, H, D] storage)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    cache = kwargs.pop("cache", None)
+    legacy = kwargs.pop("past_key_values", None)
+    cache = cache if cache is not None else legacy
+    if cache is not None:
+        k, v = cache.update(k, v, module.layer_idx)
+    attend = ALL_ATTENTION_FUNCTIONS[module.config._attn_implementation]
+    window = vars(module).get("_kvpress_window")
+    if window is not None:
+        kwargs["sliding_window"] = window
+    out, weights = attend(module, q, k, v, attention_mask, dropout=0.0, scaling=module.scaling, **kwargs)
+    return module.o_proj(out.reshape(B, T, -1).contiguous()), weights
+
+
+def layer_forward(module, hidden_states, *args, **kwargs):
+    """transformers' decoder layer forward with the residual add fused into the post-attention RMSNorm."""
+    if args:
+        return type(module).forward(module, hidden_states, *args, **kwargs)
+    residual = hidden_states
+    hidden_states = module.input_layernorm(hidden_states)
+    hidden_states, _ = module.self_attn(hidden_states=hidden_states, **kwargs)
+    norm = module.post_attention_layernorm
+    hidden_states, residual = ops.rms_norm(hidden_states, norm.weight, norm.variance_epsilon, residual=residual)
+    return residual + module.mlp(hidden_states)
