@@ -8,6 +8,10 @@ layers (``make_layer``, with the token bookkeeping its ``ledger_spec`` asks for)
 attention modules (``prepare``), and computes attention (``attention``: ``prefill`` for a forward of
 several tokens, ``decode`` for one).
 
+Under tensor parallelism each rank's attention holds a share of the heads (``ModelInfo.heads``): the
+config, resolved and checked against the whole model, is then cut to the rank's heads by
+:func:`select_heads`, from what the config class declares per head (``head_axes``).
+
 Most methods store K/V in head groups (:class:`~kvpress.cache.GroupedLayer`): subclass
 :class:`GroupedMethod` and say which KV heads keep every token and which a window. A sparse prefill
 method (``full_prefill``) can then serve another grouped method's cache (``"minference+duo"``).
@@ -21,6 +25,7 @@ import os
 import types
 import typing
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,7 +33,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .. import kernels
-from ..adapters import ModelInfo
+from ..adapters import HeadShard, ModelInfo
 from ..cache import GroupedLayer, KVPressLayer, KVView, LedgerSpec, TokenLedger, Window
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "data"
@@ -52,8 +57,11 @@ class Method(ABC):
 
     def __init__(self, info: ModelInfo, config: Any = None, **options):
         self.info = info
-        self.config = self.resolve_config(info, config, options)
-        self.check_config(self.config)
+        config = self.resolve_config(info, config, options)  # checked against the whole model
+        if info.heads.partial:  # tensor parallel: this rank's heads only
+            config = select_heads(config, info.heads, self.name)
+        self.config = config
+        self.check_config(self.config)  # against the heads this process computes (info.num_heads, ...)
         self.prefill_method: Method = self  # whose ``full_prefill`` serves this method's prefill
 
     # -- configs --------------------------------------------------------------------------------
@@ -135,8 +143,9 @@ class GroupedMethod(Method):
     """
 
     def windowed_heads(self, layer_idx: int) -> tuple[torch.Tensor, Window | None]:
-        """``([num_kv_heads] bools, window)``: the heads that keep only ``window``. Default: none."""
-        return torch.zeros(self.info.shape.num_kv_heads, dtype=torch.bool), None
+        """``([num_kv_heads] bools, window)``: the heads (of this process, ``info.num_kv_heads``) that
+        keep only ``window``. Default: none."""
+        return torch.zeros(self.info.num_kv_heads, dtype=torch.bool), None
 
     def head_groups(self, layer_idx: int) -> list[tuple[torch.Tensor, Window | None]]:
         windowed, window = self.windowed_heads(layer_idx)
@@ -196,6 +205,66 @@ def shipped_config_file(method: type[Method], info: ModelInfo) -> Path | None:
             if shape in (None, info.shape):
                 return candidate
     return None
+
+
+# -- heads under tensor parallelism -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadAxis:
+    """Where a config field holds one entry per head, for :func:`select_heads`.
+
+    kind: ``"kv"`` (an entry per KV head) or ``"query"`` (per query head).
+    dim: the tensor dimension that runs over the heads.
+    keyed: the value is a dict keyed by head index (kept for the rank's heads, renumbered locally).
+    A list or tuple value (e.g. one entry per layer) is cut element by element.
+    """
+
+    kind: str
+    dim: int = 0
+    keyed: bool = False
+
+
+def select_heads(config, heads: HeadShard, method: str = "this method"):
+    """``config`` cut to the heads ``heads`` (a tensor-parallel rank's share of every layer's heads).
+
+    The config class declares its per-head fields in ``head_axes``: a dict from field name to a
+    :class:`HeadAxis`, or, for a field holding a structure (a dataclass or dict per layer), to a dict
+    from the structure's parts to their specs. ``head_axes = {}`` says nothing needs cutting; a config
+    whose per-head decisions depend on other heads (a ranking over the whole model) first makes them
+    head by head in ``per_head_form()``. A class may instead define ``select_heads(kv_heads,
+    query_heads)`` itself (index lists of global heads) when its layout needs more than axes."""
+    index = {"kv": list(heads.kv_heads), "query": list(heads.query_heads)}
+    if hasattr(config, "select_heads"):
+        return config.select_heads(index["kv"], index["query"])
+    axes = getattr(config, "head_axes", None)
+    if axes is None:
+        raise ValueError(
+            f"method {method!r} cannot run under tensor parallelism yet: {type(config).__name__} does not declare "
+            "which of its fields hold one entry per head (head_axes), so it cannot be cut to this rank's heads. "
+            "Load the model without tp_plan (device_map='auto' spreads it over several GPUs instead)."
+        )
+    if hasattr(config, "per_head_form"):
+        config = config.per_head_form()
+    cut = {name: _take_heads(getattr(config, name), spec, index) for name, spec in axes.items()}
+    return dataclasses.replace(config, **cut) if cut else config
+
+
+def _take_heads(value, spec, index: dict):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take_heads(v, spec, index) for v in value)
+    if isinstance(spec, dict):  # a structure: cut its named parts
+        if dataclasses.is_dataclass(value):
+            return dataclasses.replace(value, **{k: _take_heads(getattr(value, k), s, index) for k, s in spec.items()})
+        return {**value, **{k: _take_heads(value[k], s, index) for k, s in spec.items() if k in value}}
+    heads = index[spec.kind]
+    if spec.keyed:
+        return {local: value[glob] for local, glob in enumerate(heads) if glob in value}
+    if isinstance(value, torch.Tensor):
+        return value.index_select(spec.dim, torch.tensor(heads, device=value.device))
+    raise TypeError(f"cannot cut a {type(value).__name__} to a rank's heads (HeadAxis applies to tensors, lists and dicts)")
 
 
 # -- options ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ sliding window keep only their window.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .base import GroupedMethod
 
@@ -16,6 +17,8 @@ from .base import GroupedMethod
 @dataclass
 class DenseConfig:
     """The dense method has no settings."""
+
+    head_axes: ClassVar[dict] = {}  # nothing per head: runs unchanged on a tensor-parallel rank's heads
 
     @classmethod
     def load(cls, path) -> DenseConfig:

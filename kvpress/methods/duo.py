@@ -15,13 +15,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from ..adapters import ModelInfo, ModelShape
 from ..cache import Window
 from ..configfile import atomic_write, load_config_file, save_config_file
-from .base import GroupedMethod, check_field_types
+from .base import GroupedMethod, HeadAxis, check_field_types
 
 log = logging.getLogger("kvpress")
 CONFIG_FILE_NAME = "kvpress-duo.safetensors"  # looked up in the model's own folder
@@ -50,6 +51,8 @@ class DuoConfig:
     sparsity: float | None = None
     threshold: float | None = None
     model_shape: ModelShape | None = None
+
+    head_axes: ClassVar[dict] = {"gates": HeadAxis("kv", dim=1)}  # cut to a tensor-parallel rank's KV heads
 
     def __post_init__(self):
         check_field_types(DuoConfig, {name: getattr(self, name) for name in ("sink", "recent", "sparsity", "threshold")}, "duo")
@@ -81,6 +84,15 @@ class DuoConfig:
         mask = torch.zeros(count, dtype=torch.bool)
         mask[order[:num_retrieval]] = True
         return mask.view_as(self.gates)
+
+    def per_head_form(self) -> DuoConfig:
+        """The same retrieval heads decided head by head (``threshold``), so that a tensor-parallel rank
+        that keeps only its heads' gates picks what the whole model picks (``sparsity`` ranks every head
+        of the model)."""
+        if self.threshold is not None:
+            return self
+        return DuoConfig.from_retrieval_mask(self.retrieval_heads(), sink=self.sink, recent=self.recent,
+                                             model_shape=self.model_shape)
 
     def with_options(self, **options) -> DuoConfig:
         """A copy with some fields replaced; giving ``sparsity`` clears ``threshold`` and vice versa."""
@@ -145,10 +157,16 @@ class DuoAttention(GroupedMethod):
 
     @classmethod
     def fallback_config(cls, info: ModelInfo) -> DuoConfig:
+        if info.heads.partial:
+            raise ValueError(
+                "DuoAttention needs gates for this model and none is shipped for it; under tensor parallelism kvpress "
+                "cannot calibrate quick ones (each rank holds only its heads). Calibrate on one device "
+                f"(`kvpress-calibrate duo --model {info.source or 'MODEL'} --out FILE`) and pass config=FILE to kvpress.patch"
+            )
         return quick_config(info)
 
     def check_config(self, config: DuoConfig) -> None:
-        expected = (self.info.shape.num_layers, self.info.shape.num_kv_heads)
+        expected = (self.info.shape.num_layers, self.info.num_kv_heads)
         if tuple(config.gates.shape) != expected:
             raise ValueError(
                 f"this DuoConfig has gates for {config.gates.shape[0]} layers x {config.gates.shape[1]} KV heads, "
