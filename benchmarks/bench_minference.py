@@ -244,7 +244,18 @@ def union_stats(name, plan, q, k, v, rank, scale, dev, reps, dense_s, warmup=Tru
     L, d = q.shape[2], q.shape[3]
     dense_flops = 4 * d * q.shape[1] * L * (L + 1) / 2
     union_flops = 4 * d * 64 * M.BLOCK_N * float(union_work)
-    return {f"{name}_union_work_vs_per_head": float(union_work) / max(1.0, float(per_head)),
+    kernel = {}
+    for per in (2, 4):  # the union kernel over units of `per` heads of a KV head (index given, tables included)
+        units = torch.tensor([u + [-1] * (per - len(u)) for u in M.union_units(heads.tolist(), group, per)],
+                             device=q.device)
+        work = head_tiles(M.vs_prepare(rank, rank, M.union_of(vertical, units), M.union_of(slash, units),
+                                       counts=False)).sum() * per
+        t = elapsed(lambda: M.vs_union_attention(q, k, v, rank, rank, vertical, slash, scale, heads=heads, out=out,
+                                                 per=per), dev, reps, warmup)
+        kernel.update({f"{name}_union{per}_kernel_ms": t * 1e3,
+                       f"{name}_union{per}_work_vs_per_head": float(work) / max(1.0, float(per_head)),
+                       f"{name}_union{per}_tflops": 4 * d * 64 * M.BLOCK_N * float(work) / t / 1e12})
+    return {**kernel, f"{name}_union_work_vs_per_head": float(union_work) / max(1.0, float(per_head)),
             f"{name}_union_slash_per_group": float((union_s < R.SENTINEL).sum(-1).float().mean()),
             f"{name}_union_vertical_per_group": float((union_v < R.SENTINEL).sum(-1).float().mean()),
             f"{name}_union_per_head_programs_ms": t_union * 1e3,
@@ -496,6 +507,10 @@ def main(argv=None):
         c.table("union index per KV group: its work over the per-head work; per-head programs over it; best case", rows,
                 [("tokens", "{:d}")] + [(f"{n}_union_{x}", f) for n in variants for x, f in (
                     ("work_vs_per_head", "{:.2f}"), ("per_head_programs_ms", "{:.1f}"), ("best_case_ms", "{:.1f}"))])
+        c.table("union kernel (units of 2 / 4 heads of a KV head) vs the per-head VS kernel (ms)", rows,
+                [("tokens", "{:d}")] + [(f"{n}_{x}", f) for n in variants for x, f in (
+                    ("vs_kernel_ms", "{:.1f}"), ("union2_kernel_ms", "{:.1f}"), ("union2_work_vs_per_head", "{:.2f}"),
+                    ("union4_kernel_ms", "{:.1f}"), ("union4_work_vs_per_head", "{:.2f}"), ("union4_tflops", "{:.0f}"))])
         print("crossover (tokens):", result["crossover_tokens"])
         if args.sweep and not args.smoke:
             result["sweep"] = sweep_rows(lengths[0], dev, dtype, args.inputs)

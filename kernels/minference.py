@@ -41,6 +41,7 @@ NO_LIMIT = 1 << 30
 BLOCK_N = 64  # keys per tile (= BLOCK: a diagonal range and a key block are one tile wide)
 NUM_WARPS = 4
 NUM_STAGES = 3  # Hopper: 3 stages of a 64x128 bf16 K and V tile = 96 KiB of shared memory
+UNION_WARPS = 4  # per head of a unit (vs_union_attention: a 64 * per-row query tile)
 
 
 @triton.jit
@@ -172,6 +173,115 @@ def _block_kernel(Q, K, V, Out, LAYOUT, HEADS, BLOCKS,
     _finish(Out, acc, l_i, q_off, q_mask)
 
 
+@triton.jit
+def _attend_rows(acc, l_i, m_i, q, qr, K, V, kidx, kr, load_ok, keep, stride_kn, stride_vn, qk_scale, window,
+                 BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """``_attend`` with a keep mask per (row, key) ``keep [M, N]``: rows of different query heads
+    keep different keys of the same tile; ``load_ok [N]``: keys loaded (some row keeps them)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if BLOCK_D == D:
+        kv_mask = load_ok[:, None]
+    else:
+        kv_mask = load_ok[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K + kidx[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    dist = qr[:, None] - kr[None, :]
+    ok = keep & (qr[:, None] >= 0) & (dist >= 0) & (dist < window)
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    v = tl.load(V + kidx[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _vs_union_kernel(Q, K, V, Out, LAYOUT, HEADS, SLOTS, TILE_LO, TILE_HI, NTILE, VERT, NVERT, COUNT, VBITS,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, n_units, n_slots, n_qblocks, n_tiles, n_vert, count_w, bits_w,
+                     qk_scale, window,
+                     G: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """One program = one 64-rank query block of ``P`` query heads of one KV head (a *unit*): the
+    ``P * 64`` query rows walk the union of the heads' indices once (K/V tiles read once for the
+    ``P`` heads), each row keeping exactly its own head's keys (per-head offset counts and column
+    bits), so the result equals ``_vs_kernel``'s."""
+    m = n_qblocks - 1 - tl.program_id(0)
+    pid = tl.program_id(1)
+    b = pid // n_units
+    unit = pid % n_units
+    offs_r = tl.arange(0, P * BLOCK_M)
+    part = offs_r // BLOCK_M  # which head of the unit a row belongs to
+    head = tl.load(HEADS + unit * P + part)  # [P * 64], -1 where the unit has fewer heads
+    q_shift = tl.load(LAYOUT + b * 5)
+    k_shift = tl.load(LAYOUT + b * 5 + 1)
+    q_lo = tl.load(LAYOUT + b * 5 + 2)
+    q_hi = tl.load(LAYOUT + b * 5 + 3)
+    base = (tl.load(LAYOUT + b * 5 + 4) + m) * BLOCK_M
+    rank = base + offs_r % BLOCK_M
+    row_ok = (rank >= q_lo) & (rank <= q_hi) & (head >= 0)
+    qr = tl.where(row_ok, rank, -1)
+    offs_d = tl.arange(0, BLOCK_D)
+    if BLOCK_D == D:
+        q_mask = row_ok[:, None]
+    else:
+        q_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q_off = (b.to(tl.int64) * stride_qb + tl.maximum(head, 0).to(tl.int64)[:, None] * stride_qh
+             + (rank + q_shift)[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
+    q = tl.load(Q + q_off, mask=q_mask, other=0.0)
+    kv_head = tl.load(HEADS + unit * P) // G
+    K += b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    acc = tl.zeros([P * BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([P * BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([P * BLOCK_M], float("-inf"), dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    hu = b * n_units + unit
+
+    # Union diagonal tiles; a key is kept for a row when its own head has an offset in [d, d + 63].
+    TILE_LO += hu * n_tiles
+    TILE_HI += hu * n_tiles
+    for t in range(0, tl.load(NTILE + hu * n_qblocks + m)):
+        k_lo = base - tl.load(TILE_HI + t)
+        k_hi = tl.minimum(base - tl.load(TILE_LO + t), q_hi)
+        kr = k_lo + offs_n
+        load_ok = (kr >= 0) & (kr <= k_hi)
+        d = base - kr
+        keep = tl.zeros([P * BLOCK_M, BLOCK_N], dtype=tl.int1)
+        for i in tl.static_range(P):
+            slot = tl.load(SLOTS + unit * P + i)
+            cnt = COUNT + (b * n_slots + tl.maximum(slot, 0)).to(tl.int64) * count_w
+            below = tl.load(cnt + tl.minimum(tl.maximum(d, 0), count_w - 1))
+            upto = tl.load(cnt + tl.minimum(tl.maximum(d + BLOCK_M, 0), count_w - 1))
+            mine = load_ok & (upto > below) & (slot >= 0)
+            keep = keep | ((part[:, None] == i) & mine[None, :])
+        acc, l_i, m_i = _attend_rows(acc, l_i, m_i, q, qr, K, V, kr + k_shift, kr, load_ok, keep,
+                                     stride_kn, stride_vn, qk_scale, window, BLOCK_D, D)
+
+    # Union columns; kept for a row when they are its head's column and not in its diagonal ranges.
+    nv = tl.load(NVERT + hu * n_qblocks + m)
+    for c0 in range(0, nv, BLOCK_N):
+        ci = c0 + offs_n
+        col = tl.load(VERT + hu * n_vert + ci, mask=ci < n_vert, other=0)
+        load_ok = (ci < nv) & (col <= q_hi)
+        d = base - col
+        keep = tl.zeros([P * BLOCK_M, BLOCK_N], dtype=tl.int1)
+        for i in tl.static_range(P):
+            slot = tl.load(SLOTS + unit * P + i)
+            row = (b * n_slots + tl.maximum(slot, 0)).to(tl.int64)
+            cnt = COUNT + row * count_w
+            below = tl.load(cnt + tl.minimum(tl.maximum(d, 0), count_w - 1))
+            upto = tl.load(cnt + tl.minimum(tl.maximum(d + BLOCK_M, 0), count_w - 1))
+            bit = tl.load(VBITS + row * bits_w + tl.minimum(tl.maximum(col, 0), bits_w - 1))
+            mine = load_ok & (bit != 0) & (upto == below) & (slot >= 0)
+            keep = keep | ((part[:, None] == i) & mine[None, :])
+        acc, l_i, m_i = _attend_rows(acc, l_i, m_i, q, qr, K, V, col + k_shift, col, load_ok, keep,
+                                     stride_kn, stride_vn, qk_scale, window, BLOCK_D, D)
+    _finish(Out, acc, l_i, q_off, q_mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Host side
 
@@ -259,8 +369,9 @@ class VSPlan(NamedTuple):
     count: torch.Tensor  # [B, n, T + 65] int32, offset_counts()
 
 
-def vs_prepare(q_rank, k_rank, vertical, slash) -> VSPlan:
-    """The tile tables of a VS index (``vs_index``) for queries ``q_rank`` and keys ``k_rank``."""
+def vs_prepare(q_rank, k_rank, vertical, slash, counts=True) -> VSPlan:
+    """The tile tables of a VS index (``vs_index``) for queries ``q_rank`` and keys ``k_rank``
+    (``counts=False``: without ``count``, which only ``vs_attention`` reads)."""
     B, Lq = q_rank.shape
     n, T = vertical.shape[1], k_rank.shape[1]
     lay = layout(q_rank, k_rank)
@@ -273,7 +384,7 @@ def vs_prepare(q_rank, k_rank, vertical, slash) -> VSPlan:
     limit = (base + BLOCK - 1)[:, None].expand(B, n, nqb).int().contiguous()
     n_vert = torch.searchsorted(vertical, limit, right=True)
     return VSPlan(lay, tile_lo, tile_hi, n_tile.masked_fill(empty, 0).int(), vertical,
-                  n_vert.masked_fill(empty, 0).int(), offset_counts(slash, T))
+                  n_vert.masked_fill(empty, 0).int(), offset_counts(slash, T) if counts else None)
 
 
 def vs_work(plan: VSPlan) -> dict:
@@ -313,6 +424,61 @@ def vs_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window=None, h
         plan.count.shape[-1], scale * 1.4426950408889634, window if window is not None else NO_LIMIT,
         G=Hq // Hkv, BLOCK_M=BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D), D=D,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    return out
+
+
+
+def union_units(heads: list[int], group: int, per: int) -> list[list[int]]:
+    """Positions in ``heads`` (query heads) cut into units of at most ``per`` heads of one KV head."""
+    by_kv: dict[int, list[int]] = {}
+    for i, h in enumerate(heads):
+        by_kv.setdefault(h // group, []).append(i)
+    return [pos[s:s + per] for pos in by_kv.values() for s in range(0, len(pos), per)]
+
+
+def union_of(index: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """``index [B, n, N]`` (ascending, ``SENTINEL``-padded) united over each unit's rows (``units
+    [U, P]``, -1 = none): ``[B, U, N']`` ascending, ``SENTINEL``-padded."""
+    B, _, N = index.shape
+    padded = torch.cat([index, torch.full_like(index[:, :1], SENTINEL)], 1)  # row n: nothing
+    rows = torch.where(units >= 0, units, index.shape[1]).long()
+    x = padded[:, rows.flatten()].view(B, units.shape[0], -1).long().sort(-1).values
+    dup = torch.zeros_like(x, dtype=torch.bool)
+    dup[..., 1:] = x[..., 1:] == x[..., :-1]
+    x = x.masked_fill(dup, SENTINEL).sort(-1).values
+    return x.int().contiguous()
+
+
+def vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window=None, heads=None, out=None, per=2):
+    """:func:`vs_attention` with one program per query block and *unit* of ``per`` query heads of a
+    KV head (``_vs_union_kernel``): the unit walks the union of its heads' indices, reading each K/V
+    tile once for them in a ``per * 64``-row tile, every head masked to its own index. Equal to
+    :func:`vs_attention`; faster where the heads of a unit choose mostly the same keys (the union
+    is little more than each), slower where they do not (every head pays the union's keys)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    heads = _heads(heads, Hq, q.device)
+    out = torch.zeros_like(q) if out is None else out
+    n = heads.shape[0]
+    if n == 0 or Lq == 0:
+        return out
+    units = union_units(heads.tolist(), Hq // Hkv, per)
+    table = torch.tensor([u + [-1] * (per - len(u)) for u in units], dtype=torch.int32, device=q.device)  # [U, P]
+    unit_heads = torch.where(table >= 0, heads[table.clamp(min=0).long()], -1).int().contiguous()
+    plan = vs_prepare(q_rank, k_rank, union_of(vertical, table), union_of(slash, table), counts=False)
+    count = offset_counts(slash, T)
+    bits = torch.zeros(B, n, T + 1, dtype=torch.int8, device=q.device)
+    bits.scatter_(2, vertical.long().clamp(max=T), 1)
+    nqb = plan.n_tile.shape[-1]
+    grid = (nqb, B * table.shape[0])
+    _vs_union_kernel[grid](
+        q, k, v, out, plan.layout, unit_heads, table, plan.tile_lo, plan.tile_hi, plan.n_tile, plan.vertical,
+        plan.n_vert, count, bits,
+        *_launch_args(q, k, v, out), table.shape[0], n, nqb, plan.tile_lo.shape[-1], plan.vertical.shape[-1],
+        count.shape[-1], bits.shape[-1], scale * 1.4426950408889634, window if window is not None else NO_LIMIT,
+        G=Hq // Hkv, P=per, BLOCK_M=BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D), D=D,
+        num_warps=min(16, UNION_WARPS * per), num_stages=NUM_STAGES,
     )
     return out
 

@@ -85,9 +85,10 @@ def test_default_budget_scales_down_for_short_inputs():
 # The sparse prefill of one layer
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_mixed_patterns_triton_matches_reference(dtype):
-    """Every pattern in one layer, padding, chunked prefill (T > Lq), GQA: Triton (interpreter) vs torch."""
+@pytest.mark.parametrize("dtype,union", [(torch.float32, 1), (torch.float16, 1), (torch.float32, 2)])
+def test_mixed_patterns_triton_matches_reference(dtype, union):
+    """Every pattern in one layer, padding, chunked prefill (T > Lq), GQA: Triton (interpreter) vs
+    torch; ``union``: VS heads 3 and 4 (default budget) share a union program."""
     torch.manual_seed(0)
     config = MInferenceConfig(patterns=[{0: ("vertical_and_slash", 30, 50), 1: ("stream_llm", 4, 32),
                                          2: ("block_sparse", 2, 0), 5: ("stream_llm", 8, 20)}])
@@ -98,7 +99,7 @@ def test_mixed_patterns_triton_matches_reference(dtype):
     q_rank = k_rank[:, -Lq:]
     q, k, v = (torch.randn(B, h, n, D, device=dev).to(dtype) for h, n in ((Hq, Lq), (Hkv, T), (Hkv, T)))
     ref = sparse_prefill(plan, q.double(), k.double(), v.double(), q_rank, k_rank, 0.3, use_triton=False)
-    out = sparse_prefill(plan, q, k, v, q_rank, k_rank, 0.3, use_triton=True)
+    out = sparse_prefill(plan, q, k, v, q_rank, k_rank, 0.3, use_triton=True, union_heads=union)
     tol = (1e-4 if dev == "cpu" else 5e-3) if dtype == torch.float32 else 2e-3  # tf32 dots on a GPU
     assert (out.double() - ref).abs().max() < tol
 

@@ -210,6 +210,32 @@ def test_vs_kernel_subset_of_heads_and_odd_head_dim(dtype):
     assert (out[:, [0, 2, 3]] == 7.0).all()  # other heads untouched
 
 
+@pytest.mark.parametrize("dtype,window,per", [(torch.float32, None, 2), (torch.float16, 70, 2), (torch.float32, 70, 4)])
+def test_vs_union_kernel_matches_reference(dtype, window, per):
+    """Units of ``per`` heads of a KV head walking the union of their indices, each head masked to
+    its own: the same inputs as the per-head kernel's test, so every head has its own budget."""
+    q, k, v, q_rank, k_rank = case([203, 130], 203, 150, dtype=dtype)
+    vertical, slash = R.vs_index(q, k, q_rank, k_rank, 0.3, torch.tensor([30, 35, 40, 45]), 50, window)
+    slash = torch.where(slash < 30, slash * 3, slash).sort(-1).values
+    ref = R.vs_attention(q.double(), k.double(), v.double(), q_rank, k_rank, vertical, slash, 0.3, window)
+    out = M.vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, 0.3, window, per=per)
+    check(out, ref, dtype)
+    assert (out[1, :, :20] == 0).all()  # padding queries
+
+
+def test_vs_union_kernel_subset_of_heads_and_partial_units():
+    """Heads 1 | 4, 5 of 6 (3 per KV head): a unit with one head and one with two."""
+    q, k, v, q_rank, k_rank = case([99], 99, 99, hq=6, hkv=2, D=24, seed=3)
+    vertical, slash = R.vs_index(q, k, q_rank, k_rank, 0.25, 30, 50)
+    heads = torch.tensor([1, 4, 5])
+    assert M.union_units(heads.tolist(), 3, 2) == [[0], [1, 2]]
+    out = torch.full_like(q, 7.0)
+    M.vs_union_attention(q, k, v, q_rank, k_rank, vertical[:, heads], slash[:, heads], 0.25, heads=heads, out=out)
+    ref = R.vs_attention(q.double(), k.double(), v.double(), q_rank, k_rank, vertical, slash, 0.25)
+    check(out[:, heads], ref[:, heads], torch.float32)
+    assert (out[:, [0, 2, 3]] == 7.0).all()  # other heads untouched
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_block_sparse_kernel_matches_reference(dtype):
     q, k, v, q_rank, k_rank = case([190, 100, 3], 190, 131, dtype=dtype, seed=1)
@@ -224,13 +250,18 @@ def test_block_sparse_kernel_matches_reference(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pattern", ["vs", "block"])
+@pytest.mark.parametrize("pattern", ["vs", "block", "union2", "union4"])
 def test_kernels_bf16_gpu(pattern):
     q, k, v, q_rank, k_rank = case([4099, 3000], 4099, 2500, hq=8, hkv=2, D=128, dtype=torch.bfloat16, seed=5)
     if pattern == "vs":
         vertical, slash = R.vs_index(q, k, q_rank, k_rank, 0.088, torch.tensor([30, 100, 300, 1000] * 2),
                                      torch.tensor([50, 500, 700, 2000] * 2))
         out = M.vs_attention(q, k, v, q_rank, k_rank, vertical, slash, 0.088)
+        ref = R.vs_attention(q.float(), k.float(), v.float(), q_rank, k_rank, vertical, slash, 0.088)
+    elif pattern.startswith("union"):
+        vertical, slash = R.vs_index(q, k, q_rank, k_rank, 0.088, torch.tensor([30, 100, 300, 1000] * 2),
+                                     torch.tensor([50, 500, 700, 2000] * 2))
+        out = M.vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, 0.088, per=int(pattern[-1]))
         ref = R.vs_attention(q.float(), k.float(), v.float(), q_rank, k_rank, vertical, slash, 0.088)
     else:
         blocks = R.block_index(q, k, q_rank, k_rank, 8)

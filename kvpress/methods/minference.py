@@ -68,6 +68,11 @@ class MInferenceConfig:
             64 queries of dense attention cost).
         max_density: a layer prefills dense when its heads' estimated kept keys per query average
             more than this fraction of the keys a query sees on average (``T / 2``; above 1: never).
+        union_heads: query heads per program of the VS kernel. 1: one program per query head (each
+            head walks its own index); 2 or 4: the heads of a KV head in units of that many, each
+            unit walking the union of its heads' indices with every head masked to its own (K/V
+            read once per unit, taller tiles, but every head pays the union's keys;
+            ``kernels.minference.vs_union_attention``). Same result either way.
         model_shape: the model the patterns were calibrated for; checked at patch time when set.
     """
 
@@ -79,6 +84,7 @@ class MInferenceConfig:
     min_length: int = 131072
     min_queries: int = 64
     max_density: float = 0.5
+    union_heads: int = 1
     model_shape: ModelShape | None = None
 
     def __post_init__(self):
@@ -93,6 +99,8 @@ class MInferenceConfig:
         if self.min_length < 0 or self.min_queries < 0 or not self.max_density > 0.0:
             raise ValueError(f"MInferenceConfig needs min_length >= 0, min_queries >= 0 and max_density > 0, got "
                              f"min_length={self.min_length}, min_queries={self.min_queries}, max_density={self.max_density}")
+        if self.union_heads not in (1, 2, 4):
+            raise ValueError(f"MInferenceConfig.union_heads is 1, 2 or 4 (query heads per VS program), got {self.union_heads}")
         if self.scale_length is not None and self.scale_length < 1:
             raise ValueError(f"MInferenceConfig.scale_length must be >= 1 or None, got {self.scale_length}")
 
@@ -208,9 +216,11 @@ def plan_heads(config: MInferenceConfig, layer: int, q_heads: list[int], length:
     return HeadPlan(vs, (vs_v, vs_s), block, block_k, a_shape, kept / max(1, len(q_heads)))
 
 
-def sparse_prefill(plan: HeadPlan, q, k, v, q_rank, k_rank, scale, window=None, use_triton=None) -> torch.Tensor:
+def sparse_prefill(plan: HeadPlan, q, k, v, q_rank, k_rank, scale, window=None, use_triton=None,
+                   union_heads: int = 1) -> torch.Tensor:
     """Attention of ``q [B, Hq, Lq, D]`` over ``k``/``v [B, Hkv, T, D]`` (keys in rank order, padding
-    on the left) with each query head under its pattern of ``plan``. ``use_triton``: default = on CUDA."""
+    on the left) with each query head under its pattern of ``plan``. ``use_triton``: default = on CUDA;
+    ``union_heads``: see :class:`MInferenceConfig`."""
     use_triton = q.is_cuda and triton_kernels is not None if use_triton is None else use_triton
     dev, Hq, G = q.device, q.shape[1], q.shape[1] // k.shape[1]
     vertical = slash = blocks = None
@@ -233,7 +243,10 @@ def sparse_prefill(plan: HeadPlan, q, k, v, q_rank, k_rank, scale, window=None, 
                                  sink, recent, window, heads=kv_t, group=G)
         idx = torch.tensor(heads, device=dev)
         out.index_copy_(1, idx, part.index_select(1, idx))
-    if plan.vs:
+    if plan.vs and union_heads > 1:
+        triton_kernels.vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads,
+                                          out=out, per=union_heads)
+    elif plan.vs:
         triton_kernels.vs_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads, out=out)
     if plan.block:
         triton_kernels.block_sparse_attention(q, k, v, q_rank, k_rank, blocks, scale, window, heads=bs_heads, out=out)
@@ -308,4 +321,5 @@ class MInference(GroupedMethod):
         if dense:
             group = HeadGroup(torch.arange(k.shape[1], device=q.device), k, v, k_rank)
             return kernels.grouped_attention(q, [group], q_rank, scale, window)
-        return sparse_prefill(plan, q, k, v, q_rank, k_rank, scale, window, use_triton=kernels.use_triton(q))
+        return sparse_prefill(plan, q, k, v, q_rank, k_rank, scale, window, use_triton=kernels.use_triton(q),
+                              union_heads=self.config.union_heads)
