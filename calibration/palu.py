@@ -246,8 +246,11 @@ def collect_statistics(model, batches, fisher: bool, progress: bool = True) -> d
 
 
 def calibrate_palu(model, tokenizer, out=None, options: PaluCalibration = PaluCalibration(), haystack=None,
-                   progress: bool = True) -> PaluConfig:
-    """Calibrate Palu factors for ``model`` (module docstring); save them to ``out`` (a folder) if given."""
+                   progress: bool = True, stats: dict | None = None) -> PaluConfig:
+    """Calibrate Palu factors for ``model`` (module docstring); save them to ``out`` (a folder) if given.
+    ``stats``: the statistics pass's result (:func:`collect_statistics`, with ``fisher`` when the
+    allocation needs it) made for the same model and data, reused instead of a new pass (a sweep
+    over group sizes and ratios needs one pass)."""
     info = describe(model)
     shape = info.shape
     gs, groups = head_groups(shape.num_kv_heads, options.group_size)
@@ -267,7 +270,10 @@ def calibrate_palu(model, tokenizer, out=None, options: PaluCalibration = PaluCa
         atomic_write(meta, lambda tmp: Path(tmp).write_text(json.dumps(record)))
 
     stats_file = partial / "stats.safetensors" if partial is not None else None
-    if stats_file is not None and stats_file.is_file():
+    if stats is not None:
+        if options.allocation == "fisher" and "fisher" not in stats:
+            raise ValueError("the statistics given to calibrate_palu have no Fisher scores; collect them with fisher=True")
+    elif stats_file is not None and stats_file.is_file():
         stats = load_file(str(stats_file))
     elif options.needs_data:
         batches = calibration_batches(tokenizer, options.samples, options.seq_len, options.seed, haystack)
