@@ -31,11 +31,13 @@ heads of each variant the VS kernel is also timed alone (index prepared) beside 
 attention's, TFLOP/s on it). Lengths from 512K on are timed once, without a warm-up call (dense
 SDPA takes ~4.6 s per layer at 512K and ~18 s at 1M).
 
-Union index per KV group (``--union``, on the all-VS variants): the G = 4 query heads of a KV head
-could share one program walking the *union* of their indices (K/V read once, 4x taller tiles, but
-every head pays the union's keys). Measured: the union's work over the per-head work, the VS
-kernel run with every head given its group's union (per-head programs over the union), and the
-best case of a union kernel (the union's FLOPs at dense SDPA's throughput in the same run).
+Union index per KV group (on the all-VS variants, up to ``--union-max`` tokens): the G = 4 query
+heads of a KV head can share one program walking the *union* of their indices (K/V read once per
+unit, taller tiles, but every head pays the union's keys: ``kernels.minference.vs_union_attention``,
+``MInferenceConfig.union_heads``). Measured: the union's work over the per-head work (64-key
+tiles) for the 4 heads of a KV head and for units of 2 and 4 heads, the union kernel's time for
+units of 2 and 4 beside the per-head kernel's, and the best case of a union kernel (the 4-head
+union's FLOPs at dense SDPA's throughput in the same run).
 
 TTFT part (``--ttft TOKENSxLAYERS,...``): the 8B-shaped model (random weights; ``--attention
 local``, the default: q/k projections carry a bias shared by each KV head's query heads, so that
@@ -227,8 +229,9 @@ def union_index(index: torch.Tensor, heads: torch.Tensor, group: int):
 
 def union_stats(name, plan, q, k, v, rank, scale, dev, reps, dense_s, warmup=True):
     """Per-KV-group union index vs per-query-head programs (module docstring): the union's work over
-    the per-head work (tiles), the VS kernel timed with every head walking its group's union, and a
-    union kernel's best case (its FLOPs at dense SDPA's throughput)."""
+    the per-head work (64-key tiles) for all G heads of a KV head and for units of 2 / 4 heads, the
+    union kernel (``vs_union_attention``) timed for units of 2 and 4, and a union kernel's best case
+    (the G-head union's FLOPs at dense SDPA's throughput in the same run)."""
     heads, vertical, slash = vs_index(plan, q, k, rank, scale, False)
     group = q.shape[1] // k.shape[1]
     per_head = head_tiles(M.vs_prepare(rank, rank, vertical, slash)).sum()
@@ -236,11 +239,7 @@ def union_stats(name, plan, q, k, v, rank, scale, dev, reps, dense_s, warmup=Tru
     union_s, _ = union_index(slash, heads, group)
     union_tiles = head_tiles(M.vs_prepare(rank, rank, union_v, union_s))  # [B, g]: per group
     union_work = union_tiles[:, row].sum()  # every head of a group runs its group's union
-    vu, su = union_v[:, row].contiguous(), union_s[:, row].contiguous()
-    prep = M.vs_prepare(rank, rank, vu, su)
     out = torch.empty_like(q)
-    t_union = elapsed(lambda: M.vs_attention(q, k, v, rank, rank, vu, su, scale, heads=heads, out=out, plan=prep),
-                      dev, reps, warmup)
     L, d = q.shape[2], q.shape[3]
     dense_flops = 4 * d * q.shape[1] * L * (L + 1) / 2
     union_flops = 4 * d * 64 * M.BLOCK_N * float(union_work)
@@ -258,11 +257,10 @@ def union_stats(name, plan, q, k, v, rank, scale, dev, reps, dense_s, warmup=Tru
     return {**kernel, f"{name}_union_work_vs_per_head": float(union_work) / max(1.0, float(per_head)),
             f"{name}_union_slash_per_group": float((union_s < R.SENTINEL).sum(-1).float().mean()),
             f"{name}_union_vertical_per_group": float((union_v < R.SENTINEL).sum(-1).float().mean()),
-            f"{name}_union_per_head_programs_ms": t_union * 1e3,
             f"{name}_union_best_case_ms": union_flops / (dense_flops / dense_s) * 1e3 if dense_s > 0 else None}
 
 
-def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), union=True, on_row=None):
+def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), union=1 << 30, on_row=None):
     """One row per length (``on_row(rows)`` after each: the caller saves partial results)."""
     hq, hkv, d = shape
     scale = d ** -0.5
@@ -295,7 +293,7 @@ def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), un
             row.update({f"{name}_ms": t * 1e3, f"{name}_index_ms": t_index * 1e3, f"{name}_speedup": t_dense / t})
             if plan.vs and use_triton:
                 row.update(vs_kernel_stats(name, plan, q, k, v, rank, scale, dev, reps_L, local, warm))
-            if union and plan.vs and not local and len(plan.vs) == hq:
+            if L <= union and plan.vs and not local and len(plan.vs) == hq:
                 if use_triton:
                     row.update(union_stats(name, plan, q, k, v, rank, scale, dev, reps_L, t_dense, warm))
                 else:  # CPU: the work ratio only
@@ -462,7 +460,7 @@ def main(argv=None):
     p.add_argument("--variants", default="default,published,mix")
     p.add_argument("--inputs", default="rope", choices=["rope", "random"])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--no-union", action="store_true", help="skip the per-KV-group union measurement")
+    p.add_argument("--union-max", type=int, default=524288, help="longest length of the union measurement (0: none)")
     p.add_argument("--sweep", action="store_true", help="also sweep the VS kernel's warps / stages at the first length")
     p.add_argument("--ttft", default="131072x32", help="TTFT runs: TOKENSxLAYERS, comma-separated")
     p.add_argument("--attention", default="local", choices=["local", "random"], help="the TTFT model's attention")
@@ -492,7 +490,7 @@ def main(argv=None):
         lengths = [256, 512] if args.smoke else [int(x) for x in args.lengths.split(",")]
         shape = (8, 2, 32) if args.smoke else (HQ, HKV, D)
         variants = args.variants.split(",")
-        rows = layer_rows(lengths, dev, dtype, args.inputs, variants, args.reps, shape, union=not args.no_union,
+        rows = layer_rows(lengths, dev, dtype, args.inputs, variants, args.reps, shape, union=args.union_max,
                           on_row=partial)
         result["layer"] = rows
         result["crossover_tokens"] = {name: crossover(rows, name) for name in variants}
@@ -504,9 +502,9 @@ def main(argv=None):
                     (f"{n}_vs_{x}", f) for n in variants for x, f in (
                         ("kernel_ms", "{:.2f}"), ("keys_per_qblock", "{:.0f}"), ("work_vs_dense", "{:.3f}"),
                         ("kernel_tflops", "{:.0f}"))])
-        c.table("union index per KV group: its work over the per-head work; per-head programs over it; best case", rows,
+        c.table("union index per KV group (4 heads): its work over the per-head work; a union kernel's best case (ms)", rows,
                 [("tokens", "{:d}")] + [(f"{n}_union_{x}", f) for n in variants for x, f in (
-                    ("work_vs_per_head", "{:.2f}"), ("per_head_programs_ms", "{:.1f}"), ("best_case_ms", "{:.1f}"))])
+                    ("work_vs_per_head", "{:.2f}"), ("best_case_ms", "{:.1f}"))])
         c.table("union kernel (units of 2 / 4 heads of a KV head) vs the per-head VS kernel (ms)", rows,
                 [("tokens", "{:d}")] + [(f"{n}_{x}", f) for n in variants for x, f in (
                     ("vs_kernel_ms", "{:.1f}"), ("union2_kernel_ms", "{:.1f}"), ("union2_work_vs_per_head", "{:.2f}"),

@@ -18,7 +18,7 @@ part=${1:-main}
 start=$(date +%s)
 case $part in
   main)
-    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_minference*.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
+    timeout 120 pytest -m gpu -q -p no:cacheprovider tests/test_minference.py tests/test_minference_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
     timeout 240 python benchmarks/bench_minference.py --parts layer --reps 2 \
       --lengths 32768,65536,131072,262144,524288,1048576 --variants default,published,mix \
       --out "$R/minference_layer.json" 2>&1 | tee "$R/layer.log" | tail -32
