@@ -206,3 +206,23 @@ def test_pattern_search_tiny_and_load(tmp_path):
     kvpress.patch(model, "minference", config=str(tmp_path / "mi.safetensors"), min_length=0)
     ids = tokenizer("hello world " * 40, return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("union", [1, 2, 4])
+def test_mixed_patterns_bf16_gpu(union):
+    """bf16 on the GPU at a few thousand tokens: every pattern, the published budgets' sizes, left
+    padding and a chunk (T > Lq); per-head or union VS programs against the torch path (SDPA under
+    the index's mask)."""
+    torch.manual_seed(0)
+    layer = {h: ("vertical_and_slash", *[(1000, 6096), (30, 800), (100, 800), (3500, 100)][h % 4]) for h in range(8)}
+    layer.update({8: ("stream_llm", 100, 800), 9: ("block_sparse", 8, 0)})
+    plan = plan_heads(MInferenceConfig(patterns=[layer]), 0, list(range(12)), 6000)
+    B, Hq, Hkv, T, Lq, D = 2, 12, 3, 6000, 4500, 128
+    k_rank = ranks([6000, 4321], T).cuda()
+    q_rank = k_rank[:, -Lq:]
+    q, k, v = (torch.randn(B, h, n, D, device="cuda", dtype=torch.bfloat16) for h, n in ((Hq, Lq), (Hkv, T), (Hkv, T)))
+    out = sparse_prefill(plan, q, k, v, q_rank, k_rank, D ** -0.5, use_triton=True, union_heads=union)
+    ref = sparse_prefill(plan, q, k, v, q_rank, k_rank, D ** -0.5, use_triton=False)  # the same index (bf16 inputs)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref.float()).abs().max() < 2e-2
