@@ -14,25 +14,32 @@ must read, over the measured copy bandwidth (read + write counted). Variants:
                   with torch.compile(mode="reduce-overhead") (part ``compile``: compiles per shape)
   dense, duo50, duo25         kvpress eager decode (duoNN: NN% retrieval heads, random gates,
                               sink 64, recent 256)
-  dense-graph, duo50-graph, duo25-graph   the same with kvpress.patch(..., decode="graph")
+  dense-graph, duo50-graph, duo25-graph   the same with kvpress.patch(..., decode="graph"), which
+                              fuses the model's small ops on CUDA (kvpress.graph.fuse, all parts)
+  NAME/PARTS                  with the fused parts PARTS ("none", or some of norm, rotary, mlp,
+                              residual, qkv, gate_up joined by "+"): for a graph variant instead of
+                              all of them, for an eager one on top of transformers' ops
 
 A row whose cache cannot fit the GPU is skipped (estimated from its bytes; "skipped" in the JSON).
 The ``check`` part prefills 8K real tokens and generates 64 greedy tokens with Duo 25% eager and
-graph: they must be the same tokens.
+graph, both with the fused ops: they must be the same tokens (and, for information, where eager
+decode with transformers' own ops first differs).
 
-    python benchmarks/bench_graph.py --parts check,tpot --batch 1        # ~5 min on an H200
-    python benchmarks/bench_graph.py --parts tpot --batch 4              # ~4 min
-    python benchmarks/bench_graph.py --parts compile                     # ~4 min (32K, 128K; batch 1)
+    python benchmarks/bench_graph.py --parts check,tpot --batch 1,4      # the table (8K-512K)
+    python benchmarks/bench_graph.py --parts compile --batch 1,4         # transformers static + compile
     python benchmarks/bench_graph.py --parts profile                     # ~30 s: where a Duo 25% graph step's GPU time goes
+    python benchmarks/bench_graph.py --parts gemm                        # ~10 s: the projections' GEMMs, split and fused
     python benchmarks/bench_graph.py --smoke                             # CPU, tiny model, seconds
 
-Writes ``benchmarks/results/graph_<part>_batch<B>_<device>.json``.
+Writes ``benchmarks/results/graph_<part>_batch<B>_<device>.json`` (rewritten after every row, so a
+run cut short by a time limit keeps what it measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import time
 from pathlib import Path
 
@@ -40,6 +47,7 @@ import torch
 
 import common
 import kvpress
+import kvpress.graph
 
 K = 1024
 KVPRESS_VARIANTS = ["dense", "dense-graph", "duo50", "duo50-graph", "duo25", "duo25-graph"]
@@ -62,6 +70,8 @@ def retrieval_fraction(name):
 @contextlib.contextmanager
 def variant(model, name, max_len):
     """``model`` as variant ``name`` inside the block; yields an empty-cache factory."""
+    name, _, parts = name.partition("/")
+    parts = parts.replace("+", ",")
     if name == "eager":
         yield lambda: __import__("transformers").DynamicCache(config=model.config)
     elif name == "static-compile":
@@ -76,8 +86,15 @@ def variant(model, name, max_len):
         method, _, graph = name.partition("-")
         options = {"decode": "graph"} if graph else {}
         config = None if method == "dense" else duo_config(retrieval_fraction(method), model.config.num_hidden_layers)
-        with common.kvpress_variant(model, "dense" if method == "dense" else "duo", config, **options) as make_cache:
-            yield make_cache
+        before = kvpress.graph.FUSE
+        kvpress.graph.FUSE = parts if graph and parts else "all"  # read when the graph runner is installed
+        try:
+            with common.kvpress_variant(model, "dense" if method == "dense" else "duo", config, **options) as make_cache:
+                if parts and not graph:
+                    kvpress.graph.fuse(model._kvpress_patch.patcher, model, parts)
+                yield make_cache
+        finally:
+            kvpress.graph.FUSE = before
 
 
 def weight_bytes(model):
@@ -139,14 +156,17 @@ def fits(model, name, L, batch, dev):
     return need < 0.85 * torch.cuda.get_device_properties(0).total_memory
 
 
-def tpot_part(model, names, lengths, batch, steps, chunk, dev, bw):
-    rows = []
+def tpot_part(model, names, lengths, batch, steps, chunk, dev, bw, rows=None, save=None):
+    """Rows of ``names`` x ``lengths`` appended to ``rows``; ``save(rows)`` after each."""
+    rows = [] if rows is None else rows
     weights = weight_bytes(model)
     for L in lengths:
         for name in names:
             if not fits(model, name, L, batch, dev):
                 rows.append({"variant": name, "tokens": L, "batch": batch, "skipped": "does not fit"})
                 print(f"{name} {L // K}K x{batch}: skipped (does not fit)", flush=True)
+                if save:
+                    save(rows)
                 continue
             try:
                 row = measure(model, name, L, batch, steps, chunk, dev)
@@ -154,6 +174,8 @@ def tpot_part(model, names, lengths, batch, steps, chunk, dev, bw):
                 rows.append({"variant": name, "tokens": L, "batch": batch, "skipped": "out of memory"})
                 print(f"{name} {L // K}K x{batch}: out of memory", flush=True)
                 torch.cuda.empty_cache()
+                if save:
+                    save(rows)
                 continue
             row["floor_ms"] = (weights + cache_read_bytes(model, name, L, batch)) / bw * 1e3
             row["vs_floor"] = row["tpot_ms"] / row["floor_ms"]
@@ -161,6 +183,8 @@ def tpot_part(model, names, lengths, batch, steps, chunk, dev, bw):
             print(f"{name} {L // K}K x{batch}: TPOT {row['tpot_ms']:.2f} ms (p10 {row['tpot_p10_ms']:.2f}, p90 "
                   f"{row['tpot_p90_ms']:.2f}; host {row['host_ms']:.2f}), floor {row['floor_ms']:.2f} ms "
                   f"({row['vs_floor']:.2f}x), peak {row['peak_GiB']:.1f} GiB, KV {row['kv_GiB']:.2f} GiB", flush=True)
+            if save:
+                save(rows)
     return rows
 
 
@@ -179,19 +203,26 @@ def targets(rows):
 
 @torch.inference_mode()
 def check_part(model, dev, L, new_tokens):
-    """Greedy tokens of Duo 25% eager and graph after a real prefill of L tokens."""
+    """Greedy tokens after a real prefill of L tokens: Duo 25% graph (fused ops) against Duo 25% eager
+    with the same fused ops (must be equal), and against eager with transformers' ops (information)."""
     ids = torch.randint(0, model.config.vocab_size, (1, L), device=dev, generator=torch.Generator(dev).manual_seed(0))
     runs = {}
-    for name in ("duo25", "duo25-graph"):
+    for name in ("duo25/all", "duo25-graph", "duo25"):
         with variant(model, name, 0):
             out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
             runs[name] = out[0, L:].tolist()
-    same = runs["duo25"] == runs["duo25-graph"]
-    first = next((i for i, (a, b) in enumerate(zip(runs["duo25"], runs["duo25-graph"])) if a != b), None)
-    print(f"check: Duo 25% graph {'==' if same else '!='} eager over {new_tokens} greedy tokens after {L} "
-          f"(first difference at {first})", flush=True)
-    return {"tokens": L, "new_tokens": new_tokens, "same": same, "first_difference": first, "eager": runs["duo25"],
-            "graph": runs["duo25-graph"]}
+
+    def first_difference(a, b):
+        return next((i for i, (x, y) in enumerate(zip(runs[a], runs[b])) if x != y), None)
+
+    same = runs["duo25/all"] == runs["duo25-graph"]
+    first, vs_plain = first_difference("duo25/all", "duo25-graph"), first_difference("duo25", "duo25-graph")
+    print(f"check: Duo 25% graph {'==' if same else '!='} eager (same fused ops) over {new_tokens} greedy tokens after "
+          f"{L} (first difference at {first}); against eager with transformers' ops: first difference at {vs_plain}",
+          flush=True)
+    return {"tokens": L, "new_tokens": new_tokens, "same": same, "first_difference": first,
+            "first_difference_vs_transformers_ops": vs_plain, "eager": runs["duo25/all"], "graph": runs["duo25-graph"],
+            "eager_transformers_ops": runs["duo25"]}
 
 
 @torch.inference_mode()
@@ -206,7 +237,7 @@ def profile_part(model, name, L, batch, chunk, dev):
         cache = make_cache()
         common.fill_cache(model, cache, L, chunk, dev, batch)
         tok = torch.ones(batch, 1, dtype=torch.long, device=dev)
-        step = lambda: model(input_ids=tok, **{arg: cache}, use_cache=True, logits_to_keep=1)  # noqa: E731
+        step = functools.partial(model, input_ids=tok, use_cache=True, logits_to_keep=1, **{arg: cache})
         for _ in range(3):
             step()
         common._sync(dev)
@@ -222,7 +253,7 @@ def profile_part(model, name, L, batch, chunk, dev):
                 count, total = kernels.get(e.name, (0, 0.0))
                 kernels[e.name] = (count + 1, total + e.time_range.elapsed_us())
         del cache
-    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:15]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:25]
     res = {"variant": name, "tokens": L, "batch": batch,
            "kernels_per_step": sum(c for c, _ in kernels.values()) / 4,
            "kernel_ms_per_step": sum(t for _, t in kernels.values()) / 4e3,
@@ -234,16 +265,48 @@ def profile_part(model, name, L, batch, chunk, dev):
     return res
 
 
+@torch.inference_mode()
+def gemm_part(model, batches, dev, bw):
+    """The decode step's projections at M = batch rows: cuBLAS GEMMs as transformers runs them
+    (q, k, v, gate, up apart) and as the fused ops run them (q/k/v, gate/up concatenated), GPU time
+    per call with a cold L2 (``common.graph_time``) and the weight bytes read per second."""
+    cfg = model.config
+    layer = model.model.layers[0]
+    att, mlp = layer.self_attn, layer.mlp
+    weights = {"q": att.q_proj.weight, "k": att.k_proj.weight, "v": att.v_proj.weight, "o": att.o_proj.weight,
+               "gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight, "down": mlp.down_proj.weight,
+               "lm_head": model.lm_head.weight}
+    weights["qkv"] = torch.cat([weights["q"], weights["k"], weights["v"]])
+    weights["gate_up"] = torch.cat([weights["gate"], weights["up"]])
+    rows = []
+    for batch in batches:
+        for name, w in weights.items():
+            x = torch.randn(batch, 1, w.shape[1], device=dev, dtype=w.dtype)
+            t = common.graph_time(functools.partial(torch.nn.functional.linear, x, w))
+            nbytes = w.numel() * w.element_size()
+            rows.append({"gemm": name, "batch": batch, "shape": list(w.shape), "us": t * 1e6, "TBps": nbytes / t / 1e12,
+                         "floor_us": nbytes / bw * 1e6})
+            print(f"gemm {name:8s} x{batch} {tuple(w.shape)}: {t * 1e6:7.1f} us, {nbytes / t / 1e12:.2f} TB/s "
+                  f"(floor {nbytes / bw * 1e6:.1f} us)", flush=True)
+    for batch in batches:
+        per = {r["gemm"]: r["us"] for r in rows if r["batch"] == batch}
+        split, fused = per["q"] + per["k"] + per["v"] + per["gate"] + per["up"], per["qkv"] + per["gate_up"]
+        print(f"gemm x{batch}: q+k+v+gate+up {split:.1f} us, qkv+gate_up {fused:.1f} us per layer "
+              f"({(split - fused) * cfg.num_hidden_layers / 1e3:.2f} ms per step saved)", flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="check,tpot", help="comma-separated: check, tpot, compile, profile")
+    p.add_argument("--parts", default="check,tpot", help="comma-separated: check, tpot, compile, profile, gemm")
     p.add_argument("--profile", default="duo25-graph:131072", help="variant:length of the profile part")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--lengths", default="8192,32768,131072,524288")
     p.add_argument("--variants", default=",".join(["eager"] + KVPRESS_VARIANTS))
     p.add_argument("--compile-lengths", default="32768,131072")
     p.add_argument("--steps", type=int, default=20, help="timed decode steps per row (after 3 warm-up steps)")
     p.add_argument("--chunk", type=int, default=16384, help="tokens per fill chunk (up to 1/4 of L)")
+    p.add_argument("--tag", default="", help="suffix of the JSON names (e.g. _round2)")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny 2-layer model on CPU: checks the script in seconds")
     a = p.parse_args()
@@ -253,45 +316,47 @@ def main():
         torch.set_num_threads(1)
     model = common.build_model(dev, smoke=a.smoke, layers=2 if a.smoke else 32)
     env = common.environment()
-    tag = common.device_tag(env)
+    tag = common.device_tag(env) + a.tag
     out_dir = Path(a.out or (Path(__file__).parent / "results"))
     parts = a.parts.split(",")
+    batches = [int(b) for b in a.batch.split(",")]
     lengths = [int(x) for x in a.lengths.split(",")] if not a.smoke else [300]
     bw = common.copy_bandwidth(dev)
     print(f"{env['device']}: copy bandwidth {bw / 1e12:.2f} TB/s (read + write), weights read per step "
           f"{weight_bytes(model) / 1e9:.2f} GB", flush=True)
     base = {"env": env, "copy_bandwidth_Bps": bw, "weight_bytes": weight_bytes(model), "sink": SINK, "recent": RECENT,
             "steps": a.steps}
-    cols = [("variant", "{}"), ("tokens", "{}"), ("tpot_ms", "{:.2f}"), ("floor_ms", "{:.2f}"), ("vs_floor", "{:.2f}"),
-            ("host_ms", "{:.2f}"), ("peak_GiB", "{:.1f}"), ("kv_GiB", "{:.2f}"), ("skipped", "{}")]
+    cols = [("variant", "{}"), ("tokens", "{}"), ("batch", "{}"), ("tpot_ms", "{:.2f}"), ("floor_ms", "{:.2f}"),
+            ("vs_floor", "{:.2f}"), ("host_ms", "{:.2f}"), ("peak_GiB", "{:.1f}"), ("kv_GiB", "{:.2f}"), ("skipped", "{}")]
+    steps = 2 if a.smoke else a.steps
     if "check" in parts:
         res = {**base, "check": check_part(model, dev, 300 if a.smoke else 8192, 8 if a.smoke else 64)}
         common.write_json(out_dir / f"graph_check_{tag}.json", res)
-    if "tpot" in parts:
-        chunk = 128 if a.smoke else a.chunk
-        names = a.variants.split(",")
-        rows = []
-        for L in lengths:
-            rows += tpot_part(model, names, [L], a.batch, 2 if a.smoke else a.steps, min(chunk, max(L // 4, 128)), dev, bw)
-        res = {**base, "rows": rows, "targets": targets(rows)}
-        common.write_json(out_dir / f"graph_tpot_batch{a.batch}_{tag}.json", res)
-        common.table(f"TPOT, Llama-3-8B shape, batch {a.batch}", rows, cols)
-        for what, ok in res["targets"].items():
-            print(f"target {what}: {'met' if ok else 'NOT met'}")
+    if "gemm" in parts:
+        common.write_json(out_dir / f"graph_gemm_{tag}.json", {**base, "rows": gemm_part(model, batches, dev, bw)})
     if "profile" in parts:
         name, length = a.profile.split(":")
         length = 300 if a.smoke else int(length)
-        res = {**base, "profile": profile_part(model, name, length, a.batch, min(a.chunk, max(length // 4, 128)), dev)}
-        common.write_json(out_dir / f"graph_profile_{name}_batch{a.batch}_{tag}.json", res)
-    if "compile" in parts:
-        compile_lengths = [int(x) for x in a.compile_lengths.split(",")] if not a.smoke else [300]
-        rows = []
-        for L in compile_lengths:
-            rows += tpot_part(model, ["static-compile"], [L], a.batch, 2 if a.smoke else a.steps,
-                              min(a.chunk if not a.smoke else 128, max(L // 4, 128)), dev, bw)
-        res = {**base, "rows": rows}
-        common.write_json(out_dir / f"graph_compile_batch{a.batch}_{tag}.json", res)
-        common.table(f"TPOT, transformers StaticCache + torch.compile, batch {a.batch}", rows, cols)
+        res = {**base, "profile": profile_part(model, name, length, batches[0], min(a.chunk, max(length // 4, 128)), dev)}
+        common.write_json(out_dir / f"graph_profile_{name.replace('/', '_')}_batch{batches[0]}_{tag}.json", res)
+    for part, names, part_lengths in (("tpot", a.variants.split(","), lengths),
+                                      ("compile", ["static-compile"], [int(x) for x in a.compile_lengths.split(",")])):
+        if part not in parts:
+            continue
+        part_lengths = [300] if a.smoke else part_lengths
+        for batch in batches:
+            path = out_dir / f"graph_{part}_batch{batch}_{tag}.json"
+            rows = []
+
+            def save(rows, path=path):
+                common.write_json(path, {**base, "rows": rows, "targets": targets(rows)})
+
+            for L in part_lengths:
+                chunk = 128 if a.smoke else min(a.chunk, max(L // 4, 128))
+                tpot_part(model, names, [L], batch, steps, chunk, dev, bw, rows=rows, save=save)
+            common.table(f"TPOT ({part}), Llama-3-8B shape, batch {batch}", rows, cols)
+            for what, ok in targets(rows).items():
+                print(f"target {what}: {'met' if ok else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 import kvpress
 import kvpress.cache
+import kvpress.graph
 from kvpress.cache import HeadGroup
 from kvpress.kernels import grouped_attention
 from kvpress.kernels.decode import decode_attention
@@ -37,9 +38,17 @@ def make_model(family="llama", **overrides):
     return tiny_model(family, **overrides)
 
 
-def generate(model, setting, decode, ids, **kwargs):
+def generate(model, setting, decode, ids, fuse="all", **kwargs):
+    """Generate with ``model`` patched; on CUDA with the fused ops ``fuse`` in both modes (graph
+    decode installs them; eager decode gets them here, so the two compute the same function)."""
     setting = dict(setting)
-    kvpress.patch(model, setting.pop("method"), decode=decode, **setting)
+    before, kvpress.graph.FUSE = kvpress.graph.FUSE, fuse
+    try:
+        kvpress.patch(model, setting.pop("method"), decode=decode, **setting)
+    finally:
+        kvpress.graph.FUSE = before
+    if decode == "eager" and ids.is_cuda and fuse != "none":
+        kvpress.graph.fuse(model._kvpress_patch.patcher, model, fuse)
     try:
         out = model.generate(ids, output_logits=True, return_dict_in_generate=True, **kwargs)
         runner = vars(model).get("_kvpress_graph")
@@ -238,18 +247,18 @@ def gpu_setting(model, method):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["dense", "duo"])
+@pytest.mark.parametrize("method, fuse", [("dense", "all"), ("duo", "all"), ("duo", "none")])
 @torch.no_grad()
-def test_gpu_graph_equals_eager_greedy_padded_and_sampled(method):
+def test_gpu_graph_equals_eager_greedy_padded_and_sampled(method, fuse):
     model = gpu_model()
     ids, mask = padded((700, 433, 1000))
     ids, mask = ids.cuda(), mask.cuda()
     runs = {}
     for decode in ("eager", "graph"):
-        greedy = generate(model, gpu_setting(model, method), decode, ids, attention_mask=mask, max_new_tokens=200,
-                          do_sample=False)
+        greedy = generate(model, gpu_setting(model, method), decode, ids, fuse=fuse, attention_mask=mask,
+                          max_new_tokens=200, do_sample=False)
         torch.manual_seed(0)
-        sampled = generate(model, gpu_setting(model, method), decode, ids[:1, -700:], max_new_tokens=100,
+        sampled = generate(model, gpu_setting(model, method), decode, ids[:1, -700:], fuse=fuse, max_new_tokens=100,
                            do_sample=True, top_k=50)
         runs[decode] = greedy, sampled
     (g_tokens, g_logits, stats), (s_tokens, _, _) = runs["graph"]
@@ -266,11 +275,13 @@ def test_gpu_graph_across_capacity_growths_and_release(monkeypatch):
     model = gpu_model()
     ids = random_ids(2, 300).cuda()
     setting = gpu_setting(model, "duo")
-    tokens, logits, _ = generate(model, setting, "eager", ids, max_new_tokens=120, do_sample=False)
+    tokens, logits, _ = generate(model, setting, "eager", ids, max_new_tokens=120, do_sample=False)  # fused ops
     monkeypatch.setattr(kvpress.cache, "static_bucket", lambda slots: slots + 40)
     torch.cuda.synchronize()
+    params = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
     kvpress.patch(model, setting["method"], config=setting["config"], decode="graph")
     runner = model._kvpress_graph
+    assert model.model.layers[0].self_attn._kvpress_qkv.intact()  # fused (graph decode on CUDA)
     out = model.generate(ids, max_new_tokens=120, do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert torch.equal(out.sequences, tokens)
     torch.testing.assert_close(torch.stack(out.logits, 1), logits, rtol=1e-2, atol=1e-2)
@@ -287,3 +298,7 @@ def test_gpu_graph_across_capacity_growths_and_release(monkeypatch):
     graph = weakref.ref(next(iter(runner.graphs.values())).graph)
     kvpress.unpatch(model)
     assert not runner.graphs and graph() is None
+    for name, p in model.named_parameters():  # the same parameters and values, each its own storage again
+        assert p is params[name][0] and torch.equal(p, params[name][1])
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == len(params)
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue #15 on the GPU (graph decode with fused ops): GPU tests and benchmarks, all under $OUT/graph.
+#   bash benchmarks/gpu_graph.sh round2   GPU tests; GEMMs; graph==eager check; profile; TPOT batch 1 at
+#                                         32K/128K with fused-part ablations; static+compile at 8K (~3 min)
+#   bash benchmarks/gpu_graph.sh round3   GPU tests; the TPOT table at batch 1 and 4, 8K-512K (graph
+#                                         variants, eager dense/duo25, transformers eager); compile at 32K (~3 min)
+#   bash benchmarks/gpu_graph.sh full     everything of bench_graph.py (every variant, 8K-512K, batch 1 and 4,
+#                                         compile at 8K/32K/128K): ~15 min, run as separate calls if needed
+# Installs this tree under /tmp and runs it with PYTHONPATH (as benchmarks/gpu_session.sh does).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/kvpress-gpu}/graph
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
+pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-graph . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
+export PYTHONPATH=/tmp/kvpress-graph
+BENCH="python benchmarks/bench_graph.py --out $OUT"
+stamp() { echo "== $(date +%T) $*"; }
+summary() { grep -v "^wrote" | tail -"$1"; }
+tests() {
+  stamp "GPU tests (graph, fused)"
+  timeout "$1" pytest -m gpu -q -p no:cacheprovider tests/test_graph.py tests/test_fused.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+}
+case ${1:-round2} in
+  round2)
+    tests 75
+    stamp "bench: gemm, check, profile, TPOT batch 1"
+    timeout 110 $BENCH --parts gemm,check,profile,tpot --batch 1 --lengths 32768,131072 --steps 15 \
+      --variants dense-graph,duo50-graph,duo25-graph,duo25-graph/none,duo25-graph/norm+rotary+mlp+residual 2>&1 \
+      | tee "$OUT/bench_b1.log" | summary 45
+    stamp "bench: transformers static + compile, 8K"
+    timeout 75 $BENCH --parts compile --batch 1 --compile-lengths 8192 --steps 15 2>&1 | tee "$OUT/compile.log" | summary 8
+    ;;
+  round3)
+    tests 75
+    stamp "bench: TPOT batch 1 and 4"
+    timeout 200 $BENCH --parts tpot --batch 1,4 --lengths 8192,32768,131072,524288 --steps 15 \
+      --variants eager,dense-graph,duo50-graph,duo25-graph 2>&1 | tee "$OUT/bench_table.log" | summary 50
+    stamp "bench: transformers static + compile, 32K"
+    timeout 120 $BENCH --parts compile --batch 1 --compile-lengths 32768 --steps 15 2>&1 | tee "$OUT/compile.log" | summary 8
+    ;;
+  full)
+    timeout 590 $BENCH --parts check,gemm,profile,tpot --batch 1,4 2>&1 | tee "$OUT/bench_full.log" | summary 80
+    timeout 590 $BENCH --parts compile --batch 1,4 --compile-lengths 8192,32768,131072 2>&1 | tee "$OUT/compile_full.log" | summary 20
+    ;;
+  *) echo "unknown part $1 (round2, round3, full)" ;;
+esac
+stamp done
+ls "$OUT"
