@@ -116,6 +116,23 @@ def test_budgets_covering_everything_are_lossless():
     torch.testing.assert_close(model(ids).logits, dense, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("queries,keys,sparse", [(100, 32768, False), (100, 30000, True), (4096, 32768, True),
+                                                 (40, 1000, False)])
+def test_dense_when_the_index_would_cost_more(monkeypatch, queries, keys, sparse):
+    """A short chunk over a long cache (fewer than ``index_queries`` queries, at least 8x as many
+    keys) and a forward under ``min_queries`` go dense; otherwise sparse."""
+    import kvpress.methods.minference as module
+
+    calls = []
+    monkeypatch.setattr(module, "sparse_prefill", lambda *a, **k: calls.append(1) or torch.zeros_like(a[1]))
+    model = tiny_model("llama")
+    kvpress.patch(model, "minference", min_length=0, vertical_size=30, slash_size=50, max_density=1.0)
+    method = model._kvpress_patch.method
+    q, k, v = torch.randn(1, 8, queries, 16), torch.randn(1, 4, keys, 16), torch.randn(1, 4, keys, 16)
+    k_rank = torch.arange(keys, dtype=torch.int32)[None]
+    method.full_prefill(0, q, k, v, k_rank[:, -queries:], k_rank, torch.arange(8), 0.25, None)
+    assert bool(calls) == sparse
+
 class Oracle:
     """Per-head rules from the torch references, on the whole unpadded sequence (no kvpress cache):
     Duo's streaming heads A-shape, the other heads VS (30, 50) with the index of each prefill chunk

@@ -64,8 +64,12 @@ class MInferenceConfig:
         min_length: prefills with fewer keys than this are dense. 131072: the measured crossover of
             ``benchmarks/bench_minference.py`` on an H200 (one Llama-3-8B-shaped layer, VS (1000, 6096)
             on every head: 0.39x dense at 32K, 1.11x at 128K; docs/minference.md).
-        min_queries: forwards with fewer new tokens than this are dense (the VS index costs what
-            64 queries of dense attention cost).
+        min_queries: forwards with fewer new tokens than this are dense.
+        index_queries: forwards with fewer new tokens than this over at least ``8 * index_queries``
+            keys are dense (a chunk appended to a long cache): building the VS index reads the last
+            64 queries' fp32 scores against every key several times, which costs about as much as
+            1.5K-2.2K queries of dense attention over the same keys (H200, 32 heads: 8.3 ms at 128K,
+            27.6 ms at 512K; ``benchmarks/bench_minference.py``).
         max_density: a layer prefills dense when its heads' estimated kept keys per query average
             more than this fraction of the keys a query sees on average (``T / 2``; above 1: never).
         union_heads: query heads per program of the VS kernel. 1: one program per query head (each
@@ -83,6 +87,7 @@ class MInferenceConfig:
     scale_length: int | None = 131072
     min_length: int = 131072
     min_queries: int = 64
+    index_queries: int = 4096
     max_density: float = 0.5
     union_heads: int = 1
     model_shape: ModelShape | None = None
@@ -96,9 +101,10 @@ class MInferenceConfig:
         if self.vertical_size < 1 or self.slash_size < 1:
             raise ValueError(f"MInferenceConfig budgets must be >= 1 token, got vertical_size={self.vertical_size}, "
                              f"slash_size={self.slash_size}")
-        if self.min_length < 0 or self.min_queries < 0 or not self.max_density > 0.0:
+        if self.min_length < 0 or self.min_queries < 0 or self.index_queries < 0 or not self.max_density > 0.0:
             raise ValueError(f"MInferenceConfig needs min_length >= 0, min_queries >= 0 and max_density > 0, got "
-                             f"min_length={self.min_length}, min_queries={self.min_queries}, max_density={self.max_density}")
+                             f"min_length={self.min_length}, min_queries={self.min_queries}, index_queries="
+                             f"{self.index_queries}, max_density={self.max_density}")
         if self.union_heads not in (1, 2, 4):
             raise ValueError(f"MInferenceConfig.union_heads is 1, 2 or 4 (query heads per VS program), got {self.union_heads}")
         if self.scale_length is not None and self.scale_length < 1:
@@ -316,8 +322,9 @@ class MInference(GroupedMethod):
         [B, nkv, T, D]`` of a group that keeps every token, sparse per head where it pays, else dense."""
         T = k.shape[2]
         plan = plan_heads(self.config, layer_idx, q_heads.tolist(), T)
-        dense = (T < self.config.min_length or q.shape[2] < self.config.min_queries
-                 or plan.kept > self.config.max_density * T / 2 or not keys_in_rank_order(q_rank, k_rank))
+        Lq, c = q.shape[2], self.config
+        dense = (T < c.min_length or Lq < c.min_queries or (Lq < c.index_queries and T >= 8 * c.index_queries)
+                 or plan.kept > c.max_density * T / 2 or not keys_in_rank_order(q_rank, k_rank))
         if dense:
             group = HeadGroup(torch.arange(k.shape[1], device=q.device), k, v, k_rank)
             return kernels.grouped_attention(q, [group], q_rank, scale, window)
