@@ -265,11 +265,17 @@ def profile_part(model, name, L, batch, chunk, dev):
     return res
 
 
+GEMV_CONFIGS = [(16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 4, 3), (16, 128, 4, 6)]  # BLOCK_N, BLOCK_K, warps, stages
+
+
 @torch.inference_mode()
 def gemm_part(model, batches, dev, bw):
-    """The decode step's projections at M = batch rows: cuBLAS GEMMs as transformers runs them
-    (q, k, v, gate, up apart) and as the fused ops run them (q/k/v, gate/up concatenated), GPU time
-    per call with a cold L2 (``common.graph_time``) and the weight bytes read per second."""
+    """The decode step's projections at M = batch rows: cuBLAS as transformers runs them (q, k, v,
+    gate, up apart), cuBLAS over the concatenated weights (q/k/v, gate/up), and the Triton GEMV of
+    the ``gemv`` fused part (``kernels.fused.linear``) in a few tile settings (``GEMV_CONFIGS``, the
+    first the default): GPU time per call with a cold L2 (``common.graph_time``) and weight bytes/s."""
+    from kvpress.kernels import fused
+
     cfg = model.config
     layer = model.model.layers[0]
     att, mlp = layer.self_attn, layer.mlp
@@ -278,21 +284,48 @@ def gemm_part(model, batches, dev, bw):
                "lm_head": model.lm_head.weight}
     weights["qkv"] = torch.cat([weights["q"], weights["k"], weights["v"]])
     weights["gate_up"] = torch.cat([weights["gate"], weights["up"]])
+    defaults = (fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS, fused.GEMV_STAGES)
     rows = []
+
+    def add(name, kind, batch, w, fn):
+        t = common.graph_time(fn)
+        nbytes = w.numel() * w.element_size()
+        rows.append({"gemm": name, "kind": kind, "batch": batch, "shape": list(w.shape), "us": t * 1e6,
+                     "TBps": nbytes / t / 1e12, "floor_us": nbytes / bw * 1e6})
+        print(f"gemm {name:8s} {kind:18s} x{batch} {tuple(w.shape)}: {t * 1e6:7.1f} us, {nbytes / t / 1e12:.2f} TB/s "
+              f"(floor {nbytes / bw * 1e6:.1f} us)", flush=True)
+
     for batch in batches:
         for name, w in weights.items():
             x = torch.randn(batch, 1, w.shape[1], device=dev, dtype=w.dtype)
-            t = common.graph_time(functools.partial(torch.nn.functional.linear, x, w))
-            nbytes = w.numel() * w.element_size()
-            rows.append({"gemm": name, "batch": batch, "shape": list(w.shape), "us": t * 1e6, "TBps": nbytes / t / 1e12,
-                         "floor_us": nbytes / bw * 1e6})
-            print(f"gemm {name:8s} x{batch} {tuple(w.shape)}: {t * 1e6:7.1f} us, {nbytes / t / 1e12:.2f} TB/s "
-                  f"(floor {nbytes / bw * 1e6:.1f} us)", flush=True)
+            add(name, "cublas", batch, w, functools.partial(torch.nn.functional.linear, x, w))
+            if name in ("k", "v", "gate", "up") or dev != "cuda":
+                continue
+            for config in GEMV_CONFIGS:
+                fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS, fused.GEMV_STAGES = config
+                try:
+                    y = fused.linear(x, w)
+                    err = ((y.float() - torch.nn.functional.linear(x, w).float()).norm() / y.float().norm()).item()
+                    add(name, "gemv" + "x".join(map(str, config)), batch, w, functools.partial(fused.linear, x, w))
+                    rows[-1]["rel_err"] = err
+                except Exception as error:  # a tile setting that does not compile or fit: say so, go on
+                    print(f"gemm {name} gemv {config}: {type(error).__name__}: {str(error)[:200]}", flush=True)
+                finally:
+                    fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS, fused.GEMV_STAGES = defaults
     for batch in batches:
-        per = {r["gemm"]: r["us"] for r in rows if r["batch"] == batch}
-        split, fused = per["q"] + per["k"] + per["v"] + per["gate"] + per["up"], per["qkv"] + per["gate_up"]
-        print(f"gemm x{batch}: q+k+v+gate+up {split:.1f} us, qkv+gate_up {fused:.1f} us per layer "
-              f"({(split - fused) * cfg.num_hidden_layers / 1e3:.2f} ms per step saved)", flush=True)
+        per = {}
+        for r in rows:
+            if r["batch"] == batch:
+                per.setdefault(r["gemm"], {})[r["kind"]] = r["us"]
+        split = sum(per[n]["cublas"] for n in ("q", "k", "v", "o", "gate", "up", "down"))
+        joined = sum(per[n]["cublas"] for n in ("qkv", "o", "gate_up", "down"))
+        best = {n: min(per[n].values()) for n in ("qkv", "o", "gate_up", "down")}
+        gemv = {n: min((t for k, t in per[n].items() if k.startswith("gemv")), default=float("nan")) for n in best}
+        print(f"gemm x{batch} per layer: cuBLAS apart {split:.1f} us, cuBLAS concatenated {joined:.1f} us, "
+              f"best GEMV {sum(gemv.values()):.1f} us, best of all {sum(best.values()):.1f} us "
+              f"(x{cfg.num_hidden_layers} layers: {split * cfg.num_hidden_layers / 1e3:.2f} / "
+              f"{joined * cfg.num_hidden_layers / 1e3:.2f} / {sum(gemv.values()) * cfg.num_hidden_layers / 1e3:.2f} ms)",
+              flush=True)
     return rows
 
 
@@ -333,7 +366,8 @@ def main():
         res = {**base, "check": check_part(model, dev, 300 if a.smoke else 8192, 8 if a.smoke else 64)}
         common.write_json(out_dir / f"graph_check_{tag}.json", res)
     if "gemm" in parts:
-        common.write_json(out_dir / f"graph_gemm_{tag}.json", {**base, "rows": gemm_part(model, batches, dev, bw)})
+        gemm_batches = sorted(set(batches) | {1, 4})
+        common.write_json(out_dir / f"graph_gemm_{tag}.json", {**base, "rows": gemm_part(model, gemm_batches, dev, bw)})
     if "profile" in parts:
         name, length = a.profile.split(":")
         length = 300 if a.smoke else int(length)

@@ -222,3 +222,87 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
             q, k, qo, ko, cos, sin, rows[0], q.stride(2), rows[1], k.stride(2), _row_stride(qo), qo.stride(2),
             _row_stride(ko), ko.stride(2), c_b, cos.stride(1), T, Hq, HALF=D // 2, BLOCK=_pow2(D // 2), num_warps=1)
     return qo, ko
+
+
+# -- GEMV: the projections of a decode step (a few rows) -------------------------------------------
+
+GEMV_MAX_ROWS = 16  # rows (tokens of a decode step) one launch serves; more run F.linear
+GEMV_BLOCK_N = 16  # output features per program
+GEMV_BLOCK_K = 256  # input features per step
+GEMV_WARPS = 4
+GEMV_STAGES = 4
+
+
+@triton.jit
+def _gemv_kernel(X, W, BIAS, R, Y, M, N, K, x_row, w_row, r_row, y_row, up_offset,
+                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Features ``[pid * BLOCK_N, +BLOCK_N)`` of ``y = x W^T (+ bias) (+ r)`` for the ``M`` rows of X
+    (``SILU_MUL``: the input row is ``silu(x[:K]) * x[up_offset:][:K]``, rounded as torch rounds),
+    each weight byte read once; fp32 accumulation, roundings as F.linear then the residual add."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    n_ok = n < N
+    w_ptr = W + n[:, None].to(tl.int64) * w_row
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            w = tl.load(w_ptr + k[None, :], mask=n_ok[:, None], other=0.0)
+            xm = (m < M)[:, None]
+        else:
+            w = tl.load(w_ptr + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+            xm = (m < M)[:, None] & (k < K)[None, :]
+        x = tl.load(X + m[:, None] * x_row + k[None, :], mask=xm, other=0.0)
+        if SILU_MUL:
+            g = x.to(tl.float32)
+            u = tl.load(X + up_offset + m[:, None] * x_row + k[None, :], mask=xm, other=0.0)
+            act = (g / (1.0 + tl.exp(-g))).to(u.dtype).to(tl.float32)
+            x = (act * u.to(tl.float32)).to(u.dtype)
+        acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(BIAS + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mask = (m < M)[:, None] & n_ok[None, :]
+    y = acc.to(Y.dtype.element_ty)
+    if HAS_RES:
+        r = tl.load(R + m[:, None] * r_row + n[None, :], mask=mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
+    tl.store(Y + m[:, None] * y_row + n[None, :], y, mask=mask)
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     residual: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """``residual + F.linear(x, weight, bias)`` as transformers computes it (the add after the
+    projection's rounding); ``silu_mul``: ``x`` holds ``[gate | up]`` and the input is ``silu(gate) * up``."""
+    if silu_mul:
+        x = silu_mul_reference(*x.chunk(2, dim=-1))
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y if residual is None else residual + y
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """:func:`linear_reference` in one launch on Triton when ``x`` has at most ``GEMV_MAX_ROWS`` rows
+    (a decode step; 16-bit on CUDA), else the reference."""
+    from . import use_triton
+
+    K = weight.shape[1]
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    ok = (use_triton(x) and 0 < rows <= GEMV_MAX_ROWS and x.shape[-1] == (2 * K if silu_mul else K) and weight.dim() == 2
+          and x.dtype == weight.dtype and (not x.is_cuda or x.dtype in (torch.bfloat16, torch.float16))
+          and weight.stride(1) == 1 and x.stride(-1) == 1 and not _needs_grad(x, weight, bias, residual)
+          and (bias is None or (bias.is_contiguous() and bias.dtype == x.dtype))
+          and (residual is None or (residual.shape[:-1] == x.shape[:-1] and residual.shape[-1] == weight.shape[0]
+                                    and residual.dtype == x.dtype and residual.stride(-1) == 1)))
+    if not ok:
+        return linear_reference(x, weight, bias, residual, silu_mul)
+    N = weight.shape[0]
+    xs = x.reshape(rows, x.shape[-1])
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    rs = residual.reshape(rows, N) if residual is not None else y
+    _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](
+        xs, weight, bias if bias is not None else weight, rs, y, rows, N, K, xs.stride(0), weight.stride(0),
+        rs.stride(0), N, K, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
+        EVEN_K=K % GEMV_BLOCK_K == 0, BLOCK_M=16, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
+        num_warps=GEMV_WARPS, num_stages=GEMV_STAGES)
+    return y

@@ -297,7 +297,7 @@ def install(patcher, model: torch.nn.Module, method, fuse_ops: str | None = None
 
 # -- fused ops (issue #15: the launch-bound tail of a decode step) ---------------------------------
 
-FUSE_PARTS = ("norm", "rotary", "mlp", "residual", "qkv", "gate_up")
+FUSE_PARTS = ("norm", "rotary", "mlp", "residual", "qkv", "gate_up", "gemv")
 # What ``decode="graph"`` fuses on CUDA: "all", "none", or a comma-separated subset of FUSE_PARTS.
 FUSE = os.environ.get("KVPRESS_FUSE", "all")
 
@@ -321,7 +321,10 @@ def fuse(patcher, model: torch.nn.Module, spec: str = "all") -> dict[str, int]:
     * ``residual``: the decoder layer's residual add fused into its post-attention RMSNorm;
     * ``qkv`` / ``gate_up``: the q/k/v (gate/up) projections as one GEMM over their weights
       concatenated: the parameters stay the same objects but their data become row blocks of the
-      concatenated tensor (no second copy); unpatching gives each its own storage back.
+      concatenated tensor (no second copy); unpatching gives each its own storage back;
+    * ``gemv``: the decoder's projections at decode (a few rows) through one Triton GEMV each
+      (``kernels.fused.linear``), with SiLU(gate) * up computed in the down projection's loads and the
+      residual adds in the output and down projections' stores.
 
     The fused forwards run the kernels where ``kvpress.kernels`` runs Triton (CUDA) and no gradient
     is recorded, transformers' expressions otherwise. Returns how many modules each part changed."""
@@ -340,19 +343,23 @@ def fuse(patcher, model: torch.nn.Module, spec: str = "all") -> dict[str, int]:
             patcher.swap_forward(module, norm_forward)
             done["norm"] += 1
     for layer, attention in zip(layers, info.attention_modules):
-        if ("rotary" in parts or "qkv" in parts) and "forward" not in vars(attention) and _plain_attention(attention):
+        if ("rotary" in parts or "qkv" in parts or "gemv" in parts) and "forward" not in vars(attention) and _plain_attention(attention):
             patcher.set(attention, "_kvpress_window", info.layer_windows[attention.layer_idx])
             patcher.set(attention, "_kvpress_rotary", "rotary" in parts)
+            patcher.set(attention, "_kvpress_gemv", "gemv" in parts)
             if "qkv" in parts and _concatenate(patcher, attention, "_kvpress_qkv", [attention.q_proj, attention.k_proj, attention.v_proj]):
                 done["qkv"] += 1
             patcher.swap_forward(attention, attention_forward)
             if "rotary" in parts:
                 done["rotary"] += 1
         mlp = getattr(layer, "mlp", None)
-        if ("mlp" in parts or "gate_up" in parts) and _plain_mlp(mlp) and "forward" not in vars(mlp):
+        if ("mlp" in parts or "gate_up" in parts or "gemv" in parts) and _plain_mlp(mlp) and "forward" not in vars(mlp):
             if "gate_up" in parts and _concatenate(patcher, mlp, "_kvpress_gate_up", [mlp.gate_proj, mlp.up_proj]):
                 done["gate_up"] += 1
             patcher.set(mlp, "_kvpress_silu_mul", "mlp" in parts)
+            patcher.set(mlp, "_kvpress_gemv", "gemv" in parts)
+            if "gemv" in parts:
+                done["gemv"] += 1
             patcher.swap_forward(mlp, mlp_forward)
             if "mlp" in parts:
                 done["mlp"] += 1
@@ -377,8 +384,9 @@ def _plain_linear(module) -> bool:
 
 def _plain_attention(module) -> bool:
     names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    return (all(_plain_linear(getattr(module, n, None)) for n in names)
-            and isinstance(getattr(module, "head_dim", None), int) and hasattr(module, "layer_idx"))
+    return (all(_plain_linear(getattr(module, n, None)) for n in names) and not module._forward_hooks
+            and not module._forward_pre_hooks and isinstance(getattr(module, "head_dim", None), int)
+            and hasattr(module, "layer_idx"))
 
 
 def _plain_mlp(module) -> bool:
@@ -454,15 +462,33 @@ def norm_forward(module, hidden_states):
     return ops.rms_norm(hidden_states, module.weight, module.variance_epsilon)
 
 
-def mlp_forward(module, x):
-    """``down(silu(gate(x)) * up(x))``, with gate/up as one GEMM when concatenated and the product fused."""
-    joined = vars(module).get("_kvpress_gate_up")
-    if joined is not None and joined.intact():
-        gate, up = F.linear(x, joined.weight, joined.bias).chunk(2, dim=-1)
+def _linear(owner, linear, x, residual=None, silu_mul=False):
+    """``linear(x)`` (``+ residual``), through the fused GEMV when ``owner`` has the ``gemv`` part."""
+    if vars(owner).get("_kvpress_gemv"):
+        return ops.linear(x, linear.weight, linear.bias, residual=residual, silu_mul=silu_mul)
+    y = linear(ops.silu_mul_reference(*x.chunk(2, dim=-1)) if silu_mul else x)
+    return y if residual is None else residual + y
+
+
+def _joined(module, name: str):
+    joined = vars(module).get(name)
+    return joined if joined is not None and joined.intact() else None
+
+
+def mlp_forward(module, x, residual=None):
+    """``down(silu(gate(x)) * up(x))`` (``+ residual``), with gate/up as one GEMM when concatenated
+    and the product fused (with the ``gemv`` part: into the down projection's GEMV, the residual too)."""
+    joined = _joined(module, "_kvpress_gate_up")
+    gemv = vars(module).get("_kvpress_gemv")
+    if joined is not None:
+        gate_up = ops.linear(x, joined.weight, joined.bias) if gemv else F.linear(x, joined.weight, joined.bias)
+        if gemv:
+            return _linear(module, module.down_proj, gate_up, residual=residual, silu_mul=True)
+        gate, up = gate_up.chunk(2, dim=-1)
     else:
-        gate, up = module.gate_proj(x), module.up_proj(x)
+        gate, up = _linear(module, module.gate_proj, x), _linear(module, module.up_proj, x)
     act = ops.silu_mul(gate, up) if vars(module).get("_kvpress_silu_mul") else module.act_fn(gate) * up
-    return module.down_proj(act)
+    return _linear(module, module.down_proj, act, residual=residual)
 
 
 def attention_forward(module, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
@@ -470,16 +496,22 @@ def attention_forward(module, hidden_states, position_embeddings=None, attention
     concatenated and RoPE of q and k in one kernel (in place in the projections' output)."""
     if args or position_embeddings is None:
         return type(module).forward(module, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    return _attention(module, hidden_states, position_embeddings, attention_mask, None, kwargs)
+
+
+def _attention(module, hidden_states, position_embeddings, attention_mask, residual, kwargs):
+    """:func:`attention_forward`'s body; with ``residual``, the output projection adds it."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     B, T, _ = hidden_states.shape
     D = module.head_dim
-    joined = vars(module).get("_kvpress_qkv")
-    if joined is not None and joined.intact():
+    joined = _joined(module, "_kvpress_qkv")
+    if joined is not None:
         sizes = [m.weight.shape[0] for m in joined.linears]
-        q, k, v = F.linear(hidden_states, joined.weight, joined.bias).split(sizes, dim=-1)
+        qkv = (ops.linear if vars(module).get("_kvpress_gemv") else F.linear)(hidden_states, joined.weight, joined.bias)
+        q, k, v = qkv.split(sizes, dim=-1)
     else:
-        q, k, v = module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states)
+        q, k, v = (_linear(module, p, hidden_states) for p in (module.q_proj, module.k_proj, module.v_proj))
     q, k, v = q.view(B, T, -1, D), k.view(B, T, -1, D), v.view(B, T, -1, D)
     if getattr(module, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before RoPE
         q, k = module.q_norm(q), module.k_norm(k)
@@ -501,16 +533,31 @@ def attention_forward(module, hidden_states, position_embeddings=None, attention
     if window is not None:
         kwargs["sliding_window"] = window
     out, weights = attend(module, q, k, v, attention_mask, dropout=0.0, scaling=module.scaling, **kwargs)
-    return module.o_proj(out.reshape(B, T, -1).contiguous()), weights
+    return _linear(module, module.o_proj, out.reshape(B, T, -1).contiguous(), residual=residual), weights
+
+
+def _swapped(module, forward) -> bool:
+    swap = vars(module).get("forward")
+    return getattr(swap, "__func__", None) is forward
 
 
 def layer_forward(module, hidden_states, *args, **kwargs):
-    """transformers' decoder layer forward with the residual add fused into the post-attention RMSNorm."""
+    """transformers' decoder layer forward with the residual adds fused: into the post-attention
+    RMSNorm, or (``gemv`` part) into the output and down projections."""
     if args:
         return type(module).forward(module, hidden_states, *args, **kwargs)
     residual = hidden_states
     hidden_states = module.input_layernorm(hidden_states)
-    hidden_states, _ = module.self_attn(hidden_states=hidden_states, **kwargs)
-    norm = module.post_attention_layernorm
-    hidden_states, residual = ops.rms_norm(hidden_states, norm.weight, norm.variance_epsilon, residual=residual)
-    return residual + module.mlp(hidden_states)
+    attention, norm, mlp = module.self_attn, module.post_attention_layernorm, module.mlp
+    if vars(attention).get("_kvpress_gemv") and _swapped(attention, attention_forward) and "position_embeddings" in kwargs:
+        kwargs = dict(kwargs)
+        hidden_states, _ = _attention(attention, hidden_states, kwargs.pop("position_embeddings"),
+                                      kwargs.pop("attention_mask", None), residual, kwargs)
+        residual = hidden_states
+        hidden_states = norm(hidden_states)
+    else:
+        hidden_states, _ = attention(hidden_states=hidden_states, **kwargs)
+        hidden_states, residual = ops.rms_norm(hidden_states, norm.weight, norm.variance_epsilon, residual=residual)
+    if vars(mlp).get("_kvpress_gemv") and _swapped(mlp, mlp_forward):
+        return mlp_forward(mlp, hidden_states, residual=residual)
+    return residual + mlp(hidden_states)

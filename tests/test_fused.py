@@ -109,6 +109,26 @@ def test_rotary_kernel_equals_transformers(on_triton, batch, tokens, cos_batch, 
         torch.testing.assert_close(qkv, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rows, n, k, silu_mul, residual, bias", [(1, 40, 64, False, False, False), (3, 33, 300, True, True, True),
+                                                                   (2, 16, 512, False, True, False), (16, 20, 256, True, False, False)])
+@torch.no_grad()
+def test_gemv_kernel_equals_linear(on_triton, rows, n, k, silu_mul, residual, bias):
+    """The decode GEMV (float32: the interpreter's bf16 dot is wrong) against F.linear, with the
+    SiLU * up prologue and the residual epilogue; more than 16 rows run F.linear."""
+    torch.manual_seed(5)
+    w, b = torch.randn(n, k), torch.randn(n) if bias else None
+    x = torch.randn(rows, 1, 2 * k if silu_mul else k)
+    r = torch.randn(rows, 1, n) if residual else None
+    expected = fused.linear_reference(x, w, b, r, silu_mul)
+    if silu_mul:
+        gate, up = x.chunk(2, dim=-1)
+        torch.testing.assert_close(expected, torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w, b)
+                                   + (0 if r is None else r))
+    torch.testing.assert_close(fused.linear(x, w, b, r, silu_mul), expected, rtol=1e-5, atol=1e-4)
+    many = torch.randn(17, k)
+    torch.testing.assert_close(fused.linear(many, w), torch.nn.functional.linear(many, w))
+
+
 def test_kernels_leave_autograd_to_the_reference(on_triton):
     w = torch.randn(8, requires_grad=True)
     x = torch.randn(2, 8)
@@ -133,7 +153,8 @@ def test_fuse_keeps_the_logits_and_unpatch_restores_everything(on_triton, family
     expected = logits(model, ids)
     state = {name: (p, p.detach().clone(), p.data_ptr()) for name, p in model.named_parameters()}
     done = graph.fuse(model._kvpress_patch.patcher, model)
-    assert done == {"norm": 5 + (4 if family == "qwen3" else 0), "rotary": 2, "mlp": 2, "residual": 2, "qkv": 2, "gate_up": 2}
+    assert done == {"norm": 5 + (4 if family == "qwen3" else 0), "rotary": 2, "mlp": 2, "residual": 2, "qkv": 2, "gate_up": 2,
+                    "gemv": 2}
     attention = model.model.layers[0].self_attn
     joined = attention._kvpress_qkv
     assert attention.q_proj.weight.untyped_storage().data_ptr() == joined.weight.untyped_storage().data_ptr()  # views, no copy
