@@ -85,7 +85,7 @@ def vs_scores(q, k, q_rank, k_rank, scale, window=None):
     G = Hq // Hkv
     ql, qr = last_queries(q, q_rank)
     L = ql.shape[2]
-    allowed = _rank_mask(qr, k_rank, window)  # [B, 1, L, T]
+    blocked = ~_rank_mask(qr, k_rank, window)  # [B, 1, L, T]
     # Rank of row r is a + r and of tensor column n is n - s for real tokens: offset = (a + s) - (n - r).
     a = qr[:, -1].long() - (L - 1)
     s = (T - 1) - k_rank[:, -1].long()
@@ -95,16 +95,13 @@ def vs_scores(q, k, q_rank, k_rank, scale, window=None):
     vertical = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     slash = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
     for h0, h1 in _chunks(Hkv, B * G * L * T * 4 * 3):
-        scores = torch.matmul(_grouped(ql, Hkv)[:, h0:h1], k[:, h0:h1].transpose(-1, -2)).float()
-        scores = scores.view(B, (h1 - h0) * G, L, T) * scale
-        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
+        scores = torch.matmul(_grouped(ql, Hkv)[:, h0:h1], k[:, h0:h1].transpose(-1, -2))
+        scores = scores.view(B, (h1 - h0) * G, L, T).float().mul_(scale).masked_fill_(blocked, float("-inf"))
+        p = torch.softmax(scores, dim=-1)
+        del scores
+        p.nan_to_num_(0.0)  # query rows without a key (padding)
         vertical[:, h0 * G:h1 * G] = p.sum(-2)
-        # Skew: padded[r, x] = p[r, x - (L - 1)]; with a row stride one longer, view[r, c] = padded[r, c + r],
-        # so summing the view over r gives the diagonal n - r = c - (L - 1) of p (no wrap: W >= T + 2L - 2).
-        padded = F.pad(p, (L - 1, L - 1))
-        W = padded.shape[-1]
-        diag = padded.as_strided((B, (h1 - h0) * G, L, T + L - 1),
-                                 (padded.stride(0), padded.stride(1), W + 1, 1)).sum(-2)
+        diag = _diagonal_sums(p)
         slash[:, h0 * G:h1 * G] = diag.gather(-1, c.clamp(0, T + L - 2)[:, None].expand(-1, (h1 - h0) * G, -1))
     # Forced entries outrank every real score, nearer ones first (ties broken the same on every device).
     slash = torch.where(c_ok[:, None], slash, float("-inf"))
@@ -115,6 +112,28 @@ def vs_scores(q, k, q_rank, k_rank, scale, window=None):
     vertical = vertical.masked_fill(~real[:, None], float("-inf"))
     vertical = torch.where(forced_j[:, None], FORCED + (FORCED_COLUMNS - k_rank).float()[:, None], vertical)
     return vertical, slash
+
+
+def _skewed_sums(padded: torch.Tensor, width: int) -> torch.Tensor:
+    """``out[..., c] = sum_r padded[..., r, c + r]`` for ``c < width`` (``padded [..., L, W]``
+    contiguous, ``W >= width + L - 1``): with a row stride one longer, ``view[r, c] = padded[r, c + r]``."""
+    L, W = padded.shape[-2:]
+    return padded.as_strided((*padded.shape[:-2], L, width), (*padded.stride()[:-2], W + 1, 1)).sum(-2)
+
+
+def _diagonal_sums(p: torch.Tensor) -> torch.Tensor:
+    """``[..., T + L - 1]`` sums of ``p [..., L, T]`` along its diagonals: entry ``c`` sums
+    ``p[r, c + r - (L - 1)]`` over the rows where that column exists (``c = n - r + L - 1``).
+
+    The interior (every row has the column) is a strided view of ``p`` itself; only the ``L - 1``
+    partial diagonals at each end go through a zero-padded copy of ``L - 1`` columns."""
+    L, T = p.shape[-2:]
+    if T < 2 * L or not p.is_contiguous():
+        return _skewed_sums(F.pad(p, (L - 1, L - 1)), T + L - 1)
+    interior = p.as_strided((*p.shape[:-2], L, T - L + 1), (*p.stride()[:-2], T + 1, 1)).sum(-2)
+    left = _skewed_sums(F.pad(p[..., :L - 1], (L - 1, 0)).contiguous(), L - 1)
+    right = _skewed_sums(F.pad(p[..., T - L + 1:], (0, L - 1)).contiguous(), L - 1)
+    return torch.cat([left, interior, right], -1)
 
 
 def _top(scores: torch.Tensor, sizes: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
