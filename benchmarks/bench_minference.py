@@ -28,8 +28,8 @@ ranges). Speed-ups and the crossover length (shortest measured length from which
 at every longer length) go into ``benchmarks/results/minference_layer_<device>.json``. For the VS
 heads of each variant the VS kernel is also timed alone (index prepared) beside the work it runs
 (``kernels.minference.vs_work``: 64-key tiles per query block, that work over dense causal
-attention's, TFLOP/s on it). Lengths from 512K on are timed once, without a warm-up call (dense
-SDPA takes ~4.6 s per layer at 512K and ~18 s at 1M).
+attention's, TFLOP/s on it). Lengths from 256K on are timed once, without a warm-up call, when
+shorter lengths ran before (dense SDPA takes ~1.1 s per layer at 256K, 4.6 s at 512K, ~18 s at 1M).
 
 Union index per KV group (on the all-VS variants, up to ``--union-max`` tokens): the G = 4 query
 heads of a KV head can share one program walking the *union* of their indices (K/V read once per
@@ -269,7 +269,7 @@ def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), un
     for L in lengths:
         q, k, v = inputs(L, dev, dtype, kind, hq, hkv, d)
         rank = torch.arange(L, device=dev, dtype=torch.int32)[None]
-        long = L >= 512 * K  # timed once, no warm-up call: the kernels were compiled at shorter lengths
+        long = L >= 256 * K  # timed once, no warm-up call: the kernels were compiled at shorter lengths
         reps_L, warm = (1, False) if long and len(lengths) > 1 else (reps, True)
         t_dense = elapsed(lambda: dense(q, k, v, scale), dev, reps_L, warm)
         row = {"tokens": L, "inputs": kind, "dense_ms": t_dense * 1e3, "reps": reps_L,
