@@ -33,6 +33,12 @@ def _pow2(n: int) -> int:
     return 1 << (max(n, 1) - 1).bit_length()
 
 
+def _on_device(t: torch.Tensor):
+    from . import _on_device as on_device  # launches on t's GPU (a model may span several)
+
+    return on_device(t)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``[rows, last]`` (a view when the leading dimensions flatten to one stride)."""
     return x.reshape(-1, x.shape[-1])
@@ -83,8 +89,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     in one launch on Triton; see :func:`rms_norm_reference`."""
     from . import use_triton
 
-    if not use_triton(x) or _needs_grad(x, weight, residual) or x.shape[-1] > 65536 or weight.shape != x.shape[-1:] or weight.device != x.device or (
-            residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype)):
+    plain = residual is None or (residual.shape == x.shape and residual.dtype == x.dtype)
+    if (not use_triton(x) or _needs_grad(x, weight, residual) or x.shape[-1] > 65536 or weight.shape != x.shape[-1:]
+            or weight.device != x.device or not plain):
         return rms_norm_reference(x, weight, eps, residual)
     n = x.shape[-1]
     xs = _rows(x) if x.stride(-1) == 1 else _rows(x.contiguous())
@@ -97,8 +104,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         rs = hs = xs
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     if xs.shape[0]:
-        _rms_norm_kernel[(xs.shape[0],)](xs, rs, w, y, hs, xs.stride(0), rs.stride(0), n, hs.stride(0), n, float(eps),
-                                         HAS_RES=residual is not None, BLOCK=_pow2(n), num_warps=NORM_WARPS)
+        with _on_device(x):
+            _rms_norm_kernel[(xs.shape[0],)](xs, rs, w, y, hs, xs.stride(0), rs.stride(0), n, hs.stride(0), n, float(eps),
+                                             HAS_RES=residual is not None, BLOCK=_pow2(n), num_warps=NORM_WARPS)
     return y if residual is None else (y, h)
 
 
@@ -126,14 +134,16 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     contiguous values: e.g. the two halves of one fused gate/up projection)."""
     from . import use_triton
 
-    if not use_triton(gate) or _needs_grad(gate, up) or gate.shape != up.shape or gate.dtype != up.dtype or gate.stride(-1) != 1 or up.stride(-1) != 1:
+    if (not use_triton(gate) or _needs_grad(gate, up) or gate.shape != up.shape or gate.dtype != up.dtype
+            or gate.stride(-1) != 1 or up.stride(-1) != 1):
         return silu_mul_reference(gate, up)
     n = gate.shape[-1]
     gs, us = gate.reshape(-1, n), up.reshape(-1, n)  # views when the rows flatten (a split's halves do)
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if gs.shape[0]:
-        _silu_mul_kernel[(gs.shape[0], triton.cdiv(n, SILU_BLOCK))](gs, us, y, gs.stride(0), us.stride(0), n, n,
-                                                                    BLOCK=SILU_BLOCK, num_warps=4)
+        with _on_device(gate):
+            _silu_mul_kernel[(gs.shape[0], triton.cdiv(n, SILU_BLOCK))](gs, us, y, gs.stride(0), us.stride(0), n, n,
+                                                                        BLOCK=SILU_BLOCK, num_warps=4)
     return y
 
 
@@ -207,8 +217,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     from . import use_triton
 
     B, T, Hq, D = q.shape
-    ok = (use_triton(q) and D % 2 == 0 and k.shape[:2] == (B, T) and k.shape[3] == D and q.dtype == k.dtype == cos.dtype == sin.dtype
-          and cos.shape == sin.shape and cos.shape[1:] == (T, D) and cos.shape[0] in (1, B) and cos.stride() == sin.stride()
+    ok = (use_triton(q) and D % 2 == 0 and k.shape[:2] == (B, T) and k.shape[3] == D
+          and q.dtype == k.dtype == cos.dtype == sin.dtype and cos.shape == sin.shape and cos.shape[1:] == (T, D)
+          and cos.shape[0] in (1, B) and cos.stride() == sin.stride()
           and cos.stride(-1) == 1 and q.stride(-1) == 1 and k.stride(-1) == 1 and q.device == cos.device
           and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)))
     rows = (_row_stride(q), _row_stride(k)) if ok else (None, None)
@@ -218,9 +229,10 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                                      torch.empty(k.shape, dtype=k.dtype, device=k.device))
     c_b = cos.stride(0) if cos.shape[0] > 1 else 0
     if B * T:
-        _rotary_kernel[(B * T, Hq + k.shape[2])](
-            q, k, qo, ko, cos, sin, rows[0], q.stride(2), rows[1], k.stride(2), _row_stride(qo), qo.stride(2),
-            _row_stride(ko), ko.stride(2), c_b, cos.stride(1), T, Hq, HALF=D // 2, BLOCK=_pow2(D // 2), num_warps=1)
+        with _on_device(q):
+            _rotary_kernel[(B * T, Hq + k.shape[2])](
+                q, k, qo, ko, cos, sin, rows[0], q.stride(2), rows[1], k.stride(2), _row_stride(qo), qo.stride(2),
+                _row_stride(ko), ko.stride(2), c_b, cos.stride(1), T, Hq, HALF=D // 2, BLOCK=_pow2(D // 2), num_warps=1)
     return qo, ko
 
 
@@ -300,9 +312,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     xs = x.reshape(rows, x.shape[-1])
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     rs = residual.reshape(rows, N) if residual is not None else y
-    _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](
-        xs, weight, bias if bias is not None else weight, rs, y, rows, N, K, xs.stride(0), weight.stride(0),
-        rs.stride(0), N, K, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
-        EVEN_K=K % GEMV_BLOCK_K == 0, BLOCK_M=16, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
-        num_warps=GEMV_WARPS, num_stages=GEMV_STAGES)
+    with _on_device(x):
+        _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](
+            xs, weight, bias if bias is not None else weight, rs, y, rows, N, K, xs.stride(0), weight.stride(0),
+            rs.stride(0), N, K, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
+            EVEN_K=K % GEMV_BLOCK_K == 0, BLOCK_M=16, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
+            num_warps=GEMV_WARPS, num_stages=GEMV_STAGES)
     return y

@@ -343,17 +343,18 @@ def fuse(patcher, model: torch.nn.Module, spec: str = "all") -> dict[str, int]:
             patcher.swap_forward(module, norm_forward)
             done["norm"] += 1
     for layer, attention in zip(layers, info.attention_modules):
-        if ("rotary" in parts or "qkv" in parts or "gemv" in parts) and "forward" not in vars(attention) and _plain_attention(attention):
+        if {"rotary", "qkv", "gemv"} & set(parts) and "forward" not in vars(attention) and _plain_attention(attention):
             patcher.set(attention, "_kvpress_window", info.layer_windows[attention.layer_idx])
             patcher.set(attention, "_kvpress_rotary", "rotary" in parts)
             patcher.set(attention, "_kvpress_gemv", "gemv" in parts)
-            if "qkv" in parts and _concatenate(patcher, attention, "_kvpress_qkv", [attention.q_proj, attention.k_proj, attention.v_proj]):
+            projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+            if "qkv" in parts and _concatenate(patcher, attention, "_kvpress_qkv", projections):
                 done["qkv"] += 1
             patcher.swap_forward(attention, attention_forward)
             if "rotary" in parts:
                 done["rotary"] += 1
         mlp = getattr(layer, "mlp", None)
-        if ("mlp" in parts or "gate_up" in parts or "gemv" in parts) and _plain_mlp(mlp) and "forward" not in vars(mlp):
+        if {"mlp", "gate_up", "gemv"} & set(parts) and _plain_mlp(mlp) and "forward" not in vars(mlp):
             if "gate_up" in parts and _concatenate(patcher, mlp, "_kvpress_gate_up", [mlp.gate_proj, mlp.up_proj]):
                 done["gate_up"] += 1
             patcher.set(mlp, "_kvpress_silu_mul", "mlp" in parts)
@@ -390,7 +391,8 @@ def _plain_attention(module) -> bool:
 
 
 def _plain_mlp(module) -> bool:
-    return (module is not None and all(_plain_linear(getattr(module, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
+    names = ("gate_proj", "up_proj", "down_proj")
+    return (module is not None and all(_plain_linear(getattr(module, n, None)) for n in names)
             and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))  # torch.nn.functional.silu
 
 
