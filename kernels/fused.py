@@ -21,9 +21,13 @@ or per (row, head) (rotary), blocks of the last dimension otherwise.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
+
+log = logging.getLogger("kvpress")
 
 NORM_WARPS = 8
 SILU_BLOCK = 1024
@@ -312,10 +316,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     xs = x.reshape(rows, x.shape[-1])
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     rs = residual.reshape(rows, N) if residual is not None else y
-    with _on_device(x):
-        _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](
-            xs, weight, bias if bias is not None else weight, rs, y, rows, N, K, xs.stride(0), weight.stride(0),
-            rs.stride(0), N, K, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
-            EVEN_K=K % GEMV_BLOCK_K == 0, BLOCK_M=16, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
-            num_warps=GEMV_WARPS, num_stages=GEMV_STAGES)
+    config = (GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_STAGES)
+    if config in _GEMV_FAILED:
+        return linear_reference(x, weight, bias, residual, silu_mul)
+    try:
+        with _on_device(x):
+            _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](
+                xs, weight, bias if bias is not None else weight, rs, y, rows, N, K, xs.stride(0), weight.stride(0),
+                rs.stride(0), N, K, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
+                EVEN_K=K % GEMV_BLOCK_K == 0, BLOCK_M=16, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
+                num_warps=GEMV_WARPS, num_stages=GEMV_STAGES)
+    except _BUILD_ERRORS as error:  # a Triton that cannot build this tile: F.linear from now on
+        _GEMV_FAILED.add(config)
+        log.warning("kvpress: the fused GEMV does not compile here (%s); decode projections use F.linear", error)
+        return linear_reference(x, weight, bias, residual, silu_mul)
     return y
+
+
+_GEMV_FAILED: set = set()
+try:
+    from triton.runtime.errors import OutOfResources
+    _BUILD_ERRORS = (triton.CompilationError, OutOfResources)
+except ImportError:
+    _BUILD_ERRORS = (triton.CompilationError,)
