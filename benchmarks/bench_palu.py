@@ -163,28 +163,33 @@ def _plan_key(case):
             kernel.BLOCK_N, kernel.NUM_STAGES, kernel.TOKENS_M, kernel.NUM_WARPS)
 
 
-SWEEP = dict(tokens_m=(True, False), block_n=(64, 128), warps=(4, 8), stages=(3, 2), per_sm=(2, 1, 4))
+# (token tile, warps, pipelining depth) in the order measured (a timeout keeps the first ones), each with
+# both score orientations and several programs per SM (which compile the same kernel)
+SWEEP = [(64, 4, 3), (128, 8, 3), (64, 8, 3), (64, 4, 2), (32, 2, 3), (128, 4, 2), (32, 4, 3), (128, 8, 2), (16, 1, 3),
+         (64, 8, 2)]
+SWEEP_TOKENS_M = (True, False)
+SWEEP_PER_SM = (2, 1, 4)
 
 
-def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid=SWEEP):
+def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid=SWEEP, tokens_m=SWEEP_TOKENS_M,
+               per_sm=SWEEP_PER_SM):
     """Settings of the decode kernel (module constants) at one length; the defaults are restored."""
     hq, hkv = SHAPES[shape]
     t_dense, _ = dense_time(hq, hkv, T, dev)
     rec.add({"shape": shape, "tokens": T, "variant": "dense-sdpa", "us": t_dense * 1e6})
-    names = ("TOKENS_M", "BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM")
+    names = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM")
     defaults = {name: getattr(kernel, name) for name in names}
     try:
         for bits in bits_list:
             case = latent_case(T, hq, hkv, gs, ratio, bits, dev)
-            for block_n, warps, stages, tokens_m in itertools.product(grid["block_n"], grid["warps"], grid["stages"],
-                                                                       grid["tokens_m"]):
-                for per_sm in grid["per_sm"]:
-                    values = (tokens_m, block_n, warps, stages, per_sm)
+            for (block_n, warps, stages), orient in itertools.product(grid, tokens_m):
+                for programs in per_sm:
+                    values = (block_n, warps, stages, orient, programs)
                     for name, value in zip(names, values):
                         setattr(kernel, name, value)
                     row = {"shape": shape, "tokens": T, "bits": bits or 16, "group_size": gs, "ratio": ratio,
-                           "tokens_m": tokens_m, "block_n": block_n, "warps": warps, "stages": stages,
-                           "programs_per_sm": per_sm}
+                           "tokens_m": orient, "block_n": block_n, "warps": warps, "stages": stages,
+                           "programs_per_sm": programs}
                     try:
                         t = c.graph_time(lambda: kernel.palu_decode(**case))
                     except Exception as error:  # a setting that does not compile (resources)
@@ -283,8 +288,10 @@ def main():
             c.table("Palu decode attention, one layer", [r for r in rec.rows if "us" in r],
                     [("shape", "{}"), ("tokens", "{}"), ("variant", "{}"), ("us", "{:.1f}"), ("speedup", "{:.2f}x")])
         elif args.part == "sweep":
-            grid = dict(tokens_m=(True, False), block_n=(16,), warps=(4,), stages=(1,), per_sm=(1,)) if args.smoke else SWEEP
-            sweep_rows(rec, dev, 256 if args.smoke else lengths[-1], bits, grid=grid)
+            if args.smoke:
+                sweep_rows(rec, dev, 256, bits, grid=[(16, 4, 1)], per_sm=(1,))
+            else:
+                sweep_rows(rec, dev, lengths[-1], bits, shape=args.shapes[0])
         else:
             tpot_rows(rec, dev, [1024, 2048] if args.smoke else lengths, args.smoke, steps=2 if args.smoke else 8,
                       chunk=512 if args.smoke else 8 * c.K)
