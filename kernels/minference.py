@@ -450,33 +450,78 @@ def union_of(index: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     return x.int().contiguous()
 
 
-def vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window=None, heads=None, out=None, per=2):
+class UnionPlan(NamedTuple):
+    """What :func:`vs_union_attention` launches with (built by :func:`union_prepare`)."""
+
+    table: torch.Tensor  # [U, P] int32: positions in ``heads`` of each unit's heads, -1 = none
+    unit_heads: torch.Tensor  # [U, P] int32: the query heads themselves, -1 = none
+    plan: VSPlan  # the tile tables of the units' union indices (no ``count``)
+    count: torch.Tensor  # [B, n, T + 65] int32: each head's own offset counts
+    bits: torch.Tensor  # [B, n, T + 1] int8: each head's own columns (by key rank)
+
+
+def union_prepare(q_rank, k_rank, vertical, slash, heads: torch.Tensor, group: int, per: int) -> UnionPlan:
+    """Units of ``per`` heads of a KV head (:func:`union_units`), their union indices' tile tables
+    and each head's own membership tables, for the VS index ``vertical`` / ``slash`` of ``heads``."""
+    B, n, T = vertical.shape[0], vertical.shape[1], k_rank.shape[1]
+    units = union_units(heads.tolist(), group, per)
+    table = torch.tensor([u + [-1] * (per - len(u)) for u in units], dtype=torch.int32, device=vertical.device)
+    unit_heads = torch.where(table >= 0, heads.to(vertical.device)[table.clamp(min=0).long()], -1).int().contiguous()
+    plan = vs_prepare(q_rank, k_rank, union_of(vertical, table), union_of(slash, table), counts=False)
+    bits = torch.zeros(B, n, T + 1, dtype=torch.int8, device=vertical.device)
+    bits.scatter_(2, vertical.long().clamp(max=T), 1)
+    return UnionPlan(table, unit_heads, plan, offset_counts(slash, T), bits)
+
+
+def tiles_run(plan: VSPlan) -> torch.Tensor:
+    """64-key tiles a launch over ``plan`` runs per 64-row query tile (diagonal + column tiles), summed."""
+    return plan.n_tile.long().sum() + ((plan.n_vert.long() + BLOCK_N - 1) // BLOCK_N).sum()
+
+
+# Throughput of the union kernel per 64x64 tile (row tiles of all heads of a unit counted) relative to
+# the per-head kernel's, for units of 2 and 4 heads (H200, benchmarks/bench_minference.py).
+UNION_SPEED = {1: 1.0, 2: 1.0, 4: 1.0}
+
+
+def choose_union(q_rank, k_rank, vertical, slash, heads: torch.Tensor, group: int):
+    """The VS launch with the least estimated time for this index: per-head programs or units of 2
+    or 4 heads (``(per, plan)``; one host sync). Estimated time = 64x64 tile products it runs (a
+    unit's rows over its union's tiles) / :data:`UNION_SPEED`."""
+    options = {1: vs_prepare(q_rank, k_rank, vertical, slash)}
+    work = [tiles_run(options[1])]
+    for per in (2, 4):
+        if per <= group:
+            options[per] = union_prepare(q_rank, k_rank, vertical, slash, heads, group, per)
+            work.append(tiles_run(options[per].plan) * per)
+    cost = {per: w / UNION_SPEED[per] for per, w in zip(options, torch.stack(work).tolist())}
+    best = min(cost, key=cost.get)
+    return best, options[best]
+
+
+def vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window=None, heads=None, out=None, per=2,
+                       prepared: UnionPlan | None = None):
     """:func:`vs_attention` with one program per query block and *unit* of ``per`` query heads of a
     KV head (``_vs_union_kernel``): the unit walks the union of its heads' indices, reading each K/V
     tile once for them in a ``per * 64``-row tile, every head masked to its own index. Equal to
     :func:`vs_attention`; faster where the heads of a unit choose mostly the same keys (the union
-    is little more than each), slower where they do not (every head pays the union's keys)."""
+    is little more than each), slower where they do not (every head pays the union's keys).
+    ``prepared``: :func:`union_prepare` of the same index and ``per`` (built here when None)."""
     B, Hq, Lq, D = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     heads = _heads(heads, Hq, q.device)
     out = torch.zeros_like(q) if out is None else out
     n = heads.shape[0]
     if n == 0 or Lq == 0:
         return out
-    units = union_units(heads.tolist(), Hq // Hkv, per)
-    table = torch.tensor([u + [-1] * (per - len(u)) for u in units], dtype=torch.int32, device=q.device)  # [U, P]
-    unit_heads = torch.where(table >= 0, heads[table.clamp(min=0).long()], -1).int().contiguous()
-    plan = vs_prepare(q_rank, k_rank, union_of(vertical, table), union_of(slash, table), counts=False)
-    count = offset_counts(slash, T)
-    bits = torch.zeros(B, n, T + 1, dtype=torch.int8, device=q.device)
-    bits.scatter_(2, vertical.long().clamp(max=T), 1)
-    nqb = plan.n_tile.shape[-1]
-    grid = (nqb, B * table.shape[0])
+    u = union_prepare(q_rank, k_rank, vertical, slash, heads, Hq // Hkv, per) if prepared is None else prepared
+    per = u.table.shape[1]
+    nqb = u.plan.n_tile.shape[-1]
+    grid = (nqb, B * u.table.shape[0])
     _vs_union_kernel[grid](
-        q, k, v, out, plan.layout, unit_heads, table, plan.tile_lo, plan.tile_hi, plan.n_tile, plan.vertical,
-        plan.n_vert, count, bits,
-        *_launch_args(q, k, v, out), table.shape[0], n, nqb, plan.tile_lo.shape[-1], plan.vertical.shape[-1],
-        count.shape[-1], bits.shape[-1], scale * 1.4426950408889634, window if window is not None else NO_LIMIT,
+        q, k, v, out, u.plan.layout, u.unit_heads, u.table, u.plan.tile_lo, u.plan.tile_hi, u.plan.n_tile,
+        u.plan.vertical, u.plan.n_vert, u.count, u.bits,
+        *_launch_args(q, k, v, out), u.table.shape[0], n, nqb, u.plan.tile_lo.shape[-1], u.plan.vertical.shape[-1],
+        u.count.shape[-1], u.bits.shape[-1], scale * 1.4426950408889634, window if window is not None else NO_LIMIT,
         G=Hq // Hkv, P=per, BLOCK_M=BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D), D=D,
         num_warps=min(16, UNION_WARPS * per), num_stages=NUM_STAGES,
     )

@@ -85,10 +85,10 @@ def test_default_budget_scales_down_for_short_inputs():
 # The sparse prefill of one layer
 
 
-@pytest.mark.parametrize("dtype,union", [(torch.float32, 1), (torch.float16, 1), (torch.float32, 2)])
+@pytest.mark.parametrize("dtype,union", [(torch.float32, 1), (torch.float16, 1), (torch.float32, 2), (torch.float32, 0)])
 def test_mixed_patterns_triton_matches_reference(dtype, union):
     """Every pattern in one layer, padding, chunked prefill (T > Lq), GQA: Triton (interpreter) vs
-    torch; ``union``: VS heads 3 and 4 (default budget) share a union program."""
+    torch; ``union``: VS heads 3 and 4 (default budget) share a union program (0: chosen per layer)."""
     torch.manual_seed(0)
     config = MInferenceConfig(patterns=[{0: ("vertical_and_slash", 30, 50), 1: ("stream_llm", 4, 32),
                                          2: ("block_sparse", 2, 0), 5: ("stream_llm", 8, 20)}])
@@ -226,7 +226,7 @@ def test_pattern_search_tiny_and_load(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("union", [1, 2, 4])
+@pytest.mark.parametrize("union", [0, 1, 2, 4])
 def test_mixed_patterns_bf16_gpu(union):
     """bf16 on the GPU at a few thousand tokens: every pattern, the published budgets' sizes, left
     padding and a chunk (T > Lq); per-head or union VS programs against the torch path (SDPA under

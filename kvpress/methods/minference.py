@@ -76,7 +76,8 @@ class MInferenceConfig:
             head walks its own index); 2 or 4: the heads of a KV head in units of that many, each
             unit walking the union of its heads' indices with every head masked to its own (K/V
             read once per unit, taller tiles, but every head pays the union's keys;
-            ``kernels.minference.vs_union_attention``). Same result either way.
+            ``kernels.minference.vs_union_attention``); 0: per layer, the one with the least estimated
+            time (``kernels.minference.choose_union``). Same result either way.
         model_shape: the model the patterns were calibrated for; checked at patch time when set.
     """
 
@@ -105,8 +106,9 @@ class MInferenceConfig:
             raise ValueError(f"MInferenceConfig needs min_length >= 0, min_queries >= 0 and max_density > 0, got "
                              f"min_length={self.min_length}, min_queries={self.min_queries}, index_queries="
                              f"{self.index_queries}, max_density={self.max_density}")
-        if self.union_heads not in (1, 2, 4):
-            raise ValueError(f"MInferenceConfig.union_heads is 1, 2 or 4 (query heads per VS program), got {self.union_heads}")
+        if self.union_heads not in (0, 1, 2, 4):
+            raise ValueError(f"MInferenceConfig.union_heads is 0 (auto), 1, 2 or 4 (query heads per VS program), got "
+                             f"{self.union_heads}")
         if self.scale_length is not None and self.scale_length < 1:
             raise ValueError(f"MInferenceConfig.scale_length must be >= 1 or None, got {self.scale_length}")
 
@@ -249,11 +251,16 @@ def sparse_prefill(plan: HeadPlan, q, k, v, q_rank, k_rank, scale, window=None, 
                                  sink, recent, window, heads=kv_t, group=G)
         idx = torch.tensor(heads, device=dev)
         out.index_copy_(1, idx, part.index_select(1, idx))
-    if plan.vs and union_heads > 1:
-        triton_kernels.vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads,
-                                          out=out, per=union_heads)
-    elif plan.vs:
-        triton_kernels.vs_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads, out=out)
+    if plan.vs:
+        per, prepared = union_heads, None
+        if union_heads == 0:  # per layer, the launch with the least estimated time
+            per, prepared = triton_kernels.choose_union(q_rank, k_rank, vertical, slash, vs_heads, G)
+        if per > 1:
+            triton_kernels.vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads,
+                                              out=out, per=per, prepared=prepared)
+        else:
+            triton_kernels.vs_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads,
+                                        out=out, plan=prepared)
     if plan.block:
         triton_kernels.block_sparse_attention(q, k, v, q_rank, k_rank, blocks, scale, window, heads=bs_heads, out=out)
     return out
