@@ -260,7 +260,8 @@ def union_stats(name, plan, q, k, v, rank, scale, dev, reps, dense_s, warmup=Tru
             f"{name}_union_best_case_ms": union_flops / (dense_flops / dense_s) * 1e3 if dense_s > 0 else None}
 
 
-def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), union=1 << 30, on_row=None):
+def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), union=1 << 30, on_row=None,
+               union_heads=1):
     """One row per length (``on_row(rows)`` after each: the caller saves partial results)."""
     hq, hkv, d = shape
     scale = d ** -0.5
@@ -287,7 +288,8 @@ def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), un
                     return R.vs_attention(q, k, v, rank, rank, vertical, slash, scale)
             else:
                 def run():
-                    return sparse_prefill(plan, q, k, v, rank, rank, scale, use_triton=use_triton)
+                    return sparse_prefill(plan, q, k, v, rank, rank, scale, use_triton=use_triton,
+                                          union_heads=union_heads)
             t = elapsed(run, dev, reps_L, warm)
             t_index = elapsed(lambda: vs_index(plan, q, k, rank, scale, False), dev, reps_L, warm) if plan.vs else 0.0
             row.update({f"{name}_ms": t * 1e3, f"{name}_index_ms": t_index * 1e3, f"{name}_speedup": t_dense / t})
@@ -462,6 +464,7 @@ def main(argv=None):
     p.add_argument("--inputs", default="rope", choices=["rope", "random"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--union-max", type=int, default=524288, help="longest length of the union measurement (0: none)")
+    p.add_argument("--union-heads", type=int, default=1, help="MInferenceConfig.union_heads of the timed sparse prefill")
     p.add_argument("--sweep", action="store_true", help="also sweep the VS kernel's warps / stages at the first length")
     p.add_argument("--ttft", default="131072x32", help="TTFT runs: TOKENSxLAYERS, comma-separated")
     p.add_argument("--attention", default="local", choices=["local", "random"], help="the TTFT model's attention")
@@ -479,7 +482,8 @@ def main(argv=None):
     parts = args.parts.split(",")
     env = c.environment()
     result = {"env": env, "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": str(dtype)},
-              "tiles": {"num_warps": M.NUM_WARPS, "num_stages": M.NUM_STAGES}}
+              "tiles": {"num_warps": M.NUM_WARPS, "num_stages": M.NUM_STAGES}, "union_heads": args.union_heads,
+              "union_speed": dict(M.UNION_SPEED)}
     out = args.out or Path(__file__).resolve().parent / "results" / f"minference_{'_'.join(parts)}_{c.device_tag(env)}.json"
     save = not args.smoke or args.out
 
@@ -492,7 +496,7 @@ def main(argv=None):
         shape = (8, 2, 32) if args.smoke else (HQ, HKV, D)
         variants = args.variants.split(",")
         rows = layer_rows(lengths, dev, dtype, args.inputs, variants, args.reps, shape, union=args.union_max,
-                          on_row=partial)
+                          on_row=partial, union_heads=args.union_heads)
         result["layer"] = rows
         result["crossover_tokens"] = {name: crossover(rows, name) for name in variants}
         c.table("one layer: dense SDPA vs MInference (index building included)", rows,
