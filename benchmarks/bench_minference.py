@@ -384,13 +384,13 @@ def random_duo(layers, kv_heads, retrieval=0.5, seed=0):
     return DuoConfig(gates=gates, sparsity=1.0 - retrieval)
 
 
-def ttft_rows(dev, plan, chunk, smoke, attention="local", retrieval=0.5):
+def ttft_rows(dev, plan, chunk, smoke, attention="local", retrieval=0.5, union_heads=1):
     """Time to first token per (tokens, layers) of ``plan``: unpatched (one chunk), minference and
     minference+duo (``chunk``-token chunks), the published config on every layer."""
     rows = []
     for L, layers in plan:
         model = build_model(dev, layers, attention, smoke)
-        published = MInferenceConfig(patterns=published_patterns(layers))
+        published = MInferenceConfig(patterns=published_patterns(layers), union_heads=union_heads)
         duo = random_duo(layers, model.config.num_key_value_heads, retrieval)
 
         def variant(model, name):
@@ -519,7 +519,8 @@ def main(argv=None):
             result["sweep"] = sweep_rows(lengths[0], dev, dtype, args.inputs)
     if "ttft" in parts:
         plan = [(512, 2)] if args.smoke else [tuple(int(x) for x in item.split("x")) for item in args.ttft.split(",")]
-        result["ttft"] = ttft_rows(dev, plan, 256 if args.smoke else args.chunk, args.smoke, args.attention)
+        result["ttft"] = ttft_rows(dev, plan, 256 if args.smoke else args.chunk, args.smoke, args.attention,
+                                   union_heads=args.union_heads)
         c.table("time to first token (s) on the 8B shape", result["ttft"],
                 [("variant", "{}"), ("tokens", "{:d}"), ("layers", "{:d}"), ("prefill_s", "{:.2f}"),
                  ("ttft_speedup", "{:.2f}"), ("peak_prefill_GiB", "{:.1f}"), ("kv_GiB", "{:.2f}")])

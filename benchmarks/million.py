@@ -125,6 +125,7 @@ def main(argv=None):
     p.add_argument("--decode-tokens", type=int, default=12)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--attention", default="local", choices=["local", "random"])
+    p.add_argument("--union-heads", type=int, default=None, help="MInferenceConfig.union_heads (default: the config's)")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script; times mean nothing)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -138,12 +139,14 @@ def main(argv=None):
     model = bm.build_model(dev, layers, args.attention, smoke=args.tiny)
     patterns = bm.published_patterns(layers)
     options = {"min_length": 256, "min_queries": 16, "max_density": 1e9} if args.tiny else {}
+    if args.union_heads is not None:
+        options["union_heads"] = args.union_heads
     minference = MInferenceConfig(patterns=patterns, **options)
     result = {"env": env, "model": {"layers": layers, "attention": args.attention, "rope_theta": model.config.rope_theta
                                     if hasattr(model.config, "rope_theta") else None,
                                     "max_position_embeddings": model.config.max_position_embeddings},
               "minference": {"patterns": "reference's published Llama-3-8B table (bench_minference.PUBLISHED)",
-                             "min_length": minference.min_length},
+                             "min_length": minference.min_length, "union_heads": minference.union_heads},
               "chunk": chunk, "runs": [], "unpatched": []}
     for L in lengths:
         result["unpatched"].append(unpatched_outcome(model, L, dev))
