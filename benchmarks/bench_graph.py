@@ -265,7 +265,9 @@ def profile_part(model, name, L, batch, chunk, dev):
     return res
 
 
-GEMV_CONFIGS = [(16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 4, 3), (16, 128, 4, 6)]  # BLOCK_N, BLOCK_K, warps, stages
+# BLOCK_N, BLOCK_K, warps, stages, one row through tl.dot (else multiply-and-sum; one-row batches only)
+GEMV_CONFIGS = [(16, 256, 4, 4, True), (16, 512, 8, 3, True), (32, 256, 4, 3, True), (16, 128, 4, 6, True),
+                (16, 256, 4, 4, False), (8, 512, 4, 4, False), (32, 512, 8, 3, False)]
 
 
 @torch.inference_mode()
@@ -284,7 +286,7 @@ def gemm_part(model, batches, dev, bw):
                "lm_head": model.lm_head.weight}
     weights["qkv"] = torch.cat([weights["q"], weights["k"], weights["v"]])
     weights["gate_up"] = torch.cat([weights["gate"], weights["up"]])
-    defaults = (fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS, fused.GEMV_STAGES)
+    defaults = (fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS, fused.GEMV_STAGES, fused.GEMV_DOT_ONE_ROW)
     rows = []
 
     def add(name, kind, batch, w, fn):
@@ -302,16 +304,23 @@ def gemm_part(model, batches, dev, bw):
             if name in ("k", "v", "gate", "up") or dev != "cuda":
                 continue
             for config in GEMV_CONFIGS:
-                fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS, fused.GEMV_STAGES = config
+                if batch > 1 and not config[4]:
+                    continue
+                fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS, fused.GEMV_STAGES, fused.GEMV_DOT_ONE_ROW = config
                 try:
                     y = fused.linear(x, w)
+                    if fused._GEMV_FAILED:  # it fell back to F.linear: nothing of the GEMV to time
+                        print(f"gemm {name} gemv {config}: does not build here", flush=True)
+                        fused._GEMV_FAILED.clear()
+                        continue
                     err = ((y.float() - torch.nn.functional.linear(x, w).float()).norm() / y.float().norm()).item()
-                    add(name, "gemv" + "x".join(map(str, config)), batch, w, functools.partial(fused.linear, x, w))
+                    kind = "gemv" + "x".join(map(str, config[:4])) + ("dot" if config[4] else "sum")
+                    add(name, kind, batch, w, functools.partial(fused.linear, x, w))
                     rows[-1]["rel_err"] = err
                 except Exception as error:  # a tile setting that does not compile or fit: say so, go on
                     print(f"gemm {name} gemv {config}: {type(error).__name__}: {str(error)[:200]}", flush=True)
                 finally:
-                    fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS, fused.GEMV_STAGES = defaults
+                    fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS, fused.GEMV_STAGES, fused.GEMV_DOT_ONE_ROW = defaults
     for batch in batches:
         per = {}
         for r in rows:

@@ -247,6 +247,7 @@ GEMV_BLOCK_N = 16  # output features per program
 GEMV_BLOCK_K = 256  # input features per step
 GEMV_WARPS = 4
 GEMV_STAGES = 4
+GEMV_DOT_ONE_ROW = True  # one row through tl.dot (padded to 16) rather than multiply-and-sum
 
 
 @triton.jit
@@ -255,7 +256,9 @@ def _gemv_kernel(X, W, BIAS, R, Y, M, N, K, x_row, w_row, r_row, y_row, up_offse
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Features ``[pid * BLOCK_N, +BLOCK_N)`` of ``y = x W^T (+ bias) (+ r)`` for the ``M`` rows of X
     (``SILU_MUL``: the input row is ``silu(x[:K]) * x[up_offset:][:K]``, rounded as torch rounds),
-    each weight byte read once; fp32 accumulation, roundings as F.linear then the residual add."""
+    each weight byte read once; fp32 accumulation, roundings as F.linear then the residual add.
+    ``BLOCK_M == 1``: one row, multiply-and-sum on the CUDA cores; else ``tl.dot`` over rows padded
+    to ``BLOCK_M`` (16)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     n_ok = n < N
@@ -275,7 +278,10 @@ def _gemv_kernel(X, W, BIAS, R, Y, M, N, K, x_row, w_row, r_row, y_row, up_offse
             u = tl.load(X + up_offset + m[:, None] * x_row + k[None, :], mask=xm, other=0.0)
             act = (g / (1.0 + tl.exp(-g))).to(u.dtype).to(tl.float32)
             x = (act * u.to(tl.float32)).to(u.dtype)
-        acc += tl.dot(x, tl.trans(w))
+        if BLOCK_M == 1:
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+        else:
+            acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
         acc += tl.load(BIAS + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     mask = (m < M)[:, None] & n_ok[None, :]
@@ -316,7 +322,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     xs = x.reshape(rows, x.shape[-1])
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     rs = residual.reshape(rows, N) if residual is not None else y
-    config = (GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_STAGES)
+    block_m = 1 if rows == 1 and not GEMV_DOT_ONE_ROW else 16
+    config = (GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_STAGES, block_m)
     if config in _GEMV_FAILED:
         return linear_reference(x, weight, bias, residual, silu_mul)
     try:
@@ -324,7 +331,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](
                 xs, weight, bias if bias is not None else weight, rs, y, rows, N, K, xs.stride(0), weight.stride(0),
                 rs.stride(0), N, K, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
-                EVEN_K=K % GEMV_BLOCK_K == 0, BLOCK_M=16, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
+                EVEN_K=K % GEMV_BLOCK_K == 0, BLOCK_M=block_m, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
                 num_warps=GEMV_WARPS, num_stages=GEMV_STAGES)
     except _BUILD_ERRORS as error:  # a Triton that cannot build this tile: F.linear from now on
         _GEMV_FAILED.add(config)

@@ -111,9 +111,9 @@ def test_rotary_kernel_equals_transformers(on_triton, batch, tokens, cos_batch, 
 
 @pytest.mark.parametrize("rows, n, k, silu_mul, residual, bias", [
     (1, 40, 64, False, False, False), (3, 33, 300, True, True, True), (2, 16, 512, False, True, False),
-    (16, 20, 256, True, False, False)])
+    (16, 20, 256, True, False, False), (1, 24, 300, True, True, True)])
 @torch.no_grad()
-def test_gemv_kernel_equals_linear(on_triton, rows, n, k, silu_mul, residual, bias):
+def test_gemv_kernel_equals_linear(on_triton, monkeypatch, rows, n, k, silu_mul, residual, bias):
     """The decode GEMV (float32: the interpreter's bf16 dot is wrong) against F.linear, with the
     SiLU * up prologue and the residual epilogue; more than 16 rows run F.linear."""
     torch.manual_seed(5)
@@ -126,6 +126,9 @@ def test_gemv_kernel_equals_linear(on_triton, rows, n, k, silu_mul, residual, bi
         torch.testing.assert_close(expected, torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w, b)
                                    + (0 if r is None else r))
     torch.testing.assert_close(fused.linear(x, w, b, r, silu_mul), expected, rtol=1e-5, atol=1e-4)
+    if rows == 1:  # the multiply-and-sum path of one row
+        monkeypatch.setattr(fused, "GEMV_DOT_ONE_ROW", False)
+        torch.testing.assert_close(fused.linear(x, w, b, r, silu_mul), expected, rtol=1e-5, atol=1e-4)
     many = torch.randn(17, k)
     torch.testing.assert_close(fused.linear(many, w), torch.nn.functional.linear(many, w))
 
