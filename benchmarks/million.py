@@ -24,7 +24,8 @@ greedy tokens are decoded, replayed from a CUDA graph. Reported per run: time to
 of the steps after the first two, which capture the graph), the seconds and the peak allocated
 memory of each chunk, the peak of the whole run, the KV cache's bytes (``kvpress.kv_cache_bytes``).
 
-The unpatched model is not prefilled (at 1M its dense attention alone would take ~10 minutes);
+``PYTORCH_CUDA_ALLOC_CONF`` defaults to ``expandable_segments:True`` here (set it, even empty, to
+choose otherwise). The unpatched model is not prefilled (at 1M its dense attention alone would take ~10 minutes);
 its outcome is whether its dense KV cache (``2 x layers x kv_heads x head_dim x tokens`` bf16:
 128 GiB at 1M) can be allocated beside the weights: the allocation is attempted and an
 out-of-memory error recorded.
@@ -142,8 +143,9 @@ def main(argv=None):
     if args.union_heads is not None:
         options["union_heads"] = args.union_heads
     minference = MInferenceConfig(patterns=patterns, **options)
-    result = {"env": env, "model": {"layers": layers, "attention": args.attention, "rope_theta": model.config.rope_theta
-                                    if hasattr(model.config, "rope_theta") else None,
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    result = {"env": env, "model": {"layers": layers, "attention": args.attention,
+                                    "rope_theta": rope.get("rope_theta", getattr(model.config, "rope_theta", None)),
                                     "max_position_embeddings": model.config.max_position_embeddings},
               "minference": {"patterns": "reference's published Llama-3-8B table (bench_minference.PUBLISHED)",
                              "min_length": minference.min_length, "union_heads": minference.union_heads},
