@@ -18,6 +18,7 @@ candidates' token budgets are scaled by the same factor (``--no-scale`` keeps th
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -29,7 +30,7 @@ from kvpress.adapters import describe
 from kvpress.api import attention_override
 from kvpress.kernels import minference_reference as R
 from kvpress.kernels.reference import rank_mask
-from kvpress.methods.minference import MInferenceConfig
+from kvpress.methods.minference import MInferenceConfig, plan_heads
 
 from .data import PasskeyData, PasskeyRecipe, read_haystack
 
@@ -71,6 +72,33 @@ def scaled(candidates, factor: float) -> list[tuple[str, int, int]]:
                 a, b = max(a, R.MIN_VERTICAL), max(b, R.MIN_SLASH)
             out.append((name, a, b))
     return out
+
+
+def vs_block_mask(q_rank, k_rank, vertical, slash, window=None):
+    """``kernels.minference_reference.vs_mask``, the same boolean ``[B, H, Lq, T]``, built once per
+    64-rank query block (every row of a block keeps the same keys before the causal mask) and
+    expanded to the rows: about 64x fewer gathers, for the search and the recall probes on CPU."""
+    B, T = k_rank.shape
+    H, Lq = vertical.shape[1], q_rank.shape[1]
+    kr = k_rank.long()
+    col = torch.zeros(B, H, T + 1, dtype=torch.bool, device=k_rank.device)
+    col.scatter_(2, vertical.long().clamp(max=T), True)
+    columns = col[..., :T].gather(2, kr.clamp(min=0)[:, None].expand(B, H, T))
+    # count[x] = chosen offsets < x; some offset in [d, d + 63] covers distance d iff count[d + 64] > count[d].
+    ind = torch.zeros(B, H, T + R.BLOCK + 1, dtype=torch.int32, device=k_rank.device)
+    ind.scatter_(2, slash.long().clamp(max=T + R.BLOCK), 1)
+    ind[..., -1] = 0
+    count = F.pad(ind.cumsum(-1), (1, 0))[..., : T + R.BLOCK + 1]
+    qb = torch.where(q_rank >= 0, q_rank.long() // R.BLOCK, 0)
+    b0 = int(qb.min())
+    nb = int(qb.max()) - b0 + 1
+    d = ((b0 + torch.arange(nb, device=k_rank.device)) * R.BLOCK)[None, :, None] - kr[:, None, :]  # [B, nb, T]
+    lo = count.gather(2, d.clamp(0, T).flatten(1)[:, None].expand(B, H, -1)).view(B, H, nb, T)
+    hi = count.gather(2, (d + R.BLOCK).clamp(0, T + R.BLOCK).flatten(1)[:, None].expand(B, H, -1)).view(B, H, nb, T)
+    rows = columns[:, :, None, :] | (hi > lo)  # [B, H, nb, T]: the keys of each query block
+    m = qb - b0
+    mask = rows[0].index_select(1, m[0])[None] if B == 1 else rows.gather(2, m[:, None, :, None].expand(B, H, Lq, T))
+    return R._rank_mask(q_rank, k_rank, window) & mask
 
 
 class PatternProbe:
@@ -125,7 +153,7 @@ class PatternProbe:
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
             for c, (name, x, y) in enumerate(indices):
                 if name == "vertical_and_slash":
-                    keep = R.vs_mask(qr, rank, x, y, window)
+                    keep = vs_block_mask(qr, rank, x, y, window)
                 elif name == "block_sparse":
                     keep = R.block_mask(qr, rank, x, window, first)
                 else:
@@ -168,6 +196,164 @@ def search_patterns(model, tokenizer, length: int | None = None, samples: int = 
             row[h] = (name, a, b)
         patterns.append(row)
     return MInferenceConfig(patterns=patterns, scores=mass.max(-1).values.float(), model_shape=shape)
+
+
+def default_budget(length: int) -> tuple[int, int]:
+    """The VS budget ``(vertical, slash)`` of a head without a calibrated pattern at ``length`` keys:
+    the reference's (1000, 6096) for 128K tokens times ``length / 131072`` (rounded up), at least
+    (30, 50), never above the reference's. This is ``MInferenceConfig``'s no-config rule (its
+    ``scale_length``). Below 4K tokens it keeps only the 30 forced columns (no column is chosen
+    from the input), which loses retrieval: see :func:`scaled_budget`."""
+    f = min(1.0, length / 131072)
+    return max(R.MIN_VERTICAL, math.ceil(1000 * f)), max(R.MIN_SLASH, math.ceil(6096 * f))
+
+
+def scaled_budget(length: int, floor: int = 64, vertical: int = 1000, slash: int = 6096,
+                  reference_length: int = 131072) -> tuple[int, int]:
+    """A VS budget for ``length`` keys that scales only the part chosen from the input: the forced
+    30 first columns and 100 nearest diagonals, plus the reference's remaining 970 columns and 5996
+    diagonals times ``length / reference_length`` (rounded up), each at least ``floor`` (one 64-key
+    tile), never above the reference's. At 128K it is the reference's (1000, 6096); at 8K (94, 475);
+    at 2K (94, 194)."""
+    f = min(1.0, length / reference_length)
+    fc, fd = R.FORCED_COLUMNS, R.FORCED_DIAGONALS
+    return (fc + max(floor, math.ceil((vertical - fc) * f)), fd + max(floor, math.ceil((slash - fd) * f)))
+
+
+def budget_config(length: int, floor: int = 64, **options) -> MInferenceConfig:
+    """Every head VS with :func:`scaled_budget` at ``length`` (``options``: other config fields)."""
+    a, b = scaled_budget(length, floor)
+    return MInferenceConfig(vertical_size=a, slash_size=b, scale_length=None, **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention recall of a config (how much of the true attention its index keeps)
+
+
+def plan_index(plan, q, k, q_rank, k_rank, scale, window=None):
+    """The VS and block-sparse indices of ``plan`` built from ``q``/``k`` as ``sparse_prefill`` builds
+    them at run time: ``(vertical, slash, blocks)`` (None for a pattern the plan does not use)."""
+    dev, Hq = q.device, q.shape[1]
+    vertical = slash = blocks = None
+    if plan.vs:
+        sizes = [torch.ones(Hq, dtype=torch.long, device=dev) for _ in range(2)]
+        for size, values in zip(sizes, plan.vs_sizes):
+            size[torch.tensor(plan.vs, device=dev)] = torch.tensor(values, device=dev)
+        vertical, slash = R.vs_index(q, k, q_rank, k_rank, scale, sizes[0], sizes[1], window,
+                                     heads=torch.tensor(plan.vs, device=dev))
+    if plan.block:
+        blocks = R.block_index(q, k, q_rank, k_rank, torch.tensor(plan.block_sizes, device=dev),
+                               heads=torch.tensor(plan.block, device=dev))
+    return vertical, slash, blocks
+
+
+def plan_mask(plan, num_heads, q_rank, k_rank, index, window=None, first=None):
+    """Boolean ``[B, Hq, Lq, T]``: the keys each query head attends under ``plan`` and its ``index``
+    (:func:`plan_index`) for the queries ``q_rank`` (a chunk of them; ``first``: the rank block of
+    the first query of the whole prefill)."""
+    vertical, slash, blocks = index
+    B, T = k_rank.shape
+    mask = torch.zeros(B, num_heads, q_rank.shape[1], T, dtype=torch.bool, device=k_rank.device)
+    if plan.vs:
+        mask[:, plan.vs] = vs_block_mask(q_rank, k_rank, vertical, slash, window)
+    if plan.block:
+        mask[:, plan.block] = R.block_mask(q_rank, k_rank, blocks, window, first)
+    for (sink, recent), heads in plan.a_shape.items():
+        mask[:, heads] = rank_mask(q_rank, k_rank, sink, recent, window)
+    return mask
+
+
+class RecallProbe:
+    """Dense attention (the model runs unpatched) that measures, per layer and query head, the share
+    of each query's attention probability mass that ``config``'s index keeps (attention recall), the
+    share of the causal query-key pairs the index keeps (density), and whether the method would run
+    the layer dense instead (then both are 1). Queries are scored from rank ``start`` on; the last
+    64 queries (the question, which builds the VS index) are also reported alone."""
+
+    def __init__(self, config: MInferenceConfig, num_layers: int, num_heads: int, start: int = 0,
+                 score_bytes: int = 1 << 28):
+        self.config, self.start, self.score_bytes = config, start, score_bytes
+        self.kept = torch.zeros(num_layers, num_heads, dtype=torch.float64)  # summed recall, queries >= start
+        self.kept_last = torch.zeros(num_layers, num_heads, dtype=torch.float64)  # the last 64 queries
+        self.pairs = torch.zeros(num_layers, num_heads, dtype=torch.float64)  # kept query-key pairs
+        self.causal = torch.zeros(num_layers, dtype=torch.float64)  # causal pairs (per head)
+        self.queries = torch.zeros(num_layers, dtype=torch.float64)
+        self.dense = [False] * num_layers
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+        self.score(module.layer_idx, query, key, scale, sliding_window)
+        return out.transpose(1, 2), None
+
+    @torch.no_grad()
+    def score(self, layer, q, k, scale, window):
+        B, H, L, _ = q.shape
+        Hkv, T = k.shape[1], k.shape[2]
+        c = self.config
+        plan = plan_heads(c, layer, list(range(H)), T)
+        start, last = min(self.start, L - 1), max(0, L - R.LAST_Q)
+        n_scored, n_last = B * (L - start), B * (L - last)
+        self.queries[layer] += n_scored
+        if T < c.min_length or L < c.min_queries or plan.kept > c.max_density * T / 2:
+            self.dense[layer] = True  # what ``MInference.full_prefill`` does: every key, recall 1
+            self.kept[layer] += n_scored
+            self.kept_last[layer] += n_last
+            self.causal[layer] += B * ((L - start) * (L + start + 1) / 2)
+            self.pairs[layer] += B * ((L - start) * (L + start + 1) / 2)
+            return
+        rank = torch.arange(L, device=q.device, dtype=torch.int32)[None].expand(B, L)
+        index = plan_index(plan, q, k, rank, rank, scale, window)
+        first = R.first_query_block(rank)
+        chunk = max(R.BLOCK, self.score_bytes // (B * H * T * 4 * 3) // R.BLOCK * R.BLOCK)
+        for s in range(start, L, chunk):
+            e = min(L, s + chunk)
+            qr = rank[:, s:e]
+            scores = torch.matmul(R._grouped(q[:, :, s:e], Hkv), k.transpose(-1, -2)).float()
+            allowed = R._rank_mask(qr, rank, window)
+            probs = (scores.view(B, H, e - s, T) * scale).masked_fill(~allowed, float("-inf")).softmax(-1)
+            keep = plan_mask(plan, H, qr, rank, index, window, first) & allowed
+            kept = (probs * keep).sum(-1, dtype=torch.float64)  # [B, H, e - s]
+            self.kept[layer] += kept.sum((0, 2)).cpu()
+            if e > last:
+                self.kept_last[layer] += kept[:, :, max(0, last - s):].sum((0, 2)).cpu()
+            self.pairs[layer] += keep.sum((0, 2, 3), dtype=torch.float64).cpu()
+            self.causal[layer] += allowed.sum(dtype=torch.float64).cpu()
+
+    def result(self, samples: int) -> dict:
+        """Per layer and head (lists): ``recall`` (queries from ``start``), ``recall_last`` (last 64
+        queries), ``density`` (kept / causal query-key pairs), ``dense`` (layers run dense)."""
+        recall = self.kept / self.queries[:, None].clamp(min=1)
+        recall_last = self.kept_last / (samples * R.LAST_Q)
+        density = self.pairs / self.causal[:, None].clamp(min=1)
+        return {
+            "recall": recall.mean().item(),
+            "recall_last": recall_last.mean().item(),
+            "density": density.mean().item(),
+            "recall_per_layer": recall.mean(-1).tolist(),
+            "recall_last_per_layer": recall_last.mean(-1).tolist(),
+            "density_per_layer": density.mean(-1).tolist(),
+            "recall_per_head": recall.tolist(),
+            "min_head_recall": recall.min().item(),
+            "dense_layers": [i for i, d in enumerate(self.dense) if d],
+        }
+
+
+@torch.no_grad()
+def attention_recall(model, inputs, config: MInferenceConfig, start: int | float = 1 / 12) -> dict:
+    """Attention recall of ``config`` on an unpatched ``model`` over the token sequences ``inputs``
+    (each ``[1, T]`` ids, T >= 64): see :class:`RecallProbe`. ``start``: first scored query, a rank
+    or a fraction of T (default 1/12, as the search's 2500 of 30000)."""
+    shape = describe(model).shape
+    device = next(model.parameters()).device
+    probe = RecallProbe(config, shape.num_layers, shape.num_heads)
+    for ids in inputs:
+        T = ids.shape[-1]
+        probe.start = round(start * T) if isinstance(start, float) else int(start)
+        with attention_override(model, probe):
+            model.base_model(input_ids=ids.to(device), use_cache=False)
+    return probe.result(len(inputs))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
