@@ -20,7 +20,8 @@ and for each length a random prompt is prefilled in ``--chunk``-token chunks (re
 sparse through MInference, each chunk's index built against every previous key; streaming heads
 through the A-shape kernel; the first chunk dense below ``min_length``), then ``--decode-tokens``
 greedy tokens are decoded, replayed from a CUDA graph. Reported per run: time to first token
-(prefill of the whole prompt, the first token's logits included), time per output token (median
+(prefill of the whole prompt, the first token's logits included) and the share of it in the
+attention modules (GPU time between forward hooks: projections, RoPE, attention), time per output token (median
 of the steps after the first two, which capture the graph), the seconds and the peak allocated
 memory of each chunk, the peak of the whole run, the KV cache's bytes (``kvpress.kv_cache_bytes``).
 
@@ -59,6 +60,35 @@ def _peak(dev) -> float:
     return torch.cuda.max_memory_allocated() / GiB if c._is_cuda(dev) else 0.0
 
 
+class AttentionTimer:
+    """GPU time of the attention modules (projections, RoPE and attention) during prefill: CUDA events
+    recorded by forward hooks, read after each chunk (no sync inside; CUDA only, removed before decode)."""
+
+    def __init__(self, model, dev):
+        self.events, self.handles = [], []
+        if not c._is_cuda(dev):
+            return
+        for layer in model.model.layers:
+            self.handles.append(layer.self_attn.register_forward_pre_hook(lambda *a: self._mark()))
+            self.handles.append(layer.self_attn.register_forward_hook(lambda *a: self._mark()))
+
+    def _mark(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.events.append(event)
+
+    def take(self) -> float:
+        """Seconds spent in attention modules since the last call (after a sync)."""
+        pairs = zip(self.events[0::2], self.events[1::2])
+        total = sum(start.elapsed_time(end) for start, end in pairs) / 1e3
+        self.events = []
+        return total
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
 @torch.inference_mode()
 def run(model, L: int, chunk: int, decode_tokens: int, dev) -> dict:
     """Chunked prefill of ``L`` random tokens, then ``decode_tokens`` greedy decode steps."""
@@ -68,16 +98,19 @@ def run(model, L: int, chunk: int, decode_tokens: int, dev) -> dict:
     cache = kvpress.make_cache(model)
     ids = torch.randint(0, model.config.vocab_size, (1, L), device=dev)
     chunks = []
+    timer = AttentionTimer(model, dev)
     c._sync(dev)
     t0 = time.perf_counter()
     for s in range(0, L, chunk):
         t = time.perf_counter()
         out = model(input_ids=ids[:, s:s + chunk], **{arg: cache}, use_cache=True, logits_to_keep=1)
         c._sync(dev)
-        chunks.append({"tokens": min(L, s + chunk), "s": time.perf_counter() - t, "peak_GiB": _peak(dev)})
+        chunks.append({"tokens": min(L, s + chunk), "s": time.perf_counter() - t, "attention_s": timer.take(),
+                       "peak_GiB": _peak(dev)})
     tok = out.logits[:, -1:].argmax(-1)
     c._sync(dev)
     ttft = time.perf_counter() - t0
+    timer.remove()
     peak_prefill = _peak(dev)
     c._reset_peak(dev)
     times = []
@@ -89,7 +122,8 @@ def run(model, L: int, chunk: int, decode_tokens: int, dev) -> dict:
         c._sync(dev)
         times.append(time.perf_counter() - t)
     steady = sorted(times[2:] or times)
-    row = {"tokens": L, "chunk": chunk, "ttft_s": ttft, "tpot_ms": steady[len(steady) // 2] * 1e3,
+    row = {"tokens": L, "chunk": chunk, "ttft_s": ttft, "attention_s": sum(x["attention_s"] for x in chunks),
+           "tpot_ms": steady[len(steady) // 2] * 1e3,
            "tpot_first_steps_ms": [x * 1e3 for x in times[:2]], "peak_prefill_GiB": peak_prefill,
            "peak_decode_GiB": _peak(dev), "kv_GiB": kvpress.kv_cache_bytes(cache) / GiB, "chunks": chunks}
     del cache, out, ids
@@ -171,7 +205,8 @@ def main(argv=None):
                 row = {"retrieval": retrieval, **row}
                 result["runs"].append(row)
                 if "ttft_s" in row:
-                    print(f"minference+duo {retrieval:.0%} {L // K}K: TTFT {row['ttft_s']:.1f} s, TPOT {row['tpot_ms']:.2f} ms, "
+                    print(f"minference+duo {retrieval:.0%} {L // K}K: TTFT {row['ttft_s']:.1f} s (attention modules "
+                          f"{row['attention_s']:.1f} s), TPOT {row['tpot_ms']:.2f} ms, "
                           f"peak prefill {row['peak_prefill_GiB']:.1f} / decode {row['peak_decode_GiB']:.1f} GiB, "
                           f"KV {row['kv_GiB']:.2f} GiB; chunks (s): " + ", ".join(f"{x['s']:.2f}" for x in row["chunks"]),
                           flush=True)
@@ -180,7 +215,7 @@ def main(argv=None):
         finally:
             kvpress.unpatch(model)
     c.table("1M tokens on one GPU: minference+duo (TTFT s, TPOT ms, GiB)", [r for r in result["runs"] if "ttft_s" in r],
-            [("retrieval", "{:.2f}"), ("tokens", "{:d}"), ("ttft_s", "{:.2f}"), ("tpot_ms", "{:.2f}"),
+            [("retrieval", "{:.2f}"), ("tokens", "{:d}"), ("ttft_s", "{:.2f}"), ("attention_s", "{:.2f}"), ("tpot_ms", "{:.2f}"),
              ("peak_prefill_GiB", "{:.1f}"), ("peak_decode_GiB", "{:.1f}"), ("kv_GiB", "{:.2f}")])
     out = args.out or Path(__file__).resolve().parent / "results" / f"million_{c.device_tag(env)}.json"
     if not args.tiny or args.out:
