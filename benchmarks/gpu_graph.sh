@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue #15 on the GPU (graph decode with fused ops): GPU tests and benchmarks, all under $OUT/graph.
 #   bash benchmarks/gpu_graph.sh round2   GPU tests; GEMMs (cuBLAS, Triton GEMV); graph==eager check; profile;
-#                                         TPOT batch 1 at 32K/128K: all fused parts, all but the GEMV,
-#                                         none (~2.5 min; at most 3.5)
+#                                         TPOT batch 1 at 32K/128K: all fused parts, all but the norms in
+#                                         the GEMVs, all but the GEMV, none (~2.5 min; at most 3.5)
 #   bash benchmarks/gpu_graph.sh round3   GPU tests; the TPOT table at batch 1 and 4, 8K-512K (graph
 #                                         variants, eager dense/duo25, transformers eager); compile at 32K (~3 min)
 #   bash benchmarks/gpu_graph.sh full     everything of bench_graph.py (every variant, 8K-512K, batch 1 and 4,
@@ -27,7 +27,7 @@ case ${1:-round2} in
     tests 90
     stamp "bench: gemm, check, profile, TPOT batch 1"
     timeout 120 $BENCH --parts gemm,check,profile,tpot --batch 1 --lengths 32768,131072 --steps 15 \
-      --variants dense-graph,duo50-graph,duo25-graph,duo25-graph/norm+rotary+mlp+residual+qkv+gate_up,duo25-graph/none 2>&1 \
+      --variants dense-graph,duo50-graph,duo25-graph,duo25-graph/norm+rotary+mlp+residual+qkv+gate_up+gemv,duo25-graph/norm+rotary+mlp+residual+qkv+gate_up,duo25-graph/none 2>&1 \
       | tee "$OUT/bench_b1.log" | summary 45
     ;;
   round3)

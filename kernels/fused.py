@@ -251,19 +251,27 @@ GEMV_DOT_ONE_ROW = True  # one row through tl.dot (padded to 16) rather than mul
 
 
 @triton.jit
-def _gemv_kernel(X, W, BIAS, R, Y, M, N, K, x_row, w_row, r_row, y_row, up_offset,
-                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, W, BIAS, R, NW, Y, M, N, K, x_row, w_row, r_row, y_row, up_offset, eps,
+                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Features ``[pid * BLOCK_N, +BLOCK_N)`` of ``y = x W^T (+ bias) (+ r)`` for the ``M`` rows of X
-    (``SILU_MUL``: the input row is ``silu(x[:K]) * x[up_offset:][:K]``, rounded as torch rounds),
-    each weight byte read once; fp32 accumulation, roundings as F.linear then the residual add.
-    ``BLOCK_M == 1``: one row, multiply-and-sum on the CUDA cores; else ``tl.dot`` over rows padded
-    to ``BLOCK_M`` (16)."""
+    (``SILU_MUL``: the input row is ``silu(x[:K]) * x[up_offset:][:K]``; ``NORM``: it is
+    ``NW * rmsnorm(x)``; each rounded as torch rounds), each weight byte read once; fp32
+    accumulation, roundings as F.linear then the residual add. ``BLOCK_M == 1``: one row,
+    multiply-and-sum on the CUDA cores; else ``tl.dot`` over rows padded to ``BLOCK_M`` (16)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     n_ok = n < N
     w_ptr = W + n[:, None].to(tl.int64) * w_row
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if NORM:  # each row's rsqrt(mean(x^2) + eps), over the whole row (a short pass, from L2)
+        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(X + m[:, None] * x_row + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :], other=0.0)
+            xv = xv.to(tl.float32)
+            squares += tl.sum(xv * xv, axis=1)
+        rstd = tl.rsqrt(squares / K + eps)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
@@ -278,6 +286,10 @@ def _gemv_kernel(X, W, BIAS, R, Y, M, N, K, x_row, w_row, r_row, y_row, up_offse
             u = tl.load(X + up_offset + m[:, None] * x_row + k[None, :], mask=xm, other=0.0)
             act = (g / (1.0 + tl.exp(-g))).to(u.dtype).to(tl.float32)
             x = (act * u.to(tl.float32)).to(u.dtype)
+        if NORM:
+            normed = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+            nw = tl.load(NW + k, mask=k < K, other=0.0).to(tl.float32)
+            x = (normed * nw[None, :]).to(x.dtype)
         if BLOCK_M == 1:
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
         else:
@@ -293,31 +305,39 @@ def _gemv_kernel(X, W, BIAS, R, Y, M, N, K, x_row, w_row, r_row, y_row, up_offse
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     residual: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+                     residual: torch.Tensor | None = None, silu_mul: bool = False, norm=None) -> torch.Tensor:
     """``residual + F.linear(x, weight, bias)`` as transformers computes it (the add after the
-    projection's rounding); ``silu_mul``: ``x`` holds ``[gate | up]`` and the input is ``silu(gate) * up``."""
+    projection's rounding); ``silu_mul``: ``x`` holds ``[gate | up]`` and the input is ``silu(gate) * up``;
+    ``norm = (weight, eps)``: the input is ``LlamaRMSNorm(x)``."""
     if silu_mul:
         x = silu_mul_reference(*x.chunk(2, dim=-1))
+    if norm is not None:
+        x = rms_norm_reference(x, norm[0], norm[1])
     y = torch.nn.functional.linear(x, weight, bias)
     return y if residual is None else residual + y
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+           residual: torch.Tensor | None = None, silu_mul: bool = False, norm=None) -> torch.Tensor:
     """:func:`linear_reference` in one launch on Triton when ``x`` has at most ``GEMV_MAX_ROWS`` rows
     (a decode step; 16-bit on CUDA), else the reference."""
     from . import use_triton
+
+    if norm is not None and (silu_mul or norm[0].dtype != x.dtype or norm[0].shape != x.shape[-1:]
+                             or norm[0].stride(-1) != 1):
+        return linear_reference(x, weight, bias, residual, silu_mul, norm)
 
     K = weight.shape[1]
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     ok = (use_triton(x) and 0 < rows <= GEMV_MAX_ROWS and x.shape[-1] == (2 * K if silu_mul else K) and weight.dim() == 2
           and x.dtype == weight.dtype and (not x.is_cuda or x.dtype in (torch.bfloat16, torch.float16))
-          and weight.stride(1) == 1 and x.stride(-1) == 1 and not _needs_grad(x, weight, bias, residual)
+          and weight.stride(1) == 1 and x.stride(-1) == 1
+          and not _needs_grad(x, weight, bias, residual, None if norm is None else norm[0])
           and (bias is None or (bias.is_contiguous() and bias.dtype == x.dtype))
           and (residual is None or (residual.shape[:-1] == x.shape[:-1] and residual.shape[-1] == weight.shape[0]
                                     and residual.dtype == x.dtype and residual.stride(-1) == 1)))
     if not ok:
-        return linear_reference(x, weight, bias, residual, silu_mul)
+        return linear_reference(x, weight, bias, residual, silu_mul, norm)
     N = weight.shape[0]
     xs = x.reshape(rows, x.shape[-1])
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
@@ -325,18 +345,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     block_m = 1 if rows == 1 and not GEMV_DOT_ONE_ROW else 16
     config = (GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_STAGES, block_m)
     if config in _GEMV_FAILED:
-        return linear_reference(x, weight, bias, residual, silu_mul)
+        return linear_reference(x, weight, bias, residual, silu_mul, norm)
     try:
         with _on_device(x):
             _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](
-                xs, weight, bias if bias is not None else weight, rs, y, rows, N, K, xs.stride(0), weight.stride(0),
-                rs.stride(0), N, K, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul,
+                xs, weight, bias if bias is not None else weight, rs, norm[0] if norm is not None else weight, y, rows,
+                N, K, xs.stride(0), weight.stride(0), rs.stride(0), N, K, float(norm[1]) if norm is not None else 0.0,
+                HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul, NORM=norm is not None,
                 EVEN_K=K % GEMV_BLOCK_K == 0, BLOCK_M=block_m, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
                 num_warps=GEMV_WARPS, num_stages=GEMV_STAGES)
     except _BUILD_ERRORS as error:  # a Triton that cannot build this tile: F.linear from now on
         _GEMV_FAILED.add(config)
         log.warning("kvpress: the fused GEMV does not compile here (%s); decode projections use F.linear", error)
-        return linear_reference(x, weight, bias, residual, silu_mul)
+        return linear_reference(x, weight, bias, residual, silu_mul, norm)
     return y
 
 

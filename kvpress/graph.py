@@ -297,7 +297,7 @@ def install(patcher, model: torch.nn.Module, method, fuse_ops: str | None = None
 
 # -- fused ops (issue #15: the launch-bound tail of a decode step) ---------------------------------
 
-FUSE_PARTS = ("norm", "rotary", "mlp", "residual", "qkv", "gate_up", "gemv")
+FUSE_PARTS = ("norm", "rotary", "mlp", "residual", "qkv", "gate_up", "gemv", "gemv_norm")
 # What ``decode="graph"`` fuses on CUDA: "all", "none", or a comma-separated subset of FUSE_PARTS.
 FUSE = os.environ.get("KVPRESS_FUSE", "all")
 
@@ -324,7 +324,9 @@ def fuse(patcher, model: torch.nn.Module, spec: str = "all") -> dict[str, int]:
       concatenated tensor (no second copy); unpatching gives each its own storage back;
     * ``gemv``: the decoder's projections at decode (a few rows) through one Triton GEMV each
       (``kernels.fused.linear``), with SiLU(gate) * up computed in the down projection's loads and the
-      residual adds in the output and down projections' stores.
+      residual adds in the output and down projections' stores;
+    * ``gemv_norm`` (with ``gemv``, ``residual``, ``qkv`` and ``gate_up``): the decoder layer's two
+      RMSNorms computed in the q/k/v and gate/up GEMVs' loads.
 
     The fused forwards run the kernels where ``kvpress.kernels`` runs Triton (CUDA) and no gradient
     is recorded, transformers' expressions otherwise. Returns how many modules each part changed."""
@@ -367,6 +369,9 @@ def fuse(patcher, model: torch.nn.Module, spec: str = "all") -> dict[str, int]:
         if "residual" in parts and _plain_layer(layer) and "forward" not in vars(layer):
             patcher.swap_forward(layer, layer_forward)
             done["residual"] += 1
+            if "gemv_norm" in parts and _is_rms_norm(layer.input_layernorm):
+                patcher.set(layer, "_kvpress_gemv_norm", True)
+                done["gemv_norm"] += 1
     log.info("kvpress decode='graph': fused %s", ", ".join(f"{k} x{v}" for k, v in done.items()))
     return done
 
@@ -477,13 +482,16 @@ def _joined(module, name: str):
     return joined if joined is not None and joined.intact() else None
 
 
-def mlp_forward(module, x, residual=None):
+def mlp_forward(module, x, residual=None, norm=None):
     """``down(silu(gate(x)) * up(x))`` (``+ residual``), with gate/up as one GEMM when concatenated
-    and the product fused (with the ``gemv`` part: into the down projection's GEMV, the residual too)."""
+    and the product fused (with the ``gemv`` part: into the down projection's GEMV, the residual too).
+    ``norm = (weight, eps)``: ``x`` is RMSNorm-ed first (in the gate/up GEMV's loads where it can)."""
     joined = _joined(module, "_kvpress_gate_up")
     gemv = vars(module).get("_kvpress_gemv")
+    if norm is not None and not (gemv and joined is not None):
+        x, norm = ops.rms_norm(x, *norm), None
     if joined is not None:
-        gate_up = ops.linear(x, joined.weight, joined.bias) if gemv else F.linear(x, joined.weight, joined.bias)
+        gate_up = ops.linear(x, joined.weight, joined.bias, norm=norm) if gemv else F.linear(x, joined.weight, joined.bias)
         if gemv:
             return _linear(module, module.down_proj, gate_up, residual=residual, silu_mul=True)
         gate, up = gate_up.chunk(2, dim=-1)
@@ -501,16 +509,23 @@ def attention_forward(module, hidden_states, position_embeddings=None, attention
     return _attention(module, hidden_states, position_embeddings, attention_mask, None, kwargs)
 
 
-def _attention(module, hidden_states, position_embeddings, attention_mask, residual, kwargs):
-    """:func:`attention_forward`'s body; with ``residual``, the output projection adds it."""
+def _attention(module, hidden_states, position_embeddings, attention_mask, residual, kwargs, norm=None):
+    """:func:`attention_forward`'s body; with ``residual``, the output projection adds it; with
+    ``norm = (weight, eps)``, ``hidden_states`` are RMSNorm-ed first (in the q/k/v GEMV's loads where it can)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     B, T, _ = hidden_states.shape
     D = module.head_dim
     joined = _joined(module, "_kvpress_qkv")
+    gemv = vars(module).get("_kvpress_gemv")
+    if norm is not None and not (gemv and joined is not None):
+        hidden_states, norm = ops.rms_norm(hidden_states, *norm), None
     if joined is not None:
         sizes = [m.weight.shape[0] for m in joined.linears]
-        qkv = (ops.linear if vars(module).get("_kvpress_gemv") else F.linear)(hidden_states, joined.weight, joined.bias)
+        if gemv:
+            qkv = ops.linear(hidden_states, joined.weight, joined.bias, norm=norm)
+        else:
+            qkv = F.linear(hidden_states, joined.weight, joined.bias)
         q, k, v = qkv.split(sizes, dim=-1)
     else:
         q, k, v = (_linear(module, p, hidden_states) for p in (module.q_proj, module.k_proj, module.v_proj))
@@ -549,15 +564,22 @@ def layer_forward(module, hidden_states, *args, **kwargs):
     if args:
         return type(module).forward(module, hidden_states, *args, **kwargs)
     residual = hidden_states
-    hidden_states = module.input_layernorm(hidden_states)
     attention, norm, mlp = module.self_attn, module.post_attention_layernorm, module.mlp
     if vars(attention).get("_kvpress_gemv") and _swapped(attention, attention_forward) and "position_embeddings" in kwargs:
         kwargs = dict(kwargs)
+        first = module.input_layernorm
+        prologue = vars(module).get("_kvpress_gemv_norm", False)
+        if not prologue:
+            hidden_states = first(hidden_states)
         hidden_states, _ = _attention(attention, hidden_states, kwargs.pop("position_embeddings"),
-                                      kwargs.pop("attention_mask", None), residual, kwargs)
+                                      kwargs.pop("attention_mask", None), residual, kwargs,
+                                      norm=(first.weight, first.variance_epsilon) if prologue else None)
         residual = hidden_states
+        if prologue and vars(mlp).get("_kvpress_gemv") and _swapped(mlp, mlp_forward):
+            return mlp_forward(mlp, hidden_states, residual=residual, norm=(norm.weight, norm.variance_epsilon))
         hidden_states = norm(hidden_states)
     else:
+        hidden_states = module.input_layernorm(hidden_states)
         hidden_states, _ = attention(hidden_states=hidden_states, **kwargs)
         hidden_states, residual = ops.rms_norm(hidden_states, norm.weight, norm.variance_epsilon, residual=residual)
     if vars(mlp).get("_kvpress_gemv") and _swapped(mlp, mlp_forward):

@@ -126,6 +126,13 @@ def test_gemv_kernel_equals_linear(on_triton, monkeypatch, rows, n, k, silu_mul,
         torch.testing.assert_close(expected, torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w, b)
                                    + (0 if r is None else r))
     torch.testing.assert_close(fused.linear(x, w, b, r, silu_mul), expected, rtol=1e-5, atol=1e-4)
+    if not silu_mul:  # RMSNorm in the loads
+        nw = torch.randn(k)
+        expected = fused.linear_reference(x, w, b, r, norm=(nw, 1e-5))
+        torch.testing.assert_close(expected, torch.nn.functional.linear(fused.rms_norm_reference(x, nw, 1e-5), w, b)
+                                   + (0 if r is None else r))
+        torch.testing.assert_close(fused.linear(x, w, b, r, norm=(nw, 1e-5)), expected, rtol=1e-5, atol=1e-4)
+        expected = fused.linear_reference(x, w, b, r, silu_mul)
     if rows == 1:  # the multiply-and-sum path of one row
         monkeypatch.setattr(fused, "GEMV_DOT_ONE_ROW", False)
         torch.testing.assert_close(fused.linear(x, w, b, r, silu_mul), expected, rtol=1e-5, atol=1e-4)
@@ -158,7 +165,7 @@ def test_fuse_keeps_the_logits_and_unpatch_restores_everything(on_triton, family
     state = {name: (p, p.detach().clone(), p.data_ptr()) for name, p in model.named_parameters()}
     done = graph.fuse(model._kvpress_patch.patcher, model)
     norms = 5 + (4 if family == "qwen3" else 0)
-    assert done == {"norm": norms, "rotary": 2, "mlp": 2, "residual": 2, "qkv": 2, "gate_up": 2, "gemv": 2}
+    assert done == {"norm": norms, "rotary": 2, "mlp": 2, "residual": 2, "qkv": 2, "gate_up": 2, "gemv": 2, "gemv_norm": 2}
     attention = model.model.layers[0].self_attn
     joined = attention._kvpress_qkv
     storage = joined.weight.untyped_storage().data_ptr()
