@@ -3,8 +3,8 @@
 For each policy (Lambda: sinks + recent window; H2O: heavy hitters + recent window) at a budget
 where the policy alone clearly loses quality, rows: the unpatched model, the policy alone,
 "Baseline+" (the policy with as many extra tokens as the state's memory), LESS with untrained
-(random) maps and LESS with maps trained here (``calibrate_less`` at small settings, or
-``--trained-lambda/--trained-h2o DIR``). Columns: held-out perplexity per byte, the share of the
+(random) maps and LESS with maps trained here (``--maps``: one or more sizes, each trained layer by layer on
+activations captured once per policy; or ``--trained-lambda/--trained-h2o DIR``). Columns: held-out perplexity per byte, the share of the
 policy's perplexity gap recovered, passkey retrieval accuracy with the real runtime
 (``kvpress.patch(model, "less", ...)`` + ``generate``), KV cache bytes.
 
@@ -13,11 +13,13 @@ Perplexity is teacher-forced over whole windows through the decode-by-decode sim
 run checks it against the runtime's decode on one window and reports the largest logit gap).
 
     python benchmarks/less_quality.py --out benchmarks/results/less_quality_needle_llama.json
+    python benchmarks/less_quality.py --device cuda --train-samples 256 --maps r8h128,q-r8h512 ...  (H200, ~1 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 import kvpress
 from kvpress.adapters import describe
-from kvpress.calibration.less import LessTraining, calibrate_less, text_windows
+from kvpress.calibration.less import Activations, LessTraining, capture_group, text_windows, train_layer
 from kvpress.kernels import less_reference as R
 from kvpress.methods.less import Less, LessConfig
 
@@ -114,37 +116,87 @@ def retrieval(model, tokenizer, config: LessConfig | None, lengths, depths, samp
     return {"accuracy": result["accuracy"], "cache_bytes": result["cache_bytes"], "dense_cache_bytes": result["dense_cache_bytes"]}
 
 
+def parse_maps(spec: str) -> dict:
+    """``r8h128`` -> rank 8, hidden 128, one state per KV head; ``q-r8h128``: one state per query head."""
+    heads = "query" if spec.startswith("q-") else "kv"
+    body = spec[2:] if heads == "query" else spec
+    try:
+        rank, hidden = body[1:].split("h")
+        assert body[0] == "r"
+        return dict(rank=int(rank), hidden=int(hidden), state_heads=heads)
+    except (ValueError, AssertionError, IndexError):
+        raise ValueError(f"bad --maps entry {spec!r}: write rRANKhHIDDEN, e.g. r8h128, or q-r8h128 for a state per query head") from None
+
+
+def train_maps(model, tokenizer, base: LessConfig, specs: list[str], training: LessTraining, work: Path, log) -> dict:
+    """Capture every layer's activations once for ``base``'s policy, then train the maps of each
+    spec on them (``calibration.less.train_layer``, layer by layer). Returns {spec: (config, losses)}."""
+    info = describe(model)
+    shape = info.shape
+    device = next(model.parameters()).device
+    windows = list(text_windows(tokenizer, training.samples, training.length, training.seed))
+    store = Activations(work / "spill", training.in_memory, device)
+    t0 = time.perf_counter()
+    capture_group(model, info, list(range(shape.num_layers)), windows, base, store, torch.float32, False,
+                  training.capture_batch)
+    log(f"{base.policy}: captured {training.samples} x {training.length} tokens in {time.perf_counter() - t0:.0f} s")
+    trained = {}
+    for spec in specs:
+        t0 = time.perf_counter()
+        config = LessConfig(**{**base.fields_dict(), **parse_maps(spec)})
+        layers, losses = [], {}
+        for layer in range(shape.num_layers):
+            with torch.enable_grad():
+                w, loss = train_layer(info.attention_modules[layer], store, config, shape, training, device, False)
+            layers.append(w.to(device="cpu"))
+            losses[layer] = {k: v for k, v in loss.items() if k != "history"}
+        trained[spec] = (LessConfig(**{**config.fields_dict(), "layers": layers, "model_shape": shape}), losses)
+        ratios = " ".join(f"{v['mse_less'] / v['mse_sparse']:.2f}" for v in losses.values())
+        log(f"{base.policy} {spec}: trained in {time.perf_counter() - t0:.0f} s; held-out MSE LESS / sparse per layer: {ratios}")
+    store.clear()
+    return trained
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/needle-llama")
+    parser.add_argument("--policies", default="lambda,h2o")
     parser.add_argument("--sink", type=int, default=4, help="Lambda's sinks (tokens)")
     parser.add_argument("--recent", type=int, default=60, help="Lambda's recent window; H2O splits sink+recent "
                         "evenly between heavy hitters and its window")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--state-heads", default="kv", choices=["kv", "query"])
+    parser.add_argument("--maps", default="r8h128", help="comma-separated map sizes to train: rRANKhHIDDEN "
+                        "(q-rRANKhHIDDEN: a state per query head); each gets its own row and Baseline+")
     parser.add_argument("--train-samples", type=int, default=16)
-    parser.add_argument("--train-length", type=int, default=512)
+    parser.add_argument("--train-length", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--halve-every", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-3, help="(the reference's 1e-3 needs ~10x more steps)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--capture-batch", type=int, default=8)
     parser.add_argument("--trained-lambda", help="a trained LESS config folder for the Lambda rows (skips training)")
     parser.add_argument("--trained-h2o", help="the same for the H2O rows")
+    parser.add_argument("--save-maps", help="write each trained config folder under this folder (POLICY-SPEC)")
     parser.add_argument("--eval-windows", type=int, default=6)
     parser.add_argument("--eval-length", type=int, default=1024)
     parser.add_argument("--passkey-lengths", default="1024")
     parser.add_argument("--passkey-depths", default="0.2,0.5,0.8")
     parser.add_argument("--passkey-samples", type=int, default=1)
-    parser.add_argument("--work", default="/tmp/kvpress_less_quality", help="where trained maps go")
+    parser.add_argument("--work", default="/tmp/kvpress_less_quality", help="where activations spill (CPU)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (the model stays fp32)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (the model stays fp32; on cuda activations stay in GPU memory)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     register()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+
+    def log(text):
+        print(f"[{time.perf_counter() - started:5.0f} s] {text}", flush=True)
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -156,60 +208,81 @@ def main() -> int:
     windows = [w.to(args.device) for w in text_windows(tokenizer, args.eval_windows, args.eval_length, seed=1,
                                                          text=load_corpus("heldout"))]
     total = args.sink + args.recent
-    maps = dict(rank=args.rank, hidden=args.hidden, state_heads=args.state_heads)
+    specs = [s for s in args.maps.split(",") if s]
+    for spec in specs:
+        parse_maps(spec)
     policies = {
-        "lambda": LessConfig(policy="lambda", sink=args.sink, heavy=0, recent=args.recent, **maps),
-        "h2o": LessConfig(policy="h2o", sink=0, heavy=total // 2, recent=total - total // 2, **maps),
+        "lambda": LessConfig(policy="lambda", sink=args.sink, heavy=0, recent=args.recent),
+        "h2o": LessConfig(policy="h2o", sink=0, heavy=total // 2, recent=total - total // 2),
     }
-    per_kv = shape.num_heads // shape.num_kv_heads if args.state_heads == "query" else 1
-    extra = R.tokens_of_state(shape.head_dim, args.rank, 4, per_kv)
-    started = time.perf_counter()
-    full_ppl = perplexity(model, windows, None)
+    policies = {name: policies[name] for name in args.policies.split(",")}
+    training = LessTraining(samples=args.train_samples, length=args.train_length, epochs=args.epochs,
+                            halve_every=args.halve_every, lr=args.lr, batch_size=args.batch_size,
+                            val_fraction=args.val_fraction, capture_batch=args.capture_batch,
+                            in_memory=args.device.startswith("cuda"), spill_gb=1e9)
     lengths = [int(x) for x in args.passkey_lengths.split(",")]
     depths = [float(x) for x in args.passkey_depths.split(",")]
+    full_ppl = perplexity(model, windows, None)
     rows = {"full (unpatched)": {"ppl": full_ppl, **retrieval(model, tokenizer, None, lengths, depths, args.passkey_samples)}}
-    print(f"full: ppl {full_ppl:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-    checks = {}
+    log(f"full: ppl {full_ppl:.4f}")
+    checks, losses = {}, {}
+
+    def write():
+        longest = max(lengths)
+        lines = ["| variant | ppl (held-out, per byte) | gap recovered | passkey | KV bytes at %d |" % longest,
+                 "|---|---|---|---|---|"]
+        for label, row in rows.items():
+            gap = row.get("gap_recovered")
+            lines.append(f"| {label} | {row['ppl']:.4f} | {'' if gap is None else f'{gap:.0%}'} | {row['accuracy']:.0%} | "
+                         f"{row['cache_bytes'][longest] / 1024:.0f} KiB |")
+        table = "\n".join(lines)
+        if args.out:
+            payload = {"args": vars(args), "rows": rows, "table": table, "training_losses": losses,
+                       "runtime_vs_simulation_max_logit_gap": checks, "torch": torch.__version__,
+                       "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                       "seconds": time.perf_counter() - started}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        return table
+
+    def add(label, config, only=None):
+        ppl = perplexity(model, windows, config)
+        rows[label] = {"ppl": ppl, **retrieval(model, tokenizer, config, lengths, depths, args.passkey_samples)}
+        if only is not None:
+            rows[label]["gap_recovered"] = (only - ppl) / (only - full_ppl) if only != full_ppl else None
+        log(f"{label}: ppl {ppl:.4f} passkey {rows[label]['accuracy']:.2f}")
+        write()
+        return ppl
+
     for name, base in policies.items():
         trained_dir = getattr(args, f"trained_{name}")
         if trained_dir:
-            trained = LessConfig.load(trained_dir)
+            loaded = LessConfig.load(trained_dir)
+            trained = {f"r{loaded.rank}h{loaded.hidden}" if loaded.state_heads == "kv" else f"q-r{loaded.rank}h{loaded.hidden}": (loaded, None)}
         else:
-            training = LessTraining(samples=args.train_samples, length=args.train_length, epochs=args.epochs,
-                                    halve_every=args.halve_every, lr=args.lr, batch_size=args.batch_size, spill_gb=4.0)
-            t0 = time.perf_counter()
-            trained = calibrate_less(model, tokenizer, Path(args.work) / name, base, training, progress=False)
-            print(f"{name}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
-        plus = dict(recent=base.recent + extra) if name == "lambda" else dict(heavy=base.heavy + extra)
-        variants = {
-            f"{name} only": LessConfig.random(shape, **{**base.fields_dict(), "state": False}),
-            f"{name} Baseline+ (+{extra} tokens)": LessConfig.random(shape, **{**base.fields_dict(), **plus, "state": False}),
-            f"LESS {name}, untrained maps": LessConfig.random(shape, **base.fields_dict()),
-            f"LESS {name}, trained": trained,
-        }
-        for label, config in variants.items():
-            ppl = perplexity(model, windows, config)
-            rows[label] = {"ppl": ppl, **retrieval(model, tokenizer, config, lengths, depths, args.passkey_samples)}
-            print(f"{label}: ppl {ppl:.4f} passkey {rows[label]['accuracy']:.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
-        only = rows[f"{name} only"]["ppl"]
-        for label in variants:
-            rows[label]["gap_recovered"] = (only - rows[label]["ppl"]) / (only - full_ppl) if only != full_ppl else None
-        checks[name] = runtime_gap(model, windows[0][:, :256], trained, prompt=base.budget.budget)
-    longest = max(lengths)
-    lines = ["| variant | ppl (held-out, per byte) | gap recovered | passkey | KV bytes at %d |" % longest, "|---|---|---|---|---|"]
-    for label, row in rows.items():
-        gap = row.get("gap_recovered")
-        lines.append(f"| {label} | {row['ppl']:.4f} | {'' if gap is None else f'{gap:.0%}'} | {row['accuracy']:.0%} | "
-                     f"{row['cache_bytes'][longest] / 1024:.0f} KiB |")
-    table = "\n".join(lines)
-    print(table)
+            trained = train_maps(model, tokenizer, base, specs, training, Path(args.work), log)
+        only = add(f"{name} only", LessConfig.random(shape, **{**base.fields_dict(), "state": False}), None)
+        rows[f"{name} only"]["gap_recovered"] = 0.0
+        add(f"LESS {name}, untrained maps", LessConfig.random(shape, **base.fields_dict()), only)
+        done_plus = set()
+        for spec, (config, loss) in trained.items():
+            per_kv = shape.num_heads // shape.num_kv_heads if config.state_heads == "query" else 1
+            extra = R.tokens_of_state(shape.head_dim, config.rank, 4, per_kv)
+            if extra not in done_plus:
+                done_plus.add(extra)
+                plus = dict(recent=base.recent + extra) if name == "lambda" else dict(heavy=base.heavy + extra)
+                add(f"{name} Baseline+ (+{extra} tokens)",
+                    LessConfig.random(shape, **{**base.fields_dict(), **plus, "state": False}), only)
+            label = f"LESS {name}, trained {spec}"
+            add(label, config, only)
+            rows[label]["baseline_plus_tokens"] = extra
+            losses[label] = loss
+            if args.save_maps:
+                config.save(Path(args.save_maps) / f"{name}-{spec}")
+            checks[label] = runtime_gap(model, windows[0][:, :256], config, prompt=base.budget.budget)
+            write()
+    print(write())
     print("runtime decode vs simulation, largest logit gap:", checks)
-    if args.out:
-        payload = {"args": vars(args), "extra_tokens_baseline_plus": extra, "rows": rows, "table": table,
-                   "runtime_vs_simulation_max_logit_gap": checks, "torch": torch.__version__,
-                   "seconds": time.perf_counter() - started}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(payload, indent=1, default=str) + "\n")
     return 0
 
 

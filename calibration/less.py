@@ -7,14 +7,15 @@ attention; for each layer we keep its post-RoPE Q, K, V, the policy's eviction t
 decode-by-decode rule as the runtime), the sparse attention's output and normaliser, and the layer's
 full-attention output after ``o_proj``. The maps phi (queries) and psi (keys) are then trained so
 that ``o_proj(LESS attention)`` matches that output under MSE, only at positions where eviction has
-begun. Adam, lr 1e-3 halved every 10 of 40 epochs, batch 2, dropout 0.3 (all options).
+begun. Adam, lr 1e-3 halved every 10 of 40 epochs, batch 2, dropout 0.3, and the epoch of lowest
+loss on 10% held-out windows kept (all options), as the reference code.
 
 Bounded memory: activations go to disk (``--spill-dir``, default next to ``--out``), one sample of
-one layer in RAM at a time; layers are captured in groups that fit ``--spill-gb`` (the forward
-stops after the group's last layer), trained, and their files deleted. Each trained layer is saved
-in ``DIR.partial/`` at once, so an interrupted run resumes where it stopped (with the same
-arguments; others start over). The final folder (``less.json`` + ``less.safetensors``) is written
-atomically.
+one layer in RAM at a time, or with ``--in-memory`` stay in the training device's memory; layers
+are captured in groups that fit ``--spill-gb`` (the forward stops after the group's last layer),
+trained, and their activations dropped. Each trained layer is saved in ``DIR.partial/`` at once, so
+an interrupted run resumes where it stopped (with the same arguments; others start over). The final
+folder (``less.json`` + ``less.safetensors``) is written atomically.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ CAPTURE_ATTENTION = "kvpress_less_capture"
 
 @dataclass(frozen=True)
 class LessTraining:
-    """Training settings; defaults are the reference's (512 windows of 4096 tokens, 40 epochs)."""
+    """Training settings; defaults are the reference's (512 windows of 4096 tokens, 40 epochs, lr 1e-3
+    halved every 10 epochs, batch 2, dropout 0.3, 10% of the windows held out to keep the best epoch)."""
 
     samples: int = 512
     length: int = 4096  # tokens per window
@@ -53,7 +55,10 @@ class LessTraining:
     lr: float = 1e-3
     halve_every: int = 10  # epochs between learning-rate halvings
     dropout: float = 0.3
-    spill_gb: float = 20.0  # disk for captured activations at a time
+    val_fraction: float = 0.1  # windows held out; the epoch of lowest held-out loss is kept (0: the last epoch)
+    capture_batch: int = 1  # windows per forward of the frozen model while capturing
+    in_memory: bool = False  # hold captured activations in the training device's memory (still at most spill_gb)
+    spill_gb: float = 20.0  # disk (or memory) for captured activations at a time
     seed: int = 0
 
 
@@ -108,12 +113,40 @@ def bytes_per_layer_sample(shape, length: int, itemsize: int) -> int:
     return length * ((3 * h * d + 2 * hkv * d) * itemsize + 4 * h + 8 * hkv)
 
 
+class Activations:
+    """Captured activations of one group of layers, one item per (layer, window): files under
+    ``spill`` (``layer{l}/{i}.pt``), or tensors on ``device`` when ``in_memory``."""
+
+    def __init__(self, spill: Path, in_memory: bool, device):
+        self.spill, self.in_memory, self.device = spill, in_memory, device
+        self.items: dict[int, list] = {}
+
+    def add(self, layer: int, index: int, item: dict) -> None:
+        if self.in_memory:
+            entry = {n: t.to(self.device) for n, t in item.items()}
+        else:
+            (self.spill / f"layer{layer}").mkdir(parents=True, exist_ok=True)
+            entry = self.spill / f"layer{layer}" / f"{index}.pt"
+            torch.save({n: t.cpu() for n, t in item.items()}, entry)
+        self.items.setdefault(layer, []).append(entry)
+
+    def load(self, entries: list) -> dict:
+        """The items ``entries`` as one batch on the training device."""
+        items = [e if isinstance(e, dict) else torch.load(e, map_location=self.device) for e in entries]
+        return {n: torch.cat([it[n] for it in items]) for n in items[0]}
+
+    def clear(self) -> None:
+        self.items = {}
+        shutil.rmtree(self.spill, ignore_errors=True)
+
+
 @torch.no_grad()
-def capture_group(model, info, layers: list[int], windows: list[torch.Tensor], config: LessConfig, spill: Path,
-                  dtype, progress: bool) -> None:
-    """Run every window through the model and write ``spill/layer{l}/{i}.pt`` for each layer in ``layers``."""
+def capture_group(model, info, layers: list[int], windows: list[torch.Tensor], config: LessConfig, store: Activations,
+                  dtype, progress: bool, batch: int = 1) -> None:
+    """Run every window through the model (``batch`` at a time) and add each layer's activations of
+    each window to ``store`` for the layers in ``layers``."""
     policy, last = config.budget, max(layers)
-    index = {"i": 0}
+    first = {"i": 0}
 
     def record(module, q, k, v, out):
         layer = module.layer_idx
@@ -124,19 +157,20 @@ def capture_group(model, info, layers: list[int], windows: list[torch.Tensor], c
             target = module.o_proj(out.reshape(out.shape[0], out.shape[1], -1))
             item = {"q": q, "k": k, "v": v, "o_kept": o_kept, "lse_kept": lse_kept, "target": target, "evict_at": evict_at}
             item = {n: t.to(dtype) if t.is_floating_point() and n != "lse_kept" else t for n, t in item.items()}
-            (spill / f"layer{layer}").mkdir(parents=True, exist_ok=True)
-            torch.save({n: t.cpu() for n, t in item.items()}, spill / f"layer{layer}" / f"{index['i']}.pt")
+            for j in range(q.shape[0]):
+                store.add(layer, first["i"] + j, {n: t[j : j + 1] for n, t in item.items()})
         if layer == last:
             raise _Stop
 
     device = next(model.parameters()).device
+    batches = [torch.cat(windows[i : i + batch]) for i in range(0, len(windows), batch)]
     with capture(model, record):
-        for i, ids in enumerate(tqdm(windows, desc=f"capture layers {layers[0]}-{last}", disable=not progress, leave=False)):
-            index["i"] = i
+        for ids in tqdm(batches, desc=f"capture layers {layers[0]}-{last}", disable=not progress, leave=False):
             try:
                 model(ids.to(device), use_cache=False)
             except _Stop:
                 pass
+            first["i"] += ids.shape[0]
 
 
 def layer_loss(maps: FeatureMaps, o_proj, batch: dict, with_maps: bool = True) -> torch.Tensor:
@@ -155,42 +189,43 @@ def layer_loss(maps: FeatureMaps, o_proj, batch: dict, with_maps: bool = True) -
     return (err * mask).sum() / mask.sum().clamp_min(1)
 
 
-def train_layer(module, files: list[Path], config: LessConfig, shape, training: LessTraining, device,
+def train_layer(module, store: Activations, config: LessConfig, shape, training: LessTraining, device,
                 progress: bool) -> tuple[FeatureWeights, dict]:
-    """Train one layer's maps on its captured files; returns the weights and the losses."""
+    """Train one layer's maps on its captured windows, keeping the epoch of lowest held-out loss (the
+    reference's checkpointing); returns the weights and the losses (held-out, or training windows
+    when none are held out)."""
     torch.manual_seed(training.seed + module.layer_idx)
     maps = FeatureMaps(shape.head_dim, shape.num_heads, config.num_state_heads(shape), config.rank, config.hidden,
                        training.dropout).to(device)
     optimizer = torch.optim.Adam(maps.parameters(), lr=training.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, training.halve_every), gamma=0.5)
     rng = random.Random(training.seed)
+    entries = store.items[module.layer_idx]
+    held = min(len(entries) - 1, round(training.val_fraction * len(entries))) if training.val_fraction > 0 else 0
+    train, val = entries[: len(entries) - held], entries[len(entries) - held :] or entries
 
-    def load(group):
-        items = [torch.load(f, map_location=device) for f in group]
-        return {n: torch.cat([it[n] for it in items]) for n in items[0]}
+    def evaluate(with_maps=True) -> float:
+        maps.eval()
+        with torch.no_grad():
+            return sum(layer_loss(maps, module.o_proj, store.load([e]), with_maps).item() for e in val) / len(val)
 
+    best, best_loss, history = maps.weights(), evaluate(), []
     bar = tqdm(range(training.epochs), desc=f"layer {module.layer_idx}", disable=not progress, leave=False)
     for _ in bar:
         maps.train()
-        order = files[:]
+        order = train[:]
         rng.shuffle(order)
-        total = 0.0
         for start in range(0, len(order), training.batch_size):
-            loss = layer_loss(maps, module.o_proj, load(order[start : start + training.batch_size]))
+            loss = layer_loss(maps, module.o_proj, store.load(order[start : start + training.batch_size]))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += loss.item()
         schedule.step()
-        bar.set_postfix(loss=f"{total / max(1, -(-len(order) // training.batch_size)):.3g}")
-    maps.eval()
-    with torch.no_grad():
-        sparse = less = 0.0
-        for f in files:
-            batch = load([f])
-            sparse += layer_loss(maps, module.o_proj, batch, with_maps=False).item() / len(files)
-            less += layer_loss(maps, module.o_proj, batch).item() / len(files)
-    return maps.weights(), {"mse_sparse": sparse, "mse_less": less}
+        history.append(evaluate())
+        if history[-1] < best_loss:
+            best, best_loss = maps.weights(), history[-1]
+        bar.set_postfix(loss=f"{history[-1]:.3g}")
+    return best, {"mse_sparse": evaluate(with_maps=False), "mse_less": best_loss, "held_out": held, "history": history}
 
 
 def calibrate_less(model, tokenizer, out: str | Path, config: LessConfig = LessConfig(), training: LessTraining = LessTraining(),
@@ -211,7 +246,7 @@ def calibrate_less(model, tokenizer, out: str | Path, config: LessConfig = LessC
     if training.length <= config.budget.budget + 1:
         raise ValueError(f"--length {training.length} leaves nothing to evict at a budget of {config.budget.budget} "
                          "tokens; raise --length or lower the budget")
-    for name in ("samples", "epochs", "batch_size"):
+    for name in ("samples", "epochs", "batch_size", "capture_batch"):
         if getattr(training, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
 
@@ -225,21 +260,21 @@ def calibrate_less(model, tokenizer, out: str | Path, config: LessConfig = LessC
                          f"{training.spill_gb}; raise --spill-gb or lower --samples / --length")
     todo = [i for i in range(shape.num_layers) if not (partial / f"layer{i:03d}.safetensors").is_file()]
     losses = json.loads((partial / "losses.json").read_text()) if (partial / "losses.json").is_file() else {}
+    store = Activations(spill, training.in_memory, device)
     for start in range(0, len(todo), group_size):
         group = todo[start : start + group_size]
-        shutil.rmtree(spill, ignore_errors=True)
-        capture_group(model, info, group, windows, config, spill, dtype, progress)
+        store.clear()
+        capture_group(model, info, group, windows, config, store, dtype, progress, training.capture_batch)
         for layer in group:
-            files = sorted((spill / f"layer{layer}").glob("*.pt"), key=lambda p: int(p.stem))
             with torch.enable_grad():
-                weights, loss = train_layer(info.attention_modules[layer], files, config, shape, training, device, progress)
+                weights, loss = train_layer(info.attention_modules[layer], store, config, shape, training, device, progress)
             tensors = {n: getattr(weights, n).float().cpu().contiguous() for n in WEIGHT_NAMES}
             atomic_write(partial / f"layer{layer:03d}.safetensors", lambda tmp: save_file(tensors, tmp))
             losses[str(layer)] = loss
             (partial / "losses.json").write_text(json.dumps(losses, indent=1))
             if progress:
                 print(f"layer {layer}: MSE sparse {loss['mse_sparse']:.4g} -> LESS {loss['mse_less']:.4g}", file=sys.stderr)
-        shutil.rmtree(spill, ignore_errors=True)
+        store.clear()
     layers = [FeatureWeights(**load_file(str(partial / f"layer{i:03d}.safetensors"))) for i in range(shape.num_layers)]
     result = dataclasses_replace(config, layers=layers, model_shape=shape)
     result.save(out)
@@ -270,8 +305,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             f"(default {getattr(defaults, name)})")
     parser.add_argument("--state-heads", choices=["kv", "query"], default=defaults.state_heads)
     for f in fields(LessTraining):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, dest=f.name,
-                            help=f"(default {f.default})")
+        if isinstance(f.default, bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", dest=f.name)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, dest=f.name,
+                                help=f"(default {f.default})")
 
 
 def config_from_args(args) -> LessConfig:

@@ -175,7 +175,8 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
     written to the spare slot, and the slots' eviction candidate (lowest-scored evictable slot,
     first empty slot) written to ``CAND_*``. The last program of a (row, KV head) to finish
     (``COUNT``, an atomic counter it resets) then: finishes ``phi`` (and ``psi`` of the pending
-    token, folded into ``HS``/``Z`` with that token's value, fp32), writes the new token's key and
+    token, folded into ``HS``/``Z`` with that token's value, fp32; ``psi`` as
+    ``less_reference.key_features``), writes the new token's key and
     value to the spare slot, merges the attention partials with the state term into ``Out``, picks
     the next spare slot and pending flag, and zeroes the feature accumulators for the next step.
     """
@@ -269,14 +270,15 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
                 if pending:
                     j = heads  # state head index within the row
                     psi_p = PSI_ACC + sh[:, None] * R + offs_r[None, :]
-                    h = tl.abs(_gelu(tl.load(psi_p, mask=gr, other=0.0)))  # [GP, R]
+                    h = _gelu(tl.load(psi_p, mask=gr, other=0.0))  # [GP, R]
                     tl.store(psi_p, tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
                     mix = tl.load(KM + (j[:, None, None] * R + offs_r[None, :, None]) * R + offs_r[None, None, :],
                                   mask=gmask[:, None, None] & rmask[None, :, None] & rmask[None, None, :], other=0.0)
-                    mixed = tl.sum(h[:, :, None] * mix.to(tl.float32), 1)
                     scale = tl.abs(tl.load(KS + j[:, None] * R + offs_r[None, :], mask=gr, other=0.0).to(tl.float32))
                     mix_scale = tl.load(KMS + j[:, None] * R + offs_r[None, :], mask=gr, other=0.0).to(tl.float32)
-                    f = tl.abs(h * scale + mixed * mix_scale)
+                    f = h * scale
+                    mixed = tl.sum(f[:, :, None] * mix.to(tl.float32), 1)
+                    f = tl.abs(f + mixed * mix_scale)
                     hs += f[:, :, None] * v_old[None, None, :]
                     z += f
                     tl.store(hs_p, hs, mask=hmask)
@@ -291,14 +293,15 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
                 z = tl.load(Z + bh * R + offs_r, mask=rmask, other=0.0)
                 if pending:
                     psi_p = PSI_ACC + bh * R + offs_r
-                    h = tl.abs(_gelu(tl.load(psi_p, mask=rmask, other=0.0)))
+                    h = _gelu(tl.load(psi_p, mask=rmask, other=0.0))
                     tl.store(psi_p, tl.zeros([BLOCK_R], dtype=tl.float32), mask=rmask)
                     mix = tl.load(KM + kvh * R * R + offs_r[:, None] * R + offs_r[None, :],
                                   mask=rmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
-                    mixed = tl.sum(h[:, None] * mix, 0)
                     scale = tl.abs(tl.load(KS + kvh * R + offs_r, mask=rmask, other=0.0).to(tl.float32))
                     mix_scale = tl.load(KMS + kvh * R + offs_r, mask=rmask, other=0.0).to(tl.float32)
-                    f = tl.abs(h * scale + mixed * mix_scale)
+                    f = h * scale
+                    mixed = tl.sum(f[:, None] * mix, 0)
+                    f = tl.abs(f + mixed * mix_scale)
                     hs += f[:, None] * v_old[None, :]
                     z += f
                     tl.store(hs_p, hs, mask=hmask)

@@ -81,26 +81,33 @@ class FeatureWeights:
         return [getattr(self, f.name) for f in fields(self)]
 
 
-def two_layer_map(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """``|GELU(GELU(x w1) w2)|`` per head: ``x [B, H, L, D]``, ``w1 [H, D, N]``, ``w2 [H, N, R]`` ->
-    ``[B, H, L, R]`` fp32 (exact-erf GELU, no biases)."""
+def two_layer_map(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, absolute: bool = True) -> torch.Tensor:
+    """``GELU(GELU(x w1) w2)`` per head, its absolute value unless ``absolute=False``: ``x [B, H, L, D]``,
+    ``w1 [H, D, N]``, ``w2 [H, N, R]`` -> ``[B, H, L, R]`` fp32 (exact-erf GELU, no biases)."""
     hidden = F.gelu(torch.einsum("bhld,hdn->bhln", x.float(), w1.float()))
-    return F.gelu(torch.einsum("bhln,hnr->bhlr", hidden, w2.float())).abs()
+    out = F.gelu(torch.einsum("bhln,hnr->bhlr", hidden, w2.float()))
+    return out.abs() if absolute else out
 
 
 def phi(q: torch.Tensor, w: FeatureWeights) -> torch.Tensor:
-    """Query features ``[B, Hq, L, R]`` (fp32) of ``q [B, Hq, L, D]``."""
+    """Query features ``[B, Hq, L, R]`` (fp32) of ``q [B, Hq, L, D]``: ``|GELU(GELU(q W1) W2)|``."""
     return two_layer_map(q, w.q_w1, w.q_w2)
 
 
+def key_features(h: torch.Tensor, k_scale: torch.Tensor, k_mix: torch.Tensor, k_mix_scale: torch.Tensor) -> torch.Tensor:
+    """psi from the key map's output ``h = GELU(GELU(k W1) W2)`` ``[B, Hs, L, R]`` (before any absolute
+    value), as the reference code: ``f = |k_scale| * h``, then ``|f + (f k_mix) * k_mix_scale|``."""
+    f = h * k_scale.float().abs()[None, :, None]
+    mix = torch.einsum("bhlr,hrs->bhls", f, k_mix.float())
+    return (f + mix * k_mix_scale.float()[None, :, None]).abs()
+
+
 def psi(k: torch.Tensor, w: FeatureWeights) -> torch.Tensor:
-    """Key features ``[B, Hs, L, R]`` (fp32) of ``k [B, Hkv, L, D]``: the two-layer map, times
-    ``|k_scale|``, plus the interaction ``(h k_mix) * k_mix_scale``, then the absolute value. With
-    ``Hs = G * Hkv`` state heads (one per query head), state head ``j`` reads KV head ``j // G``."""
+    """Key features ``[B, Hs, L, R]`` (fp32) of ``k [B, Hkv, L, D]`` (:func:`key_features` of the
+    two-layer map). With ``Hs = G * Hkv`` state heads (one per query head), state head ``j`` reads
+    KV head ``j // G``."""
     k = _expand_heads(k, w.state_heads)
-    h = two_layer_map(k, w.k_w1, w.k_w2)
-    mix = torch.einsum("bhlr,hrs->bhls", h, w.k_mix.float())
-    return (h * w.k_scale.float().abs()[None, :, None] + mix * w.k_mix_scale.float()[None, :, None]).abs()
+    return key_features(two_layer_map(k, w.k_w1, w.k_w2, absolute=False), w.k_scale, w.k_mix, w.k_mix_scale)
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -344,6 +351,9 @@ def eviction_times(q, k, policy: Policy, scale: float, start: int | None = None)
     start = min(max(start, 1), length)
     evict_at = torch.full((b, hkv, length), length, dtype=torch.long, device=q.device)
     rank = torch.arange(length, device=q.device)
+    if not policy.heavy:  # Lambda in closed form: the prompt keeps its last ``recent``, then each step evicts the oldest
+        times = (rank + policy.recent + 1).clamp(min=start)
+        return evict_at.copy_(torch.where((rank >= policy.sink) & (times < length), times, length).expand_as(evict_at))
     # The prompt: full causal attention, accumulated column mass, shrink.
     score = torch.zeros(b, hkv, length, device=q.device)
     if policy.heavy:

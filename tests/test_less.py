@@ -142,6 +142,53 @@ def test_triton_path_on_cpu_matches_reference(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_graph_decode_static_steps_equal_eager(monkeypatch):
+    """``decode="graph"``: LESS runs static decode steps (uncaptured on CPU) that give the eager
+    tokens and logits on a left-padded batch; with the kernels (the interpreter here) nothing is
+    reallocated between steps, so one entry (one capture on a GPU) serves every step."""
+    model = tiny_model("llama")
+    config = config_for(model, policy="h2o", sink=1, heavy=3, recent=3)
+    for w in config.layers:
+        w.k_scale.fill_(0.5)
+    ids = random_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    runs = {}
+    for backend, decode, steps in (("reference", "eager", 5), ("reference", "graph", 5), ("triton", "graph", 3)):
+        monkeypatch.setenv("KVPRESS_KERNELS", backend)
+        kvpress.patch(model, "less", config=config, decode=decode)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        runner = vars(model).get("_kvpress_graph")
+        runs[backend, decode] = (out.sequences, torch.stack(out.logits, 1), runner and (runner.replays, runner.first_steps))
+        kvpress.unpatch(model)
+    tokens, logits, _ = runs["reference", "eager"]
+    for key, atol in ((("reference", "graph"), 1e-6), (("triton", "graph"), 1e-4)):
+        g_tokens, g_logits, (replays, first) = runs[key]
+        assert torch.equal(g_tokens, tokens[:, : g_tokens.shape[1]])
+        torch.testing.assert_close(g_logits, logits[:, : g_logits.shape[1]], rtol=0, atol=atol)
+        assert replays == g_logits.shape[1] - 1
+    assert runs["triton", "graph"][2][1] == 1
+
+
+@pytest.mark.gpu
+def test_graph_decode_on_gpu_equals_eager():
+    """Captured and replayed on the GPU: the tokens of eager decode, with one capture."""
+    from test_graph import generate
+
+    model = tiny_model("llama").cuda()
+    config = config_for(model, policy="h2o", sink=1, heavy=6, recent=6)
+    for w in config.layers:
+        w.k_scale.fill_(0.5)
+    ids = random_ids(2, 40).cuda()
+    tokens, logits, _ = generate(model, dict(method="less", config=config), "eager", ids, max_new_tokens=24, do_sample=False)
+    g_tokens, g_logits, (replays, first) = generate(model, dict(method="less", config=config), "graph", ids,
+                                                    max_new_tokens=24, do_sample=False)
+    assert torch.equal(g_tokens, tokens)
+    torch.testing.assert_close(g_logits, logits, rtol=1e-3, atol=1e-3)
+    assert replays == 23 and first == 1
+
+
 def test_config_files(tmp_path):
     model = tiny_model("llama")
     config = config_for(model, policy="lambda", sink=2, recent=8)

@@ -149,43 +149,42 @@ class LessConfig:
 
 
 class FeatureMaps(nn.Module):
-    """The trainable feature maps of one layer (arXiv 2402.09398, section 4): per query head
-    ``phi(q) = |GELU(GELU(q W1) W2)|`` (``D -> hidden -> R``, no biases), per state head the same
-    map for keys, times ``|k_scale|`` (init 1e-4), plus an ``R x R`` interaction scaled by
-    ``k_mix_scale`` (init 1e-4), then the absolute value. Dropout after the first layer in training."""
+    """The trainable feature maps of one layer (arXiv 2402.09398, section 4, and its reference code):
+    per query head ``phi(q) = |GELU(GELU(q W1) W2)|`` (``D -> hidden -> R``, no biases); per state
+    head the same map for keys, ``h = GELU(GELU(k W1) W2)``, then ``f = |k_scale| h`` (init 1e-4)
+    and ``psi(k) = |f + (f k_mix) k_mix_scale|`` (the ``R x R`` interaction, its scale init 1e-4).
+    Xavier-uniform weights; in training, dropout on the first layer's pre-activation."""
 
     def __init__(self, head_dim: int, num_heads: int, state_heads: int, rank: int = 8, hidden: int = 512, dropout: float = 0.3):
         super().__init__()
 
-        def uniform(*size, fan_in):
-            return nn.Parameter(torch.empty(*size).uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in)))
+        def xavier(*size, fan_in, fan_out):
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            return nn.Parameter(torch.empty(*size).uniform_(-bound, bound))
 
-        self.q_w1 = uniform(num_heads, head_dim, hidden, fan_in=head_dim)
-        self.q_w2 = uniform(num_heads, hidden, rank, fan_in=hidden)
-        self.k_w1 = uniform(state_heads, head_dim, hidden, fan_in=head_dim)
-        self.k_w2 = uniform(state_heads, hidden, rank, fan_in=hidden)
+        self.q_w1 = xavier(num_heads, head_dim, hidden, fan_in=head_dim, fan_out=hidden)
+        self.q_w2 = xavier(num_heads, hidden, rank, fan_in=hidden, fan_out=rank)
+        self.k_w1 = xavier(state_heads, head_dim, hidden, fan_in=head_dim, fan_out=hidden)
+        self.k_w2 = xavier(state_heads, hidden, rank, fan_in=hidden, fan_out=rank)
         self.k_scale = nn.Parameter(torch.full((state_heads, rank), 1e-4))
-        self.k_mix = uniform(state_heads, rank, rank, fan_in=rank)
+        self.k_mix = xavier(state_heads, rank, rank, fan_in=rank, fan_out=rank)
         self.k_mix_scale = nn.Parameter(torch.full((state_heads, rank), 1e-4))
         self.dropout = dropout
 
     def _map(self, x, w1, w2):
-        hidden = F.gelu(torch.einsum("bhld,hdn->bhln", x.float(), w1))
-        hidden = F.dropout(hidden, self.dropout, self.training)
-        return F.gelu(torch.einsum("bhln,hnr->bhlr", hidden, w2)).abs()
+        hidden = F.gelu(F.dropout(torch.einsum("bhld,hdn->bhln", x.float(), w1), self.dropout, self.training))
+        return F.gelu(torch.einsum("bhln,hnr->bhlr", hidden, w2))
 
     def phi(self, q: torch.Tensor) -> torch.Tensor:
         """``q [B, Hq, L, D]`` -> ``[B, Hq, L, R]`` fp32."""
-        return self._map(q, self.q_w1, self.q_w2)
+        return self._map(q, self.q_w1, self.q_w2).abs()
 
     def psi(self, k: torch.Tensor) -> torch.Tensor:
         """``k [B, Hkv, L, D]`` -> ``[B, Hs, L, R]`` fp32 (state head j reads KV head j // G)."""
         hs = self.k_w1.shape[0]
         if k.shape[1] != hs:
             k = k.repeat_interleave(hs // k.shape[1], dim=1)
-        h = self._map(k, self.k_w1, self.k_w2)
-        mix = torch.einsum("bhlr,hrs->bhls", h, self.k_mix)
-        return (h * self.k_scale.abs()[None, :, None] + mix * self.k_mix_scale[None, :, None]).abs()
+        return reference.key_features(self._map(k, self.k_w1, self.k_w2), self.k_scale, self.k_mix, self.k_mix_scale)
 
     def weights(self) -> FeatureWeights:
         return FeatureWeights(**{name: getattr(self, name).detach().clone() for name in WEIGHT_NAMES})
@@ -214,7 +213,14 @@ class LessStep:
 
 class LessLayer(KVPressLayer):
     """One layer's LESS cache: ``sink + heavy + recent + 1`` slots per (row, KV head) and the fp32
-    state (:class:`~kvpress.kernels.less_reference.LessCache`). Nothing grows with the tokens seen."""
+    state (:class:`~kvpress.kernels.less_reference.LessCache`). Nothing grows with the tokens seen.
+
+    It runs static decode steps (``kvpress.patch(..., decode="graph")``): the decode kernels read
+    the new token's rank on the device and update the cache in place, and nothing ever grows, so
+    ``prepare_static`` has nothing to do. Such steps skip the snapshot that lets an eager forward
+    failing half-way be undone."""
+
+    static_decode = True
 
     def __init__(self, ledger: TokenLedger, owns_ledger: bool, method: "Less", layer_idx: int):
         super().__init__(ledger, owns_ledger)
@@ -227,15 +233,30 @@ class LessLayer(KVPressLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         step = self.ledger.current(key_states.device)
-        if self.applied != self.ledger.seen:  # this layer ran a forward that failed in a later layer
+        static = self.ledger.capturing
+        if not static and self.applied != self.ledger.seen:  # this layer ran a forward that failed in a later layer
             self._restore()
         if self.cache is None:
             shape, config = self.less.info.shape, self.less.config
             self.cache = reference.LessCache.empty(
                 key_states.shape[0], shape.num_kv_heads, config.budget.slots, shape.head_dim,
                 config.num_state_heads(shape), config.rank, key_states.dtype, key_states.device)
-        self._snapshot()
+        if not static:
+            self._snapshot()
         return LessStep(self, key_states, value_states, step.new_rank), None
+
+    # -- static decode steps (kvpress.graph) --------------------------------------------------------
+
+    def prepare_static(self) -> int:
+        if self.cache is None:
+            raise RuntimeError("static decode steps follow a prefill of this cache")
+        return 1 << 30  # the slots and the state never grow
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        return self.cache.tensors()
+
+    def advance_static(self, kept: dict) -> None:
+        self.applied = self.ledger.seen  # the step ran on the device (the ledger has counted it)
 
     def _snapshot(self) -> None:
         """Keep what a forward changes in place (the state, scores, slot pointers and the spare
@@ -314,7 +335,8 @@ class Less(Method):
         else:
             out = less_kernels.prefill_step(query, key.k, key.v, key.rank, cache, w, config.budget, scale,
                                             state=config.state)
-        layer.applied = self.ledger_seen(layer) + query.shape[2]
+        if not layer.ledger.capturing:  # static steps: advance_static counts
+            layer.applied = self.ledger_seen(layer) + query.shape[2]
         return out.transpose(1, 2), None
 
     @staticmethod
