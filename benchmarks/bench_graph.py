@@ -287,6 +287,8 @@ def gemm_part(model, batches, dev, bw):
     weights["qkv"] = torch.cat([weights["q"], weights["k"], weights["v"]])
     weights["gate_up"] = torch.cat([weights["gate"], weights["up"]])
     defaults = (fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS, fused.GEMV_STAGES, fused.GEMV_DOT_ONE_ROW)
+    tiles = dict(fused.GEMV_TILES)
+    fused.GEMV_TILES.clear()  # the sweep sets the module's settings (restored at the end)
     rows = []
 
     def add(name, kind, batch, w, fn):
@@ -321,6 +323,7 @@ def gemm_part(model, batches, dev, bw):
                     print(f"gemm {name} gemv {config}: {type(error).__name__}: {str(error)[:200]}", flush=True)
                 finally:
                     fused.GEMV_BLOCK_N, fused.GEMV_BLOCK_K, fused.GEMV_WARPS, fused.GEMV_STAGES, fused.GEMV_DOT_ONE_ROW = defaults
+    fused.GEMV_TILES.update(tiles)
     for batch in batches:
         per = {}
         for r in rows:

@@ -248,6 +248,9 @@ GEMV_BLOCK_K = 256  # input features per step
 GEMV_WARPS = 4
 GEMV_STAGES = 4
 GEMV_DOT_ONE_ROW = True  # one row through tl.dot (padded to 16) rather than multiply-and-sum
+# Per weight shape (out, in) (None: every other shape): (BLOCK_N, BLOCK_K, warps, stages, dot for one
+# row) instead of the settings above, or "cublas" (F.linear and the small fused kernels).
+GEMV_TILES: dict = {}
 
 
 @triton.jit
@@ -325,9 +328,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     if norm is not None and (silu_mul or norm[0].dtype != x.dtype or norm[0].shape != x.shape[-1:]
                              or norm[0].stride(-1) != 1):
-        return linear_reference(x, weight, bias, residual, silu_mul, norm)
+        return _unfused(x, weight, bias, residual, silu_mul, norm)
 
-    K = weight.shape[1]
+    N, K = weight.shape
+    tile = GEMV_TILES.get((N, K), GEMV_TILES.get(None))
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     ok = (use_triton(x) and 0 < rows <= GEMV_MAX_ROWS and x.shape[-1] == (2 * K if silu_mul else K) and weight.dim() == 2
           and x.dtype == weight.dtype and (not x.is_cuda or x.dtype in (torch.bfloat16, torch.float16))
@@ -336,29 +340,40 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
           and (bias is None or (bias.is_contiguous() and bias.dtype == x.dtype))
           and (residual is None or (residual.shape[:-1] == x.shape[:-1] and residual.shape[-1] == weight.shape[0]
                                     and residual.dtype == x.dtype and residual.stride(-1) == 1)))
-    if not ok:
-        return linear_reference(x, weight, bias, residual, silu_mul, norm)
-    N = weight.shape[0]
+    if not ok or tile == "cublas":
+        return _unfused(x, weight, bias, residual, silu_mul, norm)
+    block_n, block_k, warps, stages, dot_one_row = tile or (GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_STAGES,
+                                                            GEMV_DOT_ONE_ROW)
     xs = x.reshape(rows, x.shape[-1])
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     rs = residual.reshape(rows, N) if residual is not None else y
-    block_m = 1 if rows == 1 and not GEMV_DOT_ONE_ROW else 16
-    config = (GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS, GEMV_STAGES, block_m)
+    block_m = 1 if rows == 1 and not dot_one_row else 16
+    config = (block_n, block_k, warps, stages, block_m)
     if config in _GEMV_FAILED:
-        return linear_reference(x, weight, bias, residual, silu_mul, norm)
+        return _unfused(x, weight, bias, residual, silu_mul, norm)
     try:
         with _on_device(x):
-            _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](
+            _gemv_kernel[(triton.cdiv(N, block_n),)](
                 xs, weight, bias if bias is not None else weight, rs, norm[0] if norm is not None else weight, y, rows,
                 N, K, xs.stride(0), weight.stride(0), rs.stride(0), N, K, float(norm[1]) if norm is not None else 0.0,
                 HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul, NORM=norm is not None,
-                EVEN_K=K % GEMV_BLOCK_K == 0, BLOCK_M=block_m, BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K,
-                num_warps=GEMV_WARPS, num_stages=GEMV_STAGES)
+                EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                num_warps=warps, num_stages=stages)
     except _BUILD_ERRORS as error:  # a Triton that cannot build this tile: F.linear from now on
         _GEMV_FAILED.add(config)
         log.warning("kvpress: the fused GEMV does not compile here (%s); decode projections use F.linear", error)
-        return linear_reference(x, weight, bias, residual, silu_mul, norm)
+        return _unfused(x, weight, bias, residual, silu_mul, norm)
     return y
+
+
+def _unfused(x, weight, bias, residual, with_silu_mul, norm):
+    """:func:`linear_reference` through cuBLAS and the fused small kernels (their references on CPU)."""
+    if with_silu_mul:
+        x = silu_mul(*x.chunk(2, dim=-1))
+    if norm is not None:
+        x = rms_norm(x, norm[0], norm[1])
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y if residual is None else residual + y
 
 
 _GEMV_FAILED: set = set()

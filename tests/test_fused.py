@@ -140,6 +140,16 @@ def test_gemv_kernel_equals_linear(on_triton, monkeypatch, rows, n, k, silu_mul,
     torch.testing.assert_close(fused.linear(many, w), torch.nn.functional.linear(many, w))
 
 
+@torch.no_grad()
+def test_gemv_per_shape_settings(on_triton, monkeypatch):
+    torch.manual_seed(6)
+    w, x, r = torch.randn(24, 96), torch.randn(2, 1, 192), torch.randn(2, 1, 24)
+    expected = fused.linear_reference(x, w, residual=r, silu_mul=True)
+    for tiles in ({None: "cublas"}, {(24, 96): (32, 64, 4, 2, False)}, {(24, 96): "cublas", None: (16, 32, 4, 2, True)}):
+        monkeypatch.setattr(fused, "GEMV_TILES", tiles)
+        torch.testing.assert_close(fused.linear(x, w, residual=r, silu_mul=True), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_kernels_leave_autograd_to_the_reference(on_triton):
     w = torch.randn(8, requires_grad=True)
     x = torch.randn(2, 8)
