@@ -96,7 +96,7 @@ _STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos
 
 @triton.jit(do_not_specialize=["T", "split_len", "window"] + _STRIDES)
 def _palu_decode_kernel(
-    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML,
+    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN,
     kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b,
     T, split_len, window, qk_scale, eps,
     GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
@@ -105,6 +105,7 @@ def _palu_decode_kernel(
     RV: tl.constexpr, BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_M: tl.constexpr,
+    HAS_LEN: tl.constexpr,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -115,7 +116,8 @@ def _palu_decode_kernel(
     ``[B, G, T, 2 * NQ]`` scales/minima) with contiguous token rows and batch / group strides
     ``*_b``/``*_g`` in rows (append buffers with room to grow); ``KUP [G, GS * D, RK]``;
     ``KB [Hkv * D]``; ``KNW [D]``; ``POS``/``KR [B, T]`` with row strides ``pos_b``/``kr_b``;
-    ``QR [B]``; ``COS``/``SIN [P, HALF]``; the rest contiguous.
+    ``QR [B]``; ``COS``/``SIN [P, HALF]``; ``LEN [1]`` (``HAS_LEN``: tokens in use, read on the
+    device, of buffers of ``T`` slots: static decode steps); the rest contiguous.
 
     Rebuilt keys come out of ``tl.dot`` as ``[BLOCK_N, HALF]`` halves (tokens x head dims). With
     ``TOKENS_M`` the scores are computed the same way round, ``[BLOCK_N, GP] = keys @ q.T`` (the
@@ -147,6 +149,8 @@ def _palu_decode_kernel(
 
     start = split * split_len
     stop = tl.minimum(start + split_len, T)
+    if HAS_LEN:
+        stop = tl.minimum(stop, tl.load(LEN))
     k_row0 = b64 * kl_b + g * kl_g  # token row of (b, g, 0) in each latent tensor
     ks_row0 = b64 * ks_b + g * ks_g
     v_row0 = b64 * vl_b + g * vl_g
@@ -382,6 +386,7 @@ def palu_decode(
     k_norm: tuple[torch.Tensor, float] | None = None,
     window: int | None = None,
     splits: int | None = None,
+    length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention ``[B, Hq, 1, D]`` over a latent cache; the same function as
     :func:`kvpress.kernels.palu_reference.latent_attention` for one query token per row.
@@ -389,7 +394,9 @@ def palu_decode(
     ``q [B, Hq, 1, D]`` post-RoPE; latents ``[B, G, T, .]`` (``Latents``); ``k_up``/``v_up
     [G, gs * D, r]`` in ``q.dtype``; ``positions``/``k_rank [B, T]``; ``q_rank [B, 1]``; ``cos``/``sin
     [P, D / 2]`` covering every position. ``splits``: programs per (row, KV head) along the tokens
-    (default: enough to fill the GPU)."""
+    (default: enough to fill the GPU). ``length``: ``[1]`` int32 on the device, the tokens in use of
+    buffers of ``T`` slots (a static decode step, CUDA-graph capturable: nothing here reads a device
+    value on the host)."""
     B, hq, _, D = q.shape
     G, rows, rk = k_up.shape
     gs = rows // D
@@ -407,7 +414,7 @@ def palu_decode(
     for i, (block_n, stages) in enumerate(candidates):
         try:
             po, pml, splits_used = _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_bias,
-                                                  k_norm, window, splits, block_n, stages, gp, block_rv)
+                                                  k_norm, window, splits, block_n, stages, gp, block_rv, length)
         except triton.runtime.OutOfResources:  # the estimate was short: the next, smaller plan
             if i == len(candidates) - 1:
                 raise
@@ -425,7 +432,7 @@ def palu_decode(
 
 
 def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_bias, k_norm, window, splits,
-                   block_n, stages, gp, block_rv):
+                   block_n, stages, gp, block_rv, length=None):
     """Launches the split-K decode kernel with one plan; returns the partials and the split count.
     Triton raises ``OutOfResources`` at launch, before anything runs, when the plan does not fit."""
     B, hq, _, D = q.shape
@@ -459,7 +466,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
         k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
         positions, k_rank, q_rank.reshape(B).int().contiguous(),
-        cos.contiguous(), sin.contiguous(), po, pml,
+        cos.contiguous(), sin.contiguous(), po, pml, length if length is not None else dummy,
         kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
         T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
         float(k_norm[1]) if k_norm is not None else 0.0,
@@ -467,6 +474,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, TOKENS_M=TOKENS_M,
+        HAS_LEN=length is not None,
         num_warps=NUM_WARPS, num_stages=stages,
     )
     return po, pml, splits

@@ -221,3 +221,51 @@ def test_config_for_another_model_is_refused(tmp_path):
         kvpress.patch(small, "palu", bits=5)
     with pytest.raises(FileNotFoundError, match="kvpress-calibrate palu"):
         kvpress.patch(small, "palu", config=tmp_path / "missing")
+
+
+# -- static decode steps (decode="graph"; uncaptured on CPU) --------------------------------------
+
+
+def _generate(model, decode, ids, mask, steps, **options):
+    kvpress.patch(model, "palu", decode=decode, **options)
+    try:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        runner = vars(model).get("_kvpress_graph")
+        return out.sequences, torch.stack(out.logits, 1), None if runner is None else (runner.replays, runner.first_steps)
+    finally:
+        kvpress.unpatch(model)
+
+
+@pytest.mark.parametrize("family,options", [
+    ("llama", dict(rank_ratio=0.5, group_size=2)),
+    ("qwen3", dict(rank_ratio=0.5, group_size=1, bits=4, quant_group=4)),  # k_norm, packed latents and scales
+    ("mistral-sliding", dict(rank_ratio=0.5, group_size=2)),
+])
+def test_static_decode_steps_equal_eager(family, options, monkeypatch):
+    """decode="graph": the latents are written at the device count and the attention stops there (the
+    static path runs uncaptured on CPU), through capacity growths (forced small here): same tokens and
+    logits as eager decode on a left-padded batch."""
+    import kvpress.cache
+
+    model = tiny_model("mistral", sliding_window=16) if family == "mistral-sliding" else tiny_model(family)
+    ids, mask = padded_batch(14)
+    tokens, logits, _ = _generate(model, "eager", ids, mask, 14, **options)
+    monkeypatch.setattr(kvpress.cache, "static_bucket", lambda slots: slots + 6)
+    g_tokens, g_logits, (replays, first) = _generate(model, "graph", ids, mask, 14, **options)
+    assert torch.equal(g_tokens, tokens)
+    torch.testing.assert_close(g_logits, logits, rtol=1e-5, atol=1e-5)
+    assert replays == 13 and first >= 2  # every decode step ran static; the buffers grew on the way
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tiny head dim: interpreter only")
+def test_static_decode_steps_with_the_kernel_equal_eager(monkeypatch):
+    """The decode kernel reading the token count on the device (Triton interpreter)."""
+    monkeypatch.setattr(kernels, "BACKEND", "triton")
+    model = tiny_model("llama")
+    ids, mask = padded_batch(12)
+    options = dict(rank_ratio=0.5, group_size=1)
+    tokens, logits, _ = _generate(model, "eager", ids, mask, 5, **options)
+    g_tokens, g_logits, (replays, _) = _generate(model, "graph", ids, mask, 5, **options)
+    assert torch.equal(g_tokens, tokens) and replays == 4
+    torch.testing.assert_close(g_logits, logits, rtol=1e-4, atol=1e-4)

@@ -169,12 +169,21 @@ class PaluView:
     positions: torch.Tensor  # [B, T] int32 rotary positions
     rank: torch.Tensor  # [B, T] int32 token ranks
     query_rank: torch.Tensor  # [B, n]
+    length: torch.Tensor | None = None  # [1] int32 on the device: slots in use (static decode steps); None: all T
 
 
 class PaluLayer(KVPressLayer):
     """Latent cache of one layer: key and value latents ``[B, G, T, r]`` (or packed codes and
     scales/minima) in append buffers; the rotary positions ``[B, T]`` are one buffer shared by every
-    layer of the cache (written by layer 0)."""
+    layer of the cache (written by layer 0).
+
+    Static decode steps (``decode="graph"``, ``kvpress.graph``): the new token's latents (and
+    position) are written at the slot the device count gives, the attention gets the whole storages
+    with that count (the kernel stops there; the reference masks the ranks beyond it), and the host
+    lengths advance after the step. Slots past the filled part are zeroed whenever the buffers are
+    prepared, so that no uninitialised value is ever read."""
+
+    static_decode = True
 
     def __init__(self, ledger: TokenLedger, owns_ledger: bool, plan: LayerPlan, positions: AppendBuffer,
                  writes_positions: bool):
@@ -189,6 +198,8 @@ class PaluLayer(KVPressLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_latents, value_latents)
         step = self.ledger.current(key_latents.device)
+        if step.lengths is not None:
+            return self._static_update(step, key_latents, value_latents)
         if self.ledger.recovering:  # drop what a forward that failed half-way appended
             full, _ = self.ledger.committed()
             for buffer in (*self.buffers.values(), *([self.positions] if self.writes_positions else [])):
@@ -208,6 +219,52 @@ class PaluLayer(KVPressLayer):
     def held_tensors(self) -> list[torch.Tensor]:
         buffers = (*self.buffers.values(), self.positions)
         return [b.storage for b in buffers if b.storage is not None]
+
+    # -- static decode steps (kvpress.graph) ----------------------------------------------------
+
+    def _static_buffers(self) -> list[AppendBuffer]:
+        used = [b for b in self.buffers.values() if b.storage is not None]
+        return used + ([self.positions] if self.writes_positions else [])
+
+    def _static_update(self, step, key_latents: torch.Tensor, value_latents: torch.Tensor) -> PaluView:
+        """A static decode step: write the new latents at slot ``length - 1`` (device count), view the
+        whole storages."""
+        length = step.lengths[None]
+        slot = (length - 1).long()
+        if self.writes_positions:
+            self.positions.storage.index_copy_(1, slot, step.positions.to(torch.int32))
+        sides = []
+        for side, h, spec in (("k", key_latents, self.plan.k_quant), ("v", value_latents, self.plan.v_quant)):
+            buffer = self.buffers[side]
+            if spec is None:
+                buffer.storage.index_copy_(2, slot, h.to(buffer.storage.dtype))
+                sides.append(ref.Latents(buffer.storage, h.shape[-1]))
+            else:
+                words, scale_min = ref.quantize(h, spec)
+                scales = self.buffers[side + "_sm"]
+                buffer.storage.index_copy_(2, slot, words)
+                scales.storage.index_copy_(2, slot, scale_min)
+                sides.append(ref.Latents(buffer.storage, h.shape[-1], spec, scales.storage))
+        return PaluView(sides[0], sides[1], self.positions.storage, step.all_rank, step.new_rank, length)
+
+    def prepare_static(self) -> int:
+        needed, capacity = self.ledger.static_room(None)
+        steps = 1 << 30
+        for buffer in self._static_buffers():
+            if buffer.capacity < needed:
+                buffer.ensure_capacity(capacity)
+                self.ledger.epoch += 1
+            if buffer.capacity > buffer.length:  # never read uninitialised slots (a NaN times a zero weight)
+                buffer.storage.narrow(buffer.dim, buffer.length, buffer.capacity - buffer.length).zero_()
+            steps = min(steps, buffer.capacity - self.ledger.seen)
+        return steps
+
+    def static_tensors(self) -> list[torch.Tensor]:
+        return [b.storage for b in self._static_buffers()]
+
+    def advance_static(self, kept: dict) -> None:
+        for buffer in self._static_buffers():
+            buffer.length += 1
 
     def select_batch(self, index: torch.Tensor) -> None:
         for buffer in self.buffers.values():
@@ -306,9 +363,11 @@ class Palu(Method):
         )
 
     def rope_tables(self, positions: torch.Tensor, ledger: TokenLedger, num_new: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Half tables ``cos``/``sin [P, D / 2]`` covering every position seen so far (grown by doubling)."""
+        """Half tables ``cos``/``sin [P, D / 2]`` covering every position seen so far (grown by doubling);
+        at a static decode step, every slot of the buffers (``positions [B, capacity]``): a captured
+        step keeps reading the same tables until the buffers grow (which captures it again)."""
         key = (positions.device, dtype)
-        needed = ledger.seen + num_new + 1
+        needed = max(ledger.seen + num_new, positions.shape[-1]) + 1
         if num_new > 1:  # prefill: the exact largest position (one host sync per forward, not per step)
             needed = max(needed, int(positions.max()) + 2)
         table = self._tables.get(key)
@@ -327,7 +386,10 @@ class Palu(Method):
                     v_bias=plan.v_bias, k_norm=plan.k_norm, window=plan.window)
         if q.shape[2] == 1:
             if _use_kernel(q) and palu_kernels.supported(q, view.k, view.v, plan.k_up.shape[1] // q.shape[-1]):
-                return palu_kernels.palu_decode(**args)
+                return palu_kernels.palu_decode(**args, length=view.length)
+            if view.length is not None:  # a static step over whole buffers: slots past the count are not tokens
+                slots = torch.arange(view.rank.shape[-1], device=view.rank.device)
+                args["k_rank"] = torch.where(slots < view.length, view.rank, -1)
             return ref.latent_attention(**args)
         keys = ref.rebuild_keys(view.k, plan.k_up, view.positions, cos, sin, plan.k_bias, plan.k_norm).to(q.dtype)
         values = ref.rebuild(view.v.values(), plan.v_up, plan.v_bias, q.shape[-1]).to(q.dtype)
