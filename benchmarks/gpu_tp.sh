@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue #17 on two H200s (device kind nvidia-h200-x2), one device call of at most ~8 minutes, all under $OUT/tp:
+#   GPU tests of tests/test_parallel.py (device_map across 2 GPUs, tensor parallel over 2 NCCL ranks, CPU gloo);
+#   TPOT at 128K on one GPU and with device_map (saving the random 8B model for the next step);
+#   TPOT at 128K tensor parallel (torchrun, 2 ranks); the longest context on one GPU and with device_map
+#   in the time left (a search cut short says so in its JSON: complete=false).
+# Installs this tree under /tmp and runs it with PYTHONPATH (as benchmarks/gpu_session.sh does).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/kvpress-gpu}/tp
+TOTAL=${TP_TOTAL_S:-465}  # seconds this script may take in all
+CKPT=/tmp/kvpress-tp-8b
+mkdir -p "$OUT"
+stamp() { echo "== $(date +%T) (+${SECONDS}s) $*"; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
+python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+rm -rf /tmp/kvpress-tp "$CKPT"
+pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-tp . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
+export PYTHONPATH=/tmp/kvpress-tp
+BENCH=benchmarks/bench_multigpu.py
+
+stamp "tests/test_parallel.py"
+timeout 100 pytest -q -p no:cacheprovider -rs tests/test_parallel.py 2>&1 | tee "$OUT/tests.log" | tail -8
+
+stamp "TPOT 128K: one GPU, device_map (and the checkpoint for tensor parallel)"
+timeout 130 python $BENCH --parts tpot --checkpoint "$CKPT" --out "$OUT" 2>&1 | tee "$OUT/tpot.log" | grep -v "^wrote" | tail -14
+
+stamp "TPOT 128K: tensor parallel, 2 ranks"
+timeout 100 torchrun --nproc_per_node 2 $BENCH --tp --checkpoint "$CKPT" --out "$OUT" 2>&1 | tee "$OUT/tp.log" \
+  | grep -E "^(rank|tpot)|Error|error" | tail -10
+rm -rf "$CKPT"
+
+left=$(( TOTAL - SECONDS - 25 ))
+stamp "longest context: one GPU, device_map (budget ${left} s)"
+if [ "$left" -gt 60 ]; then
+  timeout $(( left + 20 )) python $BENCH --parts maxctx --budget-s "$left" --out "$OUT" 2>&1 | tee "$OUT/maxctx.log" \
+    | grep -E "^maxctx .*:|tokens|Error" | tail -12
+  tail -9 "$OUT/maxctx.log"
+fi
+stamp "done"
+ls "$OUT"
