@@ -2,7 +2,9 @@
 # Palu (#13) on the H200: GPU tests of the decode kernel, its settings sweep and the speed frontier.
 # Everything lands in $OUT/palu/. About 2.5 min of wall time (each step has its own timeout; the
 # benchmarks write their rows as they come, so a step cut short keeps what it measured).
-#   bash benchmarks/gpu_palu.sh          tests, sweep (bf16 and 4-bit latents, 128K GQA), layer frontier
+#   bash benchmarks/gpu_palu.sh          tests, sweep (bf16 and 4-bit latents, 128K GQA), SmolLM2 quality, layer frontier
+#   bash benchmarks/gpu_palu.sh smollm2  SmolLM2 quality at 50% (unpatched, plain SVD, whitening + Fisher, 4/3 bits)
+#   bash benchmarks/gpu_palu.sh needle   needle-llama quality over group sizes x kept ranks (the frontier's quality side)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -19,20 +21,41 @@ part=${1:-main}
 start=$(date +%s)
 case $part in
   main)
-    timeout 45 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
-    timeout 35 python benchmarks/bench_palu.py sweep --bits 16 --out "$R" > "$R/sweep.log" 2>&1; tail -3 "$R/sweep.log"
-    timeout 30 python benchmarks/bench_palu.py sweep --bits 4 --tag _4bit --out "$R" > "$R/sweep_4bit.log" 2>&1; tail -3 "$R/sweep_4bit.log"
-    timeout 40 python benchmarks/bench_palu.py layer --out "$R" > "$R/layer.log" 2>&1; tail -3 "$R/layer.log"
+    timeout 40 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
+    timeout 30 python benchmarks/bench_palu.py sweep --bits 16 --out "$R" > "$R/sweep.log" 2>&1; tail -2 "$R/sweep.log"
+    timeout 25 python benchmarks/bench_palu.py sweep --bits 4 --tag _4bit --out "$R" > "$R/sweep_4bit.log" 2>&1; tail -2 "$R/sweep_4bit.log"
+    bash "$0" smollm2
+    timeout 25 python benchmarks/bench_palu.py layer --out "$R" > "$R/layer.log" 2>&1; tail -2 "$R/layer.log"
     python - "$R" <<'PY'
 import json, sys, pathlib
 for f in sorted(pathlib.Path(sys.argv[1]).glob("palu_*.json")):
     rows = json.loads(f.read_text())["rows"]
-    best = sorted((r for r in rows if "us" in r and r.get("variant") != "dense-sdpa"), key=lambda r: -r.get("speedup", 0))
+    best = sorted((r for r in rows if "speedup" in r and r.get("variant") != "dense-sdpa"), key=lambda r: -r["speedup"])
     print(f.name, len(rows), "rows; best:", best[:2])
 PY
     ;;
+  smollm2)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
+    SMOL=/tmp/kvc/smollm2-135m-instruct
+    if [ ! -f $SMOL/config.json ] && [ "$(ls /tmp/smol/*.part0[012] 2>/dev/null | wc -l)" = 3 ]; then
+      pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl >/dev/null 2>&1
+      PYTHONPATH=${PYTHONPATH:-}:/tmp/site timeout 60 python models/fetch_smollm2.py --from /tmp/smol/*.part00 \
+        /tmp/smol/*.part01 /tmp/smol/*.part02 --out $SMOL 2>&1 | tail -2
+    fi
+    if [ -f $SMOL/config.json ]; then
+      timeout 50 python benchmarks/palu_quality.py --model $SMOL --device cuda --chat --group-size 1 --ratio 0.5 \
+        --frontier 3:0.5 --tasks ppl,passkey,people --lengths 1024,2048 --depths 3 --samples 2 --ppl-tokens 16384 \
+        --ppl-context 2048 --calib-samples 16 --calib-len 1024 --out "$R/palu_quality_smollm2.json" > "$R/smollm2.log" 2>&1
+      grep "^| \|calibrated" "$R/smollm2.log" || tail -3 "$R/smollm2.log"
+    else
+      echo "SmolLM2 not here ($SMOL, or its 3 GGUF pieces in /tmp/smol): quality skipped"
+    fi ;;
+  needle)  # the quality side of the frontier on needle-llama: group sizes 1/2/4 x kept ranks 25/50/75%
+    timeout 60 python benchmarks/palu_quality.py --device cuda --group-size 1 --ratio 0.5 \
+      --frontier 1:0.25,1:0.75,2:0.25,2:0.5,2:0.75,4:0.25,4:0.5,4:0.75 --multiple 8 --lengths 1024,2048 --depths 5 \
+      --samples 2 --out "$R/palu_quality_needle_frontier.json" > "$R/needle.log" 2>&1
+    grep "^| \|calibrated" "$R/needle.log" || tail -3 "$R/needle.log" ;;
   tpot)
     timeout 200 python benchmarks/bench_palu.py tpot --out "$R" 2>&1 | tee "$R/tpot.log" | tail -8 ;;
-  *) echo "unknown part $part (main, tpot)" ;;
+  *) echo "unknown part $part (main, smollm2, needle, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"
