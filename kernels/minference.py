@@ -483,11 +483,12 @@ def tiles_run(plan: VSPlan) -> torch.Tensor:
 UNION_SPEED = {1: 1.0, 2: 1.0, 4: 1.0}
 
 
-def choose_union(q_rank, k_rank, vertical, slash, heads: torch.Tensor, group: int):
+def choose_union(q_rank, k_rank, vertical, slash, heads: torch.Tensor, group: int, per_head: VSPlan | None = None):
     """The VS launch with the least estimated time for this index: per-head programs or units of 2
     or 4 heads (``(per, plan)``; one host sync). Estimated time = 64x64 tile products it runs (a
-    unit's rows over its union's tiles) / :data:`UNION_SPEED`."""
-    options = {1: vs_prepare(q_rank, k_rank, vertical, slash)}
+    unit's rows over its union's tiles) / :data:`UNION_SPEED`. ``per_head``: :func:`vs_prepare` of
+    the index, if already built."""
+    options = {1: vs_prepare(q_rank, k_rank, vertical, slash) if per_head is None else per_head}
     work = [tiles_run(options[1])]
     for per in (2, 4):
         if per <= group:

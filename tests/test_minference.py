@@ -133,6 +133,30 @@ def test_dense_when_the_index_would_cost_more(monkeypatch, queries, keys, sparse
     method.full_prefill(0, q, k, v, k_rank[:, -queries:], k_rank, torch.arange(8), 0.25, None)
     assert bool(calls) == sparse
 
+@pytest.mark.parametrize("budget,max_work,dense", [((1000, 6096), 0.45, True), ((30, 50), 0.45, False),
+                                                    ((30, 50), 0.01, True), ((30, 50), None, False)])
+def test_dense_when_the_index_would_run_most_of_dense_work(monkeypatch, budget, max_work, dense):
+    """From WORK_CHECK_KEYS keys (here 4096) the built index's work is checked: random scores scatter
+    6096 diagonals, each a 64-key range per query block, so the VS kernel would run most of dense
+    attention's tiles."""
+    import kvpress.methods.minference as module
+
+    monkeypatch.setattr(module, "WORK_CHECK_KEYS", 4096)
+    model = tiny_model("llama")
+    config = MInferenceConfig(patterns=[{h: ("vertical_and_slash", *budget) for h in range(8)}] * 2, min_length=0,
+                              min_queries=0, index_queries=0, max_density=1e9, max_work=max_work)
+    kvpress.patch(model, "minference", config=config)
+    method = model._kvpress_patch.method
+    torch.manual_seed(0)
+    T, Lq = 8192, 128
+    q, k, v = torch.randn(1, 8, Lq, 16), torch.randn(1, 4, T, 16), torch.randn(1, 4, T, 16)
+    k_rank = torch.arange(T, dtype=torch.int32)[None]
+    q_rank = k_rank[:, -Lq:]
+    out = method.full_prefill(0, q, k, v, q_rank, k_rank, torch.arange(8), 0.25, None)
+    causal = k_rank[:, None, None, :] <= q_rank[:, None, :, None]
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=0.25, enable_gqa=True)
+    assert torch.allclose(out, full, atol=1e-5) == dense
+
 class Oracle:
     """Per-head rules from the torch references, on the whole unpadded sequence (no kvpress cache):
     Duo's streaming heads A-shape, the other heads VS (30, 50) with the index of each prefill chunk

@@ -43,6 +43,7 @@ CONFIG_FILE_NAME = "kvpress-minference.safetensors"
 PATTERNS = ("vertical_and_slash", "stream_llm", "block_sparse")  # the reference's names, in code order
 VS, A_SHAPE, BLOCK_SPARSE = 0, 1, 2
 DEFAULT = ("vertical_and_slash", 1000, 6096)  # the reference's pattern of a head without an entry
+WORK_CHECK_KEYS = 65536  # from this many keys, MInferenceConfig.max_work is checked once the index is built
 
 
 @dataclass
@@ -72,6 +73,11 @@ class MInferenceConfig:
             27.6 ms at 512K; ``benchmarks/bench_minference.py``).
         max_density: a layer prefills dense when its heads' estimated kept keys per query average
             more than this fraction of the keys a query sees on average (``T / 2``; above 1: never).
+        max_work: a layer over at least ``WORK_CHECK_KEYS`` (65536) keys prefills dense when, once its
+            VS index is built, the VS kernel would run more than this fraction of dense causal
+            attention's work (64x64 tiles; the chosen diagonals are 64-key ranges per query block, so
+            scattered ones cost far more than their count). The VS kernel runs at about half of
+            dense SDPA's FLOP/s on the H200, so sparse pays below ~0.5. None: never checked.
         union_heads: query heads per program of the VS kernel. 1: one program per query head (each
             head walks its own index); 2 or 4: the heads of a KV head in units of that many, each
             unit walking the union of its heads' indices with every head masked to its own (K/V
@@ -90,6 +96,7 @@ class MInferenceConfig:
     min_queries: int = 64
     index_queries: int = 4096
     max_density: float = 0.5
+    max_work: float | None = 0.45
     union_heads: int = 1
     model_shape: ModelShape | None = None
 
@@ -106,6 +113,8 @@ class MInferenceConfig:
             raise ValueError(f"MInferenceConfig needs min_length >= 0, min_queries >= 0 and max_density > 0, got "
                              f"min_length={self.min_length}, min_queries={self.min_queries}, index_queries="
                              f"{self.index_queries}, max_density={self.max_density}")
+        if self.max_work is not None and not self.max_work > 0.0:
+            raise ValueError(f"MInferenceConfig.max_work must be > 0 (a fraction of dense work) or None, got {self.max_work}")
         if self.union_heads not in (0, 1, 2, 4):
             raise ValueError(f"MInferenceConfig.union_heads is 0 (auto), 1, 2 or 4 (query heads per VS program), got "
                              f"{self.union_heads}")
@@ -225,10 +234,11 @@ def plan_heads(config: MInferenceConfig, layer: int, q_heads: list[int], length:
 
 
 def sparse_prefill(plan: HeadPlan, q, k, v, q_rank, k_rank, scale, window=None, use_triton=None,
-                   union_heads: int = 1) -> torch.Tensor:
+                   union_heads: int = 1, max_work: float | None = None) -> torch.Tensor | None:
     """Attention of ``q [B, Hq, Lq, D]`` over ``k``/``v [B, Hkv, T, D]`` (keys in rank order, padding
     on the left) with each query head under its pattern of ``plan``. ``use_triton``: default = on CUDA;
-    ``union_heads``: see :class:`MInferenceConfig`."""
+    ``union_heads``, ``max_work``: see :class:`MInferenceConfig` (None is returned, before any
+    attention runs, when the VS heads' work exceeds ``max_work`` of dense: the caller runs dense)."""
     use_triton = q.is_cuda and triton_kernels is not None if use_triton is None else use_triton
     dev, Hq, G = q.device, q.shape[1], q.shape[1] // k.shape[1]
     vertical = slash = blocks = None
@@ -241,6 +251,13 @@ def sparse_prefill(plan: HeadPlan, q, k, v, q_rank, k_rank, scale, window=None, 
     if plan.block:
         bs_heads = torch.tensor(plan.block, device=dev)
         blocks = R.block_index(q, k, q_rank, k_rank, torch.tensor(plan.block_sizes, device=dev), heads=bs_heads)
+    per_head = None
+    if plan.vs and max_work is not None and k.shape[2] >= WORK_CHECK_KEYS and triton_kernels is not None:
+        per_head = triton_kernels.vs_prepare(q_rank, k_rank, vertical, slash)
+        Lq, T = q.shape[2], k.shape[2]
+        dense_tiles = q.shape[0] * len(plan.vs) * (Lq * T - Lq * (Lq - 1) / 2) / R.BLOCK**2  # causal (query, key) pairs
+        if float(triton_kernels.tiles_run(per_head)) > max_work * dense_tiles:  # one host sync
+            return None
     if not use_triton:
         return _reference_prefill(plan, q, k, v, q_rank, k_rank, scale, window, vertical, slash, blocks)
     out = torch.empty_like(q)
@@ -252,9 +269,9 @@ def sparse_prefill(plan: HeadPlan, q, k, v, q_rank, k_rank, scale, window=None, 
         idx = torch.tensor(heads, device=dev)
         out.index_copy_(1, idx, part.index_select(1, idx))
     if plan.vs:
-        per, prepared = union_heads, None
+        per, prepared = union_heads, per_head
         if union_heads == 0:  # per layer, the launch with the least estimated time
-            per, prepared = triton_kernels.choose_union(q_rank, k_rank, vertical, slash, vs_heads, G)
+            per, prepared = triton_kernels.choose_union(q_rank, k_rank, vertical, slash, vs_heads, G, per_head)
         if per > 1:
             triton_kernels.vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads,
                                               out=out, per=per, prepared=prepared)
@@ -332,8 +349,11 @@ class MInference(GroupedMethod):
         Lq, c = q.shape[2], self.config
         dense = (T < c.min_length or Lq < c.min_queries or (Lq < c.index_queries and T >= 8 * c.index_queries)
                  or plan.kept > c.max_density * T / 2 or not keys_in_rank_order(q_rank, k_rank))
-        if dense:
+        out = None
+        if not dense:  # None when the index would run more than max_work of dense attention's work
+            out = sparse_prefill(plan, q, k, v, q_rank, k_rank, scale, window, use_triton=kernels.use_triton(q),
+                                 union_heads=c.union_heads, max_work=c.max_work)
+        if out is None:
             group = HeadGroup(torch.arange(k.shape[1], device=q.device), k, v, k_rank)
             return kernels.grouped_attention(q, [group], q_rank, scale, window)
-        return sparse_prefill(plan, q, k, v, q_rank, k_rank, scale, window, use_triton=kernels.use_triton(q),
-                              union_heads=self.config.union_heads)
+        return out
