@@ -15,13 +15,25 @@ Query blocks are aligned in *rank* space (``64 * (rank // 64)``), so padding nev
   covers (a prefix count over chosen offsets answers that with two loads), so no key is counted
   twice. :func:`vs_prepare` builds these tables and :func:`vs_work` counts the tiles a launch
   runs (the work the benchmark divides by the time).
+* :func:`vs_union_attention`: the same attention with one program per query block and *unit* of
+  2 or 4 query heads of a KV head: the unit walks the union of its heads' indices once, each K/V
+  tile read once for the unit's ``64 * per`` query rows (a taller tile, as the A-shape kernel
+  does for whole KV groups), each head masked to its own index (its offset counts and column bits),
+  so the result is the same.
 * :func:`block_sparse_attention`: the kept 64-key blocks of each query block.
 
 The A-shape pattern is served by ``prefill.prefill_attention`` (``sink``/``recent``).
 
-Per-query-head programs (not one union index per KV group): a head's cost is its own budget (a
-union over the G heads of a KV head costs each head the union's keys: more FLOPs for fewer K/V
-reads). Programs run heaviest query block first (the last block of a head has the most keys),
+Per-query-head programs vs a union per KV group. A per-head program reads a K/V tile for 64 query
+rows, so the VS kernel is bound by tile loads (~270 TFLOP/s on the H200 where dense SDPA runs
+490-620). A union unit reads it once for ``per`` heads, but every head of the unit pays the
+union's tiles: it wins only where the heads of a KV head choose mostly the same keys (verticals,
+which follow the keys, and the nearest diagonals do; scattered diagonals do not).
+``benchmarks/bench_minference.py`` measures the union's extra work and both kernels' times;
+``MInferenceConfig.union_heads`` picks per-head programs (1), units (2, 4), or per layer the
+launch with the least estimated time (0, :func:`choose_union`).
+
+Programs run heaviest query block first (the last block of a head has the most keys),
 consecutive programs are consecutive query blocks of one head, whose diagonal ranges are the same
 keys shifted by 64, so K/V tiles are mostly read from L2.
 """
