@@ -50,13 +50,13 @@ SMEM_BUDGET = 160 * 1024  # bytes of shared memory a plan may use by estimate (H
 
 
 @triton.jit
-def _latent_tile(L, S, row, srow, c0, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
+def _latent_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
                  NQ: tl.constexpr, WORDS: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr, row_ok,
                  dtype: tl.constexpr):
-    """Latents ``[BLOCK_N, C]`` of token rows ``row`` of ``L`` (and ``srow`` of the scales/minima
-    ``S``), latent channels ``c0 .. c0 + C``; dequantised in fp32 when ``BITS`` > 0 (codes packed
-    ``32 // BITS`` per int32 word, channel ``c`` in word ``c // per_word`` at bit
-    ``(c % per_word) * BITS``).
+    """Latents ``[BLOCK_N, C]`` of token rows ``row0 + row`` of ``L`` (and ``srow0 + row`` of the
+    scales/minima ``S``; ``row0``/``srow0`` scalars, ``row`` the block's int32 offsets), latent
+    channels ``c0 .. c0 + C``; dequantised in fp32 when ``BITS`` > 0 (codes packed ``32 // BITS``
+    per int32 word, channel ``c`` in word ``c // per_word`` at bit ``(c % per_word) * BITS``).
 
     ``FAST`` (2 and 4 bits, chunks of whole words and whole quantisation groups): each word is
     loaded once and split into its codes in registers (``[BLOCK_N, words, per_word]`` -> ``[BLOCK_N,
@@ -65,29 +65,33 @@ def _latent_tile(L, S, row, srow, c0, R: tl.constexpr, C: tl.constexpr, BITS: tl
     cols = c0 + tl.arange(0, C)
     col_ok = cols < R
     if BITS == 0:
-        h = tl.load(L + row[:, None] * R + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    elif FAST:
-        PER_WORD: tl.constexpr = 32 // BITS
-        CW: tl.constexpr = C // PER_WORD
-        CQ: tl.constexpr = C // QG
-        w = c0 // PER_WORD + tl.arange(0, CW)
-        words = tl.load(L + row[:, None] * WORDS + w[None, :], mask=row_ok[:, None], other=0)  # [BLOCK_N, CW]
-        shifts = tl.arange(0, PER_WORD) * BITS
-        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, CW, PER_WORD]
-        q = c0 // QG + tl.arange(0, CQ)
-        scale = tl.load(S + srow[:, None] * (2 * NQ) + q[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        low = tl.load(S + srow[:, None] * (2 * NQ) + NQ + q[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        x = tl.reshape(codes.to(tl.float32), [BLOCK_N, CQ, QG]) * scale[:, :, None] + low[:, :, None]
-        h = tl.reshape(x, [BLOCK_N, C])
+        base = L + row0 * R
+        h = tl.load(base + row[:, None] * R + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     else:
-        PER_WORD: tl.constexpr = 32 // BITS
-        mask = row_ok[:, None] & col_ok[None, :]
-        words = tl.load(L + row[:, None] * WORDS + (cols // PER_WORD)[None, :], mask=mask, other=0)
-        codes = (words >> ((cols % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
-        q = cols // QG
-        scale = tl.load(S + srow[:, None] * (2 * NQ) + q[None, :], mask=mask, other=0.0).to(tl.float32)
-        low = tl.load(S + srow[:, None] * (2 * NQ) + NQ + q[None, :], mask=mask, other=0.0).to(tl.float32)
-        h = codes.to(tl.float32) * scale + low
+        base = L + row0 * WORDS
+        scales = S + srow0 * (2 * NQ)
+        if FAST:
+            PER_WORD: tl.constexpr = 32 // BITS
+            CW: tl.constexpr = C // PER_WORD
+            CQ: tl.constexpr = C // QG
+            w = c0 // PER_WORD + tl.arange(0, CW)
+            words = tl.load(base + row[:, None] * WORDS + w[None, :], mask=row_ok[:, None], other=0)  # [BLOCK_N, CW]
+            shifts = tl.arange(0, PER_WORD) * BITS
+            codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, CW, PER_WORD]
+            q = c0 // QG + tl.arange(0, CQ)
+            scale = tl.load(scales + row[:, None] * (2 * NQ) + q[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            low = tl.load(scales + row[:, None] * (2 * NQ) + NQ + q[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            x = tl.reshape(codes.to(tl.float32), [BLOCK_N, CQ, QG]) * scale[:, :, None] + low[:, :, None]
+            h = tl.reshape(x, [BLOCK_N, C])
+        else:
+            PER_WORD: tl.constexpr = 32 // BITS
+            mask = row_ok[:, None] & col_ok[None, :]
+            words = tl.load(base + row[:, None] * WORDS + (cols // PER_WORD)[None, :], mask=mask, other=0)
+            codes = (words >> ((cols % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
+            q = cols // QG
+            scale = tl.load(scales + row[:, None] * (2 * NQ) + q[None, :], mask=mask, other=0.0).to(tl.float32)
+            low = tl.load(scales + row[:, None] * (2 * NQ) + NQ + q[None, :], mask=mask, other=0.0).to(tl.float32)
+            h = codes.to(tl.float32) * scale + low
     return h.to(dtype)
 
 
@@ -175,11 +179,12 @@ def _palu_decode_kernel(
     l_i = tl.zeros([GP], dtype=tl.float32)
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
     for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        local = tl.arange(0, BLOCK_N)  # int32 offsets in the block; scalar bases carry the int64 part
+        offs_n = start_n + local
         n_ok = offs_n < stop
         kr = tl.load(KR + b64 * kr_b + offs_n, mask=n_ok, other=-1)
         pos = tl.load(POS + b64 * pos_b + offs_n, mask=n_ok, other=0)
-        pos = tl.maximum(pos, 0).to(tl.int64)
+        pos = tl.maximum(pos, 0)  # int32 rows of the half tables (P * HALF < 2^31)
         cos = tl.load(COS + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
         sin = tl.load(SIN + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
         dist = qr - kr
@@ -187,16 +192,16 @@ def _palu_decode_kernel(
 
         # rebuild this head's keys: [BLOCK_N, HALF] halves, fp32 accumulation
         if RC == RK:
-            h = _latent_tile(KL, KS, k_row0 + offs_n, ks_row0 + offs_n, 0, RK, RC, K_BITS, K_QG, K_NQ, K_WORDS,
-                             K_FAST, BLOCK_N, n_ok, dtype)
+            h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, 0, RK, RC, K_BITS, K_QG, K_NQ,
+                             K_WORDS, K_FAST, BLOCK_N, n_ok, dtype)
             k1 = tl.dot(h, u1_all)
             k2 = tl.dot(h, u2_all)
         else:
             k1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
             k2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
             for c in range(0, RK, RC):
-                h = _latent_tile(KL, KS, k_row0 + offs_n, ks_row0 + offs_n, c, RK, RC, K_BITS, K_QG, K_NQ, K_WORDS,
-                                 K_FAST, BLOCK_N, n_ok, dtype)
+                h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, c, RK, RC, K_BITS, K_QG, K_NQ,
+                                 K_WORDS, K_FAST, BLOCK_N, n_ok, dtype)
                 cols = c + rc
                 u1 = tl.load(up_base + d[None, :] * RK + cols[:, None])  # [RC, HALF] = up.T
                 u2 = tl.load(up_base + (HALF + d)[None, :] * RK + cols[:, None])
@@ -211,8 +216,8 @@ def _palu_decode_kernel(
             k2 = k2 * inv[:, None] * nw2[None, :]
         r1 = (k1 * cos - k2 * sin).to(dtype)
         r2 = (k2 * cos + k1 * sin).to(dtype)
-        hv = _latent_tile(VL, VS, v_row0 + offs_n, vs_row0 + offs_n, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ, V_WORDS,
-                          V_FAST, BLOCK_N, n_ok, dtype)
+        hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ,
+                          V_WORDS, V_FAST, BLOCK_N, n_ok, dtype)
         if TOKENS_M:  # scores [BLOCK_N, GP], softmax down the tokens
             s = tl.dot(r2, q2, tl.dot(r1, q1))
             s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
