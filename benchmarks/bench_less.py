@@ -1,19 +1,32 @@
 """LESS decode, one layer: a whole decode step (features + fold, attention over the kept tokens with
-the state, heavy-hitter update and eviction) vs dense SDPA decode; and cache memory over generation.
+the state, heavy-hitter update and eviction) vs dense SDPA decode; end to end on the 8B shape; and
+cache memory over generation.
 
     python benchmarks/bench_less.py layer [--lengths 32768 131072 524288] [--smoke]
+    python benchmarks/bench_less.py e2e [--lengths 32768 131072] [--new-tokens 32] [--smoke]
     python benchmarks/bench_less.py memory [--tokens 10240] [--smoke]
 
 ``layer``: Llama-3-8B attention shape (32 query heads, 8 KV heads, D 128, bf16), batch 1. Dense is
 SDPA over L cached tokens; LESS keeps a fixed budget per KV head whatever L is (H2O 1024 heavy +
 1024 recent, Lambda 4 + 2044, and H2O 2048 + 2048), feature maps of the paper's size (R 8, hidden
-512), state per KV head and per query head. Times are CUDA-graph replays with a cold L2
-(``common.graph_time``); eager times (``common.bench``) beside them. Before timing, one step is
-checked against the torch reference (same maps in bf16). A step is ``kernel.launches()`` kernel
-launches (2; 3 before 2026-11-30, whose single-program-per-head merge/evict loop made a step 58-130 us
-whatever the context on the H200). ``memory``: an 8B-shaped Llama (4 layers, random weights)
-patched with LESS (random maps) generates ``--tokens`` tokens after a 4K prompt; the KV cache bytes
-are recorded every 1024 steps (they must not move). Writes ``benchmarks/results/less_<part>_<device>.json``.
+512), state per KV head and per query head; plus the same step with the state off (attention,
+heavy-hitter update and eviction only). ``graph_us``: the step captured in a CUDA graph and
+replayed, cold L2 (``common.graph_time``): the GPU time of the step, what it costs in a decode
+with ``decode="graph"``, and what the speed-up targets refer to. ``eager_us``: the step called
+from Python (``common.bench``), launch overhead included. Before timing, one step is checked
+against the torch reference (same maps in bf16). A step is ``kernel.launches()`` kernel launches
+(2; 3 before 2026-11-30, whose single-program-per-head merge/evict loop made a step 58-130 us
+whatever the context on the H200).
+
+``e2e``: the 8B-shaped Llama (32 layers, random bf16 weights: speed and memory only, untrained
+random LESS maps of the paper's size, H2O 1024 + 1024) prefilled with L random tokens in chunks of
+8192 (LESS shrinks to its budget after every chunk), then ``--new-tokens`` greedy steps: time to
+first token, time per output token (median), GPU busy time per token and peak memory, for the
+unpatched model (SDPA, DynamicCache) and LESS with eager and graph decode (``common.e2e_rows``).
+
+``memory``: an 8B-shaped Llama (4 layers, random weights) patched with LESS (random maps, graph
+decode) generates ``--tokens`` tokens after a 4K prompt; the KV cache bytes are recorded every
+1024 steps (they must not move). Writes ``benchmarks/results/less_<part>_<device>.json``.
 """
 
 from __future__ import annotations
@@ -74,8 +87,11 @@ def layer_rows(dev, lengths, smoke):
                      "speedup": 1.0, "kv_bytes": 2 * k.numel() * k.element_size()})
         del k, v
         for name, policy in policies.items():
-            for state_heads in ("kv", "query"):
-                hs = hkv if state_heads == "kv" else hq
+            for state_heads in ("kv", "query", "off"):
+                if state_heads == "off" and name != next(iter(policies)):
+                    continue
+                hs = hq if state_heads == "query" else hkv
+                state = state_heads != "off"
                 torch.manual_seed(0)
                 w = FeatureMaps(d, hq, hs, rank, hidden).weights().to(dev)
                 w.k_scale.fill_(0.05)
@@ -86,13 +102,14 @@ def layer_rows(dev, lengths, smoke):
                 q_rank = torch.full((1,), L, dtype=torch.int32, device=dev)
                 check = copy.deepcopy(cache)
                 wk = w.to(dtype)  # the runtime's kernels get the maps in the model's dtype; so does the check
-                expected = ref.decode_step(q, k_new, v_new, q_rank, check, wk, policy, d ** -0.5)
-                got = kernel.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(cache), wk, policy, d ** -0.5)
+                expected = ref.decode_step(q, k_new, v_new, q_rank, check, wk, policy, d ** -0.5, state=state)
+                got = kernel.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(cache), wk, policy, d ** -0.5, state=state)
                 error = (got.float() - expected.float()).abs().max().item()
-                step = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5)  # noqa: E731
+                step = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5, state=state)  # noqa: E731
                 t = c.graph_time(step)
                 state_bytes = (cache.hs.numel() + cache.z.numel()) * 4
-                rows.append({"L": L, "variant": f"LESS {name}, state per {state_heads} head", "graph_us": t * 1e6,
+                label = f"LESS {name}, state per {state_heads} head" if state else f"{name} alone (state off)"
+                rows.append({"L": L, "variant": label, "graph_us": t * 1e6,
                              "eager_us": c.bench(step) * 1e6, "speedup": t_dense / t, "max_error_vs_reference": error,
                              "launches": kernel.launches(),
                              "kv_bytes": sum(x.numel() * x.element_size() for x in cache.tensors()),
@@ -103,13 +120,35 @@ def layer_rows(dev, lengths, smoke):
     return rows
 
 
+E2E_POLICY = dict(policy="h2o", sink=0, heavy=1024, recent=1024)
+
+
+def e2e_rows(dev, lengths, new_tokens, smoke):
+    model = c.build_model(dev, smoke=smoke)
+    shape = describe(model).shape
+    config = LessConfig.random(shape, **E2E_POLICY, hidden=512 if not smoke else 32)
+    names = ["unpatched", "LESS h2o 1024+1024, eager", "LESS h2o 1024+1024, graph"]
+
+    def variant(m, name):
+        if name in c.BASELINES:
+            return c.baseline_variant(m, name)
+        return c.kvpress_variant(m, "less", config=config, decode="graph" if name.endswith("graph") else "eager")
+
+    chunk = 8192 if not smoke else 64
+    rows = c.e2e_rows(model, dev, lengths, names, variant, chunk, new_tokens, warmup_tokens=min(4 * c.K, 2 * chunk))
+    c.table("LESS end to end (8B shape, random weights and maps, batch 1)", rows,
+            [("variant", "{}"), ("tokens", "{}"), ("prefill_s", "{:.2f}"), ("tpot_ms", "{:.2f}"),
+             ("gpu_ms_per_token", "{:.2f}"), ("peak_GiB", "{:.2f}"), ("kv_GiB", "{:.3f}")])
+    return rows
+
+
 @torch.no_grad()
 def memory_rows(dev, tokens, smoke):
     model = c.build_model(dev, smoke=smoke, layers=4)
     shape = describe(model).shape
     config = LessConfig.random(shape, policy="h2o", sink=0, heavy=512, recent=512)
     config.layers = [w.to(dev) for w in config.layers]
-    kvpress.patch(model, "less", config=config)
+    kvpress.patch(model, "less", config=config, decode="graph")
     prompt = 4096 if not smoke else 64
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=dev)
     cache = kvpress.make_cache(model)
@@ -130,19 +169,25 @@ def memory_rows(dev, tokens, smoke):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["layer", "memory"])
-    parser.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072, 524288])
+    parser.add_argument("part", choices=["layer", "e2e", "memory"])
+    parser.add_argument("--lengths", type=int, nargs="*", default=None,
+                        help="(default: 32768 131072 524288 for layer, 32768 131072 for e2e)")
     parser.add_argument("--tokens", type=int, default=10240)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", default=str(RESULTS), help="folder of the JSON (default benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (Triton interpreter): checks the script")
     args = parser.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if args.part == "layer":
-        rows = layer_rows(dev, [256] if args.smoke else args.lengths, args.smoke)
+        rows = layer_rows(dev, [256] if args.smoke else args.lengths or [32768, 131072, 524288], args.smoke)
+    elif args.part == "e2e":
+        rows = e2e_rows(dev, [256] if args.smoke else args.lengths or [32768, 131072], 4 if args.smoke else args.new_tokens,
+                        args.smoke)
     else:
         rows = memory_rows(dev, 40 if args.smoke else args.tokens, args.smoke)
     env = c.environment()
     if not args.smoke:
-        c.write_json(RESULTS / f"less_{args.part}_{c.device_tag(env)}.json", {"environment": env, "args": vars(args), "rows": rows})
+        c.write_json(Path(args.out) / f"less_{args.part}_{c.device_tag(env)}.json", {"environment": env, "args": vars(args), "rows": rows})
     return 0
 
 

@@ -367,13 +367,16 @@ def eviction_times(q, k, policy: Policy, scale: float, start: int | None = None)
     alive[..., :start] = keep
     if policy.heavy:  # every decode query's logits at once: [B, Hkv, L - start, G, L]
         logits = torch.einsum("bhgqd,bhkd->bhqgk", q[:, :, start:].float().view(b, hkv, g, length - start, d), k.float()) * scale
+    count = int(keep[0, 0].sum())  # tokens each head holds (the same for all: no padding here)
     for i in range(start, length):
         alive[..., i] = True
+        count += 1
         if policy.heavy:
             s = logits[:, :, i - start, :, : i + 1].masked_fill(~alive[:, :, None, : i + 1], float("-inf"))
             score[..., : i + 1] += s.softmax(dim=-1).sum(dim=2)
-        if int(alive[0, 0].sum()) <= policy.budget:
+        if count <= policy.budget:
             continue
+        count -= 1
         evictable = alive[..., : i + 1] & (rank[: i + 1] >= policy.sink) & (rank[: i + 1] <= i - policy.recent)
         key = score[..., : i + 1] if policy.heavy else rank[: i + 1].float().expand(b, hkv, -1)
         victim = torch.where(evictable, key, float("inf")).argmin(dim=-1)

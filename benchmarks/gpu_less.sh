@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# LESS (#14) on the H200: GPU tests, the decode-step layer bench, maps trained on needle-llama (quality),
+# end to end on the 8B shape and flat memory. Everything lands in $OUT/less/; each step has its own
+# timeout and the scripts write their rows as they come (a step cut short keeps what it measured).
+#   bash benchmarks/gpu_less.sh            round 2: tests, layer bench, needle-llama training + quality (~2.5 min)
+#   bash benchmarks/gpu_less.sh round3     e2e TPOT / peak memory (32K, 128K), memory over 10K tokens, quality again
+#   bash benchmarks/gpu_less.sh e2e|memory|quality|layer|tests   one part
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/kvpress-gpu}
+R="$OUT/less"
+mkdir -p "$R"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$R/gpu.txt"
+# The tree must be importable as installed (not from the repository root): install it unless the caller did.
+if ! (cd /tmp && python -c "import kvpress.kernels.less, kvpress.calibration.less" >/dev/null 2>&1); then
+  pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-less . >"$R/install.log" 2>&1 || tail -5 "$R/install.log"
+  export PYTHONPATH=/tmp/kvpress-less${PYTHONPATH:+:$PYTHONPATH}
+fi
+part=${1:-round2}
+start=$(date +%s)
+quality() {  # $1: timeout (s), $2: tag, then extra arguments
+  local limit=$1 tag=$2
+  shift 2
+  timeout "$limit" python benchmarks/less_quality.py --device cuda --train-samples 256 --train-length 1024 \
+    --capture-batch 32 --batch-size 4 --val-fraction 0.1 --save-maps "$R/maps$tag" \
+    --out "$R/less_quality_needle_llama$tag.json" "$@" > "$R/quality$tag.log" 2>&1
+  grep "^\[\|^| " "$R/quality$tag.log" | tail -30 || tail -5 "$R/quality$tag.log"
+}
+case $part in
+  round2)
+    bash "$0" tests
+    bash "$0" layer
+    quality 70 _gpu --epochs 8 --halve-every 3 --lr 3e-3 --maps r8h128,q-r8h512 ;;
+  round3)
+    bash "$0" e2e
+    bash "$0" memory
+    quality 60 _gpu3 --epochs 8 --halve-every 3 --lr 3e-3 --maps q-r8h512 ;;
+  tests)
+    timeout 60 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py tests/test_less.py 2>&1 \
+      | tee "$R/gpu_tests.log" | tail -8 ;;
+  layer)
+    timeout 45 python benchmarks/bench_less.py layer --out "$R" > "$R/layer.log" 2>&1; grep -A30 "^LESS decode step" "$R/layer.log" || tail -5 "$R/layer.log" ;;
+  e2e)
+    timeout 90 python benchmarks/bench_less.py e2e --out "$R" > "$R/e2e.log" 2>&1; grep "^e2e\|^LESS end\|^variant\|^unpatched\|^LESS h2o" "$R/e2e.log" || tail -5 "$R/e2e.log" ;;
+  memory)
+    timeout 40 python benchmarks/bench_less.py memory --out "$R" > "$R/memory.log" 2>&1; tail -14 "$R/memory.log" ;;
+  quality)
+    quality 120 _gpu --epochs 8 --halve-every 3 --lr 3e-3 --maps r8h128,q-r8h512 ;;
+  *) echo "unknown part $part (round2, round3, tests, layer, e2e, memory, quality)" ;;
+esac
+echo "less $part: $(( $(date +%s) - start )) s"
