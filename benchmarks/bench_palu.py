@@ -219,28 +219,39 @@ def fill_palu(model, cache, tokens, chunk, dev):
         kvpress.cache.end_forward(cache)
 
 
-TPOT_VARIANTS = {"unpatched": None, "palu-50": None, "palu-50-4bit": 4}
+# name -> (method, options, decode): the dense baselines and Palu-50% (groups of one KV head) in eager
+# and CUDA-graph decode
+TPOT_VARIANTS = {
+    "unpatched": (None, {}, "eager"),
+    "palu-50": ("palu", dict(bits=None), "eager"),
+    "palu-50-4bit": ("palu", dict(bits=4), "eager"),
+    "dense-graph": ("dense", {}, "graph"),
+    "palu-50-graph": ("palu", dict(bits=None), "graph"),
+    "palu-50-4bit-graph": ("palu", dict(bits=4), "graph"),
+}
+PALU_50 = dict(rank_ratio=0.5, group_size=1, rank_multiple=32)
 
 
 @torch.inference_mode()
-def tpot_rows(rec, dev, lengths, smoke, steps=8, chunk=8 * c.K):
+def tpot_rows(rec, dev, lengths, smoke, steps=8, chunk=8 * c.K, names=tuple(TPOT_VARIANTS)):
     model = c.build_model(dev, smoke=smoke)
     arg = c.cache_argument(model)
-    for name, bits in TPOT_VARIANTS.items():
-        if name == "unpatched":
+    for name in names:
+        method, options, decode = TPOT_VARIANTS[name]
+        t0 = time.perf_counter()
+        if method is None:
             context = c.baseline_variant(model, name)
         else:
-            t0 = time.perf_counter()
-            context = c.kvpress_variant(model, "palu", rank_ratio=0.5, group_size=1, rank_multiple=32, bits=bits)
+            extra = dict(PALU_50, **options) if method == "palu" else options
+            context = c.kvpress_variant(model, method, decode=decode, **extra)
         with context as make_cache:
-            if name != "unpatched":
-                print(f"{name}: factors made in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(f"{name}: patched in {time.perf_counter() - t0:.1f} s", flush=True)
             for L in lengths:
                 cache = make_cache()
-                if name == "unpatched":
-                    c.fill_cache(model, cache, L, chunk, dev)
-                else:
+                if method == "palu":
                     fill_palu(model, cache, L, chunk, dev)
+                else:
+                    c.fill_cache(model, cache, L, chunk, dev)
                 c._sync(dev)
                 c._empty_cache(dev)
                 c._reset_peak(dev)
@@ -254,11 +265,14 @@ def tpot_rows(rec, dev, lengths, smoke, steps=8, chunk=8 * c.K):
                     times.append(time.perf_counter() - t)
                 times = sorted(times[3:])
                 peak = c._peak(dev)
-                busy = c.gpu_busy(lambda: model(input_ids=tok, **{arg: cache}, use_cache=True, logits_to_keep=1))
-                rec.add({"variant": name, "tokens": L, "tpot_ms": times[len(times) // 2] * 1e3,
+                runner = vars(model).get("_kvpress_graph")
+                busy = c.gpu_busy(lambda: model(input_ids=tok, **{arg: cache}, use_cache=True, logits_to_keep=1)) \
+                    if decode == "eager" else float("nan")
+                rec.add({"variant": name, "tokens": L, "decode": decode, "tpot_ms": times[len(times) // 2] * 1e3,
                          "gpu_ms_per_token": busy * 1e3, "peak_decode_GiB": peak / 2**30,
                          "kv_GiB": kvpress.kv_cache_bytes(cache) / 2**30,
-                         "factors": None if name == "unpatched" else "plain SVD of the random weights"})
+                         "graph_captures": None if runner is None else runner.captures,
+                         "factors": "plain SVD of the random weights" if method == "palu" else None})
                 del cache
                 c._empty_cache(dev)
 
@@ -271,6 +285,7 @@ def main():
     parser.add_argument("--group-sizes", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.5, 0.25, 0.75])
     parser.add_argument("--bits", type=int, nargs="*", default=[16, 4], help="16 = unquantised latents")
+    parser.add_argument("--variants", nargs="*", choices=list(TPOT_VARIANTS), help="tpot: the variants (default all)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON")
     parser.add_argument("--tag", default="", help="added to the JSON's name")
     parser.add_argument("--smoke", action="store_true", help="tiny lengths on CPU (interpreter), checks the script")
@@ -293,8 +308,8 @@ def main():
             else:
                 sweep_rows(rec, dev, lengths[-1], bits, shape=args.shapes[0])
         else:
-            tpot_rows(rec, dev, [1024, 2048] if args.smoke else lengths, args.smoke, steps=2 if args.smoke else 8,
-                      chunk=512 if args.smoke else 8 * c.K)
+            tpot_rows(rec, dev, [1024] if args.smoke else lengths, args.smoke, steps=2 if args.smoke else 8,
+                      chunk=512 if args.smoke else 8 * c.K, names=args.variants or tuple(TPOT_VARIANTS))
     except Exception:
         traceback.print_exc()
         raise
