@@ -101,6 +101,24 @@ def vs_block_mask(q_rank, k_rank, vertical, slash, window=None):
     return R._rank_mask(q_rank, k_rank, window) & mask
 
 
+def block_rows_mask(q_rank, k_rank, blocks, window=None, first=None):
+    """``kernels.minference_reference.block_mask``, the same boolean ``[B, H, Lq, T]``, built once per
+    64-rank query block and expanded to the rows (as :func:`vs_block_mask`)."""
+    B, H, nqb, _ = blocks.shape
+    T, Lq = k_rank.shape[1], q_rank.shape[1]
+    nkb = (T + R.BLOCK - 1) // R.BLOCK
+    first = R.first_query_block(q_rank) if first is None else first
+    keep = torch.zeros(B, H, nqb, nkb + 1, dtype=torch.bool, device=blocks.device)
+    keep.scatter_(3, torch.where(blocks >= 0, blocks.long(), nkb), True)
+    kb = torch.where(k_rank >= 0, k_rank.long() // R.BLOCK, 0)
+    m = torch.where(q_rank >= 0, q_rank.long() // R.BLOCK - first[:, None], 0).clamp(0, nqb - 1)  # [B, Lq]
+    m0, m1 = int(m.min()), int(m.max()) + 1
+    rows = keep[:, :, m0:m1].gather(3, kb[:, None, None, :].expand(B, H, m1 - m0, T))  # [B, H, nb, T]
+    mask = (rows[0].index_select(1, m[0] - m0)[None] if B == 1
+            else rows.gather(2, (m - m0)[:, None, :, None].expand(B, H, Lq, T)))
+    return R._rank_mask(q_rank, k_rank, window) & mask
+
+
 class PatternProbe:
     """Dense attention that also adds, per (layer, query head, candidate), the attention mass the
     candidate's index keeps for the queries past ``start``."""
@@ -155,7 +173,7 @@ class PatternProbe:
                 if name == "vertical_and_slash":
                     keep = vs_block_mask(qr, rank, x, y, window)
                 elif name == "block_sparse":
-                    keep = R.block_mask(qr, rank, x, window, first)
+                    keep = block_rows_mask(qr, rank, x, window, first)
                 else:
                     keep = rank_mask(qr, rank, x, y, window)
                 mass[:, c] += (probs * keep).sum(dim=(0, 2, 3), dtype=torch.float64)
@@ -257,7 +275,7 @@ def plan_mask(plan, num_heads, q_rank, k_rank, index, window=None, first=None):
     if plan.vs:
         mask[:, plan.vs] = vs_block_mask(q_rank, k_rank, vertical, slash, window)
     if plan.block:
-        mask[:, plan.block] = R.block_mask(q_rank, k_rank, blocks, window, first)
+        mask[:, plan.block] = block_rows_mask(q_rank, k_rank, blocks, window, first)
     for (sink, recent), heads in plan.a_shape.items():
         mask[:, heads] = rank_mask(q_rank, k_rank, sink, recent, window)
     return mask

@@ -10,7 +10,7 @@ from tiny_models import random_ids, tiny_model
 
 import kvpress
 from kvpress.calibration.minference import (
-    PatternProbe, attention_recall, default_budget, plan_index, plan_mask, vs_block_mask,
+    PatternProbe, attention_recall, block_rows_mask, default_budget, plan_index, plan_mask, vs_block_mask,
 )
 from kvpress.kernels import minference_reference as R
 from kvpress.methods.minference import CONFIG_FILE_NAME, MInferenceConfig, plan_heads, sparse_prefill
@@ -46,9 +46,9 @@ def test_plan_mask_is_the_runtime_index():
     assert 0.05 < mask.float().sum() / R._rank_mask(rank, rank).float().sum() / Hq < 0.9  # lossy, not empty
 
 
-def test_vs_block_mask_equals_the_reference_mask():
-    """The per-query-block VS mask of the probes equals the reference's per-query one (left padding,
-    a later chunk of queries, a sliding window)."""
+def test_per_block_masks_equal_the_reference_masks():
+    """The per-query-block VS and block-sparse masks of the probes equal the reference's per-query
+    ones (left padding, a later chunk of queries, a sliding window)."""
     torch.manual_seed(1)
     rank = torch.full((2, 300), -1, dtype=torch.int32)
     rank[0, 50:], rank[1] = torch.arange(250), torch.arange(300)
@@ -58,6 +58,12 @@ def test_vs_block_mask_equals_the_reference_mask():
         assert torch.equal(vs_block_mask(qr, rank, vertical, slash, window), R.vs_mask(qr, rank, vertical, slash, window))
     one = rank[1:]
     assert torch.equal(vs_block_mask(one[:, 130:], one, vertical[1:], slash[1:]), R.vs_mask(one[:, 130:], one, vertical[1:], slash[1:]))
+    blocks = R.block_index(q, k, rank, rank, torch.tensor([1, 2, 3, 1, 2, 3]))
+    first = R.first_query_block(rank)
+    for qr, window in [(rank, None), (rank[:, 100:], None), (rank, 70)]:
+        assert torch.equal(block_rows_mask(qr, rank, blocks, window, first), R.block_mask(qr, rank, blocks, window, first))
+    assert torch.equal(block_rows_mask(one[:, 130:], one, blocks[1:], None, first[1:]),
+                       R.block_mask(one[:, 130:], one, blocks[1:], None, first[1:]))
 
 
 def test_recall_matches_the_search_scores_and_dense_is_one():
