@@ -4,6 +4,7 @@ token of an 8B-shaped Llama.
     python benchmarks/bench_palu.py layer [--lengths 65536 131072] [--group-sizes 1 2 4]
                                           [--ratios 0.25 0.5 0.75] [--bits 16 4] [--smoke]
     python benchmarks/bench_palu.py sweep [--lengths 131072]   # kernel settings at one length
+    python benchmarks/bench_palu.py ablate [--lengths 131072]  # stages left out: where the time goes
     python benchmarks/bench_palu.py tpot [--lengths ...]      # 8B-shaped Llama, patched vs not
 
 ``layer`` (the speed side of the frontier): one query token per row against a cache of L tokens,
@@ -160,7 +161,7 @@ def _plan_key(case):
     qpk = case["q"].shape[1] // (case["k_up"].shape[0] * case["k_up"].shape[1] // D)
     gp = max(16, 1 << (qpk - 1).bit_length())
     return (D, case["k"].rank, case["v"].rank, bits(case["k"]), bits(case["v"]), case["q"].element_size(), gp,
-            kernel.BLOCK_N, kernel.NUM_STAGES, kernel.TOKENS_M, kernel.NUM_WARPS)
+            kernel.BLOCK_N, kernel.NUM_STAGES, kernel.TOKENS_M, kernel.NUM_WARPS, kernel.ABLATE)
 
 
 # (token tile, warps, pipelining depth) in the order measured (a timeout keeps the first ones), each with
@@ -200,6 +201,35 @@ def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid=SWEEP,
     finally:
         for name, value in defaults.items():
             setattr(kernel, name, value)
+
+
+ABLATIONS = {0: "full", 1: "no RoPE", 2: "no value side", 4: "no key rebuild", 5: "no rebuild, no RoPE",
+             7: "latent reads + scores only"}
+
+
+def ablate_rows(rec, dev, T, bits_list, shape="gqa"):
+    """The kernel (default settings) with stages left out (``kernel.ABLATE``, wrong results): where
+    the time goes, by difference. Groups of one KV head, half rank (rank D / 2)."""
+    hq, hkv = SHAPES[shape]
+    t_dense, _ = dense_time(hq, hkv, T, dev)
+    rec.add({"shape": shape, "tokens": T, "variant": "dense-sdpa", "us": t_dense * 1e6})
+    try:
+        for bits in bits_list:
+            case = latent_case(T, hq, hkv, 1, 0.5, bits, dev)
+            for ablate, what in ABLATIONS.items():
+                kernel.ABLATE = ablate
+                row = {"shape": shape, "tokens": T, "bits": bits or 16, "ablate": ablate, "left_out": what,
+                       "tokens_m": kernel.TOKENS_M, "block_n": kernel.BLOCK_N, "warps": kernel.NUM_WARPS,
+                       "stages": kernel.NUM_STAGES, "programs_per_sm": kernel.PROGRAMS_PER_SM}
+                try:
+                    t = c.graph_time(lambda: kernel.palu_decode(**case))
+                except Exception as error:
+                    rec.add({**row, "error": f"{type(error).__name__}: {str(error)[:200]}"})
+                    continue
+                rec.add({**row, "us": t * 1e6, "speedup": t_dense / t})
+            del case
+    finally:
+        kernel.ABLATE = 0
 
 
 # -- time per output token of the 8B shape -------------------------------------------------------
@@ -279,7 +309,7 @@ def tpot_rows(rec, dev, lengths, smoke, steps=8, chunk=8 * c.K, names=tuple(TPOT
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["layer", "sweep", "tpot"])
+    parser.add_argument("part", choices=["layer", "sweep", "ablate", "tpot"])
     parser.add_argument("--lengths", type=int, nargs="*", default=None)
     parser.add_argument("--shapes", nargs="*", default=["gqa", "mha"], choices=list(SHAPES))
     parser.add_argument("--group-sizes", type=int, nargs="*", default=[1, 2, 4])
@@ -291,7 +321,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny lengths on CPU (interpreter), checks the script")
     args = parser.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    default_lengths = {"layer": [64 * c.K, 128 * c.K], "sweep": [128 * c.K], "tpot": [64 * c.K, 128 * c.K]}
+    default_lengths = {"layer": [64 * c.K, 128 * c.K], "sweep": [128 * c.K], "ablate": [128 * c.K],
+                       "tpot": [64 * c.K, 128 * c.K]}
     lengths = args.lengths or default_lengths[args.part]
     bits = [None if b == 16 else b for b in args.bits]
     env = c.environment()
@@ -307,6 +338,8 @@ def main():
                 sweep_rows(rec, dev, 256, bits, grid=[(16, 4, 1)], per_sm=(1,))
             else:
                 sweep_rows(rec, dev, lengths[-1], bits, shape=args.shapes[0])
+        elif args.part == "ablate":
+            ablate_rows(rec, dev, 256 if args.smoke else lengths[-1], bits, shape=args.shapes[0])
         else:
             tpot_rows(rec, dev, [1024] if args.smoke else lengths, args.smoke, steps=2 if args.smoke else 8,
                       chunk=512 if args.smoke else 8 * c.K, names=args.variants or tuple(TPOT_VARIANTS))

@@ -2,7 +2,8 @@
 # Palu (#13) on the H200: GPU tests of the decode kernel, its settings sweep and the speed frontier.
 # Everything lands in $OUT/palu/. About 2.5 min of wall time (each step has its own timeout; the
 # benchmarks write their rows as they come, so a step cut short keeps what it measured).
-#   bash benchmarks/gpu_palu.sh          tests, sweep (bf16 and 4-bit latents, 128K GQA), SmolLM2 quality, layer frontier
+#   bash benchmarks/gpu_palu.sh          tests, sweep (bf16 and 4-bit latents, 128K GQA), stage ablation, layer
+#                                        frontier, SmolLM2 quality (when the model is on the machine)
 #   bash benchmarks/gpu_palu.sh smollm2  SmolLM2 quality at 50% (unpatched, plain SVD, whitening + Fisher, 4/3 bits)
 #   bash benchmarks/gpu_palu.sh needle   needle-llama quality over group sizes x kept ranks (the frontier's quality side)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
@@ -21,11 +22,12 @@ part=${1:-main}
 start=$(date +%s)
 case $part in
   main)
-    timeout 40 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
-    timeout 30 python benchmarks/bench_palu.py sweep --bits 16 --out "$R" > "$R/sweep.log" 2>&1; tail -2 "$R/sweep.log"
-    timeout 25 python benchmarks/bench_palu.py sweep --bits 4 --tag _4bit --out "$R" > "$R/sweep_4bit.log" 2>&1; tail -2 "$R/sweep_4bit.log"
-    bash "$0" smollm2
+    timeout 35 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
+    timeout 28 python benchmarks/bench_palu.py sweep --bits 16 --out "$R" > "$R/sweep.log" 2>&1; tail -2 "$R/sweep.log"
+    timeout 22 python benchmarks/bench_palu.py sweep --bits 4 --tag _4bit --out "$R" > "$R/sweep_4bit.log" 2>&1; tail -2 "$R/sweep_4bit.log"
+    timeout 15 python benchmarks/bench_palu.py ablate --out "$R" > "$R/ablate.log" 2>&1; tail -2 "$R/ablate.log"
     timeout 25 python benchmarks/bench_palu.py layer --out "$R" > "$R/layer.log" 2>&1; tail -2 "$R/layer.log"
+    bash "$0" smollm2
     python - "$R" <<'PY'
 import json, sys, pathlib
 for f in sorted(pathlib.Path(sys.argv[1]).glob("palu_*.json")):

@@ -42,6 +42,7 @@ BLOCK_N = 64  # cached tokens per inner step (largest; the plan lowers it when s
 NUM_WARPS = 4
 NUM_STAGES = 3  # software-pipelining depth of the innermost loop (the plan lowers it when short)
 TOKENS_M = True  # scores as [tokens, query heads] (see _palu_decode_kernel); False: [query heads, tokens]
+ABLATE = 0  # stages left out, for timing only (see _palu_decode_kernel); 0 in use
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
@@ -109,7 +110,7 @@ def _palu_decode_kernel(
     RV: tl.constexpr, BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_M: tl.constexpr,
-    HAS_LEN: tl.constexpr,
+    HAS_LEN: tl.constexpr, ABLATE: tl.constexpr = 0,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -129,7 +130,10 @@ def _palu_decode_kernel(
     value side is ``acc.T [BLOCK_RV, GP] += h_v.T @ p``; otherwise ``[GP, BLOCK_N] = q @ keys.T``
     (keys transposed through shared memory) and ``acc [GP, BLOCK_RV] += p @ h_v``. When the key
     rank is one chunk (``RC == RK``) its ``up`` rows are loaded once, before the token loop;
-    otherwise the rank chunks are the innermost loop, so shared memory holds one chunk per stage."""
+    otherwise the rank chunks are the innermost loop, so shared memory holds one chunk per stage.
+
+    ``ABLATE`` (timing only, wrong results: ``benchmarks/bench_palu.py ablate``) leaves stages out,
+    bits: 1 RoPE (no table loads), 2 the value side, 4 the key rebuild (latents as keys, rank D/2)."""
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -183,10 +187,11 @@ def _palu_decode_kernel(
         offs_n = start_n + local
         n_ok = offs_n < stop
         kr = tl.load(KR + b64 * kr_b + offs_n, mask=n_ok, other=-1)
-        pos = tl.load(POS + b64 * pos_b + offs_n, mask=n_ok, other=0)
-        pos = tl.maximum(pos, 0)  # int32 rows of the half tables (P * HALF < 2^31)
-        cos = tl.load(COS + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
-        sin = tl.load(SIN + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+        if ABLATE % 2 == 0:
+            pos = tl.load(POS + b64 * pos_b + offs_n, mask=n_ok, other=0)
+            pos = tl.maximum(pos, 0)  # int32 rows of the half tables (P * HALF < 2^31)
+            cos = tl.load(COS + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+            sin = tl.load(SIN + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
         dist = qr - kr
         ok = (kr >= 0) & (dist >= 0) & (dist < window)
 
@@ -194,8 +199,12 @@ def _palu_decode_kernel(
         if RC == RK:
             h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, 0, RK, RC, K_BITS, K_QG, K_NQ,
                              K_WORDS, K_FAST, BLOCK_N, n_ok, dtype)
-            k1 = tl.dot(h, u1_all)
-            k2 = tl.dot(h, u2_all)
+            if (ABLATE // 4) % 2 == 1 and RK == HALF:  # timing only: the latents stand in for the keys
+                k1 = h.to(tl.float32)
+                k2 = h.to(tl.float32)
+            else:
+                k1 = tl.dot(h, u1_all)
+                k2 = tl.dot(h, u2_all)
         else:
             k1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
             k2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
@@ -214,10 +223,15 @@ def _palu_decode_kernel(
             inv = tl.rsqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / D + eps)
             k1 = k1 * inv[:, None] * nw1[None, :]
             k2 = k2 * inv[:, None] * nw2[None, :]
-        r1 = (k1 * cos - k2 * sin).to(dtype)
-        r2 = (k2 * cos + k1 * sin).to(dtype)
-        hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ,
-                          V_WORDS, V_FAST, BLOCK_N, n_ok, dtype)
+        if ABLATE % 2 == 0:
+            r1 = (k1 * cos - k2 * sin).to(dtype)
+            r2 = (k2 * cos + k1 * sin).to(dtype)
+        else:  # timing only: no rotation
+            r1 = k1.to(dtype)
+            r2 = k2.to(dtype)
+        if (ABLATE // 2) % 2 == 0:
+            hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ,
+                              V_WORDS, V_FAST, BLOCK_N, n_ok, dtype)
         if TOKENS_M:  # scores [BLOCK_N, GP], softmax down the tokens
             s = tl.dot(r2, q2, tl.dot(r1, q1))
             s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
@@ -225,7 +239,10 @@ def _palu_decode_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[None, :])
             alpha = tl.exp2(m_i - m_safe)
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), p.to(dtype))
+            if (ABLATE // 2) % 2 == 0:
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), p.to(dtype))
+            else:  # timing only: no value side
+                acc = acc * alpha[None, :]
             l_i = l_i * alpha + tl.sum(p, 0)
         else:  # scores [GP, BLOCK_N]
             s = tl.dot(q2, tl.trans(r2), tl.dot(q1, tl.trans(r1)))
@@ -234,7 +251,10 @@ def _palu_decode_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), hv)
+            if (ABLATE // 2) % 2 == 0:
+                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), hv)
+            else:  # timing only: no value side
+                acc = acc * alpha[:, None]
             l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
@@ -410,7 +430,7 @@ def palu_decode(
     gp = max(16, triton.next_power_of_2(qpk))
     block_rv = max(16, triton.next_power_of_2(v.rank))
     bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
-    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, BLOCK_N, NUM_STAGES, TOKENS_M, NUM_WARPS)
+    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, BLOCK_N, NUM_STAGES, TOKENS_M, NUM_WARPS, ABLATE)
     candidates = [_CHOSEN[key]] if key in _CHOSEN else plans(*key[:7])
     if not candidates:
         raise ValueError(f"Palu decode: head dim {D}, key rank {rk}, value rank {v.rank} need more shared memory "
@@ -479,7 +499,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, TOKENS_M=TOKENS_M,
-        HAS_LEN=length is not None,
+        HAS_LEN=length is not None, ABLATE=ABLATE,
         num_warps=NUM_WARPS, num_stages=stages,
     )
     return po, pml, splits
