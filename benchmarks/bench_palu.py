@@ -161,7 +161,7 @@ def _plan_key(case):
     qpk = case["q"].shape[1] // (case["k_up"].shape[0] * case["k_up"].shape[1] // D)
     gp = max(16, 1 << (qpk - 1).bit_length())
     return (D, case["k"].rank, case["v"].rank, bits(case["k"]), bits(case["v"]), case["q"].element_size(), gp,
-            kernel.BLOCK_N, kernel.NUM_STAGES, kernel.TOKENS_M, kernel.NUM_WARPS, kernel.ABLATE)
+            kernel.BLOCK_N, kernel.NUM_STAGES, kernel.TOKENS_M, kernel.NUM_WARPS, kernel.ABLATE, kernel.ROPE_IN_DTYPE)
 
 
 # (token tile, warps, pipelining depth) in the order measured (a timeout keeps the first ones), each with
@@ -216,8 +216,8 @@ def ablate_rows(rec, dev, T, bits_list, shape="gqa"):
     try:
         for bits in bits_list:
             case = latent_case(T, hq, hkv, 1, 0.5, bits, dev)
-            for ablate, what in ABLATIONS.items():
-                kernel.ABLATE = ablate
+            for ablate, what in [*ABLATIONS.items(), ("rope-in-dtype", "nothing: RoPE in bf16")]:
+                kernel.ABLATE, kernel.ROPE_IN_DTYPE = (0, True) if ablate == "rope-in-dtype" else (ablate, False)
                 row = {"shape": shape, "tokens": T, "bits": bits or 16, "ablate": ablate, "left_out": what,
                        "tokens_m": kernel.TOKENS_M, "block_n": kernel.BLOCK_N, "warps": kernel.NUM_WARPS,
                        "stages": kernel.NUM_STAGES, "programs_per_sm": kernel.PROGRAMS_PER_SM}
@@ -229,7 +229,7 @@ def ablate_rows(rec, dev, T, bits_list, shape="gqa"):
                 rec.add({**row, "us": t * 1e6, "speedup": t_dense / t})
             del case
     finally:
-        kernel.ABLATE = 0
+        kernel.ABLATE, kernel.ROPE_IN_DTYPE = 0, False
 
 
 # -- time per output token of the 8B shape -------------------------------------------------------

@@ -43,6 +43,7 @@ NUM_WARPS = 4
 NUM_STAGES = 3  # software-pipelining depth of the innermost loop (the plan lowers it when short)
 TOKENS_M = True  # scores as [tokens, query heads] (see _palu_decode_kernel); False: [query heads, tokens]
 ABLATE = 0  # stages left out, for timing only (see _palu_decode_kernel); 0 in use
+ROPE_IN_DTYPE = False  # rotate the rebuilt keys in the model's dtype (as transformers does) instead of fp32
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
@@ -110,7 +111,7 @@ def _palu_decode_kernel(
     RV: tl.constexpr, BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_M: tl.constexpr,
-    HAS_LEN: tl.constexpr, ABLATE: tl.constexpr = 0,
+    HAS_LEN: tl.constexpr, ROPE_IN_DTYPE: tl.constexpr = False, ABLATE: tl.constexpr = 0,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -190,8 +191,11 @@ def _palu_decode_kernel(
         if ABLATE % 2 == 0:
             pos = tl.load(POS + b64 * pos_b + offs_n, mask=n_ok, other=0)
             pos = tl.maximum(pos, 0)  # int32 rows of the half tables (P * HALF < 2^31)
-            cos = tl.load(COS + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
-            sin = tl.load(SIN + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+            cos = tl.load(COS + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0)
+            sin = tl.load(SIN + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0)
+            if not ROPE_IN_DTYPE:
+                cos = cos.to(tl.float32)
+                sin = sin.to(tl.float32)
         dist = qr - kr
         ok = (kr >= 0) & (dist >= 0) & (dist < window)
 
@@ -223,12 +227,19 @@ def _palu_decode_kernel(
             inv = tl.rsqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / D + eps)
             k1 = k1 * inv[:, None] * nw1[None, :]
             k2 = k2 * inv[:, None] * nw2[None, :]
-        if ABLATE % 2 == 0:
-            r1 = (k1 * cos - k2 * sin).to(dtype)
-            r2 = (k2 * cos + k1 * sin).to(dtype)
-        else:  # timing only: no rotation
+        if ABLATE % 2 == 1:  # timing only: no rotation
             r1 = k1.to(dtype)
             r2 = k2.to(dtype)
+        elif ROPE_IN_DTYPE:  # the rotation in the model's dtype, rounded op by op as transformers does it
+            k1 = k1.to(dtype)
+            k2 = k2.to(dtype)
+            c_ = cos.to(dtype)
+            s_ = sin.to(dtype)
+            r1 = k1 * c_ - k2 * s_
+            r2 = k2 * c_ + k1 * s_
+        else:
+            r1 = (k1 * cos - k2 * sin).to(dtype)
+            r2 = (k2 * cos + k1 * sin).to(dtype)
         if (ABLATE // 2) % 2 == 0:
             hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ,
                               V_WORDS, V_FAST, BLOCK_N, n_ok, dtype)
@@ -430,7 +441,8 @@ def palu_decode(
     gp = max(16, triton.next_power_of_2(qpk))
     block_rv = max(16, triton.next_power_of_2(v.rank))
     bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
-    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, BLOCK_N, NUM_STAGES, TOKENS_M, NUM_WARPS, ABLATE)
+    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, BLOCK_N, NUM_STAGES, TOKENS_M, NUM_WARPS, ABLATE,
+           ROPE_IN_DTYPE)
     candidates = [_CHOSEN[key]] if key in _CHOSEN else plans(*key[:7])
     if not candidates:
         raise ValueError(f"Palu decode: head dim {D}, key rank {rk}, value rank {v.rank} need more shared memory "
@@ -499,7 +511,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, TOKENS_M=TOKENS_M,
-        HAS_LEN=length is not None, ABLATE=ABLATE,
+        HAS_LEN=length is not None, ROPE_IN_DTYPE=ROPE_IN_DTYPE, ABLATE=ABLATE,
         num_warps=NUM_WARPS, num_stages=stages,
     )
     return po, pml, splits

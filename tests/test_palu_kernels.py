@@ -152,7 +152,9 @@ def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv):
 
 
 @interpreter_only
-def test_decode_kernel_fp16_window_and_padding_query():
+@pytest.mark.parametrize("rope_in_dtype", [False, True])
+def test_decode_kernel_fp16_window_and_padding_query(rope_in_dtype, monkeypatch):
+    monkeypatch.setattr(palu, "ROPE_IN_DTYPE", rope_in_dtype)
     a = make_case(dtype=torch.float16, tokens=45)
     a["q_rank"][1] = -1  # a padding query: zero output
     want = ref.latent_attention(**a, window=9)
@@ -173,10 +175,12 @@ def test_decode_kernel_fp16_window_and_padding_query():
         (torch.float16, 3, 4, 4, 224, 256, True),  # 3-bit gathers, wide groups
         (torch.float16, None, 2, 4, 128, 128, True),
         (torch.bfloat16, 2, 4, 4, 256, 256, True),  # rank chunks of 2-bit words
+        (torch.bfloat16, 4, 1, 4, 64, 64, "rope-in-dtype"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, tokens_m, monkeypatch):
-    monkeypatch.setattr(palu, "TOKENS_M", tokens_m)
+    monkeypatch.setattr(palu, "TOKENS_M", bool(tokens_m))
+    monkeypatch.setattr(palu, "ROPE_IN_DTYPE", tokens_m == "rope-in-dtype")
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
                   bits=bits, quant_group=32, pad=700, device="cuda")
