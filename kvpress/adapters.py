@@ -6,6 +6,7 @@ Everything kvpress needs to know about a model's architecture is read here, once
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -113,6 +114,12 @@ class ModelInfo:
     def num_kv_heads(self) -> int:
         """KV heads this process holds per layer (the model's, unless tensor parallel)."""
         return len(self.heads.kv_heads)
+
+    @property
+    def local_shape(self) -> ModelShape:
+        """``shape`` with the head counts of this process (``shape`` itself unless tensor parallel):
+        what a method's runtime sizes its tensors by (never a fingerprint to check files against)."""
+        return dataclasses.replace(self.shape, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
 
     @property
     def source(self) -> str:

@@ -169,6 +169,17 @@ def test_device_map_tokens_equal_single_gpu():
             assert {t.device for t in layer.held_tensors()} == {device}, name
             assert {heads.device for heads, _ in layer.group_specs} == {device}, name
         assert {layer.device for layer in cache.layers} == {torch.device("cuda", 0), torch.device("cuda", 1)}
+        for _ in range(NEW):  # decode steps: GPU 1's ranks are the ledger's, appended in place there
+            ids = torch.cat([ids, ids[:, -1:]], 1)
+            mask = torch.cat([mask, mask[:, -1:]], 1)
+            cache = model(ids[:, -1:], attention_mask=mask, past_key_values=cache).past_key_values
+        ledger = cache.layers[0].ledger
+        mirror = ledger._mirrors[torch.device("cuda", 1)]
+        main = {None: ledger.rank, **ledger.window_rank}
+        assert set(mirror) == set(main), name
+        for key, buffer in mirror.items():
+            assert torch.equal(buffer.tensor.cpu(), main[key].tensor.cpu()), (name, key)
+        assert ledger.mirror_copies == (1 if name == "duo" else 0), name  # duo: its windows compacted once
         kvpress.unpatch(model)
 
 
@@ -246,6 +257,7 @@ def test_describe_reads_the_rank_heads_from_sharded_projections():
     info = describe(model)
     assert info.heads == HeadShard(1, 2, range(2, 4), range(4, 8))
     assert (info.num_heads, info.num_kv_heads, info.shape.num_kv_heads) == (4, 2, 4)
+    assert (info.local_shape.num_heads, info.local_shape.num_kv_heads, info.local_shape.head_dim) == (4, 2, 16)
     kvpress.patch(model, "duo", config_of("duo"))
     runtime = model._kvpress_patch.method
     assert torch.equal(runtime.retrieval, config_of("duo").retrieval_heads()[:, 2:])
@@ -262,6 +274,35 @@ def test_uneven_head_split_is_refused():
             layer.self_attn.k_proj.weight = torch.nn.Parameter(layer.self_attn.k_proj.weight[:48].clone())
     with pytest.raises(ValueError, match="equal, contiguous block"):
         describe(model)
+
+
+def test_device_ledger_sends_only_new_ranks_to_another_device():
+    """The ledger's mirror on another device (``meta`` here: shapes only) is appended with each
+    forward's new ranks; it is copied whole only after a window was compacted."""
+    from kvpress.cache import LedgerSpec, Window
+    from kvpress.parallel import DeviceLedger
+
+    window = Window(2, 4)
+    ledger = DeviceLedger(LedgerSpec(all_ranks=True, windows=(window,)))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :5] = 0
+    compactions = 0
+    for step in range(41):
+        ledger.begin(mask, 2, 20 if step == 0 else 1, "cpu")
+        there = ledger.current("meta")
+        assert there is ledger.current("meta")  # once per forward and device
+        assert there.all_rank.shape == ledger.step.all_rank.shape
+        assert there.window_rank[window].shape == ledger.step.window_rank[window].shape
+        ledger.end()
+        compactions += bool(ledger._compaction)
+        if ledger._compaction:
+            assert ledger.compaction(window, "meta").device.type == "meta"
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    assert compactions == ledger.mirror_copies == 3
+    mirror = ledger._mirrors[torch.device("meta")]
+    assert (mirror[None].length, mirror[window].length) == (ledger.rank.length, ledger.window_rank[window].length)
+    ledger.select_batch(torch.tensor([1, 0]))
+    assert not ledger._mirrors  # reindexed rows: copied again at the next forward
 
 
 def test_total_kv_cache_bytes_without_distributed_is_kv_cache_bytes():

@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache
 from .. import kernels
 from ..adapters import HeadShard, ModelInfo
 from ..cache import GroupedLayer, KVPressLayer, KVView, LedgerSpec, TokenLedger, Window
+from ..parallel import DeviceLedger
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "data"
 
@@ -110,7 +111,7 @@ class Method(ABC):
         """The cache layer of one model layer (``owns_ledger`` for the last layer only)."""
 
     def make_layers(self) -> list[KVPressLayer]:
-        ledger = TokenLedger(self.ledger_spec())
+        ledger = DeviceLedger(self.ledger_spec())
         layers = [self.make_layer(i, ledger) for i in range(self.info.shape.num_layers)]
         for layer in layers:
             layer.method = self
