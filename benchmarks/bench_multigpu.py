@@ -1,6 +1,7 @@
 """kvpress beyond one GPU (issue #17): capacity with accelerate's device_map, speed with tensor parallelism.
 
-    python benchmarks/bench_multigpu.py --parts tpot --checkpoint CKPT --out DIR   # 1 or 2 GPUs
+    python benchmarks/bench_multigpu.py --parts tpot --out DIR             # 1 or 2 GPUs
+    python benchmarks/bench_multigpu.py --save-checkpoint CKPT             # config only (--weights all: 16 GB)
     torchrun --nproc_per_node 2 benchmarks/bench_multigpu.py --tp --checkpoint CKPT --out DIR
     python benchmarks/bench_multigpu.py --parts maxctx --budget-s 240 --out DIR
     python benchmarks/bench_multigpu.py --smoke                            # CPU: every path, tiny model
@@ -19,9 +20,10 @@ maxctx  the longest context that runs (the last prefill chunk of ``--chunk`` tok
         and ``complete: false``.
 tpot    time per output token at ``--tpot-tokens`` (128K), eager decode, median of ``--steps`` steps,
         on one GPU, with device_map across two, and tensor parallel (``--tp`` under torchrun: every
-        rank loads ``--checkpoint`` with ``tp_plan="auto"`` and holds 4 of the 8 KV heads).
+        rank loads ``--checkpoint`` with ``tp_plan="auto"`` and holds 4 of the 8 KV heads; the weights
+        missing from a ``--save-checkpoint`` folder are initialised at random by transformers).
 
-The main run saves the model to ``--checkpoint`` (for the tensor-parallel run) when given. Results in
+Results in
 ``--out`` (default benchmarks/results): ``multigpu_<parts>_<device>.json`` (``tpot`` and ``maxctx``
 rows of schemes ``single`` and ``device_map``) and ``multigpu_tp_<device>.json`` (``tp2`` rows).
 """
@@ -292,11 +294,6 @@ def main_run(a) -> None:
     res = {"env": env, "gpus": torch.cuda.device_count(), "parts": parts, "chunk": a.chunk, "fill_chunk": a.fill_chunk,
            "step": a.step, "tpot_tokens": a.tpot_tokens, "steps": a.steps, "sink": SINK, "recent": RECENT,
            "budget_s": a.budget_s, "tpot": [], "maxctx": []}
-    if a.checkpoint:
-        t = time.perf_counter()
-        model.save_pretrained(a.checkpoint)
-        res["checkpoint_s"] = time.perf_counter() - t
-        print(f"saved the model to {a.checkpoint} for the tensor-parallel run ({res['checkpoint_s']:.0f} s)", flush=True)
     out = Path(a.out) / f"multigpu_{'_'.join(parts)}_{c.device_tag(env)}.json"
 
     def save():
@@ -323,6 +320,24 @@ def main_run(a) -> None:
                 [("scheme", "{}"), ("variant", "{}"), ("max_tokens", "{}"), ("vs_unpatched", "{:.2f}"), ("complete", "{}")])
 
 
+def save_checkpoint(a) -> None:
+    """The model for the tensor-parallel run: ``--weights all``: every random weight (16 GB at the full
+    size); ``none``: the config and one small tensor, from_pretrained initialising the rest at random
+    on each rank (its own shard only: seconds)."""
+    from safetensors.torch import save_file
+
+    t = time.perf_counter()
+    folder = Path(a.save_checkpoint)
+    if a.weights == "all":
+        c.build_model("cuda:0" if torch.cuda.is_available() else "cpu", smoke=a.smoke, layers=2 if a.smoke else 32).save_pretrained(folder)
+    else:
+        config = c.llama8b_config(a.smoke, layers=2 if a.smoke else 32)
+        config.save_pretrained(folder)
+        save_file({"model.norm.weight": torch.ones(config.hidden_size, dtype=torch.bfloat16)},
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+    print(f"saved the model ({a.weights} weights) to {folder} in {time.perf_counter() - t:.0f} s", flush=True)
+
+
 def tp_run(a) -> None:
     """Under torchrun: every rank loads the checkpoint tensor parallel; rank 0 writes the TPOT rows."""
     import torch.distributed as dist
@@ -335,6 +350,7 @@ def tp_run(a) -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(a.checkpoint, tp_plan="auto", dtype=torch.bfloat16).eval()
+    model.requires_grad_(False)
     load_s = time.perf_counter() - t
     heads = describe(model).heads
     print(f"rank {heads.rank}/{heads.world_size}: KV heads {list(heads.kv_heads)}, loaded in {load_s:.0f} s", flush=True)
@@ -353,7 +369,9 @@ def tp_run(a) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--checkpoint", default=None, help="main run: save the model here; --tp: load it from here")
+    p.add_argument("--checkpoint", default=None, help="--tp: the model to load (written by --save-checkpoint)")
+    p.add_argument("--save-checkpoint", default=None, help="write the model for the --tp run here, then exit")
+    p.add_argument("--weights", choices=("none", "all"), default="none", help="what --save-checkpoint writes")
     p.add_argument("--tp", action="store_true", help="the tensor-parallel TPOT run (under torchrun)")
     p.add_argument("--parts", default="tpot,maxctx")
     p.add_argument("--tpot-tokens", type=int, default=128 * K)
@@ -372,7 +390,9 @@ def main() -> None:
             import tempfile
 
             a.out = tempfile.mkdtemp(prefix="kvpress_multigpu_")
-    if a.tp:
+    if a.save_checkpoint:
+        save_checkpoint(a)
+    elif a.tp:
         if not a.checkpoint:
             p.error("--tp loads the model saved by the main run: pass --checkpoint")
         tp_run(a)

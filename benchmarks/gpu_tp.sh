@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue #17 on two H200s (device kind nvidia-h200-x2), one device call of at most ~8 minutes, all under $OUT/tp:
 #   GPU tests of tests/test_parallel.py (device_map across 2 GPUs, tensor parallel over 2 NCCL ranks, CPU gloo);
-#   TPOT at 128K on one GPU and with device_map (saving the random 8B model for the next step);
-#   TPOT at 128K tensor parallel (torchrun, 2 ranks); the longest context on one GPU and with device_map
+#   TPOT at 128K on one GPU and with device_map; TPOT at 128K tensor parallel (torchrun, 2 ranks, the
+#   model's config saved for from_pretrained; every weight if that fails); the longest context on one GPU and with device_map
 #   in the time left (a search cut short says so in its JSON: complete=false).
 # Installs this tree under /tmp and runs it with PYTHONPATH (as benchmarks/gpu_session.sh does).
 set -uo pipefail
@@ -22,12 +22,21 @@ BENCH=benchmarks/bench_multigpu.py
 stamp "tests/test_parallel.py"
 timeout 100 pytest -q -p no:cacheprovider -rs tests/test_parallel.py 2>&1 | tee "$OUT/tests.log" | tail -8
 
-stamp "TPOT 128K: one GPU, device_map (and the checkpoint for tensor parallel)"
-timeout 130 python $BENCH --parts tpot --checkpoint "$CKPT" --out "$OUT" 2>&1 | tee "$OUT/tpot.log" | grep -v "^wrote" | tail -14
+stamp "TPOT 128K: one GPU, device_map"
+timeout 150 python $BENCH --parts tpot --out "$OUT" 2>&1 | tee "$OUT/tpot.log" | grep -v "^wrote" | tail -14
 
-stamp "TPOT 128K: tensor parallel, 2 ranks"
-timeout 100 torchrun --nproc_per_node 2 $BENCH --tp --checkpoint "$CKPT" --out "$OUT" 2>&1 | tee "$OUT/tp.log" \
-  | grep -E "^(rank|tpot)|Error|error" | tail -10
+stamp "TPOT 128K: tensor parallel, 2 ranks (weights initialised at random by from_pretrained)"
+tp() {
+  timeout "$1" torchrun --nproc_per_node 2 $BENCH --tp --checkpoint "$CKPT" --out "$OUT" 2>&1 | tee -a "$OUT/tp.log" \
+    | grep -E "^(rank|tpot)|Error" | tail -10
+}
+python $BENCH --save-checkpoint "$CKPT" --weights none 2>&1 | tail -1
+tp 100
+if ! ls "$OUT"/multigpu_tp_*.json >/dev/null 2>&1 && [ "$SECONDS" -lt 220 ]; then
+  stamp "tensor parallel again, every weight saved (16 GB)"
+  rm -rf "$CKPT"; timeout 150 python $BENCH --save-checkpoint "$CKPT" --weights all 2>&1 | tail -1
+  tp 100
+fi
 rm -rf "$CKPT"
 
 left=$(( TOTAL - SECONDS - 25 ))

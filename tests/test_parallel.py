@@ -158,7 +158,8 @@ def test_device_map_tokens_equal_single_gpu():
     expected = all_tokens(tiny_model("llama", num_hidden_layers=4).to("cuda:0"), "cuda:0", layers=4)
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
                   "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
-    model = dispatch_model(tiny_model("llama", num_hidden_layers=4), device_map)
+    model = tiny_model("llama", num_hidden_layers=4)
+    model = dispatch_model(model, device_map, skip_keys=model._skip_keys_device_placement)
     assert all_tokens(model, "cuda:0", layers=4) == expected
     for name in METHODS:
         kvpress.patch(model, name, config_of(name, layers=4))
