@@ -177,6 +177,10 @@ def fits(model, make_cache, L: int, chunk: int, fill_chunk: int, decode_steps: i
         return True
     except torch.OutOfMemoryError:
         return False
+    except RuntimeError as error:  # an allocation failed outside the caching allocator (cuBLAS, Triton)
+        if "out of memory" in str(error).lower() or "ALLOC_FAILED" in str(error):
+            return False
+        raise
     finally:
         del cache
         free_memory()
