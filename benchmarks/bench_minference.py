@@ -482,8 +482,7 @@ def main(argv=None):
     parts = args.parts.split(",")
     env = c.environment()
     result = {"env": env, "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": str(dtype)},
-              "tiles": {"num_warps": M.NUM_WARPS, "num_stages": M.NUM_STAGES}, "union_heads": args.union_heads,
-              "union_speed": dict(M.UNION_SPEED)}
+              "tiles": {"num_warps": M.NUM_WARPS, "num_stages": M.NUM_STAGES}, "union_heads": args.union_heads}
     out = args.out or Path(__file__).resolve().parent / "results" / f"minference_{'_'.join(parts)}_{c.device_tag(env)}.json"
     save = not args.smoke or args.out
 

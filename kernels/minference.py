@@ -24,14 +24,17 @@ Query blocks are aligned in *rank* space (``64 * (rank // 64)``), so padding nev
 
 The A-shape pattern is served by ``prefill.prefill_attention`` (``sink``/``recent``).
 
-Per-query-head programs vs a union per KV group. A per-head program reads a K/V tile for 64 query
-rows, so the VS kernel is bound by tile loads (~270 TFLOP/s on the H200 where dense SDPA runs
-490-620). A union unit reads it once for ``per`` heads, but every head of the unit pays the
-union's tiles: it wins only where the heads of a KV head choose mostly the same keys (verticals,
-which follow the keys, and the nearest diagonals do; scattered diagonals do not).
-``benchmarks/bench_minference.py`` measures the union's extra work and both kernels' times;
-``MInferenceConfig.union_heads`` picks per-head programs (1), units (2, 4), or per layer the
-launch with the least estimated time (0, :func:`choose_union`).
+Per-query-head programs vs a union per KV group (measured on the H200, one Llama-3-8B-shaped
+layer, ``rope`` inputs, ``benchmarks/results/minference_layer_1m_NVIDIA_H200.json``): the union
+of the 4 heads of a KV head runs 1.06-1.71x the per-head tiles for VS (1000, 6096) on every head
+and 1.53-2.40x for the reference's published Llama-3-8B mix (32K-512K: the heads share the near
+diagonals and many columns, not the scattered diagonals). Even a union kernel at dense SDPA's
+FLOP/s would gain at most 1.5x (default, 128K) and lose for the published mix from 256K; the union
+kernel here runs 0.62-0.70x the per-head kernel's throughput per tile for units of 2 heads and
+0.33x for 4 (not profiled: its per-row masks and taller tiles cost more than the shared K/V loads
+save), so it is slower in every measured case (128K: 337 / 799 ms vs 200 ms, default; 275 / 694 ms vs 119 ms,
+published). The runtime therefore uses per-query-head programs (``MInferenceConfig.union_heads =
+1``); the union kernel stays as an exact option (2, 4).
 
 Programs run heaviest query block first (the last block of a head has the most keys),
 consecutive programs are consecutive query blocks of one head, whose diagonal ranges are the same
@@ -488,27 +491,6 @@ def union_prepare(q_rank, k_rank, vertical, slash, heads: torch.Tensor, group: i
 def tiles_run(plan: VSPlan) -> torch.Tensor:
     """64-key tiles a launch over ``plan`` runs per 64-row query tile (diagonal + column tiles), summed."""
     return plan.n_tile.long().sum() + ((plan.n_vert.long() + BLOCK_N - 1) // BLOCK_N).sum()
-
-
-# Throughput of the union kernel per 64x64 tile (row tiles of all heads of a unit counted) relative to
-# the per-head kernel's, for units of 2 and 4 heads (H200, benchmarks/bench_minference.py).
-UNION_SPEED = {1: 1.0, 2: 1.0, 4: 1.0}
-
-
-def choose_union(q_rank, k_rank, vertical, slash, heads: torch.Tensor, group: int, per_head: VSPlan | None = None):
-    """The VS launch with the least estimated time for this index: per-head programs or units of 2
-    or 4 heads (``(per, plan)``; one host sync). Estimated time = 64x64 tile products it runs (a
-    unit's rows over its union's tiles) / :data:`UNION_SPEED`. ``per_head``: :func:`vs_prepare` of
-    the index, if already built."""
-    options = {1: vs_prepare(q_rank, k_rank, vertical, slash) if per_head is None else per_head}
-    work = [tiles_run(options[1])]
-    for per in (2, 4):
-        if per <= group:
-            options[per] = union_prepare(q_rank, k_rank, vertical, slash, heads, group, per)
-            work.append(tiles_run(options[per].plan) * per)
-    cost = {per: w / UNION_SPEED[per] for per, w in zip(options, torch.stack(work).tolist())}
-    best = min(cost, key=cost.get)
-    return best, options[best]
 
 
 def vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window=None, heads=None, out=None, per=2,

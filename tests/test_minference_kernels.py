@@ -236,21 +236,6 @@ def test_vs_union_kernel_subset_of_heads_and_partial_units():
     assert (out[:, [0, 2, 3]] == 7.0).all()  # other heads untouched
 
 
-def test_choose_union_by_estimated_time(monkeypatch):
-    """Equal speeds: per-head programs (a union never runs fewer tiles); a union kernel much faster
-    per tile: units; the chosen launch's work and result as the kernels give them."""
-    q, k, v, q_rank, k_rank = case([180], 180, 180, hq=8, hkv=2, seed=4)
-    vertical, slash = R.vs_index(q, k, q_rank, k_rank, 0.3, torch.tensor([30, 60] * 4), torch.tensor([50, 90] * 4))
-    heads = torch.arange(8)
-    per, plan = M.choose_union(q_rank, k_rank, vertical, slash, heads, 4)
-    assert per == 1 and int(M.tiles_run(plan)) > 0
-    monkeypatch.setitem(M.UNION_SPEED, 4, 100.0)
-    per, prepared = M.choose_union(q_rank, k_rank, vertical, slash, heads, 4)
-    assert per == 4 and prepared.table.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    out = M.vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, 0.3, prepared=prepared)
-    ref = R.vs_attention(q.double(), k.double(), v.double(), q_rank, k_rank, vertical, slash, 0.3)
-    check(out, ref, torch.float32)
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_block_sparse_kernel_matches_reference(dtype):
     q, k, v, q_rank, k_rank = case([190, 100, 3], 190, 131, dtype=dtype, seed=1)

@@ -82,8 +82,8 @@ class MInferenceConfig:
             head walks its own index); 2 or 4: the heads of a KV head in units of that many, each
             unit walking the union of its heads' indices with every head masked to its own (K/V
             read once per unit, taller tiles, but every head pays the union's keys;
-            ``kernels.minference.vs_union_attention``); 0: per layer, the one with the least estimated
-            time (``kernels.minference.choose_union``). Same result either way.
+            ``kernels.minference.vs_union_attention``). Same result either way; 1 is faster in
+            every case measured on the H200 (``kernels/minference.py`` docstring).
         model_shape: the model the patterns were calibrated for; checked at patch time when set.
     """
 
@@ -115,9 +115,8 @@ class MInferenceConfig:
                              f"{self.index_queries}, max_density={self.max_density}")
         if self.max_work is not None and not self.max_work > 0.0:
             raise ValueError(f"MInferenceConfig.max_work must be > 0 (a fraction of dense work) or None, got {self.max_work}")
-        if self.union_heads not in (0, 1, 2, 4):
-            raise ValueError(f"MInferenceConfig.union_heads is 0 (auto), 1, 2 or 4 (query heads per VS program), got "
-                             f"{self.union_heads}")
+        if self.union_heads not in (1, 2, 4):
+            raise ValueError(f"MInferenceConfig.union_heads is 1, 2 or 4 (query heads per VS program), got {self.union_heads}")
         if self.scale_length is not None and self.scale_length < 1:
             raise ValueError(f"MInferenceConfig.scale_length must be >= 1 or None, got {self.scale_length}")
 
@@ -260,7 +259,7 @@ def sparse_prefill(plan: HeadPlan, q, k, v, q_rank, k_rank, scale, window=None, 
             return None
     if not use_triton:
         return _reference_prefill(plan, q, k, v, q_rank, k_rank, scale, window, vertical, slash, blocks)
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)  # the kernels write real query rows only: padding rows stay 0 (not garbage)
     for (sink, recent), heads in plan.a_shape.items():
         kv = sorted({h // G for h in heads})
         kv_t = torch.tensor(kv, device=dev)
@@ -268,16 +267,12 @@ def sparse_prefill(plan: HeadPlan, q, k, v, q_rank, k_rank, scale, window=None, 
                                  sink, recent, window, heads=kv_t, group=G)
         idx = torch.tensor(heads, device=dev)
         out.index_copy_(1, idx, part.index_select(1, idx))
-    if plan.vs:
-        per, prepared = union_heads, per_head
-        if union_heads == 0:  # per layer, the launch with the least estimated time
-            per, prepared = triton_kernels.choose_union(q_rank, k_rank, vertical, slash, vs_heads, G, per_head)
-        if per > 1:
-            triton_kernels.vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads,
-                                              out=out, per=per, prepared=prepared)
-        else:
-            triton_kernels.vs_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads,
-                                        out=out, plan=prepared)
+    if plan.vs and union_heads > 1:
+        triton_kernels.vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads,
+                                          out=out, per=union_heads)
+    elif plan.vs:
+        triton_kernels.vs_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads,
+                                    out=out, plan=per_head)
     if plan.block:
         triton_kernels.block_sparse_attention(q, k, v, q_rank, k_rank, blocks, scale, window, heads=bs_heads, out=out)
     return out
