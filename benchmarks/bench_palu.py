@@ -32,7 +32,9 @@ Rows are written as they come (a step cut short by a timeout keeps what it measu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import json
 import sys
 import time
 import traceback
@@ -145,7 +147,8 @@ def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list):
                 if gs == 1 and ratio == 0.5 and plan is not None:  # the merge (+ value up-projection) kernel's share
                     gp, block_rv = _plan_key(case)[6], max(16, 1 << (case["v"].rank - 1).bit_length())
                     launch = [case[n] for n in ("q", "k", "v", "k_up", "positions", "cos", "sin", "q_rank", "k_rank",
-                                                "scale")] + [None, None, None, None, *plan, gp, block_rv]
+                                                "scale")] + [None, None, None, None, *plan, gp, block_rv, None,
+                                                             kernel.settings(bits or 0)]
                     extra["split_kernel_us"] = c.graph_time(lambda: kernel._launch_decode(*launch)) * 1e6
                 rec.add({"shape": shape, "tokens": T, "variant": f"palu gs={gs} r={ratio} bits={bits or 16}",
                          "group_size": gs, "ratio": ratio, "rank": rank, "bits": bits or 16, "us": t * 1e6,
@@ -161,7 +164,7 @@ def _plan_key(case):
     qpk = case["q"].shape[1] // (case["k_up"].shape[0] * case["k_up"].shape[1] // D)
     gp = max(16, 1 << (qpk - 1).bit_length())
     return (D, case["k"].rank, case["v"].rank, bits(case["k"]), bits(case["v"]), case["q"].element_size(), gp,
-            kernel.BLOCK_N, kernel.NUM_STAGES, kernel.TOKENS_M, kernel.NUM_WARPS, kernel.ABLATE, kernel.ROPE_IN_DTYPE)
+            *kernel.settings(bits(case["k"])).values(), kernel.ABLATE)
 
 
 # (token tile, warps, pipelining depth) in the order measured (a timeout keeps the first ones), each with
@@ -172,6 +175,37 @@ SWEEP_TOKENS_M = (True, False)
 SWEEP_PER_SM = (2, 1, 4)
 
 
+@contextlib.contextmanager
+def module_settings():
+    """Kernel settings set on the module for the block (``TUNED`` emptied): restored afterwards."""
+    saved = {name: getattr(kernel, name) for name in kernel.TUNABLE}
+    tuned, kernel.TUNED = kernel.TUNED, {}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(kernel, name, value)
+        kernel.TUNED = tuned
+
+
+def load_tuning(paths) -> dict:
+    """``kernel.TUNED`` from sweep / ablate JSONs: per key-latent bits the fastest sweep row's settings,
+    and RoPE in the model's dtype where the ablation found it faster than fp32."""
+    tuned = {}
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())["rows"] if "us" in r and "bits" in r]
+    for bits in {r["bits"] for r in rows}:
+        key = 0 if bits == 16 else bits
+        sweep = [r for r in rows if r["bits"] == bits and "block_n" in r and "ablate" not in r]
+        if sweep:
+            best = min(sweep, key=lambda r: r["us"])
+            tuned[key] = {"BLOCK_N": best["block_n"], "NUM_WARPS": best["warps"], "NUM_STAGES": best["stages"],
+                          "TOKENS_M": best["tokens_m"], "PROGRAMS_PER_SM": best["programs_per_sm"]}
+        ablate = {r["ablate"]: r["us"] for r in rows if r["bits"] == bits and "ablate" in r}
+        if "rope-in-dtype" in ablate and 0 in ablate:
+            tuned.setdefault(key, {})["ROPE_IN_DTYPE"] = ablate["rope-in-dtype"] < ablate[0]
+    return tuned
+
+
 def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid=SWEEP, tokens_m=SWEEP_TOKENS_M,
                per_sm=SWEEP_PER_SM):
     """Settings of the decode kernel (module constants) at one length; the defaults are restored."""
@@ -179,8 +213,7 @@ def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid=SWEEP,
     t_dense, _ = dense_time(hq, hkv, T, dev)
     rec.add({"shape": shape, "tokens": T, "variant": "dense-sdpa", "us": t_dense * 1e6})
     names = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM")
-    defaults = {name: getattr(kernel, name) for name in names}
-    try:
+    with module_settings():
         for bits in bits_list:
             case = latent_case(T, hq, hkv, gs, ratio, bits, dev)
             for (block_n, warps, stages), orient in itertools.product(grid, tokens_m):
@@ -198,9 +231,6 @@ def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid=SWEEP,
                         break  # the other per_sm values compile the same kernel
                     rec.add({**row, "us": t * 1e6, "speedup": t_dense / t, "plan": kernel._CHOSEN.get(_plan_key(case))})
             del case
-    finally:
-        for name, value in defaults.items():
-            setattr(kernel, name, value)
 
 
 ABLATIONS = {0: "full", 1: "no RoPE", 2: "no value side", 4: "no key rebuild", 5: "no rebuild, no RoPE",
@@ -213,14 +243,16 @@ def ablate_rows(rec, dev, T, bits_list, shape="gqa"):
     hq, hkv = SHAPES[shape]
     t_dense, _ = dense_time(hq, hkv, T, dev)
     rec.add({"shape": shape, "tokens": T, "variant": "dense-sdpa", "us": t_dense * 1e6})
+    tuned = kernel.TUNED
     try:
         for bits in bits_list:
             case = latent_case(T, hq, hkv, 1, 0.5, bits, dev)
             for ablate, what in [*ABLATIONS.items(), ("rope-in-dtype", "nothing: RoPE in bf16")]:
-                kernel.ABLATE, kernel.ROPE_IN_DTYPE = (0, True) if ablate == "rope-in-dtype" else (ablate, False)
+                kernel.ABLATE = 0 if ablate == "rope-in-dtype" else ablate
+                kernel.TUNED = {bits or 0: {**tuned.get(bits or 0, {}), "ROPE_IN_DTYPE": ablate == "rope-in-dtype"}}
+                setting = kernel.settings(bits or 0)
                 row = {"shape": shape, "tokens": T, "bits": bits or 16, "ablate": ablate, "left_out": what,
-                       "tokens_m": kernel.TOKENS_M, "block_n": kernel.BLOCK_N, "warps": kernel.NUM_WARPS,
-                       "stages": kernel.NUM_STAGES, "programs_per_sm": kernel.PROGRAMS_PER_SM}
+                       "settings": setting}
                 try:
                     t = c.graph_time(lambda: kernel.palu_decode(**case))
                 except Exception as error:
@@ -229,7 +261,7 @@ def ablate_rows(rec, dev, T, bits_list, shape="gqa"):
                 rec.add({**row, "us": t * 1e6, "speedup": t_dense / t})
             del case
     finally:
-        kernel.ABLATE, kernel.ROPE_IN_DTYPE = 0, False
+        kernel.ABLATE, kernel.TUNED = 0, tuned
 
 
 # -- time per output token of the 8B shape -------------------------------------------------------
@@ -316,6 +348,7 @@ def main():
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.5, 0.25, 0.75])
     parser.add_argument("--bits", type=int, nargs="*", default=[16, 4], help="16 = unquantised latents")
     parser.add_argument("--variants", nargs="*", choices=list(TPOT_VARIANTS), help="tpot: the variants (default all)")
+    parser.add_argument("--tuning", nargs="*", default=[], help="sweep / ablate JSONs: run with the fastest settings")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON")
     parser.add_argument("--tag", default="", help="added to the JSON's name")
     parser.add_argument("--smoke", action="store_true", help="tiny lengths on CPU (interpreter), checks the script")
@@ -327,6 +360,10 @@ def main():
     bits = [None if b == 16 else b for b in args.bits]
     env = c.environment()
     path = None if args.smoke else args.out / f"palu_{args.part}{args.tag}_{c.device_tag(env)}.json"
+    if args.tuning:
+        kernel.TUNED.update(load_tuning(args.tuning))
+        env = {**env, "kernel_tuned": {str(k): v for k, v in kernel.TUNED.items()}}
+        print("kernel settings:", kernel.TUNED, flush=True)
     rec = Recorder(path, env)
     try:
         if args.part == "layer":

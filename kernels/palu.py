@@ -45,6 +45,10 @@ TOKENS_M = True  # scores as [tokens, query heads] (see _palu_decode_kernel); Fa
 ABLATE = 0  # stages left out, for timing only (see _palu_decode_kernel); 0 in use
 ROPE_IN_DTYPE = False  # rotate the rebuilt keys in the model's dtype (as transformers does) instead of fp32
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
+TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE")
+# Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per key-latent bits (0:
+# unquantised), over the module defaults above; names as the module constants.
+TUNED: dict[int, dict] = {}
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
 NO_LIMIT = 1 << 30
@@ -378,12 +382,24 @@ def smem_estimate(block_n: int, stages: int, d: int, rk: int, rv: int, k_bits: i
     return stages * (block_n * _tile_bytes(rc, k_bits, elt) + 2 * rc * half * elt) + outer + dots
 
 
-def plans(d: int, rk: int, rv: int, k_bits: int, v_bits: int, elt: int, gp: int = 16) -> list[tuple[int, int]]:
+def settings(bits: int) -> dict:
+    """The kernel settings (``TUNABLE`` names) for key latents of ``bits`` bits (0: unquantised):
+    ``TUNED[bits]`` over the module defaults."""
+    chosen = TUNED.get(bits, {})
+    return {name: chosen.get(name, globals()[name]) for name in TUNABLE}
+
+
+def plans(d: int, rk: int, rv: int, k_bits: int, v_bits: int, elt: int, gp: int = 16, max_block: int | None = None,
+          max_stages: int | None = None) -> list[tuple[int, int]]:
     """``(block_n, num_stages)`` settings of the decode kernel for these shapes, best first: token
-    tiles and pipelining depths (at most ``BLOCK_N`` and ``NUM_STAGES``) whose :func:`smem_estimate`
-    fits ``SMEM_BUDGET``, larger tiles and deeper pipelines first; empty when nothing fits."""
-    tiles = [n for n in (128, 64, 32, 16) if n <= BLOCK_N] or [16]
-    stages = [s for s in (3, 2) if s <= NUM_STAGES]
+    tiles and pipelining depths (at most ``max_block`` and ``max_stages``, default :func:`settings`)
+    whose :func:`smem_estimate` fits ``SMEM_BUDGET``, larger tiles and deeper pipelines first; empty
+    when nothing fits."""
+    tuned = settings(k_bits)
+    max_block = max_block or tuned["BLOCK_N"]
+    max_stages = max_stages or tuned["NUM_STAGES"]
+    tiles = [n for n in (128, 64, 32, 16) if n <= max_block] or [16]
+    stages = [s for s in (3, 2) if s <= max_stages]
     order = [(n, s) for n in tiles for s in stages] + [(n, 1) for n in tiles]
     return [(n, s) for n, s in order if smem_estimate(n, s, d, rk, rv, k_bits, v_bits, elt, gp) <= SMEM_BUDGET]
 
@@ -441,9 +457,9 @@ def palu_decode(
     gp = max(16, triton.next_power_of_2(qpk))
     block_rv = max(16, triton.next_power_of_2(v.rank))
     bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
-    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, BLOCK_N, NUM_STAGES, TOKENS_M, NUM_WARPS, ABLATE,
-           ROPE_IN_DTYPE)
-    candidates = [_CHOSEN[key]] if key in _CHOSEN else plans(*key[:7])
+    tuned = settings(bits(k))
+    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, *tuned.values(), ABLATE)
+    candidates = [_CHOSEN[key]] if key in _CHOSEN else plans(*key[:7], tuned["BLOCK_N"], tuned["NUM_STAGES"])
     if not candidates:
         raise ValueError(f"Palu decode: head dim {D}, key rank {rk}, value rank {v.rank} need more shared memory "
                          f"than {SMEM_BUDGET} bytes even with 16-token tiles; use a smaller rank per group (smaller "
@@ -451,7 +467,7 @@ def palu_decode(
     for i, (block_n, stages) in enumerate(candidates):
         try:
             po, pml, splits_used = _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_bias,
-                                                  k_norm, window, splits, block_n, stages, gp, block_rv, length)
+                                                  k_norm, window, splits, block_n, stages, gp, block_rv, length, tuned)
         except triton.runtime.OutOfResources:  # the estimate was short: the next, smaller plan
             if i == len(candidates) - 1:
                 raise
@@ -469,7 +485,7 @@ def palu_decode(
 
 
 def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_bias, k_norm, window, splits,
-                   block_n, stages, gp, block_rv, length=None):
+                   block_n, stages, gp, block_rv, length=None, tuned=None):
     """Launches the split-K decode kernel with one plan; returns the partials and the split count.
     Triton raises ``OutOfResources`` at launch, before anything runs, when the plan does not fit."""
     B, hq, _, D = q.shape
@@ -478,8 +494,9 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     hkv = G * gs
     qpk = hq // hkv
     T = k.data.shape[2]
+    tuned = tuned or settings(k.quant.bits if k.quant is not None else 0)
     if splits is None:
-        target = PROGRAMS_PER_SM * (_sm_count(q.device.index or 0) if q.is_cuda else 1)
+        target = tuned["PROGRAMS_PER_SM"] * (_sm_count(q.device.index or 0) if q.is_cuda else 1)
         splits = max(1, min(-(-target // (B * hkv)), -(-T // block_n), MAX_SPLITS))
     split_len = -(-max(T, 1) // splits)
     split_len = -(-split_len // block_n) * block_n
@@ -510,8 +527,8 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
-        HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, TOKENS_M=TOKENS_M,
-        HAS_LEN=length is not None, ROPE_IN_DTYPE=ROPE_IN_DTYPE, ABLATE=ABLATE,
-        num_warps=NUM_WARPS, num_stages=stages,
+        HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, TOKENS_M=tuned["TOKENS_M"],
+        HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], ABLATE=ABLATE,
+        num_warps=tuned["NUM_WARPS"], num_stages=stages,
     )
     return po, pml, splits
