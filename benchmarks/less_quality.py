@@ -19,12 +19,10 @@ run checks it against the runtime's decode on one window and reports the largest
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,9 +32,8 @@ import kvpress
 from kvpress.adapters import describe
 from kvpress.calibration.less import Activations, LessTraining, capture_group, text_windows, train_layer
 from kvpress.kernels import less_reference as R
-from kvpress.methods.less import Less, LessConfig
+from kvpress.methods.less import Less, LessConfig, simulated
 
-SIM = "kvpress_less_simulation"
 
 
 def register() -> None:
@@ -44,30 +41,6 @@ def register() -> None:
     from kvpress.methods import METHODS
 
     METHODS.setdefault("less", Less)
-
-
-@contextmanager
-def simulated(model, config: LessConfig | None):
-    """Within the block the model's attention is LESS simulated over whole sequences (None: exact)."""
-    from transformers import AttentionInterface
-
-    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if config is None:
-            out = R.dense_attention(query, key, value, scale)
-        else:
-            evict_at = R.eviction_times(query, key, config.budget, scale)
-            w = config.layers[module.layer_idx].to(query.device) if config.state else None
-            out = R.simulate(query, key, value, evict_at, scale, w)
-        return out.to(query.dtype).transpose(1, 2), None
-
-    AttentionInterface.register(SIM, attend)
-    old = model.config._attn_implementation
-    model.config._attn_implementation_internal = SIM
-    try:
-        yield
-    finally:
-        model.config._attn_implementation_internal = old
 
 
 @torch.no_grad()

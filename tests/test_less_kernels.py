@@ -43,11 +43,14 @@ def run_both(policy, state_heads, dtype, device="cpu", b=2, hq=4, hkv=2, d=16, n
     R.prefill_step(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], rank[:, :prompt], ref, w, policy, scale, state=state)
     tri = copy.deepcopy(ref)
     worst = 0.0
+    outs = []
     for i in range(prompt, length):
         args = (q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1], rank[:, i])
         a = R.decode_step(*args, ref, w, policy, scale, state=state)
         out = K.decode_step(*args, tri, w, policy, scale, state=state, splits=splits)
         worst = max(worst, (a.float() - out.float()).abs().max().item())
+        outs.append(out.float())
+    run_both.outputs = torch.cat(outs, 2)  # the kernels' outputs of the decode steps
     return ref, tri, worst
 
 
@@ -113,9 +116,18 @@ class _Recorder:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("state_heads", ["kv", "query"])
 def test_decode_step_gpu(dtype, state_heads):
-    ref, tri, worst = run_both(R.Policy(sink=0, heavy=200, recent=56), state_heads, dtype, device="cuda", b=3, hq=32,
-                               hkv=8, d=128, n=512, length=400, prompt=300, splits=None)
+    """8B-like heads, 100 decode steps after a 300-token prompt, 256-token budget: every step evicts
+    and folds. Both sides get the maps in ``dtype`` (the runtime's), so the state agrees to fp32
+    rounding; the state must matter (the outputs move by more than the tolerance without it)."""
+    shape = dict(device="cuda", b=3, hq=32, hkv=8, d=128, n=512, length=400, prompt=300, splits=None)
+    policy = R.Policy(sink=0, heavy=200, recent=56)
+    ref, tri, worst = run_both(policy, state_heads, dtype, **shape)
+    with_state = run_both.outputs
     assert worst < 3e-2
-    assert torch.equal(ref.rank, tri.rank) and torch.equal(ref.spare, tri.spare)
+    assert torch.equal(ref.rank, tri.rank) and torch.equal(ref.spare, tri.spare) and torch.equal(ref.pending, tri.pending)
+    assert ref.z.min() > 0  # every state head has folded tokens (the prompt's 44 evicted ones, then one per step)
     torch.testing.assert_close(tri.hs, ref.hs, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(tri.z, ref.z, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(tri.score, ref.score, rtol=2e-3, atol=2e-3)
+    run_both(policy, state_heads, dtype, state=False, **shape)
+    assert (with_state - run_both.outputs).abs().max() > 10 * 3e-2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ..kernels import less_reference as reference
 from ..kernels.less_reference import FeatureWeights, Policy
 from .base import Method
 
+SIMULATED = "kvpress_less_simulation"
 WEIGHT_NAMES = ("q_w1", "q_w2", "k_w1", "k_w2", "k_scale", "k_mix", "k_mix_scale")
 
 
@@ -284,6 +286,35 @@ class LessLayer(KVPressLayer):
     def select_batch(self, index: torch.Tensor) -> None:
         if self.cache is not None:
             self.cache.select_batch(index)
+
+
+@contextmanager
+def simulated(model, config: "LessConfig | None"):
+    """Within the block ``model``'s attention is LESS simulated over whole sequences: every position
+    sees what a decode step at that position would see (the policy's kept tokens, decode by decode
+    from a prompt of ``budget`` tokens, plus the state of the tokens evicted before it;
+    ``less_reference.simulate``). One forward of a window then gives the logits of decoding it token
+    by token, which is how perplexity under LESS is measured. ``config=None``: exact attention.
+    The model must not be patched; batches must be unpadded."""
+    from transformers import AttentionInterface
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if config is None:
+            out = reference.dense_attention(query, key, value, scale)
+        else:
+            evict_at = reference.eviction_times(query, key, config.budget, scale)
+            w = config.layers[module.layer_idx].to(query.device) if config.state else None
+            out = reference.simulate(query, key, value, evict_at, scale, w)
+        return out.to(query.dtype).transpose(1, 2), None
+
+    AttentionInterface.register(SIMULATED, attend)
+    old = model.config._attn_implementation
+    model.config._attn_implementation_internal = SIMULATED
+    try:
+        yield
+    finally:
+        model.config._attn_implementation_internal = old
 
 
 class Less(Method):
