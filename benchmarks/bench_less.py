@@ -72,6 +72,23 @@ def filled_cache(policy, hq, hkv, d, hs, rank, length, dev, dtype):
     return cache
 
 
+class _Skipped:
+    """Stands for a Triton kernel whose launches are skipped (``launch_one``)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def launch_one(step):
+    """GPU time of ``step`` with its second launch skipped: where the step's time goes."""
+    finish = kernel._finish_kernel
+    kernel._finish_kernel = _Skipped()
+    try:
+        return c.graph_time(step)
+    finally:
+        kernel._finish_kernel = finish
+
+
 def layer_rows(dev, lengths, smoke):
     hq, hkv, d, rank, hidden = (32, 8, 128, 8, 512) if not smoke else (4, 2, 16, 8, 32)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -109,6 +126,13 @@ def layer_rows(dev, lengths, smoke):
                 t = c.graph_time(step)
                 state_bytes = (cache.hs.numel() + cache.z.numel()) * 4
                 label = f"LESS {name}, state per {state_heads} head" if state else f"{name} alone (state off)"
+                if state_heads == "kv" and L == lengths[0] and name == next(iter(policies)):
+                    rows.append({"L": L, "variant": f"LESS {name}: launch 1 alone (attention + features)",
+                                 "graph_us": launch_one(step) * 1e6})
+                    for splits in (1, 2, 4, 8, 16):  # programs per KV head along the slots (default: fill the GPU)
+                        fixed = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5,  # noqa: E731
+                                                           state=state, splits=splits)
+                        rows.append({"L": L, "variant": f"LESS {name}, splits={splits}", "graph_us": c.graph_time(fixed) * 1e6})
                 rows.append({"L": L, "variant": label, "graph_us": t * 1e6,
                              "eager_us": c.bench(step) * 1e6, "speedup": t_dense / t, "max_error_vs_reference": error,
                              "launches": kernel.launches(),
