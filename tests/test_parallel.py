@@ -26,16 +26,57 @@ from kvpress.methods.base import HeadAxis, select_heads
 from tiny_models import random_ids, tiny_model
 
 PROMPT, NEW = 20, 8  # a duo window of sink 2 + recent 4 is compacted during these steps (slack 16)
-METHODS = ("dense", "duo")
+CASES = ("dense", "duo", "minference", "minference+duo", "less", "palu")
+EXACT_BYTES = ("dense", "duo")  # whose ranks' K/V buffers add up to the whole model's byte for byte
 
 
-def config_of(method: str, layers: int = 2):
-    """The method's config for ``tiny_model`` with ``layers`` layers (Duo: fixed random gates, half the
-    KV heads streaming, picked over the whole model)."""
-    if method == "dense":
-        return None
+def duo_config(layers: int) -> kvpress.DuoConfig:
+    """Fixed random gates, half the KV heads streaming (picked over the whole model: Duo's sparsity)."""
     gates = torch.rand(layers, 4, generator=torch.Generator().manual_seed(3))
     return kvpress.DuoConfig(gates=gates, sink=2, recent=4, sparsity=0.5)
+
+
+def minference_config(layers: int):
+    """Sparse at any length: even query heads A-shape (2 sinks, 8 recent), odd heads VS (30, 50)."""
+    from kvpress.methods.minference import MInferenceConfig
+
+    layer = {h: ("stream_llm", 2, 8) if h % 2 == 0 else ("vertical_and_slash", 30, 50) for h in range(8)}
+    return MInferenceConfig(patterns=[dict(layer) for _ in range(layers)], min_length=0, min_queries=0, max_density=1e9)
+
+
+def case_config(case: str, model) -> tuple:
+    """``(method, config)`` of a test case for ``model`` (the whole model, on one device)."""
+    layers = model.config.num_hidden_layers
+    if case == "dense":
+        return "dense", None
+    if case == "duo":
+        return "duo", duo_config(layers)
+    if case == "minference":
+        return "minference", minference_config(layers)
+    if case == "minference+duo":
+        return ["minference", "duo"], {"minference": minference_config(layers), "duo": duo_config(layers)}
+    if case == "less":
+        from kvpress.methods.less import LessConfig
+
+        config = LessConfig.random(describe(model).shape, rank=4, hidden=16, policy="h2o", sink=2, heavy=3, recent=4)
+        for w in config.layers:  # the state's scales raised, so that the state changes the output
+            w.k_scale.fill_(0.5)
+            w.k_mix_scale.fill_(0.1)
+        return "less", config
+    if case == "palu":  # exact factors of the model's own weights, in groups of 2 KV heads (one per rank)
+        kvpress.patch(model, "palu", group_size=2)
+        config = model._kvpress_patch.method.config
+        kvpress.unpatch(model)
+        return "palu", config
+    raise ValueError(case)
+
+
+def tensor_parallel_ready(case: str) -> bool:
+    """Whether every config of the case can be cut to a rank's heads (``select_heads``)."""
+    from kvpress.methods import get_method
+
+    classes = [get_method(name).config_class for name in case.split("+")]
+    return all(hasattr(c, "head_axes") or hasattr(c, "select_heads") for c in classes)
 
 
 def two_gpus() -> bool:
@@ -56,14 +97,18 @@ def greedy(model, device="cpu") -> list:
     return out[:, PROMPT:].tolist()
 
 
-def all_tokens(model, device="cpu", layers: int = 2) -> dict:
-    """Greedy tokens of ``model``: unpatched, and patched with each method."""
+def all_tokens(model, cases: dict, device="cpu") -> dict:
+    """Greedy tokens of ``model``: unpatched, and patched as each case."""
     tokens = {"unpatched": greedy(model, device)}
-    for name in METHODS:
-        kvpress.patch(model, name, config_of(name, layers))
-        tokens[name] = greedy(model, device)
+    for case, (method, config) in cases.items():
+        kvpress.patch(model, method, config)
+        tokens[case] = greedy(model, device)
         kvpress.unpatch(model)
     return tokens
+
+
+def held_kv_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.held_tensors())
 
 
 # -- tensor parallel: two processes ---------------------------------------------------------------
@@ -75,8 +120,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tp_rank(rank: int, world: int, folder: str, port: int, backend: str, out: str) -> None:
-    """One rank: load the model tensor parallel, generate unpatched and with each method."""
+def _tp_rank(rank: int, world: int, folder: str, port: int, backend: str, cases: dict, out: str) -> None:
+    """One rank: load the model tensor parallel, generate unpatched and as each case."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -93,95 +138,116 @@ def _tp_rank(rank: int, world: int, folder: str, port: int, backend: str, out: s
         device = "cuda" if backend == "nccl" else "cpu"
         heads = describe(model).heads
         result = {"heads": [heads.rank, heads.world_size, list(heads.kv_heads), list(heads.query_heads)],
-                  "tokens": {"unpatched": greedy(model, device)}, "bytes": {}}
-        for name in METHODS:
-            kvpress.patch(model, name, config_of(name))
-            result["tokens"][name] = greedy(model, device)
+                  "tokens": all_tokens(model, cases, device), "bytes": {}}
+        for case in EXACT_BYTES:
+            kvpress.patch(model, *cases[case])
             ids, mask = batch(device)
             cache = model(ids, attention_mask=mask).past_key_values
-            kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.held_tensors())
-            total_kv = torch.tensor([kv], device=device)
-            dist.all_reduce(total_kv)
-            result["bytes"][name] = [kvpress.kv_cache_bytes(cache), total_kv_cache_bytes(cache), kv, int(total_kv)]
+            kv = torch.tensor([held_kv_bytes(cache)], device=device)
+            dist.all_reduce(kv)
+            result["bytes"][case] = [kvpress.kv_cache_bytes(cache), total_kv_cache_bytes(cache), held_kv_bytes(cache), int(kv)]
             kvpress.unpatch(model)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-def run_tensor_parallel(backend: str) -> list[dict]:
+def run_tensor_parallel(backend: str, cases: dict) -> list[dict]:
     """Save the tiny model, run ``_tp_rank`` in 2 spawned processes, return each rank's result."""
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as out:
         tiny_model("llama").save_pretrained(folder)
-        mp.spawn(_tp_rank, args=(2, folder, _free_port(), backend, out), nprocs=2, join=True)
+        mp.spawn(_tp_rank, args=(2, folder, _free_port(), backend, cases, out), nprocs=2, join=True)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
-
-
-def held_kv_bytes(model, device) -> int:
-    ids, mask = batch(device)
-    cache = model(ids, attention_mask=mask).past_key_values
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.held_tensors())
 
 
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.gpu)])
 def test_tensor_parallel_tokens_equal_unsharded(backend):
+    """Every method whose config can be cut to a rank's heads (dense, duo; the others once they declare
+    ``head_axes``), on a left-padded batch."""
     if backend == "nccl" and not two_gpus():
         pytest.skip("needs 2 GPUs")
     device = "cuda" if backend == "nccl" else "cpu"
     whole = tiny_model("llama").to(device)
-    expected = all_tokens(whole, device)
+    cases = {case: case_config(case, whole) for case in CASES if tensor_parallel_ready(case)}
+    assert set(EXACT_BYTES) <= set(cases)
+    expected = all_tokens(whole, cases, device)
     whole_bytes = {}
-    for name in METHODS:
-        kvpress.patch(whole, name, config_of(name))
-        whole_bytes[name] = held_kv_bytes(whole, device)
+    for case in EXACT_BYTES:
+        kvpress.patch(whole, *cases[case])
+        ids, mask = batch(device)
+        whole_bytes[case] = held_kv_bytes(whole(ids, attention_mask=mask).past_key_values)
         kvpress.unpatch(whole)
-    ranks = run_tensor_parallel(backend)
+    cases = {case: (method, _to_cpu(config)) for case, (method, config) in cases.items()}
+    ranks = run_tensor_parallel(backend, cases)
     assert [r["heads"] for r in ranks] == [[0, 2, [0, 1], [0, 1, 2, 3]], [1, 2, [2, 3], [4, 5, 6, 7]]]
     for r in ranks:
-        assert r["tokens"] == expected, f"rank {r['heads'][0]}: {r['tokens']} != {expected}"
-        for name in METHODS:
-            local, total, kv, total_kv = r["bytes"][name]
-            assert total == sum(other["bytes"][name][0] for other in ranks) and local < total
-            assert total_kv == whole_bytes[name]  # the ranks' K/V add up to the whole model's
-            assert 0 < kv < whole_bytes[name]
+        differ = {case: (got, expected[case]) for case, got in r["tokens"].items() if got != expected[case]}
+        assert not differ, f"rank {r['heads'][0]}: tokens differ from the unsharded model's: {differ}"
+        for case in EXACT_BYTES:
+            local, total, kv, total_kv = r["bytes"][case]
+            assert total == sum(other["bytes"][case][0] for other in ranks) and local < total
+            assert total_kv == whole_bytes[case]  # the ranks' K/V add up to the whole model's
+            assert 0 < kv < whole_bytes[case]
+
+
+def _to_cpu(config):
+    """A config with its tensors on the CPU (to send to other processes)."""
+    if isinstance(config, dict):
+        return {k: _to_cpu(v) for k, v in config.items()}
+    if isinstance(config, torch.Tensor):
+        return config.cpu()
+    if dataclasses.is_dataclass(config):
+        return dataclasses.replace(config, **{f.name: _to_cpu(getattr(config, f.name)) for f in dataclasses.fields(config)
+                                              if f.init})
+    if isinstance(config, list):
+        return [_to_cpu(v) for v in config]
+    return config
 
 
 # -- device_map across two GPUs --------------------------------------------------------------------
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not two_gpus(), reason="needs 2 GPUs")
-def test_device_map_tokens_equal_single_gpu():
+def _dispatched(layers: int = 4):
     """Layers 0-1 on GPU 0, 2-3 on GPU 1 (what from_pretrained(device_map=...) sets up, through accelerate)."""
     from accelerate import dispatch_model
 
-    expected = all_tokens(tiny_model("llama", num_hidden_layers=4).to("cuda:0"), "cuda:0", layers=4)
     device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
                   "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
-    model = tiny_model("llama", num_hidden_layers=4)
-    model = dispatch_model(model, device_map, skip_keys=model._skip_keys_device_placement)
-    assert all_tokens(model, "cuda:0", layers=4) == expected
-    for name in METHODS:
-        kvpress.patch(model, name, config_of(name, layers=4))
-        ids, mask = batch("cuda:0")
-        cache = model(ids, attention_mask=mask).past_key_values
-        for layer, module in zip(cache.layers, describe(model).attention_modules):
-            device = module.q_proj.weight.device
-            assert {t.device for t in layer.held_tensors()} == {device}, name
-            assert {heads.device for heads, _ in layer.group_specs} == {device}, name
-        assert {layer.device for layer in cache.layers} == {torch.device("cuda", 0), torch.device("cuda", 1)}
-        for _ in range(NEW):  # decode steps: GPU 1's ranks are the ledger's, appended in place there
-            ids = torch.cat([ids, ids[:, -1:]], 1)
-            mask = torch.cat([mask, mask[:, -1:]], 1)
-            cache = model(ids[:, -1:], attention_mask=mask, past_key_values=cache).past_key_values
-        ledger = cache.layers[0].ledger
-        mirror = ledger._mirrors[torch.device("cuda", 1)]
-        main = {None: ledger.rank, **ledger.window_rank}
-        assert set(mirror) == set(main), name
-        for key, buffer in mirror.items():
-            assert torch.equal(buffer.tensor.cpu(), main[key].tensor.cpu()), (name, key)
-        assert ledger.mirror_copies == (1 if name == "duo" else 0), name  # duo: its windows compacted once
-        kvpress.unpatch(model)
+    model = tiny_model("llama", num_hidden_layers=layers)
+    return dispatch_model(model, device_map, skip_keys=model._skip_keys_device_placement)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not two_gpus(), reason="needs 2 GPUs")
+@pytest.mark.parametrize("case", [c for c in CASES if c != "palu"])
+def test_device_map_tokens_equal_single_gpu(case):
+    single = tiny_model("llama", num_hidden_layers=4).to("cuda:0")
+    cases = {case: case_config(case, single)}
+    expected = all_tokens(single, cases, "cuda:0")
+    model = _dispatched()
+    assert all_tokens(model, cases, "cuda:0") == expected
+    if case not in ("dense", "duo"):
+        return
+    kvpress.patch(model, *cases[case])
+    ids, mask = batch("cuda:0")
+    cache = model(ids, attention_mask=mask).past_key_values
+    for layer, module in zip(cache.layers, describe(model).attention_modules):
+        device = module.q_proj.weight.device
+        assert {t.device for t in layer.held_tensors()} == {device}
+        assert {heads.device for heads, _ in layer.group_specs} == {device}
+    assert {layer.device for layer in cache.layers} == {torch.device("cuda", 0), torch.device("cuda", 1)}
+    for _ in range(NEW):  # decode steps: GPU 1's ranks are the ledger's, appended in place there
+        ids = torch.cat([ids, ids[:, -1:]], 1)
+        mask = torch.cat([mask, mask[:, -1:]], 1)
+        cache = model(ids[:, -1:], attention_mask=mask, past_key_values=cache).past_key_values
+    ledger = cache.layers[0].ledger
+    mirror = ledger._mirrors[torch.device("cuda", 1)]
+    main = {None: ledger.rank, **ledger.window_rank}
+    assert set(mirror) == set(main)
+    for key, buffer in mirror.items():
+        assert torch.equal(buffer.tensor.cpu(), main[key].tensor.cpu()), key
+    assert ledger.mirror_copies == (1 if case == "duo" else 0)  # duo: its windows compacted once
+    kvpress.unpatch(model)
 
 
 # -- the mechanism, on one process -----------------------------------------------------------------
@@ -259,9 +325,9 @@ def test_describe_reads_the_rank_heads_from_sharded_projections():
     assert info.heads == HeadShard(1, 2, range(2, 4), range(4, 8))
     assert (info.num_heads, info.num_kv_heads, info.shape.num_kv_heads) == (4, 2, 4)
     assert (info.local_shape.num_heads, info.local_shape.num_kv_heads, info.local_shape.head_dim) == (4, 2, 16)
-    kvpress.patch(model, "duo", config_of("duo"))
+    kvpress.patch(model, "duo", duo_config(2))
     runtime = model._kvpress_patch.method
-    assert torch.equal(runtime.retrieval, config_of("duo").retrieval_heads()[:, 2:])
+    assert torch.equal(runtime.retrieval, duo_config(2).retrieval_heads()[:, 2:])
     ids, mask = batch()
     cache = model(ids, attention_mask=mask).past_key_values
     assert sum(len(heads) for heads, _ in cache.layers[0].group_specs) == 2
@@ -313,6 +379,16 @@ def test_total_kv_cache_bytes_without_distributed_is_kv_cache_bytes():
     ids, mask = batch()
     cache = model(ids, attention_mask=mask).past_key_values
     assert total_kv_cache_bytes(cache) == kvpress.kv_cache_bytes(cache) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not two_gpus(), reason="needs 2 GPUs")
+def test_device_map_palu_tokens_equal_single_gpu():
+    """Last in this file: Palu's rotary-position buffer is shared by the layers of every device (the
+    runtime's, one per cache), which may fault the GPU for the tests after it."""
+    single = tiny_model("llama", num_hidden_layers=4).to("cuda:0")
+    cases = {"palu": case_config("palu", single)}
+    assert all_tokens(_dispatched(), cases, "cuda:0") == all_tokens(single, cases, "cuda:0")
 
 
 if __name__ == "__main__":
