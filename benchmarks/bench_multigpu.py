@@ -370,6 +370,29 @@ def tp_run(a) -> None:
     dist.destroy_process_group()
 
 
+def markdown_table(folder) -> str:
+    """The docs/multigpu.md table from the JSON files in ``folder``."""
+    import json
+
+    rows = []
+    for path in sorted(Path(folder).glob("multigpu_*.json")):
+        res = json.loads(path.read_text())
+        rows += [("maxctx", r) for r in res.get("maxctx", [])] + [("tpot", r) for r in res.get("tpot", [])]
+    order = {"single": 0, "device_map": 1}
+    rows.sort(key=lambda kr: (kr[0] != "maxctx", order.get(kr[1]["scheme"], 2)))
+    cell = {}
+    for kind, r in rows:
+        if kind == "maxctx":
+            mark = "" if r["complete"] else " (at least)"
+            cell[(f"longest context, {r['scheme']}", r["variant"])] = f"{r['max_tokens'] // K}K ({r['vs_unpatched']:.2f}x){mark}"
+        else:
+            cell[(f"TPOT at {r['tokens'] // K}K, {r['scheme']}", r["variant"])] = f"{r['tpot_ms']:.1f} ms"
+    lines = ["| | " + " | ".join(VARIANTS) + " |", "| --- |" + " --- |" * len(VARIANTS)]
+    for label in dict.fromkeys(k for k, _ in cell):
+        lines.append(f"| {label} | " + " | ".join(cell.get((label, v), "") for v in VARIANTS) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -386,7 +409,11 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=32 * K * K, help="longest context tried (tokens)")
     p.add_argument("--budget-s", type=float, default=300.0, help="seconds for the whole main run")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU: every path in seconds")
+    p.add_argument("--table", default=None, help="print the markdown table of the JSON files in this folder, then exit")
     a = p.parse_args()
+    if a.table:
+        print(markdown_table(a.table))
+        return
     if a.smoke:
         torch.set_num_threads(1)
         a.tpot_tokens, a.steps, a.chunk, a.fill_chunk, a.step, a.limit, a.budget_s = 512, 2, 64, 128, 256, 1024, 60.0
