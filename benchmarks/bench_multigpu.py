@@ -189,11 +189,12 @@ def fits(model, make_cache, L: int, chunk: int, fill_chunk: int, decode_steps: i
 def bytes_per_token(model, name: str, chunk: int) -> dict:
     """Bytes one more token of context costs on each device: K/V of the heads that keep every token;
     unpatched, also its prefill chunk's causal mask (``[chunk, T]`` bools, and their bf16 copy in SDPA)
-    on every device; kvpress, the ranks of the ledger (and their copy on another device)."""
+    and one layer's K/V repeated to every query head (transformers' sdpa with a mask) on every device;
+    kvpress, the ranks of the ledger (and their mirror on another device)."""
     info = describe(model)
     per_head = 2 * info.shape.head_dim * model.dtype.itemsize  # K and V
-    if VARIANTS[name] is None:
-        heads, extra = [info.num_kv_heads] * info.shape.num_layers, 3 * chunk
+    if VARIANTS[name] is None:  # + the chunk's mask, and one layer's K/V repeated to the query heads (repeat_kv)
+        heads, extra = [info.num_kv_heads] * info.shape.num_layers, 3 * chunk + info.num_heads * per_head
     else:
         config = duo_config(VARIANTS[name], info.shape.num_layers, info.shape.num_kv_heads)
         heads, extra = config.retrieval_heads().sum(dim=1).tolist(), 8
