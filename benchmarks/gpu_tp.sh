@@ -4,7 +4,8 @@
 #   TPOT at 128K on one GPU and with device_map; TPOT at 128K tensor parallel (torchrun, 2 ranks, the
 #   model's config saved for from_pretrained; every weight if that fails); the longest context on one GPU and with device_map
 #   in the time left (a search cut short says so in its JSON: complete=false).
-# Installs this tree under /tmp and runs it with PYTHONPATH (as benchmarks/gpu_session.sh does).
+# Installs this tree under /tmp and runs it with PYTHONPATH (as benchmarks/gpu_session.sh does). At most 7 files
+# under $OUT/tp (a device call returns at most 8): 4 logs and 3 JSON files.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/kvpress-gpu}/tp
@@ -12,10 +13,11 @@ TOTAL=${TP_TOTAL_S:-465}  # seconds this script may take in all
 CKPT=/tmp/kvpress-tp-8b
 mkdir -p "$OUT"
 stamp() { echo "== $(date +%T) (+${SECONDS}s) $*"; }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/nvidia-smi.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 rm -rf /tmp/kvpress-tp "$CKPT"
-pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-tp . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
+pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-tp . >/tmp/kvpress-tp-install.log 2>&1 \
+  || cat /tmp/kvpress-tp-install.log
 export PYTHONPATH=/tmp/kvpress-tp
 BENCH=benchmarks/bench_multigpu.py
 
