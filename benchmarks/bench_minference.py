@@ -28,8 +28,10 @@ ranges). Speed-ups and the crossover length (shortest measured length from which
 at every longer length) go into ``benchmarks/results/minference_layer_<device>.json``. For the VS
 heads of each variant the VS kernel is also timed alone (index prepared) beside the work it runs
 (``kernels.minference.vs_work``: 64-key tiles per query block, that work over dense causal
-attention's, TFLOP/s on it). Lengths from 256K on are timed once, without a warm-up call, when
-shorter lengths ran before (dense SDPA takes ~1.1 s per layer at 256K, 4.6 s at 512K, ~18 s at 1M).
+attention's, TFLOP/s on it). Lengths from 256K on are timed once (dense SDPA takes ~1.1 s per
+layer at 256K, 4.7 s at 512K, 19 s at 1M) after one warm-up call of each sparse path (a new length
+can need a new Triton specialisation, seconds of compiling), dense without one; ``--dense-from``
+reuses dense times of an earlier run on the same device.
 
 Union index per KV group (on the all-VS variants, up to ``--union-max`` tokens): the G = 4 query
 heads of a KV head can share one program walking the *union* of their indices (K/V read once per
@@ -261,8 +263,9 @@ def union_stats(name, plan, q, k, v, rank, scale, dev, reps, dense_s, warmup=Tru
 
 
 def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), union=1 << 30, on_row=None,
-               union_heads=1):
-    """One row per length (``on_row(rows)`` after each: the caller saves partial results)."""
+               union_heads=1, dense_ms=None, kernel_stats=True):
+    """One row per length (``on_row(rows)`` after each: the caller saves partial results);
+    ``dense_ms``: {tokens: ms} of dense SDPA from an earlier run on the same device, not re-timed."""
     hq, hkv, d = shape
     scale = d ** -0.5
     use_triton = c._is_cuda(dev)
@@ -270,11 +273,17 @@ def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), un
     for L in lengths:
         q, k, v = inputs(L, dev, dtype, kind, hq, hkv, d)
         rank = torch.arange(L, device=dev, dtype=torch.int32)[None]
-        long = L >= 256 * K  # timed once, no warm-up call: the kernels were compiled at shorter lengths
-        reps_L, warm = (1, False) if long and len(lengths) > 1 else (reps, True)
-        t_dense = elapsed(lambda: dense(q, k, v, scale), dev, reps_L, warm)
+        # From 256K: one timed call; dense without a warm-up call (nothing to compile; ~18 s at 1M), the
+        # Triton paths with one (a new length can need a new specialisation: seconds of compiling).
+        long = L >= 256 * K and len(lengths) > 1
+        reps_L, warm = (1, True) if long else (reps, True)
+        if dense_ms and L in dense_ms:  # dense time of an earlier run (--dense-from)
+            t_dense = dense_ms[L] / 1e3
+        else:
+            t_dense = elapsed(lambda: dense(q, k, v, scale), dev, reps_L, not long)
         row = {"tokens": L, "inputs": kind, "dense_ms": t_dense * 1e3, "reps": reps_L,
-               "dense_tflops": 2 * 2 * hq * d * L * (L + 1) / 2 / t_dense / 1e12}
+               "dense_tflops": 2 * 2 * hq * d * L * (L + 1) / 2 / t_dense / 1e12,
+               "dense_from_earlier_run": bool(dense_ms and L in dense_ms)}
         for name in variants:
             plan = plan_heads(configs(hq)[name], 0, list(range(hq)), L)
             local = name == "local"
@@ -293,7 +302,7 @@ def layer_rows(lengths, dev, dtype, kind, variants, reps, shape=(HQ, HKV, D), un
             t = elapsed(run, dev, reps_L, warm)
             t_index = elapsed(lambda: vs_index(plan, q, k, rank, scale, False), dev, reps_L, warm) if plan.vs else 0.0
             row.update({f"{name}_ms": t * 1e3, f"{name}_index_ms": t_index * 1e3, f"{name}_speedup": t_dense / t})
-            if plan.vs and use_triton:
+            if plan.vs and use_triton and kernel_stats:
                 row.update(vs_kernel_stats(name, plan, q, k, v, rank, scale, dev, reps_L, local, warm))
             if L <= union and plan.vs and not local and len(plan.vs) == hq:
                 if use_triton:
@@ -341,11 +350,11 @@ def sweep_rows(L, dev, dtype, kind):
     return rows
 
 
-def build_model(dev, layers=32, attention="local", smoke=False, seed=0):
+def build_model(dev, layers=32, attention="local", smoke=False, seed=0, locality=0.6):
     """The 8B-shaped Llama (``common.llama8b_config``: Llama-3-8B dimensions, rope theta 500000,
     ``max_position_embeddings`` 4M) with random bf16 weights. ``attention="local"``: the q and k
-    projections get a bias, the same random vector ``u`` (per KV head; entries of 0.6x the size of a
-    projection's output entries) for the KV head and its query heads, so that scores carry
+    projections get a bias, the same random vector ``u`` (per KV head; entries of ``locality`` times
+    the size of a projection's output entries) for the KV head and its query heads, so that scores carry
     ``u . R(i - j) u`` (RoPE), which is largest near the diagonal: attention decays with distance
     as in trained models (the layer part's ``rope`` inputs, in a model). ``"random"``: no bias
     (every score is noise, so the chosen diagonals scatter: the worst case for VS)."""
@@ -367,7 +376,7 @@ def build_model(dev, layers=32, attention="local", smoke=False, seed=0):
     if attention == "local":
         hq, hkv = config.num_attention_heads, config.num_key_value_heads
         d = config.hidden_size // hq
-        size = 0.6 * config.initializer_range * config.hidden_size ** 0.5  # 0.6 x the std of W x (x RMS-normed)
+        size = locality * config.initializer_range * config.hidden_size ** 0.5  # x the std of W x (x RMS-normed)
         for layer in model.model.layers:
             attn = layer.self_attn
             u = torch.randn(hkv, d, device=dev) * size
@@ -384,12 +393,12 @@ def random_duo(layers, kv_heads, retrieval=0.5, seed=0):
     return DuoConfig(gates=gates, sparsity=1.0 - retrieval)
 
 
-def ttft_rows(dev, plan, chunk, smoke, attention="local", retrieval=0.5, union_heads=1):
+def ttft_rows(dev, plan, chunk, smoke, attention="local", retrieval=0.5, union_heads=1, locality=0.6):
     """Time to first token per (tokens, layers) of ``plan``: unpatched (one chunk), minference and
     minference+duo (``chunk``-token chunks), the published config on every layer."""
     rows = []
     for L, layers in plan:
-        model = build_model(dev, layers, attention, smoke)
+        model = build_model(dev, layers, attention, smoke, locality=locality)
         published = MInferenceConfig(patterns=published_patterns(layers), union_heads=union_heads)
         duo = random_duo(layers, model.config.num_key_value_heads, retrieval)
 
@@ -417,8 +426,17 @@ def ttft_rows(dev, plan, chunk, smoke, attention="local", retrieval=0.5, union_h
     return rows
 
 
-def plot(path, out):
-    """Speed-up over dense SDPA vs length per variant, from a layer JSON, with the done-when targets."""
+def first_call_in_timing(row, name) -> bool:
+    """Whether ``name``'s time at this length is far above its parts timed warm (index, tables, VS
+    kernel): a first call that compiled a new Triton specialisation (runs before the warm-up fix)."""
+    parts = [row.get(f"{name}_{x}") for x in ("index_ms", "vs_prepare_ms", "vs_kernel_ms")]
+    return None not in parts and row[f"{name}_ms"] > 1.5 * sum(parts)
+
+
+def plot(paths, out):
+    """Speed-up over dense SDPA vs length per variant, from layer JSONs (comma-separated; a later
+    file's point replaces an earlier one's), with the done-when targets. Points whose time includes
+    a first call's compiling (:func:`first_call_in_timing`) are left out."""
     import json
 
     import matplotlib
@@ -427,14 +445,25 @@ def plot(path, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    result = json.loads(Path(path).read_text())
-    rows = result["layer"]
-    names = [key[:-len("_speedup")] for key in rows[0] if key.endswith("_speedup")]
+    points, env, dropped = {}, {}, []
+    for path in paths.split(","):
+        result = json.loads(Path(path).read_text())
+        env = result.get("env", env)
+        for row in result["layer"]:
+            for key in row:
+                if key.endswith("_speedup"):
+                    name = key[:-len("_speedup")]
+                    if first_call_in_timing(row, name):
+                        dropped.append(f"{name}@{row['tokens'] // K}K")
+                    else:
+                        points.setdefault(name, {})[row["tokens"]] = row[key]
+    if dropped:
+        print("left out (first call compiled in the timing):", ", ".join(dropped))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     labels = {"default": "VS (1000, 6096) on every head", "published": "reference's published Llama-3-8B mix",
               "mix": "reference's candidates in turn", "local": "VS (1000, 6096), nearest diagonals"}
-    for name in names:
-        pts = [(r["tokens"], r[f"{name}_speedup"]) for r in rows if f"{name}_speedup" in r]
+    for name, by_length in points.items():
+        pts = sorted(by_length.items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labels.get(name, name))
     ax.scatter([128 * K, 512 * K, 1024 * K], [4, 10, 20], marker="*", s=120, color="black", zorder=5,
                label="targets (4x, 10x, 20x)")
@@ -442,12 +471,11 @@ def plot(path, out):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x"))
-    ticks = sorted({r["tokens"] for r in rows})
+    ticks = sorted({t for by_length in points.values() for t in by_length})
     ax.set_xticks(ticks, [f"{t // K}K" if t < K * K else f"{t // (K * K)}M" for t in ticks])
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("speed-up over dense SDPA (one layer)")
-    env = result.get("env", {})
-    ax.set_title(f"MInference prefill, one Llama-3-8B-shaped layer, {env.get('device', '')}", fontsize=9)
+    ax.set_title(f"MInference prefill, one Llama-3-8B-shaped layer, index included, {env.get('device', '')}", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -465,12 +493,16 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--union-max", type=int, default=524288, help="longest length of the union measurement (0: none)")
     p.add_argument("--union-heads", type=int, default=1, help="MInferenceConfig.union_heads of the timed sparse prefill")
+    p.add_argument("--dense-from", default=None, metavar="JSON",
+                   help="take dense SDPA's times from an earlier layer JSON of the same device (not re-timed)")
+    p.add_argument("--no-kernel-stats", action="store_true", help="skip timing the VS kernel alone")
     p.add_argument("--sweep", action="store_true", help="also sweep the VS kernel's warps / stages at the first length")
     p.add_argument("--ttft", default="131072x32", help="TTFT runs: TOKENSxLAYERS, comma-separated")
     p.add_argument("--attention", default="local", choices=["local", "random"], help="the TTFT model's attention")
+    p.add_argument("--locality", type=float, default=0.6, help="size of the TTFT model's shared q/k bias (build_model)")
     p.add_argument("--chunk", type=int, default=131072, help="prefill chunk of the kvpress variants (tokens)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (checks the script, times mean nothing)")
-    p.add_argument("--plot", default=None, metavar="JSON", help="only plot a layer JSON (to --plot-out)")
+    p.add_argument("--plot", default=None, metavar="JSON[,JSON]", help="only plot layer JSONs (to --plot-out)")
     p.add_argument("--plot-out", default=str(Path(__file__).resolve().parent.parent / "docs" / "minference_speed.png"))
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -494,8 +526,16 @@ def main(argv=None):
         lengths = [256, 512] if args.smoke else [int(x) for x in args.lengths.split(",")]
         shape = (8, 2, 32) if args.smoke else (HQ, HKV, D)
         variants = args.variants.split(",")
+        dense_ms = None
+        if args.dense_from:
+            import json
+
+            earlier = json.loads(Path(args.dense_from).read_text())
+            dense_ms = {r["tokens"]: r["dense_ms"] for r in earlier["layer"]}
+            result["dense_from"] = {"file": str(args.dense_from), "env": earlier.get("env")}
         rows = layer_rows(lengths, dev, dtype, args.inputs, variants, args.reps, shape, union=args.union_max,
-                          on_row=partial, union_heads=args.union_heads)
+                          on_row=partial, union_heads=args.union_heads, dense_ms=dense_ms,
+                          kernel_stats=not args.no_kernel_stats)
         result["layer"] = rows
         result["crossover_tokens"] = {name: crossover(rows, name) for name in variants}
         c.table("one layer: dense SDPA vs MInference (index building included)", rows,
@@ -519,7 +559,8 @@ def main(argv=None):
     if "ttft" in parts:
         plan = [(512, 2)] if args.smoke else [tuple(int(x) for x in item.split("x")) for item in args.ttft.split(",")]
         result["ttft"] = ttft_rows(dev, plan, 256 if args.smoke else args.chunk, args.smoke, args.attention,
-                                   union_heads=args.union_heads)
+                                   union_heads=args.union_heads, locality=args.locality)
+        result["ttft_model"] = {"attention": args.attention, "locality": args.locality}
         c.table("time to first token (s) on the 8B shape", result["ttft"],
                 [("variant", "{}"), ("tokens", "{:d}"), ("layers", "{:d}"), ("prefill_s", "{:.2f}"),
                  ("ttft_speedup", "{:.2f}"), ("peak_prefill_GiB", "{:.1f}"), ("kv_GiB", "{:.2f}")])

@@ -3,6 +3,9 @@
 #   bash benchmarks/gpu_mink.sh            GPU tests of MInference, one layer 32K..1M (+ union index), TTFT 128K (~2.5 min)
 #   bash benchmarks/gpu_mink.sh million    benchmarks/million.py: 256K/512K/1M x Duo 50%/25% (its own call, < 8 min)
 #   bash benchmarks/gpu_mink.sh ttft512    TTFT at 512K on 4 layers (~2 min)
+#   bash benchmarks/gpu_mink.sh round3     ~60 s: the bf16 GPU tests after the padding-rows fix; the pattern mix at
+#                                          256K-1M and the default at 512K re-timed warm (round 2 timed a first call
+#                                          that compiled), dense times taken from round 2's JSON
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvpress-gpu}
@@ -26,12 +29,19 @@ case $part in
       --plot "$R/minference_layer.json" --plot-out "$R/minference_speed.png" 2>&1 | tail -2
     timeout 200 python benchmarks/bench_minference.py --parts ttft --ttft 131072x32 \
       --out "$R/minference_ttft_128k.json" 2>&1 | tee "$R/ttft.log" | tail -8 ;;
+  round3)
+    timeout 45 pytest -m gpu -q -p no:cacheprovider tests/test_minference.py 2>&1 | tee "$R/gpu_tests3.log" | tail -3
+    D=benchmarks/results/minference_layer_1m_NVIDIA_H200.json
+    timeout 40 python benchmarks/bench_minference.py --parts layer --reps 1 --lengths 262144,524288,1048576 \
+      --variants mix --no-kernel-stats --union-max 0 --dense-from $D --out "$R/minference_layer_mix_warm.json" 2>&1 | tail -6
+    timeout 30 python benchmarks/bench_minference.py --parts layer --reps 1 --lengths 524288 --variants default \
+      --no-kernel-stats --union-max 0 --dense-from $D --out "$R/minference_layer_default512_warm.json" 2>&1 | tail -4 ;;
   ttft512)
     timeout 300 python benchmarks/bench_minference.py --parts ttft --ttft 524288x4 \
       --out "$R/minference_ttft_512k.json" 2>&1 | tee "$R/ttft512.log" | tail -8 ;;
   million)
     timeout 470 python benchmarks/million.py --lengths 262144,524288,1048576 --retrieval 0.5,0.25 \
       --out "$R/million.json" 2>&1 | tee "$R/million.log" | tail -20 ;;
-  *) echo "unknown part $part (main, ttft512, million)" ;;
+  *) echo "unknown part $part (main, round3, ttft512, million)" ;;
 esac
 echo "mink $part: $(( $(date +%s) - start )) s"

@@ -160,6 +160,7 @@ def main(argv=None):
     p.add_argument("--decode-tokens", type=int, default=12)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--attention", default="local", choices=["local", "random"])
+    p.add_argument("--locality", type=float, default=0.6, help="size of the shared q/k bias (bench_minference.build_model)")
     p.add_argument("--union-heads", type=int, default=None, help="MInferenceConfig.union_heads (default: the config's)")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script; times mean nothing)")
     p.add_argument("--out", default=None)
@@ -171,14 +172,14 @@ def main(argv=None):
     if args.tiny:
         torch.set_num_threads(1)
     env = c.environment()
-    model = bm.build_model(dev, layers, args.attention, smoke=args.tiny)
+    model = bm.build_model(dev, layers, args.attention, smoke=args.tiny, locality=args.locality)
     patterns = bm.published_patterns(layers)
     options = {"min_length": 256, "min_queries": 16, "max_density": 1e9} if args.tiny else {}
     if args.union_heads is not None:
         options["union_heads"] = args.union_heads
     minference = MInferenceConfig(patterns=patterns, **options)
     rope = getattr(model.config, "rope_parameters", None) or {}
-    result = {"env": env, "model": {"layers": layers, "attention": args.attention,
+    result = {"env": env, "model": {"layers": layers, "attention": args.attention, "locality": args.locality,
                                     "rope_theta": rope.get("rope_theta", getattr(model.config, "rope_theta", None)),
                                     "max_position_embeddings": model.config.max_position_embeddings},
               "minference": {"patterns": "reference's published Llama-3-8B table (bench_minference.PUBLISHED)",
@@ -188,6 +189,8 @@ def main(argv=None):
         result["unpatched"].append(unpatched_outcome(model, L, dev))
         print(f"unpatched {L // K}K: {result['unpatched'][-1]['outcome']} (dense KV "
               f"{result['unpatched'][-1]['dense_kv_GiB']:.1f} GiB)", flush=True)
+    out = args.out or Path(__file__).resolve().parent / "results" / f"million_{c.device_tag(env)}.json"
+    save = not args.tiny or args.out
     for retrieval in [float(x) for x in args.retrieval.split(",")]:
         duo = bm.random_duo(layers, model.config.num_key_value_heads, retrieval)
         kvpress.patch(model, "minference+duo", config={"minference": minference, "duo": duo},
@@ -204,6 +207,8 @@ def main(argv=None):
                     c._empty_cache(dev)
                 row = {"retrieval": retrieval, **row}
                 result["runs"].append(row)
+                if save:  # a run cut short (timeout) still leaves the finished rows
+                    c.write_json(out, {**result, "partial": True})
                 if "ttft_s" in row:
                     print(f"minference+duo {retrieval:.0%} {L // K}K: TTFT {row['ttft_s']:.1f} s (attention modules "
                           f"{row['attention_s']:.1f} s), TPOT {row['tpot_ms']:.2f} ms, "
@@ -217,8 +222,7 @@ def main(argv=None):
     c.table("1M tokens on one GPU: minference+duo (TTFT s, TPOT ms, GiB)", [r for r in result["runs"] if "ttft_s" in r],
             [("retrieval", "{:.2f}"), ("tokens", "{:d}"), ("ttft_s", "{:.2f}"), ("attention_s", "{:.2f}"), ("tpot_ms", "{:.2f}"),
              ("peak_prefill_GiB", "{:.1f}"), ("peak_decode_GiB", "{:.1f}"), ("kv_GiB", "{:.2f}")])
-    out = args.out or Path(__file__).resolve().parent / "results" / f"million_{c.device_tag(env)}.json"
-    if not args.tiny or args.out:
+    if save:
         c.write_json(out, result)
     return 0
 

@@ -63,8 +63,10 @@ class MInferenceConfig:
         vertical_size, slash_size: the VS budget (tokens) of heads without calibrated patterns.
         scale_length: keys at which the no-config budget reaches its full size (None: never scaled).
         min_length: prefills with fewer keys than this are dense. 131072: the measured crossover of
-            ``benchmarks/bench_minference.py`` on an H200 (one Llama-3-8B-shaped layer, VS (1000, 6096)
-            on every head: 0.39x dense at 32K, 1.11x at 128K; docs/minference.md).
+            ``benchmarks/bench_minference.py`` on an H200 for heads without a calibrated pattern (one
+            Llama-3-8B-shaped layer, index included, VS (1000, 6096) on every head: 0.35x dense at
+            32K, 0.65x at 64K, 1.19x at 128K; the reference's published Llama-3-8B mix: 0.49x, 1.00x,
+            1.93x; ``benchmarks/results/minference_layer_1m_NVIDIA_H200.json``).
         min_queries: forwards with fewer new tokens than this are dense.
         index_queries: forwards with fewer new tokens than this over at least ``8 * index_queries``
             keys are dense (a chunk appended to a long cache): building the VS index reads the last
