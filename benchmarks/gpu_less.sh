@@ -30,11 +30,11 @@ case $part in
   round2)
     bash "$0" tests
     bash "$0" layer
-    quality 70 _gpu --epochs 8 --halve-every 3 --lr 5e-3 --maps r8h128,q-r8h512 ;;
+    quality 70 _gpu --epochs 8 --halve-every 3 --lr 5e-3 --maps r8h128,r8h512 ;;
   round3)
     bash "$0" e2e
     bash "$0" memory
-    quality 60 _gpu3 --epochs 8 --halve-every 3 --lr 5e-3 --maps q-r8h512 ;;
+    quality 60 _gpu3 --epochs 8 --halve-every 3 --lr 5e-3 --maps r8h512 ;;
   tests)
     timeout 60 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py tests/test_less.py 2>&1 \
       | tee "$R/gpu_tests.log" | tail -8 ;;
@@ -45,7 +45,7 @@ case $part in
   memory)
     timeout 40 python benchmarks/bench_less.py memory --out "$R" > "$R/memory.log" 2>&1; tail -14 "$R/memory.log" ;;
   quality)
-    quality 120 _gpu --epochs 8 --halve-every 3 --lr 5e-3 --maps r8h128,q-r8h512 ;;
+    quality 120 _gpu --epochs 8 --halve-every 3 --lr 5e-3 --maps r8h128,r8h512 ;;
   *) echo "unknown part $part (round2, round3, tests, layer, e2e, memory, quality)" ;;
 esac
 echo "less $part: $(( $(date +%s) - start )) s"
