@@ -4,7 +4,7 @@ token of an 8B-shaped Llama.
     python benchmarks/bench_palu.py layer [--lengths 65536 131072] [--group-sizes 1 2 4]
                                           [--ratios 0.25 0.5 0.75] [--bits 16 4] [--smoke]
     python benchmarks/bench_palu.py sweep [--lengths 131072]   # kernel settings at one length
-    python benchmarks/bench_palu.py ablate [--lengths 131072]  # stages left out: where the time goes
+    python benchmarks/bench_palu.py sweep --grid round3         # the settings the H200 sweep pointed to
     python benchmarks/bench_palu.py tpot [--lengths ...]      # 8B-shaped Llama, patched vs not
 
 ``layer`` (the speed side of the frontier): one query token per row against a cache of L tokens,
@@ -17,7 +17,9 @@ at 4 bits, at 64K and 128K). Each time is a CUDA graph replay with a cold L2
 (``common.graph_time``), next to dense SDPA decode on the same shape.
 
 ``sweep``: the kernel's settings (score orientation ``TOKENS_M``, token tile, warps, pipelining
-depth, programs per SM) at one length, GQA, groups of one KV head, half rank.
+depth, programs per SM, hand prefetch) at one length, GQA, groups of one KV head, half rank; each
+setting is first checked against the reference (``max_err``). ``--tuning`` (any part) runs with the
+fastest settings of the sweep JSONs given.
 
 ``tpot``: the 8B-shaped Llama with random weights (``common.build_model``), Palu factors made from
 those weights at patch time (plain SVD, half rank, groups of one KV head: the speed does not depend
@@ -164,15 +166,7 @@ def _plan_key(case):
     qpk = case["q"].shape[1] // (case["k_up"].shape[0] * case["k_up"].shape[1] // D)
     gp = max(16, 1 << (qpk - 1).bit_length())
     return (D, case["k"].rank, case["v"].rank, bits(case["k"]), bits(case["v"]), case["q"].element_size(), gp,
-            *kernel.settings(bits(case["k"])).values(), kernel.ABLATE)
-
-
-# (token tile, warps, pipelining depth) in the order measured (a timeout keeps the first ones), each with
-# both score orientations and several programs per SM (which compile the same kernel)
-SWEEP = [(64, 4, 3), (128, 8, 3), (64, 8, 3), (64, 4, 2), (32, 2, 3), (128, 4, 2), (32, 4, 3), (128, 8, 2), (16, 1, 3),
-         (64, 8, 2)]
-SWEEP_TOKENS_M = (True, False)
-SWEEP_PER_SM = (2, 1, 4)
+            *kernel.settings(bits(case["k"])).values())
 
 
 @contextlib.contextmanager
@@ -189,79 +183,64 @@ def module_settings():
 
 
 def load_tuning(paths) -> dict:
-    """``kernel.TUNED`` from sweep / ablate JSONs: per key-latent bits the fastest sweep row's settings,
-    and RoPE in the model's dtype where the ablation found it faster than fp32."""
+    """``kernel.TUNED`` from sweep JSONs: per key-latent bits the settings of the fastest sweep row
+    (among rows whose output matched the reference)."""
     tuned = {}
-    rows = [r for p in paths for r in json.loads(Path(p).read_text())["rows"] if "us" in r and "bits" in r]
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())["rows"]
+            if "us" in r and "block_n" in r and r.get("max_err", 0.0) < 0.05]
     for bits in {r["bits"] for r in rows}:
-        key = 0 if bits == 16 else bits
-        sweep = [r for r in rows if r["bits"] == bits and "block_n" in r and "ablate" not in r]
-        if sweep:
-            best = min(sweep, key=lambda r: r["us"])
-            tuned[key] = {"BLOCK_N": best["block_n"], "NUM_WARPS": best["warps"], "NUM_STAGES": best["stages"],
-                          "TOKENS_M": best["tokens_m"], "PROGRAMS_PER_SM": best["programs_per_sm"]}
-        ablate = {r["ablate"]: r["us"] for r in rows if r["bits"] == bits and "ablate" in r}
-        if "rope-in-dtype" in ablate and 0 in ablate:
-            tuned.setdefault(key, {})["ROPE_IN_DTYPE"] = ablate["rope-in-dtype"] < ablate[0]
+        best = min((r for r in rows if r["bits"] == bits), key=lambda r: r["us"])
+        tuned[0 if bits == 16 else bits] = {name: best[name.lower()] for name in kernel.TUNABLE if name.lower() in best}
     return tuned
 
 
-def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid=SWEEP, tokens_m=SWEEP_TOKENS_M,
-               per_sm=SWEEP_PER_SM):
-    """Settings of the decode kernel (module constants) at one length; the defaults are restored."""
+def _grid(block_n, warps, stages, per_sm, tokens_m=True, prefetch=True):
+    return [dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=n, TOKENS_M=tokens_m,
+                 PREFETCH=prefetch) for n in per_sm]
+
+
+# The first H200 sweep (benchmarks/results/palu_sweep*_NVIDIA_H200.json, no PREFETCH yet): time per
+# loop step hardly depended on the tile (32 or 64 tokens) and halved with twice the programs per SM:
+# latency-bound. Its best: 64-token tiles / 4 warps / 3 stages / 2 per SM (bf16), 32 / 2 / 3 / 4 (4-bit).
+GRIDS = {
+    "full": [g for block_n, warps, stages in [(64, 4, 3), (128, 8, 3), (64, 8, 3), (64, 4, 2), (32, 2, 3), (128, 4, 2),
+                                              (32, 4, 3), (128, 8, 2), (16, 1, 3), (64, 8, 2)]
+             for tm in (True, False) for g in _grid(block_n, warps, stages, (2, 1, 4), tokens_m=tm)],
+    "round3": [*_grid(64, 4, 3, (2,), prefetch=False), *_grid(64, 4, 3, (2, 3)), *_grid(32, 2, 3, (4,), prefetch=False),
+               *_grid(32, 2, 3, (4, 6, 8)), *_grid(32, 4, 3, (3, 4)), *_grid(16, 1, 3, (8, 16)), *_grid(16, 1, 2, (16,))],
+}
+
+
+def max_error(hq, hkv, gs, ratio, bits, dev, T=2000):
+    """Largest |kernel - reference| at ``T`` tokens (the same compiled kernel as the timed case)."""
+    case = latent_case(T, hq, hkv, gs, ratio, bits, dev)
+    want = ref.latent_attention(**case).float()
+    return (kernel.palu_decode(**case).float() - want).abs().max().item()
+
+
+def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid="full"):
+    """Settings of the decode kernel (module constants, ``GRIDS[grid]``) at one length, each checked
+    against the reference at 2000 tokens (``max_err``); the defaults are restored."""
     hq, hkv = SHAPES[shape]
     t_dense, _ = dense_time(hq, hkv, T, dev)
     rec.add({"shape": shape, "tokens": T, "variant": "dense-sdpa", "us": t_dense * 1e6})
-    names = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM")
     with module_settings():
         for bits in bits_list:
             case = latent_case(T, hq, hkv, gs, ratio, bits, dev)
-            for (block_n, warps, stages), orient in itertools.product(grid, tokens_m):
-                for programs in per_sm:
-                    values = (block_n, warps, stages, orient, programs)
-                    for name, value in zip(names, values):
-                        setattr(kernel, name, value)
-                    row = {"shape": shape, "tokens": T, "bits": bits or 16, "group_size": gs, "ratio": ratio,
-                           "tokens_m": orient, "block_n": block_n, "warps": warps, "stages": stages,
-                           "programs_per_sm": programs}
-                    try:
-                        t = c.graph_time(lambda: kernel.palu_decode(**case))
-                    except Exception as error:  # a setting that does not compile (resources)
-                        rec.add({**row, "error": f"{type(error).__name__}: {str(error)[:200]}"})
-                        break  # the other per_sm values compile the same kernel
-                    rec.add({**row, "us": t * 1e6, "speedup": t_dense / t, "plan": kernel._CHOSEN.get(_plan_key(case))})
-            del case
-
-
-ABLATIONS = {0: "full", 1: "no RoPE", 2: "no value side", 4: "no key rebuild", 5: "no rebuild, no RoPE",
-             7: "latent reads + scores only"}
-
-
-def ablate_rows(rec, dev, T, bits_list, shape="gqa"):
-    """The kernel (default settings) with stages left out (``kernel.ABLATE``, wrong results): where
-    the time goes, by difference. Groups of one KV head, half rank (rank D / 2)."""
-    hq, hkv = SHAPES[shape]
-    t_dense, _ = dense_time(hq, hkv, T, dev)
-    rec.add({"shape": shape, "tokens": T, "variant": "dense-sdpa", "us": t_dense * 1e6})
-    tuned = kernel.TUNED
-    try:
-        for bits in bits_list:
-            case = latent_case(T, hq, hkv, 1, 0.5, bits, dev)
-            for ablate, what in [*ABLATIONS.items(), ("rope-in-dtype", "nothing: RoPE in bf16")]:
-                kernel.ABLATE = 0 if ablate == "rope-in-dtype" else ablate
-                kernel.TUNED = {bits or 0: {**tuned.get(bits or 0, {}), "ROPE_IN_DTYPE": ablate == "rope-in-dtype"}}
-                setting = kernel.settings(bits or 0)
-                row = {"shape": shape, "tokens": T, "bits": bits or 16, "ablate": ablate, "left_out": what,
-                       "settings": setting}
+            for values in GRIDS[grid] if isinstance(grid, str) else grid:
+                for name, value in values.items():
+                    setattr(kernel, name, value)
+                row = {"shape": shape, "tokens": T, "bits": bits or 16, "group_size": gs, "ratio": ratio,
+                       **{name.lower(): value for name, value in values.items()}}
                 try:
+                    err = max_error(hq, hkv, gs, ratio, bits, dev) if dev == "cuda" else 0.0
                     t = c.graph_time(lambda: kernel.palu_decode(**case))
-                except Exception as error:
+                except Exception as error:  # a setting that does not compile (resources)
                     rec.add({**row, "error": f"{type(error).__name__}: {str(error)[:200]}"})
                     continue
-                rec.add({**row, "us": t * 1e6, "speedup": t_dense / t})
+                rec.add({**row, "us": t * 1e6, "speedup": t_dense / t, "max_err": err,
+                         "plan": kernel._CHOSEN.get(_plan_key(case))})
             del case
-    finally:
-        kernel.ABLATE, kernel.TUNED = 0, tuned
 
 
 # -- time per output token of the 8B shape -------------------------------------------------------
@@ -341,21 +320,21 @@ def tpot_rows(rec, dev, lengths, smoke, steps=8, chunk=8 * c.K, names=tuple(TPOT
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["layer", "sweep", "ablate", "tpot"])
+    parser.add_argument("part", choices=["layer", "sweep", "tpot"])
+    parser.add_argument("--grid", default="full", choices=list(GRIDS), help="sweep: the settings to measure")
     parser.add_argument("--lengths", type=int, nargs="*", default=None)
     parser.add_argument("--shapes", nargs="*", default=["gqa", "mha"], choices=list(SHAPES))
     parser.add_argument("--group-sizes", type=int, nargs="*", default=[1, 2, 4])
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.5, 0.25, 0.75])
     parser.add_argument("--bits", type=int, nargs="*", default=[16, 4], help="16 = unquantised latents")
     parser.add_argument("--variants", nargs="*", choices=list(TPOT_VARIANTS), help="tpot: the variants (default all)")
-    parser.add_argument("--tuning", nargs="*", default=[], help="sweep / ablate JSONs: run with the fastest settings")
+    parser.add_argument("--tuning", nargs="*", default=[], help="sweep JSONs: run with the fastest settings")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON")
     parser.add_argument("--tag", default="", help="added to the JSON's name")
     parser.add_argument("--smoke", action="store_true", help="tiny lengths on CPU (interpreter), checks the script")
     args = parser.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    default_lengths = {"layer": [64 * c.K, 128 * c.K], "sweep": [128 * c.K], "ablate": [128 * c.K],
-                       "tpot": [64 * c.K, 128 * c.K]}
+    default_lengths = {"layer": [64 * c.K, 128 * c.K], "sweep": [128 * c.K], "tpot": [64 * c.K, 128 * c.K]}
     lengths = args.lengths or default_lengths[args.part]
     bits = [None if b == 16 else b for b in args.bits]
     env = c.environment()
@@ -372,11 +351,9 @@ def main():
                     [("shape", "{}"), ("tokens", "{}"), ("variant", "{}"), ("us", "{:.1f}"), ("speedup", "{:.2f}x")])
         elif args.part == "sweep":
             if args.smoke:
-                sweep_rows(rec, dev, 256, bits, grid=[(16, 4, 1)], per_sm=(1,))
+                sweep_rows(rec, dev, 256, bits, grid=[*_grid(16, 4, 1, (1,)), *_grid(16, 4, 1, (1,), prefetch=False)])
             else:
-                sweep_rows(rec, dev, lengths[-1], bits, shape=args.shapes[0])
-        elif args.part == "ablate":
-            ablate_rows(rec, dev, 256 if args.smoke else lengths[-1], bits, shape=args.shapes[0])
+                sweep_rows(rec, dev, lengths[-1], bits, shape=args.shapes[0], grid=args.grid)
         else:
             tpot_rows(rec, dev, [1024] if args.smoke else lengths, args.smoke, steps=2 if args.smoke else 8,
                       chunk=512 if args.smoke else 8 * c.K, names=args.variants or tuple(TPOT_VARIANTS))

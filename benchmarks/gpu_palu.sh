@@ -2,8 +2,9 @@
 # Palu (#13) on the H200: GPU tests of the decode kernel, its settings sweep and the speed frontier.
 # Everything lands in $OUT/palu/. About 2.5 min of wall time (each step has its own timeout; the
 # benchmarks write their rows as they come, so a step cut short keeps what it measured).
-#   bash benchmarks/gpu_palu.sh          tests, sweep (bf16 and 4-bit latents, 128K GQA), stage ablation, layer
+#   bash benchmarks/gpu_palu.sh          tests, sweep (bf16 and 4-bit latents, 128K GQA), layer
 #                                        frontier, SmolLM2 quality (when the model is on the machine)
+#   bash benchmarks/gpu_palu.sh round3   (<= 60 s) the sweep's follow-up: hand prefetch, more programs per SM; one layer
 #   bash benchmarks/gpu_palu.sh smollm2  SmolLM2 quality at 50% (unpatched, plain SVD, whitening + Fisher, 4/3 bits)
 #   bash benchmarks/gpu_palu.sh needle   needle-llama quality over group sizes x kept ranks (the frontier's quality side)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
@@ -25,7 +26,6 @@ case $part in
     timeout 35 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
     timeout 28 python benchmarks/bench_palu.py sweep --bits 16 --out "$R" > "$R/sweep.log" 2>&1; tail -2 "$R/sweep.log"
     timeout 22 python benchmarks/bench_palu.py sweep --bits 4 --tag _4bit --out "$R" > "$R/sweep_4bit.log" 2>&1; tail -2 "$R/sweep_4bit.log"
-    timeout 15 python benchmarks/bench_palu.py ablate --out "$R" > "$R/ablate.log" 2>&1; tail -2 "$R/ablate.log"
     timeout 25 python benchmarks/bench_palu.py layer --out "$R" > "$R/layer.log" 2>&1; tail -2 "$R/layer.log"
     bash "$0" smollm2
     python - "$R" <<'PY'
@@ -36,6 +36,13 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("palu_*.json")):
     print(f.name, len(rows), "rows; best:", best[:2])
 PY
     ;;
+  round3)  # <= 60 s: the settings the first sweep pointed to, with and without the hand prefetch (each checked
+           # against the reference), then one layer at 128K with the fastest of them (GQA and MHA, bf16 and 4-bit)
+    timeout 38 python benchmarks/bench_palu.py sweep --grid round3 --bits 16 4 --tag _r3 --out "$R" > "$R/sweep_r3.log" 2>&1
+    tail -1 "$R/sweep_r3.log"
+    timeout 20 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r3_*.json --group-sizes 1 --ratios 0.5 \
+      --lengths 131072 --tag _r3 --out "$R" > "$R/layer_r3.log" 2>&1
+    grep "kernel settings\| | " "$R/layer_r3.log" | tail -8 ;;
   smollm2)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
     SMOL=/tmp/kvc/smollm2-135m-instruct
     if [ ! -f $SMOL/config.json ] && [ "$(ls /tmp/smol/*.part0[012] 2>/dev/null | wc -l)" = 3 ]; then
@@ -58,6 +65,6 @@ PY
     grep "^| \|calibrated" "$R/needle.log" || tail -3 "$R/needle.log" ;;
   tpot)
     timeout 200 python benchmarks/bench_palu.py tpot --out "$R" 2>&1 | tee "$R/tpot.log" | tail -8 ;;
-  *) echo "unknown part $part (main, smollm2, needle, tpot)" ;;
+  *) echo "unknown part $part (main, round3, smollm2, needle, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

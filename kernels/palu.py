@@ -42,13 +42,17 @@ BLOCK_N = 64  # cached tokens per inner step (largest; the plan lowers it when s
 NUM_WARPS = 4
 NUM_STAGES = 3  # software-pipelining depth of the innermost loop (the plan lowers it when short)
 TOKENS_M = True  # scores as [tokens, query heads] (see _palu_decode_kernel); False: [query heads, tokens]
-ABLATE = 0  # stages left out, for timing only (see _palu_decode_kernel); 0 in use
+PREFETCH = False  # issue the loads no tl.dot takes (ranks, rope rows, quantised words) a block ahead by hand
 ROPE_IN_DTYPE = False  # rotate the rebuilt keys in the model's dtype (as transformers does) instead of fp32
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
-TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE")
+TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per key-latent bits (0:
-# unquantised), over the module defaults above; names as the module constants.
-TUNED: dict[int, dict] = {}
+# unquantised), over the module defaults above; names as the module constants. From
+# benchmarks/results/palu_sweep_NVIDIA_H200.json and palu_sweep_4bit_NVIDIA_H200.json (128K tokens,
+# Llama-3-8B shape, groups of one KV head, half rank; PREFETCH was not measured there).
+_QUANTISED = dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4, TOKENS_M=True)
+TUNED: dict[int, dict] = {0: dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True),
+                          2: _QUANTISED, 3: _QUANTISED, 4: _QUANTISED}
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
 NO_LIMIT = 1 << 30
@@ -56,49 +60,77 @@ SMEM_BUDGET = 160 * 1024  # bytes of shared memory a plan may use by estimate (H
 
 
 @triton.jit
+def _raw_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
+              NQ: tl.constexpr, WORDS: tl.constexpr, FAST: tl.constexpr, row_ok):
+    """The loads of a quantised latent tile (token rows ``row0 + row`` of ``L``, ``srow0 + row`` of the
+    scales/minima ``S``; ``row0``/``srow0`` scalars, ``row`` the block's int32 offsets; channels
+    ``c0 .. c0 + C``): ``(words, scales, minima)``. ``FAST`` (2 and 4 bits, tiles of whole words
+    and whole quantisation groups): ``[BLOCK_N, C / per_word]`` words and ``[BLOCK_N, C / QG]``
+    scales, each loaded once; otherwise every channel gathers its word, scale and minimum
+    (``[BLOCK_N, C]`` each)."""
+    base = L + row0 * WORDS
+    scales = S + srow0 * (2 * NQ)
+    PER_WORD: tl.constexpr = 32 // BITS
+    if FAST:
+        w = c0 // PER_WORD + tl.arange(0, C // PER_WORD)
+        q = c0 // QG + tl.arange(0, C // QG)
+        mask = row_ok[:, None]
+    else:
+        cols = c0 + tl.arange(0, C)
+        w = cols // PER_WORD
+        q = cols // QG
+        mask = row_ok[:, None] & (cols < R)[None, :]
+    words = tl.load(base + row[:, None] * WORDS + w[None, :], mask=mask, other=0)
+    scale = tl.load(scales + row[:, None] * (2 * NQ) + q[None, :], mask=mask, other=0.0)
+    low = tl.load(scales + row[:, None] * (2 * NQ) + NQ + q[None, :], mask=mask, other=0.0)
+    return words, scale, low
+
+
+@triton.jit
+def _dequant(words, scale, low, c0, C: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, FAST: tl.constexpr,
+             BLOCK_N: tl.constexpr, dtype: tl.constexpr):
+    """Latents ``[BLOCK_N, C]`` from :func:`_raw_tile`'s loads, in fp32 then ``dtype``: codes packed
+    ``32 // BITS`` per int32 word, channel ``c`` in word ``c // per_word`` at bit ``(c % per_word) *
+    BITS`` (``FAST``: each word split into its codes in registers, ``[BLOCK_N, words, per_word] ->
+    [BLOCK_N, C]``)."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    if FAST:
+        shifts = tl.arange(0, PER_WORD) * BITS
+        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, C / PER_WORD, PER_WORD]
+        x = tl.reshape(codes.to(tl.float32), [BLOCK_N, C // QG, QG])
+        x = x * scale.to(tl.float32)[:, :, None] + low.to(tl.float32)[:, :, None]
+        h = tl.reshape(x, [BLOCK_N, C])
+    else:
+        cols = c0 + tl.arange(0, C)
+        codes = (words >> ((cols % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
+        h = codes.to(tl.float32) * scale.to(tl.float32) + low.to(tl.float32)
+    return h.to(dtype)
+
+
+@triton.jit
 def _latent_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
                  NQ: tl.constexpr, WORDS: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr, row_ok,
                  dtype: tl.constexpr):
-    """Latents ``[BLOCK_N, C]`` of token rows ``row0 + row`` of ``L`` (and ``srow0 + row`` of the
-    scales/minima ``S``; ``row0``/``srow0`` scalars, ``row`` the block's int32 offsets), latent
-    channels ``c0 .. c0 + C``; dequantised in fp32 when ``BITS`` > 0 (codes packed ``32 // BITS``
-    per int32 word, channel ``c`` in word ``c // per_word`` at bit ``(c % per_word) * BITS``).
-
-    ``FAST`` (2 and 4 bits, chunks of whole words and whole quantisation groups): each word is
-    loaded once and split into its codes in registers (``[BLOCK_N, words, per_word]`` -> ``[BLOCK_N,
-    C]``), and each scale/minimum once per quantisation group. Otherwise (3 bits, ragged ranks) every
-    channel gathers its word, scale and minimum."""
-    cols = c0 + tl.arange(0, C)
-    col_ok = cols < R
+    """Latents ``[BLOCK_N, C]`` of token rows ``row0 + row`` (channels ``c0 .. c0 + C``): loaded as they
+    are, or (``BITS`` > 0) through :func:`_raw_tile` and :func:`_dequant`."""
     if BITS == 0:
-        base = L + row0 * R
-        h = tl.load(base + row[:, None] * R + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        cols = c0 + tl.arange(0, C)
+        h = tl.load(L + row0 * R + row[:, None] * R + cols[None, :], mask=row_ok[:, None] & (cols < R)[None, :],
+                    other=0.0)
     else:
-        base = L + row0 * WORDS
-        scales = S + srow0 * (2 * NQ)
-        if FAST:
-            PER_WORD: tl.constexpr = 32 // BITS
-            CW: tl.constexpr = C // PER_WORD
-            CQ: tl.constexpr = C // QG
-            w = c0 // PER_WORD + tl.arange(0, CW)
-            words = tl.load(base + row[:, None] * WORDS + w[None, :], mask=row_ok[:, None], other=0)  # [BLOCK_N, CW]
-            shifts = tl.arange(0, PER_WORD) * BITS
-            codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, CW, PER_WORD]
-            q = c0 // QG + tl.arange(0, CQ)
-            scale = tl.load(scales + row[:, None] * (2 * NQ) + q[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            low = tl.load(scales + row[:, None] * (2 * NQ) + NQ + q[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            x = tl.reshape(codes.to(tl.float32), [BLOCK_N, CQ, QG]) * scale[:, :, None] + low[:, :, None]
-            h = tl.reshape(x, [BLOCK_N, C])
-        else:
-            PER_WORD: tl.constexpr = 32 // BITS
-            mask = row_ok[:, None] & col_ok[None, :]
-            words = tl.load(base + row[:, None] * WORDS + (cols // PER_WORD)[None, :], mask=mask, other=0)
-            codes = (words >> ((cols % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
-            q = cols // QG
-            scale = tl.load(scales + row[:, None] * (2 * NQ) + q[None, :], mask=mask, other=0.0).to(tl.float32)
-            low = tl.load(scales + row[:, None] * (2 * NQ) + NQ + q[None, :], mask=mask, other=0.0).to(tl.float32)
-            h = codes.to(tl.float32) * scale + low
+        words, scale, low = _raw_tile(L, S, row0, srow0, row, c0, R, C, BITS, QG, NQ, WORDS, FAST, row_ok)
+        h = _dequant(words, scale, low, c0, C, BITS, QG, FAST, BLOCK_N, dtype)
     return h.to(dtype)
+
+
+@triton.jit
+def _rope_rows(COS, SIN, pos, ok, d, HALF: tl.constexpr):
+    """``cos``/``sin`` rows ``[BLOCK_N, HALF]`` of the half tables at positions ``pos`` (int32 rows:
+    ``P * HALF < 2^31``), as stored."""
+    pos = tl.maximum(pos, 0)
+    cos = tl.load(COS + pos[:, None] * HALF + d[None, :], mask=ok[:, None], other=0.0)
+    sin = tl.load(SIN + pos[:, None] * HALF + d[None, :], mask=ok[:, None], other=0.0)
+    return cos, sin
 
 
 _STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos_b", "kr_b"]
@@ -115,7 +147,7 @@ def _palu_decode_kernel(
     RV: tl.constexpr, BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_M: tl.constexpr,
-    HAS_LEN: tl.constexpr, ROPE_IN_DTYPE: tl.constexpr = False, ABLATE: tl.constexpr = 0,
+    HAS_LEN: tl.constexpr, ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -136,9 +168,7 @@ def _palu_decode_kernel(
     (keys transposed through shared memory) and ``acc [GP, BLOCK_RV] += p @ h_v``. When the key
     rank is one chunk (``RC == RK``) its ``up`` rows are loaded once, before the token loop;
     otherwise the rank chunks are the innermost loop, so shared memory holds one chunk per stage.
-
-    ``ABLATE`` (timing only, wrong results: ``benchmarks/bench_palu.py ablate``) leaves stages out,
-    bits: 1 RoPE (no table loads), 2 the value side, 4 the key rebuild (latents as keys, rank D/2)."""
+"""
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -187,32 +217,58 @@ def _palu_decode_kernel(
         acc = tl.zeros([GP, BLOCK_RV], dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    local = tl.arange(0, BLOCK_N)  # int32 offsets in the block; scalar bases carry the int64 part
+    kr_base = KR + b64 * kr_b
+    pos_base = POS + b64 * pos_b
+    # Loads that no tl.dot takes directly (Triton's pipeliner overlaps the dot operands) are issued a
+    # block ahead by hand (PREFETCH): ranks, rope rows (gathered by position: positions two blocks
+    # ahead) and quantised words/scales. Each loop step then uses what the previous one loaded.
+    PF_K: tl.constexpr = PREFETCH and K_BITS > 0 and RC == RK
+    PF_V: tl.constexpr = PREFETCH and V_BITS > 0
+    if PREFETCH:
+        ok0 = start + local < stop
+        kr_nx = tl.load(kr_base + start + local, mask=ok0, other=-1)
+        cos_nx, sin_nx = _rope_rows(COS, SIN, tl.load(pos_base + start + local, mask=ok0, other=0), ok0, d, HALF)
+        pos_nx = tl.load(pos_base + start + BLOCK_N + local, mask=start + BLOCK_N + local < stop, other=0)
+        if PF_K:
+            kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start, ks_row0 + start, local, 0, RK, RC, K_BITS, K_QG,
+                                              K_NQ, K_WORDS, K_FAST, ok0)
+        if PF_V:
+            vw_nx, vsc_nx, vlo_nx = _raw_tile(VL, VS, v_row0 + start, vs_row0 + start, local, 0, RV, BLOCK_RV, V_BITS,
+                                              V_QG, V_NQ, V_WORDS, V_FAST, ok0)
     for start_n in range(start, stop, BLOCK_N):
-        local = tl.arange(0, BLOCK_N)  # int32 offsets in the block; scalar bases carry the int64 part
         offs_n = start_n + local
         n_ok = offs_n < stop
-        kr = tl.load(KR + b64 * kr_b + offs_n, mask=n_ok, other=-1)
-        if ABLATE % 2 == 0:
-            pos = tl.load(POS + b64 * pos_b + offs_n, mask=n_ok, other=0)
-            pos = tl.maximum(pos, 0)  # int32 rows of the half tables (P * HALF < 2^31)
-            cos = tl.load(COS + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0)
-            sin = tl.load(SIN + pos[:, None] * HALF + d[None, :], mask=n_ok[:, None], other=0.0)
-            if not ROPE_IN_DTYPE:
-                cos = cos.to(tl.float32)
-                sin = sin.to(tl.float32)
+        if PREFETCH:
+            kr, cos, sin = kr_nx, cos_nx, sin_nx
+            nxt = offs_n + BLOCK_N
+            nxt_ok = nxt < stop
+            kr_nx = tl.load(kr_base + nxt, mask=nxt_ok, other=-1)
+            cos_nx, sin_nx = _rope_rows(COS, SIN, pos_nx, nxt_ok, d, HALF)
+            pos_nx = tl.load(pos_base + nxt + BLOCK_N, mask=nxt + BLOCK_N < stop, other=0)
+            if PF_K:
+                kw, ksc, klo = kw_nx, ksc_nx, klo_nx
+                kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start_n + BLOCK_N, ks_row0 + start_n + BLOCK_N,
+                                                  local, 0, RK, RC, K_BITS, K_QG, K_NQ, K_WORDS, K_FAST, nxt_ok)
+            if PF_V:
+                vw, vsc, vlo = vw_nx, vsc_nx, vlo_nx
+                vw_nx, vsc_nx, vlo_nx = _raw_tile(VL, VS, v_row0 + start_n + BLOCK_N, vs_row0 + start_n + BLOCK_N,
+                                                  local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ, V_WORDS, V_FAST, nxt_ok)
+        else:
+            kr = tl.load(kr_base + offs_n, mask=n_ok, other=-1)
+            cos, sin = _rope_rows(COS, SIN, tl.load(pos_base + offs_n, mask=n_ok, other=0), n_ok, d, HALF)
         dist = qr - kr
         ok = (kr >= 0) & (dist >= 0) & (dist < window)
 
         # rebuild this head's keys: [BLOCK_N, HALF] halves, fp32 accumulation
         if RC == RK:
-            h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, 0, RK, RC, K_BITS, K_QG, K_NQ,
-                             K_WORDS, K_FAST, BLOCK_N, n_ok, dtype)
-            if (ABLATE // 4) % 2 == 1 and RK == HALF:  # timing only: the latents stand in for the keys
-                k1 = h.to(tl.float32)
-                k2 = h.to(tl.float32)
+            if PF_K:
+                h = _dequant(kw, ksc, klo, 0, RC, K_BITS, K_QG, K_FAST, BLOCK_N, dtype)
             else:
-                k1 = tl.dot(h, u1_all)
-                k2 = tl.dot(h, u2_all)
+                h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, 0, RK, RC, K_BITS, K_QG, K_NQ,
+                                 K_WORDS, K_FAST, BLOCK_N, n_ok, dtype)
+            k1 = tl.dot(h, u1_all)
+            k2 = tl.dot(h, u2_all)
         else:
             k1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
             k2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
@@ -231,10 +287,7 @@ def _palu_decode_kernel(
             inv = tl.rsqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / D + eps)
             k1 = k1 * inv[:, None] * nw1[None, :]
             k2 = k2 * inv[:, None] * nw2[None, :]
-        if ABLATE % 2 == 1:  # timing only: no rotation
-            r1 = k1.to(dtype)
-            r2 = k2.to(dtype)
-        elif ROPE_IN_DTYPE:  # the rotation in the model's dtype, rounded op by op as transformers does it
+        if ROPE_IN_DTYPE:  # the rotation in the model's dtype, rounded op by op as transformers does it
             k1 = k1.to(dtype)
             k2 = k2.to(dtype)
             c_ = cos.to(dtype)
@@ -242,9 +295,13 @@ def _palu_decode_kernel(
             r1 = k1 * c_ - k2 * s_
             r2 = k2 * c_ + k1 * s_
         else:
-            r1 = (k1 * cos - k2 * sin).to(dtype)
-            r2 = (k2 * cos + k1 * sin).to(dtype)
-        if (ABLATE // 2) % 2 == 0:
+            c_ = cos.to(tl.float32)
+            s_ = sin.to(tl.float32)
+            r1 = (k1 * c_ - k2 * s_).to(dtype)
+            r2 = (k2 * c_ + k1 * s_).to(dtype)
+        if PF_V:
+            hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype)
+        else:
             hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ,
                               V_WORDS, V_FAST, BLOCK_N, n_ok, dtype)
         if TOKENS_M:  # scores [BLOCK_N, GP], softmax down the tokens
@@ -254,10 +311,7 @@ def _palu_decode_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[None, :])
             alpha = tl.exp2(m_i - m_safe)
-            if (ABLATE // 2) % 2 == 0:
-                acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), p.to(dtype))
-            else:  # timing only: no value side
-                acc = acc * alpha[None, :]
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), p.to(dtype))
             l_i = l_i * alpha + tl.sum(p, 0)
         else:  # scores [GP, BLOCK_N]
             s = tl.dot(q2, tl.trans(r2), tl.dot(q1, tl.trans(r1)))
@@ -266,10 +320,7 @@ def _palu_decode_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
-            if (ABLATE // 2) % 2 == 0:
-                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), hv)
-            else:  # timing only: no value side
-                acc = acc * alpha[:, None]
+            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), hv)
             l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
@@ -458,7 +509,7 @@ def palu_decode(
     block_rv = max(16, triton.next_power_of_2(v.rank))
     bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
     tuned = settings(bits(k))
-    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, *tuned.values(), ABLATE)
+    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, *tuned.values())
     candidates = [_CHOSEN[key]] if key in _CHOSEN else plans(*key[:7], tuned["BLOCK_N"], tuned["NUM_STAGES"])
     if not candidates:
         raise ValueError(f"Palu decode: head dim {D}, key rank {rk}, value rank {v.rank} need more shared memory "
@@ -497,7 +548,9 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     tuned = tuned or settings(k.quant.bits if k.quant is not None else 0)
     if splits is None:
         target = tuned["PROGRAMS_PER_SM"] * (_sm_count(q.device.index or 0) if q.is_cuda else 1)
-        splits = max(1, min(-(-target // (B * hkv)), -(-T // block_n), MAX_SPLITS))
+        # at most `target` programs: the kernel is latency-bound (the H200 sweep), so a partial second
+        # wave (e.g. 32 KV heads x 9 splits = 288 programs for 264 slots) would double the time
+        splits = max(1, min(target // (B * hkv), -(-T // block_n), MAX_SPLITS))
     split_len = -(-max(T, 1) // splits)
     split_len = -(-split_len // block_n) * block_n
     splits = max(1, -(-T // split_len))
@@ -528,7 +581,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, TOKENS_M=tuned["TOKENS_M"],
-        HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], ABLATE=ABLATE,
+        HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
         num_warps=tuned["NUM_WARPS"], num_stages=stages,
     )
     return po, pml, splits

@@ -53,6 +53,13 @@ def make_case(batch=2, hq=8, hkv=4, gs=2, dim=16, rk=12, rv=8, tokens=70, dtype=
     return args
 
 
+def settings(monkeypatch, **values):
+    """Run the kernel with the module's settings (``TUNED`` emptied) changed to ``values``."""
+    monkeypatch.setattr(palu, "TUNED", {})
+    for name, value in values.items():
+        monkeypatch.setattr(palu, name, value)
+
+
 # -- reference pieces ---------------------------------------------------------------------------
 
 
@@ -132,7 +139,7 @@ def test_value_output_folds_the_up_projection():
 )
 @pytest.mark.parametrize("tokens_m", [True, False])
 def test_decode_kernel_matches_reference(shape, tokens_m, monkeypatch):
-    monkeypatch.setattr(palu, "TOKENS_M", tokens_m)
+    settings(monkeypatch, TOKENS_M=tokens_m, PREFETCH=tokens_m)  # both orientations, with and without the prefetch
     a = make_case(**shape)
     want = ref.latent_attention(**a)
     got = palu.palu_decode(**a, splits=2)
@@ -142,9 +149,12 @@ def test_decode_kernel_matches_reference(shape, tokens_m, monkeypatch):
 @interpreter_only
 @pytest.mark.parametrize("bits,quant_group,rk,rv", [(4, 4, 16, 8), (3, 4, 12, 12), (2, 8, 16, 8), (4, 8, 16, 16),
                                                     (2, 16, 32, 16), (4, 4, 24, 16)])
-def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv, prefetch, monkeypatch):
     """Word-by-word dequantisation (2 and 4 bits, whole words per tile: (4, 8, 16, 16), (2, 16, 32, 16),
-    keys of (4, 4, 16, 8)), per-channel gathers otherwise (3 bits, ragged ranks)."""
+    keys of (4, 4, 16, 8)), per-channel gathers otherwise (3 bits, ragged ranks); words, scales, ranks
+    and rope rows loaded a block ahead by hand (``PREFETCH``) or in the step that uses them."""
+    settings(monkeypatch, PREFETCH=prefetch)
     a = make_case(bits=bits, quant_group=quant_group, rk=rk, rv=rv)
     if (bits, rk, rv) == (4, 16, 16):
         assert palu._fast_dequant(a["k"], 16) and palu._fast_dequant(a["v"], 16)
@@ -154,7 +164,7 @@ def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv):
 @interpreter_only
 @pytest.mark.parametrize("rope_in_dtype", [False, True])
 def test_decode_kernel_fp16_window_and_padding_query(rope_in_dtype, monkeypatch):
-    monkeypatch.setattr(palu, "ROPE_IN_DTYPE", rope_in_dtype)
+    settings(monkeypatch, ROPE_IN_DTYPE=rope_in_dtype)
     a = make_case(dtype=torch.float16, tokens=45)
     a["q_rank"][1] = -1  # a padding query: zero output
     want = ref.latent_attention(**a, window=9)
@@ -165,22 +175,26 @@ def test_decode_kernel_fp16_window_and_padding_query(rope_in_dtype, monkeypatch)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "dtype,bits,gs,qpk,rk,rv,tokens_m",
+    "dtype,bits,gs,qpk,rk,rv,variant",
     [
-        (torch.bfloat16, None, 1, 4, 64, 64, True),  # Llama-3-8B at 50%, groups of one KV head
-        (torch.bfloat16, None, 1, 4, 64, 64, False),
-        (torch.bfloat16, 4, 1, 4, 64, 64, True),  # 4-bit, word-by-word dequantisation
-        (torch.bfloat16, 4, 1, 1, 64, 64, False),  # MHA
-        (torch.bfloat16, None, 1, 1, 96, 96, True),  # ragged rank: three chunks, padded value tile
-        (torch.float16, 3, 4, 4, 224, 256, True),  # 3-bit gathers, wide groups
-        (torch.float16, None, 2, 4, 128, 128, True),
-        (torch.bfloat16, 2, 4, 4, 256, 256, True),  # rank chunks of 2-bit words
+        (torch.bfloat16, None, 1, 4, 64, 64, "tuned"),  # Llama-3-8B at 50%, groups of one KV head
+        (torch.bfloat16, None, 1, 4, 64, 64, "heads-as-m"),
+        (torch.bfloat16, None, 1, 4, 64, 64, "prefetch"),
+        (torch.bfloat16, 4, 1, 4, 64, 64, "tuned"),  # 4-bit, word-by-word dequantisation
+        (torch.bfloat16, 4, 1, 4, 64, 64, "prefetch"),
         (torch.bfloat16, 4, 1, 4, 64, 64, "rope-in-dtype"),
+        (torch.bfloat16, 4, 1, 1, 64, 64, "tuned"),  # MHA
+        (torch.bfloat16, None, 1, 1, 96, 96, "tuned"),  # ragged rank: three chunks, padded value tile
+        (torch.float16, 3, 4, 4, 224, 256, "tuned"),  # 3-bit gathers, wide groups
+        (torch.float16, None, 2, 4, 128, 128, "tuned"),
+        (torch.bfloat16, 2, 4, 4, 256, 256, "prefetch"),  # rank chunks of 2-bit words
     ],
 )
-def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, tokens_m, monkeypatch):
-    monkeypatch.setattr(palu, "TOKENS_M", bool(tokens_m))
-    monkeypatch.setattr(palu, "ROPE_IN_DTYPE", tokens_m == "rope-in-dtype")
+def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
+    """The measured settings (``TUNED``), and each optional path changed on its own."""
+    changed = {"heads-as-m": dict(TOKENS_M=False), "prefetch": dict(PREFETCH=True),
+               "rope-in-dtype": dict(ROPE_IN_DTYPE=True)}.get(variant, {})
+    settings(monkeypatch, **{**palu.settings(bits or 0), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
                   bits=bits, quant_group=32, pad=700, device="cuda")
