@@ -129,6 +129,9 @@ def layer_rows(dev, lengths, smoke):
                 if state_heads == "kv" and L == lengths[0] and name == next(iter(policies)):
                     rows.append({"L": L, "variant": f"LESS {name}: launch 1 alone (attention + features)",
                                  "graph_us": launch_one(step) * 1e6})
+                    late = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5,  # noqa: E731
+                                                      state=state, early_merge=False)
+                    rows.append({"L": L, "variant": f"LESS {name}, merged by the last program", "graph_us": c.graph_time(late) * 1e6})
                     for splits in (1, 2, 4, 8, 16):  # programs per KV head along the slots (default: fill the GPU)
                         fixed = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5,  # noqa: E731
                                                            state=state, splits=splits)

@@ -11,12 +11,13 @@ graph), and no torch op besides the output's allocation:
    (pre-activations summed in fp32 with atomics). With heavy hitters the raw logits go to a small
    workspace.
 2. ``_finish_kernel``, one program per (row, KV head, split): adds this step's probabilities to the
-   heavy-hitter scores of its slots and proposes its eviction candidate; the last program of a (row,
-   KV head) (an atomic counter) finishes the features, folds the pending token into the fp32 state
-   (``H += psi^T v``, ``z += psi``: once, at eviction, with the post-RoPE key), writes the new token
-   to the spare slot, merges the splits and the state (``log(max(phi(q).z, 1e-6))`` as one more
-   partial of the normaliser), writes the output and picks the next spare slot (an empty one, or
-   the lowest-scored evictable one, folded at the next step).
+   heavy-hitter scores of its slots and proposes its eviction candidate; the first split's program
+   also (``_merge``, from launch 1's results only) finishes the features, folds the pending token
+   into the fp32 state (``H += psi^T v``, ``z += psi``: once, at eviction, with the post-RoPE key),
+   writes the new token to the spare slot, merges the splits and the state
+   (``log(max(phi(q).z, 1e-6))`` as one more partial of the normaliser) and writes the output; the
+   last program of a (row, KV head) to finish (an atomic counter) picks the next spare slot (an
+   empty one, or the lowest-scored evictable one, folded at the next step).
 
 Workspaces (partials, logits, feature accumulators, counters) are allocated once per shape and
 device and left zeroed by every step; the first step of a shape should run outside CUDA-graph
@@ -39,7 +40,7 @@ from . import less_reference as reference
 BLOCK_N = 64  # slots per inner step of the attention
 BLOCK_E = 256  # slots per step of the score update / eviction candidates
 BLOCK_H = 64  # hidden units per feature program
-MAX_SPLITS = 16  # splits of a KV head's slots (the last program merges them in one tile)
+MAX_SPLITS = 16  # splits of a KV head's slots (one program merges them in one tile)
 NUM_WARPS = 4
 LOG2E = 1.4426950408889634
 
@@ -162,23 +163,109 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
 
 
 @triton.jit
+def _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, b, kvh, bh, base, spare, heads, rows,
+           gmask, offs_s, smask, w_split, l_sum, has_keys, lse_kept, o_b, o_h, n_b, n_h, Hq,
+           GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+           STATE: tl.constexpr, STATE_PER_QUERY: tl.constexpr):
+    """The output of a (row, KV head) and its cache update, from launch 1's results only: finish
+    ``phi`` (and ``psi`` of the pending token, folded into ``HS``/``Z`` with its value, fp32; ``psi``
+    as ``less_reference.key_features``), merge the splits' partials with the state term into ``Out``,
+    write the new token's key and value to the spare slot, and zero the feature accumulators."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    dmask = offs_d < D
+    rmask = offs_r < R
+    v_old = tl.load(V + (base + spare) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    k_new = tl.load(KN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
+    v_new = tl.load(VN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
+    # merge the splits
+    po = tl.load(PO + (rows[:, None, None] + offs_s[None, :, None]) * D + offs_d[None, None, :],
+                 mask=gmask[:, None, None] & smask[None, :, None] & dmask[None, None, :], other=0.0)
+    out = tl.sum(w_split[:, :, None] * po, 1) / tl.where(has_keys, l_sum, 1.0)[:, None]
+    if STATE:
+        pending = tl.load(PENDING + bh) != 0
+        gr = gmask[:, None] & rmask[None, :]
+        phi_p = PHI_ACC + (b * Hq + heads)[:, None] * R + offs_r[None, :]
+        phi = tl.abs(_gelu(tl.load(phi_p, mask=gr, other=0.0)))
+        tl.store(phi_p, tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
+        if STATE_PER_QUERY:  # state heads = this KV head's query heads
+            sh = b * Hq + heads  # [GP]
+            hs_p = HS + (sh[:, None, None] * R + offs_r[None, :, None]) * D + offs_d[None, None, :]
+            hmask = gmask[:, None, None] & rmask[None, :, None] & dmask[None, None, :]
+            hs = tl.load(hs_p, mask=hmask, other=0.0)
+            z = tl.load(Z + sh[:, None] * R + offs_r[None, :], mask=gr, other=0.0)
+            if pending:
+                j = heads  # state head index within the row
+                psi_p = PSI_ACC + sh[:, None] * R + offs_r[None, :]
+                h = _gelu(tl.load(psi_p, mask=gr, other=0.0))  # [GP, R]
+                tl.store(psi_p, tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
+                mix = tl.load(KM + (j[:, None, None] * R + offs_r[None, :, None]) * R + offs_r[None, None, :],
+                              mask=gmask[:, None, None] & rmask[None, :, None] & rmask[None, None, :], other=0.0)
+                scale = tl.abs(tl.load(KS + j[:, None] * R + offs_r[None, :], mask=gr, other=0.0).to(tl.float32))
+                mix_scale = tl.load(KMS + j[:, None] * R + offs_r[None, :], mask=gr, other=0.0).to(tl.float32)
+                f = h * scale
+                mixed = tl.sum(f[:, :, None] * mix.to(tl.float32), 1)
+                f = tl.abs(f + mixed * mix_scale)
+                hs += f[:, :, None] * v_old[None, None, :]
+                z += f
+                tl.store(hs_p, hs, mask=hmask)
+                tl.store(Z + sh[:, None] * R + offs_r[None, :], z, mask=gr)
+            num = tl.sum(phi[:, :, None] * hs, 1)
+            den = tl.sum(phi * z, 1)
+            has_state = tl.sum(z, 1) > 0
+        else:  # one state head per KV head
+            hs_p = HS + (bh * R + offs_r[:, None]) * D + offs_d[None, :]
+            hmask = rmask[:, None] & dmask[None, :]
+            hs = tl.load(hs_p, mask=hmask, other=0.0)
+            z = tl.load(Z + bh * R + offs_r, mask=rmask, other=0.0)
+            if pending:
+                psi_p = PSI_ACC + bh * R + offs_r
+                h = _gelu(tl.load(psi_p, mask=rmask, other=0.0))
+                tl.store(psi_p, tl.zeros([BLOCK_R], dtype=tl.float32), mask=rmask)
+                mix = tl.load(KM + kvh * R * R + offs_r[:, None] * R + offs_r[None, :],
+                              mask=rmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
+                scale = tl.abs(tl.load(KS + kvh * R + offs_r, mask=rmask, other=0.0).to(tl.float32))
+                mix_scale = tl.load(KMS + kvh * R + offs_r, mask=rmask, other=0.0).to(tl.float32)
+                f = h * scale
+                mixed = tl.sum(f[:, None] * mix, 0)
+                f = tl.abs(f + mixed * mix_scale)
+                hs += f[:, None] * v_old[None, :]
+                z += f
+                tl.store(hs_p, hs, mask=hmask)
+                tl.store(Z + bh * R + offs_r, z, mask=rmask)
+            num = tl.sum(phi[:, :, None] * hs[None, :, :], 1)
+            den = tl.sum(phi * z[None, :], 1)
+            has_state = (tl.zeros([GP], dtype=tl.float32) + tl.sum(z, 0)) > 0
+        lse_state = tl.where(has_state, tl.log2(tl.maximum(den, 1e-6)), float("-inf"))
+        top = tl.maximum(lse_kept, lse_state)
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        lse = top_safe + tl.log2(tl.exp2(lse_kept - top_safe) + tl.exp2(lse_state - top_safe))
+        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+        w_kept = tl.exp2(lse_kept - lse_safe)
+        w_state = tl.where(has_state, tl.exp2(-lse_safe), 0.0)  # 2^-lse2 = e^-lse: lse2 = log2(sum + den)
+        out = out * w_kept[:, None] + num * w_state[:, None]
+    tl.store(Out + b * o_b + heads[:, None] * o_h + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=gmask[:, None] & dmask[None, :])
+    # the new token's key and value (after the pending token's value was read)
+    tl.store(K + (base + spare) * D + offs_d, k_new.to(K.dtype.element_ty), mask=dmask)
+    tl.store(V + (base + spare) * D + offs_d, v_new.to(V.dtype.element_ty), mask=dmask)
+
+@triton.jit
 def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, QR, RANK, SCORE, SPARE,
                    PENDING, LOGITS, CAND_KEY, CAND_IDX, CAND_EMPTY, COUNT,
                    o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, split_len, sink, recent,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_R: tl.constexpr, SP: tl.constexpr, BLOCK_E: tl.constexpr, STATE: tl.constexpr,
-                   STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr):
+                   STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr, EARLY_MERGE: tl.constexpr):
     """Launch 2 of a decode step: one program per (row, KV head, split).
 
     Every program: this step's probabilities of its ``split_len`` slots added to the heavy-hitter
     scores (the normaliser merged from all splits' ``(max, sum)``), the new token's rank and score
     written to the spare slot, and the slots' eviction candidate (lowest-scored evictable slot,
-    first empty slot) written to ``CAND_*``. The last program of a (row, KV head) to finish
-    (``COUNT``, an atomic counter it resets) then: finishes ``phi`` (and ``psi`` of the pending
-    token, folded into ``HS``/``Z`` with that token's value, fp32; ``psi`` as
-    ``less_reference.key_features``), writes the new token's key and
-    value to the spare slot, merges the attention partials with the state term into ``Out``, picks
-    the next spare slot and pending flag, and zeroes the feature accumulators for the next step.
+    first empty slot) written to ``CAND_*``. The output and the cache update (``_merge``) are made by
+    the first split's program at once (``EARLY_MERGE``) or by the last program to finish. The last
+    program of a (row, KV head) (``COUNT``, an atomic counter it resets) picks the next spare slot
+    and the pending flag.
     """
     pid = tl.program_id(0)
     bh = pid // n_splits
@@ -243,85 +330,16 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
     tl.store(CAND_KEY + pid, best_key)
     tl.store(CAND_IDX + pid, best_idx)
     tl.store(CAND_EMPTY + pid, first_empty)
+    if EARLY_MERGE:  # split 0 merges at once: it needs launch 1's results only
+        if split == 0:
+            _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, b, kvh, bh, base, spare, heads,
+                   rows, gmask, offs_s, smask, w_split, l_sum, has_keys, lse_kept, o_b, o_h, n_b, n_h, Hq,
+                   GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
     if tl.atomic_add(COUNT + bh, 1, sem="acq_rel") == n_splits - 1:  # the last program of this (row, KV head)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_r = tl.arange(0, BLOCK_R)
-        dmask = offs_d < D
-        rmask = offs_r < R
-        v_old = tl.load(V + (base + spare) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        k_new = tl.load(KN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
-        v_new = tl.load(VN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
-        # merge the splits
-        po = tl.load(PO + (rows[:, None, None] + offs_s[None, :, None]) * D + offs_d[None, None, :],
-                     mask=gmask[:, None, None] & smask[None, :, None] & dmask[None, None, :], other=0.0)
-        out = tl.sum(w_split[:, :, None] * po, 1) / tl.where(has_keys, l_sum, 1.0)[:, None]
-        if STATE:
-            pending = tl.load(PENDING + bh) != 0
-            gr = gmask[:, None] & rmask[None, :]
-            phi_p = PHI_ACC + (b * Hq + heads)[:, None] * R + offs_r[None, :]
-            phi = tl.abs(_gelu(tl.load(phi_p, mask=gr, other=0.0)))
-            tl.store(phi_p, tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
-            if STATE_PER_QUERY:  # state heads = this KV head's query heads
-                sh = b * Hq + heads  # [GP]
-                hs_p = HS + (sh[:, None, None] * R + offs_r[None, :, None]) * D + offs_d[None, None, :]
-                hmask = gmask[:, None, None] & rmask[None, :, None] & dmask[None, None, :]
-                hs = tl.load(hs_p, mask=hmask, other=0.0)
-                z = tl.load(Z + sh[:, None] * R + offs_r[None, :], mask=gr, other=0.0)
-                if pending:
-                    j = heads  # state head index within the row
-                    psi_p = PSI_ACC + sh[:, None] * R + offs_r[None, :]
-                    h = _gelu(tl.load(psi_p, mask=gr, other=0.0))  # [GP, R]
-                    tl.store(psi_p, tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
-                    mix = tl.load(KM + (j[:, None, None] * R + offs_r[None, :, None]) * R + offs_r[None, None, :],
-                                  mask=gmask[:, None, None] & rmask[None, :, None] & rmask[None, None, :], other=0.0)
-                    scale = tl.abs(tl.load(KS + j[:, None] * R + offs_r[None, :], mask=gr, other=0.0).to(tl.float32))
-                    mix_scale = tl.load(KMS + j[:, None] * R + offs_r[None, :], mask=gr, other=0.0).to(tl.float32)
-                    f = h * scale
-                    mixed = tl.sum(f[:, :, None] * mix.to(tl.float32), 1)
-                    f = tl.abs(f + mixed * mix_scale)
-                    hs += f[:, :, None] * v_old[None, None, :]
-                    z += f
-                    tl.store(hs_p, hs, mask=hmask)
-                    tl.store(Z + sh[:, None] * R + offs_r[None, :], z, mask=gr)
-                num = tl.sum(phi[:, :, None] * hs, 1)
-                den = tl.sum(phi * z, 1)
-                has_state = tl.sum(z, 1) > 0
-            else:  # one state head per KV head
-                hs_p = HS + (bh * R + offs_r[:, None]) * D + offs_d[None, :]
-                hmask = rmask[:, None] & dmask[None, :]
-                hs = tl.load(hs_p, mask=hmask, other=0.0)
-                z = tl.load(Z + bh * R + offs_r, mask=rmask, other=0.0)
-                if pending:
-                    psi_p = PSI_ACC + bh * R + offs_r
-                    h = _gelu(tl.load(psi_p, mask=rmask, other=0.0))
-                    tl.store(psi_p, tl.zeros([BLOCK_R], dtype=tl.float32), mask=rmask)
-                    mix = tl.load(KM + kvh * R * R + offs_r[:, None] * R + offs_r[None, :],
-                                  mask=rmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
-                    scale = tl.abs(tl.load(KS + kvh * R + offs_r, mask=rmask, other=0.0).to(tl.float32))
-                    mix_scale = tl.load(KMS + kvh * R + offs_r, mask=rmask, other=0.0).to(tl.float32)
-                    f = h * scale
-                    mixed = tl.sum(f[:, None] * mix, 0)
-                    f = tl.abs(f + mixed * mix_scale)
-                    hs += f[:, None] * v_old[None, :]
-                    z += f
-                    tl.store(hs_p, hs, mask=hmask)
-                    tl.store(Z + bh * R + offs_r, z, mask=rmask)
-                num = tl.sum(phi[:, :, None] * hs[None, :, :], 1)
-                den = tl.sum(phi * z[None, :], 1)
-                has_state = (tl.zeros([GP], dtype=tl.float32) + tl.sum(z, 0)) > 0
-            lse_state = tl.where(has_state, tl.log2(tl.maximum(den, 1e-6)), float("-inf"))
-            top = tl.maximum(lse_kept, lse_state)
-            top_safe = tl.where(top == float("-inf"), 0.0, top)
-            lse = top_safe + tl.log2(tl.exp2(lse_kept - top_safe) + tl.exp2(lse_state - top_safe))
-            lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-            w_kept = tl.exp2(lse_kept - lse_safe)
-            w_state = tl.where(has_state, tl.exp2(-lse_safe), 0.0)  # 2^-lse2 = e^-lse: lse2 = log2(sum + den)
-            out = out * w_kept[:, None] + num * w_state[:, None]
-        tl.store(Out + b * o_b + heads[:, None] * o_h + offs_d[None, :], out.to(Out.dtype.element_ty),
-                 mask=gmask[:, None] & dmask[None, :])
-        # the new token's key and value (after the pending token's value was read)
-        tl.store(K + (base + spare) * D + offs_d, k_new.to(K.dtype.element_ty), mask=dmask)
-        tl.store(V + (base + spare) * D + offs_d, v_new.to(V.dtype.element_ty), mask=dmask)
+        if not EARLY_MERGE:
+            _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, b, kvh, bh, base, spare, heads,
+                   rows, gmask, offs_s, smask, w_split, l_sum, has_keys, lse_kept, o_b, o_h, n_b, n_h, Hq,
+                   GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
         # the next spare slot: the lowest-scored evictable slot (first on ties), or the first empty one
         cands = bh * n_splits + offs_s
         keys = tl.load(CAND_KEY + cands, mask=smask, other=float("inf"), volatile=True)
@@ -371,10 +389,13 @@ def launches(state: bool = True) -> int:
 
 
 def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: reference.FeatureWeights,
-                policy: reference.Policy, scale: float, state: bool = True, splits: int | None = None) -> torch.Tensor:
+                policy: reference.Policy, scale: float, state: bool = True, splits: int | None = None,
+                early_merge: bool = True) -> torch.Tensor:
     """One decode step; same contract as :func:`kvpress.kernels.less_reference.decode_step`.
     ``splits``: programs per (row, KV head) along the slots (default: enough to fill the GPU, at
-    most ``MAX_SPLITS``)."""
+    most ``MAX_SPLITS``). ``early_merge``: the output and the cache update are made by the first
+    split's program at once, beside the score updates, leaving the last program to finish only the
+    choice of the next spare slot (False: the last program does both, after the others)."""
     b, hq, _, d = q.shape
     _, hkv, slots, _ = cache.k.shape
     g = hq // hkv
@@ -415,7 +436,8 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
         out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
         policy.sink, policy.recent,
         G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2),
-        BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, num_warps=NUM_WARPS)
+        BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, EARLY_MERGE=early_merge,
+        num_warps=NUM_WARPS)
     return out
 
 

@@ -81,9 +81,13 @@ def test_decode_step_one_split():
 
 @pytest.mark.parametrize("policy", [R.Policy(sink=2, heavy=0, recent=90), R.Policy(sink=1, heavy=80, recent=20)],
                          ids=["lambda", "h2o"])
-def test_decode_step_several_splits(policy):
-    """More slots than one attention block: several splits per KV head, merged by the last program
-    to finish (atomic counter); scratch left zeroed for the next step."""
+@pytest.mark.parametrize("early_merge", [True, False], ids=["early-merge", "merge-last"])
+def test_decode_step_several_splits(policy, early_merge, monkeypatch):
+    """More slots than one attention block: several splits per KV head, merged by the first split's
+    program or by the last to finish, the next spare picked by the last (atomic counter); scratch
+    left zeroed for the next step."""
+    step = K.decode_step
+    monkeypatch.setattr(K, "decode_step", lambda *a, **kw: step(*a, **kw, early_merge=early_merge))
     ref, tri, worst = run_both(policy, "query", torch.float32, length=110, prompt=104, splits=3)
     assert worst < 1e-5
     assert torch.equal(ref.rank, tri.rank) and torch.equal(ref.spare, tri.spare) and torch.equal(ref.pending, tri.pending)
