@@ -416,9 +416,15 @@ def _fast_dequant(x: ref.Latents, chunk: int) -> bool:
 
 
 def _tile_bytes(channels: int, bits: int, elt: int) -> int:
-    """Bytes per token of a latent tile of ``channels`` columns as the kernel loads it: values, or
-    (quantised) one gathered int32 word plus a scale and a minimum per column."""
-    return channels * (elt if bits == 0 else 4 + 2 * elt)
+    """Bytes per token of a latent tile of ``channels`` columns as the kernel loads it: values; 2 or 4
+    bits: whole words and a scale and a minimum per quantisation group (at least 8 channels; the
+    word-by-word path); 3 bits: one gathered int32 word plus a scale and a minimum per column. (The
+    first H200 run charged 4-bit tiles the 3-bit cost and so never tried more than 32 tokens.)"""
+    if bits == 0:
+        return channels * elt
+    if bits in (2, 4):
+        return -(-channels * bits // 32) * 4 + 2 * -(-channels // 8) * elt
+    return channels * (4 + 2 * elt)
 
 
 def smem_estimate(block_n: int, stages: int, d: int, rk: int, rv: int, k_bits: int, v_bits: int, elt: int, gp: int = 16) -> int:
