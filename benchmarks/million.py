@@ -161,6 +161,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--attention", default="local", choices=["local", "random"])
     p.add_argument("--locality", type=float, default=0.6, help="size of the shared q/k bias (bench_minference.build_model)")
+    p.add_argument("--patterns", default="published", choices=["published", "candidates", "default"],
+                   help="MInference patterns of the retrieval heads (bench_minference.model_patterns)")
     p.add_argument("--union-heads", type=int, default=None, help="MInferenceConfig.union_heads (default: the config's)")
     p.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script; times mean nothing)")
     p.add_argument("--out", default=None)
@@ -173,7 +175,7 @@ def main(argv=None):
         torch.set_num_threads(1)
     env = c.environment()
     model = bm.build_model(dev, layers, args.attention, smoke=args.tiny, locality=args.locality)
-    patterns = bm.published_patterns(layers)
+    patterns = bm.model_patterns(args.patterns, layers, model.config.num_attention_heads)
     options = {"min_length": 256, "min_queries": 16, "max_density": 1e9} if args.tiny else {}
     if args.union_heads is not None:
         options["union_heads"] = args.union_heads
@@ -182,7 +184,7 @@ def main(argv=None):
     result = {"env": env, "model": {"layers": layers, "attention": args.attention, "locality": args.locality,
                                     "rope_theta": rope.get("rope_theta", getattr(model.config, "rope_theta", None)),
                                     "max_position_embeddings": model.config.max_position_embeddings},
-              "minference": {"patterns": "reference's published Llama-3-8B table (bench_minference.PUBLISHED)",
+              "minference": {"patterns": args.patterns,
                              "min_length": minference.min_length, "union_heads": minference.union_heads},
               "chunk": chunk, "runs": [], "unpatched": []}
     for L in lengths:
