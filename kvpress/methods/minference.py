@@ -71,8 +71,8 @@ class MInferenceConfig:
         index_queries: forwards with fewer new tokens than this over at least ``8 * index_queries``
             keys are dense (a chunk appended to a long cache): building the VS index reads the last
             64 queries' fp32 scores against every key several times, which costs about as much as
-            1.5K-2.2K queries of dense attention over the same keys (H200, 32 heads: 8.3 ms at 128K,
-            27.6 ms at 512K; ``benchmarks/bench_minference.py``).
+            1.1K-1.7K queries of dense attention over the same keys (H200, 32 heads: 6.6 ms at 128K,
+            22 ms at 512K, 40 ms at 1M; ``benchmarks/results/minference_layer_1m_NVIDIA_H200.json``).
         max_density: a layer prefills dense when its heads' estimated kept keys per query average
             more than this fraction of the keys a query sees on average (``T / 2``; above 1: never).
         max_work: a layer over at least ``WORK_CHECK_KEYS`` (65536) keys prefills dense when, once its
