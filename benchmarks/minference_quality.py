@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     configs = {}
     for item in a.config or ["default"]:
         name, _, path = item.partition("=")
+        if path and not path.startswith("scaled:") and not Path(path).exists():
+            print(f"{name}: {path} not found, skipped", flush=True)
+            continue
         if path.startswith("scaled:"):
             configs[name] = int(path.split(":")[1])  # a rule, built per length
         else:
