@@ -15,10 +15,12 @@ must read, over the measured copy bandwidth (read + write counted). Variants:
   dense, duo50, duo25         kvpress eager decode (duoNN: NN% retrieval heads, random gates,
                               sink 64, recent 256)
   dense-graph, duo50-graph, duo25-graph   the same with kvpress.patch(..., decode="graph"), which
-                              fuses the model's small ops on CUDA (kvpress.graph.fuse, all parts)
-  NAME/PARTS                  with the fused parts PARTS ("none", or some of norm, rotary, mlp,
-                              residual, qkv, gate_up joined by "+"): for a graph variant instead of
-                              all of them, for an eager one on top of transformers' ops
+                              fuses the model's small ops on CUDA (kvpress.graph.fuse, the default parts)
+  NAME@L, NAME@LxB            NAME only at L tokens (and batch B; default 1)
+  NAME/PARTS                  with the fused parts PARTS ("none", "all", or some of norm, rotary, mlp,
+                              residual, next_norm, qkv, gate_up, gemv, gemv_norm joined by "+"): for a
+                              graph variant instead of the default ones, for an eager one on top of
+                              transformers' ops
 
 A row whose cache cannot fit the GPU is skipped (estimated from its bytes; "skipped" in the JSON).
 The ``check`` part prefills 8K real tokens and generates 64 greedy tokens with Duo 25% eager and
@@ -87,7 +89,7 @@ def variant(model, name, max_len):
         options = {"decode": "graph"} if graph else {}
         config = None if method == "dense" else duo_config(retrieval_fraction(method), model.config.num_hidden_layers)
         before = kvpress.graph.FUSE
-        kvpress.graph.FUSE = parts if graph and parts else "all"  # read when the graph runner is installed
+        kvpress.graph.FUSE = parts if graph and parts else "default"  # read when the graph runner is installed
         try:
             with common.kvpress_variant(model, "dense" if method == "dense" else "duo", config, **options) as make_cache:
                 if parts and not graph:
@@ -157,11 +159,15 @@ def fits(model, name, L, batch, dev):
 
 
 def tpot_part(model, names, lengths, batch, steps, chunk, dev, bw, rows=None, save=None):
-    """Rows of ``names`` x ``lengths`` appended to ``rows``; ``save(rows)`` after each."""
+    """Rows of ``names`` x ``lengths`` appended to ``rows``; ``save(rows)`` after each. A name
+    ``NAME@L`` (``NAME@LxB``) is measured only at L tokens (and batch B, default 1)."""
     rows = [] if rows is None else rows
     weights = weight_bytes(model)
     for L in lengths:
         for name in names:
+            name, _, only = name.partition("@")
+            if only and (int(only.partition("x")[0]) != L or int(only.partition("x")[2] or 1) != batch):
+                continue
             if not fits(model, name, L, batch, dev):
                 rows.append({"variant": name, "tokens": L, "batch": batch, "skipped": "does not fit"})
                 print(f"{name} {L // K}K x{batch}: skipped (does not fit)", flush=True)
@@ -207,7 +213,7 @@ def check_part(model, dev, L, new_tokens):
     with the same fused ops (must be equal), and against eager with transformers' ops (information)."""
     ids = torch.randint(0, model.config.vocab_size, (1, L), device=dev, generator=torch.Generator(dev).manual_seed(0))
     runs = {}
-    for name in ("duo25/all", "duo25-graph", "duo25"):
+    for name in ("duo25/default", "duo25-graph", "duo25"):
         with variant(model, name, 0):
             out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
             runs[name] = out[0, L:].tolist()
@@ -215,13 +221,13 @@ def check_part(model, dev, L, new_tokens):
     def first_difference(a, b):
         return next((i for i, (x, y) in enumerate(zip(runs[a], runs[b])) if x != y), None)
 
-    same = runs["duo25/all"] == runs["duo25-graph"]
-    first, vs_plain = first_difference("duo25/all", "duo25-graph"), first_difference("duo25", "duo25-graph")
+    same = runs["duo25/default"] == runs["duo25-graph"]
+    first, vs_plain = first_difference("duo25/default", "duo25-graph"), first_difference("duo25", "duo25-graph")
     print(f"check: Duo 25% graph {'==' if same else '!='} eager (same fused ops) over {new_tokens} greedy tokens after "
           f"{L} (first difference at {first}); against eager with transformers' ops: first difference at {vs_plain}",
           flush=True)
     return {"tokens": L, "new_tokens": new_tokens, "same": same, "first_difference": first,
-            "first_difference_vs_transformers_ops": vs_plain, "eager": runs["duo25/all"], "graph": runs["duo25-graph"],
+            "first_difference_vs_transformers_ops": vs_plain, "eager": runs["duo25/default"], "graph": runs["duo25-graph"],
             "eager_transformers_ops": runs["duo25"]}
 
 

@@ -297,28 +297,36 @@ def install(patcher, model: torch.nn.Module, method, fuse_ops: str | None = None
 
 # -- fused ops (issue #15: the launch-bound tail of a decode step) ---------------------------------
 
-FUSE_PARTS = ("norm", "rotary", "mlp", "residual", "qkv", "gate_up", "gemv", "gemv_norm")
-# What ``decode="graph"`` fuses on CUDA: "all", "none", or a comma-separated subset of FUSE_PARTS.
-FUSE = os.environ.get("KVPRESS_FUSE", "all")
+FUSE_PARTS = ("norm", "rotary", "mlp", "residual", "next_norm", "qkv", "gate_up", "gemv", "gemv_norm")
+# The parts ``decode="graph"`` fuses by default: the Triton GEMV (``gemv``, ``gemv_norm``) is slower
+# than cuBLAS over the concatenated weights on the H200 (benchmarks/results/graph_tpot_batch1_*_round2.json).
+DEFAULT_PARTS = ("norm", "rotary", "mlp", "residual", "next_norm", "qkv", "gate_up")
+# What ``decode="graph"`` fuses on CUDA: "default", "all", "none", or a comma-separated subset of FUSE_PARTS.
+FUSE = os.environ.get("KVPRESS_FUSE", "default")
 
 
 def fuse_parts(spec: str) -> tuple[str, ...]:
-    parts = FUSE_PARTS if spec == "all" else () if spec == "none" else tuple(p for p in spec.split(",") if p)
+    named = {"all": FUSE_PARTS, "default": DEFAULT_PARTS, "none": ()}
+    parts = named[spec] if spec in named else tuple(p for p in spec.split(",") if p)
     unknown = sorted(set(parts) - set(FUSE_PARTS))
     if unknown:
-        raise ValueError(f"unknown fused parts {', '.join(unknown)}: use 'all', 'none' or some of {', '.join(FUSE_PARTS)}")
+        raise ValueError(f"unknown fused parts {', '.join(unknown)}: use 'default', 'all', 'none' or some of "
+                         f"{', '.join(FUSE_PARTS)}")
     return parts
 
 
-def fuse(patcher, model: torch.nn.Module, spec: str = "all") -> dict[str, int]:
+def fuse(patcher, model: torch.nn.Module, spec: str = "default") -> dict[str, int]:
     """Swap the decoder's small ops for fused kernels (``kvpress.kernels.fused``), each change recorded
-    by ``patcher`` (exact undo). Parts (``spec``: "all" or a comma-separated subset of :data:`FUSE_PARTS`):
+    by ``patcher`` (exact undo). Parts (``spec``: "default" (:data:`DEFAULT_PARTS`), "all", or a
+    comma-separated subset of :data:`FUSE_PARTS`):
 
     * ``norm``: every RMSNorm module runs one kernel (transformers' math: fp32 variance, cast, weight);
     * ``rotary``: the attention modules apply RoPE to q and k in one kernel (their forward is swapped
       for :func:`attention_forward`, unless the method swapped it already);
     * ``mlp``: SiLU(gate) * up in one kernel;
     * ``residual``: the decoder layer's residual add fused into its post-attention RMSNorm;
+    * ``next_norm`` (with ``residual`` and ``norm``): the layer's last residual add fused with the
+      RMSNorm that reads its output (the next layer's input norm, the model's final norm);
     * ``qkv`` / ``gate_up``: the q/k/v (gate/up) projections as one GEMM over their weights
       concatenated: the parameters stay the same objects but their data become row blocks of the
       concatenated tensor (no second copy); unpatching gives each its own storage back;
@@ -369,11 +377,29 @@ def fuse(patcher, model: torch.nn.Module, spec: str = "all") -> dict[str, int]:
         if "residual" in parts and _plain_layer(layer) and "forward" not in vars(layer):
             patcher.swap_forward(layer, layer_forward)
             done["residual"] += 1
+            following = _following_norm(info, layers, layer)
+            if ("next_norm" in parts and "gemv_norm" not in parts and following is not None
+                    and _swapped(following, norm_forward)):
+                stash = vars(following).get("_kvpress_stash")
+                if stash is None:
+                    stash = {}
+                    patcher.set(following, "_kvpress_stash", stash)
+                patcher.set(layer, "_kvpress_next_norm", (following,))  # in a tuple: not a submodule of the layer
+                done["next_norm"] += 1
             if "gemv_norm" in parts and _is_rms_norm(layer.input_layernorm):
                 patcher.set(layer, "_kvpress_gemv_norm", True)
                 done["gemv_norm"] += 1
     log.info("kvpress decode='graph': fused %s", ", ".join(f"{k} x{v}" for k, v in done.items()))
     return done
+
+
+def _following_norm(info, layers, layer):
+    """The RMSNorm that reads ``layer``'s output: the next layer's input norm, or the model's final norm."""
+    index = next(i for i, other in enumerate(layers) if other is layer)
+    if index + 1 < len(layers):
+        return getattr(layers[index + 1], "input_layernorm", None)
+    norm = getattr(info.base_model, "norm", None)
+    return norm if _is_rms_norm(norm) else None
 
 
 def _is_rms_norm(module) -> bool:
@@ -465,8 +491,27 @@ def _concatenate(patcher, module, name: str, linears) -> bool:
 
 
 def norm_forward(module, hidden_states):
-    """An RMSNorm module's forward through ``kernels.fused.rms_norm``."""
+    """An RMSNorm module's forward through ``kernels.fused.rms_norm`` (or what the layer before it
+    computed for this very tensor, part ``next_norm``)."""
+    stash = vars(module).get("_kvpress_stash")
+    if stash and stash.get("input") is hidden_states:
+        normed = stash["output"]
+        stash.clear()
+        return normed
     return ops.rms_norm(hidden_states, module.weight, module.variance_epsilon)
+
+
+def _add_then_norm(module, residual, hidden_states):
+    """``residual + hidden_states``, the decoder layer's output; with ``next_norm``, the RMSNorm that
+    reads it is computed in the same kernel and left for it (``norm_forward``)."""
+    following = vars(module).get("_kvpress_next_norm", (None,))[0]
+    stash = None if following is None else vars(following).get("_kvpress_stash")
+    if stash is None or not _swapped(following, norm_forward):
+        return residual + hidden_states
+    normed, out = ops.rms_norm(hidden_states, following.weight, following.variance_epsilon, residual=residual)
+    stash.clear()
+    stash.update(input=out, output=normed)
+    return out
 
 
 def _linear(owner, linear, x, residual=None, silu_mul=False):
@@ -584,4 +629,4 @@ def layer_forward(module, hidden_states, *args, **kwargs):
         hidden_states, residual = ops.rms_norm(hidden_states, norm.weight, norm.variance_epsilon, residual=residual)
     if vars(mlp).get("_kvpress_gemv") and _swapped(mlp, mlp_forward):
         return mlp_forward(mlp, hidden_states, residual=residual)
-    return residual + mlp(hidden_states)
+    return _add_then_norm(module, residual, mlp(hidden_states))
