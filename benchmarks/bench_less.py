@@ -199,7 +199,7 @@ def main() -> int:
     parser.add_argument("part", choices=["layer", "e2e", "memory"])
     parser.add_argument("--lengths", type=int, nargs="*", default=None,
                         help="(default: 32768 131072 524288 for layer, 32768 131072 for e2e)")
-    parser.add_argument("--tokens", type=int, default=10240)
+    parser.add_argument("--tokens", type=int, default=None, help="memory: tokens to generate (default 10240; 40 with --smoke)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out", default=str(RESULTS), help="folder of the JSON (default benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (Triton interpreter): checks the script")
@@ -211,9 +211,9 @@ def main() -> int:
         rows = e2e_rows(dev, [256] if args.smoke else args.lengths or [32768, 131072], 4 if args.smoke else args.new_tokens,
                         args.smoke)
     else:
-        rows = memory_rows(dev, 40 if args.smoke else args.tokens, args.smoke)
+        rows = memory_rows(dev, args.tokens or (40 if args.smoke else 10240), args.smoke)
     env = c.environment()
-    if not args.smoke:
+    if not args.smoke or (args.part == "memory" and args.tokens):  # a CPU memory run over many tokens is a result too
         c.write_json(Path(args.out) / f"less_{args.part}_{c.device_tag(env)}.json", {"environment": env, "args": vars(args), "rows": rows})
     return 0
 

@@ -154,7 +154,7 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/kvpress_less_quality", help="where activations spill (CPU)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (the model stays fp32; on cuda activations stay in GPU memory)")
+                        help="cpu or cuda (the model stays fp32; captured activations stay in its memory)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
@@ -188,7 +188,7 @@ def main() -> int:
     training = LessTraining(samples=args.train_samples, length=args.train_length, epochs=args.epochs,
                             halve_every=args.halve_every, lr=args.lr, batch_size=args.batch_size,
                             val_fraction=args.val_fraction, capture_batch=args.capture_batch,
-                            in_memory=args.device.startswith("cuda"), spill_gb=1e9)
+                            in_memory=True, spill_gb=1e9)
     lengths = [int(x) for x in args.passkey_lengths.split(",")]
     depths = [float(x) for x in args.passkey_depths.split(",")]
     full_ppl = perplexity(model, windows, None)
