@@ -2,6 +2,8 @@
 # minq (issue 12, MInference quality): attention recall per layer and retrieval accuracy, patched vs
 # unpatched, on needle-llama (8K) and SmolLM2-135M-Instruct (1K, 2K), on one H200 (~2 min).
 #   bash benchmarks/gpu_minq.sh            everything under "$OUT/minq/" (SAMPLES=1 per cell by default)
+#   bash benchmarks/gpu_minq.sh round3     <= 60 s: needle-llama at 8K, unpatched / shipped search / scaled
+#                                          rule, 5 depths x 2 samples (+ SmolLM2 at 2K if already converted)
 # SmolLM2 is taken from $KVPRESS_CACHE/smollm2-135m-instruct or /tmp/kvc/smollm2-135m-instruct when
 # a previous call converted it there, else converted from .smol/*.part00-02 (+ .whl/gguf-*.whl) if
 # they were carried; without them its part is skipped (said in the summary).
@@ -32,6 +34,21 @@ quality() {
   fi
   echo "== $name (rc $rc)"; grep -v "Loading weights" "$R/$name.log" | tail -8 | cut -c1-400
 }
+
+if [ "${1:-}" = round3 ]; then
+  quality minference_quality_needle_llama_gpu 35 --model "$ROOT/models/needle-llama" --dtype float32 \
+    --config searched="$ROOT/models/needle-llama/kvpress-minference.safetensors" --config scaled64=scaled:64 \
+    --tasks passkey,multikey,multivalue,kvlookup --recall-tasks passkey,kvlookup --lengths 8192 --depths 5 --samples 2
+  for d in "${KVPRESS_CACHE:-$HOME/.cache/kvpress}/smollm2-135m-instruct" /tmp/kvc/smollm2-135m-instruct; do
+    if [ -f "$d/model.safetensors" ]; then
+      quality minference_quality_smollm2_gpu 15 --model "$d" --dtype float32 --chat \
+        --config searched="$ROOT/benchmarks/results/minference_quality_smollm2_config.json" --config scaled64=scaled:64 \
+        --tasks passkey,people --recall-tasks passkey --lengths 2048 --depths 5 --samples 1
+      break
+    fi
+  done
+  exit 0
+fi
 
 # search NAME MODEL LENGTH START CANDIDATES: kvpress-calibrate minference with equal-budget candidates
 # (tokens per query, unscaled) at the model's longest length.

@@ -33,7 +33,10 @@ from pathlib import Path
 import torch
 
 import kvpress
-from kvpress.calibration.minference import attention_recall, budget_config, default_budget, scaled_budget
+from kvpress.calibration.minference import (
+    attention_recall, block_rows_mask, budget_config, default_budget, scaled_budget, vs_block_mask,
+)
+from kvpress.kernels import minference_reference
 from kvpress.eval.cli import EvalConfig, environment, load_model, parse_depths, read_text, run_eval
 from kvpress.eval.harness import folds_leading_space
 from kvpress.eval.tasks import make_sample
@@ -100,10 +103,16 @@ def main(argv=None) -> int:
     p.add_argument("--haystack", default="heldout")
     p.add_argument("--no-eval", action="store_true", help="attention recall only")
     p.add_argument("--no-recall", action="store_true", help="retrieval accuracy only")
+    p.add_argument("--recall-tasks", default=None, help="tasks whose prompt the recall is measured on (default: --tasks)")
+    p.add_argument("--exact-masks", action="store_true",
+                   help="keep the reference's per-query masks on the CPU path (default: the per-query-block masks of "
+                   "calibration.minference, equal to them and tested so, several times faster)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default=None, help="results JSON")
     a = p.parse_args(argv)
+    if not a.exact_masks:  # the CPU path (dense attention under the index's mask) builds its masks per query block
+        minference_reference.vs_mask, minference_reference.block_mask = vs_block_mask, block_rows_mask
     if a.model == "smollm2":
         from kvpress.testbed import smollm2_path
 
@@ -127,10 +136,10 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(a.model, a.device, a.dtype)
     haystack = read_text(a.haystack)
     recall_inputs = [prompt_ids(tokenizer, make_sample(t, tokenizer, haystack, max(lengths), 0.5, seed="recall",
-                                                       chat=a.chat)) for t in tasks]
+                                                       chat=a.chat)) for t in (a.recall_tasks or a.tasks).split(",") if t]
     report = {"model": a.model, "eval": {k: v for k, v in vars(cfg).items() if k != "progress"},
               "min_length": a.min_length, "environment": environment(model),
-              "recall_prompts": {"tasks": tasks, "length": max(lengths), "depth": 0.5,
+              "recall_prompts": {"tasks": (a.recall_tasks or a.tasks).split(","), "length": max(lengths), "depth": 0.5,
                                  "tokens": [x.shape[-1] for x in recall_inputs], "scored_from": "T / 12"},
               "unpatched": None, "configs": {}}
     started = time.time()
