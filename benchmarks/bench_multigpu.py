@@ -165,7 +165,7 @@ def fits(model, make_cache, L: int, chunk: int, fill_chunk: int, decode_steps: i
     """Whether a context of ``L`` tokens runs: a cache filled to ``L - chunk`` tokens, then the last
     prefill chunk and ``decode_steps`` decode steps for real. Out of memory on any GPU: False."""
     devices = layer_devices(model)
-    cache = None
+    cache = out = None
     try:
         cache = make_cache()
         fill(model, cache, L - chunk, fill_chunk)
@@ -182,7 +182,7 @@ def fits(model, make_cache, L: int, chunk: int, fill_chunk: int, decode_steps: i
             return False
         raise
     finally:
-        del cache
+        del cache, out  # the output holds the cache too: both go before the memory is released
         free_memory()
 
 
@@ -209,7 +209,9 @@ def guess_max(model, name: str, chunk: int, step_tokens: int) -> int:
     the last chunk's activations and, for kvpress, its buffers' spare capacity): where the search starts."""
     guesses = []
     for d, per_token in bytes_per_token(model, name, chunk).items():
-        free = torch.cuda.mem_get_info(d)[0] if d.type == "cuda" else 2**34
+        # free on the device, plus what torch's allocator keeps cached
+        free = torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d) \
+            if d.type == "cuda" else 2**34
         spare = 1.0 if VARIANTS[name] is None else 1.04  # AppendBuffer grows by 1/16
         guesses.append(int((free - 3 * 2**30) / (per_token * spare)))
     return max(step_tokens, min(guesses) // step_tokens * step_tokens)
