@@ -386,8 +386,13 @@ def markdown_table(folder) -> str:
     cell = {}
     for kind, r in rows:
         if kind == "maxctx":
-            mark = "" if r["complete"] else " (at least)"
-            cell[(f"longest context, {r['scheme']}", r["variant"])] = f"{r['max_tokens'] // K}K ({r['vs_unpatched']:.2f}x){mark}"
+            if not r["max_tokens"]:
+                text = f"< {r['first_failed'] // K}K (none that ran found)" if r["first_failed"] else "not measured"
+            elif r["complete"]:
+                text = f"{r['max_tokens'] // K}K"
+            else:  # cut short: what ran, and the shortest that did not
+                text = f">= {r['max_tokens'] // K}K" + (f", < {r['first_failed'] // K}K" if r["first_failed"] else "")
+            cell[(f"longest context, {r['scheme']}", r["variant"])] = text
         else:
             cell[(f"TPOT at {r['tokens'] // K}K, {r['scheme']}", r["variant"])] = f"{r['tpot_ms']:.1f} ms"
     lines = ["| | " + " | ".join(VARIANTS) + " |", "| --- |" + " --- |" * len(VARIANTS)]
