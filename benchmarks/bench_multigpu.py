@@ -356,7 +356,9 @@ def tp_run(a) -> None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.checkpoint, tp_plan="auto", dtype=torch.bfloat16).eval()
+    from kvpress.parallel import tensor_parallel_args
+
+    model = AutoModelForCausalLM.from_pretrained(a.checkpoint, dtype=torch.bfloat16, **tensor_parallel_args()).eval()
     model.requires_grad_(False)
     load_s = time.perf_counter() - t
     heads = describe(model).heads

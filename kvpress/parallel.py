@@ -21,6 +21,17 @@ from .adapters import HeadShard, describe
 from .cache import AppendBuffer, ForwardTokens, TokenLedger, kv_cache_bytes
 
 
+def tensor_parallel_args() -> dict:
+    """``from_pretrained`` keyword arguments that load a model tensor parallel over every process of
+    ``torchrun`` with the model's own plan: ``distributed_config=DistributedConfig(tp_plan="auto")``
+    (transformers >= 5.17, where a bare ``tp_plan=`` is deprecated), else ``tp_plan="auto"``."""
+    try:
+        from transformers import DistributedConfig
+    except ImportError:
+        return {"tp_plan": "auto"}
+    return {"distributed_config": DistributedConfig(tp_plan="auto")}
+
+
 def head_shard(model: nn.Module) -> HeadShard:
     """The heads this process computes in every layer (all of them unless ``model`` is tensor parallel)."""
     return describe(model).heads

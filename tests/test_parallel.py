@@ -130,11 +130,11 @@ def _tp_rank(rank: int, world: int, folder: str, port: int, backend: str, cases:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from kvpress.parallel import total_kv_cache_bytes
+    from kvpress.parallel import tensor_parallel_args, total_kv_cache_bytes
 
     dist.init_process_group(backend, rank=rank, world_size=world)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **tensor_parallel_args())
         device = "cuda" if backend == "nccl" else "cpu"
         heads = describe(model).heads
         result = {"heads": [heads.rank, heads.world_size, list(heads.kv_heads), list(heads.query_heads)],
@@ -373,7 +373,7 @@ def test_device_ledger_sends_only_new_ranks_to_another_device():
 
 
 def test_total_kv_cache_bytes_without_distributed_is_kv_cache_bytes():
-    from kvpress.parallel import total_kv_cache_bytes
+    from kvpress.parallel import tensor_parallel_args, total_kv_cache_bytes
 
     model = kvpress.patch(tiny_model("llama"), "dense")
     ids, mask = batch()
