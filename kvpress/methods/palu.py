@@ -14,7 +14,8 @@ keys (bias, k_norm, RoPE at each token's position) and values for every cached t
 dense path of ``kvpress.kernels``; decode (one new token) runs the fused Triton kernel
 ``kvpress.kernels.palu`` on CUDA, which rebuilds and rotates keys block by block and attends the
 value latents directly (values are up-projected once per query head after the softmax: no value is
-rebuilt per token, and o_proj keeps its size).
+rebuilt per token, and o_proj keeps its size). With ``decode="graph"`` the decode steps run in CUDA
+graphs (the cache layers run static decode steps: :class:`PaluLayer`); prefill stays eager.
 """
 
 from __future__ import annotations
