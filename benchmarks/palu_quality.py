@@ -65,6 +65,8 @@ def main():
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--ppl-context", type=int, default=1024)
+    parser.add_argument("--only", default="", help="comma-separated kinds to run: unpatched, svd, fisher, 4bit, 3bit "
+                        "(default all; the frontier settings get fisher and 4bit)")
     parser.add_argument("--out", default=None, help="default benchmarks/results/palu_quality_<model>.json")
     args = parser.parse_args()
 
@@ -107,6 +109,13 @@ def main():
         if i == 0:
             variants[label(gs, ratio, " whitening + Fisher, 3-bit latents")] = (gs, ratio, dict(config, bits=3, **qg))
 
+    if args.only:
+        kinds = set(args.only.split(","))
+
+        def kind(label_):
+            return ("unpatched" if label_ == "unpatched" else "svd" if "plain SVD" in label_ else
+                    "4bit" if "4-bit" in label_ else "3bit" if "3-bit" in label_ else "fisher")
+        variants = {k: v for k, v in variants.items() if kind(k) in kinds}
     tasks = args.tasks.split(",")
     eval_config = EvalConfig(tasks=tasks, lengths=[int(x) for x in args.lengths.split(",")],
                              depths=[i / max(1, args.depths - 1) for i in range(args.depths)], samples=args.samples,
