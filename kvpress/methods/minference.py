@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -31,7 +31,7 @@ from ..cache import HeadGroup
 from ..configfile import atomic_write, load_config_file, save_config_file
 from ..kernels import minference_reference as R
 from ..kernels.reference import rank_mask
-from .base import GroupedMethod
+from .base import GroupedMethod, HeadAxis
 
 try:
     from ..kernels import minference as triton_kernels
@@ -101,6 +101,9 @@ class MInferenceConfig:
     max_work: float | None = 0.45
     union_heads: int = 1
     model_shape: ModelShape | None = None
+
+    # what a tensor-parallel rank keeps: its query heads' entries (kvpress.methods.base.select_heads)
+    head_axes: ClassVar[dict] = {"patterns": HeadAxis("query", keyed=True), "scores": HeadAxis("query", dim=1)}
 
     def __post_init__(self):
         if self.patterns is not None:
@@ -327,7 +330,7 @@ class MInference(GroupedMethod):
     prefill_only = True
 
     def check_config(self, config: MInferenceConfig) -> None:
-        shape = self.info.shape
+        shape = self.info.local_shape  # this process's heads (a tensor-parallel rank's share)
         if config.patterns is not None and len(config.patterns) != shape.num_layers:
             raise ValueError(f"this MInferenceConfig has patterns for {len(config.patterns)} layers, the model has "
                              f"{shape.num_layers}; load the config made for this model or calibrate one with "
