@@ -24,9 +24,10 @@ random LESS maps of the paper's size, H2O 1024 + 1024) prefilled with L random t
 first token, time per output token (median), GPU busy time per token and peak memory, for the
 unpatched model (SDPA, DynamicCache) and LESS with eager and graph decode (``common.e2e_rows``).
 
-``memory``: an 8B-shaped Llama (4 layers, random weights) patched with LESS (random maps, graph
-decode) generates ``--tokens`` tokens after a 4K prompt; the KV cache bytes are recorded every
-1024 steps (they must not move). Writes ``benchmarks/results/less_<part>_<device>.json``.
+``memory``: an 8B-shaped Llama (4 layers, random weights; or ``--model DIR``, a local model, with
+H2O 32 + 32 after a 256-token prompt) patched with LESS (random maps, graph decode: static steps,
+uncaptured on CPU) generates ``--tokens`` tokens after a 4K prompt; the KV cache bytes are recorded
+every 1024 steps (they must not move). Writes ``benchmarks/results/less_<part>_<device>.json``.
 """
 
 from __future__ import annotations
@@ -170,13 +171,19 @@ def e2e_rows(dev, lengths, new_tokens, smoke):
 
 
 @torch.no_grad()
-def memory_rows(dev, tokens, smoke):
-    model = c.build_model(dev, smoke=smoke, layers=4)
+def memory_rows(dev, tokens, smoke, model_path=None):
+    if model_path:  # a local model (e.g. models/needle-llama on CPU): H2O 32 + 32, small maps
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path).to(dev).eval().requires_grad_(False)
+        budget, prompt, title = dict(heavy=32, recent=32, hidden=32), 256, f"{Path(model_path).name}, H2O 32+32"
+    else:
+        model = c.build_model(dev, smoke=smoke, layers=4)
+        budget, prompt, title = dict(heavy=512, recent=512), 4096 if not smoke else 64, "4 layers, 8B-shaped, H2O 512+512"
     shape = describe(model).shape
-    config = LessConfig.random(shape, policy="h2o", sink=0, heavy=512, recent=512)
+    config = LessConfig.random(shape, policy="h2o", sink=0, **budget)
     config.layers = [w.to(dev) for w in config.layers]
     kvpress.patch(model, "less", config=config, decode="graph")
-    prompt = 4096 if not smoke else 64
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=dev)
     cache = kvpress.make_cache(model)
     out = c.forward(model, ids, cache)
@@ -188,7 +195,7 @@ def memory_rows(dev, tokens, smoke):
         if step % 1024 == 0 or step == tokens - 1:
             rows.append({"generated": step + 1, "seen": prompt + step + 1, "kv_cache_bytes": kvpress.kv_cache_bytes(cache)})
     kvpress.unpatch(model)
-    c.table("LESS cache bytes over generation (4 layers, 8B-shaped, H2O 512+512)", rows,
+    c.table(f"LESS cache bytes over generation ({title}, graph decode)", rows,
             [("generated", "{}"), ("seen", "{}"), ("kv_cache_bytes", "{}")])
     assert len({r["kv_cache_bytes"] for r in rows}) == 1, "the LESS cache grew"
     return rows
@@ -201,6 +208,7 @@ def main() -> int:
                         help="(default: 32768 131072 524288 for layer, 32768 131072 for e2e)")
     parser.add_argument("--tokens", type=int, default=None, help="memory: tokens to generate (default 10240; 40 with --smoke)")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--model", help="memory: a local model folder instead of the 8B-shaped one (e.g. models/needle-llama)")
     parser.add_argument("--out", default=str(RESULTS), help="folder of the JSON (default benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (Triton interpreter): checks the script")
     args = parser.parse_args()
@@ -211,10 +219,11 @@ def main() -> int:
         rows = e2e_rows(dev, [256] if args.smoke else args.lengths or [32768, 131072], 4 if args.smoke else args.new_tokens,
                         args.smoke)
     else:
-        rows = memory_rows(dev, args.tokens or (40 if args.smoke else 10240), args.smoke)
+        rows = memory_rows(dev, args.tokens or (40 if args.smoke else 10240), args.smoke, args.model)
     env = c.environment()
     if not args.smoke or (args.part == "memory" and args.tokens):  # a CPU memory run over many tokens is a result too
-        c.write_json(Path(args.out) / f"less_{args.part}_{c.device_tag(env)}.json", {"environment": env, "args": vars(args), "rows": rows})
+        tag = f"{Path(args.model).name}_" if args.part == "memory" and args.model else ""
+        c.write_json(Path(args.out) / f"less_{args.part}_{tag}{c.device_tag(env)}.json", {"environment": env, "args": vars(args), "rows": rows})
     return 0
 
 
