@@ -99,7 +99,8 @@ def parse_maps(spec: str) -> dict:
 
 def train_maps(model, tokenizer, base: LessConfig, specs: list[str], training: LessTraining, work: Path, log) -> dict:
     """Capture every layer's activations once for ``base``'s policy, then train the maps of each
-    spec on them (``calibration.less.train_layer``, layer by layer). Returns {spec: (config, losses)}."""
+    spec on them (``calibration.less.train_layer``, layer by layer). Yields (spec, (config, losses))
+    as each is trained."""
     info = describe(model)
     shape = info.shape
     device = next(model.parameters()).device
@@ -109,7 +110,6 @@ def train_maps(model, tokenizer, base: LessConfig, specs: list[str], training: L
     capture_group(model, info, list(range(shape.num_layers)), windows, base, store, torch.float32, False,
                   training.capture_batch)
     log(f"{base.policy}: captured {training.samples} x {training.length} tokens in {time.perf_counter() - t0:.0f} s")
-    trained = {}
     for spec in specs:
         t0 = time.perf_counter()
         config = LessConfig(**{**base.fields_dict(), **parse_maps(spec)})
@@ -119,11 +119,10 @@ def train_maps(model, tokenizer, base: LessConfig, specs: list[str], training: L
                 w, loss = train_layer(info.attention_modules[layer], store, config, shape, training, device, False)
             layers.append(w.to(device="cpu"))
             losses[layer] = {k: v for k, v in loss.items() if k != "history"}
-        trained[spec] = (LessConfig(**{**config.fields_dict(), "layers": layers, "model_shape": shape}), losses)
         ratios = " ".join(f"{v['mse_less'] / v['mse_sparse']:.2f}" for v in losses.values())
         log(f"{base.policy} {spec}: trained in {time.perf_counter() - t0:.0f} s; held-out MSE LESS / sparse per layer: {ratios}")
+        yield spec, (LessConfig(**{**config.fields_dict(), "layers": layers, "model_shape": shape}), losses)
     store.clear()
-    return trained
 
 
 def main() -> int:
@@ -227,14 +226,15 @@ def main() -> int:
         trained_dir = getattr(args, f"trained_{name}")
         if trained_dir:
             loaded = LessConfig.load(trained_dir)
-            trained = {f"r{loaded.rank}h{loaded.hidden}" if loaded.state_heads == "kv" else f"q-r{loaded.rank}h{loaded.hidden}": (loaded, None)}
+            trained = iter([(f"r{loaded.rank}h{loaded.hidden}" if loaded.state_heads == "kv" else
+                             f"q-r{loaded.rank}h{loaded.hidden}", (loaded, None))])
         else:
             trained = train_maps(model, tokenizer, base, specs, training, Path(args.work), log)
         only = add(f"{name} only", LessConfig.random(shape, **{**base.fields_dict(), "state": False}), None)
         rows[f"{name} only"]["gap_recovered"] = 0.0
         add(f"LESS {name}, untrained maps", LessConfig.random(shape, **base.fields_dict()), only)
         done_plus = set()
-        for spec, (config, loss) in trained.items():
+        for spec, (config, loss) in trained:  # each spec evaluated as soon as it is trained
             per_kv = shape.num_heads // shape.num_kv_heads if config.state_heads == "query" else 1
             extra = R.tokens_of_state(shape.head_dim, config.rank, 4, per_kv)
             if extra not in done_plus:
