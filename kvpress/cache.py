@@ -570,7 +570,9 @@ class KVView:
         if not self.pending:
             raise RuntimeError("this forward's new tokens were already written into the cache")
         self.pending = False
-        return self.new_k, self.new_v
+        new = self.new_k, self.new_v
+        self.new_k = self.new_v = None  # the view lives until the forward ends: hold no layer's chunk K/V that long
+        return new
 
     def write_new(self) -> None:
         """Write the new tokens into every group's buffers."""

@@ -298,9 +298,10 @@ def install(patcher, model: torch.nn.Module, method, fuse_ops: str | None = None
 # -- fused ops (issue #15: the launch-bound tail of a decode step) ---------------------------------
 
 FUSE_PARTS = ("norm", "rotary", "mlp", "residual", "next_norm", "qkv", "gate_up", "gemv", "gemv_norm")
-# The parts ``decode="graph"`` fuses by default: the Triton GEMV (``gemv``, ``gemv_norm``) is slower
-# than cuBLAS over the concatenated weights on the H200 (benchmarks/results/graph_tpot_batch1_*_round2.json).
-DEFAULT_PARTS = ("norm", "rotary", "mlp", "residual", "next_norm", "qkv", "gate_up")
+# The parts ``decode="graph"`` fuses by default: those measured on the H200
+# (benchmarks/results/graph_tpot_batch1_NVIDIA_H200_round2.json). The Triton GEMV (``gemv``,
+# ``gemv_norm``) is slower there than cuBLAS over the concatenated weights; ``next_norm`` is not measured yet.
+DEFAULT_PARTS = ("norm", "rotary", "mlp", "residual", "qkv", "gate_up")
 # What ``decode="graph"`` fuses on CUDA: "default", "all", "none", or a comma-separated subset of FUSE_PARTS.
 FUSE = os.environ.get("KVPRESS_FUSE", "default")
 
