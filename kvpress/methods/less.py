@@ -29,7 +29,7 @@ from ..configfile import load_config_folder, save_config_folder
 from ..kernels import less as less_kernels
 from ..kernels import less_reference as reference
 from ..kernels.less_reference import FeatureWeights, Policy
-from .base import Method
+from .base import HeadAxis, Method
 
 SIMULATED = "kvpress_less_simulation"
 WEIGHT_NAMES = ("q_w1", "q_w2", "k_w1", "k_w2", "k_scale", "k_mix", "k_mix_scale")
@@ -132,9 +132,17 @@ class LessConfig:
         layers = [FeatureWeights(**{n: tensors[f"layers.{i}.{n}"] for n in WEIGHT_NAMES}) for i in range(count)]
         return cls(**{**fields, **overrides}, layers=layers, model_shape=shape)
 
-    def check(self, shape: ModelShape) -> None:
-        """Raise a clear error unless the maps fit a model of ``shape``."""
-        if self.model_shape is not None:
+    @property
+    def head_axes(self) -> dict:
+        """What a tensor-parallel rank keeps (``kvpress.methods.base.select_heads``): phi of its query
+        heads, psi of its state heads (its KV heads, or query heads with ``state_heads="query"``)."""
+        q, k = HeadAxis("query"), HeadAxis("kv" if self.state_heads == "kv" else "query")
+        return {"layers": {"q_w1": q, "q_w2": q, "k_w1": k, "k_w2": k, "k_scale": k, "k_mix": k, "k_mix_scale": k}}
+
+    def check(self, shape: ModelShape, fingerprint: bool = True) -> None:
+        """Raise a clear error unless the maps fit a model of ``shape`` (``fingerprint``: and
+        ``model_shape`` is that model's)."""
+        if fingerprint and self.model_shape is not None:
             self.model_shape.check_matches(shape, "this LESS config")
         if self.layers is None:
             raise ValueError("this LessConfig has no feature maps: load one (LessConfig.load) or use LessConfig.random(shape)")
@@ -239,7 +247,7 @@ class LessLayer(KVPressLayer):
         if not static and self.applied != self.ledger.seen:  # this layer ran a forward that failed in a later layer
             self._restore()
         if self.cache is None:
-            shape, config = self.less.info.shape, self.less.config
+            shape, config = self.less.info.local_shape, self.less.config
             self.cache = reference.LessCache.empty(
                 key_states.shape[0], shape.num_kv_heads, config.budget.slots, shape.head_dim,
                 config.num_state_heads(shape), config.rank, key_states.dtype, key_states.device)
@@ -332,7 +340,7 @@ class Less(Method):
         )
 
     def check_config(self, config: LessConfig) -> None:
-        config.check(self.info.shape)
+        config.check(self.info.local_shape, fingerprint=False)  # the fingerprint: resolve_config, whole model
         if any(w is not None for w in self.info.layer_windows):
             raise ValueError("LESS does not support models with sliding-window layers (their own window already "
                              "evicts tokens); use a model with full attention or kvpress.patch(model, 'duo')")
