@@ -21,11 +21,14 @@ import kvpress
 from kvpress.eval.cli import EvalConfig, environment, load_model, parse_depths, run_eval
 
 
-def variants(configs: dict[str, Path], sparsities: list[float], sink: int, recent: int, shape, inverted_at=None) -> dict:
+def variants(configs: dict[str, Path], sparsities: list[float], sink: int, recent: int, shape, inverted_at=None,
+             baselines=True) -> dict:
     """Name -> DuoConfig (None = unpatched)."""
-    rows = {"full (unpatched)": None}
-    zeros = torch.zeros(shape.num_layers, shape.num_kv_heads)
-    rows["all streaming"] = kvpress.DuoConfig.from_retrieval_mask(zeros.bool(), sink=sink, recent=recent)
+    rows = {}
+    if baselines:
+        rows["full (unpatched)"] = None
+        zeros = torch.zeros(shape.num_layers, shape.num_kv_heads)
+        rows["all streaming"] = kvpress.DuoConfig.from_retrieval_mask(zeros.bool(), sink=sink, recent=recent)
     for name, path in configs.items():
         for sparsity in sparsities:
             config = kvpress.DuoConfig.load(path, sparsity=sparsity, sink=sink, recent=recent)
@@ -55,6 +58,8 @@ def main():
     parser.add_argument("--ppl-tokens", type=int, default=65536, help="held-out tokens scored for perplexity")
     parser.add_argument("--ppl-context", type=int, default=2048, help="perplexity window in tokens")
     parser.add_argument("--inverted", default=None, help="sparsities that also get the inverted split (default: all)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip the unpatched and all-streaming rows (a run split over processes; no table)")
     parser.add_argument("--chat", action="store_true", help="prompts in the tokenizer's chat template (instruction models)")
     parser.add_argument("--num-needles", type=int, default=None, help="keys / values / pairs per sample (default: the task's)")
     parser.add_argument("--lengths", default="1024,2048,4096,8192")
@@ -76,7 +81,7 @@ def main():
     sparsities = [float(x) for x in args.sparsity.split(",")]
     results = {}
     inverted_at = None if args.inverted is None else [float(x) for x in args.inverted.split(",") if x]
-    for name, config in variants(configs, sparsities, args.sink, args.recent, shape, inverted_at).items():
+    for name, config in variants(configs, sparsities, args.sink, args.recent, shape, inverted_at, not args.no_baselines).items():
         if config is not None:
             kvpress.patch(model, "duo", config=config)
         results[name] = run_eval(model, tokenizer, eval_config)
@@ -84,6 +89,12 @@ def main():
             kvpress.unpatch(model)
         print(name, {task: round(r.get("accuracy", r.get("perplexity", 0.0)), 3) for task, r in results[name].items()}, flush=True)
 
+    if args.no_baselines:
+        if args.out:
+            payload = {"environment": environment(model), "args": vars(args), "results": results}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        return
     reference = results["full (unpatched)"]
     longest = max(eval_config.lengths)
     retrieval = [t for t in eval_config.tasks if t != "ppl"]
