@@ -93,6 +93,26 @@ class PaluConfig:
             if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
                 raise ValueError(f"PaluConfig.factors[{name!r}] must be a 2D (down) or 3D (up) tensor")
 
+    def select_heads(self, kv_heads: list[int], query_heads: list[int]) -> PaluConfig:
+        """The factors of a tensor-parallel rank's KV heads (``kvpress.methods.base.select_heads``): its
+        whole head groups, ``*.up [G, gs * D, r]`` along the groups, ``*.down [G * r, hidden]`` along
+        their rows."""
+        if not self.factors:
+            raise ValueError("Palu under tensor parallelism needs its factors made on one device: run "
+                             "`kvpress-calibrate palu --model MODEL --out DIR` there and pass config=DIR")
+        first, count = kv_heads[0], len(kv_heads)
+        groups = self.factors["0.k.up"].shape[0]
+        gs = self.model_shape.num_kv_heads // groups if self.model_shape else self.group_size  # KV heads per group
+        if first % gs or count % gs:
+            raise ValueError(f"Palu head groups of {gs} KV heads straddle this rank's KV heads {first}-{first + count - 1}; "
+                             "make factors with a group_size that divides the KV heads of a rank")
+        g0, g1 = first // gs, (first + count) // gs
+        factors = {}
+        for name, t in self.factors.items():
+            rank = self.factors[name.rsplit(".", 1)[0] + ".up"].shape[-1]
+            factors[name] = t[g0:g1] if name.endswith(".up") else t[g0 * rank:g1 * rank]
+        return dataclasses.replace(self, factors=factors)
+
     @property
     def num_layers(self) -> int:
         return len({name.split(".")[0] for name in self.factors})
@@ -176,7 +196,7 @@ class PaluView:
 class PaluLayer(KVPressLayer):
     """Latent cache of one layer: key and value latents ``[B, G, T, r]`` (or packed codes and
     scales/minima) in append buffers; the rotary positions ``[B, T]`` are one buffer shared by every
-    layer of the cache (written by layer 0).
+    layer of the cache on one device (written by the first layer there).
 
     Static decode steps (``decode="graph"``, ``kvpress.graph``): the new token's latents (and
     position) are written at the slot the device count gives, the attention gets the whole storages
@@ -270,7 +290,7 @@ class PaluLayer(KVPressLayer):
     def select_batch(self, index: torch.Tensor) -> None:
         for buffer in self.buffers.values():
             buffer.select_batch(index)
-        if self.owns_ledger:
+        if self.writes_positions:
             self.positions.select_batch(index)
 
 
@@ -283,7 +303,7 @@ class Palu(Method):
     config_file_name = CONFIG_DIR_NAME
 
     def check_config(self, config: PaluConfig) -> None:
-        info, shape = self.info, self.info.shape
+        info, shape = self.info, self.info.local_shape  # this process's heads (a tensor-parallel rank's share)
         gs = min(config.group_size, shape.num_kv_heads)
         if shape.num_kv_heads % gs:
             raise ValueError(f"Palu group_size {gs} does not divide the model's {shape.num_kv_heads} KV heads; choose a divisor")
@@ -297,15 +317,15 @@ class Palu(Method):
                     100 * config.rank_ratio,
                 )
             factors = factors_from_weights(info.base_model, gs, config.rank_ratio, config.rank_multiple)
-            config = self.config = dataclasses.replace(config, factors=factors, group_size=gs, model_shape=shape)
+            config = self.config = dataclasses.replace(config, factors=factors, group_size=gs, model_shape=info.shape)
         elif config.num_layers != shape.num_layers:
             raise ValueError(f"this PaluConfig has factors for {config.num_layers} layers, the model has {shape.num_layers}")
         self.plans = [self._plan(i, module, config) for i, module in enumerate(info.attention_modules)]
-        self._positions = weakref.WeakKeyDictionary()  # ledger -> the positions buffer its layers share
+        self._positions = weakref.WeakKeyDictionary()  # ledger -> {device: the positions buffer its layers there share}
         self._tables: dict = {}  # (device, dtype) -> (cos, sin) [P, D / 2]
 
     def _plan(self, i: int, module, config: PaluConfig) -> LayerPlan:
-        shape = self.info.shape
+        shape = self.info.local_shape
         weight = module.k_proj.weight
         factors = config.layer(i)
         groups = factors["k.up"].shape[0]
@@ -347,9 +367,13 @@ class Palu(Method):
         return LedgerSpec(all_ranks=True, positions=True)
 
     def make_layer(self, layer_idx: int, ledger: TokenLedger) -> PaluLayer:
-        positions = self._positions.setdefault(ledger, AppendBuffer(dim=1))
+        # one positions buffer per device the layers run on (device_map), written by the first layer there
+        shared = self._positions.setdefault(ledger, {})
+        device = self.plans[layer_idx].k_up.device
+        writes = device not in shared
+        positions = shared.setdefault(device, AppendBuffer(dim=1))
         return PaluLayer(ledger, owns_ledger=layer_idx == self.info.shape.num_layers - 1, plan=self.plans[layer_idx],
-                         positions=positions, writes_positions=layer_idx == 0)
+                         positions=positions, writes_positions=writes)
 
     # -- the model ------------------------------------------------------------------------------
 
@@ -438,7 +462,10 @@ def palu_forward(module, hidden_states: torch.Tensor, position_embeddings=None, 
 
 
 def _bias(linear) -> torch.Tensor | None:
-    return None if linear.bias is None else linear.bias.detach()
+    if linear.bias is None:
+        return None
+    bias = linear.bias.detach()
+    return bias.to_local() if hasattr(bias, "to_local") else bias  # a tensor-parallel rank's share
 
 
 def _use_kernel(q: torch.Tensor) -> bool:
