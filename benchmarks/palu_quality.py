@@ -26,7 +26,6 @@ from pathlib import Path
 
 os.environ.setdefault("KVPRESS_KERNELS", "reference")
 
-import torch  # noqa: E402
 
 import kvpress  # noqa: E402
 from kvpress.calibration.palu import PaluCalibration, calibrate_palu, calibration_batches, collect_statistics  # noqa: E402

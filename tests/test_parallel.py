@@ -373,7 +373,7 @@ def test_device_ledger_sends_only_new_ranks_to_another_device():
 
 
 def test_total_kv_cache_bytes_without_distributed_is_kv_cache_bytes():
-    from kvpress.parallel import tensor_parallel_args, total_kv_cache_bytes
+    from kvpress.parallel import total_kv_cache_bytes
 
     model = kvpress.patch(tiny_model("llama"), "dense")
     ids, mask = batch()
