@@ -28,12 +28,15 @@ NATO = (
     "papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu"
 ).split()
 KINDS = ("passkey", "kvlookup", "multivalue")
-DEFAULT_DATA = "passkey,kvlookup,multivalue"  # measured best on needle-llama (docs/duo.md); "passkey" is the reference's
+DEFAULT_DATA = "passkey"  # the reference's
+# `kvpress-calibrate duo --data` default: the mix that measured best on needle-llama (docs/duo.md)
+RECOMMENDED_DATA = "passkey,kvlookup,multivalue"
 
 
 @dataclass(frozen=True)
 class PasskeyRecipe:
-    """How calibration samples look. Defaults are the reference's, except ``data``: the mix that measured best (docs/duo.md)."""
+    """How calibration samples look. Defaults are the reference's (``kvpress-calibrate duo`` defaults
+    ``data`` to :data:`RECOMMENDED_DATA`)."""
 
     min_length: int = 1024  # tokens
     max_length: int = 32768  # tokens

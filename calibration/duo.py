@@ -39,7 +39,7 @@ from kvpress.configfile import atomic_write
 from kvpress.kernels.reference import rank_mask
 from kvpress.methods.duo import DuoConfig
 
-from .data import KINDS, PasskeyData, PasskeyRecipe, read_haystack
+from .data import DEFAULT_DATA, KINDS, RECOMMENDED_DATA, PasskeyData, PasskeyRecipe, read_haystack
 
 log = logging.getLogger("kvpress")
 
@@ -378,9 +378,10 @@ OPTION_HELP = {
     "min_depth": "shallowest needle depth (fraction of the haystack)",
     "max_depth": "deepest needle depth (fraction of the haystack)",
     "data": f"comma-separated mix of calibration needles, from {','.join(KINDS)}: passkeys of words, "
-            "key-value lookups in a JSON object, several values of one key (one kind per sample)",
+            f"key-value lookups in a JSON object, several values of one key (one kind per sample; default: {RECOMMENDED_DATA}, "
+            "which measured best: docs/duo.md)",
 }
-FIT_TO_MODEL = ("min_length", "max_length", "num_passkeys", "passkey_words")  # None default: chosen per model
+FIT_TO_MODEL = ("min_length", "max_length", "num_passkeys", "passkey_words", "data")  # None default: chosen per model
 
 
 def add_arguments(parser) -> None:
@@ -410,15 +411,32 @@ def add_arguments(parser) -> None:
             if name in ("sink", "recent"):
                 name = prefix + name
             fit = dataclass_type is PasskeyRecipe and field.name in FIT_TO_MODEL
-            parser.add_argument(f"--{name}", type=type(field.default), default=None if fit else field.default,
+            default = None if fit or field.name == "data" else field.default
+            parser.add_argument(f"--{name}", type=type(field.default), default=default,
                                 dest=field.name, help=OPTION_HELP[field.name], metavar=field.name.upper())
 
 
+def _fits(recipe: PasskeyRecipe, tokenizer) -> bool:
+    return PasskeyData(tokenizer, recipe, "", check=False).fixed_tokens() <= recipe.min_length // 2
+
+
+def _smallest_passkeys(recipe: PasskeyRecipe, given: dict, tokenizer) -> PasskeyRecipe:
+    """The first of SMALLER_PASSKEYS that fits (the last if none does), unless the user set them."""
+    if given["num_passkeys"] is not None or given["passkey_words"] is not None:
+        return recipe
+    for count, words in SMALLER_PASSKEYS:
+        fitted = replace(recipe, num_passkeys=count, passkey_words=words)
+        if _fits(fitted, tokenizer):
+            break
+    return fitted
+
+
 def fit_recipe(args, model, tokenizer) -> PasskeyRecipe:
-    """The recipe of the arguments, with the lengths and passkeys the user left to their defaults
-    fitted to the model (each change logged): --max-length clipped to max_position_embeddings,
-    --min-length at most a quarter of it, passkeys shrunk until they take at most half of the
-    shortest sample."""
+    """The recipe of the arguments, with the lengths, data and passkeys the user left to their
+    defaults fitted to the model (each change logged): --max-length clipped to
+    max_position_embeddings, --min-length at most a quarter of it, the recommended data mix unless
+    its needles cannot fit (then passkeys alone), passkeys shrunk until they take at most half of
+    the shortest sample."""
     given = {f.name: getattr(args, f.name) for f in fields(PasskeyRecipe)}
     recipe = PasskeyRecipe(**{k: v for k, v in given.items() if v is not None})
     window = getattr(model.config, "max_position_embeddings", None)
@@ -429,12 +447,14 @@ def fit_recipe(args, model, tokenizer) -> PasskeyRecipe:
     if given["min_length"] is None and recipe.min_length > recipe.max_length // 4:
         recipe = replace(recipe, min_length=max(recipe.max_length // 4, 1))
         log.info("shortest calibration sample: %d tokens (a quarter of --max-length)", recipe.min_length)
+    if given["data"] is None:  # the recommended mix, unless even its smallest needles do not fit
+        recipe = replace(recipe, data=RECOMMENDED_DATA)
+        if not _fits(_smallest_passkeys(recipe, given, tokenizer), tokenizer):
+            log.info("key-value and multi-value needles do not fit in half of the shortest sample (%d tokens): "
+                     "calibrating on passkeys alone (--data %s)", recipe.min_length, DEFAULT_DATA)
+            recipe = replace(recipe, data=DEFAULT_DATA)
     if given["num_passkeys"] is None and given["passkey_words"] is None:
-        for count, words in SMALLER_PASSKEYS:
-            fitted = replace(recipe, num_passkeys=count, passkey_words=words)
-            fixed = PasskeyData(tokenizer, fitted, "", check=False).fixed_tokens()
-            if fixed <= recipe.min_length // 2:
-                break
+        fitted = _smallest_passkeys(recipe, given, tokenizer)
         if (fitted.num_passkeys, fitted.passkey_words) != (recipe.num_passkeys, recipe.passkey_words):
             log.info("%d needles of %d words do not fit in half of the shortest sample (%d tokens): using %d of %d "
                      "words (set --num-passkeys / --passkey-words to choose)", recipe.num_passkeys,

@@ -14,7 +14,8 @@ from kvpress.calibration.duo import DuoTraining, streaming_attention, train_gate
 from kvpress.kernels.reference import rank_attention
 
 TINY_RECIPE = ["--min-length", "300", "--max-length", "500", "--num-lengths", "3",
-               "--num-passkeys", "2", "--passkey-words", "4", "--train-sink", "8", "--train-recent", "16"]
+               "--num-passkeys", "2", "--passkey-words", "4", "--train-sink", "8", "--train-recent", "16",
+               "--data", "passkey"]  # the default mix needs longer samples than these
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +184,7 @@ def test_default_lengths_and_passkeys_fit_the_model(model_dir, tmp_path, capsys)
     assert "kvpress: calibrating at lengths up to 1024 tokens, the model's max_position_embeddings" in err
     assert "shortest calibration sample: 256 tokens" in err
     assert "using 1 of 2 words" in err  # one NATO passkey of 2 words: the byte-level needle takes ~100 tokens
+    assert "calibrating on passkeys alone" in err  # the default mix's key-value needles need more than 128 tokens
 
 
 def test_closing_line_reports_the_progress_bar_quantity(model_dir, tmp_path, capsys):
