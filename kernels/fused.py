@@ -312,10 +312,15 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """``residual + F.linear(x, weight, bias)`` as transformers computes it (the add after the
     projection's rounding); ``silu_mul``: ``x`` holds ``[gate | up]`` and the input is ``silu(gate) * up``;
     ``norm = (weight, eps)``: the input is ``LlamaRMSNorm(x)``."""
-    if silu_mul:
-        x = silu_mul_reference(*x.chunk(2, dim=-1))
+    return _linear_steps(x, weight, bias, residual, silu_mul, norm, silu_mul_reference, rms_norm_reference)
+
+
+def _linear_steps(x, weight, bias, residual, with_silu_mul, norm, silu_mul_op, rms_norm_op):
+    """The steps of :func:`linear_reference`, with the given SiLU*up and RMSNorm ops."""
+    if with_silu_mul:
+        x = silu_mul_op(*x.chunk(2, dim=-1))
     if norm is not None:
-        x = rms_norm_reference(x, norm[0], norm[1])
+        x = rms_norm_op(x, norm[0], norm[1])
     y = torch.nn.functional.linear(x, weight, bias)
     return y if residual is None else residual + y
 
@@ -368,12 +373,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _unfused(x, weight, bias, residual, with_silu_mul, norm):
     """:func:`linear_reference` through cuBLAS and the fused small kernels (their references on CPU)."""
-    if with_silu_mul:
-        x = silu_mul(*x.chunk(2, dim=-1))
-    if norm is not None:
-        x = rms_norm(x, norm[0], norm[1])
-    y = torch.nn.functional.linear(x, weight, bias)
-    return y if residual is None else residual + y
+    return _linear_steps(x, weight, bias, residual, with_silu_mul, norm, silu_mul, rms_norm)
 
 
 _GEMV_FAILED: set = set()

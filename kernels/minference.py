@@ -64,23 +64,8 @@ def _attend(acc, l_i, m_i, q, qr, K, V, kidx, kr, keep, stride_kn, stride_vn, qk
             BLOCK_D: tl.constexpr, D: tl.constexpr):
     """One online-softmax step over the keys at tensor rows ``kidx`` (ranks ``kr``, used where
     ``keep``); scores in log2 units. Causal and window masks come from the ranks."""
-    offs_d = tl.arange(0, BLOCK_D)
-    if BLOCK_D == D:
-        kv_mask = keep[:, None]
-    else:
-        kv_mask = keep[:, None] & (offs_d[None, :] < D)
-    k = tl.load(K + kidx[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
-    dist = qr[:, None] - kr[None, :]
-    ok = keep[None, :] & (qr[:, None] >= 0) & (dist >= 0) & (dist < window)
-    s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    v = tl.load(V + kidx[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i * alpha + tl.sum(p, 1), m_new
+    return _attend_rows(acc, l_i, m_i, q, qr, K, V, kidx, kr, keep, keep[None, :], stride_kn, stride_vn,
+                        qk_scale, window, BLOCK_D, D)
 
 
 @triton.jit
