@@ -148,8 +148,12 @@ def _tp_rank(rank: int, world: int, folder: str, port: int, backend: str, cases:
             result["bytes"][case] = [kvpress.kv_cache_bytes(cache), total_kv_cache_bytes(cache), held_kv_bytes(cache), int(kv)]
             kvpress.unpatch(model)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # leave together
     finally:
         dist.destroy_process_group()
+    # gloo's threads can abort the interpreter's exit ("terminate called without an active exception",
+    # seen with transformers 5.13); the result is written, so leave without the exit-time teardown.
+    os._exit(0)
 
 
 def run_tensor_parallel(backend: str, cases: dict) -> list[dict]:
