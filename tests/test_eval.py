@@ -242,3 +242,45 @@ def test_chat_samples_use_the_template_and_keep_their_length(haystack):
         assert len(ids) == 1024 and s.answer in s.prompt.split("<|end|>")[0]
     with pytest.raises(ValueError, match="follow-up"):
         make_sample("multikey", tok, haystack, 1024, 0.5, seed=0, chat=True, questions=2)
+
+
+def test_cli_evaluates_any_method_with_its_config_and_options(saved_tiny, tmp_path):
+    """--method / --config / --option patch the model as kvpress.patch(model, method, config, **options)."""
+    import kvpress
+
+    gates = torch.tensor([[1.0, 0.2], [0.1, 0.9]])
+    kvpress.DuoConfig(gates=gates, sink=4, recent=32).save(tmp_path / "duo.safetensors")
+    common = ["--model", str(saved_tiny), "--tasks", "passkey", "--lengths", "300", "--depths", "0.5",
+              "--samples", "1", "--device", "cpu", "--no-progress"]
+    short = eval_run([*common, "--duo-config", str(tmp_path / "duo.safetensors"), "--duo-sparsity", "0.75"])
+    long = eval_run([*common, "--method", "duo", "--config", str(tmp_path / "duo.safetensors"),
+                     "--option", "sparsity=0.75"])
+    assert long["duo"] == short["duo"] and long["duo"]["retrieval_heads"] == [[1, 0], [0, 0]]
+    assert long["results"]["passkey"]["cache_bytes"] == short["results"]["passkey"]["cache_bytes"]
+    assert long["method"] == {"method": "duo", "config": str(tmp_path / "duo.safetensors"), "options": {"sparsity": 0.75}}
+    sparse = eval_run([*common, "--method", "minference", "--option", "min_length=0", "--option", "max_work=None",
+                       "--option", "vertical_size=30", "--option", "slash_size=60"])
+    assert sparse["duo"] is None and sparse["method"]["options"] == {
+        "min_length": 0, "max_work": None, "vertical_size": 30, "slash_size": 60}
+    dense = eval_run([*common, "--method", "dense"])  # kvpress's full cache (capacity and bookkeeping counted)
+    assert sparse["results"]["passkey"]["cache_bytes"] == dense["results"]["passkey"]["cache_bytes"]  # prefill only
+    composed = eval_run([*common, "--method", "minference+duo", "--config", f"duo={tmp_path / 'duo.safetensors'}"])
+    assert composed["method"]["config"] == {"duo": str(tmp_path / "duo.safetensors")}
+    assert composed["duo"]["retrieval_heads"] == [[1, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "fast"], "argument --method: unknown method(s) fast"),
+    (["--config", "x.json"], "--config / --option need --method NAME"),
+    (["--method", "duo", "--config", "nowhere.safetensors"], "argument --config: nowhere.safetensors not found"),
+    (["--method", "minference+duo", "--config", "x"], "give METHOD=FILE (METHOD one of minference, duo)"),
+    (["--method", "duo", "--option", "sparsity"], "argument --option: expected FIELD=VALUE"),
+    (["--method", "palu", "--duo-config", "x"], "--duo-config is short for --method duo --config FILE"),
+])
+def test_cli_rejects_bad_method_arguments_before_loading_the_model(saved_tiny, monkeypatch, capsys, args, message):
+    import kvpress.eval.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--model", str(saved_tiny), "--device", "cpu", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

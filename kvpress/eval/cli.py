@@ -3,12 +3,15 @@
     kvpress-eval --model models/needle-llama --tasks passkey,multikey,ppl \\
         --lengths 1024,2048,4096,8192 --depths 11 --samples 4 --out results.json --heatmap passkey.png
 
-Add --duo-config FILE to evaluate the model patched with DuoAttention (kvpress.patch).
+Add --method NAME (any kvpress method or a composition such as minference+duo), --config FILE (or
+NAME=FILE per composed method) and --option FIELD=VALUE to evaluate the model patched by kvpress;
+--duo-config FILE is short for --method duo --config FILE.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import logging
@@ -132,19 +135,87 @@ def load_model(path: str, device: str, dtype: str, tokenizer=None):
     return model, tokenizer
 
 
-def patch_duo(model, config_path: str, sparsity: float | None = None, threshold: float | None = None):
-    """Patch `model` with DuoAttention from a saved DuoConfig, optionally re-binarising the gates
-    (`sparsity`: fraction of streaming heads, or `threshold`: gate of a retrieval head)."""
+@dataclass
+class PatchSpec:
+    """How to patch the model for an evaluation: ``kvpress.patch(model, method, config, **options)``."""
+
+    method: str
+    config: str | dict[str, str] | None = None  # a config file, or method name -> file when composing
+    options: dict = field(default_factory=dict)  # config fields to override (e.g. sparsity=0.75)
+
+    def apply(self, model):
+        """Patch ``model``; returns the runtime's config of the method that keeps the cache."""
+        import kvpress
+
+        kvpress.patch(model, self.method, config=self.config, **self.options)
+        return model._kvpress_patch.method.config
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """"sparsity=0.75" -> ("sparsity", 0.75): the value as a Python literal, else as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
+def patch_spec(parser: argparse.ArgumentParser, a) -> PatchSpec | None:
+    """The PatchSpec the arguments ask for (None: unpatched); parser.error on a bad combination."""
+    if a.duo_config is None and (a.duo_sparsity is not None or a.duo_threshold is not None):
+        parser.error("--duo-sparsity / --duo-threshold need --duo-config FILE")
+    if a.duo_sparsity is not None and a.duo_threshold is not None:
+        parser.error("give --duo-sparsity or --duo-threshold, not both")
+    for name in ("duo_sparsity", "duo_threshold"):
+        value = getattr(a, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            parser.error(f"argument --{name.replace('_', '-')}: must be in [0, 1], got {value}")
+    if a.duo_config is not None:
+        if a.method not in (None, "duo") or a.config:
+            parser.error("--duo-config is short for --method duo --config FILE; give one form")
+        if not os.path.exists(a.duo_config):
+            parser.error(f"argument --duo-config: {a.duo_config} not found; make one with "
+                         f"`kvpress-calibrate duo --model {a.model} --out {a.duo_config}`")
+        a.method, a.config = "duo", [a.duo_config]
+        a.option = [*a.option, *(f"{k}={v}" for k, v in (("sparsity", a.duo_sparsity),
+                                                          ("threshold", a.duo_threshold)) if v is not None)]
+    if a.method is None:
+        if a.config or a.option:
+            parser.error("--config / --option need --method NAME")
+        return None
     import kvpress
 
-    options = {k: v for k, v in (("sparsity", sparsity), ("threshold", threshold)) if v is not None}
-    config = kvpress.DuoConfig.load(config_path, **options)
-    kvpress.patch(model, "duo", config=config)
-    return config
+    names = a.method.split("+")
+    if unknown := [n for n in names if n not in kvpress.METHODS]:
+        parser.error(f"argument --method: unknown method(s) {','.join(unknown)}; choose from {','.join(kvpress.METHODS)} "
+                     "or a composition such as minference+duo")
+    configs = {}
+    for item in a.config:
+        name, path = ("", item) if len(names) == 1 else item.partition("=")[::2]
+        if len(names) > 1 and name not in names:
+            parser.error(f"argument --config: with --method {a.method}, give METHOD=FILE (METHOD one of {', '.join(names)})")
+        if not os.path.exists(path):
+            parser.error(f"argument --config: {path} not found; make one with "
+                         f"`kvpress-calibrate {name or names[0]} --model {a.model} --out {path}`")
+        configs[name] = path
+    if len(names) == 1 and len(configs) > 1:
+        parser.error("argument --config: give one config file for one method")
+    try:
+        options = dict(parse_option(o) for o in a.option)
+    except ValueError as error:
+        parser.error(f"argument --option: {error}")
+    config = configs.get("") if len(names) == 1 else (configs or None)
+    return PatchSpec(a.method, config, options)
 
 
-def duo_summary(config) -> dict:
-    """The settings of a DuoConfig and its binarised retrieval-head mask, as JSON."""
+def duo_summary(config) -> dict | None:
+    """The settings of a DuoConfig and its binarised retrieval-head mask, as JSON (None for another config)."""
+    import kvpress
+
+    if not isinstance(config, kvpress.DuoConfig):
+        return None
     heads = config.retrieval_heads()
     return {
         "sink": config.sink,
@@ -156,14 +227,18 @@ def duo_summary(config) -> dict:
     }
 
 
-def method_label(duo: dict | None) -> str:
+def method_label(report: dict) -> str:
     """One line naming the method and its settings, e.g. for a heatmap title."""
-    if duo is None:
-        return "unpatched (dense KV cache)"
-    heads = [x for row in duo["retrieval_heads"] for x in row]
-    split = f"sparsity {duo['sparsity']}" if duo["sparsity"] is not None else f"threshold {duo['threshold']}"
-    return (f"DuoAttention: {sum(heads)} of {len(heads)} KV heads retrieval ({split}), "
-            f"streaming sink {duo['sink']} + recent {duo['recent']}")
+    duo, spec = report.get("duo"), report.get("method")
+    if duo is not None:
+        heads = [x for row in duo["retrieval_heads"] for x in row]
+        split = f"sparsity {duo['sparsity']}" if duo["sparsity"] is not None else f"threshold {duo['threshold']}"
+        return (f"DuoAttention: {sum(heads)} of {len(heads)} KV heads retrieval ({split}), "
+                f"streaming sink {duo['sink']} + recent {duo['recent']}")
+    if spec is not None:
+        options = ", ".join(f"{k}={v}" for k, v in spec["options"].items())
+        return f"kvpress {spec['method']}" + (f" ({options})" if options else "")
+    return "unpatched (dense KV cache)"
 
 
 def environment(model) -> dict:
@@ -220,9 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when torch sees a GPU, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights' dtype")
-    p.add_argument("--duo-config", default=None,
-                   help="a saved kvpress.DuoConfig (file or pattern folder): evaluate the model patched with it "
+    p.add_argument("--method", default=None,
+                   help="evaluate the model patched by this kvpress method, or a composition such as minference+duo "
                    "(default: unpatched)")
+    p.add_argument("--config", action="append", default=[],
+                   help="with --method: the method's config file or folder (kvpress-calibrate makes them); when "
+                   "composing, METHOD=FILE, repeatable (default: the method's own default config)")
+    p.add_argument("--option", action="append", default=[],
+                   help="with --method: FIELD=VALUE overriding a config field, e.g. sparsity=0.75 or recent=256; "
+                   "repeatable (default: none)")
+    p.add_argument("--duo-config", default=None,
+                   help="short for --method duo --config FILE (default: unpatched)")
     p.add_argument("--duo-sparsity", type=float, default=None,
                    help="with --duo-config: fraction of streaming KV heads, in [0, 1] (default: the config's)")
     p.add_argument("--duo-threshold", type=float, default=None,
@@ -234,9 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(parser: argparse.ArgumentParser, a) -> tuple[EvalConfig, object, object]:
+def check_args(parser: argparse.ArgumentParser, a) -> tuple[EvalConfig, PatchSpec | None, object]:
     """Validate the arguments before any model weights load; parser.error (exit 2, one line) on the
-    first problem. Returns the EvalConfig, the model config and the tokenizer."""
+    first problem. Returns the EvalConfig, how to patch the model (None: unpatched) and the tokenizer."""
     tasks = [t for t in a.tasks.split(",") if t]
     if unknown := [t for t in tasks if t not in TASKS + ("ppl",)]:
         parser.error(f"argument --tasks: unknown task(s) {','.join(unknown)}; choose from {','.join(TASKS + ('ppl',))}")
@@ -260,17 +343,7 @@ def check_args(parser: argparse.ArgumentParser, a) -> tuple[EvalConfig, object, 
         value = getattr(a, name)
         if value not in ("heldout", "train") and not os.path.isfile(value):
             parser.error(f"argument --{name.replace('_', '-')}: {value!r} is neither 'heldout', 'train' nor a file")
-    if a.duo_config is None and (a.duo_sparsity is not None or a.duo_threshold is not None):
-        parser.error("--duo-sparsity / --duo-threshold need --duo-config FILE")
-    if a.duo_config is not None and not os.path.exists(a.duo_config):
-        parser.error(f"argument --duo-config: {a.duo_config} not found; make one with "
-                     f"`kvpress-calibrate duo --model {a.model} --out {a.duo_config}`")
-    if a.duo_sparsity is not None and a.duo_threshold is not None:
-        parser.error("give --duo-sparsity or --duo-threshold, not both")
-    for name in ("duo_sparsity", "duo_threshold"):
-        value = getattr(a, name)
-        if value is not None and not 0.0 <= value <= 1.0:
-            parser.error(f"argument --{name.replace('_', '-')}: must be in [0, 1], got {value}")
+    spec = patch_spec(parser, a)
     if a.heatmap:
         if "passkey" not in tasks:
             parser.error("argument --heatmap: it draws the passkey grid; add passkey to --tasks")
@@ -311,26 +384,25 @@ def check_args(parser: argparse.ArgumentParser, a) -> tuple[EvalConfig, object, 
         haystack=a.haystack, ppl_text=a.ppl_text, ppl_context=a.ppl_context, ppl_tokens=a.ppl_tokens,
         progress=not a.no_progress, chat=a.chat,
     )
-    return cfg, config, tokenizer
+    return cfg, spec, tokenizer
 
 
 def run(argv=None) -> dict:
     """Parse `argv`, evaluate, print a summary (and write --out / --heatmap); returns the report."""
     parser = build_parser()
     a = parser.parse_args(argv)
-    cfg, _, tokenizer = check_args(parser, a)
+    cfg, spec, tokenizer = check_args(parser, a)
     setup_logging()
     torch.manual_seed(a.seed)
     model, tokenizer = load_model(a.model, a.device, a.dtype, tokenizer)
-    duo = None
-    if a.duo_config:
-        duo = patch_duo(model, a.duo_config, a.duo_sparsity, a.duo_threshold)
+    method_config = spec.apply(model) if spec is not None else None
     t0 = time.time()
     results = run_eval(model, tokenizer, cfg)
     report = {
         "model": a.model,
+        "method": asdict(spec) if spec is not None else None,
         "duo_config": a.duo_config,
-        "duo": duo_summary(duo) if duo is not None else None,
+        "duo": duo_summary(method_config),
         "config": asdict(cfg),
         "environment": environment(model),
         "seconds": round(time.time() - t0, 2),
@@ -350,7 +422,7 @@ def run(argv=None) -> dict:
     if a.heatmap:
         name = Path(os.path.abspath(a.model)).name if os.path.isdir(a.model) else a.model
         r = results["passkey"]
-        title = f"passkey on {name}: {100 * r['accuracy']:.1f}%\n{method_label(report['duo'])}"
+        title = f"passkey on {name}: {100 * r['accuracy']:.1f}%\n{method_label(report)}"
         heatmap(r, a.heatmap, title=title)
     return report
 
