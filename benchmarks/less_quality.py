@@ -44,14 +44,51 @@ def register() -> None:
 
 
 @torch.no_grad()
-def perplexity(model, windows, config: LessConfig | None) -> float:
-    """exp(mean NLL per byte) over the windows, scored after the budget's first tokens."""
-    skip = 0 if config is None else config.budget.budget
-    ids = torch.cat(windows)  # one batch: the policy's eviction loop runs once per layer
-    with simulated(model, config):
-        logits = model(ids, use_cache=False).logits[:, :-1].float()
-    losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
-    return math.exp(losses[:, skip:].mean().item())
+def window_nll(model, windows, config: LessConfig | None, skip: int) -> torch.Tensor:
+    """Mean NLL per token of each window ``[W]``, over the positions from ``skip`` on (every variant must
+    use the same ``skip``, the policy's budget: before it nothing is evicted and all variants agree).
+    Windows go in batches of at most ~512 MiB of logits (the policy's eviction loop runs once per batch)."""
+    ids = torch.cat(windows)
+    per = max(1, 2**27 // (ids.shape[1] * model.config.vocab_size))
+    out = []
+    for start in range(0, ids.shape[0], per):
+        batch = ids[start : start + per]
+        with simulated(model, config):
+            logits = model(batch, use_cache=False).logits[:, :-1].float()
+        losses = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none").view(batch.shape[0], -1)
+        out.append(losses[:, skip:].mean(dim=1))
+    return torch.cat(out)
+
+
+def heldout_windows(tokenizer, count: int, length: int) -> list[torch.Tensor]:
+    """``count`` disjoint windows of ``length`` tokens (BOS first when the tokenizer adds one), evenly
+    spaced over the held-out corpus (never seen in training)."""
+    from kvpress.eval.tasks import load_corpus
+
+    prefix = tokenizer.encode("", add_special_tokens=True)
+    ids = tokenizer.encode(load_corpus("heldout"), add_special_tokens=False, verbose=False)
+    body = length - len(prefix)
+    if count * body > len(ids):
+        raise ValueError(f"the held-out corpus has {len(ids)} tokens: at most {len(ids) // body} windows of {length}")
+    step = len(ids) // count
+    return [torch.tensor([prefix + ids[i * step : i * step + body]]) for i in range(count)]
+
+
+def perplexity(nll: torch.Tensor) -> float:
+    """exp of the mean NLL over windows (all windows have the same length)."""
+    return math.exp(nll.mean().item())
+
+
+def gap_recovered(nll: torch.Tensor, only: torch.Tensor, full: torch.Tensor) -> tuple[float, float]:
+    """Share of the policy's perplexity gap won back, and its standard error over windows (paired:
+    a delta-method estimate from the per-window NLLs, ``std / sqrt(W)`` of the per-window shares'
+    linearisation)."""
+    p, o, f = (math.exp(x.mean().item()) for x in (nll, only, full))
+    share = (o - p) / (o - f)
+    # d share / d mean-NLL of each variant, then the per-window linearised share
+    lin = (o * (only - only.mean()) * (1 / (o - f) - (o - p) / (o - f) ** 2)
+           - p * (nll - nll.mean()) / (o - f) + f * (full - full.mean()) * (o - p) / (o - f) ** 2)
+    return share, (lin.std() / math.sqrt(len(nll))).item() if len(nll) > 1 else float("nan")
 
 
 @torch.no_grad()
@@ -150,6 +187,8 @@ def main() -> int:
     parser.add_argument("--passkey-lengths", default="1024")
     parser.add_argument("--passkey-depths", default="0.2,0.5,0.8")
     parser.add_argument("--passkey-samples", type=int, default=1)
+    parser.add_argument("--spill", action="store_true", help="captured activations go to --work on disk, "
+                        "not memory (a 30-layer model)")
     parser.add_argument("--work", default="/tmp/kvpress_less_quality", help="where activations spill (CPU)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -171,10 +210,7 @@ def main() -> int:
     for p in model.parameters():
         p.requires_grad_(False)
     shape = describe(model).shape
-    from kvpress.eval.tasks import load_corpus
-
-    windows = [w.to(args.device) for w in text_windows(tokenizer, args.eval_windows, args.eval_length, seed=1,
-                                                         text=load_corpus("heldout"))]
+    windows = [w.to(args.device) for w in heldout_windows(tokenizer, args.eval_windows, args.eval_length)]
     total = args.sink + args.recent
     specs = [s for s in args.maps.split(",") if s]
     for spec in specs:
@@ -187,21 +223,25 @@ def main() -> int:
     training = LessTraining(samples=args.train_samples, length=args.train_length, epochs=args.epochs,
                             halve_every=args.halve_every, lr=args.lr, batch_size=args.batch_size,
                             val_fraction=args.val_fraction, capture_batch=args.capture_batch,
-                            in_memory=True, spill_gb=1e9)
+                            in_memory=not args.spill, spill_gb=1e9)
     lengths = [int(x) for x in args.passkey_lengths.split(",")]
     depths = [float(x) for x in args.passkey_depths.split(",")]
-    full_ppl = perplexity(model, windows, None)
-    rows = {"full (unpatched)": {"ppl": full_ppl, **retrieval(model, tokenizer, None, lengths, depths, args.passkey_samples)}}
+    skip = total  # every variant is scored from the policies' budget on (before it nothing is evicted)
+    full_nll = window_nll(model, windows, None, skip)
+    full_ppl = perplexity(full_nll)
+    rows = {"full (unpatched)": {"ppl": full_ppl, "window_ppl": full_nll.exp().tolist(),
+                                 **retrieval(model, tokenizer, None, lengths, depths, args.passkey_samples)}}
     log(f"full: ppl {full_ppl:.4f}")
     checks, losses = {}, {}
 
     def write():
         longest = max(lengths)
-        lines = ["| variant | ppl (held-out, per byte) | gap recovered | passkey | KV bytes at %d |" % longest,
+        lines = ["| variant | ppl (held-out, per token) | gap recovered | passkey | KV bytes at %d |" % longest,
                  "|---|---|---|---|---|"]
         for label, row in rows.items():
-            gap = row.get("gap_recovered")
-            lines.append(f"| {label} | {row['ppl']:.4f} | {'' if gap is None else f'{gap:.0%}'} | {row['accuracy']:.0%} | "
+            gap, se = row.get("gap_recovered"), row.get("gap_recovered_se")
+            gap = "" if gap is None else f"{gap:.0%}" + ("" if not se or math.isnan(se) else f" ± {se:.0%}")
+            lines.append(f"| {label} | {row['ppl']:.4f} | {gap} | {row['accuracy']:.0%} | "
                          f"{row['cache_bytes'][longest] / 1024:.0f} KiB |")
         table = "\n".join(lines)
         if args.out:
@@ -214,13 +254,15 @@ def main() -> int:
         return table
 
     def add(label, config, only=None):
-        ppl = perplexity(model, windows, config)
-        rows[label] = {"ppl": ppl, **retrieval(model, tokenizer, config, lengths, depths, args.passkey_samples)}
-        if only is not None:
-            rows[label]["gap_recovered"] = (only - ppl) / (only - full_ppl) if only != full_ppl else None
-        log(f"{label}: ppl {ppl:.4f} passkey {rows[label]['accuracy']:.2f}")
+        nll = window_nll(model, windows, config, skip)
+        rows[label] = {"ppl": perplexity(nll), "window_ppl": nll.exp().tolist(),
+                       **retrieval(model, tokenizer, config, lengths, depths, args.passkey_samples)}
+        if only is not None and perplexity(only) != full_ppl:
+            rows[label]["gap_recovered"], rows[label]["gap_recovered_se"] = gap_recovered(nll, only, full_nll)
+        log(f"{label}: ppl {rows[label]['ppl']:.4f} gap recovered {rows[label].get('gap_recovered', 0):.3f} "
+            f"passkey {rows[label]['accuracy']:.2f}")
         write()
-        return ppl
+        return nll
 
     for name, base in policies.items():
         trained_dir = getattr(args, f"trained_{name}")

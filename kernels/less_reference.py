@@ -406,17 +406,23 @@ def sparse_part(q, k, v, evict_at: torch.Tensor, scale: float):
 
 def with_state(o_kept, lse_kept, phi_q, psi_k, v, evict_at: torch.Tensor) -> torch.Tensor:
     """Add the state term to :func:`sparse_part`'s result, differentiably in ``phi_q [B, Hq, L, R]``
-    and ``psi_k [B, Hs, L, R]``: query ``i`` reads the state of the tokens evicted before it."""
+    and ``psi_k [B, Hs, L, R]``: query ``i`` reads the state of the tokens evicted before it.
+
+    The state each query reads is built as the runtime builds it, by folding: every token's
+    ``psi(k) v^T`` goes to the bucket of its eviction time, and a cumulative sum over time gives
+    every position's ``(H, z)``. Cost ``O(L R D)`` per head (no ``L x L`` matrix)."""
     b, hq, length, d = o_kept.shape
     hkv, hs = evict_at.shape[1], psi_k.shape[1]
-    g = hq // hs
+    g, rank = hq // hs, psi_k.shape[-1]
+    when = _expand_heads(evict_at, hs).clamp(max=length)  # bucket L: never evicted
+    v = _expand_heads(v, hs).float()
+    folds = torch.cat([psi_k[..., :, None] * v[..., None, :], psi_k[..., None]], dim=-1)  # [B, Hs, L, R, D + 1]
+    state = folds.new_zeros(b, hs, length + 1, rank, d + 1)
+    state = state.scatter_add(2, when[..., None, None].expand_as(folds), folds)[:, :, :length].cumsum(dim=2)
+    read = torch.einsum("bhgqr,bhqre->bhgqe", phi_q.reshape(b, hs, g, length, rank), state).reshape(b, hq, length, d + 1)
+    num, den = read[..., :d], read[..., d]
     pos = torch.arange(length, device=o_kept.device)
-    evicted = evict_at[:, :, None, :] <= pos[:, None]  # [B, Hkv, Lq, Lk] (evicted tokens are all earlier)
-    a = torch.einsum("bhgqr,bhkr->bhgqk", phi_q.reshape(b, hs, g, length, -1), psi_k)
-    a = a * _expand_heads(evicted, hs)[:, :, None]
-    num = torch.einsum("bhgqk,bhkd->bhgqd", a, _expand_heads(v, hs).float()).reshape(b, hq, length, d)
-    den = a.sum(dim=-1).reshape(b, hq, length)
-    has_state = evicted.any(dim=-1).repeat_interleave(hq // hkv, dim=1)  # [B, Hq, Lq]
+    has_state = (evict_at.min(dim=-1).values[..., None] <= pos).repeat_interleave(hq // hkv, dim=1)  # [B, Hq, Lq]
     lse_state = torch.where(has_state, den.clamp_min(STATE_FLOOR).log(), float("-inf"))
     lse = torch.logaddexp(lse_kept, lse_state)
     lse_safe = torch.where(torch.isfinite(lse), lse, 0.0)

@@ -261,3 +261,51 @@ def test_feature_maps_module_matches_reference():
     w = maps.weights()
     torch.testing.assert_close(maps.phi(q), R.phi(q, w))
     torch.testing.assert_close(maps.psi(k), R.psi(k, w))
+
+
+def test_quality_benchmark_scores_every_variant_on_the_same_positions():
+    """benchmarks/less_quality.py: with a budget that evicts nothing the policy's perplexity is the
+    unpatched model's (the full row used to be scored from position 0, the others from the budget on),
+    and the gap's share and its standard error follow their definitions."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("less_quality", Path(__file__).parents[1] / "benchmarks" / "less_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = tiny_model("llama")
+    windows = [random_ids(1, 24), random_ids(1, 24)]
+    config = config_for(model, policy="lambda", sink=2, recent=30, state=False)
+    full, policy = bench.window_nll(model, windows, None, 8), bench.window_nll(model, windows, config, 8)
+    torch.testing.assert_close(policy, full, rtol=0, atol=1e-5)
+    assert bench.window_nll(model, windows, None, 0).mean() != full.mean()
+    only, less = torch.tensor([2.0, 2.2, 1.9]), torch.tensor([1.9, 2.1, 1.85])
+    share, se = bench.gap_recovered(less, only, torch.tensor([1.5, 1.6, 1.55]))
+    e = lambda x: x.mean().exp().item()  # noqa: E731
+    assert share == pytest.approx((e(only) - e(less)) / (e(only) - e(torch.tensor([1.5, 1.6, 1.55]))))
+    assert 0 < se < 1
+
+
+def test_state_term_by_folding_equals_its_definition():
+    """with_state (bucketed folds + cumulative sum) == query i reading sum over tokens s with
+    evict_at[s] <= i of psi(k_s) v_s / psi(k_s), written out with an explicit mask; gradients too."""
+    torch.manual_seed(0)
+    b, hq, hkv, hs, length, d, r = 2, 4, 2, 4, 50, 8, 3
+    q, k, v = torch.randn(b, hq, length, d), torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+    evict_at = R.eviction_times(q, k, R.Policy(1, 4, 3), 0.3)
+    o_kept, lse_kept = R.sparse_part(q, k, v, evict_at, 0.3)
+    phi_q = torch.rand(b, hq, length, r, requires_grad=True)
+    psi_k = torch.rand(b, hs, length, r, requires_grad=True)
+    out = R.with_state(o_kept, lse_kept, phi_q, psi_k, v, evict_at)
+    evicted = (evict_at[:, :, None, :] <= torch.arange(length)[:, None]).repeat_interleave(hs // hkv, dim=1)
+    a = torch.einsum("bhgqr,bhkr->bhgqk", phi_q.view(b, hs, hq // hs, length, r), psi_k) * evicted[:, :, None]
+    num = torch.einsum("bhgqk,bhkd->bhgqd", a, v.repeat_interleave(hs // hkv, dim=1)).reshape(b, hq, length, d)
+    den = a.sum(-1).reshape(b, hq, length)
+    has = evicted.any(-1).repeat_interleave(hq // hs, dim=1)
+    lse = torch.logaddexp(lse_kept, torch.where(has, den.clamp_min(R.STATE_FLOOR).log(), float("-inf")))
+    expected = o_kept * (lse_kept - lse).exp()[..., None] + torch.where(has[..., None], num * (-lse).exp()[..., None], 0.0)
+    assert has.any() and not has.all()
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.pow(2).sum(), [phi_q, psi_k])
+    for g, e in zip(grads, torch.autograd.grad(expected.pow(2).sum(), [phi_q, psi_k])):
+        torch.testing.assert_close(g, e)
