@@ -4,6 +4,7 @@
 # timeout and the scripts write their rows as they come (a step cut short keeps what it measured).
 #   bash benchmarks/gpu_less.sh            round 2: tests, layer bench, needle-llama training + quality (~2.5 min)
 #   bash benchmarks/gpu_less.sh round3     e2e TPOT / peak memory (32K, 128K), memory over 10K tokens, quality again
+#   bash benchmarks/gpu_less.sh smol       SmolLM2-135M-Instruct quality (needs kvpress.testbed.smollm2_path(); ~3 min)
 #   bash benchmarks/gpu_less.sh e2e|memory|quality|layer|tests   one part
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -22,7 +23,7 @@ quality() {  # $1: timeout (s), $2: tag, then extra arguments
   local limit=$1 tag=$2
   shift 2
   timeout "$limit" python benchmarks/less_quality.py --device cuda --train-samples 256 --train-length 1024 \
-    --capture-batch 32 --batch-size 4 --val-fraction 0.1 --save-maps "$R/maps$tag" \
+    --capture-batch 32 --batch-size 2 --val-fraction 0.1 --eval-windows 32 --save-maps "$R/maps$tag" \
     --out "$R/less_quality_needle_llama$tag.json" "$@" > "$R/quality$tag.log" 2>&1
   grep "^\[\|^| " "$R/quality$tag.log" | tail -30 || tail -5 "$R/quality$tag.log"
 }
@@ -30,11 +31,11 @@ case $part in
   round2)
     bash "$0" tests
     bash "$0" layer
-    quality 60 _gpu --epochs 8 --halve-every 3 --lr 5e-3 --maps r8h128,r8h512 ;;
+    quality 60 _gpu --epochs 16 --halve-every 4 --lr 1e-2 --maps r8h128,r8h512 ;;
   round3)
     bash "$0" e2e
     bash "$0" memory
-    quality 60 _gpu3 --epochs 8 --halve-every 3 --lr 5e-3 --maps r8h512 ;;
+    quality 60 _gpu3 --epochs 16 --halve-every 4 --lr 1e-2 --maps r8h512 ;;
   tests)
     timeout 50 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py tests/test_less.py 2>&1 \
       | tee "$R/gpu_tests.log" | tail -8 ;;
@@ -45,7 +46,14 @@ case $part in
   memory)
     timeout 40 python benchmarks/bench_less.py memory --out "$R" > "$R/memory.log" 2>&1; tail -14 "$R/memory.log" ;;
   quality)
-    quality 120 _gpu --epochs 8 --halve-every 3 --lr 5e-3 --maps r8h128,r8h512 ;;
-  *) echo "unknown part $part (round2, round3, tests, layer, e2e, memory, quality)" ;;
+    quality 150 _gpu --epochs 16 --halve-every 4 --lr 1e-2 --maps r8h128,r8h512 ;;
+  smol)
+    smol=$(python -c "from kvpress.testbed import smollm2_path; print(smollm2_path())") || exit 0
+    timeout 200 python benchmarks/less_quality.py --device cuda --model "$smol" --chat --train-samples 128 \
+      --train-length 1024 --capture-batch 16 --batch-size 2 --val-fraction 0.1 --eval-windows 32 --epochs 12 \
+      --halve-every 4 --lr 1e-2 --maps r8h128,r8h512 --save-maps "$R/maps_smol" \
+      --out "$R/less_quality_smollm2_gpu.json" > "$R/quality_smol.log" 2>&1
+    grep "^\[\|^| " "$R/quality_smol.log" | tail -30 || tail -5 "$R/quality_smol.log" ;;
+  *) echo "unknown part $part (round2, round3, tests, layer, e2e, memory, quality, smol)" ;;
 esac
 echo "less $part: $(( $(date +%s) - start )) s"

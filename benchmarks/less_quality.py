@@ -108,10 +108,10 @@ def runtime_gap(model, ids, config: LessConfig, prompt: int) -> float:
     return (torch.cat(out).float() - ref).abs().max().item()
 
 
-def retrieval(model, tokenizer, config: LessConfig | None, lengths, depths, samples) -> dict:
+def retrieval(model, tokenizer, config: LessConfig | None, lengths, depths, samples, chat: bool = False) -> dict:
     from kvpress.eval.cli import EvalConfig, run_eval
 
-    eval_config = EvalConfig(tasks=["passkey"], lengths=lengths, depths=depths, samples=samples, progress=False)
+    eval_config = EvalConfig(tasks=["passkey"], lengths=lengths, depths=depths, samples=samples, progress=False, chat=chat)
     if config is not None:
         kvpress.patch(model, "less", config=config)
     try:
@@ -187,6 +187,7 @@ def main() -> int:
     parser.add_argument("--passkey-lengths", default="1024")
     parser.add_argument("--passkey-depths", default="0.2,0.5,0.8")
     parser.add_argument("--passkey-samples", type=int, default=1)
+    parser.add_argument("--chat", action="store_true", help="passkey prompts in the chat template (instruction models)")
     parser.add_argument("--spill", action="store_true", help="captured activations go to --work on disk, "
                         "not memory (a 30-layer model)")
     parser.add_argument("--work", default="/tmp/kvpress_less_quality", help="where activations spill (CPU)")
@@ -230,7 +231,7 @@ def main() -> int:
     full_nll = window_nll(model, windows, None, skip)
     full_ppl = perplexity(full_nll)
     rows = {"full (unpatched)": {"ppl": full_ppl, "window_ppl": full_nll.exp().tolist(),
-                                 **retrieval(model, tokenizer, None, lengths, depths, args.passkey_samples)}}
+                                 **retrieval(model, tokenizer, None, lengths, depths, args.passkey_samples, args.chat)}}
     log(f"full: ppl {full_ppl:.4f}")
     checks, losses = {}, {}
 
@@ -256,7 +257,7 @@ def main() -> int:
     def add(label, config, only=None):
         nll = window_nll(model, windows, config, skip)
         rows[label] = {"ppl": perplexity(nll), "window_ppl": nll.exp().tolist(),
-                       **retrieval(model, tokenizer, config, lengths, depths, args.passkey_samples)}
+                       **retrieval(model, tokenizer, config, lengths, depths, args.passkey_samples, args.chat)}
         if only is not None and perplexity(only) != full_ppl:
             rows[label]["gap_recovered"], rows[label]["gap_recovered_se"] = gap_recovered(nll, only, full_nll)
         log(f"{label}: ppl {rows[label]['ppl']:.4f} gap recovered {rows[label].get('gap_recovered', 0):.3f} "

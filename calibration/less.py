@@ -127,7 +127,8 @@ class Activations:
         else:
             (self.spill / f"layer{layer}").mkdir(parents=True, exist_ok=True)
             entry = self.spill / f"layer{layer}" / f"{index}.pt"
-            torch.save({n: t.cpu() for n, t in item.items()}, entry)
+            # a copy of its own: a slice saved as is writes the whole batch's storage (capture_batch times the bytes)
+            torch.save({n: t.to("cpu", copy=True, memory_format=torch.contiguous_format) for n, t in item.items()}, entry)
         self.items.setdefault(layer, []).append(entry)
 
     def load(self, entries: list) -> dict:

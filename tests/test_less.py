@@ -309,3 +309,16 @@ def test_state_term_by_folding_equals_its_definition():
     grads = torch.autograd.grad(out.pow(2).sum(), [phi_q, psi_k])
     for g, e in zip(grads, torch.autograd.grad(expected.pow(2).sum(), [phi_q, psi_k])):
         torch.testing.assert_close(g, e)
+
+
+def test_spilled_activations_hold_only_their_window(tmp_path):
+    """Activations.add of one window's slice of a captured batch writes that window's bytes, not the
+    batch's whole storage (which made disk use and load time grow with --capture-batch)."""
+    from kvpress.calibration.less import Activations
+
+    store = Activations(tmp_path, in_memory=False, device="cpu")
+    batch = torch.randn(8, 4, 256, 32).transpose(1, 2)  # a strided view, as captured q/k/v are
+    store.add(0, 0, {"q": batch[3:4]})
+    size = (tmp_path / "layer0" / "0.pt").stat().st_size
+    assert size < 1.2 * batch[3:4].numel() * 4
+    torch.testing.assert_close(store.load(store.items[0])["q"], batch[3:4])
