@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_palu.sh          tests, sweep (bf16 and 4-bit latents, 128K GQA), layer
 #                                        frontier, SmolLM2 quality (when the model is on the machine)
 #   bash benchmarks/gpu_palu.sh round3   (<= 60 s) the sweep's follow-up: hand prefetch, more programs per SM; one layer
-#   bash benchmarks/gpu_palu.sh smollm2  SmolLM2 quality at 50% (unpatched, plain SVD, whitening + Fisher, 4/3 bits)
+#   bash benchmarks/gpu_palu.sh smollm2  SmolLM2 quality (groups of all 3 KV heads) at 50% (unpatched, plain SVD,
+#                                        whitening + Fisher, 4/3 bits), 60% and 75%, and groups of one head at 50%
+#   bash benchmarks/gpu_palu.sh smollm2-sweep  SmolLM2 perplexity over calibration choices (64 x 2048 tokens)
 #   bash benchmarks/gpu_palu.sh needle   needle-llama quality over group sizes x kept ranks (the frontier's quality side)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
 set -uo pipefail
@@ -43,7 +45,7 @@ PY
     timeout 20 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r3_*.json --group-sizes 1 --ratios 0.5 \
       --lengths 131072 --tag _r3 --out "$R" > "$R/layer_r3.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r3.log" | tail -8 ;;
-  smollm2)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
+  smollm2|smollm2-sweep)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
     SMOL=/tmp/kvc/smollm2-135m-instruct
     if [ ! -f $SMOL/config.json ] && [ "$(ls /tmp/smol/*.part0[012] 2>/dev/null | wc -l)" = 3 ]; then
       pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl >/dev/null 2>&1
@@ -51,10 +53,17 @@ PY
         /tmp/smol/*.part01 /tmp/smol/*.part02 --out $SMOL 2>&1 | tail -2
     fi
     if [ -f $SMOL/config.json ]; then
-      timeout 50 python benchmarks/palu_quality.py --model $SMOL --device cuda --chat --group-size 1 --ratio 0.5 \
-        --frontier 3:0.5 --tasks ppl,passkey,people --lengths 1024,2048 --depths 3 --samples 2 --ppl-tokens 16384 \
-        --ppl-context 2048 --calib-samples 16 --calib-len 1024 --out "$R/palu_quality_smollm2.json" > "$R/smollm2.log" 2>&1
-      grep "^| \|calibrated" "$R/smollm2.log" || tail -3 "$R/smollm2.log"
+      if [ "$part" = smollm2-sweep ]; then
+        timeout 240 python benchmarks/palu_quality.py --model $SMOL --device cuda --sweep --group-size 3 --multiple 16 \
+          --calib-samples 64 --calib-len 2048 --sweep-snapshots 4,16 --ppl-tokens 65536 --ppl-context 2048 \
+          --out "$R/palu_quality_smollm2_sweep_gpu.json" > "$R/smollm2_sweep.log" 2>&1; tail -3 "$R/smollm2_sweep.log"
+      else
+        timeout 240 python benchmarks/palu_quality.py --model $SMOL --device cuda --chat --group-size 3 --ratio 0.5 \
+          --frontier 3:0.6,3:0.75,1:0.5 --multiple 16 --tasks ppl,passkey,people --lengths 1024,2048 --depths 5 --samples 4 \
+          --ppl-tokens 65536 --ppl-context 2048 --calib-samples 32 --calib-len 2048 \
+          --out "$R/palu_quality_smollm2_gpu.json" > "$R/smollm2.log" 2>&1
+        grep "^| \|calibrated" "$R/smollm2.log" || tail -3 "$R/smollm2.log"
+      fi
     else
       echo "SmolLM2 not here ($SMOL, or its 3 GGUF pieces in /tmp/smol): quality skipped"
     fi ;;
@@ -65,6 +74,6 @@ PY
     grep "^| \|calibrated" "$R/needle.log" || tail -3 "$R/needle.log" ;;
   tpot)
     timeout 200 python benchmarks/bench_palu.py tpot --out "$R" 2>&1 | tee "$R/tpot.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, smollm2, needle, tpot)" ;;
+  *) echo "unknown part $part (main, round3, smollm2, smollm2-sweep, needle, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

@@ -4,6 +4,7 @@ ways, on needle-llama (the project's test model) or SmolLM2-135M-Instruct (the r
     python benchmarks/palu_quality.py [--model models/needle-llama] [--group-size 4] [--ratio 0.5]
     python benchmarks/palu_quality.py --model smollm2 --chat --group-size 1 --tasks ppl,passkey
     python benchmarks/palu_quality.py --frontier 1:0.25,1:0.5,1:0.75,2:0.5,4:0.5 --device cuda
+    python benchmarks/palu_quality.py --model smollm2 --sweep --calib-samples 16 --sweep-snapshots 4
 
 Rows at the main setting (``--group-size``, ``--ratio``): unpatched; plain SVD with uniform ranks
 (no data); whitening + Fisher rank allocation (the paper's Palu), with latents in the model's dtype
@@ -15,9 +16,18 @@ accuracy over the cells the unpatched model gets right (small models retrieve on
 KV cache bytes are the cache's real tensors after answering. Decode runs the reference path
 (``KVPRESS_KERNELS=reference`` unless set): the numbers are the method's, the kernel's own
 agreement with it is what ``tests/test_palu_kernels.py`` checks.
+
+``--sweep`` measures instead what makes the calibration good, by perplexity only (fast: the
+unquantised Palu model computes exactly the keys and values of ``k_proj`` / ``v_proj`` weights
+replaced by ``up @ down``, so each setting is one perplexity pass of the model with substituted
+weights; the first setting is also run patched to show the two agree): the amount of calibration
+text (``--sweep-snapshots``: statistics after the first n samples of the same pass), groups of one
+KV head vs all heads (up to ``--group-size``), Fisher vs uniform ranks, plain SVD, K/V rank splits,
+layers kept dense (the budget shared by the others) and kept-rank ratios (``--sweep-ratios``).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -28,10 +38,17 @@ os.environ.setdefault("KVPRESS_KERNELS", "reference")
 
 
 import kvpress  # noqa: E402
-from kvpress.calibration.palu import PaluCalibration, calibrate_palu, calibration_batches, collect_statistics  # noqa: E402
-from kvpress.eval.cli import EvalConfig, environment, load_model, run_eval  # noqa: E402
+import torch  # noqa: E402
+
+from kvpress.calibration.palu import (  # noqa: E402
+    PaluCalibration, allocate_ranks, calibrate_palu, calibration_batches, collect_statistics, factorize, head_groups,
+    whitening,
+)
+from kvpress.eval.harness import answer, dense_cache_bytes, perplexity  # noqa: E402
+from kvpress.eval.tasks import load_corpus, make_sample, score  # noqa: E402
+from kvpress.eval.cli import EvalConfig, environment, load_model, read_text, run_eval  # noqa: E402
 from kvpress.methods import METHODS  # noqa: E402
-from kvpress.methods.palu import Palu  # noqa: E402
+from kvpress.methods.palu import Palu, PaluConfig  # noqa: E402
 from kvpress.testbed import smollm2_path  # noqa: E402
 
 METHODS.setdefault("palu", Palu)
@@ -43,6 +60,136 @@ def parse_frontier(text: str) -> list[tuple[int, float]]:
         gs, ratio = item.split(":")
         out.append((int(gs), float(ratio)))
     return out
+
+
+def retrieval(model, tokenizer, task: str, cfg: EvalConfig, haystack: str) -> dict:
+    """``task`` scored per cell ``(length, depth, sample)`` as ``kvpress.eval.evaluate_task`` scores it
+    (same samples), with every cell's score kept: ``accuracy``, ``scores {cell: score}``, ``by_length``
+    and the mean cache bytes per length next to a dense cache's."""
+    scores, mem = {}, {}
+    for n in cfg.lengths:
+        for d in cfg.depths:
+            for i in range(cfg.samples):
+                sample = make_sample(task, tokenizer, haystack, n, d, seed=f"{cfg.seed}/{i}",
+                                     num_needles=cfg.num_needles, chat=cfg.chat)
+                prediction, nbytes, ntok = answer(model, tokenizer, sample)
+                scores[n, d, i] = score(sample, prediction)
+                mem.setdefault(n, []).append((nbytes, dense_cache_bytes(model, ntok)))
+    by_length = {n: sum(v for c, v in scores.items() if c[0] == n) / (len(cfg.depths) * cfg.samples) for n in cfg.lengths}
+    return {"accuracy": sum(scores.values()) / len(scores), "scores": scores, "by_length": by_length,
+            "cache_bytes": {n: sum(b for b, _ in v) / len(v) for n, v in mem.items()},
+            "dense_cache_bytes": {n: sum(b for _, b in v) / len(v) for n, v in mem.items()}}
+
+
+def accuracy_where(reference: dict, scores: dict) -> float | None:
+    """Mean score over the cells the reference (the unpatched model) gets right (score > 0.5); cells
+    are keys ``(length, depth, sample)`` of both dicts."""
+    kept = [cell for cell, value in reference.items() if value > 0.5]
+    return sum(scores[cell] for cell in kept) / len(kept) if kept else None
+
+
+def substituted_perplexity(model, tokenizer, factors: dict, args) -> float:
+    """Held-out perplexity with every ``k_proj`` / ``v_proj`` weight replaced by ``up @ down`` (per
+    group): what unquantised Palu computes, without its cache. Weights restored afterwards."""
+    modules = [(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in model.model.layers]
+    saved = [(k.weight.data.clone(), v.weight.data.clone()) for k, v in modules]
+    try:
+        for i, pair in enumerate(modules):
+            for side, proj in zip("kv", pair):
+                up, down = factors[f"{i}.{side}.up"], factors[f"{i}.{side}.down"]
+                rank = up.shape[-1]
+                weight = torch.cat([up[g] @ down[g * rank:(g + 1) * rank] for g in range(up.shape[0])])
+                proj.weight.data.copy_(weight.to(proj.weight.device, proj.weight.dtype))
+        return perplexity(model, tokenizer, load_corpus("heldout"), args.ppl_context, args.ppl_tokens, False)["perplexity"]
+    finally:
+        for (k, v), (wk, wv) in zip(modules, saved):
+            k.weight.data.copy_(wk)
+            v.weight.data.copy_(wv)
+
+
+def make_factors(model, stats, ranks: torch.Tensor, gs: int, whiten: bool) -> dict:
+    """Factors for given per-group ranks ``[L, 2]`` (full rank = the exact weight)."""
+    groups = model.config.num_key_value_heads // gs
+    factors = {}
+    for i, layer in enumerate(model.model.layers):
+        s = whitening(stats["xtx"][i]) if whiten else None
+        for j, (side, proj) in enumerate((("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj))):
+            factors[f"{i}.{side}.up"], factors[f"{i}.{side}.down"] = factorize(proj.weight.detach().cpu(), groups,
+                                                                                int(ranks[i, j]), s)
+    return factors
+
+
+def sweep(model, tokenizer, args, out_path: Path) -> None:
+    """``--sweep``: perplexity over calibration choices (module docstring)."""
+    snapshots = sorted({int(x) for x in args.sweep_snapshots.split(",") if x} | {args.calib_samples})
+    started = time.time()
+    all_stats = collect_statistics(model, calibration_batches(tokenizer, args.calib_samples, args.calib_len, 0),
+                                   fisher=True, progress=False, snapshots=snapshots)
+    stats = all_stats[args.calib_samples]
+    stats_s = time.time() - started
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    ratio, gs_all = args.ratio, head_groups(kv_heads, args.group_size)[0]
+    rows = []
+
+    def step(gs):
+        return min(args.multiple, gs * head_dim // 4)
+
+    def fisher(gs, ratio_, scores=None):
+        scores = stats["fisher"] if scores is None else scores
+        return allocate_ranks(scores, gs * head_dim, kv_heads // gs, ratio_, step(gs))
+
+    def split(gs, k, v):  # the same ranks in every layer, in steps of 8
+        full, unit = gs * head_dim, min(8, step(gs))
+        rank = [int(min(full, max(unit, round(f * full / unit) * unit))) for f in (k, v)]
+        return torch.tensor([rank] * layers)
+
+    def dense(gs, ratio_, keep):
+        rest = [i for i in range(layers) if i not in keep]
+        ranks = torch.full((layers, 2), gs * head_dim, dtype=torch.long)
+        ranks[rest] = fisher(gs, (ratio_ * layers - len(keep)) / len(rest), stats["fisher"][rest])
+        return ranks
+
+    def run(label, gs, ranks, whiten=True, stats_=None, patched=False):
+        t = time.time()
+        factors = make_factors(model, stats_ or stats, ranks, gs, whiten)
+        row = {"variant": label, "group_size": gs, "kept_rank": ranks.double().mean().item() / (gs * head_dim),
+               "perplexity": substituted_perplexity(model, tokenizer, factors, args),
+               "ranks": {"k": ranks[:, 0].tolist(), "v": ranks[:, 1].tolist()}}
+        if patched:  # the same factors through the Palu runtime: the substitution computes the same model
+            kvpress.patch(model, "palu", config=PaluConfig(factors=factors, group_size=gs))
+            try:
+                row["perplexity_patched"] = perplexity(model, tokenizer, load_corpus("heldout"), args.ppl_context,
+                                                       args.ppl_tokens, False)["perplexity"]
+            finally:
+                kvpress.unpatch(model)
+        row["seconds"] = round(time.time() - t, 1)
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "ranks"}, flush=True)
+        out = {"env": environment(model), "options": vars(args), "statistics_s": round(stats_s, 1), "rows": rows}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(out, indent=1))
+
+    rows.append({"variant": "unpatched", "perplexity": perplexity(model, tokenizer, load_corpus("heldout"), args.ppl_context,
+                                                                  args.ppl_tokens, False)["perplexity"]})
+    print(rows[-1], flush=True)
+    run(f"gs={gs_all} whitening + Fisher", gs_all, fisher(gs_all, ratio), patched=True)
+    for gs in sorted({1, gs_all}):
+        for n in snapshots[:-1]:
+            run(f"gs={gs} whitening + Fisher, {n} x {args.calib_len} calibration tokens", gs, allocate_ranks(
+                all_stats[n]["fisher"], gs * head_dim, kv_heads // gs, ratio, step(gs)), stats_=all_stats[n])
+        if gs != gs_all:
+            run(f"gs={gs} whitening + Fisher", gs, fisher(gs, ratio))
+        run(f"gs={gs} whitening, uniform ranks", gs, split(gs, ratio, ratio))
+        run(f"gs={gs} plain SVD, uniform ranks", gs, split(gs, ratio, ratio), whiten=False)
+        for k in (ratio - 0.25, ratio - 0.125, ratio + 0.125, ratio + 0.25):
+            run(f"gs={gs} whitening, uniform ranks, K {k:.3g} / V {2 * ratio - k:.3g}", gs, split(gs, k, 2 * ratio - k))
+    for keep in ([0], [layers - 1], [0, 1]):
+        run(f"gs={gs_all} whitening + Fisher, layers {keep} dense", gs_all, dense(gs_all, ratio, keep))
+    for r in (float(x) for x in args.sweep_ratios.split(",") if x):
+        run(f"gs={gs_all} whitening + Fisher, {r:.0%}", gs_all, fisher(gs_all, r))
+        run(f"gs={gs_all} whitening, uniform ranks, {r:.0%}", gs_all, split(gs_all, r, r))
+    print(f"wrote {out_path}")
 
 
 def main():
@@ -66,13 +213,18 @@ def main():
     parser.add_argument("--ppl-context", type=int, default=1024)
     parser.add_argument("--only", default="", help="comma-separated kinds to run: unpatched, svd, fisher, 4bit, 3bit "
                         "(default all; the frontier settings get fisher and 4bit)")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/palu_quality_<model>.json")
+    parser.add_argument("--sweep", action="store_true", help="perplexity over calibration choices (module docstring)")
+    parser.add_argument("--sweep-snapshots", default="4", help="--sweep: also calibrate on the first n samples")
+    parser.add_argument("--sweep-ratios", default="0.6,0.75", help="--sweep: other kept-rank ratios")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/palu_quality_<model>[_sweep].json")
     args = parser.parse_args()
 
     path = str(smollm2_path()) if args.model == "smollm2" else args.model
     name = "smollm2" if args.model == "smollm2" else Path(args.model).name.replace("-", "_")
-    out_path = Path(args.out or f"benchmarks/results/palu_quality_{name}.json")
+    out_path = Path(args.out or f"benchmarks/results/palu_quality_{name}{'_sweep' if args.sweep else ''}.json")
     model, tokenizer = load_model(path, args.device, args.dtype)
+    if args.sweep:
+        return sweep(model, tokenizer, args, out_path)
     folder = Path(tempfile.mkdtemp(prefix="palu_quality_"))
     started = time.time()
     batches = calibration_batches(tokenizer, args.calib_samples, args.calib_len, 0)
@@ -119,28 +271,32 @@ def main():
     eval_config = EvalConfig(tasks=tasks, lengths=[int(x) for x in args.lengths.split(",")],
                              depths=[i / max(1, args.depths - 1) for i in range(args.depths)], samples=args.samples,
                              ppl_context=args.ppl_context, ppl_tokens=args.ppl_tokens, progress=False, chat=args.chat)
-    retrieval = [t for t in tasks if t != "ppl"]
-    rows, reference_cells = [], {}
+    retrieval_tasks = [t for t in tasks if t != "ppl"]
+    haystack = read_text(eval_config.haystack)
+    ppl_config = dataclasses.replace(eval_config, tasks=["ppl"])
+    rows, reference = [], {}
     for label_, (gs, ratio, setting) in variants.items():
         if setting is not None:
             kvpress.patch(model, "palu", **setting)
         t = time.time()
-        result = run_eval(model, tokenizer, eval_config)
-        kv = None
-        if setting is not None:
-            kvpress.unpatch(model)
+        try:
+            result = run_eval(model, tokenizer, ppl_config) if "ppl" in tasks else {}
+            for task in retrieval_tasks:
+                result[task] = retrieval(model, tokenizer, task, eval_config, haystack)
+        finally:
+            if setting is not None:
+                kvpress.unpatch(model)
         row = {"variant": label_, "group_size": gs, "ratio": ratio, "bits": (setting or {}).get("bits"),
                "perplexity": result["ppl"]["perplexity"] if "ppl" in result else None}
-        for task in retrieval:
+        kv = None
+        for task in retrieval_tasks:
             r = result[task]
-            cells = [(e["length"], e["depth"], i) for i, e in enumerate(r["examples"])]
-            scores = {cell: e["score"] for cell, e in zip(cells, r["examples"])}
             if setting is None:
-                reference_cells[task] = [cell for cell, s in scores.items() if s > 0.5]
-            kept = reference_cells.get(task, [])
+                reference[task] = r["scores"]
             row[task] = r["accuracy"]
-            row[f"{task}_where_unpatched"] = sum(scores[c] for c in kept) / len(kept) if kept else None
+            row[f"{task}_where_unpatched"] = accuracy_where(reference[task], r["scores"]) if task in reference else None
             row[f"{task}_by_length"] = r["by_length"]
+            row[f"{task}_scores"] = [[*cell, value] for cell, value in r["scores"].items()]  # length, depth, sample, score
             longest = max(eval_config.lengths)
             kv = r["cache_bytes"][longest] / r["dense_cache_bytes"][longest]
         row["kv_bytes_vs_dense"] = kv
@@ -156,7 +312,7 @@ def main():
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(out, indent=1))
 
-    cols = ["perplexity"] + [f"{t}_where_unpatched" for t in retrieval] + ["kv_bytes_vs_dense"]
+    cols = ["perplexity"] + [f"{t}_where_unpatched" for t in retrieval_tasks] + ["kv_bytes_vs_dense"]
     print("\n| variant | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
     for r in rows:
         cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols]

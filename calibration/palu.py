@@ -192,10 +192,13 @@ def calibration_batches(tokenizer, count: int, length: int, seed: int, haystack=
     return out
 
 
-def collect_statistics(model, batches, fisher: bool, progress: bool = True) -> dict[str, torch.Tensor]:
+def collect_statistics(model, batches, fisher: bool, progress: bool = True, snapshots=None):
     """``xtx [L, hidden, hidden]`` (fp32 sum over tokens of each attention input's outer product) and,
     with ``fisher``, ``fisher [L, 2]``: per module (K, V), the mean over weights of
-    ``sqrt(mean over samples of grad^2)`` of the LM loss."""
+    ``sqrt(mean over samples of grad^2)`` of the LM loss.
+
+    ``snapshots``: sample counts (e.g. ``[4, 16]``); then the result is ``{n: statistics of the first n
+    samples}`` for each count, from the same single pass (how much calibration text is enough)."""
     info = describe(model)
     modules = info.attention_modules
     hidden = modules[0].k_proj.weight.shape[1]
@@ -210,6 +213,13 @@ def collect_statistics(model, batches, fisher: bool, progress: bool = True) -> d
             xtx[index].addmm_(x.T, x)
         return hook
 
+    def summary(count):
+        stats = {"xtx": xtx.cpu().clone()}
+        if fisher:
+            stats["fisher"] = torch.tensor([[g.div(count).sqrt().mean().item() for g in pair] for pair in grad2])
+        return stats
+
+    taken = {}
     handles = [m.k_proj.register_forward_pre_hook(accumulate(i)) for i, m in enumerate(modules)]
     trainable = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -219,7 +229,7 @@ def collect_statistics(model, batches, fisher: bool, progress: bool = True) -> d
             for m in modules:
                 m.k_proj.weight.requires_grad_(True)
                 m.v_proj.weight.requires_grad_(True)
-        for ids in tqdm(batches, desc="palu statistics", disable=not progress):
+        for count, ids in enumerate(tqdm(batches, desc="palu statistics", disable=not progress), 1):
             ids = ids.to(device)
             if fisher:
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -231,15 +241,19 @@ def collect_statistics(model, batches, fisher: bool, progress: bool = True) -> d
             else:
                 with torch.no_grad():
                     model(input_ids=ids, use_cache=False)
+            if snapshots is not None and count in snapshots:
+                taken[count] = summary(count)
     finally:
         for h in handles:
             h.remove()
         for p, flag in trainable:
             p.requires_grad_(flag)
-    stats = {"xtx": xtx.cpu()}
-    if fisher:
-        stats["fisher"] = torch.tensor([[g.div(len(batches)).sqrt().mean().item() for g in pair] for pair in grad2])
-    return stats
+    if snapshots is not None:
+        missing = sorted(set(snapshots) - set(taken))
+        if missing:
+            raise ValueError(f"snapshots {missing} exceed the {len(batches)} calibration samples; give more samples")
+        return taken
+    return summary(len(batches))
 
 
 # -- the whole calibration ------------------------------------------------------------------------

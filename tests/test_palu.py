@@ -1,7 +1,10 @@
 """Palu (arXiv 2407.21118): calibration math, the latent cache runtime against the unpatched model,
 real cache bytes, and the Triton decode path inside the model against the reference path."""
 
+import importlib.util
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +98,20 @@ def test_calibration_writes_a_folder_resumes_and_patches(tmp_path):
         assert torch.isfinite(logits).all()
     finally:
         kvpress.unpatch(model)
+
+
+def test_statistics_snapshots_equal_shorter_passes():
+    model = tiny_model("llama")
+    batches = [random_ids(1, 16) for _ in range(3)]
+    taken = calib.collect_statistics(model, batches, fisher=True, progress=False, snapshots=[1, 3])
+    assert sorted(taken) == [1, 3]
+    for n in (1, 3):
+        alone = calib.collect_statistics(model, batches[:n], fisher=True, progress=False)
+        torch.testing.assert_close(taken[n]["xtx"], alone["xtx"])
+        torch.testing.assert_close(taken[n]["fisher"], alone["fisher"])
+    assert not torch.equal(taken[1]["xtx"], taken[3]["xtx"])
+    with pytest.raises(ValueError, match="give more samples"):
+        calib.collect_statistics(model, batches, fisher=False, progress=False, snapshots=[4])
 
 
 def test_calibration_resumes_from_partial_layers(tmp_path):
@@ -269,3 +286,45 @@ def test_static_decode_steps_with_the_kernel_equal_eager(monkeypatch):
     g_tokens, g_logits, (replays, _) = _generate(model, "graph", ids, mask, 5, **options)
     assert torch.equal(g_tokens, tokens) and replays == 4
     torch.testing.assert_close(g_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+# -- the quality benchmark's scoring --------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _quality_module(monkeypatch):
+    monkeypatch.setenv("KVPRESS_KERNELS", os.environ.get("KVPRESS_KERNELS", "auto"))  # the module's setdefault stays local
+    spec = importlib.util.spec_from_file_location("palu_quality", ROOT / "benchmarks" / "palu_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_scores_retrieval_per_cell(monkeypatch):
+    """``where_unpatched`` compares the same (length, depth, sample) cells (it once compared the
+    positions of the few examples a task result keeps, which differ between variants)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvpress.eval import evaluate_task, load_corpus
+    from kvpress.eval.cli import EvalConfig
+
+    quality = _quality_module(monkeypatch)
+    reference = {(256, 0.0, 0): 1.0, (256, 0.0, 1): 0.0, (256, 1.0, 0): 1.0, (256, 1.0, 1): 1.0}
+    scores = {(256, 0.0, 0): 0.0, (256, 0.0, 1): 1.0, (256, 1.0, 0): 1.0, (256, 1.0, 1): 1.0}
+    assert quality.accuracy_where(reference, scores) == pytest.approx(2 / 3)
+    assert quality.accuracy_where({(256, 0.0, 0): 0.0}, {(256, 0.0, 0): 1.0}) is None
+
+    folder = ROOT / "models" / "needle-llama"
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    haystack = load_corpus("heldout")
+    cfg = EvalConfig(tasks=["passkey"], lengths=[128, 256], depths=[0.0, 1.0], samples=2, seed=3, progress=False)
+    mine = quality.retrieval(model, tokenizer, "passkey", cfg, haystack)
+    theirs = evaluate_task(model, tokenizer, "passkey", haystack, cfg.lengths, cfg.depths, cfg.samples, seed=3, progress=False)
+    assert sorted(mine["scores"]) == [(n, d, i) for n in (128, 256) for d in (0.0, 1.0) for i in range(2)]
+    for (n, d, _), _value in mine["scores"].items():
+        cell = [mine["scores"][n, d, i] for i in range(2)]
+        assert sum(cell) / 2 == pytest.approx(theirs.grid[n][d])
+    assert mine["accuracy"] == pytest.approx(theirs.accuracy)
+    assert mine["cache_bytes"] == pytest.approx(theirs.cache_bytes)
