@@ -37,7 +37,7 @@ case ${1:-} in
     fi
     EVAL="--dtype float32 --chat --sparsity 0.5,0.75,0.9 --inverted 0.5 --lengths 1024,2048 --depths 5 --samples 4
       --tasks passkey,multikey,multivalue,kvlookup,people,ppl --ppl-context 2048 --ppl-tokens 65536"
-    for g in passkey=kvpress/data/duo/smollm2-135m-instruct.safetensors mix=benchmarks/results/smollm2-duo-gates-mix.safetensors; do
+    for g in passkey=benchmarks/results/smollm2-duo-gates-passkey.safetensors mix=kvpress/data/duo/smollm2-135m-instruct.safetensors; do
       timeout 420 python benchmarks/duo_quality.py --model $SMOL $EVAL --config $g \
         --out $OUT/smollm2_duo_${g%%=*}.json > $OUT/smollm2_duo_${g%%=*}.log 2>&1 &
     done
