@@ -8,7 +8,7 @@ ways, on needle-llama (the project's test model) or SmolLM2-135M-Instruct (the r
 
 Rows at the main setting (``--group-size``, ``--ratio``): unpatched; plain SVD with uniform ranks
 (no data); whitening + Fisher rank allocation (the paper's Palu), with latents in the model's dtype
-and at 4 and 3 bits (Hadamard-rotated). ``--frontier gs:ratio,...`` adds whitening + Fisher rows
+and at 4 and 3 bits (Hadamard-rotated); whitening with uniform ranks (Fisher's share). ``--frontier gs:ratio,...`` adds whitening + Fisher rows
 (and 4-bit) at other group sizes and ratios (the quality side of ``bench_palu.py layer``); one
 statistics pass serves every setting. Perplexity is measured on the bundled held-out text, retrieval
 on passkeys at a grid of lengths and depths (``kvpress.eval``); ``passkey_where_unpatched`` is the
@@ -211,8 +211,8 @@ def main():
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--ppl-context", type=int, default=1024)
-    parser.add_argument("--only", default="", help="comma-separated kinds to run: unpatched, svd, fisher, 4bit, 3bit "
-                        "(default all; the frontier settings get fisher and 4bit)")
+    parser.add_argument("--only", default="", help="comma-separated kinds to run: unpatched, svd, fisher, uniform "
+                        "(whitening, uniform ranks), 4bit, 3bit (default all; the frontier settings get fisher, uniform and 4bit)")
     parser.add_argument("--sweep", action="store_true", help="perplexity over calibration choices (module docstring)")
     parser.add_argument("--sweep-snapshots", default="4", help="--sweep: also calibrate on the first n samples")
     parser.add_argument("--sweep-ratios", default="0.6,0.75", help="--sweep: other kept-rank ratios")
@@ -236,10 +236,12 @@ def main():
     def multiple(gs):  # rank granularity: --multiple, at most a quarter of the group's width
         return min(args.multiple, max(1, min(gs, model.config.num_key_value_heads) * head_dim // 4))
     settings = [(args.group_size, args.ratio)] + [s for s in parse_frontier(args.frontier) if s != (args.group_size, args.ratio)]
-    configs = {}
+    configs, uniforms = {}, {}
     for gs, ratio in settings:
         configs[gs, ratio] = calibrate_palu(model, tokenizer, folder / f"palu_{gs}_{ratio}", PaluCalibration(
             ratio=ratio, group_size=gs, multiple=multiple(gs), **common), progress=False, stats=stats)
+        uniforms[gs, ratio] = calibrate_palu(model, tokenizer, folder / f"uniform_{gs}_{ratio}", PaluCalibration(
+            ratio=ratio, group_size=gs, allocation="uniform", multiple=multiple(gs), **common), progress=False, stats=stats)
     main_gs, main_ratio = settings[0]
     svd = calibrate_palu(model, tokenizer, folder / "svd", PaluCalibration(
         ratio=main_ratio, group_size=main_gs, allocation="uniform", decomposition="svd", multiple=multiple(main_gs),
@@ -256,6 +258,7 @@ def main():
     for i, (gs, ratio) in enumerate(settings):
         config = dict(config=folder / f"palu_{gs}_{ratio}")
         variants[label(gs, ratio, " whitening + Fisher")] = (gs, ratio, config)
+        variants[label(gs, ratio, " whitening, uniform ranks")] = (gs, ratio, dict(config=folder / f"uniform_{gs}_{ratio}"))
         variants[label(gs, ratio, " whitening + Fisher, 4-bit latents")] = (gs, ratio, dict(config, bits=4, **qg))
         if i == 0:
             variants[label(gs, ratio, " whitening + Fisher, 3-bit latents")] = (gs, ratio, dict(config, bits=3, **qg))
@@ -265,7 +268,8 @@ def main():
 
         def kind(label_):
             return ("unpatched" if label_ == "unpatched" else "svd" if "plain SVD" in label_ else
-                    "4bit" if "4-bit" in label_ else "3bit" if "3-bit" in label_ else "fisher")
+                    "4bit" if "4-bit" in label_ else "3bit" if "3-bit" in label_ else
+                    "uniform" if "uniform ranks" in label_ else "fisher")
         variants = {k: v for k, v in variants.items() if kind(k) in kinds}
     tasks = args.tasks.split(",")
     eval_config = EvalConfig(tasks=tasks, lengths=[int(x) for x in args.lengths.split(",")],
@@ -301,7 +305,7 @@ def main():
             kv = r["cache_bytes"][longest] / r["dense_cache_bytes"][longest]
         row["kv_bytes_vs_dense"] = kv
         if setting is not None:
-            config = configs.get((gs, ratio)) if "plain SVD" not in label_ else svd
+            config = svd if "plain SVD" in label_ else uniforms[gs, ratio] if "uniform" in label_ else configs[gs, ratio]
             row["kept_rank"] = config.kept_ratio()
         row["seconds"] = round(time.time() - t, 1)
         rows.append(row)
