@@ -44,8 +44,8 @@ from kvpress.calibration.palu import (  # noqa: E402
     PaluCalibration, allocate_ranks, calibrate_palu, calibration_batches, collect_statistics, factorize, head_groups,
     whitening,
 )
-from kvpress.eval.harness import answer, dense_cache_bytes, perplexity  # noqa: E402
-from kvpress.eval.tasks import load_corpus, make_sample, score  # noqa: E402
+from kvpress.eval.harness import evaluate_task, perplexity  # noqa: E402
+from kvpress.eval.tasks import load_corpus  # noqa: E402
 from kvpress.eval.cli import EvalConfig, environment, load_model, read_text, run_eval  # noqa: E402
 from kvpress.methods import METHODS  # noqa: E402
 from kvpress.methods.palu import Palu, PaluConfig  # noqa: E402
@@ -63,22 +63,12 @@ def parse_frontier(text: str) -> list[tuple[int, float]]:
 
 
 def retrieval(model, tokenizer, task: str, cfg: EvalConfig, haystack: str) -> dict:
-    """``task`` scored per cell ``(length, depth, sample)`` as ``kvpress.eval.evaluate_task`` scores it
-    (same samples), with every cell's score kept: ``accuracy``, ``scores {cell: score}``, ``by_length``
-    and the mean cache bytes per length next to a dense cache's."""
-    scores, mem = {}, {}
-    for n in cfg.lengths:
-        for d in cfg.depths:
-            for i in range(cfg.samples):
-                sample = make_sample(task, tokenizer, haystack, n, d, seed=f"{cfg.seed}/{i}",
-                                     num_needles=cfg.num_needles, chat=cfg.chat)
-                prediction, nbytes, ntok = answer(model, tokenizer, sample)
-                scores[n, d, i] = score(sample, prediction)
-                mem.setdefault(n, []).append((nbytes, dense_cache_bytes(model, ntok)))
-    by_length = {n: sum(v for c, v in scores.items() if c[0] == n) / (len(cfg.depths) * cfg.samples) for n in cfg.lengths}
-    return {"accuracy": sum(scores.values()) / len(scores), "scores": scores, "by_length": by_length,
-            "cache_bytes": {n: sum(b for b, _ in v) / len(v) for n, v in mem.items()},
-            "dense_cache_bytes": {n: sum(b for _, b in v) / len(v) for n, v in mem.items()}}
+    """``kvpress.eval.evaluate_task``'s result for ``task``, with its per-cell scores as ``scores
+    {(length, depth, sample): score}`` (to compare variants cell by cell)."""
+    r = evaluate_task(model, tokenizer, task, haystack, cfg.lengths, cfg.depths, cfg.samples, cfg.seed,
+                      cfg.num_needles, progress=False, chat=cfg.chat).to_dict()
+    r["scores"] = {(n, d, i): value for n, d, i, value in r["scores"]}
+    return r
 
 
 def accuracy_where(reference: dict, scores: dict) -> float | None:

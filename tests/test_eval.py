@@ -137,6 +137,8 @@ def test_cli_writes_json(tmp_path, tokenizer):
     grid = report["results"]["passkey"]["grid"]
     assert list(grid) == ["600"] and list(grid["600"]) == ["0.0", "1.0"]
     assert report["results"]["passkey"]["accuracy"] == sum(grid["600"].values()) / 2
+    cells = report["results"]["passkey"]["scores"]  # [length, depth, sample, score] per cell
+    assert [c[:3] for c in cells] == [[600, 0.0, 0], [600, 1.0, 0]] and [c[3] for c in cells] == list(grid["600"].values())
     assert report["results"]["ppl"]["tokens"] == 500  # windows of BOS + 255 and BOS + 245 tokens, all predicted
     assert report["config"]["depths"] == [0.0, 1.0]
     assert report["environment"]["torch"] == torch.__version__

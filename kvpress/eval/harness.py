@@ -72,6 +72,7 @@ class TaskResult:
     cache_bytes: dict  # {length: mean bytes held by the model's cache after answering}
     dense_cache_bytes: dict  # {length: bytes a dense cache of the same tokens would hold}
     examples: list  # a few (prompt tail, answer, prediction) for inspection
+    scores: list  # every cell's score: [length, depth, sample, score] (to compare two runs cell by cell)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,11 +94,12 @@ def evaluate_task(
     """Score `samples` instances of `task` per (length, depth) cell; deterministic for a seed.
     chat: prompts in the tokenizer's chat template (see tasks.make_sample)."""
     cells = [(n, d, i) for n in lengths for d in depths for i in range(samples)]
-    grid, by_len, mem, examples = {}, {}, {}, []
+    grid, by_len, mem, examples, scores = {}, {}, {}, [], []
     for n, d, i in tqdm(cells, desc=task, disable=not progress, leave=False):
         s = make_sample(task, tokenizer, haystack, n, d, seed=f"{seed}/{i}", num_needles=num_needles, chat=chat)
         pred, nbytes, ntok = answer(model, tokenizer, s)
         sc = score(s, pred)
+        scores.append([n, d, i, sc])
         grid.setdefault(n, {}).setdefault(d, []).append(sc)
         mem.setdefault(n, []).append((nbytes, dense_cache_bytes(model, ntok)))
         if len(examples) < 3 or (sc < 1 and len(examples) < 8):
@@ -114,6 +116,7 @@ def evaluate_task(
         cache_bytes={n: mean([b for b, _ in v]) for n, v in mem.items()},
         dense_cache_bytes={n: mean([b for _, b in v]) for n, v in mem.items()},
         examples=examples,
+        scores=scores,
     )
 
 
