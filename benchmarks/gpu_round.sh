@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: run benchmarks/gpu_<part>.sh for each named part, each writing under $OUT/<part>/,
 # then pack that folder as $OUT/<part>.tar.gz (a device call returns at most 8 files).
-#   bash benchmarks/gpu_round.sh mink palu less graph
+#   bash benchmarks/gpu_round.sh mink palu less graph      each part with its default argument
+#   bash benchmarks/gpu_round.sh mink:round3 palu:tpot     PART:ARG passes ARG (output folder PART-ARG)
 # SmolLM2's GGUF travels in 32 MiB pieces (.smol/, see models/fetch_smollm2.py --split), one or two per
 # call: each call adds the pieces it carries to /tmp/smol, which stays while the machine is held.
 set -uo pipefail
@@ -14,10 +15,13 @@ python -c "import torch, transformers, triton; print('torch', torch.__version__,
 rm -rf /tmp/kvpress-new
 pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-new . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
 export PYTHONPATH=/tmp/kvpress-new
-for part in "$@"; do
-  mkdir -p "$OUT/$part"
+for spec in "$@"; do
+  script=${spec%%:*}; arg=${spec#"$script"}; arg=${arg#:}
+  part=$script${arg:+-$arg}
+  mkdir -p "$OUT/$script"
   start=$(date +%s)
-  timeout "${PART_TIMEOUT:-300}" bash "benchmarks/gpu_$part.sh" >"$OUT/$part/run.log" 2>&1
-  echo "== $part: rc=$? in $(( $(date +%s) - start )) s"; tail -n "${TAIL:-15}" "$OUT/$part/run.log"
-  tar czf "$OUT/$part.tar.gz" -C "$OUT" "$part" && rm -rf "${OUT:?}/$part"
+  # shellcheck disable=SC2086
+  timeout "${PART_TIMEOUT:-300}" bash "benchmarks/gpu_$script.sh" $arg >"$OUT/$script/run.log" 2>&1
+  echo "== $part: rc=$? in $(( $(date +%s) - start )) s"; tail -n "${TAIL:-15}" "$OUT/$script/run.log"
+  mv "$OUT/$script" "$OUT/$part.tmp" && tar czf "$OUT/$part.tar.gz" -C "$OUT" "$part.tmp" && rm -rf "${OUT:?}/$part.tmp"
 done
