@@ -159,7 +159,9 @@ def rope_half_tables(rotary_emb, length: int, head_dim: int, device, dtype) -> t
     half = head_dim // 2
     if not (torch.equal(cos[..., :half], cos[..., half:]) and torch.equal(sin[..., :half], sin[..., half:])):
         raise ValueError("the model's rotary tables do not repeat their first half (rotate_half RoPE); Palu cannot serve it")
-    return cos[0, :, :half].to(dtype).contiguous(), sin[0, :, :half].to(dtype).contiguous()
+    # on ``device``: the rotary module may live on another GPU than the layer (device_map)
+    return (cos[0, :, :half].to(device=device, dtype=dtype).contiguous(),
+            sin[0, :, :half].to(device=device, dtype=dtype).contiguous())
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,9 @@ def _attend_block(acc, l_i, m_i, q, qr, K, V, KR, start_n, Lk, stride_kn, stride
         kv_mask = (offs_n < Lk)[:, None]
     else:
         kv_mask = (offs_n < Lk)[:, None] & (offs_d[None, :] < D)
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    local = tl.arange(0, BLOCK_N)[:, None]  # int32 offsets in the block; the block's start is int64
+    first = tl.cast(start_n, tl.int64)
+    k = tl.load(K + first * stride_kn + (local * stride_kn + offs_d[None, :]), mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     dist = qr[:, None] - kr[None, :]
     ok = real[None, :] & (dist >= 0) & ((dist < recent) | (kr[None, :] < sink)) & (dist < window)
@@ -52,7 +54,7 @@ def _attend_block(acc, l_i, m_i, q, qr, K, V, KR, start_n, Lk, stride_kn, stride
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + first * stride_vn + (local * stride_vn + offs_d[None, :]), mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, l_i * alpha + tl.sum(p, 1), m_new
 
@@ -79,14 +81,17 @@ def _prefill_kernel(Q, K, V, Out, QR, KR, HEADS, RANGES, KSPAN,
         q_mask = row_ok[:, None]
     else:
         q_mask = row_ok[:, None] & (offs_d[None, :] < D)
-    q_off = b * stride_qb + (kv_head * G + g)[:, None] * stride_qh + t[:, None] * stride_qm + offs_d[None, :]
+    # int64 offsets: a head's start (slot * stride_kh) passes 2**31 elements at ~2.5M tokens x 7 heads
+    b64 = b.to(tl.int64)
+    q_off = (b64 * stride_qb + (kv_head.to(tl.int64) * G + g)[:, None] * stride_qh
+             + t[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
     q = tl.load(Q + q_off, mask=q_mask, other=0.0)
-    qr = tl.load(QR + b * stride_qrb + t, mask=row_ok, other=-1)
+    qr = tl.load(QR + b64 * stride_qrb + t, mask=row_ok, other=-1)
     qmax = tl.max(qr, 0)
     qmin = tl.min(tl.where(qr >= 0, qr, _BIG), 0)
-    K += b * stride_kb + slot * stride_kh
-    V += b * stride_vb + slot * stride_vh
-    KR += b * stride_krb
+    K += b64 * stride_kb + slot.to(tl.int64) * stride_kh
+    V += b64 * stride_vb + slot.to(tl.int64) * stride_vh
+    KR += b64 * stride_krb
 
     acc = tl.zeros([BLOCK_M * GP, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M * GP], dtype=tl.float32)
@@ -114,7 +119,8 @@ def _prefill_kernel(Q, K, V, Out, QR, KR, HEADS, RANGES, KSPAN,
                                           stride_vn, qk_scale, sink, recent, window, BLOCK_N, BLOCK_D, D)
 
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
-    o_off = b * stride_ob + (kv_head * G + g)[:, None] * stride_oh + t[:, None] * stride_om + offs_d[None, :]
+    o_off = (b64 * stride_ob + (kv_head.to(tl.int64) * G + g)[:, None] * stride_oh
+             + t[:, None].to(tl.int64) * stride_om + offs_d[None, :])
     tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=q_mask)
 
 

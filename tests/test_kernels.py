@@ -278,6 +278,27 @@ def test_gpu_prefill(mode, L, lengths):
 
 
 @pytest.mark.gpu
+def test_gpu_prefill_offsets_past_two_to_the_31():
+    """A chunk's queries over a cache whose last KV head starts past 2**31 elements (8 heads x 2.6M
+    keys of 128: 5.4 GB each for K and V; a device_map run at ~2.9M tokens faulted on 32-bit offsets)."""
+    torch.manual_seed(8)
+    T, Lq, n, D, G = 5 * 2**19, 16, 8, 128, 4
+    assert (n - 1) * T * D > 2**31
+    k = torch.empty(1, n, T, D, dtype=torch.bfloat16, device="cuda").normal_()
+    v = torch.empty_like(k).normal_()
+    q = rand(1, n * G, Lq, D, dtype=torch.bfloat16, device="cuda")
+    k_rank = torch.arange(T, dtype=torch.int32, device="cuda")[None]
+    q_rank = k_rank[:, -Lq:].contiguous()
+    out = prefill_attention(q, k, v, q_rank, k_rank, D ** -0.5)
+    for slot in (0, n - 1):  # the first head, and the one past 2**31: causal over every key
+        heads = slice(slot * G, (slot + 1) * G)
+        scores = (q[0, heads].float() @ k[0, slot].float().T) * D ** -0.5  # [G, Lq, T]
+        scores.masked_fill_(k_rank[0][None, None, :] > q_rank[0][None, :, None], float("-inf"))
+        ref = torch.softmax(scores, dim=-1) @ v[0, slot].float()
+        check(out[0, heads], ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("lq", [1, 1537])
 @pytest.mark.parametrize("num_retrieval", [0, 2, 8])
 @pytest.mark.parametrize("group", [4, 1])

@@ -388,8 +388,8 @@ def test_total_kv_cache_bytes_without_distributed_is_kv_cache_bytes():
 @pytest.mark.gpu
 @pytest.mark.skipif(not two_gpus(), reason="needs 2 GPUs")
 def test_device_map_palu_tokens_equal_single_gpu():
-    """Last in this file: Palu's rotary-position buffer is shared by the layers of every device (the
-    runtime's, one per cache), which may fault the GPU for the tests after it."""
+    """Palu keeps one rotary-position buffer and one pair of rotary tables per device its layers run on
+    (the tables are made by the model's rotary module, which accelerate keeps on the first GPU)."""
     single = tiny_model("llama", num_hidden_layers=4).to("cuda:0")
     cases = {"palu": case_config("palu", single)}
     assert all_tokens(_dispatched(), cases, "cuda:0") == all_tokens(single, cases, "cuda:0")
