@@ -249,7 +249,7 @@ def search(probe, guess: int, step_tokens: int, deadline: float, limit: int):
 
 def maxctx_rows(model, scheme: str, a, deadline: float) -> list[dict]:
     rows = []
-    names = list(VARIANTS)
+    names = a.variants.split(",")
     for i, name in enumerate(names):
         # each variant gets an equal share of the time left, so a slow search cannot starve the others
         share = time.monotonic() + (deadline - time.monotonic()) / (len(names) - i)
@@ -269,9 +269,9 @@ def maxctx_rows(model, scheme: str, a, deadline: float) -> list[dict]:
         rows.append({"scheme": scheme, "variant": name, "max_tokens": best, "first_failed": failed,
                      "complete": complete, "guess": guess, "step": a.step, "chunk": a.chunk, "probes": probes})
         print(f"maxctx {scheme} {name}: {best // K}K tokens{'' if complete else ' (search cut short)'}", flush=True)
-    base = rows[0]["max_tokens"] or 1
+    base = next((r["max_tokens"] for r in rows if r["variant"] == "unpatched"), 0)
     for row in rows:
-        row["vs_unpatched"] = row["max_tokens"] / base
+        row["vs_unpatched"] = row["max_tokens"] / base if base else None
     return rows
 
 
@@ -301,13 +301,14 @@ def main_run(a) -> None:
     res = {"env": env, "gpus": torch.cuda.device_count(), "parts": parts, "chunk": a.chunk, "fill_chunk": a.fill_chunk,
            "step": a.step, "tpot_tokens": a.tpot_tokens, "steps": a.steps, "sink": SINK, "recent": RECENT,
            "budget_s": a.budget_s, "tpot": [], "maxctx": []}
-    out = Path(a.out) / f"multigpu_{'_'.join(parts)}_{c.device_tag(env)}.json"
+    out = Path(a.out) / f"multigpu_{'_'.join(parts)}_{c.device_tag(env)}{a.tag}.json"
 
     def save():
         res["seconds"] = time.monotonic() - start
         c.write_json(out, res)
 
-    for scheme in ("single", "device_map") if two else ("single",):
+    schemes = [s for s in a.schemes.split(",") if two or s == "single"]
+    for scheme in schemes:
         if scheme == "device_map":
             model, res["device_map"] = split_across_gpus(model)
             free_memory()
@@ -315,7 +316,7 @@ def main_run(a) -> None:
             res["tpot"] += tpot_rows(model, scheme, a)
             save()
         if "maxctx" in parts:  # the time left: 2/5 for one GPU, the rest for two (their searches probe longer contexts)
-            share = deadline if scheme == "device_map" or not two else time.monotonic() + 0.4 * (deadline - time.monotonic())
+            share = deadline if scheme == schemes[-1] else time.monotonic() + 0.4 * (deadline - time.monotonic())
             res["maxctx"] += maxctx_rows(model, scheme, a, share)
             save()
     print(f"wrote {out} ({time.monotonic() - start:.0f} s)")
@@ -418,6 +419,9 @@ def main() -> None:
     p.add_argument("--step", type=int, default=128 * K, help="resolution of the longest-context search (tokens)")
     p.add_argument("--limit", type=int, default=32 * K * K, help="longest context tried (tokens)")
     p.add_argument("--budget-s", type=float, default=300.0, help="seconds for the whole main run")
+    p.add_argument("--schemes", default="single,device_map", help="single (one GPU), device_map (two): which run")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="maxctx: the variants searched (unpatched first)")
+    p.add_argument("--tag", default="", help="appended to the JSON file's name")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU: every path in seconds")
     p.add_argument("--table", default=None, help="print the markdown table of the JSON files in this folder, then exit")
     a = p.parse_args()

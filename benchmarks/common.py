@@ -260,11 +260,11 @@ def write_json(path, result):
 
 
 def table(title, rows, cols):
-    """Print ``rows`` (dicts) under ``title``; ``cols``: [(key, format), ...], ``-`` where a row lacks a key."""
+    """Print ``rows`` (dicts) under ``title``; ``cols``: [(key, format), ...], ``-`` where a row lacks a key (or has None)."""
     print(f"\n{title}")
     print(" | ".join(c for c, _ in cols))
     for r in rows:
-        print(" | ".join(fmt.format(r[c]) if c in r else "-" for c, fmt in cols))
+        print(" | ".join(fmt.format(r[c]) if r.get(c) is not None else "-" for c, fmt in cols))
 
 
 def rand(*shape, dev, dtype=torch.bfloat16):

@@ -6,6 +6,9 @@
 #   in the time left (a search cut short says so in its JSON: complete=false).
 # Installs this tree under /tmp and runs it with PYTHONPATH (as benchmarks/gpu_session.sh does). At most 7 files
 # under $OUT/tp (a device call returns at most 8): 4 logs and 3 JSON files.
+#   bash benchmarks/gpu_tp.sh           all of the above
+#   bash benchmarks/gpu_tp.sh round2    the tests, then the device_map search of duo50 and duo25 alone (the one-GPU
+#                                       and unpatched rows of the last full run stand): multigpu_maxctx_*_dmap.json
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/kvpress-gpu}/tp
@@ -24,6 +27,13 @@ BENCH=benchmarks/bench_multigpu.py
 stamp "tests/test_parallel.py"
 timeout 150 pytest -v -p no:cacheprovider -rs -k "not gloo" tests/test_parallel.py 2>&1 | tee "$OUT/tests.log" \
   | grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed" | tail -24
+
+if [ "${1:-all}" = round2 ]; then
+  stamp "longest context: device_map, duo50 and duo25"
+  timeout $(( TOTAL - SECONDS )) python $BENCH --parts maxctx --schemes device_map --variants duo50,duo25 --tag _dmap \
+    --budget-s $(( TOTAL - SECONDS - 20 )) --out "$OUT" 2>&1 | tee "$OUT/maxctx.log" | grep -E "^maxctx .*:|tokens|Error" | tail -12
+  tail -6 "$OUT/maxctx.log"; stamp done; ls "$OUT"; exit 0
+fi
 
 stamp "TPOT 128K: one GPU, device_map"
 timeout 150 python $BENCH --parts tpot --out "$OUT" 2>&1 | tee "$OUT/tpot.log" | grep -v "^wrote" | tail -14
