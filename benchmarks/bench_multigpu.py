@@ -247,7 +247,8 @@ def search(probe, guess: int, step_tokens: int, deadline: float, limit: int):
     return lo, hi, hi is not None and hi - lo <= step_tokens
 
 
-def maxctx_rows(model, scheme: str, a, deadline: float) -> list[dict]:
+def maxctx_rows(model, scheme: str, a, deadline: float, done=lambda rows: None) -> list[dict]:
+    """The longest-context search of each variant; ``done(rows)`` after each (a later crash keeps them)."""
     rows = []
     names = a.variants.split(",")
     for i, name in enumerate(names):
@@ -269,9 +270,10 @@ def maxctx_rows(model, scheme: str, a, deadline: float) -> list[dict]:
         rows.append({"scheme": scheme, "variant": name, "max_tokens": best, "first_failed": failed,
                      "complete": complete, "guess": guess, "step": a.step, "chunk": a.chunk, "probes": probes})
         print(f"maxctx {scheme} {name}: {best // K}K tokens{'' if complete else ' (search cut short)'}", flush=True)
-    base = next((r["max_tokens"] for r in rows if r["variant"] == "unpatched"), 0)
-    for row in rows:
-        row["vs_unpatched"] = row["max_tokens"] / base if base else None
+        base = next((r["max_tokens"] for r in rows if r["variant"] == "unpatched"), 0)
+        for row in rows:
+            row["vs_unpatched"] = row["max_tokens"] / base if base else None
+        done(rows)
     return rows
 
 
@@ -317,7 +319,9 @@ def main_run(a) -> None:
             save()
         if "maxctx" in parts:  # the time left: 2/5 for one GPU, the rest for two (their searches probe longer contexts)
             share = deadline if scheme == schemes[-1] else time.monotonic() + 0.4 * (deadline - time.monotonic())
-            res["maxctx"] += maxctx_rows(model, scheme, a, share)
+            before = list(res["maxctx"])
+            res["maxctx"] = before + maxctx_rows(model, scheme, a, share,
+                                                 done=lambda rows: (res.update(maxctx=before + rows), save()))
             save()
     print(f"wrote {out} ({time.monotonic() - start:.0f} s)")
     if res["tpot"]:
