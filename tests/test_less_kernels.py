@@ -153,3 +153,20 @@ def test_decode_step_gpu(dtype, state_heads):
     torch.testing.assert_close(tri.score, ref.score, rtol=2e-3, atol=2e-3)
     run_both(policy, state_heads, dtype, state=False, resync=True, **shape)
     assert (with_state - run_both.outputs).abs().max() > 10 * 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["lambda", "h2o", "h2o-no-state", "h2o-one-split", "h2o-merge-last"])
+def test_decode_step_gpu_parts(dtype, variant, monkeypatch):
+    """The step's parts one at a time on the GPU, each step from the reference's cache (fp32: tf32
+    dots on the GPU, 1e-5 under the interpreter; bf16: the dtype's rounding): which part, if any,
+    differs on the GPU only."""
+    if variant == "h2o-merge-last":
+        step = K.decode_step
+        monkeypatch.setattr(K, "decode_step", lambda *a, **kw: step(*a, **kw, early_merge=False))
+    policy = R.Policy(sink=4, heavy=0, recent=252) if variant == "lambda" else R.Policy(sink=0, heavy=200, recent=56)
+    shape = dict(device="cuda", b=3, hq=32, hkv=8, d=128, n=512, length=340, prompt=300,
+                 splits=1 if variant == "h2o-one-split" else None, state=variant != "h2o-no-state")
+    _, _, worst = run_both(policy, "kv", dtype, resync=True, **shape)
+    assert worst < (5e-3 if dtype == torch.float32 else 3e-2), worst
