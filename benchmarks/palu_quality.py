@@ -40,9 +40,10 @@ os.environ.setdefault("KVPRESS_KERNELS", "reference")
 import kvpress  # noqa: E402
 import torch  # noqa: E402
 
+from kvpress.adapters import describe  # noqa: E402
 from kvpress.calibration.palu import (  # noqa: E402
-    PaluCalibration, allocate_ranks, calibrate_palu, calibration_batches, collect_statistics, factorize, head_groups,
-    whitening,
+    PaluCalibration, allocate_ranks, calibrate_palu, calibration_batches, collect_statistics, dense_weight, head_groups,
+    layer_factors, uniform_rank, whitening,
 )
 from kvpress.eval.harness import evaluate_task, perplexity  # noqa: E402
 from kvpress.eval.tasks import load_corpus  # noqa: E402
@@ -81,14 +82,12 @@ def accuracy_where(reference: dict, scores: dict) -> float | None:
 def substituted_perplexity(model, tokenizer, factors: dict, args) -> float:
     """Held-out perplexity with every ``k_proj`` / ``v_proj`` weight replaced by ``up @ down`` (per
     group): what unquantised Palu computes, without its cache. Weights restored afterwards."""
-    modules = [(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in model.model.layers]
+    modules = [(m.k_proj, m.v_proj) for m in describe(model).attention_modules]
     saved = [(k.weight.data.clone(), v.weight.data.clone()) for k, v in modules]
     try:
         for i, pair in enumerate(modules):
             for side, proj in zip("kv", pair):
-                up, down = factors[f"{i}.{side}.up"], factors[f"{i}.{side}.down"]
-                rank = up.shape[-1]
-                weight = torch.cat([up[g] @ down[g * rank:(g + 1) * rank] for g in range(up.shape[0])])
+                weight = dense_weight(factors[f"{i}.{side}.up"], factors[f"{i}.{side}.down"])
                 proj.weight.data.copy_(weight.to(proj.weight.device, proj.weight.dtype))
         return perplexity(model, tokenizer, load_corpus("heldout"), args.ppl_context, args.ppl_tokens, False)["perplexity"]
     finally:
@@ -101,11 +100,8 @@ def make_factors(model, stats, ranks: torch.Tensor, gs: int, whiten: bool) -> di
     """Factors for given per-group ranks ``[L, 2]`` (full rank = the exact weight)."""
     groups = model.config.num_key_value_heads // gs
     factors = {}
-    for i, layer in enumerate(model.model.layers):
-        s = whitening(stats["xtx"][i]) if whiten else None
-        for j, (side, proj) in enumerate((("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj))):
-            factors[f"{i}.{side}.up"], factors[f"{i}.{side}.down"] = factorize(proj.weight.detach().cpu(), groups,
-                                                                                int(ranks[i, j]), s)
+    for i, module in enumerate(describe(model).attention_modules):
+        factors.update(layer_factors(i, module, groups, ranks[i], whitening(stats["xtx"][i]) if whiten else None))
     return factors
 
 
@@ -118,7 +114,7 @@ def sweep(model, tokenizer, args, out_path: Path) -> None:
     stats = all_stats[args.calib_samples]
     stats_s = time.time() - started
     layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    head_dim = describe(model).shape.head_dim
     ratio, gs_all = args.ratio, head_groups(kv_heads, args.group_size)[0]
     rows = []
 
@@ -130,9 +126,7 @@ def sweep(model, tokenizer, args, out_path: Path) -> None:
         return allocate_ranks(scores, gs * head_dim, kv_heads // gs, ratio_, step(gs))
 
     def split(gs, k, v):  # the same ranks in every layer, in steps of 8
-        full, unit = gs * head_dim, min(8, step(gs))
-        rank = [int(min(full, max(unit, round(f * full / unit) * unit))) for f in (k, v)]
-        return torch.tensor([rank] * layers)
+        return torch.tensor([[uniform_rank(gs * head_dim, f, min(8, step(gs))) for f in (k, v)]] * layers)
 
     def dense(gs, ratio_, keep):
         rest = [i for i in range(layers) if i not in keep]

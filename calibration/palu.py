@@ -156,6 +156,29 @@ def exact_factors(weight: torch.Tensor, groups: int) -> tuple[torch.Tensor, torc
     return up, weight.float().clone()
 
 
+def uniform_rank(full: int, ratio: float, multiple: int) -> int:
+    """The same rank for every group: ``ratio`` of ``full``, rounded to a multiple of ``multiple``
+    (at least one multiple, at most ``full``)."""
+    return int(min(full, max(min(multiple, full), round(ratio * full / multiple) * multiple)))
+
+
+def layer_factors(index: int, module, groups: int, ranks, s: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Factors of one attention module's ``k_proj`` and ``v_proj`` at per-group ranks ``ranks`` (K, V),
+    whitened by ``s`` when given, keyed as in :class:`PaluConfig` (``"{index}.k.up"``, ...), on the CPU."""
+    layer = {}
+    for side, proj, rank in (("k", module.k_proj, ranks[0]), ("v", module.v_proj, ranks[1])):
+        weight = proj.weight.detach()
+        up, down = factorize(weight, groups, int(rank), None if s is None else s.to(weight.device))
+        layer[f"{index}.{side}.up"], layer[f"{index}.{side}.down"] = up.cpu(), down.cpu()
+    return layer
+
+
+def dense_weight(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The projection weight ``[G * o, hidden]`` that factors ``up [G, o, r]`` / ``down [G * r, hidden]`` compute."""
+    rank = up.shape[-1]
+    return torch.cat([up[g] @ down[g * rank:(g + 1) * rank] for g in range(up.shape[0])])
+
+
 def factors_from_weights(model, group_size: int, ratio: float = 1.0, multiple: int = 8) -> dict[str, torch.Tensor]:
     """Factors made from the weights alone (no data): exact at ``ratio=1`` (when the groups' output
     width fits the hidden size), else plain truncated SVD with the same rank everywhere."""
@@ -169,8 +192,7 @@ def factors_from_weights(model, group_size: int, ratio: float = 1.0, multiple: i
             if ratio >= 1.0 and full == weight.shape[0] // groups:
                 up, down = exact_factors(weight, groups)
             else:
-                rank = int(min(full, max(min(multiple, full), round(ratio * full / multiple) * multiple)))
-                up, down = factorize(weight, groups, rank)
+                up, down = factorize(weight, groups, uniform_rank(full, ratio, multiple))
             factors[f"{i}.{side}.up"], factors[f"{i}.{side}.down"] = up.cpu(), down.cpu()
     return factors
 
@@ -310,10 +332,7 @@ def calibrate_palu(model, tokenizer, out=None, options: PaluCalibration = PaluCa
             continue
         module = info.attention_modules[i]
         s = whitening(stats["xtx"][i].to(module.k_proj.weight.device)) if options.decomposition == "whiten" else None
-        layer = {}
-        for j, (side, proj) in enumerate((("k", module.k_proj), ("v", module.v_proj))):
-            up, down = factorize(proj.weight.detach(), groups, int(ranks[i, j]), s)
-            layer[f"{i}.{side}.up"], layer[f"{i}.{side}.down"] = up.cpu(), down.cpu()
+        layer = layer_factors(i, module, groups, ranks[i], s)
         if layer_file is not None:
             atomic_write(layer_file, lambda tmp, layer=layer: save_file(layer, tmp))
         factors.update(layer)
