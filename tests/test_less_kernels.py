@@ -4,6 +4,7 @@ On CPU the kernels run under the Triton interpreter (tiny shapes, fp32/fp16); th
 Llama-3-8B-like heads) run where CUDA is available."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -170,3 +171,44 @@ def test_decode_step_gpu_parts(dtype, variant, monkeypatch):
                  splits=1 if variant == "h2o-one-split" else None, state=variant != "h2o-no-state")
     _, _, worst = run_both(policy, "kv", dtype, resync=True, **shape)
     assert worst < (5e-3 if dtype == torch.float32 else 3e-2), worst
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("state_heads", ["kv", "query"])
+def test_step_kernel_feature_accumulators(device, state_heads, monkeypatch):
+    """Launch 1 alone (launch 2 skipped): the feature accumulators hold the second layer's
+    pre-activation of phi(q) for every query head and of psi(k) for every pending state head, as
+    the reference's ``GELU(x W1) W2`` (fp32), and nothing where no token is pending."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU case runs under the interpreter")
+    b, hq, hkv, d, n, r = (2, 32, 8, 128, 512, 16) if device == "cuda" else (2, 4, 2, 16, 96, 8)
+    hs = hkv if state_heads == "kv" else hq
+    torch.manual_seed(0)
+    w = weights(hq, hs, d, n, r).to(device)
+    policy = R.Policy(sink=0, heavy=6, recent=2)
+    cache = R.LessCache.empty(b, hkv, policy.slots, d, hs, r, torch.float32, device)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.rank.copy_(torch.arange(policy.slots, device=device).int())
+    cache.spare.copy_(torch.randint(0, policy.slots, cache.spare.shape, device=device).int())
+    cache.pending.copy_((torch.arange(b * hkv, device=device) % 3 != 0).int().view_as(cache.pending))
+    q = torch.randn(b, hq, 1, d, device=device)
+    kv = torch.randn(b, hkv, 1, d, device=device)
+    monkeypatch.setattr(K, "_finish_kernel", _Skip())
+    K._WORKSPACES.clear()
+    K.decode_step(q, kv, kv, torch.full((b,), policy.slots, device=device), cache, w, policy, d ** -0.5)
+    (ws,) = K._WORKSPACES.values()
+    K._WORKSPACES.clear()  # launch 2 did not zero them
+    pre = lambda x, w1, w2: torch.einsum("bhln,hnr->bhlr", torch.nn.functional.gelu(  # noqa: E731
+        torch.einsum("bhld,hdn->bhln", x.float(), w1.float())), w2.float())[:, :, 0]
+    torch.testing.assert_close(ws["phi"].view(b, hq, r), pre(q, w.q_w1, w.q_w2), rtol=1e-4, atol=1e-4)
+    slot = cache.spare.view(b, hkv).long()
+    evicted = cache.k.gather(2, slot[:, :, None, None].expand(b, hkv, 1, d))  # [B, Hkv, 1, D]
+    expected = pre(evicted.repeat_interleave(hs // hkv, 1), w.k_w1, w.k_w2)
+    pending = cache.pending.view(b, hkv).bool().repeat_interleave(hs // hkv, 1)
+    torch.testing.assert_close(ws["psi"].view(b, hs, r), expected * pending[..., None], rtol=1e-4, atol=1e-4)
+
+
+class _Skip:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None

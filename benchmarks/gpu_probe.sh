@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Probes that place time and find faults (a part of gpu_round.sh), under $OUT/probe/:
+#   bash benchmarks/gpu_probe.sh less-tests      LESS GPU tests: the step's parts one at a time, launch 1's feature accumulators
+#   bash benchmarks/gpu_probe.sh prefill         profile of one 128K prefill, 4 layers: unpatched, minference, minference+duo
+#   bash benchmarks/gpu_probe.sh decode-splits   decode attention per split setting (dense vs Duo 25% at equal bytes)
+#   bash benchmarks/gpu_probe.sh graph-profile   kernels of one decode step, kvpress dense at 128K
+#   bash benchmarks/gpu_probe.sh all             all four (~5 min)
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+R=${OUT:-/tmp/kvpress-gpu}/probe
+mkdir -p "$R"
+stamp() { echo "== $(date +%T) $*"; }
+run_part() {
+  case $1 in
+    less-tests) stamp "$1"; timeout 240 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py \
+                  -k "decode_step_gpu or feature_accumulators" 2>&1 | tee "$R/less_tests.log" | tail -25 ;;
+    prefill) stamp "$1"; timeout 240 python benchmarks/profile_prefill.py --tokens 131072 --layers 4 \
+               --variants unpatched,minference,minference+duo --out "$R/profile_prefill_128k.json" 2>&1 \
+               | grep -v USDT | tee "$R/prefill.log" | tail -60 ;;
+    decode-splits) stamp "$1"; timeout 200 python benchmarks/decode_split_probe.py 2>&1 | tee "$R/decode_splits.log" | tail -8
+                   cp benchmarks/results/decode_split_probe_*.json "$R/" 2>/dev/null ;;
+    graph-profile) stamp "$1"; timeout 120 python benchmarks/bench_graph.py --parts profile --profile dense-graph:131072 \
+                     --out "$R" 2>&1 | tee "$R/graph_profile.log" | tail -30 ;;
+    *) echo "unknown part $1" ;;
+  esac
+}
+if [ "${1:-all}" = all ]; then
+  for part in less-tests prefill decode-splits graph-profile; do run_part $part; done
+else
+  for part in "$@"; do run_part "$part"; done
+fi
+stamp done
