@@ -4,6 +4,7 @@ kernels on either side. The 8B-shaped model of ``bench_minference.py`` (``--laye
 "local" attention, the candidate patterns), one chunk of ``--tokens`` tokens.
 
     python benchmarks/profile_prefill.py --tokens 131072 --layers 8 --variants unpatched,minference
+    python benchmarks/profile_prefill.py --vs-sweep       # minference's prefill per VS-kernel warps / stages
     python benchmarks/profile_prefill.py --smoke          # tiny model on CPU: checks the script
 """
 
@@ -107,19 +108,46 @@ def profile_one(model, name, layers, L, dev):
     return row
 
 
+def vs_sweep(model, layers, L, dev, settings=((4, 2), (4, 3), (4, 4), (8, 2), (8, 3), (8, 4))):
+    """Wall time of the minference prefill per (num_warps, num_stages) of the VS kernel."""
+    from kvpress.kernels import minference as M
+
+    ids = torch.randint(0, model.config.vocab_size, (1, L), device=dev)
+    default = M.NUM_WARPS, M.NUM_STAGES
+    rows = []
+    with variant(model, "minference", layers) as make_cache:
+        for warps, stages in settings:
+            M.NUM_WARPS, M.NUM_STAGES = warps, stages
+            try:
+                prefill(model, ids, make_cache, dev)
+                wall = min(prefill(model, ids, make_cache, dev) for _ in range(2))
+            except Exception as error:  # noqa: BLE001 (a setting the GPU refuses: shared memory)
+                rows.append({"num_warps": warps, "num_stages": stages, "error": str(error)[:200]})
+                continue
+            finally:
+                M.NUM_WARPS, M.NUM_STAGES = default
+            rows.append({"num_warps": warps, "num_stages": stages, "wall_s": wall})
+            print(f"VS kernel {warps} warps, {stages} stages: minference prefill {wall:.3f} s", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=131072)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--variants", default="unpatched,minference")
     p.add_argument("--out", default=None)
+    p.add_argument("--vs-sweep", action="store_true", help="time the VS kernel's warps / stages instead")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     dev = "cpu" if args.smoke else "cuda"
     L = 2048 if args.smoke else args.tokens
     env = c.environment()
     model = bm.build_model(dev, args.layers, "local", args.smoke)
-    rows = [profile_one(model, name, args.layers, L, dev) for name in args.variants.split(",")]
+    if args.vs_sweep:
+        rows = vs_sweep(model, args.layers, L, dev)
+    else:
+        rows = [profile_one(model, name, args.layers, L, dev) for name in args.variants.split(",")]
     out = args.out or Path(__file__).resolve().parent / "results" / f"profile_prefill_{c.device_tag(env)}.json"
     if not args.smoke or args.out:
         c.write_json(out, {"env": env, "rows": rows})

@@ -187,7 +187,6 @@ def _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING,
         gr = gmask[:, None] & rmask[None, :]
         phi_p = PHI_ACC + (b * Hq + heads)[:, None] * R + offs_r[None, :]
         phi = tl.abs(_gelu(tl.load(phi_p, mask=gr, other=0.0)))
-        tl.store(phi_p, tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
         if STATE_PER_QUERY:  # state heads = this KV head's query heads
             sh = b * Hq + heads  # [GP]
             hs_p = HS + (sh[:, None, None] * R + offs_r[None, :, None]) * D + offs_d[None, None, :]
@@ -198,7 +197,6 @@ def _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING,
                 j = heads  # state head index within the row
                 psi_p = PSI_ACC + sh[:, None] * R + offs_r[None, :]
                 h = _gelu(tl.load(psi_p, mask=gr, other=0.0))  # [GP, R]
-                tl.store(psi_p, tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
                 mix = tl.load(KM + (j[:, None, None] * R + offs_r[None, :, None]) * R + offs_r[None, None, :],
                               mask=gmask[:, None, None] & rmask[None, :, None] & rmask[None, None, :], other=0.0)
                 scale = tl.abs(tl.load(KS + j[:, None] * R + offs_r[None, :], mask=gr, other=0.0).to(tl.float32))
@@ -221,7 +219,6 @@ def _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING,
             if pending:
                 psi_p = PSI_ACC + bh * R + offs_r
                 h = _gelu(tl.load(psi_p, mask=rmask, other=0.0))
-                tl.store(psi_p, tl.zeros([BLOCK_R], dtype=tl.float32), mask=rmask)
                 mix = tl.load(KM + kvh * R * R + offs_r[:, None] * R + offs_r[None, :],
                               mask=rmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
                 scale = tl.abs(tl.load(KS + kvh * R + offs_r, mask=rmask, other=0.0).to(tl.float32))
@@ -246,6 +243,19 @@ def _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING,
         out = out * w_kept[:, None] + num * w_state[:, None]
     tl.store(Out + b * o_b + heads[:, None] * o_h + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=gmask[:, None] & dmask[None, :])
+    # Every warp has read the accumulators and the pending token's value: the stores below do not
+    # depend on those loads, so without this barrier one warp could overwrite what another has yet
+    # to read (the interpreter, one thread, never shows it).
+    tl.debug_barrier()
+    if STATE:
+        tl.store(PHI_ACC + (b * Hq + heads)[:, None] * R + offs_r[None, :], tl.zeros([GP, BLOCK_R], dtype=tl.float32),
+                 mask=gmask[:, None] & rmask[None, :])
+        if pending:
+            if STATE_PER_QUERY:
+                tl.store(PSI_ACC + (b * Hq + heads)[:, None] * R + offs_r[None, :],
+                         tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gmask[:, None] & rmask[None, :])
+            else:
+                tl.store(PSI_ACC + bh * R + offs_r, tl.zeros([BLOCK_R], dtype=tl.float32), mask=rmask)
     # the new token's key and value (after the pending token's value was read)
     tl.store(K + (base + spare) * D + offs_d, k_new.to(K.dtype.element_ty), mask=dmask)
     tl.store(V + (base + spare) * D + offs_d, v_new.to(V.dtype.element_ty), mask=dmask)
@@ -335,6 +345,8 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
             _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, b, kvh, bh, base, spare, heads,
                    rows, gmask, offs_s, smask, w_split, l_sum, has_keys, lse_kept, o_b, o_h, n_b, n_h, Hq,
                    GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
+    # every warp's loads (SPARE, PENDING) and stores (CAND_*, SCORE, RANK) before the one thread's release
+    tl.debug_barrier()
     if tl.atomic_add(COUNT + bh, 1, sem="acq_rel") == n_splits - 1:  # the last program of this (row, KV head)
         if not EARLY_MERGE:
             _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, b, kvh, bh, base, spare, heads,

@@ -266,12 +266,13 @@ def sparse_prefill(plan: HeadPlan, q, k, v, q_rank, k_rank, scale, window=None, 
         return _reference_prefill(plan, q, k, v, q_rank, k_rank, scale, window, vertical, slash, blocks)
     out = torch.zeros_like(q)  # the kernels write real query rows only: padding rows stay 0 (not garbage)
     for (sink, recent), heads in plan.a_shape.items():
-        kv = sorted({h // G for h in heads})
-        kv_t = torch.tensor(kv, device=dev)
-        part = prefill_attention(q, k.index_select(1, kv_t), v.index_select(1, kv_t), q_rank, k_rank, scale,
-                                 sink, recent, window, heads=kv_t, group=G)
+        # these query heads only, each beside its own KV head (never more tiles than running every
+        # query head of their KV heads, and G times fewer when one head per KV head is A-shape)
         idx = torch.tensor(heads, device=dev)
-        out.index_copy_(1, idx, part.index_select(1, idx))
+        kv = idx // G
+        part = prefill_attention(q.index_select(1, idx), k.index_select(1, kv), v.index_select(1, kv), q_rank, k_rank,
+                                 scale, sink, recent, window)
+        out.index_copy_(1, idx, part)
     if plan.vs and union_heads > 1:
         triton_kernels.vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads,
                                           out=out, per=union_heads)
