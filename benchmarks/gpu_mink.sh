@@ -2,7 +2,8 @@
 # MInference speed (#12) and one million tokens (#18) on the H200. Everything lands in $OUT/mink/.
 #   bash benchmarks/gpu_mink.sh            GPU tests of MInference, one layer 32K..1M (+ union index), TTFT 128K (~2.5 min)
 #   bash benchmarks/gpu_mink.sh million    benchmarks/million.py: 256K/512K/1M x Duo 50%/25%, then 1M 50% in 256K chunks (< 7.5 min)
-#   bash benchmarks/gpu_mink.sh ttft512    TTFT at 512K on 4 layers (~2 min)
+#   bash benchmarks/gpu_mink.sh ttft512    TTFT at 512K on 4 layers, the candidates' mix (~2 min)
+#   bash benchmarks/gpu_mink.sh million256 the 1M-token curve (256K-1M, Duo 50% and 25%) in 256K chunks (~4 min)
 #   bash benchmarks/gpu_mink.sh ttft-candidates   TTFT at 128K, 32 layers, the candidates' mix (~90 s)
 #   bash benchmarks/gpu_mink.sh round3     ~60 s: the bf16 GPU tests after the padding-rows fix; the pattern mix at
 #                                          256K-1M and the default at 512K re-timed warm (round 2 timed a first call
@@ -41,7 +42,7 @@ case $part in
     timeout 150 python benchmarks/bench_minference.py --parts ttft --ttft 131072x32 --patterns candidates \
       --out "$R/minference_ttft_128k_candidates.json" 2>&1 | tee "$R/ttft_candidates.log" | tail -8 ;;
   ttft512)
-    timeout 300 python benchmarks/bench_minference.py --parts ttft --ttft 524288x4 \
+    timeout 300 python benchmarks/bench_minference.py --parts ttft --ttft 524288x4 --patterns candidates \
       --out "$R/minference_ttft_512k.json" 2>&1 | tee "$R/ttft512.log" | tail -8 ;;
   million)
     # the candidates' narrow budgets, since the published table's index on this random-weight model is above
@@ -52,6 +53,9 @@ case $part in
     # 1M at 50% in 256K chunks: half the chunks, so half the per-chunk index building over the keys before them
     timeout 150 python benchmarks/million.py --lengths 262144,1048576 --retrieval 0.5 --patterns candidates --chunk 262144 \
       --out "$R/million_chunk256k.json" 2>&1 | tee "$R/million_chunk256k.log" | tail -5 ;;
-  *) echo "unknown part $part (main, round3, ttft-candidates, ttft512, million)" ;;
+  million256)  # the whole curve in 256K chunks (50% and 25%, shortest first): ~4 min
+    timeout 400 python benchmarks/million.py --lengths 262144,524288,1048576 --retrieval 0.5,0.25 --patterns candidates \
+      --chunk 262144 --out "$R/million_chunk256k.json" 2>&1 | tee "$R/million_chunk256k.log" | tail -12 ;;
+  *) echo "unknown part $part (main, round3, ttft-candidates, ttft512, million, million256)" ;;
 esac
 echo "mink $part: $(( $(date +%s) - start )) s"
