@@ -72,7 +72,7 @@ def grouped_attention(q, groups, q_rank, scale, window=None, new_kv=None, full_p
     slots of every group's buffers are room for them not written yet: they are written first (at
     decode on Triton, by the decode kernel itself). ``full_prefill(q, k, v, q_rank, k_rank, q_heads,
     scale, window)``: the attention of groups that keep every token at prefill (a sparse prefill
-    method); None = dense causal.
+    method; ``q_heads``: the global indices of q's heads, a list); None = dense causal.
 
     On Triton: decode (one query token, at most two groups) is one split-K launch serving both
     groups plus a merge launch (``decode``); prefill runs windowed groups through the linear-cost
@@ -100,8 +100,11 @@ def grouped_attention(q, groups, q_rank, scale, window=None, new_kv=None, full_p
             q_heads = (heads[:, None] * group + torch.arange(group, device=q.device)).flatten()
             sink, recent = _a_shape(g)
             if recent is None and full_prefill is not None and q.shape[2] > 1:
+                q_list = q_heads.tolist()  # one host sync (the sparse method plans its heads on the host)
+                if len(groups) == 1 and q_list == list(range(q.shape[1])):  # every query head in order: no copies
+                    return full_prefill(q, g.k, g.v, q_rank, g.rank, q_list, scale, window)
                 out.index_copy_(1, q_heads, full_prefill(q.index_select(1, q_heads), g.k, g.v, q_rank, g.rank,
-                                                         q_heads, scale, window))
+                                                         q_list, scale, window))
             elif not on_triton:
                 out[:, q_heads] = reference.rank_attention(q[:, q_heads], g.k, g.v, q_rank, g.rank, scale,
                                                            sink=sink, recent=recent, window=window)

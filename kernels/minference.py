@@ -61,11 +61,12 @@ UNION_WARPS = 4  # per head of a unit (vs_union_attention: a 64 * per-row query 
 
 @triton.jit
 def _attend(acc, l_i, m_i, q, qr, K, V, kidx, kr, keep, stride_kn, stride_vn, qk_scale, window,
-            BLOCK_D: tl.constexpr, D: tl.constexpr):
+            BLOCK_D: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr = True):
     """One online-softmax step over the keys at tensor rows ``kidx`` (ranks ``kr``, used where
-    ``keep``); scores in log2 units. Causal and window masks come from the ranks."""
+    ``keep``); scores in log2 units. Causal and window masks come from the ranks; ``CAUSAL=False``
+    (keys before every query of the tile, no window) masks by ``keep`` alone, one select per score."""
     return _attend_rows(acc, l_i, m_i, q, qr, K, V, kidx, kr, keep, keep[None, :], stride_kn, stride_vn,
-                        qk_scale, window, BLOCK_D, D)
+                        qk_scale, window, BLOCK_D, D, CAUSAL)
 
 
 @triton.jit
@@ -105,7 +106,7 @@ def _vs_kernel(Q, K, V, Out, LAYOUT, HEADS, TILE_LO, TILE_HI, NTILE, VERT, NVERT
                stride_vb, stride_vh, stride_vn, n_slots, n_qblocks, n_tiles, n_vert, count_w,
                qk_scale, window,
                G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, D: tl.constexpr):
+               BLOCK_D: tl.constexpr, D: tl.constexpr, WINDOWED: tl.constexpr):
     m = n_qblocks - 1 - tl.program_id(0)  # heaviest (last) query block first
     pid = tl.program_id(1)
     b = pid // n_slots
@@ -121,28 +122,51 @@ def _vs_kernel(Q, K, V, Out, LAYOUT, HEADS, TILE_LO, TILE_HI, NTILE, VERT, NVERT
     offs_n = tl.arange(0, BLOCK_N)
 
     # Diagonal tiles: distances [d_lo, d_hi] (d_hi - d_lo < BLOCK_N) are key ranks [base - d_hi, base - d_lo].
+    # Tiles ascend in distance and only the first can reach below distance 0 (runs are > 64 apart):
+    # every other tile's keys precede the block's first query, so it needs no causal mask.
     TILE_LO += hb * n_tiles
     TILE_HI += hb * n_tiles
-    for t in range(0, tl.load(NTILE + hb * n_qblocks + m)):
+    n_t = tl.load(NTILE + hb * n_qblocks + m)
+    n_near = tl.minimum(n_t, (tl.load(TILE_LO) < 0).to(tl.int32))
+    for t in range(0, n_near):
         k_lo = base - tl.load(TILE_HI + t)
         k_hi = tl.minimum(base - tl.load(TILE_LO + t), q_hi)
         kr = k_lo + offs_n
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, qr, K, V, kr + k_shift, kr, (kr >= 0) & (kr <= k_hi),
                                 stride_kn, stride_vn, qk_scale, window, BLOCK_D, D)
+    for t in range(n_near, n_t):
+        k_lo = base - tl.load(TILE_HI + t)
+        k_hi = tl.minimum(base - tl.load(TILE_LO + t), q_hi)
+        kr = k_lo + offs_n
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, qr, K, V, kr + k_shift, kr, (kr >= 0) & (kr <= k_hi),
+                                stride_kn, stride_vn, qk_scale, window, BLOCK_D, D, WINDOWED)
 
     # Columns not covered by a chosen diagonal range: offsets in [d, d + 63] with d = base - j.
+    # At most 64 of the block's nv columns (ascending) lie in the block itself: the chunks before
+    # the last nv - 64 columns precede every query of the block and need no causal mask.
     COUNT += hb * count_w
     nv = tl.load(NVERT + hb * n_qblocks + m)
-    for c0 in range(0, nv, BLOCK_N):
-        ci = c0 + offs_n
-        col = tl.load(VERT + hb * n_vert + ci, mask=ci < n_vert, other=0)
-        d = base - col
-        below = tl.load(COUNT + tl.minimum(tl.maximum(d, 0), count_w - 1))
-        upto = tl.load(COUNT + tl.minimum(tl.maximum(d + BLOCK_M, 0), count_w - 1))
-        keep = (ci < nv) & (col <= q_hi) & (upto == below)
+    n_far = tl.maximum(nv - BLOCK_M, 0) // BLOCK_N * BLOCK_N
+    for c0 in range(0, n_far, BLOCK_N):
+        col, keep = _columns(VERT + hb * n_vert, COUNT, c0 + offs_n, nv, n_vert, base, q_hi, count_w, BLOCK_M)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, qr, K, V, col + k_shift, col, keep,
+                                stride_kn, stride_vn, qk_scale, window, BLOCK_D, D, WINDOWED)
+    for c0 in range(n_far, nv, BLOCK_N):
+        col, keep = _columns(VERT + hb * n_vert, COUNT, c0 + offs_n, nv, n_vert, base, q_hi, count_w, BLOCK_M)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, qr, K, V, col + k_shift, col, keep,
                                 stride_kn, stride_vn, qk_scale, window, BLOCK_D, D)
     _finish(Out, acc, l_i, q_off, q_mask)
+
+
+@triton.jit
+def _columns(VERT, COUNT, ci, nv, n_vert, base, q_hi, count_w, BLOCK_M: tl.constexpr):
+    """Chosen columns ``ci`` of a head and which of them to attend: in range, causal for the block's
+    last row, and not inside a chosen diagonal range (the offset counts at ``d`` and ``d + 64``)."""
+    col = tl.load(VERT + ci, mask=ci < n_vert, other=0)
+    d = base - col
+    below = tl.load(COUNT + tl.minimum(tl.maximum(d, 0), count_w - 1))
+    upto = tl.load(COUNT + tl.minimum(tl.maximum(d + BLOCK_M, 0), count_w - 1))
+    return col, (ci < nv) & (col <= q_hi) & (upto == below)
 
 
 @triton.jit
@@ -175,7 +199,7 @@ def _block_kernel(Q, K, V, Out, LAYOUT, HEADS, BLOCKS,
 
 @triton.jit
 def _attend_rows(acc, l_i, m_i, q, qr, K, V, kidx, kr, load_ok, keep, stride_kn, stride_vn, qk_scale, window,
-                 BLOCK_D: tl.constexpr, D: tl.constexpr):
+                 BLOCK_D: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr = True):
     """``_attend`` with a keep mask per (row, key) ``keep [M, N]``: rows of different query heads
     keep different keys of the same tile; ``load_ok [N]``: keys loaded (some row keeps them)."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -185,8 +209,11 @@ def _attend_rows(acc, l_i, m_i, q, qr, K, V, kidx, kr, load_ok, keep, stride_kn,
         kv_mask = load_ok[:, None] & (offs_d[None, :] < D)
     k = tl.load(K + kidx[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale
-    dist = qr[:, None] - kr[None, :]
-    ok = keep & (qr[:, None] >= 0) & (dist >= 0) & (dist < window)
+    if CAUSAL:
+        dist = qr[:, None] - kr[None, :]
+        ok = keep & (qr[:, None] >= 0) & (dist >= 0) & (dist < window)
+    else:  # padding query rows compute something finite that is never stored
+        ok = keep
     s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -423,7 +450,7 @@ def vs_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window=None, h
         *_launch_args(q, k, v, out), n, nqb, plan.tile_lo.shape[-1], plan.vertical.shape[-1],
         plan.count.shape[-1], scale * 1.4426950408889634, window if window is not None else NO_LIMIT,
         G=Hq // Hkv, BLOCK_M=BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D), D=D,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        WINDOWED=window is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
 

@@ -131,7 +131,7 @@ def test_dense_when_the_index_would_cost_more(monkeypatch, queries, keys, sparse
     method = model._kvpress_patch.method
     q, k, v = torch.randn(1, 8, queries, 16), torch.randn(1, 4, keys, 16), torch.randn(1, 4, keys, 16)
     k_rank = torch.arange(keys, dtype=torch.int32)[None]
-    method.full_prefill(0, q, k, v, k_rank[:, -queries:], k_rank, torch.arange(8), 0.25, None)
+    method.full_prefill(0, q, k, v, k_rank[:, -queries:], k_rank, list(range(8)), 0.25, None)
     assert bool(calls) == sparse
 
 @pytest.mark.parametrize("budget,max_work,dense", [((1000, 6096), 0.45, True), ((30, 50), 0.45, False),
@@ -153,7 +153,7 @@ def test_dense_when_the_index_would_run_most_of_dense_work(monkeypatch, budget, 
     q, k, v = torch.randn(1, 8, Lq, 16), torch.randn(1, 4, T, 16), torch.randn(1, 4, T, 16)
     k_rank = torch.arange(T, dtype=torch.int32)[None]
     q_rank = k_rank[:, -Lq:]
-    out = method.full_prefill(0, q, k, v, q_rank, k_rank, torch.arange(8), 0.25, None)
+    out = method.full_prefill(0, q, k, v, q_rank, k_rank, list(range(8)), 0.25, None)
     causal = k_rank[:, None, None, :] <= q_rank[:, None, :, None]
     full = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=0.25, enable_gqa=True)
     assert torch.allclose(out, full, atol=1e-5) == dense

@@ -198,6 +198,24 @@ def test_vs_kernel_matches_reference(dtype, window):
     assert (out[1, :, :20] == 0).all()  # padding queries
 
 
+@pytest.mark.parametrize("window,near", [(None, True), (90, True), (None, False)])
+def test_vs_kernel_many_columns(window, near):
+    """More than 128 chosen columns below a query block: the kernel's unmasked chunks (columns that
+    precede the whole block) and the causal ones (the block's own), with left padding. ``near=False``:
+    no diagonal below 70 is chosen, so the block's own columns are not covered by a diagonal range."""
+    q, k, v, q_rank, k_rank = case([700, 250], 700, 300, seed=2)  # row 1: its first 50 queries are padding
+    vertical, slash = R.vs_index(q, k, q_rank, k_rank, 0.3, torch.tensor([150, 200, 130, 260]), 60, window)
+    slash = torch.where(slash < 40, slash * 5, slash).sort(-1).values
+    if not near:
+        slash = torch.where(slash < R.SENTINEL, slash + 70, slash)
+    ref = R.vs_attention(q.double(), k.double(), v.double(), q_rank, k_rank, vertical, slash, 0.3, window)
+    plan = M.vs_prepare(q_rank, k_rank, vertical, slash)
+    assert int(plan.n_vert.max()) > 2 * M.BLOCK_N  # some block runs unmasked column chunks
+    out = M.vs_attention(q, k, v, q_rank, k_rank, vertical, slash, 0.3, window, plan=plan)
+    check(out, ref, torch.float32)
+    assert (out[1, :, :50] == 0).all() and (out[1, :, 50:] != 0).any(-1).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_vs_kernel_subset_of_heads_and_odd_head_dim(dtype):
     q, k, v, q_rank, k_rank = case([99], 99, 99, hq=6, hkv=2, D=24, dtype=dtype, seed=3)

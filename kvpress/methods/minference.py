@@ -342,11 +342,11 @@ class MInference(GroupedMethod):
                 raise ValueError(f"this MInferenceConfig names query head {max(bad)}, the model has {shape.num_heads} "
                                  "query heads; load the config made for this model")
 
-    def full_prefill(self, layer_idx, q, k, v, q_rank, k_rank, q_heads, scale, window) -> torch.Tensor:
+    def full_prefill(self, layer_idx, q, k, v, q_rank, k_rank, q_heads: list[int], scale, window) -> torch.Tensor:
         """Causal attention of ``q [B, nq, Lq, D]`` (global query heads ``q_heads``) over the keys ``k``/``v
         [B, nkv, T, D]`` of a group that keeps every token, sparse per head where it pays, else dense."""
         T = k.shape[2]
-        plan = plan_heads(self.config, layer_idx, q_heads.tolist(), T)
+        plan = plan_heads(self.config, layer_idx, q_heads, T)
         Lq, c = q.shape[2], self.config
         dense = (T < c.min_length or Lq < c.min_queries or (Lq < c.index_queries and T >= 8 * c.index_queries)
                  or plan.kept > c.max_density * T / 2 or not keys_in_rank_order(q_rank, k_rank))
