@@ -208,16 +208,16 @@ def _attend_rows(acc, l_i, m_i, q, qr, K, V, kidx, kr, load_ok, keep, stride_kn,
     else:
         kv_mask = load_ok[:, None] & (offs_d[None, :] < D)
     k = tl.load(K + kidx[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.dot(q, tl.trans(k))
     if CAUSAL:
         dist = qr[:, None] - kr[None, :]
         ok = keep & (qr[:, None] >= 0) & (dist >= 0) & (dist < window)
     else:  # padding query rows compute something finite that is never stored
         ok = keep
     s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * qk_scale - m_safe[:, None])  # the scale in one multiply-add with the max
     alpha = tl.exp2(m_i - m_safe)
     v = tl.load(V + kidx[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
