@@ -183,9 +183,14 @@ class PatternProbe:
 @torch.no_grad()
 def search_patterns(model, tokenizer, length: int | None = None, samples: int = 1, candidates: str = CANDIDATES,
                     start: int | None = None, scale: bool = True, haystack=None, num_passkeys: int = 4,
-                    passkey_words: int = 8, seed: int = 0, progress: bool = True) -> MInferenceConfig:
+                    passkey_words: int = 8, seed: int = 0, min_recall: float = 0.0,
+                    progress: bool = True) -> MInferenceConfig:
     """Search every query head's pattern on ``samples`` samples of ``length`` tokens (default: the
-    reference's 30K, cut to the model's context) and return the config (model shape recorded)."""
+    reference's 30K, cut to the model's context) and return the config (model shape recorded).
+    ``min_recall``: a head whose best candidate keeps less than this share of its attention mass
+    gets the ``dense`` pattern (0, the reference's rule: always the best candidate)."""
+    if not 0.0 <= min_recall <= 1.0:
+        raise ValueError(f"--min-recall is a share of the attention mass in [0, 1], got {min_recall}")
     shape = describe(model).shape
     context = getattr(model.config, "max_position_embeddings", None) or REFERENCE_LENGTH
     length = length or min(REFERENCE_LENGTH, context)
@@ -206,14 +211,17 @@ def search_patterns(model, tokenizer, length: int | None = None, samples: int = 
             model.base_model(input_ids=data.sample(index).input_ids.to(device), use_cache=False)
     mass = probe.mass / (samples * (length - start))
     best = mass.argmax(-1)
+    scores = mass.max(-1).values.float()
     patterns = []
     for layer in range(shape.num_layers):
         row = {}
         for h in range(shape.num_heads):
-            name, a, b = probe.resolved(*chosen[best[layer, h]], length)
-            row[h] = (name, a, b)
+            if scores[layer, h] < min_recall:
+                row[h] = ("dense", 0, 0)
+            else:
+                row[h] = probe.resolved(*chosen[best[layer, h]], length)
         patterns.append(row)
-    return MInferenceConfig(patterns=patterns, scores=mass.max(-1).values.float(), model_shape=shape)
+    return MInferenceConfig(patterns=patterns, scores=scores, model_shape=shape)
 
 
 def default_budget(length: int) -> tuple[int, int]:
@@ -392,6 +400,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-passkeys", type=int, default=4, help="passkeys hidden in each sample (default 4)")
     parser.add_argument("--passkey-words", type=int, default=8, help="words per passkey (default 8)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-recall", type=float, default=0.0,
+                        help="heads whose best candidate keeps less of their attention mass than this stay dense "
+                             "(default 0: the reference's rule; 'dense' entries are not the reference's format)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--no-progress", action="store_true")
@@ -406,7 +417,8 @@ def main(args: argparse.Namespace) -> int:
         config = search_patterns(model, tokenizer, length=args.length, samples=args.samples,
                                  candidates=args.candidates, start=args.start, scale=not args.no_scale,
                                  haystack=args.haystack, num_passkeys=args.num_passkeys,
-                                 passkey_words=args.passkey_words, seed=args.seed, progress=not args.no_progress)
+                                 passkey_words=args.passkey_words, seed=args.seed, min_recall=args.min_recall,
+                                 progress=not args.no_progress)
         config.save(args.out)
         if args.reference_json:
             config.save_reference_json(args.reference_json)

@@ -248,12 +248,11 @@ def _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING,
     # to read (the interpreter, one thread, never shows it).
     tl.debug_barrier()
     if STATE:
-        tl.store(PHI_ACC + (b * Hq + heads)[:, None] * R + offs_r[None, :], tl.zeros([GP, BLOCK_R], dtype=tl.float32),
-                 mask=gmask[:, None] & rmask[None, :])
+        tl.store(phi_p, tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
         if pending:
             if STATE_PER_QUERY:
                 tl.store(PSI_ACC + (b * Hq + heads)[:, None] * R + offs_r[None, :],
-                         tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gmask[:, None] & rmask[None, :])
+                         tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
             else:
                 tl.store(PSI_ACC + bh * R + offs_r, tl.zeros([BLOCK_R], dtype=tl.float32), mask=rmask)
     # the new token's key and value (after the pending token's value was read)

@@ -12,7 +12,7 @@ import kvpress
 from kvpress.api import attention_override
 from kvpress.calibration.minference import parse_candidates, search_patterns
 from kvpress.kernels import minference_reference as R
-from kvpress.kernels.reference import rank_mask
+from kvpress.kernels.reference import rank_attention, rank_mask
 from kvpress.methods import METHODS
 from kvpress.methods.duo import DuoConfig
 from kvpress.methods.minference import (
@@ -54,7 +54,7 @@ def test_reference_json_loads_with_default_for_missing_heads(tmp_path):
     back = tmp_path / "back.json"
     config.save_reference_json(back)
     assert MInferenceConfig.load(back).patterns == config.patterns
-    path.write_text(json.dumps([{"0": ["dense", 1, 2, 0.0]}]))
+    path.write_text(json.dumps([{"0": ["sliding", 1, 2, 0.0]}]))
     with pytest.raises(ValueError, match="vertical_and_slash"):
         MInferenceConfig.load(path)
 
@@ -91,8 +91,9 @@ def test_mixed_patterns_triton_matches_reference(dtype, union):
     torch; ``union``: VS heads 3 and 4 (default budget) share a union program."""
     torch.manual_seed(0)
     config = MInferenceConfig(patterns=[{0: ("vertical_and_slash", 30, 50), 1: ("stream_llm", 4, 32),
-                                         2: ("block_sparse", 2, 0), 5: ("stream_llm", 8, 20)}])
+                                         2: ("block_sparse", 2, 0), 4: ("dense", 0, 0), 5: ("stream_llm", 8, 20)}])
     plan = plan_heads(config, 0, list(range(6)), 200)
+    assert plan.a_shape[(0, None)] == [4]
     B, Hq, Hkv, T, Lq, D = 2, 6, 2, 200, 140, 32
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on CPU, compiled on a GPU
     k_rank = ranks([200, 100], T).to(dev)  # row 1: its first 40 queries are padding
@@ -103,6 +104,8 @@ def test_mixed_patterns_triton_matches_reference(dtype, union):
     assert (out[1, :, :40] == 0).all()  # padding query rows are 0, not left unwritten
     tol = (1e-4 if dev == "cpu" else 5e-3) if dtype == torch.float32 else 2e-3  # tf32 dots on a GPU
     assert (out.double() - ref).abs().max() < tol
+    dense = rank_attention(q[:, 4:5].double(), k[:, 1:2].double(), v[:, 1:2].double(), q_rank, k_rank, 0.3)
+    assert (out[:, 4:5].double() - dense).abs().max() < tol  # the dense head: plain causal attention
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +251,20 @@ def test_pattern_search_tiny_and_load(tmp_path):
     kvpress.patch(model, "minference", config=str(tmp_path / "mi.safetensors"), min_length=0)
     ids = tokenizer("hello world " * 40, return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits).all()
+    kvpress.unpatch(model)
+    # --min-recall: heads whose best candidate keeps less than that of their attention go dense
+    threshold = float(config.scores.median())
+    guarded = search_patterns(model, tokenizer, length=384, start=128, num_passkeys=1, passkey_words=4,
+                              candidates="ashape:8:32,vs:30:50,block:2", min_recall=threshold, progress=False)
+    torch.testing.assert_close(guarded.scores, config.scores)
+    for layer, (plain, kept) in enumerate(zip(config.patterns, guarded.patterns)):
+        for h in range(8):
+            want = ("dense", 0, 0) if config.scores[layer, h] < threshold else plain[h]
+            assert kept[h] == want, (layer, h)
+    guarded.save(tmp_path / "guarded.safetensors")
+    assert MInferenceConfig.load(tmp_path / "guarded.safetensors").patterns == guarded.patterns
+    with pytest.raises(ValueError, match="min-recall"):
+        search_patterns(model, tokenizer, length=384, min_recall=1.5, progress=False)
 
 
 @pytest.mark.gpu

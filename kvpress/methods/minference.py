@@ -40,8 +40,10 @@ except ImportError:  # no usable triton: the torch references serve everything
     triton_kernels = prefill_attention = None
 
 CONFIG_FILE_NAME = "kvpress-minference.safetensors"
-PATTERNS = ("vertical_and_slash", "stream_llm", "block_sparse")  # the reference's names, in code order
-VS, A_SHAPE, BLOCK_SPARSE = 0, 1, 2
+# the reference's names, in code order, and "dense": a head whose every candidate lost too much
+# attention at calibration (``kvpress-calibrate minference --min-recall``) keeps causal attention
+PATTERNS = ("vertical_and_slash", "stream_llm", "block_sparse", "dense")
+VS, A_SHAPE, BLOCK_SPARSE, DENSE = 0, 1, 2, 3
 DEFAULT = ("vertical_and_slash", 1000, 6096)  # the reference's pattern of a head without an entry
 WORK_CHECK_KEYS = 65536  # from this many keys, MInferenceConfig.max_work is checked once the index is built
 
@@ -54,8 +56,9 @@ class MInferenceConfig:
         patterns: one dict per layer mapping a query-head index to ``(pattern, a, b)`` with pattern
             ``"vertical_and_slash"`` (``a`` = vertical columns, ``b`` = slash diagonals; at least 30
             and 50), ``"stream_llm"`` (A-shape: ``a`` = sink tokens, ``b`` = recent tokens) or
-            ``"block_sparse"`` (``a`` = key blocks of 64 tokens kept per query block; 100 if <= 0).
-            Heads without an entry get VS (1000, 6096), as in the reference. ``None``: no calibrated
+            ``"block_sparse"`` (``a`` = key blocks of 64 tokens kept per query block; 100 if <= 0) or
+            ``"dense"`` (causal attention; ``a``, ``b`` unused: 0). Heads without an entry get VS
+            (1000, 6096), as in the reference. ``None``: no calibrated
             patterns; every head gets VS (``vertical_size``, ``slash_size``) scaled down for short
             inputs by ``min(1, T / scale_length)`` (T = keys seen, minimums 30 and 50).
         scores: ``[num_layers, num_heads]`` attention mass each head's pattern recovered at
@@ -126,7 +129,7 @@ class MInferenceConfig:
             raise ValueError(f"MInferenceConfig.scale_length must be >= 1 or None, got {self.scale_length}")
 
     def head_pattern(self, layer: int, head: int, length: int) -> tuple[int, int, int]:
-        """``(kind, a, b)`` of one query head for an input of ``length`` keys (kind: VS, A_SHAPE, BLOCK_SPARSE)."""
+        """``(kind, a, b)`` of one query head for an input of ``length`` keys (kind: VS, A_SHAPE, BLOCK_SPARSE, DENSE)."""
         if self.patterns is None:
             f = 1.0 if self.scale_length is None else min(1.0, length / self.scale_length)
             return VS, max(R.MIN_VERTICAL, math.ceil(self.vertical_size * f)), max(R.MIN_SLASH, math.ceil(self.slash_size * f))
@@ -215,7 +218,7 @@ class HeadPlan(NamedTuple):
     vs_sizes: tuple[list[int], list[int]]  # vertical, slash per VS head
     block: list[int]
     block_sizes: list[int]
-    a_shape: dict[tuple[int, int], list[int]]  # (sink, recent) -> heads
+    a_shape: dict[tuple[int, int | None], list[int]]  # (sink, recent) -> heads; (0, None): dense heads
     kept: float  # estimated kept keys per query, averaged over the heads
 
 
@@ -231,6 +234,9 @@ def plan_heads(config: MInferenceConfig, layer: int, q_heads: list[int], length:
             a = a if a > 0 else 100
             block.append(j), block_k.append(a)
             kept += a * R.BLOCK
+        elif kind == DENSE:  # the rank-mask kernel with no window: causal attention
+            a_shape.setdefault((0, None), []).append(j)
+            kept += length / 2
         else:
             a_shape.setdefault((a, b), []).append(j)
             kept += a + b
