@@ -121,12 +121,13 @@ def block_rows_mask(q_rank, k_rank, blocks, window=None, first=None):
 
 class PatternProbe:
     """Dense attention that also adds, per (layer, query head, candidate), the attention mass the
-    candidate's index keeps for the queries past ``start``."""
+    candidate's index keeps for the queries past ``start`` (``mass``) and for the last ``LAST_Q``
+    queries alone (``mass_last``: a sample's closing questions and answers, where it retrieves)."""
 
     def __init__(self, num_layers, num_heads, candidates, start, score_bytes=1 << 28):
         self.candidates, self.start, self.score_bytes = candidates, start, score_bytes
         self.mass = torch.zeros(num_layers, num_heads, len(candidates), dtype=torch.float64)
-        self.queries = 0  # scored queries per layer and head, summed over samples
+        self.mass_last = torch.zeros_like(self.mass)
 
     def resolved(self, name, a, b, length):
         if name == "block_sparse" and a < 0:  # a fraction of the key blocks
@@ -139,7 +140,9 @@ class PatternProbe:
                                              enable_gqa=query.shape[1] != key.shape[1])
         B, H, L, _ = query.shape
         if L > self.start:
-            self.mass[module.layer_idx] += self.score(query, key, scale, sliding_window).cpu()
+            mass, mass_last = self.score(query, key, scale, sliding_window)
+            self.mass[module.layer_idx] += mass.cpu()
+            self.mass_last[module.layer_idx] += mass_last.cpu()
         return out.transpose(1, 2), None
 
     @torch.no_grad()
@@ -160,8 +163,10 @@ class PatternProbe:
             else:
                 indices.append((name, a, b))
         mass = torch.zeros(H, len(indices), dtype=torch.float64, device=q.device)
+        mass_last = torch.zeros_like(mass)
         chunk = max(R.BLOCK, self.score_bytes // (B * H * L * 4 * 3) // R.BLOCK * R.BLOCK)
         first = R.first_query_block(rank)
+        last_from = L - min(R.LAST_Q, L - self.start)  # the last queries (all scored ones if fewer)
         for s in range(self.start, L, chunk):
             e = min(L, s + chunk)
             qr = rank[:, s:e]
@@ -176,21 +181,29 @@ class PatternProbe:
                     keep = block_rows_mask(qr, rank, x, window, first)
                 else:
                     keep = rank_mask(qr, rank, x, y, window)
-                mass[:, c] += (probs * keep).sum(dim=(0, 2, 3), dtype=torch.float64)
-        return mass
+                kept = (probs * keep).sum(dim=-1, dtype=torch.float64)  # [B, H, rows]
+                mass[:, c] += kept.sum(dim=(0, 2))
+                mass_last[:, c] += kept[:, :, max(0, last_from - s):].sum(dim=(0, 2))
+        return mass, mass_last
 
 
 @torch.no_grad()
 def search_patterns(model, tokenizer, length: int | None = None, samples: int = 1, candidates: str = CANDIDATES,
                     start: int | None = None, scale: bool = True, haystack=None, num_passkeys: int = 4,
-                    passkey_words: int = 8, seed: int = 0, min_recall: float = 0.0,
+                    passkey_words: int = 8, seed: int = 0, score: str = "all", min_recall: float = 0.0,
                     progress: bool = True) -> MInferenceConfig:
     """Search every query head's pattern on ``samples`` samples of ``length`` tokens (default: the
     reference's 30K, cut to the model's context) and return the config (model shape recorded).
-    ``min_recall``: a head whose best candidate keeps less than this share of its attention mass
-    gets the ``dense`` pattern (0, the reference's rule: always the best candidate)."""
+
+    ``score``: what a candidate is ranked by: ``"all"`` (the reference's rule) the share of the
+    attention mass its index keeps for the queries past ``start``; ``"question"`` the smaller of
+    that and the share for the sample's last 64 queries (its closing questions and answers, whose
+    attention reaches back to the needles). ``min_recall``: a head whose best candidate scores below
+    this gets the ``dense`` pattern (0: always the best candidate)."""
     if not 0.0 <= min_recall <= 1.0:
         raise ValueError(f"--min-recall is a share of the attention mass in [0, 1], got {min_recall}")
+    if score not in ("all", "question"):
+        raise ValueError(f"--score is 'all' or 'question', got {score!r}")
     shape = describe(model).shape
     context = getattr(model.config, "max_position_embeddings", None) or REFERENCE_LENGTH
     length = length or min(REFERENCE_LENGTH, context)
@@ -210,6 +223,8 @@ def search_patterns(model, tokenizer, length: int | None = None, samples: int = 
         with attention_override(model, probe):
             model.base_model(input_ids=data.sample(index).input_ids.to(device), use_cache=False)
     mass = probe.mass / (samples * (length - start))
+    if score == "question":
+        mass = torch.minimum(mass, probe.mass_last / (samples * min(R.LAST_Q, length - start)))
     best = mass.argmax(-1)
     scores = mass.max(-1).values.float()
     patterns = []
@@ -400,6 +415,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-passkeys", type=int, default=4, help="passkeys hidden in each sample (default 4)")
     parser.add_argument("--passkey-words", type=int, default=8, help="words per passkey (default 8)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--score", default="all", choices=["all", "question"],
+                        help="rank candidates by the attention mass kept for every query past --start ('all', the "
+                             "reference's rule) or by the smaller of that and the mass kept for the sample's last 64 "
+                             "queries ('question': its closing questions, which retrieve)")
     parser.add_argument("--min-recall", type=float, default=0.0,
                         help="heads whose best candidate keeps less of their attention mass than this stay dense "
                              "(default 0: the reference's rule; 'dense' entries are not the reference's format)")
@@ -417,7 +436,8 @@ def main(args: argparse.Namespace) -> int:
         config = search_patterns(model, tokenizer, length=args.length, samples=args.samples,
                                  candidates=args.candidates, start=args.start, scale=not args.no_scale,
                                  haystack=args.haystack, num_passkeys=args.num_passkeys,
-                                 passkey_words=args.passkey_words, seed=args.seed, min_recall=args.min_recall,
+                                 passkey_words=args.passkey_words, seed=args.seed, score=args.score,
+                                 min_recall=args.min_recall,
                                  progress=not args.no_progress)
         config.save(args.out)
         if args.reference_json:

@@ -265,6 +265,13 @@ def test_pattern_search_tiny_and_load(tmp_path):
     assert MInferenceConfig.load(tmp_path / "guarded.safetensors").patterns == guarded.patterns
     with pytest.raises(ValueError, match="min-recall"):
         search_patterns(model, tokenizer, length=384, min_recall=1.5, progress=False)
+    # --score question: each candidate by the smaller of its mass for every scored query and for the
+    # last 64 (the sample's closing questions)
+    question = search_patterns(model, tokenizer, length=384, start=128, num_passkeys=1, passkey_words=4,
+                               candidates="ashape:8:32,vs:30:50,block:2", score="question", progress=False)
+    assert (question.scores <= config.scores + 1e-6).all() and (question.scores < config.scores - 1e-3).any()
+    with pytest.raises(ValueError, match="score"):
+        search_patterns(model, tokenizer, length=384, score="last", progress=False)
 
 
 @pytest.mark.gpu
