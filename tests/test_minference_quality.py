@@ -111,7 +111,10 @@ def test_shipped_needle_llama_config_loads_and_is_the_default():
     assert len(config.patterns) == shape.num_hidden_layers
     assert all(len(layer) == shape.num_attention_heads for layer in config.patterns)
     assert config.scores.shape == (shape.num_hidden_layers, shape.num_attention_heads)
-    assert ((config.scores > 0.3) & (config.scores <= 1 + 1e-5)).all()  # mass its pattern kept at the search
+    assert ((config.scores > 0) & (config.scores <= 1 + 1e-5)).all()  # mass its best candidate kept at the search
+    for layer, entries in enumerate(config.patterns):  # searched with --min-recall 0.9
+        for h, (name, _, _) in entries.items():
+            assert (name == "dense") == bool(config.scores[layer, h] < 0.9), (layer, h, name)
     model = AutoModelForCausalLM.from_pretrained(NEEDLE).eval()
     kvpress.patch(model, "minference", min_length=0)
     assert model._kvpress_patch.method.config.patterns == config.patterns
