@@ -8,7 +8,6 @@ place), per split setting: the kvpress dense cache (8 KV heads) and Duo 25% (2 r
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 

@@ -17,21 +17,13 @@ from kvpress.kernels import less as K
 from kvpress.kernels import less_reference as R
 
 
-def weights(hq, hs, d, n, r, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return R.FeatureWeights(q_w1=rnd(hq, d, n) / 4, q_w2=rnd(hq, n, r) / 4, k_w1=rnd(hs, d, n) / 4,
-                            k_w2=rnd(hs, n, r) / 4, k_scale=torch.rand(hs, r, generator=g),
-                            k_mix=rnd(hs, r, r) / 3, k_mix_scale=torch.rand(hs, r, generator=g))
-
-
 def one_step(dev, b=3, hq=32, hkv=8, d=128, n=512, r=8, prompt=300, heavy=0, state_heads="kv", splits=1,
              pending=None, zero_state=False, dtype=torch.float32, early_merge=True):
     """Errors of one step's output, state and z (max abs) after a ``prompt``-token reference prefill."""
     torch.manual_seed(1)
     policy = R.Policy(sink=4, heavy=0, recent=252) if not heavy else R.Policy(sink=0, heavy=200, recent=56)
     hs = hkv if state_heads == "kv" else hq
-    w = weights(hq, hs, d, n, r).to(dtype).to(dev)
+    w = R.FeatureWeights.random(hq, hs, d, n, r).to(dtype).to(dev)
     L = prompt + 2
     q = torch.randn(b, hq, L, d, device=dev).to(dtype)
     k = torch.randn(b, hkv, L, d, device=dev).to(dtype)

@@ -66,6 +66,18 @@ class FeatureWeights:
     k_mix: torch.Tensor
     k_mix_scale: torch.Tensor
 
+    @classmethod
+    def random(cls, query_heads: int, state_heads: int, head_dim: int, hidden: int, rank: int,
+               seed: int = 0) -> "FeatureWeights":
+        """Random fp32 maps (tests and probes) at a scale that keeps the features of unit-variance
+        inputs of order one."""
+        g = torch.Generator().manual_seed(seed)
+        rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        return cls(q_w1=rnd(query_heads, head_dim, hidden) / 4, q_w2=rnd(query_heads, hidden, rank) / 4,
+                   k_w1=rnd(state_heads, head_dim, hidden) / 4, k_w2=rnd(state_heads, hidden, rank) / 4,
+                   k_scale=torch.rand(state_heads, rank, generator=g), k_mix=rnd(state_heads, rank, rank) / 3,
+                   k_mix_scale=torch.rand(state_heads, rank, generator=g))
+
     @property
     def rank(self) -> int:
         return self.q_w2.shape[-1]

@@ -13,14 +13,6 @@ from kvpress.kernels import less as K
 from kvpress.kernels import less_reference as R
 
 
-def weights(hq, hs, d, n, r, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return R.FeatureWeights(q_w1=rnd(hq, d, n) / 4, q_w2=rnd(hq, n, r) / 4, k_w1=rnd(hs, d, n) / 4,
-                            k_w2=rnd(hs, n, r) / 4, k_scale=torch.rand(hs, r, generator=g),
-                            k_mix=rnd(hs, r, r) / 3, k_mix_scale=torch.rand(hs, r, generator=g))
-
-
 def run_both(policy, state_heads, dtype, device="cpu", b=2, hq=4, hkv=2, d=16, n=32, r=8, length=11, prompt=7,
              state=True, splits=2, padded=True, resync=False):
     """Prefill ``prompt`` tokens (reference), then decode the rest with the reference and the kernels.
@@ -35,7 +27,7 @@ def run_both(policy, state_heads, dtype, device="cpu", b=2, hq=4, hkv=2, d=16, n
     not the kernels' arithmetic (fp32 features and state in both)."""
     torch.manual_seed(1)
     hs = hkv if state_heads == "kv" else hq
-    w = weights(hq, hs, d, n, r).to(dtype).to(device)
+    w = R.FeatureWeights.random(hq, hs, d, n, r).to(dtype).to(device)
     q = torch.randn(b, hq, length, d, device=device).to(dtype)
     k = torch.randn(b, hkv, length, d, device=device).to(dtype)
     v = torch.randn(b, hkv, length, d, device=device).to(dtype)
@@ -184,7 +176,7 @@ def test_step_kernel_feature_accumulators(device, state_heads, monkeypatch):
     b, hq, hkv, d, n, r = (2, 32, 8, 128, 512, 16) if device == "cuda" else (2, 4, 2, 16, 96, 8)
     hs = hkv if state_heads == "kv" else hq
     torch.manual_seed(0)
-    w = weights(hq, hs, d, n, r).to(device)
+    w = R.FeatureWeights.random(hq, hs, d, n, r).to(device)
     policy = R.Policy(sink=0, heavy=6, recent=2)
     cache = R.LessCache.empty(b, hkv, policy.slots, d, hs, r, torch.float32, device)
     cache.k.normal_()
