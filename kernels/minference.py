@@ -129,16 +129,12 @@ def _vs_kernel(Q, K, V, Out, LAYOUT, HEADS, TILE_LO, TILE_HI, NTILE, VERT, NVERT
     n_t = tl.load(NTILE + hb * n_qblocks + m)
     n_near = tl.minimum(n_t, (tl.load(TILE_LO) < 0).to(tl.int32))
     for t in range(0, n_near):
-        k_lo = base - tl.load(TILE_HI + t)
-        k_hi = tl.minimum(base - tl.load(TILE_LO + t), q_hi)
-        kr = k_lo + offs_n
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, qr, K, V, kr + k_shift, kr, (kr >= 0) & (kr <= k_hi),
+        kr, keep = _diagonal_keys(TILE_LO, TILE_HI, t, base, q_hi, offs_n)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, qr, K, V, kr + k_shift, kr, keep,
                                 stride_kn, stride_vn, qk_scale, window, BLOCK_D, D)
     for t in range(n_near, n_t):
-        k_lo = base - tl.load(TILE_HI + t)
-        k_hi = tl.minimum(base - tl.load(TILE_LO + t), q_hi)
-        kr = k_lo + offs_n
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, qr, K, V, kr + k_shift, kr, (kr >= 0) & (kr <= k_hi),
+        kr, keep = _diagonal_keys(TILE_LO, TILE_HI, t, base, q_hi, offs_n)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, qr, K, V, kr + k_shift, kr, keep,
                                 stride_kn, stride_vn, qk_scale, window, BLOCK_D, D, WINDOWED)
 
     # Columns not covered by a chosen diagonal range: offsets in [d, d + 63] with d = base - j.
@@ -156,6 +152,15 @@ def _vs_kernel(Q, K, V, Out, LAYOUT, HEADS, TILE_LO, TILE_HI, NTILE, VERT, NVERT
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, qr, K, V, col + k_shift, col, keep,
                                 stride_kn, stride_vn, qk_scale, window, BLOCK_D, D)
     _finish(Out, acc, l_i, q_off, q_mask)
+
+
+@triton.jit
+def _diagonal_keys(TILE_LO, TILE_HI, t, base, q_hi, offs_n):
+    """Key ranks of diagonal tile ``t`` for the query block at rank ``base`` and which of them exist
+    (from rank 0 to the tile's near end, at most the last query's rank)."""
+    k_hi = tl.minimum(base - tl.load(TILE_LO + t), q_hi)
+    kr = base - tl.load(TILE_HI + t) + offs_n
+    return kr, (kr >= 0) & (kr <= k_hi)
 
 
 @triton.jit
