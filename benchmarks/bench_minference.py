@@ -58,6 +58,7 @@ inputs; above ``MInferenceConfig.max_work`` (45%) the runtime prefills that laye
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -411,6 +412,18 @@ def random_duo(layers, kv_heads, retrieval=0.5, seed=0):
     return DuoConfig(gates=gates, sparsity=1.0 - retrieval)
 
 
+def model_variant(model, name, layers, patterns="published", union_heads=1, retrieval=0.5):
+    """``unpatched`` (the model's SDPA), ``minference`` or ``minference+duo`` with ``patterns``
+    (``model_patterns``) on every layer and ``random_duo(retrieval)``: a ``common`` variant context."""
+    if name not in ("minference", "minference+duo"):
+        return c.baseline_variant(model, name)
+    config = MInferenceConfig(patterns=model_patterns(patterns, layers, HQ), union_heads=union_heads)
+    if name == "minference":
+        return c.kvpress_variant(model, "minference", config=config)
+    duo = random_duo(layers, model.config.num_key_value_heads, retrieval)
+    return c.kvpress_variant(model, "minference+duo", config={"minference": config, "duo": duo})
+
+
 def ttft_rows(dev, plan, chunk, smoke, attention="local", retrieval=0.5, union_heads=1, locality=0.6,
               patterns="published"):
     """Time to first token per (tokens, layers) of ``plan``: unpatched (one chunk), minference and
@@ -418,15 +431,8 @@ def ttft_rows(dev, plan, chunk, smoke, attention="local", retrieval=0.5, union_h
     rows = []
     for L, layers in plan:
         model = build_model(dev, layers, attention, smoke, locality=locality)
-        published = MInferenceConfig(patterns=model_patterns(patterns, layers, HQ), union_heads=union_heads)
-        duo = random_duo(layers, model.config.num_key_value_heads, retrieval)
-
-        def variant(model, name):
-            if name == "minference":
-                return c.kvpress_variant(model, "minference", config=published)
-            if name == "minference+duo":
-                return c.kvpress_variant(model, "minference+duo", config={"minference": published, "duo": duo})
-            return c.baseline_variant(model, name)
+        variant = functools.partial(model_variant, layers=layers, patterns=patterns, union_heads=union_heads,
+                                    retrieval=retrieval)
 
         for name in ("unpatched", "minference", "minference+duo"):
             # kvpress variants warm up on a sparse prefill (Triton kernels compiled outside the timing)

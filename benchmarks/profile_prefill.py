@@ -21,22 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_minference as bm  # noqa: E402
 import common as c  # noqa: E402
 
-from kvpress.methods.minference import MInferenceConfig  # noqa: E402
-
 SYNCS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
          "cudaMemcpyAsync", "aten::nonzero", "aten::tolist")
 
 
 def variant(model, name, layers):
-    if name == "unpatched":
-        return c.baseline_variant(model, name)
-    config = MInferenceConfig(patterns=bm.model_patterns("candidates", layers))
-    if name == "minference":
-        return c.kvpress_variant(model, "minference", config=config)
-    if name == "minference+duo":
-        duo = bm.random_duo(layers, model.config.num_key_value_heads, 0.5)
-        return c.kvpress_variant(model, "minference+duo", config={"minference": config, "duo": duo})
-    raise ValueError(f"unknown variant {name!r}")
+    return bm.model_variant(model, name, layers, patterns="candidates")
 
 
 @torch.inference_mode()
