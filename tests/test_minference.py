@@ -108,6 +108,25 @@ def test_mixed_patterns_triton_matches_reference(dtype, union):
     assert (out[:, 4:5].double() - dense).abs().max() < tol  # the dense head: plain causal attention
 
 
+def test_a_shape_heads_whole_groups_and_alone():
+    """A-shape (and dense) heads covering every query head of a KV head run as its group, the others
+    alone beside their KV head: both at once, Triton (interpreter on CPU) against torch."""
+    torch.manual_seed(1)
+    config = MInferenceConfig(patterns=[{1: ("stream_llm", 4, 32), 3: ("stream_llm", 4, 32), 4: ("stream_llm", 4, 32),
+                                         5: ("stream_llm", 4, 32), 0: ("dense", 0, 0), 2: ("dense", 0, 0)}])
+    plan = plan_heads(config, 0, list(range(6)), 200)
+    assert plan.a_shape == {(4, 32): [1, 3, 4, 5], (0, None): [0, 2]}
+    B, Hq, Hkv, T, Lq, D = 2, 6, 2, 200, 140, 32
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    k_rank = ranks([200, 100], T).to(dev)
+    q_rank = k_rank[:, -Lq:]
+    q, k, v = (torch.randn(B, h, n, D, device=dev) for h, n in ((Hq, Lq), (Hkv, T), (Hkv, T)))
+    ref = sparse_prefill(plan, q.double(), k.double(), v.double(), q_rank, k_rank, 0.3, use_triton=False)
+    out = sparse_prefill(plan, q, k, v, q_rank, k_rank, 0.3, use_triton=True)
+    assert (out[1, :, :40] == 0).all()
+    assert (out.double() - ref).abs().max() < (1e-4 if dev == "cpu" else 5e-3)
+
+
 # ----------------------------------------------------------------------------------------------
 # Through kvpress.patch
 

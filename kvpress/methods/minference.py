@@ -272,13 +272,20 @@ def sparse_prefill(plan: HeadPlan, q, k, v, q_rank, k_rank, scale, window=None, 
         return _reference_prefill(plan, q, k, v, q_rank, k_rank, scale, window, vertical, slash, blocks)
     out = torch.zeros_like(q)  # the kernels write real query rows only: padding rows stay 0 (not garbage)
     for (sink, recent), heads in plan.a_shape.items():
-        # these query heads only, each beside its own KV head (never more tiles than running every
-        # query head of their KV heads, and G times fewer when one head per KV head is A-shape)
-        idx = torch.tensor(heads, device=dev)
-        kv = idx // G
-        part = prefill_attention(q.index_select(1, idx), k.index_select(1, kv), v.index_select(1, kv), q_rank, k_rank,
-                                 scale, sink, recent, window)
-        out.index_copy_(1, idx, part)
+        # KV heads whose every query head is here: one program serves the group, written in place;
+        # the other heads alone, each beside its own KV head (G times fewer tiles than their groups)
+        whole = sorted(h for h in {x // G for x in heads} if all(h * G + g in heads for g in range(G)))
+        alone = [x for x in heads if x // G not in whole]
+        if whole:
+            kv = torch.tensor(whole, device=dev)
+            prefill_attention(q, k.index_select(1, kv), v.index_select(1, kv), q_rank, k_rank, scale, sink, recent,
+                              window, heads=kv, group=G, out=out)
+        if alone:
+            idx = torch.tensor(alone, device=dev)
+            kv = idx // G
+            part = prefill_attention(q.index_select(1, idx), k.index_select(1, kv), v.index_select(1, kv), q_rank,
+                                     k_rank, scale, sink, recent, window)
+            out.index_copy_(1, idx, part)
     if plan.vs and union_heads > 1:
         triton_kernels.vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window, heads=vs_heads,
                                           out=out, per=union_heads)
