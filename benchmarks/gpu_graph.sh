@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_graph.sh round3   (default) <= 60 s: TPOT of the default fused parts (dense, Duo 50%,
 #                                         Duo 25% graph at 32K/128K; Duo 25% at 512K and batch 4), then the
 #                                         GPU tests round 2 failed or changed
+#   bash benchmarks/gpu_graph.sh table    the TPOT table of every variant (8K-512K, batch 1 and 4), no check/gemm/profile
+#   bash benchmarks/gpu_graph.sh compile  transformers' static cache + compile at 8K/32K/128K, batch 1 and 4
 #   bash benchmarks/gpu_graph.sh full     everything of bench_graph.py (every variant, 8K-512K, batch 1 and 4,
 #                                         compile at 8K/32K/128K): ~15 min, run as separate calls if needed
 # Installs this tree under /tmp and runs it with PYTHONPATH (as benchmarks/gpu_session.sh does).
@@ -40,11 +42,18 @@ case ${1:-round3} in
     timeout 25 pytest -m gpu -q -p no:cacheprovider tests/test_fused.py tests/test_graph.py -k "round_as_torch or greedy_padded" 2>&1 \
       | tee "$OUT/gpu_tests_round3.log" | tail -4
     ;;
+  table)
+    timeout 560 $BENCH --parts tpot --batch 1,4 --steps 12 --tag _table 2>&1 | tee "$OUT/bench_table.log" | summary 70
+    ;;
+  compile)
+    timeout 560 $BENCH --parts compile --batch 1,4 --steps 12 --tag _table --compile-lengths 8192,32768,131072 2>&1 \
+      | tee "$OUT/compile_table.log" | summary 20
+    ;;
   full)
     timeout 590 $BENCH --parts check,gemm,profile,tpot --batch 1,4 2>&1 | tee "$OUT/bench_full.log" | summary 80
     timeout 590 $BENCH --parts compile --batch 1,4 --compile-lengths 8192,32768,131072 2>&1 | tee "$OUT/compile_full.log" | summary 20
     ;;
-  *) echo "unknown part $1 (round2, round3, full)" ;;
+  *) echo "unknown part $1 (round2, round3, table, compile, full)" ;;
 esac
 stamp done
 ls "$OUT"

@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_probe.sh graph-profile   kernels of one decode step, kvpress dense at 128K
 #   bash benchmarks/gpu_probe.sh less            every LESS kernel GPU test, then benchmarks/less_probe.py (one step, by part)
 #   bash benchmarks/gpu_probe.sh vs-sweep        minference's 128K prefill (4 layers) per VS-kernel warps / stages
+#   bash benchmarks/gpu_probe.sh palu-diag       Palu decode at 128K: as configured, prefetch, one rope row, rank-16 keys
 #   bash benchmarks/gpu_probe.sh gpu-tests       every GPU test of the suite (pytest -m gpu tests/, ~4 min)
 #   bash benchmarks/gpu_probe.sh all             the first four (~5 min)
 #   bash benchmarks/gpu_probe.sh PART PART ...   several
@@ -33,6 +34,7 @@ run_part() {
     prefill-minference) stamp "$1"; timeout 120 python benchmarks/profile_prefill.py --tokens 131072 --layers 4 \
                           --variants minference,minference+duo --out "$R/profile_prefill_128k_minference.json" 2>&1 \
                           | grep -v USDT | grep -v "^  gap" | tee "$R/prefill_minference.log" | tail -30 ;;
+    palu-diag) stamp "$1"; timeout 150 python benchmarks/palu_probe.py "$R/palu_probe.json" 2>&1 | tee "$R/palu_probe.log" | tail -12 ;;
     gpu-tests) stamp "$1"; timeout 400 pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$R/gpu_tests.log" | tail -15 ;;
     *) echo "unknown part $1" ;;
   esac
