@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_palu.sh          tests, sweep (bf16 and 4-bit latents, 128K GQA), layer
 #                                        frontier, SmolLM2 quality (when the model is on the machine)
 #   bash benchmarks/gpu_palu.sh round3   (<= 60 s) the sweep's follow-up: hand prefetch, more programs per SM; one layer
+#   bash benchmarks/gpu_palu.sh round4   (<= 4 min) after RoPE by block: GPU tests, sweep (bf16, 4-bit), layer at 64K/128K
 #   bash benchmarks/gpu_palu.sh smollm2  SmolLM2 quality (groups of all 3 KV heads) at 50% (unpatched, plain SVD,
 #                                        whitening + Fisher, 4/3 bits), 60% and 75%, and groups of one head at 50%
 #   bash benchmarks/gpu_palu.sh smollm2-sweep  SmolLM2 perplexity over calibration choices (64 x 2048 tokens)
@@ -45,6 +46,13 @@ PY
     timeout 20 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r3_*.json --group-sizes 1 --ratios 0.5 \
       --lengths 131072 --tag _r3 --out "$R" > "$R/layer_r3.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r3.log" | tail -8 ;;
+  round4)
+    timeout 60 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
+    timeout 170 python benchmarks/bench_palu.py sweep --grid round4 --bits 16 4 --tag _r4 --out "$R" > "$R/sweep_r4.log" 2>&1
+    tail -1 "$R/sweep_r4.log"
+    timeout 60 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r4_*.json --group-sizes 1 --ratios 0.5 \
+      --lengths 65536,131072 --tag _r4 --out "$R" > "$R/layer_r4.log" 2>&1
+    grep "kernel settings\| | " "$R/layer_r4.log" | tail -12 ;;
   smollm2|smollm2-sweep)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
     SMOL=/tmp/kvc/smollm2-135m-instruct
     if [ ! -f $SMOL/config.json ] && [ "$(ls /tmp/smol/*.part0[012] 2>/dev/null | wc -l)" = 3 ]; then
