@@ -51,7 +51,7 @@ PY
     timeout 170 python benchmarks/bench_palu.py sweep --grid round4 --bits 16 4 --tag _r4 --out "$R" > "$R/sweep_r4.log" 2>&1
     tail -1 "$R/sweep_r4.log"
     timeout 60 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r4_*.json --group-sizes 1 --ratios 0.5 \
-      --lengths 65536,131072 --tag _r4 --out "$R" > "$R/layer_r4.log" 2>&1
+      --lengths 65536 131072 --tag _r4 --out "$R" > "$R/layer_r4.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r4.log" | tail -12 ;;
   smollm2|smollm2-sweep)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
     SMOL=/tmp/kvc/smollm2-135m-instruct

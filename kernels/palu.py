@@ -235,7 +235,6 @@ def _palu_decode_kernel(
         last = tl.load(LEN) - 1
     pos_offset = tl.load(pos_base + last) - last
     inv_scale = 1.0 / tl.load(COS).to(tl.float32)  # cos(0) * attention scaling: composed twice, kept once
-    rel_ok = local < P
     q1f = q1.to(tl.float32)
     q2f = q2.to(tl.float32)
     # Loads that no tl.dot takes directly (Triton's pipeliner overlaps the dot operands) are issued a
@@ -303,25 +302,28 @@ def _palu_decode_kernel(
             inv = tl.rsqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / D + eps)
             k1 = k1 * inv[:, None] * nw1[None, :]
             k2 = k2 * inv[:, None] * nw2[None, :]
-        base = start_n + pos_offset  # the block's first position when its tokens are in order
+        # RoPE by block, branch-free: a block in order reads rows 0 .. BLOCK_N - 1 of the tables (cached) and
+        # the row of its first position; a block holding a token out of order gathers its tokens' rows
+        base = start_n + pos_offset
         strays = tl.sum(tl.where(ok & (pos != offs_n + pos_offset), 1, 0), 0)
-        if (strays == 0) & (base >= 0):  # rows 0 .. BLOCK_N - 1 of the tables (cached) and one row at base
-            cos = tl.load(COS + local[:, None] * HALF + d[None, :], mask=rel_ok[:, None], other=0.0).to(tl.float32)
-            sin = tl.load(SIN + local[:, None] * HALF + d[None, :], mask=rel_ok[:, None], other=0.0).to(tl.float32)
-            cb = tl.load(COS + base * HALF + d, mask=base < P, other=0.0).to(tl.float32) * inv_scale
-            sb = tl.load(SIN + base * HALF + d, mask=base < P, other=0.0).to(tl.float32) * inv_scale
-            if TOKENS_M:  # q halves [HALF, GP]
-                qa = q1f * cb[:, None] + q2f * sb[:, None]
-                qb = q2f * cb[:, None] - q1f * sb[:, None]
-            else:
-                qa = q1f * cb[None, :] + q2f * sb[None, :]
-                qb = q2f * cb[None, :] - q1f * sb[None, :]
-        else:  # tokens out of order: each at its own position
-            cos, sin = _rope_rows(COS, SIN, pos, ok, d, HALF)
-            cos = cos.to(tl.float32)
-            sin = sin.to(tl.float32)
-            qa = q1f
-            qb = q2f
+        by_block = (strays == 0) & (base >= 0)
+        by_token = (strays > 0) | (base < 0)
+        rel = local[:, None] * HALF + d[None, :]
+        rel_ok = (local < P)[:, None] & by_block
+        cos = tl.load(COS + rel, mask=rel_ok, other=0.0).to(tl.float32)
+        sin = tl.load(SIN + rel, mask=rel_ok, other=0.0).to(tl.float32)
+        g_cos, g_sin = _rope_rows(COS, SIN, pos, ok & by_token, d, HALF)
+        cos = tl.where(by_block, cos, g_cos.to(tl.float32))
+        sin = tl.where(by_block, sin, g_sin.to(tl.float32))
+        row = tl.minimum(tl.maximum(base, 0), P - 1) * HALF + d
+        cb = tl.where(by_block, tl.load(COS + row).to(tl.float32) * inv_scale, 1.0)  # [HALF]
+        sb = tl.where(by_block, tl.load(SIN + row).to(tl.float32) * inv_scale, 0.0)
+        if TOKENS_M:  # q halves [HALF, GP]
+            qa = q1f * cb[:, None] + q2f * sb[:, None]
+            qb = q2f * cb[:, None] - q1f * sb[:, None]
+        else:
+            qa = q1f * cb[None, :] + q2f * sb[None, :]
+            qb = q2f * cb[None, :] - q1f * sb[None, :]
         qa = qa.to(dtype)
         qb = qb.to(dtype)
         r1 = (k1 * cos - k2 * sin).to(dtype)
