@@ -10,14 +10,14 @@ group read the same latents (the repeats come from L2). A second small kernel me
 head's splits and up-projects its value latent once (``up_v`` of its KV head, plus the value bias),
 writing the attention output ``[B, Hq, 1, D]``.
 
-RoPE by block: rotations compose, ``R(p0 + j) = R(p0) R(j)``, so ``q . R(p0 + j) k = (R(p0)^T q) .
-R(j) k``. A row of a Palu cache is filled in order, position = slot + a row offset (the newest slot's
-position gives it); for a block of tokens that follow it, the kernel rotates the query once by the
-block's first position ``p0`` and each key by its rank ``j`` in the block: rows ``0 .. BLOCK_N - 1``
-of the tables, the same for every block (cache-resident), instead of one table row gathered from
-memory per token (which read as many bytes as the latents). A block holding a token out of order
-(custom positions) gathers its tokens' rows as before. Tables scaled by an attention factor (YaRN)
-compose it twice; the query is divided by it once (``cos[0, 0]``).
+RoPE by block: rotations compose, ``R(p0 + j) = R(p0) R(j)`` (angle addition, per frequency). A row
+of a Palu cache is filled in order, position = slot + a row offset (the newest slot's position gives
+it); for a block of tokens that follow it, the kernel composes each token's ``cos``/``sin`` from
+rows ``0 .. BLOCK_N - 1`` of the tables (the same for every block: cache-resident) and the one row of
+the block's first position ``p0``, instead of gathering one table row from memory per token (as many
+bytes as the latents). A block holding a token out of order (custom positions) gathers its tokens'
+rows. Tables scaled by an attention factor (YaRN) compose it twice; it is divided out once
+(``cos[0, 0]``).
 
 Cost per cached token and KV head at group rank ``r`` (group of ``gs`` KV heads): ``2 * D * r`` FLOP
 to rebuild its keys against ``2 * r / gs`` latent values read from HBM (``bits / 8`` bytes each when
@@ -228,15 +228,13 @@ def _palu_decode_kernel(
     kr_base = KR + b64 * kr_b
     pos_base = POS + b64 * pos_b
     # RoPE by block (see the module docstring): a row filled in order holds position = slot + offset; the
-    # newest slot (the query's token) gives the offset, and every block whose attended tokens follow it
-    # rotates the query by the block's first position and the keys by their rank in the block
+    # newest slot (the query's token) gives the offset
     last = T - 1
     if HAS_LEN:
         last = tl.load(LEN) - 1
     pos_offset = tl.load(pos_base + last) - last
     inv_scale = 1.0 / tl.load(COS).to(tl.float32)  # cos(0) * attention scaling: composed twice, kept once
-    q1f = q1.to(tl.float32)
-    q2f = q2.to(tl.float32)
+    rel_ok = local < P
     # Loads that no tl.dot takes directly (Triton's pipeliner overlaps the dot operands) are issued a
     # block ahead by hand (PREFETCH): ranks, positions and quantised words/scales. Each loop step then
     # uses what the previous one loaded.
@@ -302,30 +300,22 @@ def _palu_decode_kernel(
             inv = tl.rsqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / D + eps)
             k1 = k1 * inv[:, None] * nw1[None, :]
             k2 = k2 * inv[:, None] * nw2[None, :]
-        # RoPE by block, branch-free: a block in order reads rows 0 .. BLOCK_N - 1 of the tables (cached) and
-        # the row of its first position; a block holding a token out of order gathers its tokens' rows
+        # RoPE by block: a block in order composes its rotations from rows 0 .. BLOCK_N - 1 of the tables
+        # (the same for every block: cache-resident) and the row of its first position; a block holding a
+        # token out of order gathers its tokens' rows
         base = start_n + pos_offset
         strays = tl.sum(tl.where(ok & (pos != offs_n + pos_offset), 1, 0), 0)
         by_block = (strays == 0) & (base >= 0)
         by_token = (strays > 0) | (base < 0)
         rel = local[:, None] * HALF + d[None, :]
-        rel_ok = (local < P)[:, None] & by_block
-        cos = tl.load(COS + rel, mask=rel_ok, other=0.0).to(tl.float32)
-        sin = tl.load(SIN + rel, mask=rel_ok, other=0.0).to(tl.float32)
-        g_cos, g_sin = _rope_rows(COS, SIN, pos, ok & by_token, d, HALF)
-        cos = tl.where(by_block, cos, g_cos.to(tl.float32))
-        sin = tl.where(by_block, sin, g_sin.to(tl.float32))
+        cr = tl.load(COS + rel, mask=rel_ok[:, None], other=0.0).to(tl.float32)
+        sr = tl.load(SIN + rel, mask=rel_ok[:, None], other=0.0).to(tl.float32)
         row = tl.minimum(tl.maximum(base, 0), P - 1) * HALF + d
-        cb = tl.where(by_block, tl.load(COS + row).to(tl.float32) * inv_scale, 1.0)  # [HALF]
-        sb = tl.where(by_block, tl.load(SIN + row).to(tl.float32) * inv_scale, 0.0)
-        if TOKENS_M:  # q halves [HALF, GP]
-            qa = q1f * cb[:, None] + q2f * sb[:, None]
-            qb = q2f * cb[:, None] - q1f * sb[:, None]
-        else:
-            qa = q1f * cb[None, :] + q2f * sb[None, :]
-            qb = q2f * cb[None, :] - q1f * sb[None, :]
-        qa = qa.to(dtype)
-        qb = qb.to(dtype)
+        cb = tl.load(COS + row).to(tl.float32) * inv_scale  # [HALF]
+        sb = tl.load(SIN + row).to(tl.float32) * inv_scale
+        g_cos, g_sin = _rope_rows(COS, SIN, pos, ok & by_token, d, HALF)
+        cos = tl.where(by_block, cb[None, :] * cr - sb[None, :] * sr, g_cos.to(tl.float32))
+        sin = tl.where(by_block, sb[None, :] * cr + cb[None, :] * sr, g_sin.to(tl.float32))
         r1 = (k1 * cos - k2 * sin).to(dtype)
         r2 = (k2 * cos + k1 * sin).to(dtype)
         if PF_V:
@@ -334,7 +324,7 @@ def _palu_decode_kernel(
             hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ,
                               V_WORDS, V_FAST, BLOCK_N, n_ok, dtype)
         if TOKENS_M:  # scores [BLOCK_N, GP], softmax down the tokens
-            s = tl.dot(r2, qb, tl.dot(r1, qa))
+            s = tl.dot(r2, q2, tl.dot(r1, q1))
             s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -343,7 +333,7 @@ def _palu_decode_kernel(
             acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), p.to(dtype))
             l_i = l_i * alpha + tl.sum(p, 0)
         else:  # scores [GP, BLOCK_N]
-            s = tl.dot(qb, tl.trans(r2), tl.dot(qa, tl.trans(r1)))
+            s = tl.dot(q2, tl.trans(r2), tl.dot(q1, tl.trans(r1)))
             s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
