@@ -208,7 +208,7 @@ GRIDS = {
              for tm in (True, False) for g in _grid(block_n, warps, stages, (2, 1, 4), tokens_m=tm)],
     "round3": [*_grid(64, 4, 3, (2,), prefetch=False), *_grid(64, 4, 3, (2, 3)), *_grid(32, 2, 3, (4,), prefetch=False),
                *_grid(32, 2, 3, (4, 6, 8)), *_grid(32, 4, 3, (3, 4)), *_grid(16, 1, 3, (8, 16)), *_grid(16, 1, 2, (16,))],
-    # after RoPE by block (no rope row gathered per token)
+    # the 2026-11-30 grid (measured on a RoPE-by-block variant of the kernel that was slower and is not kept)
     "round4": [g for prefetch in (False, True) for g in
                [*_grid(64, 4, 3, (1, 2, 4), prefetch=prefetch), *_grid(128, 8, 3, (1, 2), prefetch=prefetch),
                 *_grid(128, 4, 2, (1, 2), prefetch=prefetch), *_grid(32, 2, 3, (4,), prefetch=prefetch),

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_palu.sh          tests, sweep (bf16 and 4-bit latents, 128K GQA), layer
 #                                        frontier, SmolLM2 quality (when the model is on the machine)
 #   bash benchmarks/gpu_palu.sh round3   (<= 60 s) the sweep's follow-up: hand prefetch, more programs per SM; one layer
-#   bash benchmarks/gpu_palu.sh round4   (<= 4 min) after RoPE by block: GPU tests, sweep (bf16, 4-bit), layer at 64K/128K
+#   bash benchmarks/gpu_palu.sh round4   (<= 4 min) GPU tests, sweep of the round4 grid (bf16, 4-bit), layer at 64K/128K with its best
 #   bash benchmarks/gpu_palu.sh smollm2  SmolLM2 quality (groups of all 3 KV heads) at 50% (unpatched, plain SVD,
 #                                        whitening + Fisher, 4/3 bits), 60% and 75%, and groups of one head at 50%
 #   bash benchmarks/gpu_palu.sh smollm2-sweep  SmolLM2 perplexity over calibration choices (64 x 2048 tokens)

@@ -4,20 +4,12 @@ A decode step (one query token per row) reads each cached token's key and value 
 HBM: one program per KV head and block of cached tokens (split-K over the tokens, so a long sequence
 fills the GPU) (dequantises and) rebuilds its head's pre-RoPE keys from its group's latents
 (``h @ up.T``, fp32 accumulation), adds the key bias, applies the per-head ``k_norm`` (Qwen3),
-rotates them, scores them against the head's query heads, runs the online softmax and accumulates the
+rotates them at each token's own position (half tables ``cos``/``sin`` gathered by position),
+scores them against the head's query heads, runs the online softmax and accumulates the
 softmax-weighted *value latents* (values are never rebuilt per token). The ``gs`` programs of a
 group read the same latents (the repeats come from L2). A second small kernel merges each query
 head's splits and up-projects its value latent once (``up_v`` of its KV head, plus the value bias),
 writing the attention output ``[B, Hq, 1, D]``.
-
-RoPE by block: rotations compose, ``R(p0 + j) = R(p0) R(j)`` (angle addition, per frequency). A row
-of a Palu cache is filled in order, position = slot + a row offset (the newest slot's position gives
-it); for a block of tokens that follow it, the kernel composes each token's ``cos``/``sin`` from
-rows ``0 .. BLOCK_N - 1`` of the tables (the same for every block: cache-resident) and the one row of
-the block's first position ``p0``, instead of gathering one table row from memory per token (as many
-bytes as the latents). A block holding a token out of order (custom positions) gathers its tokens'
-rows. Tables scaled by an attention factor (YaRN) compose it twice; it is divided out once
-(``cos[0, 0]``).
 
 Cost per cached token and KV head at group rank ``r`` (group of ``gs`` KV heads): ``2 * D * r`` FLOP
 to rebuild its keys against ``2 * r / gs`` latent values read from HBM (``bits / 8`` bytes each when
@@ -50,9 +42,10 @@ BLOCK_N = 64  # cached tokens per inner step (largest; the plan lowers it when s
 NUM_WARPS = 4
 NUM_STAGES = 3  # software-pipelining depth of the innermost loop (the plan lowers it when short)
 TOKENS_M = True  # scores as [tokens, query heads] (see _palu_decode_kernel); False: [query heads, tokens]
-PREFETCH = False  # issue the loads no tl.dot takes (ranks, positions, quantised words) a block ahead by hand
+PREFETCH = False  # issue the loads no tl.dot takes (ranks, rope rows, quantised words) a block ahead by hand
+ROPE_IN_DTYPE = False  # rotate the rebuilt keys in the model's dtype (as transformers does) instead of fp32
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
-TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "PREFETCH")
+TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per key-latent bits (0:
 # unquantised), over the module defaults above; names as the module constants. From
 # benchmarks/results/palu_sweep_NVIDIA_H200.json and palu_sweep_4bit_NVIDIA_H200.json (128K tokens,
@@ -143,18 +136,18 @@ def _rope_rows(COS, SIN, pos, ok, d, HALF: tl.constexpr):
 _STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos_b", "kr_b"]
 
 
-@triton.jit(do_not_specialize=["T", "P", "split_len", "window"] + _STRIDES)
+@triton.jit(do_not_specialize=["T", "split_len", "window"] + _STRIDES)
 def _palu_decode_kernel(
     Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN,
     kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b,
-    T, P, split_len, window, qk_scale, eps,
+    T, split_len, window, qk_scale, eps,
     GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
     RK: tl.constexpr, RC: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_NQ: tl.constexpr,
     K_WORDS: tl.constexpr, K_FAST: tl.constexpr,
     RV: tl.constexpr, BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_M: tl.constexpr,
-    HAS_LEN: tl.constexpr, PREFETCH: tl.constexpr = True,
+    HAS_LEN: tl.constexpr, ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -227,23 +220,16 @@ def _palu_decode_kernel(
     local = tl.arange(0, BLOCK_N)  # int32 offsets in the block; scalar bases carry the int64 part
     kr_base = KR + b64 * kr_b
     pos_base = POS + b64 * pos_b
-    # RoPE by block (see the module docstring): a row filled in order holds position = slot + offset; the
-    # newest slot (the query's token) gives the offset
-    last = T - 1
-    if HAS_LEN:
-        last = tl.load(LEN) - 1
-    pos_offset = tl.load(pos_base + last) - last
-    inv_scale = 1.0 / tl.load(COS).to(tl.float32)  # cos(0) * attention scaling: composed twice, kept once
-    rel_ok = local < P
     # Loads that no tl.dot takes directly (Triton's pipeliner overlaps the dot operands) are issued a
-    # block ahead by hand (PREFETCH): ranks, positions and quantised words/scales. Each loop step then
-    # uses what the previous one loaded.
+    # block ahead by hand (PREFETCH): ranks, rope rows (gathered by position: positions two blocks
+    # ahead) and quantised words/scales. Each loop step then uses what the previous one loaded.
     PF_K: tl.constexpr = PREFETCH and K_BITS > 0 and RC == RK
     PF_V: tl.constexpr = PREFETCH and V_BITS > 0
     if PREFETCH:
         ok0 = start + local < stop
         kr_nx = tl.load(kr_base + start + local, mask=ok0, other=-1)
-        pos_nx = tl.load(pos_base + start + local, mask=ok0, other=0)
+        cos_nx, sin_nx = _rope_rows(COS, SIN, tl.load(pos_base + start + local, mask=ok0, other=0), ok0, d, HALF)
+        pos_nx = tl.load(pos_base + start + BLOCK_N + local, mask=start + BLOCK_N + local < stop, other=0)
         if PF_K:
             kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start, ks_row0 + start, local, 0, RK, RC, K_BITS, K_QG,
                                               K_NQ, K_WORDS, K_FAST, ok0)
@@ -254,11 +240,12 @@ def _palu_decode_kernel(
         offs_n = start_n + local
         n_ok = offs_n < stop
         if PREFETCH:
-            kr, pos = kr_nx, pos_nx
+            kr, cos, sin = kr_nx, cos_nx, sin_nx
             nxt = offs_n + BLOCK_N
             nxt_ok = nxt < stop
             kr_nx = tl.load(kr_base + nxt, mask=nxt_ok, other=-1)
-            pos_nx = tl.load(pos_base + nxt, mask=nxt_ok, other=0)
+            cos_nx, sin_nx = _rope_rows(COS, SIN, pos_nx, nxt_ok, d, HALF)
+            pos_nx = tl.load(pos_base + nxt + BLOCK_N, mask=nxt + BLOCK_N < stop, other=0)
             if PF_K:
                 kw, ksc, klo = kw_nx, ksc_nx, klo_nx
                 kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start_n + BLOCK_N, ks_row0 + start_n + BLOCK_N,
@@ -269,7 +256,7 @@ def _palu_decode_kernel(
                                                   local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ, V_WORDS, V_FAST, nxt_ok)
         else:
             kr = tl.load(kr_base + offs_n, mask=n_ok, other=-1)
-            pos = tl.load(pos_base + offs_n, mask=n_ok, other=0)
+            cos, sin = _rope_rows(COS, SIN, tl.load(pos_base + offs_n, mask=n_ok, other=0), n_ok, d, HALF)
         dist = qr - kr
         ok = (kr >= 0) & (dist >= 0) & (dist < window)
 
@@ -300,24 +287,18 @@ def _palu_decode_kernel(
             inv = tl.rsqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / D + eps)
             k1 = k1 * inv[:, None] * nw1[None, :]
             k2 = k2 * inv[:, None] * nw2[None, :]
-        # RoPE by block: a block in order composes its rotations from rows 0 .. BLOCK_N - 1 of the tables
-        # (the same for every block: cache-resident) and the row of its first position; a block holding a
-        # token out of order gathers its tokens' rows
-        base = start_n + pos_offset
-        strays = tl.sum(tl.where(ok & (pos != offs_n + pos_offset), 1, 0), 0)
-        by_block = (strays == 0) & (base >= 0)
-        by_token = (strays > 0) | (base < 0)
-        rel = local[:, None] * HALF + d[None, :]
-        cr = tl.load(COS + rel, mask=rel_ok[:, None], other=0.0).to(tl.float32)
-        sr = tl.load(SIN + rel, mask=rel_ok[:, None], other=0.0).to(tl.float32)
-        row = tl.minimum(tl.maximum(base, 0), P - 1) * HALF + d
-        cb = tl.load(COS + row).to(tl.float32) * inv_scale  # [HALF]
-        sb = tl.load(SIN + row).to(tl.float32) * inv_scale
-        g_cos, g_sin = _rope_rows(COS, SIN, pos, ok & by_token, d, HALF)
-        cos = tl.where(by_block, cb[None, :] * cr - sb[None, :] * sr, g_cos.to(tl.float32))
-        sin = tl.where(by_block, sb[None, :] * cr + cb[None, :] * sr, g_sin.to(tl.float32))
-        r1 = (k1 * cos - k2 * sin).to(dtype)
-        r2 = (k2 * cos + k1 * sin).to(dtype)
+        if ROPE_IN_DTYPE:  # the rotation in the model's dtype, rounded op by op as transformers does it
+            k1 = k1.to(dtype)
+            k2 = k2.to(dtype)
+            c_ = cos.to(dtype)
+            s_ = sin.to(dtype)
+            r1 = k1 * c_ - k2 * s_
+            r2 = k2 * c_ + k1 * s_
+        else:
+            c_ = cos.to(tl.float32)
+            s_ = sin.to(tl.float32)
+            r1 = (k1 * c_ - k2 * s_).to(dtype)
+            r2 = (k2 * c_ + k1 * s_).to(dtype)
         if PF_V:
             hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype)
         else:
@@ -600,13 +581,13 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         positions, k_rank, q_rank.reshape(B).int().contiguous(),
         cos.contiguous(), sin.contiguous(), po, pml, length if length is not None else dummy,
         kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
-        T, cos.shape[0], split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
+        T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
         float(k_norm[1]) if k_norm is not None else 0.0,
         GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, TOKENS_M=tuned["TOKENS_M"],
-        HAS_LEN=length is not None, PREFETCH=tuned["PREFETCH"],
+        HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
         num_warps=tuned["NUM_WARPS"], num_stages=stages,
     )
     return po, pml, splits

@@ -164,7 +164,9 @@ def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv, prefet
 
 
 @interpreter_only
-def test_decode_kernel_fp16_window_and_padding_query():
+@pytest.mark.parametrize("rope_in_dtype", [False, True])
+def test_decode_kernel_fp16_window_and_padding_query(rope_in_dtype, monkeypatch):
+    settings(monkeypatch, ROPE_IN_DTYPE=rope_in_dtype)
     a = make_case(dtype=torch.float16, tokens=45)
     a["q_rank"][1] = -1  # a padding query: zero output
     want = ref.latent_attention(**a, window=9)
@@ -175,14 +177,9 @@ def test_decode_kernel_fp16_window_and_padding_query():
 
 @interpreter_only
 @pytest.mark.parametrize("case", [dict(stride=3), dict(rope_scale=1.25), dict(pad=40, tokens=70)])
-@pytest.mark.parametrize("block_n", [16, 64])
-def test_decode_kernel_rope_by_block(case, block_n, monkeypatch):
-    """RoPE by block (query rotated to the block's first position, keys by their rank in the block)
-    against the reference's rotation at each token's own position: tokens in order over several
-    blocks (positions past the tables' first BLOCK_N rows), positions with gaps (every block out of
-    order: rows gathered per token), tables scaled by an attention factor (composed twice, divided
-    once), and a block that starts in the padding (its first position negative)."""
-    settings(monkeypatch, BLOCK_N=block_n)
+def test_decode_kernel_positions_and_scaled_tables(case):
+    """Each token rotated at its own position: positions with gaps, tables scaled by an attention
+    factor, a row that is mostly padding."""
     a = make_case(**case)
     torch.testing.assert_close(palu.palu_decode(**a, splits=2), ref.latent_attention(**a), atol=2e-5, rtol=1e-4)
 
@@ -196,7 +193,7 @@ def test_decode_kernel_rope_by_block(case, block_n, monkeypatch):
         (torch.bfloat16, None, 1, 4, 64, 64, "prefetch"),
         (torch.bfloat16, 4, 1, 4, 64, 64, "tuned"),  # 4-bit, word-by-word dequantisation
         (torch.bfloat16, 4, 1, 4, 64, 64, "prefetch"),
-        (torch.bfloat16, None, 1, 4, 64, 64, "positions-with-gaps"),
+        (torch.bfloat16, 4, 1, 4, 64, 64, "rope-in-dtype"),
         (torch.bfloat16, 4, 1, 1, 64, 64, "tuned"),  # MHA
         (torch.bfloat16, None, 1, 1, 96, 96, "tuned"),  # ragged rank: three chunks, padded value tile
         (torch.float16, 3, 4, 4, 224, 256, "tuned"),  # 3-bit gathers, wide groups
@@ -206,11 +203,12 @@ def test_decode_kernel_rope_by_block(case, block_n, monkeypatch):
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     """The measured settings (``TUNED``), and each optional path changed on its own."""
-    changed = {"heads-as-m": dict(TOKENS_M=False), "prefetch": dict(PREFETCH=True)}.get(variant, {})
+    changed = {"heads-as-m": dict(TOKENS_M=False), "prefetch": dict(PREFETCH=True),
+               "rope-in-dtype": dict(ROPE_IN_DTYPE=True)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
-                  bits=bits, quant_group=32, pad=700, device="cuda", stride=3 if variant == "positions-with-gaps" else 1)
+                  bits=bits, quant_group=32, pad=700, device="cuda")
     want = ref.latent_attention(**a)
     got = palu.palu_decode(**a)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
