@@ -42,7 +42,7 @@ case $part in
   layer)
     timeout 40 python benchmarks/bench_less.py layer --out "$R" > "$R/layer.log" 2>&1; grep -A30 "^LESS decode step" "$R/layer.log" || tail -5 "$R/layer.log" ;;
   e2e)
-    timeout 90 python benchmarks/bench_less.py e2e --out "$R" > "$R/e2e.log" 2>&1; grep "^e2e\|^LESS end\|^variant\|^unpatched\|^LESS h2o" "$R/e2e.log" || tail -5 "$R/e2e.log" ;;
+    timeout ${E2E_TIMEOUT:-90} python benchmarks/bench_less.py e2e --out "$R" > "$R/e2e.log" 2>&1; grep "^e2e\|^LESS end\|^variant\|^unpatched\|^LESS h2o" "$R/e2e.log" || tail -5 "$R/e2e.log" ;;
   memory)
     timeout 40 python benchmarks/bench_less.py memory --out "$R" > "$R/memory.log" 2>&1; tail -14 "$R/memory.log" ;;
   quality)
