@@ -442,7 +442,10 @@ class Concatenated:
 
     def __init__(self, linears: list[torch.nn.Linear]):
         self.linears = linears
-        with torch.inference_mode(False), torch.no_grad():  # normal tensors (parameters refuse inference tensors)
+        # tensors of the parameters' kind: normal ones (a normal parameter refuses an inference tensor), or
+        # inference tensors for a model made under torch.inference_mode (kept so, also after remove)
+        self.inference = linears[0].weight.is_inference()
+        with torch.inference_mode(self.inference), torch.no_grad():
             self.weight = torch.cat([m.weight.detach() for m in linears])
             self.bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
         rows = [m.weight.shape[0] for m in linears]
@@ -463,8 +466,8 @@ class Concatenated:
             for m, (w, wp, b, bp) in zip(self.linears, self.pointers))
 
     def remove(self) -> None:
-        """Each parameter that is still a view here gets its own storage back (same values)."""
-        with torch.inference_mode(False), torch.no_grad():
+        """Each parameter that is still a view here gets its own storage back (same values, same kind)."""
+        with torch.inference_mode(self.inference), torch.no_grad():
             for w, wp, b, bp in self.pointers:
                 for p, ptr in ((w, wp), (b, bp)):
                     if p is not None and p.data_ptr() == ptr:

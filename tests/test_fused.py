@@ -257,6 +257,27 @@ def test_a_replaced_weight_is_used_not_the_stale_concatenation(on_triton):
     kvpress.unpatch(model)
 
 
+def test_fuse_on_a_model_made_under_inference_mode(on_triton):
+    """Parameters that are inference tensors (a model built under ``torch.inference_mode``) stay
+    inference tensors through the concatenated projections and their undo; before, unpatching left
+    normal tensors behind, and the next patched model failed in a projection ("Inference tensors do
+    not track version counter")."""
+    ids = random_ids(1, 6)
+    with torch.inference_mode():
+        model = tiny_model("llama")
+        kvpress.patch(model, "dense")
+        expected = model(ids).logits
+        graph.fuse(model._kvpress_patch.patcher, model, "qkv,gate_up")
+        attention = model.model.layers[0].self_attn
+        assert attention._kvpress_qkv.weight.is_inference()
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        kvpress.unpatch(model)
+        assert all(p.is_inference() for p in model.parameters())
+        kvpress.patch(model, "palu", rank_ratio=1.0, group_size=1)  # full rank: the same logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        kvpress.unpatch(model)
+
+
 def test_fuse_parts_are_checked():
     assert graph.fuse_parts("all") == graph.FUSE_PARTS and graph.fuse_parts("none") == ()
     assert graph.fuse_parts("default") == graph.DEFAULT_PARTS and "gemv" not in graph.DEFAULT_PARTS
