@@ -82,7 +82,9 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
                  STORE_LOGITS: tl.constexpr):
-    """Launch 1 of a decode step: three kinds of programs, independent of one another.
+    """Launch 1 of a decode step: three kinds of programs, independent of one another. The attention
+    programs are the grid's first (they are the longest: they start in the first wave, and the short
+    feature programs fill the slots beside and after them); below they are numbered last.
 
     * ``n_phi = B * Hq * CHUNKS`` feature programs (0 without a state): one chunk of hidden units of ``phi(q)`` of a query head,
       summed into ``PHI_ACC [B, Hq, R]`` (atomics; the merge applies the last GELU).
@@ -94,6 +96,11 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
       hitters, the raw logits ``LOGITS [B, Hq, S]`` (log2 units).
     """
     pid = tl.program_id(0)
+    n_attn = tl.num_programs(0) - n_phi - n_fold
+    if pid >= n_attn:  # the feature programs after the attention programs
+        pid -= n_attn
+    else:  # an attention program: numbered after the feature programs below
+        pid += n_phi + n_fold
     if pid < n_phi:
         head = pid // CHUNKS  # b * Hq + h
         b = head // Hq
