@@ -1,0 +1,101 @@
+"""Palu's decode kernel compiled for the H200 (sm_90a) on a machine without a GPU, and read: registers,
+shared memory, which loads of the token loop are pipelined (async copies), and the loop's
+instructions per warp per block (wgmma, barriers, shuffles), from the ptxas / cuobjdump that come
+with Triton. A way to compare kernel variants between device sessions; it measures no time.
+
+    python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch] [--rebuild-ahead]
+                              [--heads-as-m] [--bits 0|4] [--rank 64] [--sass FILE]
+
+The shapes are Llama-3-8B's at half rank, groups of one KV head (query heads 4 per KV head, head dim
+128, key and value rank 64), bf16; pointers 16-byte aligned as torch allocates them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kvpress.kernels import palu  # noqa: E402
+
+POINTERS = {"Q": "*bf16", "KL": "*bf16", "KS": "*bf16", "VL": "*bf16", "VS": "*bf16", "KUP": "*bf16", "KB": "*bf16",
+            "KNW": "*bf16", "POS": "*i32", "KR": "*i32", "QR": "*i32", "COS": "*bf16", "SIN": "*bf16", "PO": "*fp32",
+            "PML": "*fp32", "LEN": "*i32"}
+FLOATS = {"qk_scale", "eps"}
+
+
+def compile_kernel(a):
+    words = 64 * a.bits // 32 if a.bits else 1
+    constants = dict(GS=1, QPK=4, GP=16, D=128, HALF=64, RK=a.rank, RC=min(a.rank & -a.rank, 64), K_BITS=a.bits,
+                     K_QG=32 if a.bits else 0, K_NQ=a.rank // 32 if a.bits else 1, K_WORDS=words, K_FAST=a.bits in (2, 4),
+                     RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
+                     V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
+                     TOKENS_M=not a.heads_as_m, HAS_LEN=True, ROPE_IN_DTYPE=False, PREFETCH=a.prefetch,
+                     REBUILD_AHEAD=a.rebuild_ahead)
+    if a.bits:
+        POINTERS.update(KL="*i32", VL="*i32")
+    names = list(inspect.signature(palu._palu_decode_kernel.fn).parameters)
+    signature = {n: "constexpr" if n in constants else POINTERS.get(n, "fp32" if n in FLOATS else "i32") for n in names}
+    source = ASTSource(fn=palu._palu_decode_kernel, signature=signature,
+                       constexprs={(names.index(n),): v for n, v in constants.items() if n in names},
+                       attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 128),
+                          options={"num_warps": a.warps, "num_stages": a.stages})
+
+
+def loop_instructions(sass: str) -> list[str]:
+    """The instructions of the kernel's innermost token loop (the longest backward branch's body)."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", sass)]
+    loops = []
+    for address, text in code:
+        target = re.search(r"BRA\s+0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            loops.append([t for a, t in code if int(target.group(1), 16) <= a <= address])
+    return max(loops, key=len, default=[])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--block-n", type=int, default=64)
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--prefetch", action="store_true")
+    p.add_argument("--rebuild-ahead", action="store_true")
+    p.add_argument("--heads-as-m", action="store_true")
+    p.add_argument("--bits", type=int, default=0, choices=[0, 4])
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--sass", help="write the SASS here")
+    a = p.parse_args()
+    kernel = compile_kernel(a)
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / "palu_decode.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True).stdout
+    sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+    if a.sass:
+        Path(a.sass).write_text(sass)
+    ttgir = kernel.asm["ttgir"]
+    loop_ir = ttgir[ttgir.find("scf.for"):]
+    print("registers per thread:", re.search(r"REG:(\d+)", usage).group(1), "| spilled (local) bytes:",
+          re.search(r"LOCAL:(\d+)", usage).group(1), "| shared memory:", kernel.metadata.shared, "bytes")
+    print("loads in the loop: async copies", loop_ir.count("async_copy_global_to_local"),
+          "| plain loads", loop_ir.count("= tt.load"))
+    body = loop_instructions(sass)
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+    print(f"token loop: {len(body)} instructions per warp per {a.block_n}-token block;",
+          ", ".join(f"{op} {ops[op]}" for op in ("HGMMA", "HMMA", "BAR", "SHFL", "LDS", "STS", "LDGSTS", "MUFU") if ops[op]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
