@@ -486,7 +486,7 @@ def _concatenate(patcher, module, name: str, linears) -> bool:
         return False
     try:
         joined = Concatenated(list(linears))
-    except RuntimeError as error:  # e.g. inference tensors, which refuse new data
+    except RuntimeError as error:  # a parameter that refuses the new data
         log.info("kvpress: %s not concatenated (%s)", name, error)
         return False
     patcher.hook(joined)
