@@ -288,6 +288,26 @@ def test_static_decode_steps_with_the_kernel_equal_eager(monkeypatch):
     torch.testing.assert_close(g_logits, logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [None, 4])
+@torch.no_grad()
+def test_gpu_graph_decode_equals_eager(bits):
+    """Captured and replayed on the GPU (the fused decode kernel, the model's fused small ops): the
+    greedy tokens of eager decode on a left-padded batch, one capture."""
+    from test_graph import generate, gpu_model, padded
+
+    model = gpu_model()
+    ids, mask = padded((300, 170, 420))
+    ids, mask = ids.cuda(), mask.cuda()
+    setting = dict(method="palu", rank_ratio=0.5, group_size=1, bits=bits)
+    tokens, logits, _ = generate(model, setting, "eager", ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    g_tokens, g_logits, (replays, first) = generate(model, setting, "graph", ids, attention_mask=mask,
+                                                    max_new_tokens=40, do_sample=False)
+    assert torch.equal(g_tokens, tokens)
+    torch.testing.assert_close(g_logits, logits, rtol=1e-2, atol=1e-2)
+    assert replays == 39 and first == 1
+
+
 # -- the quality benchmark's scoring --------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent
