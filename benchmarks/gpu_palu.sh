@@ -47,7 +47,7 @@ PY
       --lengths 131072 --tag _r3 --out "$R" > "$R/layer_r3.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r3.log" | tail -8 ;;
   round4)
-    timeout 60 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
+    timeout 90 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
     timeout 170 python benchmarks/bench_palu.py sweep --grid round4 --bits 16 4 --tag _r4 --out "$R" > "$R/sweep_r4.log" 2>&1
     tail -1 "$R/sweep_r4.log"
     timeout 60 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r4_*.json --group-sizes 1 --ratios 0.5 \
