@@ -133,6 +133,13 @@ def layer_rows(dev, lengths, smoke):
                     late = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5,  # noqa: E731
                                                       state=state, early_merge=False)
                     rows.append({"L": L, "variant": f"LESS {name}, merged by the last program", "graph_us": c.graph_time(late) * 1e6})
+                    for stages in (2, 1):  # launch 1's pipelining depth (kernel.STEP_STAGES)
+                        default, kernel.STEP_STAGES = kernel.STEP_STAGES, stages
+                        try:
+                            rows.append({"L": L, "variant": f"LESS {name}, launch 1 in {stages} stages",
+                                         "graph_us": c.graph_time(step) * 1e6})
+                        finally:
+                            kernel.STEP_STAGES = default
                     for splits in (1, 2, 4, 8, 16):  # programs per KV head along the slots (default: fill the GPU)
                         fixed = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5,  # noqa: E731
                                                            state=state, splits=splits)

@@ -42,6 +42,11 @@ BLOCK_E = 256  # slots per step of the score update / eviction candidates
 BLOCK_H = 64  # hidden units per feature program
 MAX_SPLITS = 16  # splits of a KV head's slots (one program merges them in one tile)
 NUM_WARPS = 4
+# Software-pipelining depth of launch 1's attention loop. A program walks two or three 64-slot blocks,
+# and each stage holds a block's K and V in shared memory: 3 stages take 103 KB (two programs per SM),
+# 2 take 70 KB (three, as many as its 168 registers allow: the whole grid in about one wave); read
+# offline from the sm_90a build. 3 is the measured setting; benchmarks/bench_less.py layer times 2 and 1.
+STEP_STAGES = 3
 LOG2E = 1.4426950408889634
 
 
@@ -445,7 +450,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, hs_heads, slots, n_hidden,
         n_phi, n_fold, splits, split_len, scale * LOG2E,
         G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
-        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, num_warps=NUM_WARPS)
+        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, num_warps=NUM_WARPS, num_stages=STEP_STAGES)
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
     _finish_kernel[(b * hkv * splits,)](
         out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs, cache.z,
