@@ -42,10 +42,9 @@ def compile_kernel(a):
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
                      TOKENS_M=not a.heads_as_m, HAS_LEN=True, ROPE_IN_DTYPE=False, PREFETCH=a.prefetch,
                      REBUILD_AHEAD=a.rebuild_ahead)
-    if a.bits:
-        POINTERS.update(KL="*i32", VL="*i32")
+    pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     names = list(inspect.signature(palu._palu_decode_kernel.fn).parameters)
-    signature = {n: "constexpr" if n in constants else POINTERS.get(n, "fp32" if n in FLOATS else "i32") for n in names}
+    signature = {n: "constexpr" if n in constants else pointers.get(n, "fp32" if n in FLOATS else "i32") for n in names}
     source = ASTSource(fn=palu._palu_decode_kernel, signature=signature,
                        constexprs={(names.index(n),): v for n, v in constants.items() if n in names},
                        attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")})
