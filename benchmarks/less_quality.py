@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 import kvpress
 from kvpress.adapters import describe
-from kvpress.calibration.less import Activations, LessTraining, capture_group, text_windows, train_layer
+from kvpress.calibration.less import (Activations, LessTraining, bytes_per_layer_sample, capture_group, free_bytes,
+                                     spill_budget, text_windows, train_layer)
 from kvpress.kernels import less_reference as R
 from kvpress.methods.less import Less, LessConfig, simulated
 
@@ -142,6 +143,12 @@ def train_maps(model, tokenizer, base: LessConfig, specs: list[str], training: L
     shape = info.shape
     device = next(model.parameters()).device
     windows = list(text_windows(tokenizer, training.samples, training.length, training.seed))
+    itemsize = torch.finfo(torch.float32).bits // 8
+    needed = shape.num_layers * training.samples * bytes_per_layer_sample(shape, training.length, itemsize)
+    if needed > spill_budget(work / "spill", float("inf"), training.in_memory):
+        raise ValueError(f"the activations of every layer take {needed / 1e9:.1f} GB, more than 90% of the "
+                         f"{free_bytes(work) / 1e9:.1f} GB free under {work}; free disk space, point --work "
+                         "elsewhere, or lower --train-samples")
     store = Activations(work / "spill", training.in_memory, device)
     t0 = time.perf_counter()
     capture_group(model, info, list(range(shape.num_layers)), windows, base, store, torch.float32, False,

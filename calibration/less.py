@@ -113,6 +113,21 @@ def bytes_per_layer_sample(shape, length: int, itemsize: int) -> int:
     return length * ((3 * h * d + 2 * hkv * d) * itemsize + 4 * h + 8 * hkv)
 
 
+def free_bytes(folder: Path) -> int:
+    """Free disk bytes where ``folder`` is (or would be made)."""
+    folder = Path(folder).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def spill_budget(spill: Path, spill_gb: float, in_memory: bool) -> float:
+    """Bytes of activations to hold at a time: ``spill_gb``, and on disk at most 90% of the free space
+    where they spill (a full disk would stop the capture half-way with an unclear error)."""
+    budget = spill_gb * 1e9
+    return budget if in_memory else min(budget, 0.9 * free_bytes(spill))
+
+
 class Activations:
     """Captured activations of one group of layers, one item per (layer, window): files under
     ``spill`` (``layer{l}/{i}.pt``), or tensors on ``device`` when ``in_memory``."""
@@ -255,10 +270,12 @@ def calibrate_less(model, tokenizer, out: str | Path, config: LessConfig = LessC
     dtype = next(model.parameters()).dtype
     windows = list(text_windows(tokenizer, training.samples, training.length, training.seed, text))
     per_layer = training.samples * bytes_per_layer_sample(shape, training.length, torch.finfo(dtype).bits // 8)
-    group_size = int(training.spill_gb * 1e9 // per_layer)
+    group_size = int(spill_budget(spill, training.spill_gb, training.in_memory) // per_layer)
     if group_size < 1:
+        where = "" if training.in_memory else f" and 90% of the {free_bytes(spill) / 1e9:.1f} GB free under {spill}"
         raise ValueError(f"one layer's activations take {per_layer / 1e9:.1f} GB, more than --spill-gb "
-                         f"{training.spill_gb}; raise --spill-gb or lower --samples / --length")
+                         f"{training.spill_gb}{where}; raise --spill-gb, free disk space or spill elsewhere "
+                         "(--spill-dir), or lower --samples / --length")
     todo = [i for i in range(shape.num_layers) if not (partial / f"layer{i:03d}.safetensors").is_file()]
     losses = json.loads((partial / "losses.json").read_text()) if (partial / "losses.json").is_file() else {}
     store = Activations(spill, training.in_memory, device)

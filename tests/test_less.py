@@ -252,6 +252,31 @@ def test_calibration_end_to_end(tmp_path, monkeypatch):
     kvpress.unpatch(model)
 
 
+def test_calibration_refuses_a_spill_the_disk_cannot_hold(tmp_path, monkeypatch):
+    """The activations are grouped to fit 90% of the free disk where they spill (and --spill-gb); when
+    not even one layer fits, a clear error before anything is captured (not a full disk half-way)."""
+    import shutil
+
+    from kvpress.calibration import less as calib
+
+    model = tiny_model("llama")
+    training = calib.LessTraining(samples=2, length=40, epochs=1)
+    per_layer = 2 * calib.bytes_per_layer_sample(describe(model).shape, 40, 4)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(calib.shutil, "disk_usage", lambda path: usage._replace(free=int(per_layer * 1.5)))
+    assert calib.spill_budget(tmp_path / "spill" / "deeper", 20.0, in_memory=False) == 0.9 * int(per_layer * 1.5)
+    assert calib.spill_budget(tmp_path, 20.0, in_memory=True) == 20e9
+    monkeypatch.setattr(calib.shutil, "disk_usage", lambda path: usage._replace(free=per_layer // 2))
+    class Bytes:
+        def encode(self, text, add_special_tokens=True, verbose=False):
+            return [1 + b % 100 for b in text.encode()]
+
+    config = LessConfig(sink=2, recent=6, rank=4, hidden=16)
+    with pytest.raises(ValueError, match="GB free under"):
+        calib.calibrate_less(model, Bytes(), tmp_path / "out", config, training, text="some text " * 40, progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.spill").exists()
+
+
 def test_feature_maps_module_matches_reference():
     maps = FeatureMaps(16, 4, 2, rank=4, hidden=8).eval()
     with torch.no_grad():
