@@ -133,13 +133,16 @@ def layer_rows(dev, lengths, smoke):
                     late = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5,  # noqa: E731
                                                       state=state, early_merge=False)
                     rows.append({"L": L, "variant": f"LESS {name}, merged by the last program", "graph_us": c.graph_time(late) * 1e6})
-                    for stages in (2, 1):  # launch 1's pipelining depth (kernel.STEP_STAGES)
-                        default, kernel.STEP_STAGES = kernel.STEP_STAGES, stages
+                    # launch 1's settings other than the module's (kernel.STEP_STAGES, ATTENTION_FIRST)
+                    for setting, value, what in (("STEP_STAGES", 2, "in 2 stages"), ("STEP_STAGES", 1, "in 1 stage"),
+                                                 ("ATTENTION_FIRST", True, "attention programs first")):
+                        default = getattr(kernel, setting)
+                        setattr(kernel, setting, value)
                         try:
-                            rows.append({"L": L, "variant": f"LESS {name}, launch 1 in {stages} stages",
+                            rows.append({"L": L, "variant": f"LESS {name}, launch 1 {what}",
                                          "graph_us": c.graph_time(step) * 1e6})
                         finally:
-                            kernel.STEP_STAGES = default
+                            setattr(kernel, setting, default)
                     for splits in (1, 2, 4, 8, 16):  # programs per KV head along the slots (default: fill the GPU)
                         fixed = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5,  # noqa: E731
                                                            state=state, splits=splits)

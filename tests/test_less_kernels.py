@@ -86,10 +86,12 @@ def test_decode_step_one_split():
 @pytest.mark.parametrize("policy", [R.Policy(sink=2, heavy=0, recent=90), R.Policy(sink=1, heavy=80, recent=20)],
                          ids=["lambda", "h2o"])
 @pytest.mark.parametrize("early_merge", [True, False], ids=["early-merge", "merge-last"])
-def test_decode_step_several_splits(policy, early_merge, monkeypatch):
+@pytest.mark.parametrize("attention_first", [False, True], ids=["features-first", "attention-first"])
+def test_decode_step_several_splits(policy, early_merge, attention_first, monkeypatch):
     """More slots than one attention block: several splits per KV head, merged by the first split's
     program or by the last to finish, the next spare picked by the last (atomic counter); scratch
-    left zeroed for the next step."""
+    left zeroed for the next step. Launch 1's programs in either order (``ATTENTION_FIRST``)."""
+    monkeypatch.setattr(K, "ATTENTION_FIRST", attention_first)
     step = K.decode_step
     monkeypatch.setattr(K, "decode_step", lambda *a, **kw: step(*a, **kw, early_merge=early_merge))
     ref, tri, worst = run_both(policy, "query", torch.float32, length=110, prompt=104, splits=3)
@@ -123,12 +125,14 @@ class _Recorder:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("state_heads", ["kv", "query"])
-def test_decode_step_gpu(dtype, state_heads):
+@pytest.mark.parametrize("attention_first", [False, True], ids=["features-first", "attention-first"])
+def test_decode_step_gpu(dtype, state_heads, attention_first, monkeypatch):
     """8B-like heads, 100 decode steps after a 300-token prompt, 256-token budget: every step evicts
     and folds. Each step starts from the reference's cache (``resync``): the output and the cache
     after the step agree to the dtype's rounding, and where the two pick different victims the
     scores of both are a near-tie. Both sides get the maps in ``dtype`` (the runtime's); the state
     must matter (the outputs move by more than the tolerance without it)."""
+    monkeypatch.setattr(K, "ATTENTION_FIRST", attention_first)
     shape = dict(device="cuda", b=3, hq=32, hkv=8, d=128, n=512, length=400, prompt=300, splits=None)
     policy = R.Policy(sink=0, heavy=200, recent=56)
     ref, tri, worst = run_both(policy, state_heads, dtype, resync=True, **shape)
