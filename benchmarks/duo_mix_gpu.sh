@@ -29,12 +29,7 @@ case ${1:-} in
   all)
     bash "$0" needle; bash "$0" smol ;;  # longer than one device call: run the parts separately
   smol)  # SmolLM2 (pieces joined from /tmp/smol, see gpu_round.sh): every task of both gate files, side by side
-    SMOL=/tmp/kvc/smollm2-135m-instruct
-    if [ ! -f $SMOL/config.json ]; then
-      pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl >/dev/null 2>&1
-      PYTHONPATH=$PYTHONPATH:/tmp/site python models/fetch_smollm2.py --from /tmp/smol/*.part00 /tmp/smol/*.part01 \
-        /tmp/smol/*.part02 --out $SMOL 2>&1 | tail -2
-    fi
+    SMOL=$(bash benchmarks/gpu_smol_model.sh) || exit 0
     EVAL="--dtype float32 --chat --sparsity 0.5,0.75,0.9 --inverted 0.5 --lengths 1024,2048 --depths 5 --samples 4
       --tasks passkey,multikey,multivalue,kvlookup,people,ppl --ppl-context 2048 --ppl-tokens 65536"
     for g in passkey=benchmarks/results/smollm2-duo-gates-passkey.safetensors mix=kvpress/data/duo/smollm2-135m-instruct.safetensors; do

@@ -48,7 +48,7 @@ case $part in
   quality)
     quality 150 _gpu --epochs 16 --halve-every 4 --lr 1e-2 --maps r8h128,r8h512 ;;
   smol)
-    smol=$(python -c "from kvpress.testbed import smollm2_path; print(smollm2_path())") || exit 0
+    smol=$(bash benchmarks/gpu_smol_model.sh) || exit 0
     timeout 200 python benchmarks/less_quality.py --device cuda --model "$smol" --chat --train-samples 128 \
       --train-length 1024 --capture-batch 16 --batch-size 2 --val-fraction 0.1 --eval-windows 32 --epochs 12 \
       --halve-every 4 --lr 1e-2 --maps r8h128,r8h512 --save-maps "$R/maps_smol" \

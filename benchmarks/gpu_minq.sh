@@ -70,16 +70,7 @@ quality minference_quality_needle_llama_gpu 60 --model "$NL" --dtype float32 \
   --tasks passkey,multikey,multivalue,kvlookup --lengths 8192 --depths 5 --samples ${SAMPLES:-1}
 
 # 2. SmolLM2-135M-Instruct at 1K and 2K (where it retrieves), chat prompts, fp32.
-SMOL=""
-for d in "${KVPRESS_CACHE:-$HOME/.cache/kvpress}/smollm2-135m-instruct" /tmp/kvc/smollm2-135m-instruct; do
-  [ -f "$d/config.json" ] && [ -f "$d/model.safetensors" ] && SMOL=$d && break
-done
-if [ -z "$SMOL" ] && ls .smol/*.part02 >/dev/null 2>&1; then
-  pip install -q --no-index --no-deps --target /tmp/minq-site .whl/gguf-*.whl >/dev/null 2>&1
-  PYTHONPATH=$PYTHONPATH:/tmp/minq-site timeout 60 python models/fetch_smollm2.py --from .smol/*.part00 .smol/*.part01 \
-    .smol/*.part02 --out /tmp/kvc/smollm2-135m-instruct 2>&1 | tail -2
-  [ -f /tmp/kvc/smollm2-135m-instruct/model.safetensors ] && SMOL=/tmp/kvc/smollm2-135m-instruct
-fi
+SMOL=$(bash benchmarks/gpu_smol_model.sh)
 if [ -n "$SMOL" ]; then
   search smol_eq256 "$SMOL" 2048 171 "ashape:32:224,vs:30:226,vs:64:192,vs:128:128,vs:192:64,block:4"
   search smol_eq480 "$SMOL" 2048 171 "ashape:64:416,vs:30:450,vs:128:352,vs:240:240,vs:416:64,block:7"

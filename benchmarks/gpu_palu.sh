@@ -10,6 +10,7 @@
 #                                        whitening + Fisher, 4/3 bits), 60% and 75%, and groups of one head at 50%
 #   bash benchmarks/gpu_palu.sh smollm2-sweep  SmolLM2 perplexity over calibration choices (64 x 2048 tokens)
 #   bash benchmarks/gpu_palu.sh needle   needle-llama quality over group sizes x kept ranks (the frontier's quality side)
+#   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -54,13 +55,8 @@ PY
       --lengths 65536 131072 --tag _r4 --out "$R" > "$R/layer_r4.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r4.log" | tail -12 ;;
   smollm2|smollm2-sweep)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
-    SMOL=/tmp/kvc/smollm2-135m-instruct
-    if [ ! -f $SMOL/config.json ] && [ "$(ls /tmp/smol/*.part0[012] 2>/dev/null | wc -l)" = 3 ]; then
-      pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl >/dev/null 2>&1
-      PYTHONPATH=${PYTHONPATH:-}:/tmp/site timeout 60 python models/fetch_smollm2.py --from /tmp/smol/*.part00 \
-        /tmp/smol/*.part01 /tmp/smol/*.part02 --out $SMOL 2>&1 | tail -2
-    fi
-    if [ -f $SMOL/config.json ]; then
+    SMOL=$(bash benchmarks/gpu_smol_model.sh)
+    if [ -n "$SMOL" ]; then
       if [ "$part" = smollm2-sweep ]; then
         timeout 240 python benchmarks/palu_quality.py --model $SMOL --device cuda --sweep --group-size 3 --multiple 16 \
           --calib-samples 64 --calib-len 2048 --sweep-snapshots 4,16 --ppl-tokens 65536 --ppl-context 2048 \
@@ -73,15 +69,17 @@ PY
         grep "^| \|calibrated" "$R/smollm2.log" || tail -3 "$R/smollm2.log"
       fi
     else
-      echo "SmolLM2 not here ($SMOL, or its 3 GGUF pieces in /tmp/smol): quality skipped"
+      echo "SmolLM2 not here: quality skipped"
     fi ;;
   needle)  # the quality side of the frontier on needle-llama: group sizes 1/2/4 x kept ranks 25/50/75%
     timeout 60 python benchmarks/palu_quality.py --device cuda --group-size 1 --ratio 0.5 \
       --frontier 1:0.25,1:0.75,2:0.25,2:0.5,2:0.75,4:0.25,4:0.5,4:0.75 --multiple 8 --lengths 1024,2048 --depths 5 \
       --samples 2 --out "$R/palu_quality_needle_frontier.json" > "$R/needle.log" 2>&1
     grep "^| \|calibrated" "$R/needle.log" || tail -3 "$R/needle.log" ;;
+  graph-probe)  # where graph decode and eager decode part (the GPU test test_gpu_graph_decode_equals_eager)
+    timeout 150 python benchmarks/palu_graph_probe.py --out "$R" > "$R/graph_probe.log" 2>&1; grep "^{" "$R/graph_probe.log" || tail -20 "$R/graph_probe.log" ;;
   tpot)
     timeout 200 python benchmarks/bench_palu.py tpot --out "$R" 2>&1 | tee "$R/tpot.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, smollm2, smollm2-sweep, needle, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"
