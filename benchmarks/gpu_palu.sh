@@ -10,6 +10,7 @@
 #                                        whitening + Fisher, 4/3 bits), 60% and 75%, and groups of one head at 50%
 #   bash benchmarks/gpu_palu.sh smollm2-sweep  SmolLM2 perplexity over calibration choices (64 x 2048 tokens)
 #   bash benchmarks/gpu_palu.sh needle   needle-llama quality over group sizes x kept ranks (the frontier's quality side)
+#   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
 set -uo pipefail
@@ -76,10 +77,12 @@ PY
       --frontier 1:0.25,1:0.75,2:0.25,2:0.5,2:0.75,4:0.25,4:0.5,4:0.75 --multiple 8 --lengths 1024,2048 --depths 5 \
       --samples 2 --out "$R/palu_quality_needle_frontier.json" > "$R/needle.log" 2>&1
     grep "^| \|calibrated" "$R/needle.log" || tail -3 "$R/needle.log" ;;
+  tests)
+    timeout 120 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5 ;;
   graph-probe)  # where graph decode and eager decode part (the GPU test test_gpu_graph_decode_equals_eager)
     timeout 150 python benchmarks/palu_graph_probe.py --out "$R" > "$R/graph_probe.log" 2>&1; grep "^{" "$R/graph_probe.log" || tail -20 "$R/graph_probe.log" ;;
   tpot)
     timeout 200 python benchmarks/bench_palu.py tpot --out "$R" 2>&1 | tee "$R/tpot.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

@@ -293,7 +293,11 @@ def test_static_decode_steps_with_the_kernel_equal_eager(monkeypatch):
 @torch.no_grad()
 def test_gpu_graph_decode_equals_eager(bits):
     """Captured and replayed on the GPU (the fused decode kernel, the model's fused small ops): the
-    greedy tokens of eager decode on a left-padded batch, one capture."""
+    greedy tokens and logits of eager decode on a left-padded batch, one capture. The static steps
+    read whole buffers (the reference and the kernel alike), so bf16 roundings differ by a few ulps
+    from the second step on (benchmarks/palu_graph_probe.py: ~0.02, the torch reference too): the
+    tokens agree until a step where eager's best two logits are that close, and the logits until
+    then agree to the rounding."""
     from test_graph import generate, gpu_model, padded
 
     model = gpu_model()
@@ -303,9 +307,16 @@ def test_gpu_graph_decode_equals_eager(bits):
     tokens, logits, _ = generate(model, setting, "eager", ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
     g_tokens, g_logits, (replays, first) = generate(model, setting, "graph", ids, attention_mask=mask,
                                                     max_new_tokens=40, do_sample=False)
-    assert torch.equal(g_tokens, tokens)
-    torch.testing.assert_close(g_logits, logits, rtol=1e-2, atol=1e-2)
     assert replays == 39 and first == 1
+    width, tol = ids.shape[1], 0.05
+    differ = (g_tokens[:, width:] != tokens[:, width:]).any(0).nonzero()
+    until = int(differ[0]) if len(differ) else logits.shape[1]
+    assert until >= 2, "the first decode step (eager in both) or the first replay already differs"
+    torch.testing.assert_close(g_logits[:, :until], logits[:, :until], rtol=0, atol=tol)
+    if until < logits.shape[1]:  # where the tokens part, eager's best two logits are a near-tie
+        rows = (g_tokens[:, width + until] != tokens[:, width + until]).nonzero()[:, 0]
+        top2 = logits[rows, until].float().topk(2, -1).values
+        assert ((top2[:, 0] - top2[:, 1]) <= tol).all(), top2
 
 
 # -- the quality benchmark's scoring --------------------------------------------------------------
