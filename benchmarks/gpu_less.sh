@@ -53,7 +53,7 @@ case $part in
     # with twice its windows and both map sizes
     timeout ${SMOL_TIMEOUT:-280} python benchmarks/less_quality.py --device cuda --model "$smol" --chat --policies h2o \
       --train-samples 128 --train-length 1024 --capture-batch 16 --batch-size 2 --val-fraction 0.1 --eval-windows 32 \
-      --epochs 16 --halve-every 6 --lr 1e-2 --maps r8h128,r8h512 --save-maps "$R/maps_smol" \
+      --epochs 16 --halve-every 6 --lr 1e-2 --maps r8h128,r8h512 --save-maps "$R/maps_smol" ${SMOL_ARGS:-} \
       --out "$R/less_quality_smollm2_gpu.json" > "$R/quality_smol.log" 2>&1
     grep "^\[\|^| " "$R/quality_smol.log" | tail -30 || tail -5 "$R/quality_smol.log" ;;
   *) echo "unknown part $part (round2, round3, tests, layer, e2e, memory, quality, smol)" ;;

@@ -189,6 +189,8 @@ def main() -> int:
     parser.add_argument("--trained-lambda", help="a trained LESS config folder for the Lambda rows (skips training)")
     parser.add_argument("--trained-h2o", help="the same for the H2O rows")
     parser.add_argument("--save-maps", help="write each trained config folder under this folder (POLICY-SPEC)")
+    parser.add_argument("--train-only", action="store_true", help="train and --save-maps, no evaluation (evaluate "
+                        "later, elsewhere, with --trained-POLICY)")
     parser.add_argument("--eval-windows", type=int, default=6)
     parser.add_argument("--eval-length", type=int, default=1024)
     parser.add_argument("--passkey-lengths", default="1024")
@@ -203,6 +205,8 @@ def main() -> int:
                         help="cpu or cuda (the model stays fp32; captured activations stay in its memory)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.train_only and not args.save_maps:
+        parser.error("--train-only needs --save-maps DIR (where the trained maps go)")
     if args.threads:
         torch.set_num_threads(args.threads)
     register()
@@ -280,6 +284,13 @@ def main() -> int:
                              f"q-r{loaded.rank}h{loaded.hidden}", (loaded, None))])
         else:
             trained = train_maps(model, tokenizer, base, specs, training, Path(args.work), log)
+        if args.train_only:
+            for spec, (config, loss) in trained:
+                losses[f"LESS {name}, trained {spec}"] = loss
+                config.save(Path(args.save_maps) / f"{name}-{spec}")
+                log(f"saved {name}-{spec}")
+                write()
+            continue
         only = add(f"{name} only", LessConfig.random(shape, **{**base.fields_dict(), "state": False}), None)
         rows[f"{name} only"]["gap_recovered"] = 0.0
         add(f"LESS {name}, untrained maps", LessConfig.random(shape, **base.fields_dict()), only)
