@@ -53,17 +53,12 @@ from kvpress.methods.less import FeatureMaps, Less, LessConfig  # noqa: E402
 METHODS.setdefault("less", Less)  # until kvpress.methods registers it
 
 RESULTS = Path(__file__).parent / "results"
-# launch 1's settings timed beside the module's: the grid fits one wave of three programs per SM (396 slots) with 2
-# stages and at most 268 feature + attention programs (BLOCK_H 128: 160 feature programs beside 128 attention ones)
+# launch 1's settings timed beside the module's (kernels/less.py: BLOCK_H 128, 3 stages)
 LAUNCH_ONE_SETTINGS = {
     "in 2 stages": dict(STEP_STAGES=2),
     "in 1 stage": dict(STEP_STAGES=1),
-    "attention programs first": dict(ATTENTION_FIRST=True),
-    "with 128 hidden units per feature program": dict(BLOCK_H=128),
+    "with 64 hidden units per feature program": dict(BLOCK_H=64),
     "with 256 hidden units per feature program": dict(BLOCK_H=256),
-    "in 2 stages, 128 hidden units per feature program": dict(STEP_STAGES=2, BLOCK_H=128),
-    "in 2 stages, 128 hidden units, attention first": dict(STEP_STAGES=2, BLOCK_H=128, ATTENTION_FIRST=True),
-    "in 2 stages, attention first": dict(STEP_STAGES=2, ATTENTION_FIRST=True),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}
@@ -145,7 +140,7 @@ def layer_rows(dev, lengths, smoke):
                     late = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5,  # noqa: E731
                                                       state=state, early_merge=False)
                     rows.append({"L": L, "variant": f"LESS {name}, merged by the last program", "graph_us": c.graph_time(late) * 1e6})
-                    # launch 1's settings other than the module's (kernel.STEP_STAGES, ATTENTION_FIRST, BLOCK_H)
+                    # launch 1's settings other than the module's (kernel.STEP_STAGES, BLOCK_H)
                     for what, settings in LAUNCH_ONE_SETTINGS.items():
                         defaults = {setting: getattr(kernel, setting) for setting in settings}
                         try:

@@ -39,7 +39,10 @@ from . import less_reference as reference
 
 BLOCK_N = 64  # slots per inner step of the attention
 BLOCK_E = 256  # slots per step of the score update / eviction candidates
-BLOCK_H = 64  # hidden units per feature program
+# Hidden units per feature program. 128 (the paper's 512 hidden units in 4 programs per head: 160 feature
+# programs beside 128 attention programs on the 8B shape) against 64 (320): a step of 19.6 us instead of
+# 23.8 us on the H200 (benchmarks/bench_less.py layer, less_layer_NVIDIA_H200.json; 256: 21.8 us).
+BLOCK_H = 128
 MAX_SPLITS = 16  # splits of a KV head's slots (one program merges them in one tile)
 NUM_WARPS = 4
 # Software-pipelining depth of launch 1's attention loop. A program walks two or three 64-slot blocks,
@@ -47,10 +50,6 @@ NUM_WARPS = 4
 # 2 take 70 KB (three, as many as its 168 registers allow: the whole grid in about one wave); read
 # offline from the sm_90a build. 3 is the measured setting; benchmarks/bench_less.py layer times 2 and 1.
 STEP_STAGES = 3
-# Launch 1 with its attention programs first in the grid (they are the longest; the feature programs
-# would fill the slots beside and after them) instead of after the feature programs. Off, as measured,
-# until timed: benchmarks/bench_less.py layer times it.
-ATTENTION_FIRST = False
 LOG2E = 1.4426950408889634
 
 
@@ -90,9 +89,9 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
                  q_b, q_h, n_b, n_h, Hq, Hkv, Hs, S, N, n_phi, n_fold, n_splits, split_len, qk_scale,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STORE_LOGITS: tl.constexpr, ATTENTION_FIRST: tl.constexpr = False):
+                 STORE_LOGITS: tl.constexpr):
     """Launch 1 of a decode step: three kinds of programs, independent of one another, numbered as
-    below (``ATTENTION_FIRST``: the attention programs are the grid's first, renumbered last here).
+    below.
 
     * ``n_phi = B * Hq * CHUNKS`` feature programs (0 without a state): one chunk of hidden units of ``phi(q)`` of a query head,
       summed into ``PHI_ACC [B, Hq, R]`` (atomics; the merge applies the last GELU).
@@ -104,12 +103,6 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
       hitters, the raw logits ``LOGITS [B, Hq, S]`` (log2 units).
     """
     pid = tl.program_id(0)
-    if ATTENTION_FIRST:
-        n_attn = tl.num_programs(0) - n_phi - n_fold
-        if pid >= n_attn:  # the feature programs after the attention programs
-            pid -= n_attn
-        else:  # an attention program: numbered after the feature programs below
-            pid += n_phi + n_fold
     if pid < n_phi:
         head = pid // CHUNKS  # b * Hq + h
         b = head // Hq
@@ -454,7 +447,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, hs_heads, slots, n_hidden,
         n_phi, n_fold, splits, split_len, scale * LOG2E,
         G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
-        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, ATTENTION_FIRST=ATTENTION_FIRST, num_warps=NUM_WARPS,
+        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, num_warps=NUM_WARPS,
         num_stages=STEP_STAGES)
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
     _finish_kernel[(b * hkv * splits,)](

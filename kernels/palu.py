@@ -43,11 +43,9 @@ NUM_WARPS = 4
 NUM_STAGES = 3  # software-pipelining depth of the innermost loop (the plan lowers it when short)
 TOKENS_M = True  # scores as [tokens, query heads] (see _palu_decode_kernel); False: [query heads, tokens]
 PREFETCH = False  # issue the loads no tl.dot takes (ranks, rope rows, quantised words) a block ahead by hand
-REBUILD_AHEAD = False  # rebuild the next block's keys (wgmma left in flight) before this block's softmax
 ROPE_IN_DTYPE = False  # rotate the rebuilt keys in the model's dtype (as transformers does) instead of fp32
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
-TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
-           "REBUILD_AHEAD")
+TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per key-latent bits (0:
 # unquantised), over the module defaults above; names as the module constants. From
 # benchmarks/results/palu_sweep_r4_NVIDIA_H200.json (128K tokens, Llama-3-8B shape, groups of one KV
@@ -154,7 +152,6 @@ def _palu_decode_kernel(
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_M: tl.constexpr,
     HAS_LEN: tl.constexpr, ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
-    REBUILD_AHEAD: tl.constexpr = False,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -231,14 +228,6 @@ def _palu_decode_kernel(
     # block ahead by hand (PREFETCH): ranks, rope rows (gathered by position: positions two blocks
     # ahead) and quantised words/scales. Each loop step then uses what the previous one loaded.
     PF_K: tl.constexpr = PREFETCH and K_BITS > 0 and RC == RK
-    # the keys of block i + 1 rebuilt during block i (one key-rank chunk, its words not prefetched by hand):
-    # their wgmmas run while block i's rotation, scores and softmax do
-    AHEAD: tl.constexpr = REBUILD_AHEAD and RC == RK and not PF_K
-    if AHEAD:
-        h = _latent_tile(KL, KS, k_row0 + start, ks_row0 + start, local, 0, RK, RC, K_BITS, K_QG, K_NQ, K_WORDS,
-                         K_FAST, BLOCK_N, start + local < stop, dtype)
-        k1_nx = tl.dot(h, u1_all)
-        k2_nx = tl.dot(h, u2_all)
     PF_V: tl.constexpr = PREFETCH and V_BITS > 0
     if PREFETCH:
         ok0 = start + local < stop
@@ -276,13 +265,7 @@ def _palu_decode_kernel(
         ok = (kr >= 0) & (dist >= 0) & (dist < window)
 
         # rebuild this head's keys: [BLOCK_N, HALF] halves, fp32 accumulation
-        if AHEAD:
-            k1, k2 = k1_nx, k2_nx
-            h = _latent_tile(KL, KS, k_row0 + start_n + BLOCK_N, ks_row0 + start_n + BLOCK_N, local, 0, RK, RC, K_BITS,
-                             K_QG, K_NQ, K_WORDS, K_FAST, BLOCK_N, offs_n + BLOCK_N < stop, dtype)
-            k1_nx = tl.dot(h, u1_all)
-            k2_nx = tl.dot(h, u2_all)
-        elif RC == RK:
+        if RC == RK:
             if PF_K:
                 h = _dequant(kw, ksc, klo, 0, RC, K_BITS, K_QG, K_FAST, BLOCK_N, dtype)
             else:
@@ -609,7 +592,6 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, TOKENS_M=tuned["TOKENS_M"],
         HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
-        REBUILD_AHEAD=tuned["REBUILD_AHEAD"],
         num_warps=tuned["NUM_WARPS"], num_stages=stages,
     )
     return po, pml, splits

@@ -176,18 +176,6 @@ def test_decode_kernel_fp16_window_and_padding_query(rope_in_dtype, monkeypatch)
 
 
 @interpreter_only
-@pytest.mark.parametrize("case", [dict(gs=1, rk=16, bias=False, norm=False), dict(rk=16), dict(bits=4, rk=16, rv=8),
-                                  dict(batch=1, tokens=1, pad=0, rk=16), dict()])
-@pytest.mark.parametrize("tokens_m", [True, False])
-def test_decode_kernel_rebuilds_a_block_ahead(case, tokens_m, monkeypatch):
-    """``REBUILD_AHEAD``: block i + 1's keys rebuilt during block i (one rank chunk; with several chunks,
-    ``rk`` 12 in the default case, the setting is ignored): the same result."""
-    settings(monkeypatch, REBUILD_AHEAD=True, TOKENS_M=tokens_m, BLOCK_N=16)
-    a = make_case(**case)
-    torch.testing.assert_close(palu.palu_decode(**a, splits=2), ref.latent_attention(**a), atol=2e-5, rtol=1e-4)
-
-
-@interpreter_only
 @pytest.mark.parametrize("case", [dict(stride=3), dict(rope_scale=1.25), dict(pad=40, tokens=70)])
 def test_decode_kernel_positions_and_scaled_tables(case):
     """Each token rotated at its own position: positions with gaps, tables scaled by an attention
@@ -202,11 +190,9 @@ def test_decode_kernel_positions_and_scaled_tables(case):
     [
         (torch.bfloat16, None, 1, 4, 64, 64, "tuned"),  # Llama-3-8B at 50%, groups of one KV head
         (torch.bfloat16, None, 1, 4, 64, 64, "heads-as-m"),
-        (torch.bfloat16, None, 1, 4, 64, 64, "prefetch"),
-        (torch.bfloat16, None, 1, 4, 64, 64, "rebuild-ahead"),
-        (torch.bfloat16, 4, 1, 4, 64, 64, "rebuild-ahead"),
+        (torch.bfloat16, None, 1, 4, 64, 64, "no-prefetch"),
         (torch.bfloat16, 4, 1, 4, 64, 64, "tuned"),  # 4-bit, word-by-word dequantisation
-        (torch.bfloat16, 4, 1, 4, 64, 64, "prefetch"),
+        (torch.bfloat16, 4, 1, 4, 64, 64, "no-prefetch"),
         (torch.bfloat16, 4, 1, 4, 64, 64, "rope-in-dtype"),
         (torch.bfloat16, 4, 1, 1, 64, 64, "tuned"),  # MHA
         (torch.bfloat16, None, 1, 1, 96, 96, "tuned"),  # ragged rank: three chunks, padded value tile
@@ -217,8 +203,7 @@ def test_decode_kernel_positions_and_scaled_tables(case):
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     """The measured settings (``TUNED``), and each optional path changed on its own."""
-    changed = {"heads-as-m": dict(TOKENS_M=False), "prefetch": dict(PREFETCH=True),
-               "rebuild-ahead": dict(REBUILD_AHEAD=True, PREFETCH=False),
+    changed = {"heads-as-m": dict(TOKENS_M=False), "prefetch": dict(PREFETCH=True), "no-prefetch": dict(PREFETCH=False),
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0), **changed})
     hkv = 8

@@ -3,7 +3,7 @@ shared memory, which loads of the token loop are pipelined (async copies), and t
 instructions per warp per block (wgmma, barriers, shuffles), from the ptxas / cuobjdump that come
 with Triton. A way to compare kernel variants between device sessions; it measures no time.
 
-    python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch] [--rebuild-ahead]
+    python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
                               [--heads-as-m] [--bits 0|4] [--rank 64] [--sass FILE]
 
 The shapes are Llama-3-8B's at half rank, groups of one KV head (query heads 4 per KV head, head dim
@@ -40,8 +40,7 @@ def compile_kernel(a):
                      K_QG=32 if a.bits else 0, K_NQ=a.rank // 32 if a.bits else 1, K_WORDS=words, K_FAST=a.bits in (2, 4),
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
-                     TOKENS_M=not a.heads_as_m, HAS_LEN=True, ROPE_IN_DTYPE=False, PREFETCH=a.prefetch,
-                     REBUILD_AHEAD=a.rebuild_ahead)
+                     TOKENS_M=not a.heads_as_m, HAS_LEN=True, ROPE_IN_DTYPE=False, PREFETCH=a.prefetch)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     names = list(inspect.signature(palu._palu_decode_kernel.fn).parameters)
     signature = {n: "constexpr" if n in constants else pointers.get(n, "fp32" if n in FLOATS else "i32") for n in names}
@@ -69,7 +68,6 @@ def main() -> int:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--prefetch", action="store_true")
-    p.add_argument("--rebuild-ahead", action="store_true")
     p.add_argument("--heads-as-m", action="store_true")
     p.add_argument("--bits", type=int, default=0, choices=[0, 4])
     p.add_argument("--rank", type=int, default=64)
