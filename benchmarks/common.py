@@ -85,6 +85,7 @@ import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kvpress
+import kvpress.api
 
 K = 1024
 D = 128  # head dim of the 8B shape
@@ -317,12 +318,7 @@ def cache_argument(model) -> str:
     """The keyword under which ``model``'s forward takes its cache: ``cache`` from transformers
     5.24 (``past_key_values`` still works there, with a deprecation warning, until 5.40),
     ``past_key_values`` before."""
-    params = inspect.signature(model.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    raise ValueError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`; "
-                     "these benchmarks need a transformers causal LM")
+    return kvpress.api.cache_argument(list(inspect.signature(model.forward).parameters))
 
 
 def forward(model, ids, cache, arg=None):

@@ -3,7 +3,6 @@ models of every family. See ``tests/conformance.py`` for what a case provides.""
 
 import copy
 import importlib
-import inspect
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpress
-from tiny_models import random_ids, tiny_model
+from tiny_models import cache_kw, random_ids, tiny_model
 
 CASES = {path.stem.removeprefix("cases_"): importlib.import_module(path.stem).CASE
          for path in sorted(Path(__file__).parent.glob("cases_*.py"))}
@@ -29,10 +28,6 @@ def patch(model, setting: dict, **extra):
     setting = {**setting, **extra}
     return kvpress.patch(model, setting.pop("method"), **setting)
 
-
-def cache_kw(model) -> str:
-    """The name under which this transformers' models take a cache (``cache`` from 5.24)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def greedy(model, ids, new_tokens=10, **kwargs):

@@ -6,7 +6,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 
 import kvpress
-from tiny_models import FAMILIES, random_ids, tiny_model
+from tiny_models import FAMILIES, cache_kw, random_ids, tiny_model
 
 NUM_LAYERS, NUM_KV_HEADS = 2, 4
 
@@ -159,8 +159,8 @@ def test_a_forward_that_failed_half_way_leaves_the_cache_usable(monkeypatch):
                 with monkeypatch.context() as m:
                     m.setattr(layer, "_kvpress_method", None)  # the "kvpress" attention function raises
                     with pytest.raises(RuntimeError):
-                        model(random_ids(2, 1, seed=9), past_key_values=cache)
-            logits = model(steps[:, t : t + 1], past_key_values=cache).logits
+                        model(random_ids(2, 1, seed=9), **{cache_kw(model): cache})
+            logits = model(steps[:, t : t + 1], **{cache_kw(model): cache}).logits
         return logits, cache
 
     clean_logits, clean_cache = run()
@@ -184,7 +184,7 @@ def test_chunked_prefill_equals_unchunked():
     torch.testing.assert_close(chunked_logits, logits, rtol=1e-4, atol=1e-4)
     cache = None  # by hand, through the model's forward
     for start in range(0, ids.shape[1], 10):
-        out = model(ids[:, start : start + 10], past_key_values=cache)
+        out = model(ids[:, start : start + 10], **{cache_kw(model): cache})
         cache = out.past_key_values
     torch.testing.assert_close(out.logits[:, -1], whole, rtol=1e-4, atol=1e-4)
 
@@ -200,9 +200,9 @@ def test_sampling_beams_and_user_cache_follow_generate():
         torch.manual_seed(3)
         sampled = model.generate(ids, do_sample=True, num_return_sequences=3, max_new_tokens=8)
         beams = model.generate(ids, num_beams=3, do_sample=False, max_new_tokens=8)
-        own_cache = model.generate(ids, past_key_values=DynamicCache(), do_sample=False, max_new_tokens=8)
+        own_cache = model.generate(ids, **{cache_kw(model): DynamicCache()}, do_sample=False, max_new_tokens=8)
         made_cache = kvpress.make_cache(model) if patched else DynamicCache()
-        runs[patched] = (sampled, beams, own_cache, model.generate(ids, past_key_values=made_cache, max_new_tokens=8))
+        runs[patched] = (sampled, beams, own_cache, model.generate(ids, **{cache_kw(model): made_cache}, max_new_tokens=8))
     for before, after in zip(runs[False], runs[True]):
         assert before.shape == after.shape and torch.equal(before, after)
     assert made_cache.get_seq_length() == 27 and kvpress.kv_cache_bytes(made_cache) > 0
@@ -303,4 +303,4 @@ def test_foreign_non_empty_cache_is_refused():
     dense_cache = model(ids).past_key_values
     kvpress.patch(model, "duo", config=half_streaming())
     with pytest.raises(ValueError, match="DynamicCache that is not empty"):
-        model(ids[:, :1], past_key_values=dense_cache)
+        model(ids[:, :1], **{cache_kw(model): dense_cache})

@@ -5,7 +5,7 @@ import torch
 
 import kvpress
 import kvpress.kernels
-from tiny_models import random_ids, tiny_model
+from tiny_models import cache_kw, random_ids, tiny_model
 
 pytestmark = pytest.mark.gpu
 
@@ -38,7 +38,7 @@ def test_kernels_match_reference_in_a_patched_model(dtype, monkeypatch):
         logits, cache = [out.logits[:, -1]], out.past_key_values
         for t in range(steps.shape[1]):  # teacher-forced decode: both paths see the same tokens
             attention_mask_t = torch.cat([attention_mask, torch.ones(3, t + 1, dtype=attention_mask.dtype, device="cuda")], 1)
-            out = model(steps[:, t : t + 1], attention_mask=attention_mask_t, past_key_values=cache)
+            out = model(steps[:, t : t + 1], attention_mask=attention_mask_t, **{cache_kw(model): cache})
             logits.append(out.logits[:, -1])
             cache = out.past_key_values
         return torch.stack(logits, 1), cache
@@ -69,7 +69,7 @@ def test_window_covering_the_sequence_matches_unpatched_on_cuda():
         logits, cache = [out.logits[:, -1]], out.past_key_values
         for t in range(steps.shape[1]):
             mask_t = torch.cat([attention_mask, torch.ones(3, t + 1, dtype=attention_mask.dtype, device="cuda")], 1)
-            out = model(steps[:, t : t + 1], attention_mask=mask_t, past_key_values=cache)
+            out = model(steps[:, t : t + 1], attention_mask=mask_t, **{cache_kw(model): cache})
             logits.append(out.logits[:, -1])
             cache = out.past_key_values
         return torch.stack(logits, 1)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import kvpress
 from kvpress.api import Patcher
 from kvpress.cache import LedgerSpec, TokenLedger, Window
-from tiny_models import random_ids, tiny_model
+from tiny_models import cache_kw, random_ids, tiny_model
 
 
 def test_patcher_restores_submodules_parameters_and_forwards_exactly():
@@ -42,7 +42,7 @@ def test_model_sliding_window_layers_keep_only_their_window():
     for method, config in (("dense", None), ("duo", kvpress.DuoConfig.from_retrieval_mask(torch.ones(2, 4, dtype=torch.bool)))):
         kvpress.patch(model, method, config=config)
         cache = model(ids).past_key_values
-        cache = model(random_ids(1, 1, seed=3), past_key_values=cache, attention_mask=torch.ones(1, 258)).past_key_values
+        cache = model(random_ids(1, 1, seed=3), **{cache_kw(model): cache}, attention_mask=torch.ones(1, 258)).past_key_values
         assert kvpress.kv_cache_bytes(cache) == 2 * per_token * slots + 4 * slots + 4  # window ranks + real count
         kvpress.unpatch(model)
 

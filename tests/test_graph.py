@@ -6,7 +6,6 @@ compactions, capacity growths, padding, sampling and beam reorders. On a GPU (te
 the steps are captured and replayed, and must give the eager tokens too."""
 
 import gc
-import inspect
 import logging
 import weakref
 
@@ -20,16 +19,13 @@ from kvpress.cache import HeadGroup
 from kvpress.kernels import grouped_attention
 from kvpress.kernels.decode import decode_attention
 from cases_duo import gates
-from tiny_models import random_ids, tiny_model
+from tiny_models import cache_kw, random_ids, tiny_model
 
 SETTINGS = {
     "dense": lambda model: dict(method="dense"),
     "duo": lambda model: dict(method="duo", config=gates(model, "half")),  # sink 4 + recent 8: compacts every 16 steps
 }
 
-
-def cache_kw(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def make_model(family="llama", **overrides):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
+from tiny_models import cache_kw, random_ids, tiny_model
 
 import kvpress
 from kvpress.api import attention_override
@@ -226,8 +226,8 @@ def test_chunked_prefill_builds_indices_against_previous_keys():
         want = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
     kvpress.patch(model, "minference", **LOSSY)
     cache = kvpress.make_cache(model)
-    model.base_model(input_ids=ids[:, :200], past_key_values=cache)
-    got = model.base_model(input_ids=ids[:, 200:], past_key_values=cache).last_hidden_state
+    model.base_model(input_ids=ids[:, :200], **{cache_kw(model.base_model): cache})
+    got = model.base_model(input_ids=ids[:, 200:], **{cache_kw(model.base_model): cache}).last_hidden_state
     torch.testing.assert_close(got, want[:, 200:], atol=1e-4, rtol=1e-4)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, random_ids, tiny_model
+from tiny_models import FAMILIES, cache_kw, random_ids, tiny_model
 
 import kvpress
 from kvpress import kernels
@@ -179,7 +179,7 @@ def test_cache_holds_latents_only():
         kvpress.patch(model, "palu", **options)
         try:
             cache = kvpress.make_cache(model)
-            model(ids, attention_mask=mask, past_key_values=cache)
+            model(ids, attention_mask=mask, **{cache_kw(model): cache})
             sizes[name] = kvpress.kv_cache_bytes(cache)
         finally:
             kvpress.unpatch(model)

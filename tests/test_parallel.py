@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 import kvpress
 from kvpress.adapters import HeadShard, describe
 from kvpress.methods.base import HeadAxis, select_heads
-from tiny_models import random_ids, tiny_model
+from tiny_models import cache_kw, random_ids, tiny_model
 
 PROMPT, NEW = 20, 8  # a duo window of sink 2 + recent 4 is compacted during these steps (slack 16)
 CASES = ("dense", "duo", "minference", "minference+duo", "less", "palu")
@@ -243,7 +243,7 @@ def test_device_map_tokens_equal_single_gpu(case):
     for _ in range(NEW):  # decode steps: GPU 1's ranks are the ledger's, appended in place there
         ids = torch.cat([ids, ids[:, -1:]], 1)
         mask = torch.cat([mask, mask[:, -1:]], 1)
-        cache = model(ids[:, -1:], attention_mask=mask, past_key_values=cache).past_key_values
+        cache = model(ids[:, -1:], attention_mask=mask, **{cache_kw(model): cache}).past_key_values
     ledger = cache.layers[0].ledger
     mirror = ledger._mirrors[torch.device("cuda", 1)]
     main = {None: ledger.rank, **ledger.window_rank}

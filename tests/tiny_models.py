@@ -59,3 +59,13 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(1, SHAPE["vocab_size"], (batch, length), generator=generator)
+
+
+def cache_kw(model) -> str:
+    """The keyword under which ``model``'s forward takes a cache: ``cache`` from transformers 5.24
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    import inspect
+
+    from kvpress.api import cache_argument
+
+    return cache_argument(list(inspect.signature(model.forward).parameters))
