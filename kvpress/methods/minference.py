@@ -81,8 +81,10 @@ class MInferenceConfig:
         max_work: a layer over at least ``WORK_CHECK_KEYS`` (65536) keys prefills dense when, once its
             VS index is built, the VS kernel would run more than this fraction of dense causal
             attention's work (64x64 tiles; the chosen diagonals are 64-key ranges per query block, so
-            scattered ones cost far more than their count). The VS kernel runs at about half of
-            dense SDPA's FLOP/s on the H200, so sparse pays below ~0.5. None: never checked.
+            scattered ones cost far more than their count). 0.45 was set when the VS kernel ran at
+            about half of dense SDPA's FLOP/s per tile on the H200 (sparse paid below ~0.5); its
+            per-tile speed has grown since and the threshold was not re-measured (a conservative
+            setting: layers near it prefill dense). None: never checked.
         union_heads: query heads per program of the VS kernel. 1: one program per query head (each
             head walks its own index); 2 or 4: the heads of a KV head in units of that many, each
             unit walking the union of its heads' indices with every head masked to its own (K/V
