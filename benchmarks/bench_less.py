@@ -59,6 +59,9 @@ LAUNCH_ONE_SETTINGS = {
     "in 1 stage": dict(STEP_STAGES=1),
     "with 64 hidden units per feature program": dict(BLOCK_H=64),
     "with 256 hidden units per feature program": dict(BLOCK_H=256),
+    # each extra 64-slot block per attention program cost ~1.5 us (splits 8 -> 16: 29.7 -> 23.7 us): one block each
+    "in 32 splits (one 64-slot block per attention program)": dict(MAX_SPLITS=32),
+    "in 32 splits, 1 stage": dict(MAX_SPLITS=32, STEP_STAGES=1),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}
