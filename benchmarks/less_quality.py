@@ -284,18 +284,20 @@ def main() -> int:
                              f"q-r{loaded.rank}h{loaded.hidden}", (loaded, None))])
         else:
             trained = train_maps(model, tokenizer, base, specs, training, Path(args.work), log)
-        if args.train_only:
-            for spec, (config, loss) in trained:
-                losses[f"LESS {name}, trained {spec}"] = loss
+        if not args.train_only:
+            only = add(f"{name} only", LessConfig.random(shape, **{**base.fields_dict(), "state": False}), None)
+            rows[f"{name} only"]["gap_recovered"] = 0.0
+            add(f"LESS {name}, untrained maps", LessConfig.random(shape, **base.fields_dict()), only)
+        done_plus = set()
+        for spec, (config, loss) in trained:  # each spec saved and evaluated as soon as it is trained
+            label = f"LESS {name}, trained {spec}"
+            losses[label] = loss
+            if args.save_maps:
                 config.save(Path(args.save_maps) / f"{name}-{spec}")
+            if args.train_only:
                 log(f"saved {name}-{spec}")
                 write()
-            continue
-        only = add(f"{name} only", LessConfig.random(shape, **{**base.fields_dict(), "state": False}), None)
-        rows[f"{name} only"]["gap_recovered"] = 0.0
-        add(f"LESS {name}, untrained maps", LessConfig.random(shape, **base.fields_dict()), only)
-        done_plus = set()
-        for spec, (config, loss) in trained:  # each spec evaluated as soon as it is trained
+                continue
             per_kv = shape.num_heads // shape.num_kv_heads if config.state_heads == "query" else 1
             extra = R.tokens_of_state(shape.head_dim, config.rank, 4, per_kv)
             if extra not in done_plus:
@@ -303,12 +305,8 @@ def main() -> int:
                 plus = dict(recent=base.recent + extra) if name == "lambda" else dict(heavy=base.heavy + extra)
                 add(f"{name} Baseline+ (+{extra} tokens)",
                     LessConfig.random(shape, **{**base.fields_dict(), **plus, "state": False}), only)
-            label = f"LESS {name}, trained {spec}"
             add(label, config, only)
             rows[label]["baseline_plus_tokens"] = extra
-            losses[label] = loss
-            if args.save_maps:
-                config.save(Path(args.save_maps) / f"{name}-{spec}")
             checks[label] = runtime_gap(model, windows[0][:, :256], config, prompt=base.budget.budget)
             write()
     print(write())

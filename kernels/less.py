@@ -447,8 +447,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, hs_heads, slots, n_hidden,
         n_phi, n_fold, splits, split_len, scale * LOG2E,
         G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
-        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, num_warps=NUM_WARPS,
-        num_stages=STEP_STAGES)
+        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, num_warps=NUM_WARPS, num_stages=STEP_STAGES)
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
     _finish_kernel[(b * hkv * splits,)](
         out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs, cache.z,

@@ -210,16 +210,17 @@ def test_config_files(tmp_path):
         LessConfig.load(tmp_path / "nothing")
 
 
+class Bytes:  # a byte tokenizer for the tiny vocabulary
+    def encode(self, text, add_special_tokens=True, verbose=False):
+        return [1 + b % 100 for b in text.encode()]
+
+
 def test_calibration_end_to_end(tmp_path, monkeypatch):
     """`kvpress-calibrate less` on a tiny model: trains, resumes per layer, writes a config that patches."""
     from kvpress.calibration import less as calib
 
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "model")
-
-    class Bytes:  # a byte tokenizer for the tiny vocabulary
-        def encode(self, text, add_special_tokens=True, verbose=False):
-            return [1 + b % 100 for b in text.encode()]
 
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: Bytes())
     parser = argparse.ArgumentParser()
@@ -267,10 +268,6 @@ def test_calibration_refuses_a_spill_the_disk_cannot_hold(tmp_path, monkeypatch)
     assert calib.spill_budget(tmp_path / "spill" / "deeper", 20.0, in_memory=False) == 0.9 * int(per_layer * 1.5)
     assert calib.spill_budget(tmp_path, 20.0, in_memory=True) == 20e9
     monkeypatch.setattr(calib.shutil, "disk_usage", lambda path: usage._replace(free=per_layer // 2))
-    class Bytes:
-        def encode(self, text, add_special_tokens=True, verbose=False):
-            return [1 + b % 100 for b in text.encode()]
-
     config = LessConfig(sink=2, recent=6, rank=4, hidden=16)
     with pytest.raises(ValueError, match="GB free under"):
         calib.calibrate_less(model, Bytes(), tmp_path / "out", config, training, text="some text " * 40, progress=False)

@@ -1,5 +1,7 @@
 """Tiny random models of every supported family (they build in milliseconds on CPU)."""
 
+import inspect
+
 import torch
 from transformers import (
     LlamaConfig,
@@ -11,6 +13,8 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+from kvpress.api import cache_argument
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -64,8 +68,4 @@ def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
 def cache_kw(model) -> str:
     """The keyword under which ``model``'s forward takes a cache: ``cache`` from transformers 5.24
     (``past_key_values`` is deprecated there), ``past_key_values`` before."""
-    import inspect
-
-    from kvpress.api import cache_argument
-
     return cache_argument(list(inspect.signature(model.forward).parameters))
