@@ -62,6 +62,7 @@ LAUNCH_ONE_SETTINGS = {
     # each extra 64-slot block per attention program cost ~1.5 us (splits 8 -> 16: 29.7 -> 23.7 us): one block each
     "in 32 splits (one 64-slot block per attention program)": dict(MAX_SPLITS=32),
     "in 32 splits, 1 stage": dict(MAX_SPLITS=32, STEP_STAGES=1),
+    "with the new token read in the attention loop": dict(NEW_APART=False),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}

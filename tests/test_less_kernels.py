@@ -86,11 +86,13 @@ def test_decode_step_one_split():
 @pytest.mark.parametrize("policy", [R.Policy(sink=2, heavy=0, recent=90), R.Policy(sink=1, heavy=80, recent=20)],
                          ids=["lambda", "h2o"])
 @pytest.mark.parametrize("early_merge", [True, False], ids=["early-merge", "merge-last"])
-@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=16)], ids=["one-chunk", "two-chunks"])
+@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=16), dict(NEW_APART=False)],
+                         ids=["one-chunk", "two-chunks", "new-token-in-loop"])
 def test_decode_step_several_splits(policy, early_merge, launch_one, monkeypatch):
     """More slots than one attention block: several splits per KV head, merged by the first split's
     program or by the last to finish, the next spare picked by the last (atomic counter); scratch
-    left zeroed for the next step. The 32 hidden units in one feature program or two (``BLOCK_H``)."""
+    left zeroed for the next step. The 32 hidden units in one feature program or two (``BLOCK_H``);
+    the new token after the attention loop (default) or read inside it (``NEW_APART=False``)."""
     for setting, value in launch_one.items():
         monkeypatch.setattr(K, setting, value)
     step = K.decode_step

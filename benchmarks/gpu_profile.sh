@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Where the LESS step's and the Palu decode's time goes (a part of gpu_round.sh), under $OUT/profile/:
+# kernel durations (torch profiler), then Nsight Compute counters of each kernel (when ncu can read them),
+# then the LESS layer bench at 128K and the LESS GPU tests.
+#   bash benchmarks/gpu_profile.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+R=${OUT:-/tmp/kvpress-gpu}/profile
+mkdir -p "$R"
+stamp() { echo "== $(date +%T) $*"; }
+stamp durations
+timeout 120 python benchmarks/profile_kernels.py --profiler --out "$R" 2>&1 | grep -v "^STAGE\|USDT" | tee "$R/durations.log" | tail -30
+SECTIONS="--section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters"
+ncu_case() {  # $1: case, $2: kernel regex, $3: launches to skip, $4: launches to profile
+  stamp "ncu $1"
+  # shellcheck disable=SC2086
+  timeout 150 ncu --clock-control none -k "regex:$2" --launch-skip "$3" --launch-count "$4" $SECTIONS \
+    python benchmarks/profile_kernels.py --cases "$1" --iters 3 > "$R/ncu_$1.txt" 2>&1
+  echo "rc=$?"; grep -E "Duration|DRAM Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occupancy|Stall|Block Limit|Shared Memory Config|Dynamic Shared" "$R/ncu_$1.txt" | head -40
+}
+ncu --version | tail -1
+ncu_case less "_step_kernel|_finish_kernel" 6 2
+ncu_case palu "_palu_decode_kernel" 3 1
+ncu_case palu4 "_palu_decode_kernel" 3 1
+stamp "less layer 128K"
+timeout 100 python benchmarks/bench_less.py layer --lengths 131072 --out "$R" > "$R/layer.log" 2>&1
+grep -A40 "^LESS decode step" "$R/layer.log" || tail -5 "$R/layer.log"
+stamp "less tests"
+timeout 80 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py 2>&1 | tee "$R/less_tests.log" | tail -6
+stamp done
