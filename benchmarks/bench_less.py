@@ -62,6 +62,8 @@ LAUNCH_ONE_SETTINGS = {
     # each extra 64-slot block per attention program cost ~1.5 us (splits 8 -> 16: 29.7 -> 23.7 us): one block each
     "in 32 splits (one 64-slot block per attention program)": dict(MAX_SPLITS=32),
     "in 32 splits, 1 stage": dict(MAX_SPLITS=32, STEP_STAGES=1),
+    "in 32 splits, 2 stages": dict(MAX_SPLITS=32, STEP_STAGES=2),
+    "with 512 hidden units per feature program": dict(BLOCK_H=512),
     "with the new token read in the attention loop": dict(NEW_APART=False),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
@@ -141,9 +143,6 @@ def layer_rows(dev, lengths, smoke):
                 if state_heads == "kv" and L == lengths[0] and name == next(iter(policies)):
                     rows.append({"L": L, "variant": f"LESS {name}: launch 1 alone (attention + features)",
                                  "graph_us": launch_one(step) * 1e6})
-                    late = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5,  # noqa: E731
-                                                      state=state, early_merge=False)
-                    rows.append({"L": L, "variant": f"LESS {name}, merged by the last program", "graph_us": c.graph_time(late) * 1e6})
                     # launch 1's settings other than the module's (kernel.STEP_STAGES, BLOCK_H)
                     for what, settings in LAUNCH_ONE_SETTINGS.items():
                         defaults = {setting: getattr(kernel, setting) for setting in settings}

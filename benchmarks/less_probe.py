@@ -18,7 +18,7 @@ from kvpress.kernels import less_reference as R
 
 
 def one_step(dev, b=3, hq=32, hkv=8, d=128, n=512, r=8, prompt=300, heavy=0, state_heads="kv", splits=1,
-             pending=None, zero_state=False, dtype=torch.float32, early_merge=True):
+             pending=None, zero_state=False, dtype=torch.float32):
     """Errors of one step's output, state and z (max abs) after a ``prompt``-token reference prefill."""
     torch.manual_seed(1)
     policy = R.Policy(sink=4, heavy=0, recent=252) if not heavy else R.Policy(sink=0, heavy=200, recent=56)
@@ -43,7 +43,7 @@ def one_step(dev, b=3, hq=32, hkv=8, d=128, n=512, r=8, prompt=300, heavy=0, sta
     i = prompt + 1
     args = (q[:, :, i:], k[:, :, i:], v[:, :, i:], rank[:, i])
     a = R.decode_step(*args, ref, w, policy, d ** -0.5)
-    o = K.decode_step(*args, tri, w, policy, d ** -0.5, splits=splits, early_merge=early_merge)
+    o = K.decode_step(*args, tri, w, policy, d ** -0.5, splits=splits)
     if dev == "cuda":
         torch.cuda.synchronize()
     err = lambda x, y: (x.float() - y.float()).abs().max().item()  # noqa: E731
@@ -62,7 +62,7 @@ def main():
         "fold only (state zeroed)": dict(zero_state=True),
         "r=16": dict(r=16), "r=4": dict(r=4), "d=64": dict(d=64), "hq=8 (G=1)": dict(hq=8), "b=1": dict(b=1),
         "n=64": dict(n=64), "state per query head": dict(state_heads="query"), "h2o": dict(heavy=1),
-        "2 splits": dict(splits=2), "4 splits, merge last": dict(splits=4, early_merge=False),
+        "2 splits": dict(splits=2), "4 splits": dict(splits=4),
         "bf16": dict(dtype=torch.bfloat16),
     }
     rows = {}

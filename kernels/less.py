@@ -10,11 +10,11 @@ graph), and no torch op besides the output's allocation:
    state head) whose spare slot holds the token evicted by the last step, ``psi(k)`` of that token
    (pre-activations summed in fp32 with atomics). With heavy hitters the raw logits go to a small
    workspace.
-2. ``_finish_kernel``, one program per (row, KV head, split): adds this step's probabilities to the
-   heavy-hitter scores of its slots and proposes its eviction candidate; the first split's program
-   also (``_merge``, from launch 1's results only) finishes the features, folds the pending token
-   into the fp32 state (``H += psi^T v``, ``z += psi``: once, at eviction, with the post-RoPE key),
-   writes the new token to the spare slot, merges the splits and the state
+2. ``_finish_kernel``: per (row, KV head), one program per split adds this step's probabilities to
+   the heavy-hitter scores of its slots and proposes its eviction candidate, and beside them one
+   merge program (``_merge``, from launch 1's results only) finishes the features, folds the
+   pending token into the fp32 state (``H += psi^T v``, ``z += psi``: once, at eviction, with the
+   post-RoPE key), writes the new token to the spare slot, merges the splits and the state
    (``log(max(phi(q).z, 1e-6))`` as one more partial of the normaliser) and writes the output; the
    last program of a (row, KV head) to finish (an atomic counter) picks the next spare slot (an
    empty one, or the lowest-scored evictable one, folded at the next step).
@@ -192,73 +192,90 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
 
 
 @triton.jit
-def _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, b, kvh, bh, base, spare, heads, rows,
-           gmask, offs_s, smask, w_split, l_sum, has_keys, lse_kept, o_b, o_h, n_b, n_h, Hq,
+def _normaliser(pm, pl):
+    """The kept slots' softmax normaliser per query head from the splits' maxima ``pm`` and sums ``pl``
+    (``[GP, SP]``, log2 units): ``(w_split [GP, SP], l_sum, has_keys, lse_kept)``."""
+    m_max = tl.max(pm, 1)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w_split = tl.exp2(pm - m_safe[:, None])
+    l_sum = tl.sum(w_split * pl, 1)
+    has_keys = l_sum > 0
+    lse_kept = tl.where(has_keys, m_safe + tl.log2(tl.where(has_keys, l_sum, 1.0)), float("-inf"))
+    return w_split, l_sum, has_keys, lse_kept
+
+
+@triton.jit
+def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, SPARE, b, kvh, bh, base, heads,
+           rows, gmask, offs_s, smask, o_b, o_h, n_b, n_h, Hq,
            GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
            STATE: tl.constexpr, STATE_PER_QUERY: tl.constexpr):
     """The output of a (row, KV head) and its cache update, from launch 1's results only: finish
     ``phi`` (and ``psi`` of the pending token, folded into ``HS``/``Z`` with its value, fp32; ``psi``
     as ``less_reference.key_features``), merge the splits' partials with the state term into ``Out``,
-    write the new token's key and value to the spare slot, and zero the feature accumulators."""
+    write the new token's key and value to the spare slot, and zero the feature accumulators.
+
+    Every load is issued before any result is used, whether a token is pending or not (the fold is
+    masked, not branched on): the program waits on memory twice (the spare slot's index, then the
+    rest), not once per step of the computation."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     dmask = offs_d < D
     rmask = offs_r < R
-    v_old = tl.load(V + (base + spare) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    k_new = tl.load(KN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
-    v_new = tl.load(VN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
-    # merge the splits
+    gr = gmask[:, None] & rmask[None, :]
+    spare = tl.load(SPARE + bh)
+    pm = tl.load(PM + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=float("-inf"))
+    pl = tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0)
     po = tl.load(PO + (rows[:, None, None] + offs_s[None, :, None]) * D + offs_d[None, None, :],
                  mask=gmask[:, None, None] & smask[None, :, None] & dmask[None, None, :], other=0.0)
-    out = tl.sum(w_split[:, :, None] * po, 1) / tl.where(has_keys, l_sum, 1.0)[:, None]
+    k_new = tl.load(KN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
+    v_new = tl.load(VN + b * n_b + kvh * n_h + offs_d, mask=dmask, other=0.0)
     if STATE:
         pending = tl.load(PENDING + bh) != 0
-        gr = gmask[:, None] & rmask[None, :]
         phi_p = PHI_ACC + (b * Hq + heads)[:, None] * R + offs_r[None, :]
-        phi = tl.abs(_gelu(tl.load(phi_p, mask=gr, other=0.0)))
+        phi_pre = tl.load(phi_p, mask=gr, other=0.0)
         if STATE_PER_QUERY:  # state heads = this KV head's query heads
             sh = b * Hq + heads  # [GP]
             hs_p = HS + (sh[:, None, None] * R + offs_r[None, :, None]) * D + offs_d[None, None, :]
             hmask = gmask[:, None, None] & rmask[None, :, None] & dmask[None, None, :]
-            hs = tl.load(hs_p, mask=hmask, other=0.0)
-            z = tl.load(Z + sh[:, None] * R + offs_r[None, :], mask=gr, other=0.0)
-            if pending:
-                j = heads  # state head index within the row
-                psi_p = PSI_ACC + sh[:, None] * R + offs_r[None, :]
-                h = _gelu(tl.load(psi_p, mask=gr, other=0.0))  # [GP, R]
-                mix = tl.load(KM + (j[:, None, None] * R + offs_r[None, :, None]) * R + offs_r[None, None, :],
-                              mask=gmask[:, None, None] & rmask[None, :, None] & rmask[None, None, :], other=0.0)
-                scale = tl.abs(tl.load(KS + j[:, None] * R + offs_r[None, :], mask=gr, other=0.0).to(tl.float32))
-                mix_scale = tl.load(KMS + j[:, None] * R + offs_r[None, :], mask=gr, other=0.0).to(tl.float32)
-                f = h * scale
-                mixed = tl.sum(f[:, :, None] * mix.to(tl.float32), 1)
-                f = tl.abs(f + mixed * mix_scale)
-                hs += f[:, :, None] * v_old[None, None, :]
-                z += f
-                tl.store(hs_p, hs, mask=hmask)
-                tl.store(Z + sh[:, None] * R + offs_r[None, :], z, mask=gr)
-            num = tl.sum(phi[:, :, None] * hs, 1)
-            den = tl.sum(phi * z, 1)
-            has_state = tl.sum(z, 1) > 0
+            z_p = Z + sh[:, None] * R + offs_r[None, :]
+            zmask = gr
+            psi_p = PSI_ACC + sh[:, None] * R + offs_r[None, :]
+            j = heads[:, None]  # state head index within the row, [GP, 1]
+            mix = tl.load(KM + (j[:, :, None] * R + offs_r[None, :, None]) * R + offs_r[None, None, :],
+                          mask=gmask[:, None, None] & rmask[None, :, None] & rmask[None, None, :], other=0.0)
         else:  # one state head per KV head
             hs_p = HS + (bh * R + offs_r[:, None]) * D + offs_d[None, :]
             hmask = rmask[:, None] & dmask[None, :]
-            hs = tl.load(hs_p, mask=hmask, other=0.0)
-            z = tl.load(Z + bh * R + offs_r, mask=rmask, other=0.0)
-            if pending:
-                psi_p = PSI_ACC + bh * R + offs_r
-                h = _gelu(tl.load(psi_p, mask=rmask, other=0.0))
-                mix = tl.load(KM + kvh * R * R + offs_r[:, None] * R + offs_r[None, :],
-                              mask=rmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
-                scale = tl.abs(tl.load(KS + kvh * R + offs_r, mask=rmask, other=0.0).to(tl.float32))
-                mix_scale = tl.load(KMS + kvh * R + offs_r, mask=rmask, other=0.0).to(tl.float32)
-                f = h * scale
-                mixed = tl.sum(f[:, None] * mix, 0)
-                f = tl.abs(f + mixed * mix_scale)
-                hs += f[:, None] * v_old[None, :]
-                z += f
-                tl.store(hs_p, hs, mask=hmask)
-                tl.store(Z + bh * R + offs_r, z, mask=rmask)
+            z_p = Z + bh * R + offs_r
+            zmask = rmask
+            psi_p = PSI_ACC + bh * R + offs_r
+            j = kvh
+            mix = tl.load(KM + kvh * R * R + offs_r[:, None] * R + offs_r[None, :],
+                          mask=rmask[:, None] & rmask[None, :], other=0.0)
+        hs = tl.load(hs_p, mask=hmask, other=0.0)
+        z = tl.load(z_p, mask=zmask, other=0.0)
+        psi_pre = tl.load(psi_p, mask=zmask, other=0.0)
+        scale = tl.abs(tl.load(KS + j * R + offs_r, mask=zmask, other=0.0).to(tl.float32))
+        mix_scale = tl.load(KMS + j * R + offs_r, mask=zmask, other=0.0).to(tl.float32)
+    v_old = tl.load(V + (base + spare) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
+
+    # merge the splits
+    w_split, l_sum, has_keys, lse_kept = _normaliser(pm, pl)
+    out = tl.sum(w_split[:, :, None] * po, 1) / tl.where(has_keys, l_sum, 1.0)[:, None]
+    if STATE:
+        phi = tl.abs(_gelu(phi_pre))
+        f = _gelu(psi_pre) * scale  # psi of the pending token
+        if STATE_PER_QUERY:
+            f = tl.abs(f + tl.sum(f[:, :, None] * mix.to(tl.float32), 1) * mix_scale)
+            hs = tl.where(pending, hs + f[:, :, None] * v_old[None, None, :], hs)
+            z = tl.where(pending, z + f, z)
+            num = tl.sum(phi[:, :, None] * hs, 1)
+            den = tl.sum(phi * z, 1)
+            has_state = tl.sum(z, 1) > 0
+        else:
+            f = tl.abs(f + tl.sum(f[:, None] * mix.to(tl.float32), 0) * mix_scale)
+            hs = tl.where(pending, hs + f[:, None] * v_old[None, :], hs)
+            z = tl.where(pending, z + f, z)
             num = tl.sum(phi[:, :, None] * hs[None, :, :], 1)
             den = tl.sum(phi * z[None, :], 1)
             has_state = (tl.zeros([GP], dtype=tl.float32) + tl.sum(z, 0)) > 0
@@ -279,14 +296,13 @@ def _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING,
     if STATE:
         tl.store(phi_p, tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
         if pending:
-            if STATE_PER_QUERY:
-                tl.store(PSI_ACC + (b * Hq + heads)[:, None] * R + offs_r[None, :],
-                         tl.zeros([GP, BLOCK_R], dtype=tl.float32), mask=gr)
-            else:
-                tl.store(PSI_ACC + bh * R + offs_r, tl.zeros([BLOCK_R], dtype=tl.float32), mask=rmask)
+            tl.store(hs_p, hs, mask=hmask)
+            tl.store(z_p, z, mask=zmask)
+            tl.store(psi_p, tl.zeros_like(psi_pre), mask=zmask)
     # the new token's key and value (after the pending token's value was read)
     tl.store(K + (base + spare) * D + offs_d, k_new.to(K.dtype.element_ty), mask=dmask)
     tl.store(V + (base + spare) * D + offs_d, v_new.to(V.dtype.element_ty), mask=dmask)
+
 
 @triton.jit
 def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, QR, RANK, SCORE, SPARE,
@@ -294,20 +310,24 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
                    o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, split_len, sink, recent,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_R: tl.constexpr, SP: tl.constexpr, BLOCK_E: tl.constexpr, STATE: tl.constexpr,
-                   STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr, EARLY_MERGE: tl.constexpr):
-    """Launch 2 of a decode step: one program per (row, KV head, split).
+                   STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr):
+    """Launch 2 of a decode step: per (row, KV head), one merge program and one program per split,
+    numbered in that order.
 
-    Every program: this step's probabilities of its ``split_len`` slots added to the heavy-hitter
-    scores (the normaliser merged from all splits' ``(max, sum)``), the new token's rank and score
-    written to the spare slot, and the slots' eviction candidate (lowest-scored evictable slot,
-    first empty slot) written to ``CAND_*``. The output and the cache update (``_merge``) are made by
-    the first split's program at once (``EARLY_MERGE``) or by the last program to finish. The last
-    program of a (row, KV head) (``COUNT``, an atomic counter it resets) picks the next spare slot
-    and the pending flag.
+    * The merge program (``_merge``, from launch 1's results only): the output and the cache update.
+    * Split programs: this step's probabilities of its ``split_len`` slots added to the heavy-hitter
+      scores (the normaliser merged from all splits' ``(max, sum)``), the new token's rank and score
+      written to the spare slot, and the slots' eviction candidate (lowest-scored evictable slot,
+      first empty slot) written to ``CAND_*``.
+
+    The last of a (row, KV head)'s ``n_splits + 1`` programs to finish (``COUNT``, an atomic counter
+    it resets) picks the next spare slot and the pending flag (after everyone has read them).
     """
     pid = tl.program_id(0)
-    bh = pid // n_splits
-    split = pid % n_splits
+    n_merge = tl.num_programs(0) // (n_splits + 1)  # B * Hkv
+    is_merge = pid < n_merge
+    bh = tl.where(is_merge, pid, (pid - n_merge) // n_splits)
+    split = (pid - n_merge) % n_splits
     b = bh // Hkv
     kvh = bh % Hkv
     offs_g = tl.arange(0, GP)
@@ -316,70 +336,63 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
     smask = offs_s < n_splits
     heads = kvh * G + offs_g
     rows = (b * Hq + heads) * n_splits  # [GP] first partial of each query head
-    qr = tl.load(QR + b).to(tl.int32)
-    spare = tl.load(SPARE + bh)
     base = bh.to(tl.int64) * S
-
-    # the normaliser of the kept slots, per query head (log2 units)
-    pm = tl.load(PM + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=float("-inf"))
-    m_max = tl.max(pm, 1)
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w_split = tl.exp2(pm - m_safe[:, None])  # [GP, SP]
-    l_sum = tl.sum(w_split * tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0), 1)
-    has_keys = l_sum > 0
-    lse_kept = tl.where(has_keys, m_safe + tl.log2(tl.where(has_keys, l_sum, 1.0)), float("-inf"))
-    lse_k = tl.where(has_keys, lse_kept, 0.0)
-
-    # this split's slots: scores, the new token's rank, the eviction candidate
-    start = split * split_len
-    stop = tl.minimum(start + split_len, S)
-    best_key = float("inf")
-    best_idx = start
-    first_empty = S
-    for block in range(start, stop, BLOCK_E):
-        offs_n = block + tl.arange(0, BLOCK_E)
-        nmask = offs_n < stop
-        is_new = offs_n == spare
-        kr = tl.load(RANK + base + offs_n, mask=nmask, other=0)
-        kr = tl.where(is_new, qr, kr)
-        if HEAVY:
-            s = tl.load(LOGITS + (b * Hq + heads[:, None]).to(tl.int64) * S + offs_n[None, :],
-                        mask=gmask[:, None] & nmask[None, :], other=float("-inf"))
-            p = tl.where(has_keys[:, None], tl.exp2(s - lse_k[:, None]), 0.0)
-            old = tl.load(SCORE + base + offs_n, mask=nmask, other=0.0)
-            score = tl.where(is_new, 0.0, old) + tl.sum(p, 0)
-            tl.store(SCORE + base + offs_n, score, mask=nmask)
-            key = score
-        else:
-            key = kr.to(tl.float32)
-        evictable = nmask & (kr >= sink) & (kr <= qr - recent)
-        key = tl.where(evictable, key, float("inf"))
-        block_min = tl.min(key, 0)
-        block_idx = block + tl.argmin(key, 0)
-        better = block_min < best_key
-        best_idx = tl.where(better, block_idx, best_idx)
-        best_key = tl.where(better, block_min, best_key)
-        empty = tl.where(nmask & (kr < 0), offs_n, S)
-        first_empty = tl.minimum(first_empty, tl.min(empty, 0))
-    if (spare >= start) & (spare < stop):
-        tl.store(RANK + base + spare, qr)
-        if not HEAVY:
-            tl.store(SCORE + base + spare, 0.0)
-    tl.store(CAND_KEY + pid, best_key)
-    tl.store(CAND_IDX + pid, best_idx)
-    tl.store(CAND_EMPTY + pid, first_empty)
-    if EARLY_MERGE:  # split 0 merges at once: it needs launch 1's results only
-        if split == 0:
-            _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, b, kvh, bh, base, spare, heads,
-                   rows, gmask, offs_s, smask, w_split, l_sum, has_keys, lse_kept, o_b, o_h, n_b, n_h, Hq,
-                   GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
-    # every warp's loads (SPARE, PENDING) and stores (CAND_*, SCORE, RANK) before the one thread's release
+    if is_merge:
+        _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, SPARE, b, kvh, bh, base,
+               heads, rows, gmask, offs_s, smask, o_b, o_h, n_b, n_h, Hq,
+               GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
+    else:
+        qr = tl.load(QR + b).to(tl.int32)
+        spare = tl.load(SPARE + bh)
+        start = split * split_len
+        stop = tl.minimum(start + split_len, S)
+        if HEAVY:  # the normaliser of the kept slots, per query head (log2 units)
+            pm = tl.load(PM + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :],
+                         other=float("-inf"))
+            pl = tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0)
+            _, _, has_keys, lse_kept = _normaliser(pm, pl)
+            lse_k = tl.where(has_keys, lse_kept, 0.0)
+        # this split's slots: scores, the new token's rank, the eviction candidate
+        best_key = float("inf")
+        best_idx = start
+        first_empty = S
+        for block in range(start, stop, BLOCK_E):
+            offs_n = block + tl.arange(0, BLOCK_E)
+            nmask = offs_n < stop
+            is_new = offs_n == spare
+            kr = tl.load(RANK + base + offs_n, mask=nmask, other=0)
+            kr = tl.where(is_new, qr, kr)
+            if HEAVY:
+                s = tl.load(LOGITS + (b * Hq + heads[:, None]).to(tl.int64) * S + offs_n[None, :],
+                            mask=gmask[:, None] & nmask[None, :], other=float("-inf"))
+                old = tl.load(SCORE + base + offs_n, mask=nmask, other=0.0)
+                p = tl.where(has_keys[:, None], tl.exp2(s - lse_k[:, None]), 0.0)
+                score = tl.where(is_new, 0.0, old) + tl.sum(p, 0)
+                tl.store(SCORE + base + offs_n, score, mask=nmask)
+                key = score
+            else:
+                key = kr.to(tl.float32)
+            evictable = nmask & (kr >= sink) & (kr <= qr - recent)
+            key = tl.where(evictable, key, float("inf"))
+            block_min = tl.min(key, 0)
+            block_idx = block + tl.argmin(key, 0)
+            better = block_min < best_key
+            best_idx = tl.where(better, block_idx, best_idx)
+            best_key = tl.where(better, block_min, best_key)
+            empty = tl.where(nmask & (kr < 0), offs_n, S)
+            first_empty = tl.minimum(first_empty, tl.min(empty, 0))
+        if (spare >= start) & (spare < stop):
+            tl.store(RANK + base + spare, qr)
+            if not HEAVY:
+                tl.store(SCORE + base + spare, 0.0)
+        cand = bh * n_splits + split
+        tl.store(CAND_KEY + cand, best_key)
+        tl.store(CAND_IDX + cand, best_idx)
+        tl.store(CAND_EMPTY + cand, first_empty)
+    # every warp's loads (SPARE, PENDING) and stores (CAND_*, SCORE, RANK, the cache) before the one
+    # thread's release
     tl.debug_barrier()
-    if tl.atomic_add(COUNT + bh, 1, sem="acq_rel") == n_splits - 1:  # the last program of this (row, KV head)
-        if not EARLY_MERGE:
-            _merge(Out, KN, VN, K, V, PO, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, b, kvh, bh, base, spare, heads,
-                   rows, gmask, offs_s, smask, w_split, l_sum, has_keys, lse_kept, o_b, o_h, n_b, n_h, Hq,
-                   GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
+    if tl.atomic_add(COUNT + bh, 1, sem="acq_rel") == n_splits:  # the last program of this (row, KV head)
         # the next spare slot: the lowest-scored evictable slot (first on ties), or the first empty one
         cands = bh * n_splits + offs_s
         keys = tl.load(CAND_KEY + cands, mask=smask, other=float("inf"), volatile=True)
@@ -429,13 +442,10 @@ def launches(state: bool = True) -> int:
 
 
 def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: reference.FeatureWeights,
-                policy: reference.Policy, scale: float, state: bool = True, splits: int | None = None,
-                early_merge: bool = True) -> torch.Tensor:
+                policy: reference.Policy, scale: float, state: bool = True, splits: int | None = None) -> torch.Tensor:
     """One decode step; same contract as :func:`kvpress.kernels.less_reference.decode_step`.
     ``splits``: programs per (row, KV head) along the slots (default: enough to fill the GPU, at
-    most ``MAX_SPLITS``). ``early_merge``: the output and the cache update are made by the first
-    split's program at once, beside the score updates, leaving the last program to finish only the
-    choice of the next spare slot (False: the last program does both, after the others)."""
+    most ``MAX_SPLITS``)."""
     b, hq, _, d = q.shape
     _, hkv, slots, _ = cache.k.shape
     g = hq // hkv
@@ -469,14 +479,14 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
         G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
         BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, NEW_APART=NEW_APART, num_warps=NUM_WARPS, num_stages=STEP_STAGES)
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
-    _finish_kernel[(b * hkv * splits,)](
+    _finish_kernel[(b * hkv * (splits + 1),)](
         out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs, cache.z,
         w.k_scale, w.k_mix, w.k_mix_scale, q_rank, cache.rank, cache.score, cache.spare, cache.pending, ws["logits"],
         ws["cand_key"], ws["cand_idx"], ws["cand_empty"], ws["count"],
         out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
         policy.sink, policy.recent,
         G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2),
-        BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, EARLY_MERGE=early_merge,
+        BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy,
         num_warps=NUM_WARPS)
     return out
 
