@@ -37,7 +37,7 @@ case $part in
     bash "$0" memory
     quality 60 _gpu3 --epochs 16 --halve-every 4 --lr 1e-2 --maps r8h512 ;;
   tests)
-    timeout 50 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py tests/test_less.py 2>&1 \
+    timeout 200 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py tests/test_less.py 2>&1 \
       | tee "$R/gpu_tests.log" | tail -8 ;;
   layer)
     timeout 120 python benchmarks/bench_less.py layer --out "$R" > "$R/layer.log" 2>&1; grep -A30 "^LESS decode step" "$R/layer.log" || tail -5 "$R/layer.log" ;;

@@ -53,6 +53,9 @@ STEP_STAGES = 3
 # The new token in launch 1's attention: one more softmax term after the loop (True), or read from registers
 # in place of the spare slot's tile inside the loop (False: a select between the loads and the tl.dot).
 NEW_APART = True
+# The whole step in one launch: the last program of a (row, KV head) to finish launch 1 (an atomic counter)
+# does the finish alone: merge, scores of all its slots, the next spare (False: a second launch).
+ONE_LAUNCH = False
 LOG2E = 1.4426950408889634
 
 
@@ -88,11 +91,14 @@ def _partial_map(X, W1, W2, ACC, chunk, N, D: tl.constexpr, R: tl.constexpr, BLO
 
 @triton.jit
 def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, PHI_ACC, PSI_ACC,
-                 QW1, QW2, KW1, KW2,
-                 q_b, q_h, n_b, n_h, Hq, Hkv, Hs, S, N, n_phi, n_fold, n_splits, split_len, qk_scale,
+                 QW1, QW2, KW1, KW2, Out, HS, Z, KS, KM, KMS, SCORE, COUNT,
+                 q_b, q_h, n_b, n_h, o_b, o_h, Hq, Hkv, Hs, S, N, n_phi, n_fold, n_splits, split_len, qk_scale,
+                 n_parts, sink, recent,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STORE_LOGITS: tl.constexpr, NEW_APART: tl.constexpr):
+                 STORE_LOGITS: tl.constexpr, NEW_APART: tl.constexpr, ONE_LAUNCH: tl.constexpr = False,
+                 SP: tl.constexpr = 2, BLOCK_E: tl.constexpr = 256, STATE: tl.constexpr = True,
+                 STATE_PER_QUERY: tl.constexpr = False, GPF: tl.constexpr = 2):
     """Launch 1 of a decode step: three kinds of programs, independent of one another, numbered as
     below.
 
@@ -104,12 +110,17 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
       over ``split_len`` slots, the spare slot read as the new token (from registers: this launch
       writes nothing to the cache); partials ``PO``/``PM``/``PL`` (log2 units) and, for heavy
       hitters, the raw logits ``LOGITS [B, Hq, S]`` (log2 units).
+
+    ``ONE_LAUNCH``: the whole step in this launch. The ``n_parts`` programs of a (row, KV head) (its
+    splits and feature programs) count themselves in ``COUNT``; the last to finish does what
+    ``_finish_kernel`` does for it, alone (``_finish_alone``).
     """
     pid = tl.program_id(0)
     if pid < n_phi:
         head = pid // CHUNKS  # b * Hq + h
         b = head // Hq
         h = head % Hq
+        bh = b * Hkv + h // G
         _partial_map(Q + b * q_b + h * q_h, QW1 + h * D * N, QW2 + h * N * R, PHI_ACC + head * R, pid % CHUNKS, N,
                      D, R, BLOCK_D, BLOCK_R, BLOCK_H)
     elif pid < n_phi + n_fold:
@@ -189,6 +200,13 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
         tl.store(PO + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
         tl.store(PM + row, m_i, mask=gmask)
         tl.store(PL + row, l_i, mask=gmask)
+    if ONE_LAUNCH:
+        # every warp's loads and stores before the one thread's release
+        tl.debug_barrier()
+        if tl.atomic_add(COUNT + bh, 1, sem="acq_rel") == n_parts - 1:  # the last program of this (row, KV head)
+            _finish_alone(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, QR, RANK, SCORE, SPARE,
+                          PENDING, LOGITS, COUNT, bh, o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, sink, recent,
+                          G, GPF, D, R, BLOCK_D, BLOCK_R, SP, BLOCK_E, STATE, STATE_PER_QUERY, STORE_LOGITS)
 
 
 @triton.jit
@@ -209,7 +227,8 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, 
            rows, gmask, offs_s, smask, o_b, o_h, n_b, n_h, Hq,
            GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
            STATE: tl.constexpr, STATE_PER_QUERY: tl.constexpr):
-    """The output of a (row, KV head) and its cache update, from launch 1's results only: finish
+    """The output of a (row, KV head) and its cache update, from launch 1's results only (returns the
+    kept slots' ``(has_keys, lse_kept)`` per query head): finish
     ``phi`` (and ``psi`` of the pending token, folded into ``HS``/``Z`` with its value, fp32; ``psi``
     as ``less_reference.key_features``), merge the splits' partials with the state term into ``Out``,
     write the new token's key and value to the spare slot, and zero the feature accumulators.
@@ -302,6 +321,86 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, 
     # the new token's key and value (after the pending token's value was read)
     tl.store(K + (base + spare) * D + offs_d, k_new.to(K.dtype.element_ty), mask=dmask)
     tl.store(V + (base + spare) * D + offs_d, v_new.to(V.dtype.element_ty), mask=dmask)
+    return has_keys, lse_kept
+
+
+@triton.jit
+def _score_slots(RANK, SCORE, LOGITS, base, logits_row, gmask, start, stop, spare, qr, has_keys, lse_k, sink, recent,
+                 S, BLOCK_E: tl.constexpr, HEAVY: tl.constexpr):
+    """Slots ``[start, stop)`` of a (row, KV head) (``base``: its first slot; ``logits_row [GP]``: its query
+    heads' rows of ``LOGITS``): this step's probabilities added to the heavy-hitter scores (``HEAVY``;
+    ``lse_k``: the normaliser of the kept slots, log2 units) and the eviction candidate,
+    ``(lowest key, its slot, first empty slot)`` (key: the score, or the rank for sink + recent; the
+    spare slot counts as the new token, rank ``qr``)."""
+    best_key = float("inf")
+    best_idx = start
+    first_empty = S
+    for block in range(start, stop, BLOCK_E):
+        offs_n = block + tl.arange(0, BLOCK_E)
+        nmask = offs_n < stop
+        is_new = offs_n == spare
+        kr = tl.load(RANK + base + offs_n, mask=nmask, other=0)
+        kr = tl.where(is_new, qr, kr)
+        if HEAVY:
+            s = tl.load(LOGITS + logits_row[:, None] + offs_n[None, :], mask=gmask[:, None] & nmask[None, :],
+                        other=float("-inf"))
+            old = tl.load(SCORE + base + offs_n, mask=nmask, other=0.0)
+            p = tl.where(has_keys[:, None], tl.exp2(s - lse_k[:, None]), 0.0)
+            score = tl.where(is_new, 0.0, old) + tl.sum(p, 0)
+            tl.store(SCORE + base + offs_n, score, mask=nmask)
+            key = score
+        else:
+            key = kr.to(tl.float32)
+        evictable = nmask & (kr >= sink) & (kr <= qr - recent)
+        key = tl.where(evictable, key, float("inf"))
+        block_min = tl.min(key, 0)
+        block_idx = block + tl.argmin(key, 0)
+        better = block_min < best_key
+        best_idx = tl.where(better, block_idx, best_idx)
+        best_key = tl.where(better, block_min, best_key)
+        empty = tl.where(nmask & (kr < 0), offs_n, S)
+        first_empty = tl.minimum(first_empty, tl.min(empty, 0))
+    return best_key, best_idx, first_empty
+
+
+@triton.jit
+def _finish_alone(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, QR, RANK, SCORE, SPARE, PENDING,
+                  LOGITS, COUNT, bh, o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, sink, recent,
+                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_R: tl.constexpr, SP: tl.constexpr, BLOCK_E: tl.constexpr, STATE: tl.constexpr,
+                  STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr):
+    """Everything ``_finish_kernel`` does for a (row, KV head), by one program (the last of its step
+    launch): the merge and cache update (``_merge``), the scores and the eviction candidate over all
+    its slots, the next spare slot and pending flag; resets ``COUNT``."""
+    b = bh // Hkv
+    kvh = bh % Hkv
+    offs_g = tl.arange(0, GP)
+    offs_s = tl.arange(0, SP)
+    gmask = offs_g < G
+    smask = offs_s < n_splits
+    heads = kvh * G + offs_g
+    base = bh.to(tl.int64) * S
+    qr = tl.load(QR + b).to(tl.int32)
+    spare = tl.load(SPARE + bh)
+    has_keys, lse_kept = _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, SPARE, b,
+                                kvh, bh, base, heads, (b * Hq + heads) * n_splits, gmask, offs_s, smask, o_b, o_h, n_b,
+                                n_h, Hq, GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
+    best, victim, first_empty = _score_slots(RANK, SCORE, LOGITS, base, (b * Hq + heads).to(tl.int64) * S, gmask, 0,
+                                             S, spare, qr, has_keys, tl.where(has_keys, lse_kept, 0.0), sink, recent,
+                                             S, BLOCK_E, HEAVY)
+    victim = tl.where(best == float("inf"), 0, victim)
+    full = first_empty == S
+    # every warp has read the spare slot's index and rank before they change
+    tl.debug_barrier()
+    tl.store(RANK + base + spare, qr)
+    if not HEAVY:
+        tl.store(SCORE + base + spare, 0.0)
+    tl.store(SPARE + bh, tl.where(full, victim, first_empty).to(tl.int32))
+    if STATE:
+        tl.store(PENDING + bh, (full & (best < float("inf"))).to(tl.int32))
+    else:
+        tl.store(PENDING + bh, 0)
+    tl.store(COUNT + bh, 0)
 
 
 @triton.jit
@@ -352,35 +451,12 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
             pl = tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0)
             _, _, has_keys, lse_kept = _normaliser(pm, pl)
             lse_k = tl.where(has_keys, lse_kept, 0.0)
-        # this split's slots: scores, the new token's rank, the eviction candidate
-        best_key = float("inf")
-        best_idx = start
-        first_empty = S
-        for block in range(start, stop, BLOCK_E):
-            offs_n = block + tl.arange(0, BLOCK_E)
-            nmask = offs_n < stop
-            is_new = offs_n == spare
-            kr = tl.load(RANK + base + offs_n, mask=nmask, other=0)
-            kr = tl.where(is_new, qr, kr)
-            if HEAVY:
-                s = tl.load(LOGITS + (b * Hq + heads[:, None]).to(tl.int64) * S + offs_n[None, :],
-                            mask=gmask[:, None] & nmask[None, :], other=float("-inf"))
-                old = tl.load(SCORE + base + offs_n, mask=nmask, other=0.0)
-                p = tl.where(has_keys[:, None], tl.exp2(s - lse_k[:, None]), 0.0)
-                score = tl.where(is_new, 0.0, old) + tl.sum(p, 0)
-                tl.store(SCORE + base + offs_n, score, mask=nmask)
-                key = score
-            else:
-                key = kr.to(tl.float32)
-            evictable = nmask & (kr >= sink) & (kr <= qr - recent)
-            key = tl.where(evictable, key, float("inf"))
-            block_min = tl.min(key, 0)
-            block_idx = block + tl.argmin(key, 0)
-            better = block_min < best_key
-            best_idx = tl.where(better, block_idx, best_idx)
-            best_key = tl.where(better, block_min, best_key)
-            empty = tl.where(nmask & (kr < 0), offs_n, S)
-            first_empty = tl.minimum(first_empty, tl.min(empty, 0))
+        else:
+            has_keys = gmask
+            lse_k = tl.zeros([GP], dtype=tl.float32)
+        best_key, best_idx, first_empty = _score_slots(RANK, SCORE, LOGITS, base, (b * Hq + heads).to(tl.int64) * S,
+                                                       gmask, start, stop, spare, qr, has_keys, lse_k, sink, recent,
+                                                       S, BLOCK_E, HEAVY)
         if (spare >= start) & (spare < stop):
             tl.store(RANK + base + spare, qr)
             if not HEAVY:
@@ -438,7 +514,7 @@ def _workspace(dev, b, hq, hkv, hs, rank, d, slots, splits) -> dict[str, torch.T
 
 def launches(state: bool = True) -> int:
     """Kernel launches of one decode step (and no other GPU op)."""
-    return 2
+    return 1 if ONE_LAUNCH else 2
 
 
 def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: reference.FeatureWeights,
@@ -471,23 +547,27 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
     chunks = math.ceil(n_hidden / BLOCK_H)
     n_phi = b * hq * chunks if state else 0
     n_fold = b * hs_heads * chunks if state else 0
+    out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
+    cache_args = (out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs,
+                  cache.z, w.k_scale, w.k_mix, w.k_mix_scale, q_rank, cache.rank, cache.score, cache.spare,
+                  cache.pending, ws["logits"])
+    finish = dict(G=g, D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2), BLOCK_E=BLOCK_E,
+                  STATE=state, STATE_PER_QUERY=hs_heads != hkv)
+    n_parts = splits + (g * chunks + hs_heads // hkv * chunks if state else 0)  # programs per (row, KV head)
     _step_kernel[(n_phi + n_fold + b * hkv * splits,)](
         q, q_rank, k_new, v_new, cache.k, cache.v, cache.rank, cache.spare, cache.pending,
         ws["po"], ws["pm"], ws["pl"], ws["logits"], ws["phi"], ws["psi"], w.q_w1, w.q_w2, w.k_w1, w.k_w2,
-        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, hs_heads, slots, n_hidden,
-        n_phi, n_fold, splits, split_len, scale * LOG2E,
-        G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
-        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, NEW_APART=NEW_APART, num_warps=NUM_WARPS, num_stages=STEP_STAGES)
-    out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
-    _finish_kernel[(b * hkv * (splits + 1),)](
-        out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs, cache.z,
-        w.k_scale, w.k_mix, w.k_mix_scale, q_rank, cache.rank, cache.score, cache.spare, cache.pending, ws["logits"],
-        ws["cand_key"], ws["cand_idx"], ws["cand_empty"], ws["count"],
-        out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
-        policy.sink, policy.recent,
-        G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2),
-        BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy,
-        num_warps=NUM_WARPS)
+        out, cache.hs, cache.z, w.k_scale, w.k_mix, w.k_mix_scale, cache.score, ws["count"],
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), out.stride(0), out.stride(1),
+        hq, hkv, hs_heads, slots, n_hidden, n_phi, n_fold, splits, split_len, scale * LOG2E,
+        n_parts, policy.sink, policy.recent,
+        GP=_pow2(g, 16), BLOCK_H=BLOCK_H, CHUNKS=chunks, BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, NEW_APART=NEW_APART,
+        ONE_LAUNCH=ONE_LAUNCH, GPF=_pow2(g, 2), **finish, num_warps=NUM_WARPS, num_stages=STEP_STAGES)
+    if not ONE_LAUNCH:
+        _finish_kernel[(b * hkv * (splits + 1),)](
+            *cache_args, ws["cand_key"], ws["cand_idx"], ws["cand_empty"], ws["count"],
+            out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
+            policy.sink, policy.recent, GP=_pow2(g, 2), HEAVY=heavy, **finish, num_warps=NUM_WARPS)
     return out
 
 
