@@ -53,21 +53,14 @@ from kvpress.methods.less import FeatureMaps, Less, LessConfig  # noqa: E402
 METHODS.setdefault("less", Less)  # until kvpress.methods registers it
 
 RESULTS = Path(__file__).parent / "results"
-# launch 1's settings timed beside the module's (kernels/less.py: BLOCK_H 128, 3 stages)
+# launch 1's settings timed beside the module's (kernels/less.py: BLOCK_H 128, 3 stages, 32 splits at most)
 LAUNCH_ONE_SETTINGS = {
     "in 2 stages": dict(STEP_STAGES=2),
     "in 1 stage": dict(STEP_STAGES=1),
     "with 64 hidden units per feature program": dict(BLOCK_H=64),
     "with 256 hidden units per feature program": dict(BLOCK_H=256),
-    # each extra 64-slot block per attention program cost ~1.5 us (splits 8 -> 16: 29.7 -> 23.7 us): one block each
-    "in 32 splits (one 64-slot block per attention program)": dict(MAX_SPLITS=32),
-    "in 32 splits, 1 stage": dict(MAX_SPLITS=32, STEP_STAGES=1),
-    "in 32 splits, 2 stages": dict(MAX_SPLITS=32, STEP_STAGES=2),
-    "with 512 hidden units per feature program": dict(BLOCK_H=512),
+    "in 16 splits (the 8B shape's 2049 slots: 11 splits of three 64-slot blocks)": dict(MAX_SPLITS=16),
     "with the new token read in the attention loop": dict(NEW_APART=False),
-    "and the finish in one launch": dict(ONE_LAUNCH=True),
-    "and the finish in one launch, 32 splits": dict(ONE_LAUNCH=True, MAX_SPLITS=32),
-    "and the finish in one launch, 32 splits, 1 stage": dict(ONE_LAUNCH=True, MAX_SPLITS=32, STEP_STAGES=1),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}

@@ -43,7 +43,10 @@ BLOCK_E = 256  # slots per step of the score update / eviction candidates
 # programs beside 128 attention programs on the 8B shape) against 64 (320): a step of 19.6 us instead of
 # 23.8 us on the H200 (benchmarks/bench_less.py layer, less_layer_NVIDIA_H200.json; 256: 21.8 us).
 BLOCK_H = 128
-MAX_SPLITS = 16  # splits of a KV head's slots (one program merges them in one tile)
+# Splits of a KV head's slots (the merge program reads them in one tile). 32: the 8B shape's 2049 slots
+# (1024 + 1024 and the spare) in 17 splits of two 64-slot blocks, instead of 11 of three at 16: a step of
+# 16.3 us instead of 16.7-16.9 on the H200 (less_layer_NVIDIA_H200.json, two runs).
+MAX_SPLITS = 32
 NUM_WARPS = 4
 # Software-pipelining depth of launch 1's attention loop. A program walks two or three 64-slot blocks,
 # and each stage holds a block's K and V in shared memory: 3 stages take 103 KB (two programs per SM),
@@ -53,9 +56,6 @@ STEP_STAGES = 3
 # The new token in launch 1's attention: one more softmax term after the loop (True), or read from registers
 # in place of the spare slot's tile inside the loop (False: a select between the loads and the tl.dot).
 NEW_APART = True
-# The whole step in one launch: the last program of a (row, KV head) to finish launch 1 (an atomic counter)
-# does the finish alone: merge, scores of all its slots, the next spare (False: a second launch).
-ONE_LAUNCH = False
 LOG2E = 1.4426950408889634
 
 
@@ -91,14 +91,11 @@ def _partial_map(X, W1, W2, ACC, chunk, N, D: tl.constexpr, R: tl.constexpr, BLO
 
 @triton.jit
 def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, PHI_ACC, PSI_ACC,
-                 QW1, QW2, KW1, KW2, Out, HS, Z, KS, KM, KMS, SCORE, COUNT,
-                 q_b, q_h, n_b, n_h, o_b, o_h, Hq, Hkv, Hs, S, N, n_phi, n_fold, n_splits, split_len, qk_scale,
-                 n_parts, sink, recent,
+                 QW1, QW2, KW1, KW2,
+                 q_b, q_h, n_b, n_h, Hq, Hkv, Hs, S, N, n_phi, n_fold, n_splits, split_len, qk_scale,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STORE_LOGITS: tl.constexpr, NEW_APART: tl.constexpr, ONE_LAUNCH: tl.constexpr = False,
-                 SP: tl.constexpr = 2, BLOCK_E: tl.constexpr = 256, STATE: tl.constexpr = True,
-                 STATE_PER_QUERY: tl.constexpr = False, GPF: tl.constexpr = 2):
+                 STORE_LOGITS: tl.constexpr, NEW_APART: tl.constexpr):
     """Launch 1 of a decode step: three kinds of programs, independent of one another, numbered as
     below.
 
@@ -110,17 +107,12 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
       over ``split_len`` slots, the spare slot read as the new token (from registers: this launch
       writes nothing to the cache); partials ``PO``/``PM``/``PL`` (log2 units) and, for heavy
       hitters, the raw logits ``LOGITS [B, Hq, S]`` (log2 units).
-
-    ``ONE_LAUNCH``: the whole step in this launch. The ``n_parts`` programs of a (row, KV head) (its
-    splits and feature programs) count themselves in ``COUNT``; the last to finish does what
-    ``_finish_kernel`` does for it, alone (``_finish_alone``).
     """
     pid = tl.program_id(0)
     if pid < n_phi:
         head = pid // CHUNKS  # b * Hq + h
         b = head // Hq
         h = head % Hq
-        bh = b * Hkv + h // G
         _partial_map(Q + b * q_b + h * q_h, QW1 + h * D * N, QW2 + h * N * R, PHI_ACC + head * R, pid % CHUNKS, N,
                      D, R, BLOCK_D, BLOCK_R, BLOCK_H)
     elif pid < n_phi + n_fold:
@@ -200,13 +192,6 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
         tl.store(PO + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
         tl.store(PM + row, m_i, mask=gmask)
         tl.store(PL + row, l_i, mask=gmask)
-    if ONE_LAUNCH:
-        # every warp's loads and stores before the one thread's release
-        tl.debug_barrier()
-        if tl.atomic_add(COUNT + bh, 1, sem="acq_rel") == n_parts - 1:  # the last program of this (row, KV head)
-            _finish_alone(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, QR, RANK, SCORE, SPARE,
-                          PENDING, LOGITS, COUNT, bh, o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, sink, recent,
-                          G, GPF, D, R, BLOCK_D, BLOCK_R, SP, BLOCK_E, STATE, STATE_PER_QUERY, STORE_LOGITS)
 
 
 @triton.jit
@@ -227,8 +212,7 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, 
            rows, gmask, offs_s, smask, o_b, o_h, n_b, n_h, Hq,
            GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
            STATE: tl.constexpr, STATE_PER_QUERY: tl.constexpr):
-    """The output of a (row, KV head) and its cache update, from launch 1's results only (returns the
-    kept slots' ``(has_keys, lse_kept)`` per query head): finish
+    """The output of a (row, KV head) and its cache update, from launch 1's results only: finish
     ``phi`` (and ``psi`` of the pending token, folded into ``HS``/``Z`` with its value, fp32; ``psi``
     as ``less_reference.key_features``), merge the splits' partials with the state term into ``Out``,
     write the new token's key and value to the spare slot, and zero the feature accumulators.
@@ -321,7 +305,6 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, 
     # the new token's key and value (after the pending token's value was read)
     tl.store(K + (base + spare) * D + offs_d, k_new.to(K.dtype.element_ty), mask=dmask)
     tl.store(V + (base + spare) * D + offs_d, v_new.to(V.dtype.element_ty), mask=dmask)
-    return has_keys, lse_kept
 
 
 @triton.jit
@@ -361,46 +344,6 @@ def _score_slots(RANK, SCORE, LOGITS, base, logits_row, gmask, start, stop, spar
         empty = tl.where(nmask & (kr < 0), offs_n, S)
         first_empty = tl.minimum(first_empty, tl.min(empty, 0))
     return best_key, best_idx, first_empty
-
-
-@triton.jit
-def _finish_alone(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, QR, RANK, SCORE, SPARE, PENDING,
-                  LOGITS, COUNT, bh, o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, sink, recent,
-                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_R: tl.constexpr, SP: tl.constexpr, BLOCK_E: tl.constexpr, STATE: tl.constexpr,
-                  STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr):
-    """Everything ``_finish_kernel`` does for a (row, KV head), by one program (the last of its step
-    launch): the merge and cache update (``_merge``), the scores and the eviction candidate over all
-    its slots, the next spare slot and pending flag; resets ``COUNT``."""
-    b = bh // Hkv
-    kvh = bh % Hkv
-    offs_g = tl.arange(0, GP)
-    offs_s = tl.arange(0, SP)
-    gmask = offs_g < G
-    smask = offs_s < n_splits
-    heads = kvh * G + offs_g
-    base = bh.to(tl.int64) * S
-    qr = tl.load(QR + b).to(tl.int32)
-    spare = tl.load(SPARE + bh)
-    has_keys, lse_kept = _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, SPARE, b,
-                                kvh, bh, base, heads, (b * Hq + heads) * n_splits, gmask, offs_s, smask, o_b, o_h, n_b,
-                                n_h, Hq, GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
-    best, victim, first_empty = _score_slots(RANK, SCORE, LOGITS, base, (b * Hq + heads).to(tl.int64) * S, gmask, 0,
-                                             S, spare, qr, has_keys, tl.where(has_keys, lse_kept, 0.0), sink, recent,
-                                             S, BLOCK_E, HEAVY)
-    victim = tl.where(best == float("inf"), 0, victim)
-    full = first_empty == S
-    # every warp has read the spare slot's index and rank before they change
-    tl.debug_barrier()
-    tl.store(RANK + base + spare, qr)
-    if not HEAVY:
-        tl.store(SCORE + base + spare, 0.0)
-    tl.store(SPARE + bh, tl.where(full, victim, first_empty).to(tl.int32))
-    if STATE:
-        tl.store(PENDING + bh, (full & (best < float("inf"))).to(tl.int32))
-    else:
-        tl.store(PENDING + bh, 0)
-    tl.store(COUNT + bh, 0)
 
 
 @triton.jit
@@ -514,7 +457,7 @@ def _workspace(dev, b, hq, hkv, hs, rank, d, slots, splits) -> dict[str, torch.T
 
 def launches(state: bool = True) -> int:
     """Kernel launches of one decode step (and no other GPU op)."""
-    return 1 if ONE_LAUNCH else 2
+    return 2
 
 
 def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: reference.FeatureWeights,
@@ -547,27 +490,22 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
     chunks = math.ceil(n_hidden / BLOCK_H)
     n_phi = b * hq * chunks if state else 0
     n_fold = b * hs_heads * chunks if state else 0
-    out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
-    cache_args = (out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs,
-                  cache.z, w.k_scale, w.k_mix, w.k_mix_scale, q_rank, cache.rank, cache.score, cache.spare,
-                  cache.pending, ws["logits"])
-    finish = dict(G=g, D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2), BLOCK_E=BLOCK_E,
-                  STATE=state, STATE_PER_QUERY=hs_heads != hkv)
-    n_parts = splits + (g * chunks + hs_heads // hkv * chunks if state else 0)  # programs per (row, KV head)
     _step_kernel[(n_phi + n_fold + b * hkv * splits,)](
         q, q_rank, k_new, v_new, cache.k, cache.v, cache.rank, cache.spare, cache.pending,
         ws["po"], ws["pm"], ws["pl"], ws["logits"], ws["phi"], ws["psi"], w.q_w1, w.q_w2, w.k_w1, w.k_w2,
-        out, cache.hs, cache.z, w.k_scale, w.k_mix, w.k_mix_scale, cache.score, ws["count"],
-        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), out.stride(0), out.stride(1),
-        hq, hkv, hs_heads, slots, n_hidden, n_phi, n_fold, splits, split_len, scale * LOG2E,
-        n_parts, policy.sink, policy.recent,
-        GP=_pow2(g, 16), BLOCK_H=BLOCK_H, CHUNKS=chunks, BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, NEW_APART=NEW_APART,
-        ONE_LAUNCH=ONE_LAUNCH, GPF=_pow2(g, 2), **finish, num_warps=NUM_WARPS, num_stages=STEP_STAGES)
-    if not ONE_LAUNCH:
-        _finish_kernel[(b * hkv * (splits + 1),)](
-            *cache_args, ws["cand_key"], ws["cand_idx"], ws["cand_empty"], ws["count"],
-            out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
-            policy.sink, policy.recent, GP=_pow2(g, 2), HEAVY=heavy, **finish, num_warps=NUM_WARPS)
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, hs_heads, slots, n_hidden,
+        n_phi, n_fold, splits, split_len, scale * LOG2E,
+        G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
+        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, NEW_APART=NEW_APART, num_warps=NUM_WARPS, num_stages=STEP_STAGES)
+    out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
+    _finish_kernel[(b * hkv * (splits + 1),)](
+        out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs, cache.z,
+        w.k_scale, w.k_mix, w.k_mix_scale, q_rank, cache.rank, cache.score, cache.spare, cache.pending, ws["logits"],
+        ws["cand_key"], ws["cand_idx"], ws["cand_empty"], ws["count"],
+        out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
+        policy.sink, policy.recent,
+        G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2),
+        BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, num_warps=NUM_WARPS)
     return out
 
 

@@ -85,15 +85,13 @@ def test_decode_step_one_split():
 
 @pytest.mark.parametrize("policy", [R.Policy(sink=2, heavy=0, recent=90), R.Policy(sink=1, heavy=80, recent=20)],
                          ids=["lambda", "h2o"])
-@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=16), dict(NEW_APART=False), dict(ONE_LAUNCH=True),
-                                        dict(ONE_LAUNCH=True, BLOCK_H=16)],
-                         ids=["one-chunk", "two-chunks", "new-token-in-loop", "one-launch", "one-launch-two-chunks"])
+@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=16), dict(NEW_APART=False)],
+                         ids=["one-chunk", "two-chunks", "new-token-in-loop"])
 def test_decode_step_several_splits(policy, launch_one, monkeypatch):
     """More slots than one attention block: several splits per KV head beside the merge program, the
     next spare picked by the last to finish (atomic counter); scratch left zeroed for the next step.
     The 32 hidden units in one feature program or two (``BLOCK_H``); the new token after the
-    attention loop (default) or read inside it (``NEW_APART=False``); the whole step in one launch,
-    finished by the last of each (row, KV head)'s programs (``ONE_LAUNCH``)."""
+    attention loop (default) or read inside it (``NEW_APART=False``)."""
     for setting, value in launch_one.items():
         monkeypatch.setattr(K, setting, value)
     ref, tri, worst = run_both(policy, "query", torch.float32, length=110, prompt=104, splits=3)
@@ -105,17 +103,14 @@ def test_decode_step_several_splits(policy, launch_one, monkeypatch):
         assert not ws["phi"].any() and not ws["psi"].any() and not ws["count"].any()
 
 
-@pytest.mark.parametrize("one_launch", [False, True])
-def test_decode_step_launches(one_launch, monkeypatch):
-    """A step is two kernel launches (one with ``ONE_LAUNCH``) and allocates only its output."""
-    monkeypatch.setattr(K, "ONE_LAUNCH", one_launch)
+def test_decode_step_is_two_launches(monkeypatch):
+    """A step is two kernel launches and allocates only its output."""
     launched = []
     for name in ("_step_kernel", "_finish_kernel"):
         kernel = getattr(K, name)
         monkeypatch.setattr(K, name, _Recorder(kernel, name, launched))
     run_both(R.Policy(sink=0, heavy=3, recent=2), "kv", torch.float32, length=9)
-    per_step = ["_step_kernel"] if one_launch else ["_step_kernel", "_finish_kernel"]
-    assert launched == per_step * 2 and K.launches() == len(per_step)
+    assert launched == ["_step_kernel", "_finish_kernel"] * 2
 
 
 class _Recorder:
@@ -130,8 +125,8 @@ class _Recorder:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("state_heads", ["kv", "query"])
-@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=64), dict(ONE_LAUNCH=not K.ONE_LAUNCH)],
-                         ids=["module-settings", "64-hidden", "other-launch-count"])
+@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=64), dict(MAX_SPLITS=16)],
+                         ids=["module-settings", "64-hidden", "16-splits"])
 def test_decode_step_gpu(dtype, state_heads, launch_one, monkeypatch):
     """8B-like heads, 100 decode steps after a 300-token prompt, 256-token budget: every step evicts
     and folds. Each step starts from the reference's cache (``resync``): the output and the cache
