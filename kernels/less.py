@@ -176,7 +176,8 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         if NEW_APART:  # the new token, in the split that holds the spare slot (one more softmax term)
-            mine = (spare >= start) & (spare < stop)
+            spare_g = tl.zeros([GP], dtype=tl.int32) + spare  # as a vector: a mask the interpreter takes
+            mine = (spare_g >= start) & (spare_g < stop)
             s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale
             s_new = tl.where(mine, s_new, float("-inf"))
             m_new = tl.maximum(m_i, s_new)
