@@ -44,8 +44,9 @@ BLOCK_E = 256  # slots per step of the score update / eviction candidates
 # 23.8 us on the H200 (benchmarks/bench_less.py layer, less_layer_NVIDIA_H200.json; 256: 21.8 us).
 BLOCK_H = 128
 # Splits of a KV head's slots (the merge program reads them in one tile). 32: the 8B shape's 2049 slots
-# (1024 + 1024 and the spare) in 17 splits of two 64-slot blocks, instead of 11 of three at 16: a step of
-# 16.3 us instead of 16.7-16.9 on the H200 (less_layer_NVIDIA_H200.json, two runs).
+# (1024 + 1024 and the spare) in 17 splits of two 64-slot blocks, instead of 11 of three at 16: on the H200
+# a step of 16.1-16.3 us instead of 16.7-16.9 in two runs, 16.7 against 16.8 in a third (bench_less.py layer,
+# less_layer_merge_program_NVIDIA_H200.json, less_layer_NVIDIA_H200.json).
 MAX_SPLITS = 32
 NUM_WARPS = 4
 # Software-pipelining depth of launch 1's attention loop. A program walks two or three 64-slot blocks,
