@@ -61,6 +61,8 @@ LAUNCH_ONE_SETTINGS = {
     "with 256 hidden units per feature program": dict(BLOCK_H=256),
     "in 16 splits (the 8B shape's 2049 slots: 11 splits of three 64-slot blocks)": dict(MAX_SPLITS=16),
     "with the new token read in the attention loop": dict(NEW_APART=False),
+    "with launch 2 as its programmatic dependent launch": dict(USE_PDL=True),
+    "with launch 2 as its programmatic dependent launch, 16 splits": dict(USE_PDL=True, MAX_SPLITS=16),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}
@@ -130,8 +132,13 @@ def layer_rows(dev, lengths, smoke):
                 check = copy.deepcopy(cache)
                 wk = w.to(dtype)  # the runtime's kernels get the maps in the model's dtype; so does the check
                 expected = ref.decode_step(q, k_new, v_new, q_rank, check, wk, policy, d ** -0.5, state=state)
-                got = kernel.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(cache), wk, policy, d ** -0.5, state=state)
-                error = (got.float() - expected.float()).abs().max().item()
+
+                def error_of_one_step():  # against the reference, from a copy of the cache
+                    got = kernel.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(cache), wk, policy, d ** -0.5,
+                                             state=state)
+                    return (got.float() - expected.float()).abs().max().item()
+
+                error = error_of_one_step()
                 step = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5, state=state)  # noqa: E731
                 t = min(c.graph_time(step), c.graph_time(step))  # the first after dense 512K can run slow
                 state_bytes = (cache.hs.numel() + cache.z.numel()) * 4
@@ -145,8 +152,13 @@ def layer_rows(dev, lengths, smoke):
                         try:
                             for setting, value in settings.items():
                                 setattr(kernel, setting, value)
-                            rows.append({"L": L, "variant": f"LESS {name}, launch 1 {what}",
-                                         "graph_us": c.graph_time(step) * 1e6})
+                            row = {"L": L, "variant": f"LESS {name}, launch 1 {what}"}
+                            try:
+                                row["max_error_vs_reference"] = error_of_one_step()
+                                row["graph_us"] = c.graph_time(step) * 1e6
+                            except Exception as error:  # noqa: BLE001 (a setting this device or Triton refuses)
+                                row["error"] = repr(error)[:300]
+                            rows.append(row)
                         finally:
                             for setting, value in defaults.items():
                                 setattr(kernel, setting, value)
