@@ -57,9 +57,6 @@ STEP_STAGES = 3
 # The new token in launch 1's attention: one more softmax term after the loop (True), or read from registers
 # in place of the spare slot's tile inside the loop (False: a select between the loads and the tl.dot).
 NEW_APART = True
-# Launch 2 as a programmatic dependent launch of launch 1 (Hopper and later, CUDA only): its programs start
-# while launch 1 runs and load the cache, state and maps before waiting for launch 1's results.
-USE_PDL = False
 LOG2E = 1.4426950408889634
 
 
@@ -70,14 +67,6 @@ def available(t: torch.Tensor) -> bool:
     if backend == "reference":
         return False
     return backend == "triton" or t.is_cuda
-
-
-def pdl_available(t: torch.Tensor) -> bool:
-    """Whether launch 2 can be a programmatic dependent launch on ``t``'s device: CUDA (not the
-    interpreter), compute capability 9.0 or later, and a Triton with ``gdc_wait``."""
-    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return torch.cuda.get_device_capability(t.device)[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
 
 
 @triton.jit
@@ -107,10 +96,9 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
                  q_b, q_h, n_b, n_h, Hq, Hkv, Hs, S, N, n_phi, n_fold, n_splits, split_len, qk_scale,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STORE_LOGITS: tl.constexpr, NEW_APART: tl.constexpr, USE_PDL: tl.constexpr = False):
+                 STORE_LOGITS: tl.constexpr, NEW_APART: tl.constexpr):
     """Launch 1 of a decode step: three kinds of programs, independent of one another, numbered as
-    below. ``USE_PDL``: launch 2 may start at once (``gdc_launch_dependents``; it waits for this
-    launch's results itself).
+    below.
 
     * ``n_phi = B * Hq * CHUNKS`` feature programs (0 without a state): one chunk of hidden units of ``phi(q)`` of a query head,
       summed into ``PHI_ACC [B, Hq, R]`` (atomics; the merge applies the last GELU).
@@ -122,8 +110,6 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
       hitters, the raw logits ``LOGITS [B, Hq, S]`` (log2 units).
     """
     pid = tl.program_id(0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
     if pid < n_phi:
         head = pid // CHUNKS  # b * Hq + h
         b = head // Hq
@@ -227,7 +213,7 @@ def _normaliser(pm, pl):
 def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, SPARE, b, kvh, bh, base, heads,
            rows, gmask, offs_s, smask, o_b, o_h, n_b, n_h, Hq,
            GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-           STATE: tl.constexpr, STATE_PER_QUERY: tl.constexpr, USE_PDL: tl.constexpr):
+           STATE: tl.constexpr, STATE_PER_QUERY: tl.constexpr):
     """The output of a (row, KV head) and its cache update, from launch 1's results only: finish
     ``phi`` (and ``psi`` of the pending token, folded into ``HS``/``Z`` with its value, fp32; ``psi``
     as ``less_reference.key_features``), merge the splits' partials with the state term into ``Out``,
@@ -235,8 +221,7 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, 
 
     Every load is issued before any result is used, whether a token is pending or not (the fold is
     masked, not branched on): the program waits on memory twice (the spare slot's index, then the
-    rest), not once per step of the computation. ``USE_PDL``: what launch 1 does not write is loaded
-    before waiting for it (programmatic dependent launch)."""
+    rest), not once per step of the computation."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     dmask = offs_d < D
@@ -273,8 +258,6 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, 
         scale = tl.abs(tl.load(KS + j * R + offs_r, mask=zmask, other=0.0).to(tl.float32))
         mix_scale = tl.load(KMS + j * R + offs_r, mask=zmask, other=0.0).to(tl.float32)
     v_old = tl.load(V + (base + spare) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    if USE_PDL:  # launch 1 done and its writes visible
-        tl.extra.cuda.gdc_wait()
     pm = tl.load(PM + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=float("-inf"))
     pl = tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0)
     po = tl.load(PO + (rows[:, None, None] + offs_s[None, :, None]) * D + offs_d[None, None, :],
@@ -330,14 +313,13 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, 
 
 @triton.jit
 def _score_slots(RANK, SCORE, LOGITS, PM, PL, base, logits_row, rows, gmask, offs_s, smask, start, stop, spare, qr,
-                 sink, recent, S, BLOCK_E: tl.constexpr, HEAVY: tl.constexpr, USE_PDL: tl.constexpr):
+                 sink, recent, S, BLOCK_E: tl.constexpr, HEAVY: tl.constexpr):
     """Slots ``[start, stop)`` of a (row, KV head) (``base``: its first slot; ``logits_row [GP]``: its query
     heads' rows of ``LOGITS``; ``rows [GP]``: their first partial): this step's probabilities added to
     the heavy-hitter scores (``HEAVY``; the kept slots' normaliser merged from the splits' ``PM``/``PL``,
     loaded beside the slots' logits so that the two wait together) and the eviction candidate,
     ``(lowest key, its slot, first empty slot)`` (key: the score, or the rank for sink + recent; the
-    spare slot counts as the new token, rank ``qr``). ``USE_PDL``: ranks and scores (which launch 1
-    does not write) are loaded before waiting for launch 1."""
+    spare slot counts as the new token, rank ``qr``)."""
     best_key = float("inf")
     best_idx = start
     first_empty = S
@@ -347,8 +329,6 @@ def _score_slots(RANK, SCORE, LOGITS, PM, PL, base, logits_row, rows, gmask, off
         is_new = offs_n == spare
         kr = tl.load(RANK + base + offs_n, mask=nmask, other=0)
         old = tl.load(SCORE + base + offs_n, mask=nmask, other=0.0)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
         kr = tl.where(is_new, qr, kr)
         if HEAVY:
             s = tl.load(LOGITS + logits_row[:, None] + offs_n[None, :], mask=gmask[:, None] & nmask[None, :],
@@ -381,7 +361,7 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
                    o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, split_len, sink, recent,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_R: tl.constexpr, SP: tl.constexpr, BLOCK_E: tl.constexpr, STATE: tl.constexpr,
-                   STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr, USE_PDL: tl.constexpr = False):
+                   STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr):
     """Launch 2 of a decode step: per (row, KV head), one merge program and one program per split,
     numbered in that order.
 
@@ -393,10 +373,6 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
 
     The last of a (row, KV head)'s ``n_splits + 1`` programs to finish (``COUNT``, an atomic counter
     it resets) picks the next spare slot and the pending flag (after everyone has read them).
-
-    ``USE_PDL`` (launched as a programmatic dependent launch of launch 1): each program loads what
-    launch 1 does not write, then waits for launch 1 (``gdc_wait``) before loading its results and
-    before any store.
     """
     pid = tl.program_id(0)
     n_merge = tl.num_programs(0) // (n_splits + 1)  # B * Hkv
@@ -415,7 +391,7 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
     if is_merge:
         _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, SPARE, b, kvh, bh, base,
                heads, rows, gmask, offs_s, smask, o_b, o_h, n_b, n_h, Hq,
-               GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY, USE_PDL)
+               GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
     else:
         qr = tl.load(QR + b).to(tl.int32)
         spare = tl.load(SPARE + bh)
@@ -423,9 +399,7 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
         stop = tl.minimum(start + split_len, S)
         best_key, best_idx, first_empty = _score_slots(RANK, SCORE, LOGITS, PM, PL, base,
                                                        (b * Hq + heads).to(tl.int64) * S, rows, gmask, offs_s, smask,
-                                                       start, stop, spare, qr, sink, recent, S, BLOCK_E, HEAVY, USE_PDL)
-        if USE_PDL:  # (no-op after the loop's wait) before any store
-            tl.extra.cuda.gdc_wait()
+                                                       start, stop, spare, qr, sink, recent, S, BLOCK_E, HEAVY)
         if (spare >= start) & (spare < stop):
             tl.store(RANK + base + spare, qr)
             if not HEAVY:
@@ -511,7 +485,6 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
     split_len = math.ceil(math.ceil(slots / splits) / BLOCK_N) * BLOCK_N
     splits = math.ceil(slots / split_len)
     ws = _workspace(dev, b, hq, hkv, hs_heads, rank_r, d, slots, splits)
-    pdl = USE_PDL and pdl_available(q)
     heavy = policy.heavy > 0
     block_d, block_r = _pow2(d, 16), _pow2(rank_r, 2)
     chunks = math.ceil(n_hidden / BLOCK_H)
@@ -523,8 +496,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, hs_heads, slots, n_hidden,
         n_phi, n_fold, splits, split_len, scale * LOG2E,
         G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
-        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, NEW_APART=NEW_APART, USE_PDL=pdl, num_warps=NUM_WARPS,
-        num_stages=STEP_STAGES)
+        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, NEW_APART=NEW_APART, num_warps=NUM_WARPS, num_stages=STEP_STAGES)
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
     _finish_kernel[(b * hkv * (splits + 1),)](
         out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs, cache.z,
@@ -533,8 +505,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
         out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
         policy.sink, policy.recent,
         G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2),
-        BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, USE_PDL=pdl, num_warps=NUM_WARPS,
-        **({"launch_pdl": True} if pdl else {}))
+        BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, num_warps=NUM_WARPS)
     return out
 
 
