@@ -5,7 +5,8 @@ A decode step is two launches, none of which waits on the host (a step can be ca
 graph), and no torch op besides the output's allocation:
 
 1. ``_step_kernel``: split-K attention of the G query heads of each KV head over its slots
-   (flash-decoding; the spare slot is read as the new token, from registers), beside the feature
+   (flash-decoding; the spare slot is left out and the new token, from registers, is one more softmax
+   term), beside the feature
    maps split over chunks of hidden units: ``phi(q)`` of every query head and, for every (row,
    state head) whose spare slot holds the token evicted by the last step, ``psi(k)`` of that token
    (pre-activations summed in fp32 with atomics). With heavy hitters the raw logits go to a small
@@ -105,7 +106,7 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
     * ``n_fold = B * Hs * CHUNKS`` fold programs (0 without a state): where ``PENDING``, the same for
       ``psi`` of the key evicted by the last step (still in slot ``SPARE``) into ``PSI_ACC [B, Hs, R]``.
     * ``B * Hkv * n_splits`` attention programs: split-K attention of the G query heads of a KV head
-      over ``split_len`` slots, the spare slot read as the new token (from registers: this launch
+      over ``split_len`` slots, the spare slot left out and the new token added (from registers: this launch
       writes nothing to the cache); partials ``PO``/``PM``/``PL`` (log2 units) and, for heavy
       hitters, the raw logits ``LOGITS [B, Hq, S]`` (log2 units).
     """
