@@ -60,7 +60,6 @@ LAUNCH_ONE_SETTINGS = {
     "with 64 hidden units per feature program": dict(BLOCK_H=64),
     "with 256 hidden units per feature program": dict(BLOCK_H=256),
     "in 16 splits (the 8B shape's 2049 slots: 11 splits of three 64-slot blocks)": dict(MAX_SPLITS=16),
-    "with the new token read in the attention loop": dict(NEW_APART=False),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}

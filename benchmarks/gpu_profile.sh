@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Where the LESS step's and the Palu decode's time goes (a part of gpu_round.sh), under $OUT/profile/:
-# kernel durations (torch profiler), then Nsight Compute counters of each kernel (when ncu can read them),
-# then the LESS layer bench at 128K and the LESS GPU tests.
-#   bash benchmarks/gpu_profile.sh
+# kernel durations (torch profiler), then Nsight Compute counters of each kernel (when ncu can read them).
+# With the LESS layer bench and GPU tests: bash benchmarks/gpu_round.sh profile less:tests less:layer
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 R=${OUT:-/tmp/kvpress-gpu}/profile
@@ -22,9 +21,4 @@ ncu --version | tail -1
 ncu_case less "_step_kernel|_finish_kernel" 6 2
 ncu_case palu "_palu_decode_kernel" 3 1
 ncu_case palu4 "_palu_decode_kernel" 3 1
-stamp "less layer 128K"
-timeout 100 python benchmarks/bench_less.py layer --lengths 131072 --out "$R" > "$R/layer.log" 2>&1
-grep -A40 "^LESS decode step" "$R/layer.log" || tail -5 "$R/layer.log"
-stamp "less tests"
-timeout 80 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py 2>&1 | tee "$R/less_tests.log" | tail -6
 stamp done

@@ -28,17 +28,15 @@ import bench_palu  # noqa: E402
 import common as c  # noqa: E402
 
 from kvpress.kernels import less as less_kernel  # noqa: E402
-from kvpress.kernels import less_reference as less_ref  # noqa: E402
 from kvpress.kernels import palu as palu_kernel  # noqa: E402
 from kvpress.methods.less import FeatureMaps  # noqa: E402
 
-POLICIES = {"less": less_ref.Policy(0, 1024, 1024), "less-off": less_ref.Policy(0, 1024, 1024),
-            "less-lambda": less_ref.Policy(4, 0, 2044)}
+POLICIES = {"less": "h2o 1024+1024", "less-off": "h2o 1024+1024", "less-lambda": "lambda 4+2044"}  # bench_less's
 
 
 def less_case(name, dev):
     hq, hkv, d, rank, hidden = 32, 8, 128, 8, 512
-    policy, state = POLICIES[name], name != "less-off"
+    policy, state = bench_less.POLICIES[POLICIES[name]], name != "less-off"
     torch.manual_seed(0)
     w = FeatureMaps(d, hq, hkv, rank, hidden).weights().to(dev).to(torch.bfloat16)
     cache = bench_less.filled_cache(policy, hq, hkv, d, hkv, rank, 131072, dev, torch.bfloat16)

@@ -85,13 +85,11 @@ def test_decode_step_one_split():
 
 @pytest.mark.parametrize("policy", [R.Policy(sink=2, heavy=0, recent=90), R.Policy(sink=1, heavy=80, recent=20)],
                          ids=["lambda", "h2o"])
-@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=16), dict(NEW_APART=False)],
-                         ids=["one-chunk", "two-chunks", "new-token-in-loop"])
+@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=16)], ids=["one-chunk", "two-chunks"])
 def test_decode_step_several_splits(policy, launch_one, monkeypatch):
     """More slots than one attention block: several splits per KV head beside the merge program, the
     next spare picked by the last to finish (atomic counter); scratch left zeroed for the next step.
-    The 32 hidden units in one feature program or two (``BLOCK_H``); the new token after the
-    attention loop (default) or read inside it (``NEW_APART=False``)."""
+    The 32 hidden units in one feature program or two (``BLOCK_H``)."""
     for setting, value in launch_one.items():
         monkeypatch.setattr(K, setting, value)
     ref, tri, worst = run_both(policy, "query", torch.float32, length=110, prompt=104, splits=3)
@@ -157,13 +155,11 @@ def test_decode_step_gpu(dtype, state_heads, launch_one, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["lambda", "h2o", "h2o-no-state", "h2o-one-split", "h2o-new-token-in-loop"])
+@pytest.mark.parametrize("variant", ["lambda", "h2o", "h2o-no-state", "h2o-one-split"])
 def test_decode_step_gpu_parts(dtype, variant, monkeypatch):
     """The step's parts one at a time on the GPU, each step from the reference's cache (fp32: tf32
     dots on the GPU, 1e-5 under the interpreter; bf16: the dtype's rounding): which part, if any,
     differs on the GPU only."""
-    if variant == "h2o-new-token-in-loop":
-        monkeypatch.setattr(K, "NEW_APART", False)
     policy = R.Policy(sink=4, heavy=0, recent=252) if variant == "lambda" else R.Policy(sink=0, heavy=200, recent=56)
     shape = dict(device="cuda", b=3, hq=32, hkv=8, d=128, n=512, length=340, prompt=300,
                  splits=1 if variant == "h2o-one-split" else None, state=variant != "h2o-no-state")
