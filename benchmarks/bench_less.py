@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common as c  # noqa: E402
@@ -53,13 +55,19 @@ from kvpress.methods.less import FeatureMaps, Less, LessConfig  # noqa: E402
 METHODS.setdefault("less", Less)  # until kvpress.methods registers it
 
 RESULTS = Path(__file__).parent / "results"
-# launch 1's settings timed beside the module's (kernels/less.py: BLOCK_H 128, 3 stages, 32 splits at most)
-LAUNCH_ONE_SETTINGS = {
-    "in 2 stages": dict(STEP_STAGES=2),
-    "in 1 stage": dict(STEP_STAGES=1),
-    "with 64 hidden units per feature program": dict(BLOCK_H=64),
-    "with 256 hidden units per feature program": dict(BLOCK_H=256),
+# settings timed beside the module's (kernels/less.py: BLOCK_H 128, 3 stages, 32 splits at most, 4 warps per
+# program in both launches, attention programs first)
+SETTINGS = {
+    "launch 1 in 2 stages": dict(STEP_STAGES=2),
+    "launch 1 with 256 hidden units per feature program": dict(BLOCK_H=256),
     "in 16 splits (the 8B shape's 2049 slots: 11 splits of three 64-slot blocks)": dict(MAX_SPLITS=16),
+    "launch 1 with the feature programs first": dict(ATTENTION_FIRST=False),
+    "launch 1 in 2 warps per program": dict(STEP_WARPS=2),
+    "launch 1 in 8 warps per program": dict(STEP_WARPS=8),
+    "launch 2 in 1 warp per program": dict(FINISH_WARPS=1),
+    "launch 2 in 2 warps per program": dict(FINISH_WARPS=2),
+    "launch 2 in 8 warps per program": dict(FINISH_WARPS=8),
+    "launch 1 in 2 warps, launch 2 in 2 warps": dict(STEP_WARPS=2, FINISH_WARPS=2),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}
@@ -86,6 +94,45 @@ class _Skipped:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+
+@triton.jit
+def _empty_kernel(X):
+    tl.store(X + tl.program_id(0), tl.load(X + tl.program_id(0)) + 1.0)
+
+
+def empty_launches(programs):
+    """GPU time of two back-to-back launches of a kernel that loads and stores one float per program,
+    with ``programs`` (a pair) programs each."""
+    x = torch.zeros(max(programs), device="cuda" if torch.cuda.is_available() else "cpu")
+
+    def two():
+        _empty_kernel[(programs[0],)](x)
+        _empty_kernel[(programs[1],)](x)
+    return c.graph_time(two)
+
+
+class _Grids:
+    """Records the grid of each kernel launched through it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(grid[0])
+        return self.kernel[grid]
+
+
+def kernel_programs(step):
+    """Programs of the step's two launches, ``(launch 1, launch 2)``."""
+    log = []
+    saved = kernel._step_kernel, kernel._finish_kernel
+    kernel._step_kernel, kernel._finish_kernel = _Grids(saved[0], log), _Grids(saved[1], log)
+    try:
+        step()
+    finally:
+        kernel._step_kernel, kernel._finish_kernel = saved
+    return tuple(log)
 
 
 def launch_one(step):
@@ -142,16 +189,21 @@ def layer_rows(dev, lengths, smoke):
                 t = min(c.graph_time(step), c.graph_time(step))  # the first after dense 512K can run slow
                 state_bytes = (cache.hs.numel() + cache.z.numel()) * 4
                 label = f"LESS {name}, state per {state_heads} head" if state else f"{name} alone (state off)"
+                if state_heads == "off" and L == lengths[0]:
+                    rows.append({"L": L, "variant": f"{name}: launch 1 alone, state off (attention only)",
+                                 "graph_us": launch_one(step) * 1e6})
                 if state_heads == "kv" and L == lengths[0] and name == next(iter(policies)):
+                    rows.append({"L": L, "variant": "two empty launches of as many programs (the floor of a two-launch step)",
+                                 "graph_us": empty_launches(kernel_programs(step)) * 1e6})
                     rows.append({"L": L, "variant": f"LESS {name}: launch 1 alone (attention + features)",
                                  "graph_us": launch_one(step) * 1e6})
-                    # launch 1's settings other than the module's (kernel.STEP_STAGES, BLOCK_H)
-                    for what, settings in LAUNCH_ONE_SETTINGS.items():
+                    # settings other than the module's
+                    for what, settings in SETTINGS.items():
                         defaults = {setting: getattr(kernel, setting) for setting in settings}
                         try:
                             for setting, value in settings.items():
                                 setattr(kernel, setting, value)
-                            row = {"L": L, "variant": f"LESS {name}, launch 1 {what}"}
+                            row = {"L": L, "variant": f"LESS {name}, {what}"}
                             try:
                                 row["max_error_vs_reference"] = error_of_one_step()
                                 row["graph_us"] = c.graph_time(step) * 1e6
@@ -161,7 +213,7 @@ def layer_rows(dev, lengths, smoke):
                         finally:
                             for setting, value in defaults.items():
                                 setattr(kernel, setting, value)
-                    for splits in (1, 2, 4, 8, 16):  # programs per KV head along the slots (default: fill the GPU)
+                    for splits in (8, 16):  # programs per KV head along the slots (default: fill the GPU)
                         fixed = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5,  # noqa: E731
                                                            state=state, splits=splits)
                         rows.append({"L": L, "variant": f"LESS {name}, splits={splits}", "graph_us": c.graph_time(fixed) * 1e6})
