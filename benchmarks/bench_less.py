@@ -64,10 +64,13 @@ SETTINGS = {
     "launch 1 with the feature programs first": dict(ATTENTION_FIRST=False),
     "launch 1 in 2 warps per program": dict(STEP_WARPS=2),
     "launch 1 in 8 warps per program": dict(STEP_WARPS=8),
-    "launch 2 in 1 warp per program": dict(FINISH_WARPS=1),
     "launch 2 in 2 warps per program": dict(FINISH_WARPS=2),
     "launch 2 in 8 warps per program": dict(FINISH_WARPS=8),
-    "launch 1 in 2 warps, launch 2 in 2 warps": dict(STEP_WARPS=2, FINISH_WARPS=2),
+    "in 33 splits of one 64-slot block, launch 2 in 8 warps": dict(MAX_SPLITS=64, FINISH_WARPS=8),
+    "in 33 splits of two 32-slot blocks, launch 2 in 8 warps": dict(MAX_SPLITS=64, BLOCK_N=32, FINISH_WARPS=8),
+    "in 65 splits of one 32-slot block, launch 2 in 8 warps": dict(MAX_SPLITS=128, BLOCK_N=32, FINISH_WARPS=8),
+    "in 33 splits of one 64-slot block, launch 1 in 1 stage, launch 2 in 8 warps":
+        dict(MAX_SPLITS=64, STEP_STAGES=1, FINISH_WARPS=8),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}

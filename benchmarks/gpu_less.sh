@@ -55,7 +55,15 @@ case $part in
       --train-samples 128 --train-length 1024 --capture-batch 16 --batch-size 2 --val-fraction 0.1 --eval-windows 32 \
       --epochs 16 --halve-every 6 --lr 1e-2 --maps r8h128,r8h512 --save-maps "$R/maps_smol" ${SMOL_ARGS:-} \
       --out "$R/less_quality_smollm2_gpu.json" > "$R/quality_smol.log" 2>&1
-    grep "^\[\|^| " "$R/quality_smol.log" | tail -30 || tail -5 "$R/quality_smol.log" ;;
+    grep "^\[\|^| " "$R/quality_smol.log" | tail -30 || tail -5 "$R/quality_smol.log"
+    # each trained map folder comes back beside the part's archive, in pieces under the 16 MiB a returned file may hold
+    for maps in "$R"/maps_smol/*/; do
+      [ -d "$maps" ] || continue
+      name=$(basename "$maps")
+      tar czf - -C "$R/maps_smol" "$name" | split -b 15m - "$OUT/maps_smol_$name.tar.gz.part"
+      rm -rf "$maps"
+    done
+    ls -la "$OUT" ;;
   *) echo "unknown part $part (round2, round3, tests, layer, e2e, memory, quality, smol)" ;;
 esac
 echo "less $part: $(( $(date +%s) - start )) s"

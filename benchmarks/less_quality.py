@@ -186,7 +186,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--capture-batch", type=int, default=8)
-    parser.add_argument("--trained-lambda", help="a trained LESS config folder for the Lambda rows (skips training)")
+    parser.add_argument("--trained-lambda", help="trained LESS config folders (comma-separated) for the Lambda rows "
+                        "(skips training)")
     parser.add_argument("--trained-h2o", help="the same for the H2O rows")
     parser.add_argument("--save-maps", help="write each trained config folder under this folder (POLICY-SPEC)")
     parser.add_argument("--train-only", action="store_true", help="train and --save-maps, no evaluation (evaluate "
@@ -279,9 +280,9 @@ def main() -> int:
     for name, base in policies.items():
         trained_dir = getattr(args, f"trained_{name}")
         if trained_dir:
-            loaded = LessConfig.load(trained_dir)
-            trained = iter([(f"r{loaded.rank}h{loaded.hidden}" if loaded.state_heads == "kv" else
-                             f"q-r{loaded.rank}h{loaded.hidden}", (loaded, None))])
+            loaded = [LessConfig.load(folder) for folder in trained_dir.split(",")]
+            trained = iter([(f"r{c.rank}h{c.hidden}" if c.state_heads == "kv" else f"q-r{c.rank}h{c.hidden}", (c, None))
+                            for c in loaded])
         else:
             trained = train_maps(model, tokenizer, base, specs, training, Path(args.work), log)
         if not args.train_only:
