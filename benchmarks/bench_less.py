@@ -56,21 +56,14 @@ METHODS.setdefault("less", Less)  # until kvpress.methods registers it
 
 RESULTS = Path(__file__).parent / "results"
 # settings timed beside the module's (kernels/less.py: BLOCK_H 128, 3 stages, 32 splits at most, 4 warps per
-# program in both launches, attention programs first)
+# program in launch 1 and 8 in launch 2); the session of 2026-12-01 timed more (docs/less.md)
 SETTINGS = {
     "launch 1 in 2 stages": dict(STEP_STAGES=2),
     "launch 1 with 256 hidden units per feature program": dict(BLOCK_H=256),
     "in 16 splits (the 8B shape's 2049 slots: 11 splits of three 64-slot blocks)": dict(MAX_SPLITS=16),
-    "launch 1 with the feature programs first": dict(ATTENTION_FIRST=False),
-    "launch 1 in 2 warps per program": dict(STEP_WARPS=2),
+    "in 33 splits of one 64-slot block": dict(MAX_SPLITS=64),
     "launch 1 in 8 warps per program": dict(STEP_WARPS=8),
-    "launch 2 in 2 warps per program": dict(FINISH_WARPS=2),
-    "launch 2 in 8 warps per program": dict(FINISH_WARPS=8),
-    "in 33 splits of one 64-slot block, launch 2 in 8 warps": dict(MAX_SPLITS=64, FINISH_WARPS=8),
-    "in 33 splits of two 32-slot blocks, launch 2 in 8 warps": dict(MAX_SPLITS=64, BLOCK_N=32, FINISH_WARPS=8),
-    "in 65 splits of one 32-slot block, launch 2 in 8 warps": dict(MAX_SPLITS=128, BLOCK_N=32, FINISH_WARPS=8),
-    "in 33 splits of one 64-slot block, launch 1 in 1 stage, launch 2 in 8 warps":
-        dict(MAX_SPLITS=64, STEP_STAGES=1, FINISH_WARPS=8),
+    "launch 2 in 4 warps per program": dict(FINISH_WARPS=4),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}
@@ -216,10 +209,6 @@ def layer_rows(dev, lengths, smoke):
                         finally:
                             for setting, value in defaults.items():
                                 setattr(kernel, setting, value)
-                    for splits in (8, 16):  # programs per KV head along the slots (default: fill the GPU)
-                        fixed = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5,  # noqa: E731
-                                                           state=state, splits=splits)
-                        rows.append({"L": L, "variant": f"LESS {name}, splits={splits}", "graph_us": c.graph_time(fixed) * 1e6})
                 rows.append({"L": L, "variant": label, "graph_us": t * 1e6,
                              "eager_us": c.bench(step) * 1e6, "speedup": t_dense / t, "max_error_vs_reference": error,
                              "launches": kernel.launches(),

@@ -49,10 +49,10 @@ BLOCK_H = 128
 # a step of 16.1-16.3 us instead of 16.7-16.9 in two runs, 16.7 against 16.8 in a third (bench_less.py layer,
 # less_layer_merge_program_NVIDIA_H200.json, less_layer_NVIDIA_H200.json).
 MAX_SPLITS = 32
-STEP_WARPS = 4  # warps per program of launch 1
-FINISH_WARPS = 4  # and of launch 2
-# Launch 1's programs in the order attention, features (else features first): ...
-ATTENTION_FIRST = True
+STEP_WARPS = 4  # warps per program of launch 1 (2: 20.2-20.7 us a step, 8: 19.6-20.1, on the H200)
+# and of launch 2: 8 made a step 16.4-16.6 us against 16.9-17.3 with 4, in the same two runs (2: 24.3-25.0;
+# bench_less.py layer, less_layer_warps_NVIDIA_H200.json, less_layer_NVIDIA_H200.json)
+FINISH_WARPS = 8
 # Software-pipelining depth of launch 1's attention loop. A program walks two or three 64-slot blocks,
 # and each stage holds a block's K and V in shared memory: 3 stages take 103 KB (two programs per SM),
 # 2 take 70 KB (three, as many as its 168 registers allow: the whole grid in about one wave); read
@@ -92,30 +92,25 @@ def _partial_map(X, W1, W2, ACC, chunk, N, D: tl.constexpr, R: tl.constexpr, BLO
 
 
 @triton.jit
-def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, PHI_ACC, PSI_ACC, V_PENDING,
+def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, PHI_ACC, PSI_ACC,
                  QW1, QW2, KW1, KW2,
                  q_b, q_h, n_b, n_h, Hq, Hkv, Hs, S, N, n_phi, n_fold, n_splits, split_len, qk_scale,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STORE_LOGITS: tl.constexpr, ATTENTION_FIRST: tl.constexpr):
+                 STORE_LOGITS: tl.constexpr):
     """Launch 1 of a decode step: three kinds of programs, independent of one another, numbered as
     below.
 
     * ``n_phi = B * Hq * CHUNKS`` feature programs (0 without a state): one chunk of hidden units of ``phi(q)`` of a query head,
       summed into ``PHI_ACC [B, Hq, R]`` (atomics; the merge applies the last GELU).
     * ``n_fold = B * Hs * CHUNKS`` fold programs (0 without a state): where ``PENDING``, the same for
-      ``psi`` of the key evicted by the last step (still in slot ``SPARE``) into ``PSI_ACC [B, Hs, R]``,
-      and its value copied to ``V_PENDING [B, Hkv, D]`` (fp32), where launch 2 reads it without first
-      waiting for the spare slot's index.
+      ``psi`` of the key evicted by the last step (still in slot ``SPARE``) into ``PSI_ACC [B, Hs, R]``.
     * ``B * Hkv * n_splits`` attention programs: split-K attention of the G query heads of a KV head
       over ``split_len`` slots, the spare slot left out and the new token added (from registers: this launch
       writes nothing to the cache); partials ``PO``/``PM``/``PL`` (log2 units) and, for heavy
       hitters, the raw logits ``LOGITS [B, Hq, S]`` (log2 units).
     """
     pid = tl.program_id(0)
-    n_attention = tl.num_programs(0) - n_phi - n_fold
-    if ATTENTION_FIRST:  # the attention programs take the first wave's places; the feature programs fill in
-        pid = tl.where(pid < n_attention, pid + n_phi + n_fold, pid - n_attention)
     if pid < n_phi:
         head = pid // CHUNKS  # b * Hq + h
         b = head // Hq
@@ -133,10 +128,6 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
         if pending != 0:
             _partial_map(K + (bh * S + slot) * D, KW1 + j * D * N, KW2 + j * N * R, PSI_ACC + head * R,
                          pid % CHUNKS, N, D, R, BLOCK_D, BLOCK_R, BLOCK_H)
-            if (pid % CHUNKS == 0) & (j % (Hs // Hkv) == 0):  # one program per (row, KV head): the token's value
-                offs = tl.arange(0, BLOCK_D)
-                v_old = tl.load(V + (bh * S + slot) * D + offs, mask=offs < D, other=0.0)
-                tl.store(V_PENDING + bh * D + offs, v_old.to(tl.float32), mask=offs < D)
     else:
         pid -= n_phi + n_fold
         bh = pid // n_splits
@@ -215,7 +206,7 @@ def _normaliser(pm, pl):
 
 
 @triton.jit
-def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, V_PENDING, HS, Z, KS, KM, KMS, PENDING, SPARE, b, kvh, bh, base, heads,
+def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, SPARE, b, kvh, bh, base, heads,
            rows, gmask, offs_s, smask, o_b, o_h, n_b, n_h, Hq,
            GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
            STATE: tl.constexpr, STATE_PER_QUERY: tl.constexpr):
@@ -225,9 +216,9 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, V_PENDING, HS, Z, KS
     write the new token's key and value to the spare slot, and zero the feature accumulators.
 
     Every load is issued before any result is used, whether a token is pending or not (the fold is
-    masked, not branched on, and the pending token's value comes from launch 1's copy, not from the
-    slot the spare index names): the program waits on memory once, not once per step of the
-    computation."""
+    masked, not branched on): the program waits on memory twice (the spare slot's index, then the
+    rest), not once per step of the computation. (Launch 1 copying the pending token's value for it,
+    so that it waits once, measured no faster on the H200.)"""
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     dmask = offs_d < D
@@ -263,7 +254,7 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, V_PENDING, HS, Z, KS
         z = tl.load(z_p, mask=zmask, other=0.0)
         scale = tl.abs(tl.load(KS + j * R + offs_r, mask=zmask, other=0.0).to(tl.float32))
         mix_scale = tl.load(KMS + j * R + offs_r, mask=zmask, other=0.0).to(tl.float32)
-        v_old = tl.load(V_PENDING + bh * D + offs_d, mask=dmask, other=0.0)  # copied by launch 1
+    v_old = tl.load(V + (base + spare) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
     pm = tl.load(PM + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=float("-inf"))
     pl = tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0)
     po = tl.load(PO + (rows[:, None, None] + offs_s[None, :, None]) * D + offs_d[None, None, :],
@@ -302,7 +293,7 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, V_PENDING, HS, Z, KS
         out = out * w_kept[:, None] + num * w_state[:, None]
     tl.store(Out + b * o_b + heads[:, None] * o_h + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=gmask[:, None] & dmask[None, :])
-    # Every warp has read the accumulators: the stores below do not
+    # Every warp has read the accumulators and the pending token's value: the stores below do not
     # depend on those loads, so without this barrier one warp could overwrite what another has yet
     # to read (the interpreter, one thread, never shows it).
     tl.debug_barrier()
@@ -362,7 +353,7 @@ def _score_slots(RANK, SCORE, LOGITS, PM, PL, base, logits_row, rows, gmask, off
 
 
 @triton.jit
-def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, V_PENDING, HS, Z, KS, KM, KMS, QR, RANK, SCORE, SPARE,
+def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, QR, RANK, SCORE, SPARE,
                    PENDING, LOGITS, CAND_KEY, CAND_IDX, CAND_EMPTY, COUNT,
                    o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, split_len, sink, recent,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -395,7 +386,7 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, V_PENDING, H
     rows = (b * Hq + heads) * n_splits  # [GP] first partial of each query head
     base = bh.to(tl.int64) * S
     if is_merge:
-        _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, V_PENDING, HS, Z, KS, KM, KMS, PENDING, SPARE, b, kvh, bh, base,
+        _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, SPARE, b, kvh, bh, base,
                heads, rows, gmask, offs_s, smask, o_b, o_h, n_b, n_h, Hq,
                GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
     else:
@@ -453,7 +444,6 @@ def _workspace(dev, b, hq, hkv, hs, rank, d, slots, splits) -> dict[str, torch.T
         ws = dict(po=torch.empty(b * hq * splits, d, **f32), pm=torch.empty(b * hq * splits, **f32),
                   pl=torch.empty(b * hq * splits, **f32), logits=torch.empty(b * hq * slots, **f32),
                   phi=torch.zeros(b * hq, rank, **f32), psi=torch.zeros(b * hs, rank, **f32),
-                  v_pending=torch.zeros(b * hkv, d, **f32),
                   cand_key=torch.empty(b * hkv * splits, **f32),
                   cand_idx=torch.empty(b * hkv * splits, dtype=torch.int32, device=dev),
                   cand_empty=torch.empty(b * hkv * splits, dtype=torch.int32, device=dev),
@@ -499,15 +489,14 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
     n_fold = b * hs_heads * chunks if state else 0
     _step_kernel[(n_phi + n_fold + b * hkv * splits,)](
         q, q_rank, k_new, v_new, cache.k, cache.v, cache.rank, cache.spare, cache.pending,
-        ws["po"], ws["pm"], ws["pl"], ws["logits"], ws["phi"], ws["psi"], ws["v_pending"], w.q_w1, w.q_w2, w.k_w1, w.k_w2,
+        ws["po"], ws["pm"], ws["pl"], ws["logits"], ws["phi"], ws["psi"], w.q_w1, w.q_w2, w.k_w1, w.k_w2,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, hs_heads, slots, n_hidden,
         n_phi, n_fold, splits, split_len, scale * LOG2E,
         G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
-        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, ATTENTION_FIRST=ATTENTION_FIRST, num_warps=STEP_WARPS,
-        num_stages=STEP_STAGES)
+        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, num_warps=STEP_WARPS, num_stages=STEP_STAGES)
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
     _finish_kernel[(b * hkv * (splits + 1),)](
-        out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], ws["v_pending"], cache.hs, cache.z,
+        out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs, cache.z,
         w.k_scale, w.k_mix, w.k_mix_scale, q_rank, cache.rank, cache.score, cache.spare, cache.pending, ws["logits"],
         ws["cand_key"], ws["cand_idx"], ws["cand_empty"], ws["count"],
         out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
