@@ -189,6 +189,9 @@ def layer_rows(dev, lengths, smoke):
                     rows.append({"L": L, "variant": f"{name}: launch 1 alone, state off (attention only)",
                                  "graph_us": launch_one(step) * 1e6})
                 if state_heads == "kv" and L == lengths[0] and name == next(iter(policies)):
+                    rows.append({"L": L, "variant": f"dense SDPA decode over {policy.slots} tokens (as many as the slots)",
+                                 "graph_us": c.graph_time(lambda: F.scaled_dot_product_attention(
+                                     q, cache.k, cache.v, enable_gqa=True)) * 1e6})
                     rows.append({"L": L, "variant": "two empty launches of as many programs (the floor of a two-launch step)",
                                  "graph_us": empty_launches(kernel_programs(step)) * 1e6})
                     rows.append({"L": L, "variant": f"LESS {name}: launch 1 alone (attention + features)",

@@ -49,9 +49,11 @@ BLOCK_H = 128
 # a step of 16.1-16.3 us instead of 16.7-16.9 in two runs, 16.7 against 16.8 in a third (bench_less.py layer,
 # less_layer_merge_program_NVIDIA_H200.json, less_layer_NVIDIA_H200.json).
 MAX_SPLITS = 32
-STEP_WARPS = 4  # warps per program of launch 1 (2: 20.2-20.7 us a step, 8: 19.6-20.1, on the H200)
-# and of launch 2: 8 made a step 16.4-16.6 us against 16.9-17.3 with 4, in the same two runs (2: 24.3-25.0;
-# bench_less.py layer, less_layer_warps_NVIDIA_H200.json, less_layer_NVIDIA_H200.json)
+# Warps per program of launch 1, and of launch 2. On the H200 (bench_less.py layer, H2O 1024+1024 at 32K;
+# less_layer_settings_NVIDIA_H200.json, less_layer_settings2_NVIDIA_H200.json, less_layer_NVIDIA_H200.json):
+# launch 1 in 2 or 8 warps made a step 20.2-20.7 / 17.9-20.1 us; launch 2 in 8 warps 16.4-16.6 us against
+# 16.9-17.3 with 4 (2: 24.3-25.0).
+STEP_WARPS = 4
 FINISH_WARPS = 8
 # Software-pipelining depth of launch 1's attention loop. A program walks two or three 64-slot blocks,
 # and each stage holds a block's K and V in shared memory: 3 stages take 103 KB (two programs per SM),
