@@ -124,7 +124,7 @@ class _Recorder:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("state_heads", ["kv", "query"])
 @pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=64), dict(MAX_SPLITS=32)],
-                         ids=["module-settings", "64-hidden", "16-splits"])
+                         ids=["module-settings", "64-hidden", "32-splits"])
 def test_decode_step_gpu(dtype, state_heads, launch_one, monkeypatch):
     """8B-like heads, 100 decode steps after a 300-token prompt, 256-token budget: every step evicts
     and folds. Each step starts from the reference's cache (``resync``): the output and the cache
