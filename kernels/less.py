@@ -46,12 +46,12 @@ BLOCK_E = 256  # slots per step of the score update / eviction candidates
 BLOCK_H = 128
 # Splits of a KV head's slots (the merge program reads them in one tile). 16: the 8B shape's 2049 slots
 # (1024 + 1024 and the spare) in 11 splits of three 64-slot blocks. On the H200, with launch 2 in 8 warps,
-# a step of 15.8 us against 16.4-16.9 with 32 (17 splits of two blocks) in three runs; with 4 warps 32 had
-# been the faster, 16.1-16.7 us against 16.7-16.9 (bench_less.py layer; less_layer_NVIDIA_H200.json,
-# less_layer_twice_{1,2}_NVIDIA_H200.json; less_layer_merge_program_NVIDIA_H200.json).
+# a step of 15.8 us against 16.4-16.9 with 32 (17 splits of two blocks) in two runs, 15.8 against 16.3 in a
+# third; with 4 warps 32 had been the faster, 16.1-16.7 us against 16.7-16.9 (bench_less.py layer;
+# less_layer_twice_{1,2}_NVIDIA_H200.json, less_layer_NVIDIA_H200.json; less_layer_merge_program_NVIDIA_H200.json).
 MAX_SPLITS = 16
 # Warps per program of launch 1, and of launch 2. On the H200 (bench_less.py layer, H2O 1024+1024 at 32K;
-# less_layer_settings_NVIDIA_H200.json, less_layer_settings2_NVIDIA_H200.json, less_layer_NVIDIA_H200.json):
+# less_layer_settings_NVIDIA_H200.json, less_layer_settings2_NVIDIA_H200.json, less_layer_warps8_NVIDIA_H200.json):
 # launch 1 in 2 or 8 warps made a step 20.2-20.7 / 17.9-20.1 us; launch 2 in 8 warps 16.4-16.6 us against
 # 16.9-17.3 with 4 (2: 24.3-25.0).
 STEP_WARPS = 4
