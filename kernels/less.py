@@ -42,7 +42,7 @@ BLOCK_N = 64  # slots per inner step of the attention
 BLOCK_E = 256  # slots per step of the score update / eviction candidates
 # Hidden units per feature program. 128 (the paper's 512 hidden units in 4 programs per head: 160 feature
 # programs beside 128 attention programs on the 8B shape) against 64 (320): a step of 19.6 us instead of
-# 23.8 us on the H200 (benchmarks/bench_less.py layer, less_layer_NVIDIA_H200.json; 256: 21.8 us).
+# 23.8 us on the H200 (benchmarks/bench_less.py layer, 2026-11-30; 256: 21.8 us).
 BLOCK_H = 128
 # Splits of a KV head's slots (the merge program reads them in one tile). 16: the 8B shape's 2049 slots
 # (1024 + 1024 and the spare) in 11 splits of three 64-slot blocks. On the H200, with launch 2 in 8 warps,
