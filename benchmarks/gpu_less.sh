@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_less.sh            round 2: tests, layer bench, needle-llama training + quality (~2.5 min)
 #   bash benchmarks/gpu_less.sh round3     e2e TPOT / peak memory (32K, 128K), memory over 10K tokens, quality again
 #   bash benchmarks/gpu_less.sh smol       SmolLM2-135M-Instruct H2O quality (benchmarks/gpu_smol_model.sh makes the model; <= 5 min)
-#   bash benchmarks/gpu_less.sh e2e|memory|quality|layer|tests   one part
+#   bash benchmarks/gpu_less.sh e2e|memory|quality|layer|tests|prefill   one part (prefill: the prefill kernels' GPU tests)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvpress-gpu}
@@ -39,6 +39,9 @@ case $part in
   tests)
     timeout 200 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py tests/test_less.py 2>&1 \
       | tee "$R/gpu_tests.log" | tail -8 ;;
+  prefill)
+    timeout 150 pytest -m gpu -q -p no:cacheprovider -k prefill tests/test_less_kernels.py 2>&1 \
+      | tee "$R/gpu_tests_prefill.log" | tail -5 ;;
   layer)
     timeout 120 python benchmarks/bench_less.py layer --out "$R" > "$R/layer.log" 2>&1; grep -A40 "^LESS decode step" "$R/layer.log" || tail -5 "$R/layer.log" ;;
   e2e)
@@ -64,6 +67,6 @@ case $part in
       rm -rf "$maps"
     done
     ls -la "$OUT" ;;
-  *) echo "unknown part $part (round2, round3, tests, layer, e2e, memory, quality, smol)" ;;
+  *) echo "unknown part $part (round2, round3, tests, prefill, layer, e2e, memory, quality, smol)" ;;
 esac
 echo "less $part: $(( $(date +%s) - start )) s"

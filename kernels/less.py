@@ -24,7 +24,9 @@ Workspaces (partials, logits, feature accumulators, counters) are allocated once
 device and left zeroed by every step; the first step of a shape should run outside CUDA-graph
 capture (as Triton's compilation must anyway).
 
-The prefill runs through the torch reference.
+The prefill (``prefill_step``) is the reference's, with the attention over the kept slots and the new
+tokens done by ``kernels.prefill``'s rank-masked attention (ranks per KV head, log-sum-exp out) and
+the heavy hitters' probability mass by ``_column_mass_kernel``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import less_reference as reference
+from .prefill import prefill_attention
 
 BLOCK_N = 64  # slots per inner step of the attention
 BLOCK_E = 256  # slots per step of the score update / eviction candidates
@@ -509,10 +512,91 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
     return out
 
 
+@triton.jit
+def _column_mass_kernel(Q, K, QR, KR, LSE, MASS,
+                        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_lb, stride_lh,
+                        stride_qrb, Lq, Lk, Hkv, qk_scale,
+                        G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """Prefill, heavy hitters: for a block of ``BLOCK_N`` candidate keys of a (row, KV head), the
+    attention probability each gets from every query of the KV head's ``G`` query heads (rows of
+    ``G x BLOCK_M`` stacked as in ``prefill._prefill_kernel``), summed, from the queries' ``LSE``
+    (natural log): ``MASS [B * Hkv, Lk]``. Query blocks whose highest rank is below the block's
+    lowest key rank are skipped (the causal part)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    kvh = pid_bh % Hkv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    nmask = offs_n < Lk
+    kr = tl.load(KR + pid_bh.to(tl.int64) * Lk + offs_n, mask=nmask, other=-1)
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                mask=nmask[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_low = tl.min(tl.where(kr >= 0, kr, 1 << 30), 0)
+    rows = tl.arange(0, BLOCK_M * GP)
+    g = rows // BLOCK_M
+    heads = (kvh * G + g).to(tl.int64)
+    mass = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, Lq, BLOCK_M):
+        t = start + rows % BLOCK_M
+        row_ok = (g < G) & (t < Lq)
+        qr = tl.load(QR + b * stride_qrb + t, mask=row_ok, other=-1)
+        if tl.max(qr, 0) >= k_low:
+            q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + t[:, None].to(tl.int64) * stride_qm
+                        + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            lse = tl.load(LSE + b * stride_lb + heads * stride_lh + t, mask=row_ok, other=float("-inf"))
+            seen = lse > float("-inf")
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            ok = seen[:, None] & (kr[None, :] >= 0) & (kr[None, :] <= qr[:, None])
+            p = tl.where(ok, tl.exp2(s - tl.where(seen, lse * LOG2E, 0.0)[:, None]), 0.0)
+            mass += tl.sum(p, 0)
+    tl.store(MASS + pid_bh.to(tl.int64) * Lk + offs_n, mass, mask=nmask)
+
+
+MASS_BLOCK_N = 64  # candidate keys per program of the prefill's column mass
+MASS_ROWS = 64  # query rows per step: BLOCK_M tokens x (G padded to a power of two) heads
+
+
+def column_mass(q, keys, ranks, q_rank, lse, scale: float) -> torch.Tensor:
+    """``kept_attention``'s ``mass [B, Hkv, Lk]`` from the queries' ``lse`` (Triton)."""
+    b, hq, n, d = q.shape
+    hkv, lk = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    gp = _pow2(g)
+    mass = torch.empty(b, hkv, lk, dtype=torch.float32, device=q.device)
+    ranks = ranks.to(torch.int32).contiguous()
+    q_rank = q_rank.to(torch.int32).contiguous()
+    _column_mass_kernel[(triton.cdiv(lk, MASS_BLOCK_N), b * hkv)](
+        q, keys, q_rank, ranks, lse, mass,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        lse.stride(0), lse.stride(1), q_rank.stride(0), n, lk, hkv, scale * LOG2E,
+        G=g, GP=gp, BLOCK_M=max(1, MASS_ROWS // gp), BLOCK_N=MASS_BLOCK_N, BLOCK_D=_pow2(d, 16), D=d,
+        num_warps=4, num_stages=2)
+    return mass
+
+
+def kept_attention(q, keys, values, ranks, q_rank, scale: float, heavy: bool):
+    """``less_reference.kept_attention`` with Triton kernels: the rank-masked prefill attention of
+    ``kernels.prefill`` (ranks per KV head, log-sum-exp returned), then, for heavy hitters, the
+    column mass from that log-sum-exp. No ``L x L`` matrix."""
+    b, hq, n, d = q.shape
+    out = torch.empty(b, hq, n, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    prefill_attention(q, keys, values, q_rank, ranks, scale, out=out, lse=lse)
+    return out, lse, column_mass(q, keys, ranks, q_rank, lse, scale) if heavy else None
+
+
 def prefill_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: reference.FeatureWeights,
                  policy: reference.Policy, scale: float, state: bool = True) -> torch.Tensor:
-    """A forward of several tokens (torch reference), with queries chunked so that one chunk's
-    logits stay under ~256 MiB (no ``L x L`` matrix)."""
+    """A forward of several tokens: :func:`less_reference.prefill_step` with the attention and the
+    heavy-hitter mass of :func:`kept_attention` where the kernels serve ``q`` (else the torch
+    reference, its queries chunked so that one chunk's logits stay under ~256 MiB)."""
+    if available(q):
+        return reference.prefill_step(q, k_new, v_new, q_rank, cache, w.to(torch.float32), policy, scale,
+                                      state=state, attend=kept_attention)
     keys = cache.k.shape[2] + k_new.shape[2]
     chunk = max(16, (1 << 26) // max(1, q.shape[0] * q.shape[1] * keys))
     return reference.prefill_step(q, k_new, v_new, q_rank, cache, w.to(torch.float32), policy, scale,

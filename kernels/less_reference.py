@@ -287,10 +287,37 @@ def select_spare(cache: LessCache, q_rank: torch.Tensor, policy: Policy) -> None
     cache.pending = (full & evictable.any(dim=-1)).to(torch.int32)
 
 
+def kept_attention(q, keys, values, ranks, q_rank, scale: float, heavy: bool, query_chunk: int = 512):
+    """The new tokens' attention over the candidates of a prefill (kept slots, then the new tokens)
+    under the rank mask (a key of rank <= the query's; -1 = empty or padding), ``query_chunk``
+    queries at a time (no ``L x L`` matrix).
+
+    ``q [B, Hq, n, D]``, ``keys``/``values [B, Hkv, Lk, D]``, ``ranks [B, Hkv, Lk]``, ``q_rank [B, n]``.
+    Returns ``(out [B, Hq, n, D] fp32, lse [B, Hq, n] (natural log, -inf without keys), mass)``:
+    ``mass [B, Hkv, Lk]`` (with ``heavy``, else None) is each candidate's attention probability
+    summed over the queries and the KV head's query heads (what H2O accumulates)."""
+    b, hkv, lk, d = keys.shape
+    n = q.shape[2]
+    out = q.new_empty(b, q.shape[1], n, d, dtype=torch.float32)
+    lse = q.new_empty(b, q.shape[1], n, dtype=torch.float32)
+    mass = keys.new_zeros(b, hkv, lk, dtype=torch.float32) if heavy else None
+    for start in range(0, n, query_chunk):
+        stop = min(start + query_chunk, n)
+        qr = q_rank[:, start:stop].long()
+        allowed = (ranks[:, :, None, :] >= 0) & (ranks[:, :, None, :] <= qr[:, None, :, None])  # [B, Hkv, Lq, Lk]
+        out[:, :, start:stop], lse[:, :, start:stop], s = masked_attention(q[:, :, start:stop], keys, values,
+                                                                           allowed[:, :, None], scale)
+        if heavy:
+            p = (s - lse[:, :, start:stop].nan_to_num(neginf=0.0)[..., None]).exp()
+            mass += p.view(b, hkv, -1, stop - start, lk).sum(dim=(2, 3))
+    return out, lse, mass
+
+
 def prefill_step(q, k_new, v_new, q_rank, cache: LessCache, w: FeatureWeights, policy: Policy, scale: float,
-                 state: bool = True, query_chunk: int = 512) -> torch.Tensor:
+                 state: bool = True, query_chunk: int = 512, attend=kept_attention) -> torch.Tensor:
     """A forward of ``n`` new tokens (prompt or prompt chunk), in place on ``cache``; returns
-    ``out [B, Hq, n, D]``. ``q_rank [B, n]`` are the new tokens' ranks (-1 = padding)."""
+    ``out [B, Hq, n, D]``. ``q_rank [B, n]`` are the new tokens' ranks (-1 = padding). ``attend``:
+    :func:`kept_attention` or a function with its contract (the Triton one)."""
     if state:
         fold_pending(cache, w)
     else:
@@ -300,19 +327,17 @@ def prefill_step(q, k_new, v_new, q_rank, cache: LessCache, w: FeatureWeights, p
     keys = torch.cat([cache.k, k_new.to(cache.k.dtype)], dim=2)
     values = torch.cat([cache.v, v_new.to(cache.v.dtype)], dim=2)
     ranks = torch.cat([cache.rank, q_rank.to(torch.int32)[:, None, :].expand(b, hkv, n)], dim=2)
+    o_kept, lse_kept, mass = attend(q, keys, values, ranks, q_rank, scale, policy.heavy > 0)
     scores = torch.cat([cache.score, cache.score.new_zeros(b, hkv, n)], dim=2)
+    if policy.heavy:
+        scores += mass
     out = torch.empty_like(q)
-    for start in range(0, n, query_chunk):
-        stop = min(start + query_chunk, n)
-        qr = q_rank[:, start:stop].long()
-        allowed = (ranks[:, :, None, :] >= 0) & (ranks[:, :, None, :] <= qr[:, None, :, None])  # [B, Hkv, Lq, Lk]
-        o_kept, lse_kept, s = masked_attention(q[:, :, start:stop], keys, values, allowed[:, :, None], scale)
+    for start in range(0, n, query_chunk):  # the state term, a chunk of queries at a time
+        rows = slice(start, min(start + query_chunk, n))
+        o = o_kept[:, :, rows]
         if state:
-            o_kept = combine(o_kept, lse_kept, phi(q[:, :, start:stop], w), cache.hs, cache.z)
-        out[:, :, start:stop] = o_kept.to(q.dtype)
-        if policy.heavy:
-            p = (s - lse_kept.nan_to_num(neginf=0.0)[..., None]).exp()
-            scores += p.view(b, hkv, -1, stop - start, p.shape[-1]).sum(dim=(2, 3))
+            o = combine(o, lse_kept[:, :, rows], phi(q[:, :, rows], w), cache.hs, cache.z)
+        out[:, :, rows] = o.to(q.dtype)
     keep = shrink_mask(ranks, scores, q_rank, policy)
     if state:
         fold(cache, keys, values, (ranks >= 0) & ~keep, w)

@@ -60,17 +60,18 @@ def _attend_block(acc, l_i, m_i, q, qr, K, V, KR, start_n, Lk, stride_kn, stride
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, Out, QR, KR, HEADS, RANGES, KSPAN,
+def _prefill_kernel(Q, K, V, Out, Lse, QR, KR, HEADS, RANGES, KSPAN,
                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                    stride_qrb, stride_krb,
+                    stride_lb, stride_lh, stride_qrb, stride_krb,
                     Lq, Lk, n_heads, n_qblocks, n_kblocks, qk_scale, sink, recent, window,
                     G: tl.constexpr, GP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, D: tl.constexpr):
+                    BLOCK_D: tl.constexpr, D: tl.constexpr, RANK_PER_HEAD: tl.constexpr, STORE_LSE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     slot = pid_bh % n_heads  # index into K/V's head axis
+    key_row = pid_bh if RANK_PER_HEAD else b  # the row of KR / RANGES / KSPAN: per (row, K/V head) or per row
     kv_head = tl.load(HEADS + slot)  # the model's KV head: query heads kv_head * G + g
     rows = tl.arange(0, BLOCK_M * GP)
     g = rows // BLOCK_M
@@ -91,12 +92,12 @@ def _prefill_kernel(Q, K, V, Out, QR, KR, HEADS, RANGES, KSPAN,
     qmin = tl.min(tl.where(qr >= 0, qr, _BIG), 0)
     K += b64 * stride_kb + slot.to(tl.int64) * stride_kh
     V += b64 * stride_vb + slot.to(tl.int64) * stride_vh
-    KR += b64 * stride_krb
+    KR += key_row.to(tl.int64) * stride_krb
 
     acc = tl.zeros([BLOCK_M * GP, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M * GP], dtype=tl.float32)
     m_i = tl.full([BLOCK_M * GP], float("-inf"), dtype=tl.float32)
-    rng = RANGES + (b * n_qblocks + pid_m) * 6
+    rng = RANGES + (key_row * n_qblocks + pid_m) * 6
     lo1 = tl.load(rng)
     hi1 = tl.load(rng + 1)
     lo2 = tl.maximum(tl.load(rng + 2), hi1)
@@ -112,8 +113,8 @@ def _prefill_kernel(Q, K, V, Out, QR, KR, HEADS, RANGES, KSPAN,
                                       stride_vn, qk_scale, sink, recent, window, BLOCK_N, BLOCK_D, D)
     # Any other key order: every block, skipping those whose rank span [kmin, kmax] cannot match.
     for nb in range(lo3, hi3):
-        kmin = tl.load(KSPAN + (b * n_kblocks + nb) * 2)
-        kmax = tl.load(KSPAN + (b * n_kblocks + nb) * 2 + 1)
+        kmin = tl.load(KSPAN + (key_row * n_kblocks + nb) * 2)
+        kmax = tl.load(KSPAN + (key_row * n_kblocks + nb) * 2 + 1)
         if (kmax >= 0) & (kmin <= qmax) & ((kmin < sink) | (kmax > qmin - recent)) & (kmax > qmin - window):
             acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, qr, K, V, KR, nb * BLOCK_N, Lk, stride_kn,
                                           stride_vn, qk_scale, sink, recent, window, BLOCK_N, BLOCK_D, D)
@@ -122,6 +123,9 @@ def _prefill_kernel(Q, K, V, Out, QR, KR, HEADS, RANGES, KSPAN,
     o_off = (b64 * stride_ob + (kv_head.to(tl.int64) * G + g)[:, None] * stride_oh
              + t[:, None].to(tl.int64) * stride_om + offs_d[None, :])
     tl.store(Out + o_off, out.to(Out.dtype.element_ty), mask=q_mask)
+    if STORE_LSE:  # natural log; -inf for a row without keys
+        lse = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(Lse + b64 * stride_lb + (kv_head.to(tl.int64) * G + g) * stride_lh + t, lse, mask=row_ok)
 
 
 def as_ranks(rank: torch.Tensor) -> torch.Tensor:
@@ -173,15 +177,18 @@ def block_ranges(q_rank: torch.Tensor, k_rank: torch.Tensor, block_m: int, block
 
 
 def prefill_attention(q, k, v, q_rank, k_rank, scale, sink=0, recent=None, window=None,
-                      heads=None, group=None, out=None):
+                      heads=None, group=None, out=None, lse=None):
     """Triton version of ``reference.rank_attention``, optionally for a subset of the KV heads.
 
-    ``q [B, Hq, Lq, D]``; ``k``/``v [B, n, Lk, D]``; ranks ``[B, Lq]`` / ``[B, Lk]`` (int). With
+    ``q [B, Hq, Lq, D]``; ``k``/``v [B, n, Lk, D]``; ranks ``[B, Lq]`` / ``[B, Lk]`` (int), or key
+    ranks per K/V head, ``[B, n, Lk]`` (each head's keys in their own order, as LESS keeps them). With
     ``heads=None`` K/V hold all KV heads (``group = Hq // n``). Otherwise K/V head ``i`` is the
     model's KV head ``heads[i]`` (int64 tensor on the device) and serves query heads
     ``heads[i] * group + g``, ``g < group``: only those heads of ``out`` are written (``out``
     defaults to zeros shaped like ``q``). ``scale`` multiplies ``q . k``; the last dimension of q, k,
-    v and out must be contiguous. Returns ``out``.
+    v and out must be contiguous. ``lse``: a float32 ``[B, Hq, Lq]`` tensor that receives each
+    query's log-sum-exp of its scores (natural log, ``-inf`` without keys), the token axis
+    contiguous. Returns ``out``.
     """
     B, Hq, Lq, D = q.shape
     n, Lk = k.shape[1], k.shape[2]
@@ -196,18 +203,25 @@ def prefill_attention(q, k, v, q_rank, k_rank, scale, sink=0, recent=None, windo
         assert t.stride(-1) == 1, "the head dimension must be contiguous"
     gp = triton.next_power_of_2(group)
     block_m = max(1, ROWS // gp)
-    ranges, kspan = block_ranges(q_rank, k_rank, block_m, BLOCK_N, sink, recent, window)
+    per_head = k_rank.dim() == 3
+    if per_head:  # one row of key ranks per (row, K/V head), each with the row's query ranks
+        k_rank = k_rank.reshape(B * n, Lk)
+        ranges, kspan = block_ranges(q_rank.repeat_interleave(n, dim=0), k_rank, block_m, BLOCK_N, sink, recent, window)
+    else:
+        ranges, kspan = block_ranges(q_rank, k_rank, block_m, BLOCK_N, sink, recent, window)
     q_rank, k_rank = as_ranks(q_rank), as_ranks(k_rank)
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.stride(-1) == 1, "lse: float32 with a contiguous token axis"
     grid = (triton.cdiv(Lq, block_m), B * n)
     _prefill_kernel[grid](
-        q, k, v, out, q_rank, k_rank, heads, ranges, kspan,
+        q, k, v, out, out if lse is None else lse, q_rank, k_rank, heads, ranges, kspan,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        q_rank.stride(0), k_rank.stride(0),
+        *((0, 0) if lse is None else (lse.stride(0), lse.stride(1))), q_rank.stride(0), k_rank.stride(0),
         Lq, Lk, n, grid[0], kspan.shape[1], scale * 1.4426950408889634,
         sink if recent is not None else 0, recent if recent is not None else NO_LIMIT,
         window if window is not None else NO_LIMIT,
         G=group, GP=gp, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D), D=D,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        RANK_PER_HEAD=per_head, STORE_LSE=lse is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out

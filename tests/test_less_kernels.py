@@ -206,3 +206,70 @@ def test_step_kernel_feature_accumulators(device, state_heads, monkeypatch):
 class _Skip:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
+
+
+def prefill_inputs(device, dtype, b=2, hq=4, hkv=2, d=16, slots=9, n=37, seed=0):
+    """A prefill chunk after earlier ones: each KV head's kept slots in its own order (ranks below the
+    chunk's, some slots empty), ``n`` new tokens, row 1 left-padded by 5."""
+    torch.manual_seed(seed)
+    q = torch.randn(b, hq, n, d, device=device).to(dtype)
+    keys = torch.randn(b, hkv, slots + n, d, device=device).to(dtype)
+    values = torch.randn(b, hkv, slots + n, d, device=device).to(dtype)
+    kept = torch.stack([torch.randperm(3 * slots)[:slots] for _ in range(b * hkv)]).view(b, hkv, slots).to(device)
+    kept[:, :, :2] = -1  # empty slots
+    q_rank = (3 * slots + torch.arange(n, device=device))[None].repeat(b, 1)
+    q_rank[1, :5] = -1
+    ranks = torch.cat([kept, q_rank[:, None, :].expand(b, hkv, n)], dim=2).int()
+    return q, keys, values, ranks, q_rank
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3)], ids=["gqa", "mha"])
+def test_prefill_kept_attention(device, heads):
+    """The prefill's attention over kept slots (per-KV-head order, empty slots) and new tokens (causal,
+    left padding) and its heavy-hitter mass, against the reference; the mass sums to the number of
+    real queries per KV head's query heads (every query's probabilities sum to one)."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU case runs under the interpreter")
+    hq, hkv = heads
+    shape = dict(b=2, hq=hq, hkv=hkv, d=16, slots=9, n=37) if device == "cpu" else \
+        dict(b=2, hq=32, hkv=8, d=128, slots=2049, n=1500)
+    q, keys, values, ranks, q_rank = prefill_inputs(device, torch.float32, **shape)
+    ref = R.kept_attention(q, keys, values, ranks, q_rank, 0.3, heavy=True)
+    got = K.kept_attention(q, keys, values, ranks, q_rank, 0.3, heavy=True)
+    tol = dict(rtol=1e-4, atol=1e-4) if device == "cpu" else dict(rtol=2e-2, atol=2e-2)  # tf32 dots on the GPU
+    real = torch.isfinite(ref[1])
+    torch.testing.assert_close(got[1], ref[1], **tol)  # -inf where the same
+    torch.testing.assert_close(got[0][real], ref[0][real], **tol)
+    torch.testing.assert_close(got[2], ref[2], **tol)
+    queries = (q_rank >= 0).sum(1).float() * (hq // hkv)
+    torch.testing.assert_close(got[2].sum(-1), queries[:, None].expand(-1, hkv), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("policy", [R.Policy(sink=2, heavy=0, recent=5), R.Policy(sink=0, heavy=4, recent=3)],
+                         ids=["lambda", "h2o"])
+def test_prefill_step_matches_reference(device, policy, monkeypatch):
+    """Two prefill chunks through the kernels' prefill_step and the reference's: outputs, kept sets,
+    scores and state agree (so do the decode steps after them)."""
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the CPU case runs under the interpreter")
+        monkeypatch.setenv("KVPRESS_KERNELS", "triton")
+    b, hq, hkv, d, n, r, length = 2, 4, 2, 16, 32, 8, 30
+    torch.manual_seed(3)
+    w = R.FeatureWeights.random(hq, hkv, d, n, r).to(device)
+    q, k, v = (torch.randn(b, h, length, d, device=device) for h in (hq, hkv, hkv))
+    rank = torch.arange(length, device=device)[None].repeat(b, 1).int()
+    rank[1, :3] = -1
+    rank[1, 3:] -= 3
+    ref = R.LessCache.empty(b, hkv, policy.slots, d, hkv, r, torch.float32, device)
+    tri = copy.deepcopy(ref)
+    for chunk in (slice(0, 17), slice(17, 26)):
+        args = (q[:, :, chunk], k[:, :, chunk], v[:, :, chunk], rank[:, chunk])
+        expected = R.prefill_step(*args, ref, w, policy, d ** -0.5)
+        out = K.prefill_step(*args, tri, w, policy, d ** -0.5)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        assert torch.equal(tri.rank, ref.rank) and torch.equal(tri.spare, ref.spare)
+        torch.testing.assert_close(tri.score, ref.score, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(tri.hs, ref.hs, rtol=1e-4, atol=1e-4)
