@@ -549,7 +549,7 @@ def _column_mass_kernel(Q, K, QR, KR, LSE, MASS,
             seen = lse > float("-inf")
             s = tl.dot(q, tl.trans(k)) * qk_scale
             ok = seen[:, None] & (kr[None, :] >= 0) & (kr[None, :] <= qr[:, None])
-            p = tl.where(ok, tl.exp2(s - tl.where(seen, lse * LOG2E, 0.0)[:, None]), 0.0)
+            p = tl.where(ok, tl.exp2(s - tl.where(seen, lse * 1.4426950408889634, 0.0)[:, None]), 0.0)
             mass += tl.sum(p, 0)
     tl.store(MASS + pid_bh.to(tl.int64) * Lk + offs_n, mass, mask=nmask)
 
