@@ -246,6 +246,7 @@ def test_prefill_kept_attention(device, dtype, heads):
     torch.testing.assert_close(got[1], ref[1], **tol)  # -inf where the same
     torch.testing.assert_close(got[0][real], ref[0][real], **tol)
     torch.testing.assert_close(got[2], ref[2], **tol)
+    hq, hkv = q.shape[1], keys.shape[1]
     queries = (q_rank >= 0).sum(1).float() * (hq // hkv)
     torch.testing.assert_close(got[2].sum(-1), queries[:, None].expand(-1, hkv), rtol=1e-3, atol=1e-3)
 
