@@ -53,6 +53,10 @@ BLOCK_H = 128
 # third; with 4 warps 32 had been the faster, 16.1-16.7 us against 16.7-16.9 (bench_less.py layer;
 # less_layer_twice_{1,2}_NVIDIA_H200.json, less_layer_NVIDIA_H200.json; less_layer_merge_program_NVIDIA_H200.json).
 MAX_SPLITS = 16
+# The same without the state (the plain policy), where the merge program has less to do: 32 made that step
+# 13.6-14.0 us (less_layer_twice_{1,2}_NVIDIA_H200.json, less_layer_warps8_NVIDIA_H200.json) against
+# 14.9-15.0 with 16 (less_layer_NVIDIA_H200.json), launch 2 in 8 warps in all.
+MAX_SPLITS_NO_STATE = 32
 # Warps per program of launch 1, and of launch 2. On the H200 (bench_less.py layer, H2O 1024+1024 at 32K;
 # less_layer_settings_NVIDIA_H200.json, less_layer_settings2_NVIDIA_H200.json, less_layer_warps8_NVIDIA_H200.json):
 # launch 1 in 2 or 8 warps made a step 20.2-20.7 / 17.9-20.1 us; launch 2 in 8 warps 16.4-16.6 us against
@@ -467,7 +471,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
                 policy: reference.Policy, scale: float, state: bool = True, splits: int | None = None) -> torch.Tensor:
     """One decode step; same contract as :func:`kvpress.kernels.less_reference.decode_step`.
     ``splits``: programs per (row, KV head) along the slots (default: enough to fill the GPU, at
-    most ``MAX_SPLITS``)."""
+    most ``MAX_SPLITS``, or ``MAX_SPLITS_NO_STATE`` with ``state=False``)."""
     b, hq, _, d = q.shape
     _, hkv, slots, _ = cache.k.shape
     g = hq // hkv
@@ -484,7 +488,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
     if splits is None:
         programs = 2 * (torch.cuda.get_device_properties(dev).multi_processor_count if q.is_cuda else 2)
         splits = math.ceil(programs / (b * hkv))
-    splits = max(1, min(splits, MAX_SPLITS, math.ceil(slots / BLOCK_N)))
+    splits = max(1, min(splits, MAX_SPLITS if state else MAX_SPLITS_NO_STATE, math.ceil(slots / BLOCK_N)))
     split_len = math.ceil(math.ceil(slots / splits) / BLOCK_N) * BLOCK_N
     splits = math.ceil(slots / split_len)
     ws = _workspace(dev, b, hq, hkv, hs_heads, rank_r, d, slots, splits)
