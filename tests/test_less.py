@@ -189,6 +189,33 @@ def test_graph_decode_on_gpu_equals_eager():
     assert replays == 23 and first == 1
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("policy", [dict(policy="lambda", sink=2, recent=6), dict(policy="h2o", sink=0, heavy=4, recent=4)],
+                         ids=["lambda", "h2o"])
+def test_kernels_equal_reference_with_chunked_prefill(device, policy, monkeypatch):
+    """The kernels (prefill and decode; the interpreter on CPU) give the torch path's tokens and
+    logits: a left-padded batch whose 40-token prompt is prefilled in chunks of 16 (eviction and
+    folding between them), then decoded; fp32 (on the GPU the kernels' dots round to tf32)."""
+    model = tiny_model("llama").to(device)
+    config = config_for(model, **policy)
+    for w in config.layers:
+        w.k_scale.fill_(0.5)
+    ids = random_ids(2, 40).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    results = []
+    for backend in ("reference", "triton" if device == "cpu" else "auto"):
+        monkeypatch.setenv("KVPRESS_KERNELS", backend)
+        kvpress.patch(model, "less", config=config, prefill_chunk_size=16)
+        results.append(model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_scores=True,
+                                      return_dict_in_generate=True))
+        kvpress.unpatch(model)
+    reference, kernels = results
+    assert torch.equal(kernels.sequences, reference.sequences)
+    for a, b in zip(reference.scores, kernels.scores):
+        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3)
+
+
 def test_config_files(tmp_path):
     model = tiny_model("llama")
     config = config_for(model, policy="lambda", sink=2, recent=8)
