@@ -14,6 +14,7 @@ import kvpress
 from kvpress import kernels
 from kvpress.calibration import palu as calib
 from kvpress.methods import METHODS
+from kvpress.methods import palu as palu_method
 from kvpress.methods.palu import Palu, PaluConfig
 
 METHODS.setdefault("palu", Palu)  # until kvpress.methods registers it
@@ -210,6 +211,26 @@ def test_decode_kernel_in_the_model_matches_the_reference(family, options, monke
     assert torch.equal(runs[0].sequences, runs[1].sequences)
     for a, b in zip(runs[0].logits, runs[1].logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_outside_the_kernel_warns_once_and_uses_the_torch_path(monkeypatch, caplog):
+    """A shape the decode kernel does not serve (here groups of 3 KV heads: not a power of two) decodes
+    with the torch path, the same tokens, and says so once, with the fix."""
+    monkeypatch.setattr(palu_method, "_WARNED", set())  # once per process: start this test with none said
+    model = tiny_model("llama", num_key_value_heads=3, num_attention_heads=6, hidden_size=96)
+    ids, mask = padded_batch()
+    kvpress.patch(model, "palu", rank_ratio=0.5, group_size=3)
+    try:
+        runs = []
+        for backend in ("reference", "triton"):
+            monkeypatch.setattr(kernels, "BACKEND", backend)
+            with caplog.at_level("WARNING", logger="kvpress"):
+                runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False))
+    finally:
+        kvpress.unpatch(model)
+    assert torch.equal(runs[0], runs[1])
+    warnings = [r.getMessage() for r in caplog.records if "does not serve" in r.getMessage()]
+    assert len(warnings) == 1 and "group of 3 KV heads" in warnings[0] and "--multiple 16" in warnings[0]
 
 
 def test_quantised_latents_stay_close():

@@ -410,8 +410,10 @@ class Palu(Method):
                     sin=sin, q_rank=view.query_rank, k_rank=view.rank, scale=scale, k_bias=plan.k_bias,
                     v_bias=plan.v_bias, k_norm=plan.k_norm, window=plan.window)
         if q.shape[2] == 1:
-            if _use_kernel(q) and palu_kernels.supported(q, view.k, view.v, plan.k_up.shape[1] // q.shape[-1]):
-                return palu_kernels.palu_decode(**args, length=view.length)
+            if _use_kernel(q):
+                if palu_kernels.supported(q, view.k, view.v, plan.k_up.shape[1] // q.shape[-1]):
+                    return palu_kernels.palu_decode(**args, length=view.length)
+                _warn_torch_decode(q, view.k.rank, plan.k_up.shape[1] // q.shape[-1])
             if view.length is not None:  # a static step over whole buffers: slots past the count are not tokens
                 slots = torch.arange(view.rank.shape[-1], device=view.rank.device)
                 args["k_rank"] = torch.where(slots < view.length, view.rank, -1)
@@ -466,6 +468,21 @@ def _bias(linear) -> torch.Tensor | None:
         return None
     bias = linear.bias.detach()
     return bias.to_local() if hasattr(bias, "to_local") else bias  # a tensor-parallel rank's share
+
+
+_WARNED: set[tuple] = set()
+
+
+def _warn_torch_decode(q: torch.Tensor, key_rank: int, group_size: int) -> None:
+    """Say once per shape that the decode runs the (slower) torch path on the GPU, and why."""
+    key = (q.shape[-1], key_rank, group_size, q.dtype)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("Palu: the decode kernel does not serve head dim %d, key rank %d (per group of %d KV heads), "
+                    "%s: decoding with the torch path, which is slower. The kernel needs a power-of-two head dim and "
+                    "group size and a key rank with a power-of-two factor of at least 16: make the factors with "
+                    "rank_multiple=16 or recalibrate with `kvpress-calibrate palu --multiple 16`.",
+                    key[0], key_rank, group_size, q.dtype)
 
 
 def _use_kernel(q: torch.Tensor) -> bool:
