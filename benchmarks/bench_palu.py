@@ -5,6 +5,7 @@ token of an 8B-shaped Llama.
                                           [--ratios 0.25 0.5 0.75] [--bits 16 4] [--smoke]
     python benchmarks/bench_palu.py sweep [--lengths 131072]   # kernel settings at one length
     python benchmarks/bench_palu.py sweep --grid round3         # the settings the H200 sweep pointed to
+    python benchmarks/bench_palu.py sweep --grid round5         # two passes (scores, then values) vs one
     python benchmarks/bench_palu.py tpot [--lengths ...]      # 8B-shaped Llama, patched vs not
 
 ``layer`` (the speed side of the frontier): one query token per row against a cache of L tokens,
@@ -152,6 +153,9 @@ def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list):
                                                 "scale")] + [None, None, None, None, *plan, gp, block_rv, None,
                                                              kernel.settings(bits or 0)]
                     extra["split_kernel_us"] = c.graph_time(lambda: kernel._launch_decode(*launch)) * 1e6
+                    if kernel.settings(bits or 0)["TWO_PASS"]:
+                        with keys_pass_only():
+                            extra["keys_pass_us"] = c.graph_time(lambda: kernel._launch_decode(*launch)) * 1e6
                 rec.add({"shape": shape, "tokens": T, "variant": f"palu gs={gs} r={ratio} bits={bits or 16}",
                          "group_size": gs, "ratio": ratio, "rank": rank, "bits": bits or 16, "us": t * 1e6,
                          "bytes": nbytes, "speedup": t_dense / t, "bytes_ratio": nbytes / dense_bytes,
@@ -167,6 +171,21 @@ def _plan_key(case):
     gp = max(16, 1 << (qpk - 1).bit_length())
     return (D, case["k"].rank, case["v"].rank, bits(case["k"]), bits(case["v"]), case["q"].element_size(), gp,
             *kernel.settings(bits(case["k"])).values())
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def keys_pass_only():
+    """The two-pass decode without its values' pass (to time the keys' pass alone)."""
+    values, kernel._palu_values_kernel = kernel._palu_values_kernel, _NoLaunch()
+    try:
+        yield
+    finally:
+        kernel._palu_values_kernel = values
 
 
 @contextlib.contextmanager
@@ -196,7 +215,14 @@ def load_tuning(paths) -> dict:
 
 def _grid(block_n, warps, stages, per_sm, tokens_m=True, prefetch=True):
     return [dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=n, TOKENS_M=tokens_m,
-                 PREFETCH=prefetch) for n in per_sm]
+                 PREFETCH=prefetch, TWO_PASS=False) for n in per_sm]
+
+
+def _two_pass(block_n, warps, stages, per_sm, prefetch=False, values=(64, 4, 3, 4)):
+    """Two-pass settings: the keys' pass as ``_grid``'s, the values' pass ``(tile, warps, stages, per SM)``."""
+    return dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=per_sm, TOKENS_M=True,
+                PREFETCH=prefetch, TWO_PASS=True, VALUES_BLOCK_N=values[0], VALUES_WARPS=values[1],
+                VALUES_STAGES=values[2], VALUES_PROGRAMS_PER_SM=values[3])
 
 
 # The first H200 sweep (benchmarks/results/palu_sweep*_NVIDIA_H200.json, no PREFETCH yet): time per
@@ -212,6 +238,13 @@ GRIDS = {
     # removed: 164 us vs 166 us without the prefetch, 240 vs 151 us with it); its rows without that option:
     "round4": [*_grid(64, 4, 3, (2,), prefetch=False), *_grid(64, 4, 3, (2,)), *_grid(128, 8, 3, (1, 2)),
                *_grid(64, 4, 3, (3,)), *_grid(64, 4, 2, (2,)), *_grid(32, 2, 3, (4,)), *_grid(64, 4, 3, (2,), tokens_m=False)],
+    # round 5: two passes (scores, then values) against the one-pass kernel as tuned; first the keys' pass
+    # (offline sm_90a build: 167 registers without the prefetch, 236 with it), then the values' pass (50)
+    "round5": [*_grid(64, 4, 3, (2,)),
+               _two_pass(64, 4, 3, 2), _two_pass(64, 4, 3, 3), _two_pass(64, 4, 2, 3), _two_pass(64, 4, 3, 2, prefetch=True),
+               _two_pass(128, 8, 3, 1), _two_pass(128, 8, 3, 2), _two_pass(64, 4, 3, 4),
+               *(_two_pass(64, 4, 3, 3, values=v) for v in [(128, 4, 3, 2), (128, 8, 3, 2), (64, 4, 3, 8), (64, 4, 2, 4),
+                                                             (128, 4, 3, 4), (32, 4, 3, 8), (64, 4, 3, 2)])],
 }
 
 
@@ -355,7 +388,8 @@ def main():
                     [("shape", "{}"), ("tokens", "{}"), ("variant", "{}"), ("us", "{:.1f}"), ("speedup", "{:.2f}x")])
         elif args.part == "sweep":
             if args.smoke:
-                sweep_rows(rec, dev, 256, bits, grid=[*_grid(16, 4, 1, (1,)), *_grid(16, 4, 1, (1,), prefetch=False)])
+                sweep_rows(rec, dev, 256, bits, grid=[*_grid(16, 4, 1, (1,)), *_grid(16, 4, 1, (1,), prefetch=False),
+                                                        _two_pass(16, 4, 1, 1, values=(16, 4, 1, 1))])
             else:
                 sweep_rows(rec, dev, lengths[-1], bits, shape=args.shapes[0], grid=args.grid)
         else:

@@ -55,6 +55,16 @@ PY
     timeout 60 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r4_*.json --group-sizes 1 --ratios 0.5 \
       --lengths 65536 131072 --tag _r4 --out "$R" > "$R/layer_r4.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r4.log" | tail -12 ;;
+  round5)  # two passes vs one: GPU tests, the round5 sweep (GQA bf16 and 4-bit, MHA bf16) at 128K, then the layer
+           # at 64K/128K with the GQA sweep's fastest settings (each row checked against the reference first)
+    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
+    timeout 150 python benchmarks/bench_palu.py sweep --grid round5 --bits 16 4 --tag _r5 --out "$R" > "$R/sweep_r5.log" 2>&1
+    tail -1 "$R/sweep_r5.log"
+    timeout 90 python benchmarks/bench_palu.py sweep --grid round5 --bits 16 --shapes mha --tag _r5_mha --out "$R" > "$R/sweep_r5_mha.log" 2>&1
+    tail -1 "$R/sweep_r5_mha.log"
+    timeout 90 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r5_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
+      --lengths 65536 131072 --tag _r5 --out "$R" > "$R/layer_r5.log" 2>&1
+    grep "kernel settings\| | " "$R/layer_r5.log" | tail -12 ;;
   smollm2|smollm2-sweep)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
     SMOL=$(bash benchmarks/gpu_smol_model.sh)
     if [ -n "$SMOL" ]; then
@@ -83,6 +93,6 @@ PY
     timeout 150 python benchmarks/palu_graph_probe.py --out "$R" > "$R/graph_probe.log" 2>&1; grep "^{" "$R/graph_probe.log" || tail -20 "$R/graph_probe.log" ;;
   tpot)
     timeout 200 python benchmarks/bench_palu.py tpot --out "$R" 2>&1 | tee "$R/tpot.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

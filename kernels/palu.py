@@ -45,7 +45,17 @@ TOKENS_M = True  # scores as [tokens, query heads] (see _palu_decode_kernel); Fa
 PREFETCH = False  # issue the loads no tl.dot takes (ranks, rope rows, quantised words) a block ahead by hand
 ROPE_IN_DTYPE = False  # rotate the rebuilt keys in the model's dtype (as transformers does) instead of fp32
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
-TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH")
+# Two passes instead of one: the keys' pass writes the scores ([B, Hkv, T, Hq / Hkv] fp32, 1/16 of the
+# half-rank bf16 latents they come from on the 8B shape) and each program's maximum; the values' pass
+# (_palu_values_kernel: VALUES_* settings) reads them back with the value latents. Neither loop carries
+# a softmax rescale or a reduction across warps.
+TWO_PASS = False
+VALUES_BLOCK_N = 64
+VALUES_WARPS = 4
+VALUES_STAGES = 3
+VALUES_PROGRAMS_PER_SM = 4
+TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
+           "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per key-latent bits (0:
 # unquantised), over the module defaults above; names as the module constants. From
 # benchmarks/results/palu_sweep_r4_NVIDIA_H200.json (128K tokens, Llama-3-8B shape, groups of one KV
@@ -142,7 +152,7 @@ _STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos
 
 @triton.jit(do_not_specialize=["T", "split_len", "window"] + _STRIDES)
 def _palu_decode_kernel(
-    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN,
+    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN, SC,
     kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b,
     T, split_len, window, qk_scale, eps,
     GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
@@ -152,6 +162,7 @@ def _palu_decode_kernel(
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_M: tl.constexpr,
     HAS_LEN: tl.constexpr, ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
+    SCORES_ONLY: tl.constexpr = False,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -172,6 +183,10 @@ def _palu_decode_kernel(
     (keys transposed through shared memory) and ``acc [GP, BLOCK_RV] += p @ h_v``. When the key
     rank is one chunk (``RC == RK``) its ``up`` rows are loaded once, before the token loop;
     otherwise the rank chunks are the innermost loop, so shared memory holds one chunk per stage.
+
+    ``SCORES_ONLY`` (the first pass of the two-pass decode, :func:`_palu_values_kernel` the second):
+    no value side; the masked, scaled scores (log2 units, ``-inf`` where masked) go to
+    ``SC [B, Hkv, T, QPK]`` and the program's maximum per query head to ``PML[..., 0]``.
 """
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -228,7 +243,13 @@ def _palu_decode_kernel(
     # block ahead by hand (PREFETCH): ranks, rope rows (gathered by position: positions two blocks
     # ahead) and quantised words/scales. Each loop step then uses what the previous one loaded.
     PF_K: tl.constexpr = PREFETCH and K_BITS > 0 and RC == RK
-    PF_V: tl.constexpr = PREFETCH and V_BITS > 0
+    PF_V: tl.constexpr = PREFETCH and V_BITS > 0 and not SCORES_ONLY
+    if SCORES_ONLY:  # running maximum kept elementwise: reduced once, after the loop
+        sc_base = SC + (b64 * hkv + kvh) * T * QPK
+        if TOKENS_M:
+            s_max = tl.full([BLOCK_N, GP], float("-inf"), dtype=tl.float32)
+        else:
+            s_max = tl.full([GP, BLOCK_N], float("-inf"), dtype=tl.float32)
     if PREFETCH:
         ok0 = start + local < stop
         kr_nx = tl.load(kr_base + start + local, mask=ok0, other=-1)
@@ -303,38 +324,103 @@ def _palu_decode_kernel(
             s_ = sin.to(tl.float32)
             r1 = (k1 * c_ - k2 * s_).to(dtype)
             r2 = (k2 * c_ + k1 * s_).to(dtype)
-        if PF_V:
-            hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype)
-        else:
-            hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ,
-                              V_WORDS, V_FAST, BLOCK_N, n_ok, dtype)
+        if not SCORES_ONLY:
+            if PF_V:
+                hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype)
+            else:
+                hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
+                                  V_NQ, V_WORDS, V_FAST, BLOCK_N, n_ok, dtype)
         if TOKENS_M:  # scores [BLOCK_N, GP], softmax down the tokens
             s = tl.dot(r2, q2, tl.dot(r1, q1))
             s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
+        else:  # scores [GP, BLOCK_N]
+            s = tl.dot(q2, tl.trans(r2), tl.dot(q1, tl.trans(r1)))
+            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        if SCORES_ONLY:
+            if TOKENS_M:
+                tl.store(sc_base + offs_n[:, None] * QPK + m_rows[None, :], s, mask=n_ok[:, None] & q_ok[None, :])
+            else:
+                tl.store(sc_base + offs_n[None, :] * QPK + m_rows[:, None], s, mask=n_ok[None, :] & q_ok[:, None])
+            s_max = tl.maximum(s_max, s)
+        elif TOKENS_M:
             m_new = tl.maximum(m_i, tl.max(s, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[None, :])
             alpha = tl.exp2(m_i - m_safe)
             acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), p.to(dtype))
             l_i = l_i * alpha + tl.sum(p, 0)
-        else:  # scores [GP, BLOCK_N]
-            s = tl.dot(q2, tl.trans(r2), tl.dot(q1, tl.trans(r1)))
-            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+            m_i = m_new
+        else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), hv)
             l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+            m_i = m_new
 
     part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
-    if TOKENS_M:
-        tl.store(PO + part[None, :] * BLOCK_RV + rv[:, None], acc)
+    if SCORES_ONLY:
+        tl.store(PML + part * 2, tl.max(s_max, 0) if TOKENS_M else tl.max(s_max, 1))
     else:
-        tl.store(PO + part[:, None] * BLOCK_RV + rv[None, :], acc)
-    tl.store(PML + part * 2, m_i)
-    tl.store(PML + part * 2 + 1, l_i)
+        if TOKENS_M:
+            tl.store(PO + part[None, :] * BLOCK_RV + rv[:, None], acc)
+        else:
+            tl.store(PO + part[:, None] * BLOCK_RV + rv[None, :], acc)
+        tl.store(PML + part * 2, m_i)
+        tl.store(PML + part * 2 + 1, l_i)
+
+
+@triton.jit(do_not_specialize=["T", "split_len", "n_first"])
+def _palu_values_kernel(SC, PM1, VL, VS, PO, PML, LEN, vl_b, vl_g, vs_b, vs_g, T, split_len, n_first,
+                        GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, RV: tl.constexpr,
+                        BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
+                        V_WORDS: tl.constexpr, V_FAST: tl.constexpr, BLOCK_N: tl.constexpr, FIRST: tl.constexpr,
+                        HAS_LEN: tl.constexpr, DTYPE: tl.constexpr):
+    """Second pass of the two-pass decode, program ``(KV head kvh, split s, row b)``: with the scores
+    ``SC [B, Hkv, T, QPK]`` of the first pass and each query head's maximum over them (from the first
+    pass's per-program maxima ``PM1 [B, Hkv, n_first, GP, 2]``), accumulates ``exp2(s - max) @ h_v``
+    over its tokens into ``PO``/``PML`` as :func:`_palu_decode_kernel` does. With one maximum for all
+    splits nothing is rescaled in the loop: the sum is kept elementwise and reduced once."""
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    hkv = tl.num_programs(0)
+    n_splits = tl.num_programs(1)
+    g = kvh // GS
+    b64 = b.to(tl.int64)
+    m_rows = tl.arange(0, GP)
+    q_ok = m_rows < QPK
+    first = tl.arange(0, FIRST)
+    pm = tl.load(PM1 + (((b64 * hkv + kvh) * n_first + first[:, None]) * GP + m_rows[None, :]) * 2,
+                 mask=(first < n_first)[:, None], other=float("-inf"))
+    top = tl.max(pm, 0)  # [GP]
+    top = tl.where(top == float("-inf"), 0.0, top)
+
+    start = split * split_len
+    stop = tl.minimum(start + split_len, T)
+    if HAS_LEN:
+        stop = tl.minimum(stop, tl.load(LEN))
+    sc_base = SC + (b64 * hkv + kvh) * T * QPK
+    v_row0 = b64 * vl_b + g * vl_g
+    vs_row0 = b64 * vs_b + g * vs_g
+    local = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)
+    l_e = tl.zeros([BLOCK_N, GP], dtype=tl.float32)
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + local
+        n_ok = offs_n < stop
+        s = tl.load(sc_base + offs_n[:, None] * QPK + m_rows[None, :], mask=n_ok[:, None] & q_ok[None, :],
+                    other=float("-inf"))
+        p = tl.exp2(s - top[None, :])
+        hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ,
+                          V_WORDS, V_FAST, BLOCK_N, n_ok, DTYPE)
+        acc += tl.dot(tl.trans(hv), p.to(DTYPE))
+        l_e += p
+    part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
+    tl.store(PO + part[None, :] * BLOCK_RV + tl.arange(0, BLOCK_RV)[:, None], acc)
+    tl.store(PML + part * 2, top)
+    tl.store(PML + part * 2 + 1, tl.sum(l_e, 0))
 
 
 @triton.jit
@@ -556,16 +642,11 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     qpk = hq // hkv
     T = k.data.shape[2]
     tuned = tuned or settings(k.quant.bits if k.quant is not None else 0)
-    if splits is None:
-        target = tuned["PROGRAMS_PER_SM"] * (_sm_count(q.device.index or 0) if q.is_cuda else 1)
-        # at most `target` programs: the kernel is latency-bound (the H200 sweep), so a partial second
-        # wave (e.g. 32 KV heads x 9 splits = 288 programs for 264 slots) would double the time
-        splits = max(1, min(target // (B * hkv), -(-T // block_n), MAX_SPLITS))
-    split_len = -(-max(T, 1) // splits)
-    split_len = -(-split_len // block_n) * block_n
-    splits = max(1, -(-T // split_len))
-    po = torch.empty(B, hkv, splits, gp, block_rv, device=q.device, dtype=torch.float32)
+    two_pass = tuned["TWO_PASS"]
+    splits, split_len = _splits(splits, tuned["PROGRAMS_PER_SM"], q, B * hkv, T, block_n)
+    po = torch.empty(B, hkv, splits, gp, block_rv, device=q.device, dtype=torch.float32) if not two_pass else None
     pml = torch.empty(B, hkv, splits, gp, 2, device=q.device, dtype=torch.float32)
+    scores = torch.empty(B, hkv, T, qpk, device=q.device, dtype=torch.float32) if two_pass else None
     dummy = q.new_empty(1)
 
     def quant(x: ref.Latents, chunk: int):
@@ -583,7 +664,8 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
         k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
         positions, k_rank, q_rank.reshape(B).int().contiguous(),
-        cos.contiguous(), sin.contiguous(), po, pml, length if length is not None else dummy,
+        cos.contiguous(), sin.contiguous(), po if po is not None else dummy, pml, length if length is not None else dummy,
+        scores if two_pass else dummy,
         kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
         T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
         float(k_norm[1]) if k_norm is not None else 0.0,
@@ -592,6 +674,35 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, TOKENS_M=tuned["TOKENS_M"],
         HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
-        num_warps=tuned["NUM_WARPS"], num_stages=stages,
+        SCORES_ONLY=two_pass, num_warps=tuned["NUM_WARPS"], num_stages=stages,
     )
-    return po, pml, splits
+    if not two_pass:
+        return po, pml, splits
+    block_v = tuned["VALUES_BLOCK_N"]
+    v_splits, v_split_len = _splits(splits, tuned["VALUES_PROGRAMS_PER_SM"], q, B * hkv, T, block_v)
+    po = torch.empty(B, hkv, v_splits, gp, block_rv, device=q.device, dtype=torch.float32)
+    v_pml = torch.empty(B, hkv, v_splits, gp, 2, device=q.device, dtype=torch.float32)
+    _palu_values_kernel[(hkv, v_splits, B)](
+        scores, pml, vl, vs, po, v_pml, length if length is not None else dummy, vl_b, vl_g, vs_b, vs_g,
+        T, v_split_len, splits,
+        GS=gs, QPK=qpk, GP=gp, RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords,
+        V_FAST=vfast, BLOCK_N=block_v, FIRST=triton.next_power_of_2(splits), HAS_LEN=length is not None,
+        DTYPE=_TL_DTYPES[q.dtype], num_warps=tuned["VALUES_WARPS"], num_stages=tuned["VALUES_STAGES"],
+    )
+    return po, v_pml, v_splits
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _splits(splits: int | None, per_sm: int, q: torch.Tensor, heads: int, T: int, block_n: int) -> tuple[int, int]:
+    """``(splits, split_len)``: programs per (row, KV head) along the ``T`` tokens and tokens per program
+    (a multiple of ``block_n``). Default: at most ``per_sm`` programs per SM over the ``heads`` (row, KV
+    head) pairs; the kernel is latency-bound (the H200 sweep), so a partial second wave (e.g. 32 KV
+    heads x 9 splits = 288 programs for 264 slots) would double the time."""
+    if splits is None:
+        target = per_sm * (_sm_count(q.device.index or 0) if q.is_cuda else 1)
+        splits = max(1, min(target // heads, -(-T // block_n), MAX_SPLITS))
+    split_len = -(-max(T, 1) // splits)
+    split_len = -(-split_len // block_n) * block_n
+    return max(1, -(-T // split_len)), split_len

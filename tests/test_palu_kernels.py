@@ -140,8 +140,10 @@ def test_value_output_folds_the_up_projection():
     ],
 )
 @pytest.mark.parametrize("tokens_m", [True, False])
-def test_decode_kernel_matches_reference(shape, tokens_m, monkeypatch):
-    settings(monkeypatch, TOKENS_M=tokens_m, PREFETCH=tokens_m)  # both orientations, with and without the prefetch
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_decode_kernel_matches_reference(shape, tokens_m, two_pass, monkeypatch):
+    # both orientations, with and without the prefetch, in one pass or two (scores, then values)
+    settings(monkeypatch, TOKENS_M=tokens_m, PREFETCH=tokens_m, TWO_PASS=two_pass, VALUES_BLOCK_N=16)
     a = make_case(**shape)
     want = ref.latent_attention(**a)
     got = palu.palu_decode(**a, splits=2)
@@ -151,12 +153,13 @@ def test_decode_kernel_matches_reference(shape, tokens_m, monkeypatch):
 @interpreter_only
 @pytest.mark.parametrize("bits,quant_group,rk,rv", [(4, 4, 16, 8), (3, 4, 12, 12), (2, 8, 16, 8), (4, 8, 16, 16),
                                                     (2, 16, 32, 16), (4, 4, 24, 16)])
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv, prefetch, monkeypatch):
+@pytest.mark.parametrize("prefetch,two_pass", [(True, False), (False, False), (True, True)])
+def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv, prefetch, two_pass, monkeypatch):
     """Word-by-word dequantisation (2 and 4 bits, whole words per tile: (4, 8, 16, 16), (2, 16, 32, 16),
     keys of (4, 4, 16, 8)), per-channel gathers otherwise (3 bits, ragged ranks); words, scales, ranks
-    and rope rows loaded a block ahead by hand (``PREFETCH``) or in the step that uses them."""
-    settings(monkeypatch, PREFETCH=prefetch)
+    and rope rows loaded a block ahead by hand (``PREFETCH``) or in the step that uses them; in one
+    pass or two."""
+    settings(monkeypatch, PREFETCH=prefetch, TWO_PASS=two_pass, VALUES_BLOCK_N=32)
     a = make_case(bits=bits, quant_group=quant_group, rk=rk, rv=rv)
     if (bits, rk, rv) == (4, 16, 16):
         assert palu._fast_dequant(a["k"], 16) and palu._fast_dequant(a["v"], 16)
@@ -164,9 +167,9 @@ def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv, prefet
 
 
 @interpreter_only
-@pytest.mark.parametrize("rope_in_dtype", [False, True])
-def test_decode_kernel_fp16_window_and_padding_query(rope_in_dtype, monkeypatch):
-    settings(monkeypatch, ROPE_IN_DTYPE=rope_in_dtype)
+@pytest.mark.parametrize("rope_in_dtype,two_pass", [(False, False), (True, False), (False, True)])
+def test_decode_kernel_fp16_window_and_padding_query(rope_in_dtype, two_pass, monkeypatch):
+    settings(monkeypatch, ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=two_pass, VALUES_BLOCK_N=16)
     a = make_case(dtype=torch.float16, tokens=45)
     a["q_rank"][1] = -1  # a padding query: zero output
     want = ref.latent_attention(**a, window=9)
@@ -199,12 +202,16 @@ def test_decode_kernel_positions_and_scaled_tables(case):
         (torch.float16, 3, 4, 4, 224, 256, "tuned"),  # 3-bit gathers, wide groups
         (torch.float16, None, 2, 4, 128, 128, "tuned"),
         (torch.bfloat16, 2, 4, 4, 256, 256, "prefetch"),  # rank chunks of 2-bit words
+        (torch.bfloat16, None, 1, 4, 64, 64, "two-pass"),  # scores, then values
+        (torch.bfloat16, 4, 1, 4, 64, 64, "two-pass"),
+        (torch.bfloat16, None, 1, 1, 64, 64, "two-pass"),
+        (torch.float16, 3, 4, 4, 224, 256, "two-pass"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     """The measured settings (``TUNED``), and each optional path changed on its own."""
     changed = {"heads-as-m": dict(TOKENS_M=False), "prefetch": dict(PREFETCH=True), "no-prefetch": dict(PREFETCH=False),
-               "rope-in-dtype": dict(ROPE_IN_DTYPE=True)}.get(variant, {})
+               "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "two-pass": dict(TWO_PASS=True)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,

@@ -100,7 +100,7 @@ def compile_entry(entry: dict):
 
     fn = getattr(importlib.import_module(entry["module"]), entry["name"])
     names = list(inspect.signature(fn.fn).parameters)
-    constexprs = {n: getattr(tl, v["tl"]) if isinstance(v, dict) else v for n, v in entry["constexprs"].items()}
+    constexprs = {n: tl.dtype(v["tl"]) if isinstance(v, dict) else v for n, v in entry["constexprs"].items()}
     signature = {n: "constexpr" if n in constexprs else entry["types"][n] for n in names}
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
                        attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)

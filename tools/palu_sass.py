@@ -5,6 +5,10 @@ with Triton. A way to compare kernel variants between device sessions; it measur
 
     python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
                               [--heads-as-m] [--bits 0|4] [--rank 64] [--sass FILE]
+                              [--two-pass {scores,values}]
+
+``--two-pass scores``: the keys' pass of the two-pass decode (``SCORES_ONLY``); ``values``: its values'
+pass (``_palu_values_kernel``, with ``--block-n``, ``--warps``, ``--stages`` as its own).
 
 The shapes are Llama-3-8B's at half rank, groups of one KV head (query heads 4 per KV head, head dim
 128, key and value rank 64), bf16; pointers 16-byte aligned as torch allocates them.
@@ -30,7 +34,7 @@ from kvpress.kernels import palu  # noqa: E402
 
 POINTERS = {"Q": "*bf16", "KL": "*bf16", "KS": "*bf16", "VL": "*bf16", "VS": "*bf16", "KUP": "*bf16", "KB": "*bf16",
             "KNW": "*bf16", "POS": "*i32", "KR": "*i32", "QR": "*i32", "COS": "*bf16", "SIN": "*bf16", "PO": "*fp32",
-            "PML": "*fp32", "LEN": "*i32"}
+            "PML": "*fp32", "LEN": "*i32", "SC": "*fp32", "PM1": "*fp32"}
 FLOATS = {"qk_scale", "eps"}
 
 
@@ -40,11 +44,13 @@ def compile_kernel(a):
                      K_QG=32 if a.bits else 0, K_NQ=a.rank // 32 if a.bits else 1, K_WORDS=words, K_FAST=a.bits in (2, 4),
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
-                     TOKENS_M=not a.heads_as_m, HAS_LEN=True, ROPE_IN_DTYPE=False, PREFETCH=a.prefetch)
+                     TOKENS_M=not a.heads_as_m, HAS_LEN=True, ROPE_IN_DTYPE=False, PREFETCH=a.prefetch,
+                     SCORES_ONLY=a.two_pass == "scores", FIRST=256, DTYPE=triton.language.bfloat16)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
-    names = list(inspect.signature(palu._palu_decode_kernel.fn).parameters)
+    fn = palu._palu_values_kernel if a.two_pass == "values" else palu._palu_decode_kernel
+    names = list(inspect.signature(fn.fn).parameters)
     signature = {n: "constexpr" if n in constants else pointers.get(n, "fp32" if n in FLOATS else "i32") for n in names}
-    source = ASTSource(fn=palu._palu_decode_kernel, signature=signature,
+    source = ASTSource(fn=fn, signature=signature,
                        constexprs={(names.index(n),): v for n, v in constants.items() if n in names},
                        attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")})
     return triton.compile(source, target=GPUTarget("cuda", 90, 128),
@@ -72,6 +78,7 @@ def main() -> int:
     p.add_argument("--bits", type=int, default=0, choices=[0, 4])
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sass", help="write the SASS here")
+    p.add_argument("--two-pass", choices=["scores", "values"], help="a pass of the two-pass decode")
     a = p.parse_args()
     kernel = compile_kernel(a)
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
