@@ -151,9 +151,9 @@ def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list):
                     gp, block_rv = _plan_key(case)[6], max(16, 1 << (case["v"].rank - 1).bit_length())
                     launch = [case[n] for n in ("q", "k", "v", "k_up", "positions", "cos", "sin", "q_rank", "k_rank",
                                                 "scale")] + [None, None, None, None, *plan, gp, block_rv, None,
-                                                             kernel.settings(bits or 0)]
+                                                             kernel.settings(bits or 0, hq // hkv)]
                     extra["split_kernel_us"] = c.graph_time(lambda: kernel._launch_decode(*launch)) * 1e6
-                    if kernel.settings(bits or 0)["TWO_PASS"]:
+                    if kernel.settings(bits or 0, hq // hkv)["TWO_PASS"]:
                         with keys_pass_only():
                             extra["keys_pass_us"] = c.graph_time(lambda: kernel._launch_decode(*launch)) * 1e6
                 rec.add({"shape": shape, "tokens": T, "variant": f"palu gs={gs} r={ratio} bits={bits or 16}",
@@ -170,7 +170,7 @@ def _plan_key(case):
     qpk = case["q"].shape[1] // (case["k_up"].shape[0] * case["k_up"].shape[1] // D)
     gp = max(16, 1 << (qpk - 1).bit_length())
     return (D, case["k"].rank, case["v"].rank, bits(case["k"]), bits(case["v"]), case["q"].element_size(), gp,
-            *kernel.settings(bits(case["k"])).values())
+            *kernel.settings(bits(case["k"]), qpk).values())
 
 
 class _NoLaunch:
@@ -202,27 +202,29 @@ def module_settings():
 
 
 def load_tuning(paths) -> dict:
-    """``kernel.TUNED`` from sweep JSONs: per key-latent bits the settings of the fastest sweep row
-    (among rows whose output matched the reference)."""
+    """``kernel.TUNED`` from sweep JSONs: per key-latent bits and shape (GQA: any shape; MHA: one query
+    head per KV head) the settings of the fastest sweep row (among rows whose output matched the
+    reference)."""
     tuned = {}
     rows = [r for p in paths for r in json.loads(Path(p).read_text())["rows"]
             if "us" in r and "block_n" in r and r.get("max_err", 0.0) < 0.05]
-    for bits in {r["bits"] for r in rows}:
-        best = min((r for r in rows if r["bits"] == bits), key=lambda r: r["us"])
-        tuned[0 if bits == 16 else bits] = {name: best[name.lower()] for name in kernel.TUNABLE if name.lower() in best}
+    for bits, shape in {(r["bits"], r["shape"]) for r in rows}:
+        best = min((r for r in rows if (r["bits"], r["shape"]) == (bits, shape)), key=lambda r: r["us"])
+        key = (0 if bits == 16 else bits, 1 if shape == "mha" else None)
+        tuned[key] = {name: best[name.lower()] for name in kernel.TUNABLE if name.lower() in best}
     return tuned
 
 
-def _grid(block_n, warps, stages, per_sm, tokens_m=True, prefetch=True):
+def _grid(block_n, warps, stages, per_sm, tokens_m=True, prefetch=True, rope_in_dtype=False):
     return [dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=n, TOKENS_M=tokens_m,
-                 PREFETCH=prefetch, TWO_PASS=False) for n in per_sm]
+                 PREFETCH=prefetch, ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=False) for n in per_sm]
 
 
-def _two_pass(block_n, warps, stages, per_sm, prefetch=False, values=(64, 4, 3, 4)):
+def _two_pass(block_n, warps, stages, per_sm, prefetch=False, values=(64, 4, 3, 4), rope_in_dtype=False):
     """Two-pass settings: the keys' pass as ``_grid``'s, the values' pass ``(tile, warps, stages, per SM)``."""
     return dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=per_sm, TOKENS_M=True,
-                PREFETCH=prefetch, TWO_PASS=True, VALUES_BLOCK_N=values[0], VALUES_WARPS=values[1],
-                VALUES_STAGES=values[2], VALUES_PROGRAMS_PER_SM=values[3])
+                PREFETCH=prefetch, ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=True, VALUES_BLOCK_N=values[0],
+                VALUES_WARPS=values[1], VALUES_STAGES=values[2], VALUES_PROGRAMS_PER_SM=values[3])
 
 
 # The first H200 sweep (benchmarks/results/palu_sweep*_NVIDIA_H200.json, no PREFETCH yet): time per
@@ -245,6 +247,13 @@ GRIDS = {
                _two_pass(128, 8, 3, 1), _two_pass(128, 8, 3, 2), _two_pass(64, 4, 3, 4),
                *(_two_pass(64, 4, 3, 3, values=v) for v in [(128, 4, 3, 2), (128, 8, 3, 2), (64, 4, 3, 8), (64, 4, 2, 4),
                                                              (128, 4, 3, 4), (32, 4, 3, 8), (64, 4, 3, 2)])],
+    # round 6: around round 5's fastest two-pass setting (MHA: 472 us), and the rotation in bf16
+    # (ROPE_IN_DTYPE: 426 instead of 490 instructions per block in the keys' pass, offline sm_90a build)
+    "round6": [_two_pass(64, 4, 3, 3, values=(64, 4, 3, 8)), _two_pass(64, 4, 3, 3, values=(64, 4, 3, 8), rope_in_dtype=True),
+               _two_pass(64, 4, 3, 4, values=(64, 4, 3, 8)), _two_pass(64, 4, 2, 4, values=(64, 4, 3, 8)),
+               _two_pass(64, 4, 3, 3, values=(64, 4, 3, 16)), _two_pass(64, 4, 3, 3, values=(32, 2, 3, 8)),
+               _two_pass(64, 4, 3, 3, values=(64, 2, 3, 8)), _two_pass(64, 4, 3, 3, prefetch=True, values=(64, 4, 3, 8)),
+               *_grid(64, 4, 3, (2,)), *_grid(64, 4, 3, (2,), rope_in_dtype=True)],
 }
 
 

@@ -8,7 +8,7 @@ R=${OUT:-/tmp/kvpress-gpu}/profile
 mkdir -p "$R"
 stamp() { echo "== $(date +%T) $*"; }
 stamp durations
-timeout 120 python benchmarks/profile_kernels.py --profiler --out "$R" 2>&1 | grep -v "^STAGE\|USDT" | tee "$R/durations.log" | tail -30
+timeout 120 python benchmarks/profile_kernels.py --profiler --out "$R" ${CASES:+--cases $CASES} 2>&1 | grep -v "^STAGE\|USDT" | tee "$R/durations.log" | tail -30
 SECTIONS="--section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters"
 ncu_case() {  # $1: case, $2: kernel regex, $3: launches to skip, $4: launches to profile
   stamp "ncu $1"
@@ -18,6 +18,11 @@ ncu_case() {  # $1: case, $2: kernel regex, $3: launches to skip, $4: launches t
   echo "rc=$?"; grep -E "Duration|DRAM Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occupancy|Stall|Block Limit|Shared Memory Config|Dynamic Shared" "$R/ncu_$1.txt" | head -40
 }
 ncu --version | tail -1
+if [ "${1:-}" = palu2p ]; then  # the two-pass Palu decode: both passes and the merge, GQA and MHA
+  ncu_case palu-2p "_palu_decode_kernel|_palu_values_kernel" 6 2
+  ncu_case palu-2p-mha "_palu_decode_kernel|_palu_values_kernel" 6 2
+  stamp done; exit 0
+fi
 ncu_case less "_step_kernel|_finish_kernel" 6 2
 ncu_case palu "_palu_decode_kernel" 3 1
 ncu_case palu4 "_palu_decode_kernel" 3 1

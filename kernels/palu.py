@@ -56,16 +56,20 @@ VALUES_STAGES = 3
 VALUES_PROGRAMS_PER_SM = 4
 TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
            "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM")
-# Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per key-latent bits (0:
-# unquantised), over the module defaults above; names as the module constants. From
-# benchmarks/results/palu_sweep_r4_NVIDIA_H200.json (128K tokens, Llama-3-8B shape, groups of one KV
-# head, half rank): the hand prefetch is worth 9% (bf16) and 13% (4-bit); 2 and 3 bits keep the first
-# sweep's setting (palu_sweep_4bit_NVIDIA_H200.json).
-TUNED: dict[int, dict] = {
-    0: dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True),
-    2: dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4, TOKENS_M=True),
-    3: dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4, TOKENS_M=True),
-    4: dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True),
+# Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
+# unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
+# module constants. From benchmarks/results/palu_sweep_r4_NVIDIA_H200.json (128K tokens, Llama-3-8B
+# shape, groups of one KV head, half rank): the hand prefetch is worth 9% (bf16) and 13% (4-bit); 2 and
+# 3 bits keep the first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json). One query head per KV head
+# (MHA): two passes, 472 us against 567 us in one at 128K (palu_sweep_r5_mha_NVIDIA_H200.json); with four
+# (GQA) two passes are no faster (153 us against 151) and at 4 bits slower (218 against 198).
+TUNED: dict[tuple[int, int | None], dict] = {
+    (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True),
+    (2, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4, TOKENS_M=True),
+    (3, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4, TOKENS_M=True),
+    (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True),
+    (0, 1): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, TWO_PASS=True,
+                 VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=8),
 }
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
@@ -529,10 +533,11 @@ def smem_estimate(block_n: int, stages: int, d: int, rk: int, rv: int, k_bits: i
     return stages * (block_n * _tile_bytes(rc, k_bits, elt) + 2 * rc * half * elt) + outer + dots
 
 
-def settings(bits: int) -> dict:
-    """The kernel settings (``TUNABLE`` names) for key latents of ``bits`` bits (0: unquantised):
-    ``TUNED[bits]`` over the module defaults."""
-    chosen = TUNED.get(bits, {})
+def settings(bits: int, queries_per_kv: int | None = None) -> dict:
+    """The kernel settings (``TUNABLE`` names) for key latents of ``bits`` bits (0: unquantised) and
+    ``queries_per_kv`` query heads per KV head: ``TUNED[bits, queries_per_kv]`` over ``TUNED[bits, None]``
+    over the module defaults."""
+    chosen = {**TUNED.get((bits, None), {}), **TUNED.get((bits, queries_per_kv), {})}
     return {name: chosen.get(name, globals()[name]) for name in TUNABLE}
 
 
@@ -604,7 +609,7 @@ def palu_decode(
     gp = max(16, triton.next_power_of_2(qpk))
     block_rv = max(16, triton.next_power_of_2(v.rank))
     bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
-    tuned = settings(bits(k))
+    tuned = settings(bits(k), qpk)
     key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, *tuned.values())
     candidates = [_CHOSEN[key]] if key in _CHOSEN else plans(*key[:7], tuned["BLOCK_N"], tuned["NUM_STAGES"])
     if not candidates:
@@ -641,7 +646,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     hkv = G * gs
     qpk = hq // hkv
     T = k.data.shape[2]
-    tuned = tuned or settings(k.quant.bits if k.quant is not None else 0)
+    tuned = tuned or settings(k.quant.bits if k.quant is not None else 0, qpk)
     two_pass = tuned["TWO_PASS"]
     splits, split_len = _splits(splits, tuned["PROGRAMS_PER_SM"], q, B * hkv, T, block_n)
     po = torch.empty(B, hkv, splits, gp, block_rv, device=q.device, dtype=torch.float32) if not two_pass else None

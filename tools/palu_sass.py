@@ -5,7 +5,7 @@ with Triton. A way to compare kernel variants between device sessions; it measur
 
     python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
                               [--heads-as-m] [--bits 0|4] [--rank 64] [--sass FILE]
-                              [--two-pass {scores,values}]
+                              [--two-pass {scores,values}] [--rope-in-dtype]
 
 ``--two-pass scores``: the keys' pass of the two-pass decode (``SCORES_ONLY``); ``values``: its values'
 pass (``_palu_values_kernel``, with ``--block-n``, ``--warps``, ``--stages`` as its own).
@@ -44,7 +44,7 @@ def compile_kernel(a):
                      K_QG=32 if a.bits else 0, K_NQ=a.rank // 32 if a.bits else 1, K_WORDS=words, K_FAST=a.bits in (2, 4),
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
-                     TOKENS_M=not a.heads_as_m, HAS_LEN=True, ROPE_IN_DTYPE=False, PREFETCH=a.prefetch,
+                     TOKENS_M=not a.heads_as_m, HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch,
                      SCORES_ONLY=a.two_pass == "scores", FIRST=256, DTYPE=triton.language.bfloat16)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     fn = palu._palu_values_kernel if a.two_pass == "values" else palu._palu_decode_kernel
@@ -78,6 +78,7 @@ def main() -> int:
     p.add_argument("--bits", type=int, default=0, choices=[0, 4])
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sass", help="write the SASS here")
+    p.add_argument("--rope-in-dtype", action="store_true", help="the rotation in bf16 (ROPE_IN_DTYPE)")
     p.add_argument("--two-pass", choices=["scores", "values"], help="a pass of the two-pass decode")
     a = p.parse_args()
     kernel = compile_kernel(a)
@@ -97,7 +98,7 @@ def main() -> int:
     body = loop_instructions(sass)
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
     print(f"token loop: {len(body)} instructions per warp per {a.block_n}-token block;",
-          ", ".join(f"{op} {ops[op]}" for op in ("HGMMA", "HMMA", "BAR", "SHFL", "LDS", "STS", "LDGSTS", "MUFU") if ops[op]))
+          ", ".join(f"{op} {ops[op]}" for op in ("HGMMA", "HMMA", "BAR", "SHFL", "LDS", "STS", "LDGSTS", "MUFU", "FFMA", "FMUL", "HFMA2", "HMUL2", "F2F", "F2FP", "PRMT") if ops[op]))
     return 0
 
 
