@@ -254,6 +254,10 @@ GRIDS = {
                _two_pass(64, 4, 3, 3, values=(64, 4, 3, 16)), _two_pass(64, 4, 3, 3, values=(32, 2, 3, 8)),
                _two_pass(64, 4, 3, 3, values=(64, 2, 3, 8)), _two_pass(64, 4, 3, 3, prefetch=True, values=(64, 4, 3, 8)),
                *_grid(64, 4, 3, (2,)), *_grid(64, 4, 3, (2,), rope_in_dtype=True)],
+    # round 7: the rotation in bf16 at 4 bits (one and two passes), and the bf16 setting of round 6 again
+    "round7": [*_grid(64, 4, 3, (2,), rope_in_dtype=True), *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True),
+               *_grid(64, 4, 3, (2,)), _two_pass(64, 4, 2, 3, rope_in_dtype=True), _two_pass(64, 4, 3, 3, rope_in_dtype=True),
+               *_grid(32, 2, 3, (4,), rope_in_dtype=True)],
 }
 
 

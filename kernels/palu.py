@@ -58,18 +58,21 @@ TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", 
            "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
 # unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
-# module constants. From benchmarks/results/palu_sweep_r4_NVIDIA_H200.json (128K tokens, Llama-3-8B
-# shape, groups of one KV head, half rank): the hand prefetch is worth 9% (bf16) and 13% (4-bit); 2 and
-# 3 bits keep the first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json). One query head per KV head
-# (MHA): two passes, 472 us against 567 us in one at 128K (palu_sweep_r5_mha_NVIDIA_H200.json); with four
-# (GQA) two passes are no faster (153 us against 151) and at 4 bits slower (218 against 198).
+# module constants. 128K tokens, Llama-3-8B shape (and MHA: 32 KV heads), groups of one KV head, half
+# rank. bf16: the rotation in bf16 (as transformers rounds it; fewer instructions per block): 131 us
+# against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json), with the hand prefetch (9% in
+# palu_sweep_r4_NVIDIA_H200.json). One query head per KV head: two passes (scores, then values), 465 us
+# against 486 in one (palu_sweep_r6_mha_NVIDIA_H200.json); with four, two passes are slower (157 us,
+# keys' pass 90 + values' pass 60: the profile of 2026-12-01). 4 bits: palu_sweep_r4_NVIDIA_H200.json;
+# 2 and 3 bits keep the first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json).
 TUNED: dict[tuple[int, int | None], dict] = {
-    (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True),
+    (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True,
+                    ROPE_IN_DTYPE=True),
     (2, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4, TOKENS_M=True),
     (3, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4, TOKENS_M=True),
     (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True),
-    (0, 1): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, TWO_PASS=True,
-                 VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=8),
+    (0, 1): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, ROPE_IN_DTYPE=True,
+                 TWO_PASS=True, VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=8),
 }
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
