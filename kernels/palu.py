@@ -63,14 +63,16 @@ TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", 
 # against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json), with the hand prefetch (9% in
 # palu_sweep_r4_NVIDIA_H200.json). One query head per KV head: two passes (scores, then values), 465 us
 # against 486 in one (palu_sweep_r6_mha_NVIDIA_H200.json); with four, two passes are slower (157 us,
-# keys' pass 90 + values' pass 60: the profile of 2026-12-01). 4 bits: palu_sweep_r4_NVIDIA_H200.json;
-# 2 and 3 bits keep the first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json).
+# keys' pass 90 + values' pass 60: the profile of 2026-12-01). 4 bits: palu_sweep_r4_NVIDIA_H200.json, the
+# rotation in bf16 as fast as in fp32 (196 us, palu_sweep_r7_NVIDIA_H200.json); 2 and 3 bits keep the
+# first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json).
 TUNED: dict[tuple[int, int | None], dict] = {
     (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True,
                     ROPE_IN_DTYPE=True),
     (2, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4, TOKENS_M=True),
     (3, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4, TOKENS_M=True),
-    (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True),
+    (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True,
+                    ROPE_IN_DTYPE=True),
     (0, 1): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, ROPE_IN_DTYPE=True,
                  TWO_PASS=True, VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=8),
 }
