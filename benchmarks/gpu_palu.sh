@@ -84,9 +84,9 @@ PY
   round8)  # GPU tests; the query rotated by each block's start and the values' pass's own splits (GQA bf16 and 4-bit,
            # MHA bf16, 128K); the layer at 64K/128K with the fastest of round 8 per shape
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
-    timeout 100 python benchmarks/bench_palu.py sweep --grid round8 --bits 16 4 --tag _r8 --out "$R" > "$R/sweep_r8.log" 2>&1
+    timeout 130 python benchmarks/bench_palu.py sweep --grid round8 --bits 16 4 --tag _r8 --out "$R" > "$R/sweep_r8.log" 2>&1
     tail -1 "$R/sweep_r8.log"
-    timeout 70 python benchmarks/bench_palu.py sweep --grid round8 --bits 16 --shapes mha --tag _r8_mha --out "$R" > "$R/sweep_r8_mha.log" 2>&1
+    timeout 90 python benchmarks/bench_palu.py sweep --grid round8 --bits 16 --shapes mha --tag _r8_mha --out "$R" > "$R/sweep_r8_mha.log" 2>&1
     tail -1 "$R/sweep_r8_mha.log"
     timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r8*_NVIDIA*.json \
       --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag _r8 --out "$R" > "$R/layer_r8.log" 2>&1
