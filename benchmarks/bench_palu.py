@@ -215,19 +215,16 @@ def load_tuning(paths) -> dict:
     return tuned
 
 
-def _grid(block_n, warps, stages, per_sm, tokens_m=True, prefetch=True, rope_in_dtype=False, rotate_query=False):
+def _grid(block_n, warps, stages, per_sm, tokens_m=True, prefetch=True, rope_in_dtype=False):
     return [dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=n, TOKENS_M=tokens_m,
-                 PREFETCH=prefetch, ROPE_IN_DTYPE=rope_in_dtype, ROTATE_QUERY=rotate_query, TWO_PASS=False)
-            for n in per_sm]
+                 PREFETCH=prefetch, ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=False) for n in per_sm]
 
 
-def _two_pass(block_n, warps, stages, per_sm, prefetch=False, values=(64, 4, 3, 4), rope_in_dtype=False,
-              rotate_query=False):
+def _two_pass(block_n, warps, stages, per_sm, prefetch=False, values=(64, 4, 3, 4), rope_in_dtype=False):
     """Two-pass settings: the keys' pass as ``_grid``'s, the values' pass ``(tile, warps, stages, per SM)``."""
     return dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=per_sm, TOKENS_M=True,
-                PREFETCH=prefetch, ROPE_IN_DTYPE=rope_in_dtype, ROTATE_QUERY=rotate_query, TWO_PASS=True,
-                VALUES_BLOCK_N=values[0], VALUES_WARPS=values[1], VALUES_STAGES=values[2],
-                VALUES_PROGRAMS_PER_SM=values[3])
+                PREFETCH=prefetch, ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=True, VALUES_BLOCK_N=values[0],
+                VALUES_WARPS=values[1], VALUES_STAGES=values[2], VALUES_PROGRAMS_PER_SM=values[3])
 
 
 # The first H200 sweep (benchmarks/results/palu_sweep*_NVIDIA_H200.json, no PREFETCH yet): time per
@@ -261,12 +258,10 @@ GRIDS = {
     "round7": [*_grid(64, 4, 3, (2,), rope_in_dtype=True), *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True),
                *_grid(64, 4, 3, (2,)), _two_pass(64, 4, 2, 3, rope_in_dtype=True), _two_pass(64, 4, 3, 3, rope_in_dtype=True),
                *_grid(32, 2, 3, (4,), rope_in_dtype=True)],
-    # round 8: the query rotated by each block's start (ROTATE_QUERY: no rope row gathered per token), and
-    # the values' pass with its own split count (rounds 5-7 ran it with the keys' pass's: a bug, fixed)
-    "round8": [*_grid(64, 4, 3, (2,), rope_in_dtype=True), *_grid(64, 4, 3, (2,), rope_in_dtype=True, rotate_query=True),
-               *_grid(64, 4, 3, (2,), rotate_query=True), *_grid(64, 4, 3, (3,), rotate_query=True),
-               *(_two_pass(64, 4, 3, 3, values=(64, 4, 3, n), rope_in_dtype=True) for n in (2, 4, 6)),
-               _two_pass(64, 4, 3, 3, rotate_query=True), _two_pass(64, 4, 3, 3, rope_in_dtype=True, rotate_query=True),
+    # round 9: the values' pass with its own split count (rounds 5-7 ran it with the keys' pass's whatever
+    # VALUES_PROGRAMS_PER_SM said: a bug, fixed), against the one-pass setting
+    "round9": [*_grid(64, 4, 3, (2,), rope_in_dtype=True),
+               *(_two_pass(64, 4, 3, 3, values=(64, 4, 3, n), rope_in_dtype=True) for n in (2, 3, 4, 6)),
                _two_pass(64, 4, 3, 3, values=(128, 4, 3, 2), rope_in_dtype=True)],
 }
 

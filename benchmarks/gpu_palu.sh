@@ -81,16 +81,16 @@ PY
     timeout 120 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r7_NVIDIA*.json benchmarks/results/palu_sweep_r[56]*_NVIDIA_H200.json \
       --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag _r7 --out "$R" > "$R/layer_r7.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r7.log" | tail -12 ;;
-  round8)  # GPU tests; the query rotated by each block's start and the values' pass's own splits (GQA bf16 and 4-bit,
-           # MHA bf16, 128K); the layer at 64K/128K with the fastest of round 8 per shape
+  round9)  # GPU tests; the values' pass with its own split count (GQA and MHA, bf16, 128K); the layer at 64K/128K
+           # with the fastest of round 9 per shape (4-bit: round 7's)
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
-    timeout 130 python benchmarks/bench_palu.py sweep --grid round8 --bits 16 4 --tag _r8 --out "$R" > "$R/sweep_r8.log" 2>&1
-    tail -1 "$R/sweep_r8.log"
-    timeout 90 python benchmarks/bench_palu.py sweep --grid round8 --bits 16 --shapes mha --tag _r8_mha --out "$R" > "$R/sweep_r8_mha.log" 2>&1
-    tail -1 "$R/sweep_r8_mha.log"
-    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r8*_NVIDIA*.json \
-      --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag _r8 --out "$R" > "$R/layer_r8.log" 2>&1
-    grep "kernel settings\| | " "$R/layer_r8.log" | tail -12 ;;
+    timeout 60 python benchmarks/bench_palu.py sweep --grid round9 --bits 16 --tag _r9 --out "$R" > "$R/sweep_r9.log" 2>&1
+    tail -1 "$R/sweep_r9.log"
+    timeout 60 python benchmarks/bench_palu.py sweep --grid round9 --bits 16 --shapes mha --tag _r9_mha --out "$R" > "$R/sweep_r9_mha.log" 2>&1
+    tail -1 "$R/sweep_r9_mha.log"
+    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r9*_NVIDIA*.json benchmarks/results/palu_sweep_r7_NVIDIA_H200.json \
+      --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag _r9 --out "$R" > "$R/layer_r9.log" 2>&1
+    grep "kernel settings\| | " "$R/layer_r9.log" | tail -12 ;;
   smollm2|smollm2-sweep)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
     SMOL=$(bash benchmarks/gpu_smol_model.sh)
     if [ -n "$SMOL" ]; then
@@ -119,6 +119,6 @@ PY
     timeout 150 python benchmarks/palu_graph_probe.py --out "$R" > "$R/graph_probe.log" 2>&1; grep "^{" "$R/graph_probe.log" || tail -20 "$R/graph_probe.log" ;;
   tpot)
     timeout 200 python benchmarks/bench_palu.py tpot --out "$R" 2>&1 | tee "$R/tpot.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round8, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

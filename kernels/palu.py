@@ -54,21 +54,17 @@ VALUES_BLOCK_N = 64
 VALUES_WARPS = 4
 VALUES_STAGES = 3
 VALUES_PROGRAMS_PER_SM = 4
-# Keys rotated by their offset in the block and the query by the block's start, where positions follow the
-# slots (see _palu_decode_kernel): no rope row gathered per token. A second launch redoes the programs whose
-# positions do not (REDO_FLAGGED: off only in the tests that show the first launch alone is wrong there).
-ROTATE_QUERY = False
-REDO_FLAGGED = True
 TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
-           "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM", "ROTATE_QUERY")
+           "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
 # unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
 # module constants. 128K tokens, Llama-3-8B shape (and MHA: 32 KV heads), groups of one KV head, half
 # rank. bf16: the rotation in bf16 (as transformers rounds it; fewer instructions per block): 131 us
 # against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json), with the hand prefetch (9% in
 # palu_sweep_r4_NVIDIA_H200.json). One query head per KV head: two passes (scores, then values), 465 us
-# against 486 in one (palu_sweep_r6_mha_NVIDIA_H200.json); with four, two passes are slower (157 us,
-# keys' pass 90 + values' pass 60: the profile of 2026-12-01). 4 bits: palu_sweep_r4_NVIDIA_H200.json, the
+# against 486 in one (palu_sweep_r6_mha_NVIDIA_H200.json, whose values' pass ran with the keys' pass's
+# split count, 3 programs per SM, whatever VALUES_PROGRAMS_PER_SM said: a bug since fixed); with four,
+# two passes are slower (157 us, keys' pass 90 + values' pass 60: the profile of 2026-12-01). 4 bits: palu_sweep_r4_NVIDIA_H200.json, the
 # rotation in bf16 as fast as in fp32 (196 us, palu_sweep_r7_NVIDIA_H200.json); 2 and 3 bits keep the
 # first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json).
 TUNED: dict[tuple[int, int | None], dict] = {
@@ -79,7 +75,7 @@ TUNED: dict[tuple[int, int | None], dict] = {
     (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True,
                     ROPE_IN_DTYPE=True),
     (0, 1): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, ROPE_IN_DTYPE=True,
-                 TWO_PASS=True, VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=8),
+                 TWO_PASS=True, VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=3),
 }
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
@@ -164,11 +160,11 @@ def _rope_rows(COS, SIN, pos, ok, d, HALF: tl.constexpr):
 _STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos_b", "kr_b"]
 
 
-@triton.jit(do_not_specialize=["T", "split_len", "window", "P"] + _STRIDES)
+@triton.jit(do_not_specialize=["T", "split_len", "window"] + _STRIDES)
 def _palu_decode_kernel(
-    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN, SC, BAD,
+    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN, SC,
     kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b,
-    T, split_len, window, qk_scale, eps, P,
+    T, split_len, window, qk_scale, eps,
     GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
     RK: tl.constexpr, RC: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_NQ: tl.constexpr,
     K_WORDS: tl.constexpr, K_FAST: tl.constexpr,
@@ -176,7 +172,7 @@ def _palu_decode_kernel(
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_M: tl.constexpr,
     HAS_LEN: tl.constexpr, ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
-    SCORES_ONLY: tl.constexpr = False, ROTATE_QUERY: tl.constexpr = False, REDO: tl.constexpr = False,
+    SCORES_ONLY: tl.constexpr = False,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -201,14 +197,6 @@ def _palu_decode_kernel(
     ``SCORES_ONLY`` (the first pass of the two-pass decode, :func:`_palu_values_kernel` the second):
     no value side; the masked, scaled scores (log2 units, ``-inf`` where masked) go to
     ``SC [B, Hkv, T, QPK]`` and the program's maximum per query head to ``PML[..., 0]``.
-
-    ``ROTATE_QUERY``: where each valid token's position is its rank and the ranks follow the slots
-    (``rank = slot + offset``, as a left-padded batch fills its cache), the rotation by position
-    ``p0 + i`` (``p0`` the position of a block's first slot) is split in two: the keys are rotated by
-    ``i`` (table rows ``0 .. BLOCK_N - 1``, loaded once) and the query by ``-p0`` (one row per block),
-    so no rope row is gathered per token. Positions are checked as the loop goes; a program that
-    finds one out of line writes 1 to ``BAD`` (else 0), and a second launch with ``REDO`` computes
-    only those programs again with the gathered rows. ``P``: the rows of the tables.
 """
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -217,15 +205,11 @@ def _palu_decode_kernel(
     n_splits = tl.num_programs(1)
     g = kvh // GS
     dtype = Q.dtype.element_ty
-    b64 = b.to(tl.int64)
-    program = (b64 * hkv + kvh) * n_splits + split
-    if REDO:  # the second launch: only the programs the first one flagged
-        if tl.load(BAD + program) == 0:
-            return
 
     m_rows = tl.arange(0, GP)  # query heads of this KV head (padded to GP)
     q_ok = m_rows < QPK
     d = tl.arange(0, HALF)
+    b64 = b.to(tl.int64)
     q_base = Q + (b64 * hkv + kvh) * (QPK * D)
     if TOKENS_M:  # [HALF, GP] = q.T halves
         q1 = tl.load(q_base + m_rows[None, :] * D + d[:, None], mask=q_ok[None, :], other=0.0)
@@ -265,20 +249,6 @@ def _palu_decode_kernel(
     local = tl.arange(0, BLOCK_N)  # int32 offsets in the block; scalar bases carry the int64 part
     kr_base = KR + b64 * kr_b
     pos_base = POS + b64 * pos_b
-    qa = q1
-    qb = q2
-    score_scale = qk_scale
-    if ROTATE_QUERY:
-        last = tl.maximum(stop - 1, start)
-        kr_last = tl.load(kr_base + last, mask=stop > start, other=-1)
-        offset = tl.where(kr_last >= 0, kr_last - last, 0)  # rank - slot of this row's tokens
-        cos_i = tl.load(COS + local[:, None] * HALF + d[None, :])  # rows 0 .. BLOCK_N - 1 (P >= BLOCK_N)
-        sin_i = tl.load(SIN + local[:, None] * HALF + d[None, :])
-        score_scale = qk_scale / tl.load(COS).to(tl.float32)  # row 0 is the tables' attention factor: counted once
-        q1f = q1.to(tl.float32)
-        q2f = q2.to(tl.float32)
-        bad = tl.zeros([BLOCK_N], dtype=tl.int32)
-    PF_ROPE: tl.constexpr = PREFETCH and not ROTATE_QUERY
     # Loads that no tl.dot takes directly (Triton's pipeliner overlaps the dot operands) are issued a
     # block ahead by hand (PREFETCH): ranks, rope rows (gathered by position: positions two blocks
     # ahead) and quantised words/scales. Each loop step then uses what the previous one loaded.
@@ -292,10 +262,9 @@ def _palu_decode_kernel(
             s_max = tl.full([GP, BLOCK_N], float("-inf"), dtype=tl.float32)
     if PREFETCH:
         ok0 = start + local < stop
-        if PF_ROPE:
-            kr_nx = tl.load(kr_base + start + local, mask=ok0, other=-1)
-            cos_nx, sin_nx = _rope_rows(COS, SIN, tl.load(pos_base + start + local, mask=ok0, other=0), ok0, d, HALF)
-            pos_nx = tl.load(pos_base + start + BLOCK_N + local, mask=start + BLOCK_N + local < stop, other=0)
+        kr_nx = tl.load(kr_base + start + local, mask=ok0, other=-1)
+        cos_nx, sin_nx = _rope_rows(COS, SIN, tl.load(pos_base + start + local, mask=ok0, other=0), ok0, d, HALF)
+        pos_nx = tl.load(pos_base + start + BLOCK_N + local, mask=start + BLOCK_N + local < stop, other=0)
         if PF_K:
             kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start, ks_row0 + start, local, 0, RK, RC, K_BITS, K_QG,
                                               K_NQ, K_WORDS, K_FAST, ok0)
@@ -306,13 +275,12 @@ def _palu_decode_kernel(
         offs_n = start_n + local
         n_ok = offs_n < stop
         if PREFETCH:
+            kr, cos, sin = kr_nx, cos_nx, sin_nx
             nxt = offs_n + BLOCK_N
             nxt_ok = nxt < stop
-            if PF_ROPE:
-                kr, cos, sin = kr_nx, cos_nx, sin_nx
-                kr_nx = tl.load(kr_base + nxt, mask=nxt_ok, other=-1)
-                cos_nx, sin_nx = _rope_rows(COS, SIN, pos_nx, nxt_ok, d, HALF)
-                pos_nx = tl.load(pos_base + nxt + BLOCK_N, mask=nxt + BLOCK_N < stop, other=0)
+            kr_nx = tl.load(kr_base + nxt, mask=nxt_ok, other=-1)
+            cos_nx, sin_nx = _rope_rows(COS, SIN, pos_nx, nxt_ok, d, HALF)
+            pos_nx = tl.load(pos_base + nxt + BLOCK_N, mask=nxt + BLOCK_N < stop, other=0)
             if PF_K:
                 kw, ksc, klo = kw_nx, ksc_nx, klo_nx
                 kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start_n + BLOCK_N, ks_row0 + start_n + BLOCK_N,
@@ -321,24 +289,7 @@ def _palu_decode_kernel(
                 vw, vsc, vlo = vw_nx, vsc_nx, vlo_nx
                 vw_nx, vsc_nx, vlo_nx = _raw_tile(VL, VS, v_row0 + start_n + BLOCK_N, vs_row0 + start_n + BLOCK_N,
                                                   local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ, V_WORDS, V_FAST, nxt_ok)
-        if ROTATE_QUERY:
-            kr = tl.load(kr_base + offs_n, mask=n_ok, other=-1)
-            pos = tl.load(pos_base + offs_n, mask=n_ok, other=0)
-            p0 = start_n + offset  # the position of the block's first slot (negative in a row's padding)
-            a0 = tl.abs(p0)
-            bad |= ((kr >= 0) & ((kr != offs_n + offset) | (pos != kr)) | (a0 >= P)).to(tl.int32)
-            c0 = tl.load(COS + a0 * HALF + d, mask=a0 < P, other=0.0).to(tl.float32)
-            s0 = tl.load(SIN + a0 * HALF + d, mask=a0 < P, other=0.0).to(tl.float32)
-            s0 = tl.where(p0 < 0, -s0, s0)
-            if TOKENS_M:  # q rotated by -p0: [HALF, GP]
-                qa = (q1f * c0[:, None] + q2f * s0[:, None]).to(dtype)
-                qb = (q2f * c0[:, None] - q1f * s0[:, None]).to(dtype)
-            else:
-                qa = (q1f * c0[None, :] + q2f * s0[None, :]).to(dtype)
-                qb = (q2f * c0[None, :] - q1f * s0[None, :]).to(dtype)
-            cos = cos_i
-            sin = sin_i
-        elif not PF_ROPE:
+        else:
             kr = tl.load(kr_base + offs_n, mask=n_ok, other=-1)
             cos, sin = _rope_rows(COS, SIN, tl.load(pos_base + offs_n, mask=n_ok, other=0), n_ok, d, HALF)
         dist = qr - kr
@@ -390,11 +341,11 @@ def _palu_decode_kernel(
                 hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
                                   V_NQ, V_WORDS, V_FAST, BLOCK_N, n_ok, dtype)
         if TOKENS_M:  # scores [BLOCK_N, GP], softmax down the tokens
-            s = tl.dot(r2, qb, tl.dot(r1, qa))
-            s = tl.where(ok[:, None], s * score_scale, float("-inf"))
+            s = tl.dot(r2, q2, tl.dot(r1, q1))
+            s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
         else:  # scores [GP, BLOCK_N]
-            s = tl.dot(qb, tl.trans(r2), tl.dot(qa, tl.trans(r1)))
-            s = tl.where(ok[None, :], s * score_scale, float("-inf"))
+            s = tl.dot(q2, tl.trans(r2), tl.dot(q1, tl.trans(r1)))
+            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
         if SCORES_ONLY:
             if TOKENS_M:
                 tl.store(sc_base + offs_n[:, None] * QPK + m_rows[None, :], s, mask=n_ok[:, None] & q_ok[None, :])
@@ -418,9 +369,7 @@ def _palu_decode_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
 
-    if ROTATE_QUERY:
-        tl.store(BAD + program, tl.max(bad, 0))
-    part = program * GP + m_rows
+    part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
     if SCORES_ONLY:
         tl.store(PML + part * 2, tl.max(s_max, 0) if TOKENS_M else tl.max(s_max, 1))
     else:
@@ -723,19 +672,15 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     kl, ks, kl_b, kl_g, ks_b, ks_g, kbits, kqg, knq, kwords, kfast = quant(k, _chunk(rk))
     vl, vs, vl_b, vl_g, vs_b, vs_g, vbits, vqg, vnq, vwords, vfast = quant(v, block_rv)
     positions, k_rank = _tokens(positions), _tokens(k_rank.int() if k_rank.dtype != torch.int32 else k_rank)
-    rotate_query = tuned["ROTATE_QUERY"] and cos.shape[0] >= block_n
-    bad = torch.empty(B * hkv * splits, device=q.device, dtype=torch.int32) if rotate_query else dummy
-    args = (
+    _palu_decode_kernel[(hkv, splits, B)](
         q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
         k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
         positions, k_rank, q_rank.reshape(B).int().contiguous(),
         cos.contiguous(), sin.contiguous(), po if po is not None else dummy, pml, length if length is not None else dummy,
-        scores if two_pass else dummy, bad,
+        scores if two_pass else dummy,
         kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
         T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
-        float(k_norm[1]) if k_norm is not None else 0.0, cos.shape[0],
-    )
-    constants = dict(
+        float(k_norm[1]) if k_norm is not None else 0.0,
         GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
@@ -743,9 +688,6 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
         SCORES_ONLY=two_pass, num_warps=tuned["NUM_WARPS"], num_stages=stages,
     )
-    _palu_decode_kernel[(hkv, splits, B)](*args, **constants, ROTATE_QUERY=rotate_query)
-    if rotate_query and REDO_FLAGGED:  # the programs whose positions were out of line, with gathered rope rows
-        _palu_decode_kernel[(hkv, splits, B)](*args, **constants, REDO=True)
     if not two_pass:
         return po, pml, splits
     block_v = tuned["VALUES_BLOCK_N"]

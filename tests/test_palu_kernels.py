@@ -187,30 +187,6 @@ def test_decode_kernel_positions_and_scaled_tables(case):
     torch.testing.assert_close(palu.palu_decode(**a, splits=2), ref.latent_attention(**a), atol=2e-5, rtol=1e-4)
 
 
-@interpreter_only
-@pytest.mark.parametrize("case", [dict(), dict(pad=40, tokens=70), dict(rope_scale=1.25), dict(bits=4, rk=16, rv=16),
-                                  dict(stride=3), dict(dtype=torch.float16, window=9)])
-@pytest.mark.parametrize("two_pass", [False, True])
-def test_decode_kernel_rotates_the_query_where_positions_follow_the_slots(case, two_pass, monkeypatch):
-    """``ROTATE_QUERY``: keys rotated by their offset in the block, the query by the block's start (a
-    row's padding gives negative starts; tables with an attention factor). Where positions do not
-    follow the slots (positions 3 x rank) the first launch flags its programs and the second redoes
-    them: without that second launch the result is wrong there and right everywhere else."""
-    case = dict(case)
-    window = case.pop("window", None)
-    settings(monkeypatch, ROTATE_QUERY=True, TWO_PASS=two_pass, VALUES_BLOCK_N=16)
-    a = make_case(**case)
-    want = ref.latent_attention(**a, window=window)
-    tol = dict(atol=2e-3, rtol=2e-3) if case.get("dtype") == torch.float16 else dict(atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(palu.palu_decode(**a, window=window, splits=2), want, **tol)
-    monkeypatch.setattr(palu, "REDO_FLAGGED", False)
-    first_launch_alone = palu.palu_decode(**a, window=window, splits=2)
-    if case.get("stride", 1) == 1:
-        torch.testing.assert_close(first_launch_alone, want, **tol)
-    else:
-        assert (first_launch_alone - want).abs().max() > 1e-2
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "dtype,bits,gs,qpk,rk,rv,variant",
@@ -231,17 +207,13 @@ def test_decode_kernel_rotates_the_query_where_positions_follow_the_slots(case, 
         (torch.bfloat16, None, 1, 1, 64, 64, "two-pass"),
         (torch.float16, 3, 4, 4, 224, 256, "two-pass"),
         (torch.bfloat16, None, 1, 4, 64, 64, "rope-in-fp32"),
-        (torch.bfloat16, None, 1, 4, 64, 64, "rotate-query"),  # the query rotated by each block's start
-        (torch.bfloat16, 4, 1, 4, 64, 64, "rotate-query"),
-        (torch.bfloat16, None, 1, 1, 64, 64, "rotate-query"),
-        (torch.float16, None, 2, 4, 128, 128, "rotate-query"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     """The measured settings (``TUNED``), and each optional path changed on its own."""
     changed = {"heads-as-m": dict(TOKENS_M=False), "prefetch": dict(PREFETCH=True), "no-prefetch": dict(PREFETCH=False),
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "rope-in-fp32": dict(ROPE_IN_DTYPE=False),
-               "two-pass": dict(TWO_PASS=True), "rotate-query": dict(ROTATE_QUERY=True)}.get(variant, {})
+               "two-pass": dict(TWO_PASS=True)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,

@@ -5,7 +5,7 @@ with Triton. A way to compare kernel variants between device sessions; it measur
 
     python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
                               [--heads-as-m] [--bits 0|4] [--rank 64] [--sass FILE]
-                              [--two-pass {scores,values}] [--rope-in-dtype] [--rotate-query]
+                              [--two-pass {scores,values}] [--rope-in-dtype]
 
 ``--two-pass scores``: the keys' pass of the two-pass decode (``SCORES_ONLY``); ``values``: its values'
 pass (``_palu_values_kernel``, with ``--block-n``, ``--warps``, ``--stages`` as its own).
@@ -34,7 +34,7 @@ from kvpress.kernels import palu  # noqa: E402
 
 POINTERS = {"Q": "*bf16", "KL": "*bf16", "KS": "*bf16", "VL": "*bf16", "VS": "*bf16", "KUP": "*bf16", "KB": "*bf16",
             "KNW": "*bf16", "POS": "*i32", "KR": "*i32", "QR": "*i32", "COS": "*bf16", "SIN": "*bf16", "PO": "*fp32",
-            "PML": "*fp32", "LEN": "*i32", "SC": "*fp32", "PM1": "*fp32", "BAD": "*i32"}
+            "PML": "*fp32", "LEN": "*i32", "SC": "*fp32", "PM1": "*fp32"}
 FLOATS = {"qk_scale", "eps"}
 
 
@@ -45,7 +45,7 @@ def compile_kernel(a):
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
                      TOKENS_M=not a.heads_as_m, HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch,
-                     SCORES_ONLY=a.two_pass == "scores", ROTATE_QUERY=a.rotate_query, FIRST=256, DTYPE=triton.language.bfloat16)
+                     SCORES_ONLY=a.two_pass == "scores", FIRST=256, DTYPE=triton.language.bfloat16)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     fn = palu._palu_values_kernel if a.two_pass == "values" else palu._palu_decode_kernel
     names = list(inspect.signature(fn.fn).parameters)
@@ -79,7 +79,6 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sass", help="write the SASS here")
     p.add_argument("--rope-in-dtype", action="store_true", help="the rotation in bf16 (ROPE_IN_DTYPE)")
-    p.add_argument("--rotate-query", action="store_true", help="the query rotated by each block's start (ROTATE_QUERY)")
     p.add_argument("--two-pass", choices=["scores", "values"], help="a pass of the two-pass decode")
     a = p.parse_args()
     kernel = compile_kernel(a)
