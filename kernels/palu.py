@@ -61,10 +61,11 @@ TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", 
 # module constants. 128K tokens, Llama-3-8B shape (and MHA: 32 KV heads), groups of one KV head, half
 # rank. bf16: the rotation in bf16 (as transformers rounds it; fewer instructions per block): 131 us
 # against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json), with the hand prefetch (9% in
-# palu_sweep_r4_NVIDIA_H200.json). One query head per KV head: two passes (scores, then values), 465 us
-# against 486 in one (palu_sweep_r6_mha_NVIDIA_H200.json, whose values' pass ran with the keys' pass's
-# split count, 3 programs per SM, whatever VALUES_PROGRAMS_PER_SM said: a bug since fixed); with four,
-# two passes are slower (157 us, keys' pass 90 + values' pass 60: the profile of 2026-12-01). 4 bits: palu_sweep_r4_NVIDIA_H200.json, the
+# palu_sweep_r4_NVIDIA_H200.json). One query head per KV head: two passes (scores, then values), 462 us
+# against 488 in one (palu_sweep_r9_mha_NVIDIA_H200.json; rounds 5-7 ran the values' pass with the keys'
+# pass's split count whatever VALUES_PROGRAMS_PER_SM said, a bug since fixed); with four, two passes are
+# slower (157 us in fp32, keys' pass 90 + values' pass 60: the profile of 2026-12-01; 202-210 us with the
+# rotation in bf16, palu_sweep_r9_NVIDIA_H200.json). 4 bits: palu_sweep_r4_NVIDIA_H200.json, the
 # rotation in bf16 as fast as in fp32 (196 us, palu_sweep_r7_NVIDIA_H200.json); 2 and 3 bits keep the
 # first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json).
 TUNED: dict[tuple[int, int | None], dict] = {
@@ -75,7 +76,7 @@ TUNED: dict[tuple[int, int | None], dict] = {
     (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True,
                     ROPE_IN_DTYPE=True),
     (0, 1): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, ROPE_IN_DTYPE=True,
-                 TWO_PASS=True, VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=3),
+                 TWO_PASS=True, VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=4),
 }
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
