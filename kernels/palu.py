@@ -9,7 +9,9 @@ scores them against the head's query heads, runs the online softmax and accumula
 softmax-weighted *value latents* (values are never rebuilt per token). The ``gs`` programs of a
 group read the same latents (the repeats come from L2). A second small kernel merges each query
 head's splits and up-projects its value latent once (``up_v`` of its KV head, plus the value bias),
-writing the attention output ``[B, Hq, 1, D]``.
+writing the attention output ``[B, Hq, 1, D]``. With ``TWO_PASS`` (the setting for one query head
+per KV head) the first kernel stops at the scores and a second (``_palu_values_kernel``) does the
+value side.
 
 Cost per cached token and KV head at group rank ``r`` (group of ``gs`` KV heads): ``2 * D * r`` FLOP
 to rebuild its keys against ``2 * r / gs`` latent values read from HBM (``bits / 8`` bytes each when
