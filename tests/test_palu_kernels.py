@@ -204,7 +204,7 @@ def test_decode_kernel_positions_and_scaled_tables(case):
         (torch.bfloat16, 2, 4, 4, 256, 256, "prefetch"),  # rank chunks of 2-bit words
         (torch.bfloat16, None, 1, 4, 64, 64, "two-pass"),  # scores, then values
         (torch.bfloat16, 4, 1, 4, 64, 64, "two-pass"),
-        (torch.bfloat16, None, 1, 1, 64, 64, "two-pass"),
+        (torch.bfloat16, None, 1, 1, 64, 64, "one-pass"),  # MHA's setting is two passes: one pass too
         (torch.float16, 3, 4, 4, 224, 256, "two-pass"),
         (torch.bfloat16, None, 1, 4, 64, 64, "rope-in-fp32"),
     ],
@@ -213,7 +213,7 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     """The measured settings (``TUNED``), and each optional path changed on its own."""
     changed = {"heads-as-m": dict(TOKENS_M=False), "prefetch": dict(PREFETCH=True), "no-prefetch": dict(PREFETCH=False),
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "rope-in-fp32": dict(ROPE_IN_DTYPE=False),
-               "two-pass": dict(TWO_PASS=True)}.get(variant, {})
+               "two-pass": dict(TWO_PASS=True), "one-pass": dict(TWO_PASS=False)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
