@@ -154,7 +154,7 @@ def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list):
                                                              kernel.settings(bits or 0, hq // hkv)]
                     extra["split_kernel_us"] = c.graph_time(lambda: kernel._launch_decode(*launch)) * 1e6
                     if kernel.settings(bits or 0, hq // hkv)["TWO_PASS"]:
-                        with keys_pass_only():
+                        with c.skipped_launches(kernel, "_palu_values_kernel"):  # the keys' pass alone
                             extra["keys_pass_us"] = c.graph_time(lambda: kernel._launch_decode(*launch)) * 1e6
                 rec.add({"shape": shape, "tokens": T, "variant": f"palu gs={gs} r={ratio} bits={bits or 16}",
                          "group_size": gs, "ratio": ratio, "rank": rank, "bits": bits or 16, "us": t * 1e6,
@@ -171,21 +171,6 @@ def _plan_key(case):
     gp = max(16, 1 << (qpk - 1).bit_length())
     return (D, case["k"].rank, case["v"].rank, bits(case["k"]), bits(case["v"]), case["q"].element_size(), gp,
             *kernel.settings(bits(case["k"]), qpk).values())
-
-
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-@contextlib.contextmanager
-def keys_pass_only():
-    """The two-pass decode without its values' pass (to time the keys' pass alone)."""
-    values, kernel._palu_values_kernel = kernel._palu_values_kernel, _NoLaunch()
-    try:
-        yield
-    finally:
-        kernel._palu_values_kernel = values
 
 
 @contextlib.contextmanager
