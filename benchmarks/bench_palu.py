@@ -17,8 +17,8 @@ only small groups can beat dense decode by the issue's margins (>= 1.5x GQA, >= 
 at 4 bits, at 64K and 128K). Each time is a CUDA graph replay with a cold L2
 (``common.graph_time``), next to dense SDPA decode on the same shape.
 
-``sweep``: the kernel's settings (score orientation ``TOKENS_M``, token tile, warps, pipelining
-depth, programs per SM, hand prefetch) at one length, GQA, groups of one KV head, half rank; each
+``sweep``: the kernel's settings (token tile, warps, pipelining depth, programs per SM, hand
+prefetch, the rotation's dtype, one pass or two) at one length, GQA, groups of one KV head, half rank; each
 setting is first checked against the reference (``max_err``). ``--tuning`` (any part) runs with the
 fastest settings of the sweep JSONs given.
 
@@ -200,15 +200,15 @@ def load_tuning(paths) -> dict:
     return tuned
 
 
-def _grid(block_n, warps, stages, per_sm, tokens_m=True, prefetch=True, rope_in_dtype=False):
-    return [dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=n, TOKENS_M=tokens_m,
-                 PREFETCH=prefetch, ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=False) for n in per_sm]
+def _grid(block_n, warps, stages, per_sm, prefetch=True, rope_in_dtype=False):
+    return [dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=n, PREFETCH=prefetch,
+                 ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=False) for n in per_sm]
 
 
 def _two_pass(block_n, warps, stages, per_sm, prefetch=False, values=(64, 4, 3, 4), rope_in_dtype=False):
     """Two-pass settings: the keys' pass as ``_grid``'s, the values' pass ``(tile, warps, stages, per SM)``."""
-    return dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=per_sm, TOKENS_M=True,
-                PREFETCH=prefetch, ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=True, VALUES_BLOCK_N=values[0],
+    return dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=per_sm, PREFETCH=prefetch,
+                ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=True, VALUES_BLOCK_N=values[0],
                 VALUES_WARPS=values[1], VALUES_STAGES=values[2], VALUES_PROGRAMS_PER_SM=values[3])
 
 
@@ -218,13 +218,13 @@ def _two_pass(block_n, warps, stages, per_sm, prefetch=False, values=(64, 4, 3, 
 GRIDS = {
     "full": [g for block_n, warps, stages in [(64, 4, 3), (128, 8, 3), (64, 8, 3), (64, 4, 2), (32, 2, 3), (128, 4, 2),
                                               (32, 4, 3), (128, 8, 2), (16, 1, 3), (64, 8, 2)]
-             for tm in (True, False) for g in _grid(block_n, warps, stages, (2, 1, 4), tokens_m=tm)],
+             for g in _grid(block_n, warps, stages, (2, 1, 4))],
     "round3": [*_grid(64, 4, 3, (2,), prefetch=False), *_grid(64, 4, 3, (2, 3)), *_grid(32, 2, 3, (4,), prefetch=False),
                *_grid(32, 2, 3, (4, 6, 8)), *_grid(32, 4, 3, (3, 4)), *_grid(16, 1, 3, (8, 16)), *_grid(16, 1, 2, (16,))],
     # round 4 (palu_sweep_r4_NVIDIA_H200.json) also timed the keys rebuilt a block ahead (an option since
     # removed: 164 us vs 166 us without the prefetch, 240 vs 151 us with it); its rows without that option:
     "round4": [*_grid(64, 4, 3, (2,), prefetch=False), *_grid(64, 4, 3, (2,)), *_grid(128, 8, 3, (1, 2)),
-               *_grid(64, 4, 3, (3,)), *_grid(64, 4, 2, (2,)), *_grid(32, 2, 3, (4,)), *_grid(64, 4, 3, (2,), tokens_m=False)],
+               *_grid(64, 4, 3, (3,)), *_grid(64, 4, 2, (2,)), *_grid(32, 2, 3, (4,))],
     # round 5: two passes (scores, then values) against the one-pass kernel as tuned; first the keys' pass
     # (offline sm_90a build: 167 registers without the prefetch, 236 with it), then the values' pass (50)
     "round5": [*_grid(64, 4, 3, (2,)),

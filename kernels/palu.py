@@ -43,7 +43,6 @@ from . import palu_reference as ref
 BLOCK_N = 64  # cached tokens per inner step (largest; the plan lowers it when shared memory is short)
 NUM_WARPS = 4
 NUM_STAGES = 3  # software-pipelining depth of the innermost loop (the plan lowers it when short)
-TOKENS_M = True  # scores as [tokens, query heads] (see _palu_decode_kernel); False: [query heads, tokens]
 PREFETCH = False  # issue the loads no tl.dot takes (ranks, rope rows, quantised words) a block ahead by hand
 ROPE_IN_DTYPE = False  # rotate the rebuilt keys in the model's dtype (as transformers does) instead of fp32
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
@@ -56,7 +55,7 @@ VALUES_BLOCK_N = 64
 VALUES_WARPS = 4
 VALUES_STAGES = 3
 VALUES_PROGRAMS_PER_SM = 4
-TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
+TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
            "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
 # unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
@@ -71,12 +70,10 @@ TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "TOKENS_M", "PROGRAMS_PER_SM", 
 # rotation in bf16 as fast as in fp32 (196 us, palu_sweep_r7_NVIDIA_H200.json); 2 and 3 bits keep the
 # first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json).
 TUNED: dict[tuple[int, int | None], dict] = {
-    (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True,
-                    ROPE_IN_DTYPE=True),
-    (2, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4, TOKENS_M=True),
-    (3, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4, TOKENS_M=True),
-    (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, TOKENS_M=True, PREFETCH=True,
-                    ROPE_IN_DTYPE=True),
+    (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, ROPE_IN_DTYPE=True),
+    (2, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
+    (3, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
+    (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, ROPE_IN_DTYPE=True),
     (0, 1): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, ROPE_IN_DTYPE=True,
                  TWO_PASS=True, VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=4),
 }
@@ -173,8 +170,8 @@ def _palu_decode_kernel(
     K_WORDS: tl.constexpr, K_FAST: tl.constexpr,
     RV: tl.constexpr, BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
-    HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_M: tl.constexpr,
-    HAS_LEN: tl.constexpr, ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
+    HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr,
+    ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
     SCORES_ONLY: tl.constexpr = False,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
@@ -189,11 +186,11 @@ def _palu_decode_kernel(
     ``QR [B]``; ``COS``/``SIN [P, HALF]``; ``LEN [1]`` (``HAS_LEN``: tokens in use, read on the
     device, of buffers of ``T`` slots: static decode steps); the rest contiguous.
 
-    Rebuilt keys come out of ``tl.dot`` as ``[BLOCK_N, HALF]`` halves (tokens x head dims). With
-    ``TOKENS_M`` the scores are computed the same way round, ``[BLOCK_N, GP] = keys @ q.T`` (the
-    rotated keys feed the next ``tl.dot`` from registers, the softmax runs down the tokens) and the
-    value side is ``acc.T [BLOCK_RV, GP] += h_v.T @ p``; otherwise ``[GP, BLOCK_N] = q @ keys.T``
-    (keys transposed through shared memory) and ``acc [GP, BLOCK_RV] += p @ h_v``. When the key
+    Rebuilt keys come out of ``tl.dot`` as ``[BLOCK_N, HALF]`` halves (tokens x head dims), and the
+    scores are computed the same way round, ``[BLOCK_N, GP] = keys @ q.T`` (the rotated keys feed the
+    next ``tl.dot`` from registers, the softmax runs down the tokens; on the H200 5-10% faster than
+    ``q @ keys.T`` with the keys transposed through shared memory); the value side is
+    ``acc.T [BLOCK_RV, GP] += h_v.T @ p``. When the key
     rank is one chunk (``RC == RK``) its ``up`` rows are loaded once, before the token loop;
     otherwise the rank chunks are the innermost loop, so shared memory holds one chunk per stage.
 
@@ -214,12 +211,9 @@ def _palu_decode_kernel(
     d = tl.arange(0, HALF)
     b64 = b.to(tl.int64)
     q_base = Q + (b64 * hkv + kvh) * (QPK * D)
-    if TOKENS_M:  # [HALF, GP] = q.T halves
-        q1 = tl.load(q_base + m_rows[None, :] * D + d[:, None], mask=q_ok[None, :], other=0.0)
-        q2 = tl.load(q_base + m_rows[None, :] * D + HALF + d[:, None], mask=q_ok[None, :], other=0.0)
-    else:  # [GP, HALF]
-        q1 = tl.load(q_base + m_rows[:, None] * D + d[None, :], mask=q_ok[:, None], other=0.0)
-        q2 = tl.load(q_base + m_rows[:, None] * D + HALF + d[None, :], mask=q_ok[:, None], other=0.0)
+    # [HALF, GP] = q.T halves
+    q1 = tl.load(q_base + m_rows[None, :] * D + d[:, None], mask=q_ok[None, :], other=0.0)
+    q2 = tl.load(q_base + m_rows[None, :] * D + HALF + d[:, None], mask=q_ok[None, :], other=0.0)
     qr = tl.load(QR + b)
 
     start = split * split_len
@@ -243,10 +237,7 @@ def _palu_decode_kernel(
         u1_all = tl.load(up_base + d[None, :] * RK + rc[:, None])
         u2_all = tl.load(up_base + (HALF + d)[None, :] * RK + rc[:, None])
 
-    if TOKENS_M:
-        acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)
-    else:
-        acc = tl.zeros([GP, BLOCK_RV], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)  # the value latents' accumulator, transposed
     l_i = tl.zeros([GP], dtype=tl.float32)
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
     local = tl.arange(0, BLOCK_N)  # int32 offsets in the block; scalar bases carry the int64 part
@@ -259,10 +250,7 @@ def _palu_decode_kernel(
     PF_V: tl.constexpr = PREFETCH and V_BITS > 0 and not SCORES_ONLY
     if SCORES_ONLY:  # running maximum kept elementwise: reduced once, after the loop
         sc_base = SC + (b64 * hkv + kvh) * T * QPK
-        if TOKENS_M:
-            s_max = tl.full([BLOCK_N, GP], float("-inf"), dtype=tl.float32)
-        else:
-            s_max = tl.full([GP, BLOCK_N], float("-inf"), dtype=tl.float32)
+        s_max = tl.full([BLOCK_N, GP], float("-inf"), dtype=tl.float32)
     if PREFETCH:
         ok0 = start + local < stop
         kr_nx = tl.load(kr_base + start + local, mask=ok0, other=-1)
@@ -343,19 +331,13 @@ def _palu_decode_kernel(
             else:
                 hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
                                   V_NQ, V_WORDS, V_FAST, BLOCK_N, n_ok, dtype)
-        if TOKENS_M:  # scores [BLOCK_N, GP], softmax down the tokens
-            s = tl.dot(r2, q2, tl.dot(r1, q1))
-            s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
-        else:  # scores [GP, BLOCK_N]
-            s = tl.dot(q2, tl.trans(r2), tl.dot(q1, tl.trans(r1)))
-            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+        # scores [BLOCK_N, GP], softmax down the tokens
+        s = tl.dot(r2, q2, tl.dot(r1, q1))
+        s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
         if SCORES_ONLY:
-            if TOKENS_M:
-                tl.store(sc_base + offs_n[:, None] * QPK + m_rows[None, :], s, mask=n_ok[:, None] & q_ok[None, :])
-            else:
-                tl.store(sc_base + offs_n[None, :] * QPK + m_rows[:, None], s, mask=n_ok[None, :] & q_ok[:, None])
+            tl.store(sc_base + offs_n[:, None] * QPK + m_rows[None, :], s, mask=n_ok[:, None] & q_ok[None, :])
             s_max = tl.maximum(s_max, s)
-        elif TOKENS_M:
+        else:
             m_new = tl.maximum(m_i, tl.max(s, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[None, :])
@@ -363,23 +345,12 @@ def _palu_decode_kernel(
             acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), p.to(dtype))
             l_i = l_i * alpha + tl.sum(p, 0)
             m_i = m_new
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), hv)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
 
     part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
     if SCORES_ONLY:
-        tl.store(PML + part * 2, tl.max(s_max, 0) if TOKENS_M else tl.max(s_max, 1))
+        tl.store(PML + part * 2, tl.max(s_max, 0))
     else:
-        if TOKENS_M:
-            tl.store(PO + part[None, :] * BLOCK_RV + rv[:, None], acc)
-        else:
-            tl.store(PO + part[:, None] * BLOCK_RV + rv[None, :], acc)
+        tl.store(PO + part[None, :] * BLOCK_RV + rv[:, None], acc)
         tl.store(PML + part * 2, m_i)
         tl.store(PML + part * 2 + 1, l_i)
 
@@ -687,8 +658,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
-        HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, TOKENS_M=tuned["TOKENS_M"],
-        HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
+        HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
         SCORES_ONLY=two_pass, num_warps=tuned["NUM_WARPS"], num_stages=stages,
     )
     if not two_pass:

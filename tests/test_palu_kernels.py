@@ -139,11 +139,11 @@ def test_value_output_folds_the_up_projection():
         dict(batch=1, tokens=1, pad=0),  # a single cached token
     ],
 )
-@pytest.mark.parametrize("tokens_m", [True, False])
+@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("two_pass", [False, True])
-def test_decode_kernel_matches_reference(shape, tokens_m, two_pass, monkeypatch):
-    # both orientations, with and without the prefetch, in one pass or two (scores, then values)
-    settings(monkeypatch, TOKENS_M=tokens_m, PREFETCH=tokens_m, TWO_PASS=two_pass, VALUES_BLOCK_N=16)
+def test_decode_kernel_matches_reference(shape, prefetch, two_pass, monkeypatch):
+    # with and without the prefetch, in one pass or two (scores, then values)
+    settings(monkeypatch, PREFETCH=prefetch, TWO_PASS=two_pass, VALUES_BLOCK_N=16)
     a = make_case(**shape)
     want = ref.latent_attention(**a)
     got = palu.palu_decode(**a, splits=2)
@@ -192,7 +192,6 @@ def test_decode_kernel_positions_and_scaled_tables(case):
     "dtype,bits,gs,qpk,rk,rv,variant",
     [
         (torch.bfloat16, None, 1, 4, 64, 64, "tuned"),  # Llama-3-8B at 50%, groups of one KV head
-        (torch.bfloat16, None, 1, 4, 64, 64, "heads-as-m"),
         (torch.bfloat16, None, 1, 4, 64, 64, "no-prefetch"),
         (torch.bfloat16, 4, 1, 4, 64, 64, "tuned"),  # 4-bit, word-by-word dequantisation
         (torch.bfloat16, 4, 1, 4, 64, 64, "no-prefetch"),
@@ -211,7 +210,7 @@ def test_decode_kernel_positions_and_scaled_tables(case):
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     """The measured settings (``TUNED``), and each optional path changed on its own."""
-    changed = {"heads-as-m": dict(TOKENS_M=False), "prefetch": dict(PREFETCH=True), "no-prefetch": dict(PREFETCH=False),
+    changed = {"prefetch": dict(PREFETCH=True), "no-prefetch": dict(PREFETCH=False),
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "rope-in-fp32": dict(ROPE_IN_DTYPE=False),
                "two-pass": dict(TWO_PASS=True), "one-pass": dict(TWO_PASS=False)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})

@@ -4,7 +4,7 @@ instructions per warp per block (wgmma, barriers, shuffles), from the ptxas / cu
 with Triton. A way to compare kernel variants between device sessions; it measures no time.
 
     python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
-                              [--heads-as-m] [--bits 0|4] [--rank 64] [--sass FILE]
+                              [--bits 0|4] [--rank 64] [--sass FILE]
                               [--two-pass {scores,values}] [--rope-in-dtype]
 
 ``--two-pass scores``: the keys' pass of the two-pass decode (``SCORES_ONLY``); ``values``: its values'
@@ -44,7 +44,7 @@ def compile_kernel(a):
                      K_QG=32 if a.bits else 0, K_NQ=a.rank // 32 if a.bits else 1, K_WORDS=words, K_FAST=a.bits in (2, 4),
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
-                     TOKENS_M=not a.heads_as_m, HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch,
+                     HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch,
                      SCORES_ONLY=a.two_pass == "scores", FIRST=256, DTYPE=triton.language.bfloat16)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     fn = palu._palu_values_kernel if a.two_pass == "values" else palu._palu_decode_kernel
@@ -74,7 +74,6 @@ def main() -> int:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--prefetch", action="store_true")
-    p.add_argument("--heads-as-m", action="store_true")
     p.add_argument("--bits", type=int, default=0, choices=[0, 4])
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sass", help="write the SASS here")
