@@ -54,7 +54,7 @@ def compile_kernel(a):
                        constexprs={(names.index(n),): v for n, v in constants.items() if n in names},
                        attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")})
     return triton.compile(source, target=GPUTarget("cuda", 90, 128),
-                          options={"num_warps": a.warps, "num_stages": a.stages})
+                          options={"num_warps": a.warps, "num_stages": a.stages, **({"maxnreg": a.maxnreg} if a.maxnreg else {})})
 
 
 def loop_instructions(sass: str) -> list[str]:
@@ -77,6 +77,7 @@ def main() -> int:
     p.add_argument("--bits", type=int, default=0, choices=[0, 4])
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sass", help="write the SASS here")
+    p.add_argument("--maxnreg", type=int, help="registers per thread at most (spills beyond)")
     p.add_argument("--rope-in-dtype", action="store_true", help="the rotation in bf16 (ROPE_IN_DTYPE)")
     p.add_argument("--two-pass", choices=["scores", "values"], help="a pass of the two-pass decode")
     a = p.parse_args()
