@@ -190,9 +190,9 @@ def _palu_decode_kernel(
     scores are computed the same way round, ``[BLOCK_N, GP] = keys @ q.T`` (the rotated keys feed the
     next ``tl.dot`` from registers, the softmax runs down the tokens; on the H200 5-10% faster than
     ``q @ keys.T`` with the keys transposed through shared memory); the value side is
-    ``acc.T [BLOCK_RV, GP] += h_v.T @ p``. When the key
-    rank is one chunk (``RC == RK``) its ``up`` rows are loaded once, before the token loop;
-    otherwise the rank chunks are the innermost loop, so shared memory holds one chunk per stage.
+    ``acc.T [BLOCK_RV, GP] += h_v.T @ p``. When the key rank is one chunk (``RC == RK``) its ``up``
+    rows are loaded once, before the token loop; otherwise the rank chunks are the innermost loop, so
+    shared memory holds one chunk per stage.
 
     ``SCORES_ONLY`` (the first pass of the two-pass decode, :func:`_palu_values_kernel` the second):
     no value side; the masked, scaled scores (log2 units, ``-inf`` where masked) go to
