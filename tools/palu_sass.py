@@ -5,7 +5,7 @@ with Triton. A way to compare kernel variants between device sessions; it measur
 
     python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
                               [--bits 0|4] [--rank 64] [--sass FILE]
-                              [--two-pass {scores,values}] [--rope-in-dtype]
+                              [--two-pass {scores,values}] [--rope-in-dtype] [--maxnreg N]
 
 ``--two-pass scores``: the keys' pass of the two-pass decode (``SCORES_ONLY``); ``values``: its values'
 pass (``_palu_values_kernel``, with ``--block-n``, ``--warps``, ``--stages`` as its own).
@@ -53,8 +53,10 @@ def compile_kernel(a):
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(names.index(n),): v for n, v in constants.items() if n in names},
                        attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 128),
-                          options={"num_warps": a.warps, "num_stages": a.stages, **({"maxnreg": a.maxnreg} if a.maxnreg else {})})
+    options = {"num_warps": a.warps, "num_stages": a.stages}
+    if a.maxnreg:
+        options["maxnreg"] = a.maxnreg
+    return triton.compile(source, target=GPUTarget("cuda", 90, 128), options=options)
 
 
 def loop_instructions(sass: str) -> list[str]:
