@@ -65,11 +65,6 @@ SETTINGS = {
     "in 33 splits of one 64-slot block": dict(MAX_SPLITS=64),
     "launch 1 in 8 warps per program": dict(STEP_WARPS=8),
     "launch 2 in 4 warps per program": dict(FINISH_WARPS=4),
-    "in one launch (the last program of a KV head finishes it; slots in blocks of 1024)": dict(ONE_LAUNCH=True),
-    "in one launch, slots in blocks of 2048": dict(ONE_LAUNCH=True, FINISH_BLOCK_E=2048),
-    "in one launch, slots in blocks of 512": dict(ONE_LAUNCH=True, FINISH_BLOCK_E=512),
-    "in one launch, 17 splits of two blocks": dict(ONE_LAUNCH=True, MAX_SPLITS=32),
-    "in one launch, 8 warps per program": dict(ONE_LAUNCH=True, STEP_WARPS=8),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}

@@ -37,13 +37,13 @@ case $part in
     bash "$0" memory
     quality 60 _gpu3 --epochs 16 --halve-every 4 --lr 1e-2 --maps r8h512 ;;
   tests)
-    timeout 280 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py tests/test_less.py 2>&1 \
+    timeout 200 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py tests/test_less.py 2>&1 \
       | tee "$R/gpu_tests.log" | tail -8 ;;
   prefill)
     timeout 150 pytest -m gpu -q -p no:cacheprovider -k prefill tests/test_less_kernels.py 2>&1 \
       | tee "$R/gpu_tests_prefill.log" | tail -5 ;;
   layer)
-    timeout 240 python benchmarks/bench_less.py layer --out "$R" > "$R/layer.log" 2>&1; grep -A40 "^LESS decode step" "$R/layer.log" || tail -5 "$R/layer.log" ;;
+    timeout 120 python benchmarks/bench_less.py layer --out "$R" > "$R/layer.log" 2>&1; grep -A40 "^LESS decode step" "$R/layer.log" || tail -5 "$R/layer.log" ;;
   e2e)
     timeout ${E2E_TIMEOUT:-90} python benchmarks/bench_less.py e2e --out "$R" > "$R/e2e.log" 2>&1; grep "^e2e\|^LESS end\|^variant\|^unpatched\|^LESS h2o" "$R/e2e.log" || tail -5 "$R/e2e.log" ;;
   memory)

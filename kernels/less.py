@@ -68,10 +68,6 @@ FINISH_WARPS = 8
 # 2 take 70 KB (three, as many as its 168 registers allow: the whole grid in about one wave); read
 # offline from the sm_90a build. 3 is the measured setting; benchmarks/bench_less.py layer times 2 and 1.
 STEP_STAGES = 3
-# One launch: the last program of a (row, KV head) to finish launch 1's work (an atomic counter) does launch
-# 2's for it, walking all its slots in blocks of FINISH_BLOCK_E.
-ONE_LAUNCH = False
-FINISH_BLOCK_E = 1024
 LOG2E = 1.4426950408889634
 
 
@@ -107,13 +103,11 @@ def _partial_map(X, W1, W2, ACC, chunk, N, D: tl.constexpr, R: tl.constexpr, BLO
 
 @triton.jit
 def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, PHI_ACC, PSI_ACC,
-                 QW1, QW2, KW1, KW2, Out, HS, Z, KS, KM, KMS, SCORE, COUNT,
-                 q_b, q_h, n_b, n_h, o_b, o_h, Hq, Hkv, Hs, S, N, n_phi, n_fold, n_splits, split_len, qk_scale,
-                 sink, recent, arrivals,
+                 QW1, QW2, KW1, KW2,
+                 q_b, q_h, n_b, n_h, Hq, Hkv, Hs, S, N, n_phi, n_fold, n_splits, split_len, qk_scale,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STORE_LOGITS: tl.constexpr, ONE_LAUNCH: tl.constexpr, GF: tl.constexpr, SP: tl.constexpr,
-                 BLOCK_E: tl.constexpr, STATE: tl.constexpr, STATE_PER_QUERY: tl.constexpr):
+                 STORE_LOGITS: tl.constexpr):
     """Launch 1 of a decode step: three kinds of programs, independent of one another, numbered as
     below.
 
@@ -131,7 +125,6 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
         head = pid // CHUNKS  # b * Hq + h
         b = head // Hq
         h = head % Hq
-        bh = b * Hkv + h // G
         _partial_map(Q + b * q_b + h * q_h, QW1 + h * D * N, QW2 + h * N * R, PHI_ACC + head * R, pid % CHUNKS, N,
                      D, R, BLOCK_D, BLOCK_R, BLOCK_H)
     elif pid < n_phi + n_fold:
@@ -207,12 +200,6 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
         tl.store(PO + row[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
         tl.store(PM + row, m_i, mask=gmask)
         tl.store(PL + row, l_i, mask=gmask)
-    if ONE_LAUNCH:  # the last of a (row, KV head)'s programs to finish does launch 2's work for it
-        tl.debug_barrier()  # every warp's stores before the one thread's release
-        if tl.atomic_add(COUNT + bh, 1, sem="acq_rel") == arrivals - 1:
-            _finish_head(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, QR, RANK, SCORE, SPARE,
-                         PENDING, LOGITS, COUNT, bh, o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, sink, recent,
-                         G, GF, D, R, BLOCK_D, BLOCK_R, SP, BLOCK_E, STATE, STATE_PER_QUERY, STORE_LOGITS)
 
 
 @triton.jit
@@ -278,16 +265,13 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, 
         scale = tl.abs(tl.load(KS + j * R + offs_r, mask=zmask, other=0.0).to(tl.float32))
         mix_scale = tl.load(KMS + j * R + offs_r, mask=zmask, other=0.0).to(tl.float32)
     v_old = tl.load(V + (base + spare) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    pm = tl.load(PM + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=float("-inf"),
-                 cache_modifier=".cg")
-    pl = tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0,
-                 cache_modifier=".cg")
+    pm = tl.load(PM + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=float("-inf"))
+    pl = tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0)
     po = tl.load(PO + (rows[:, None, None] + offs_s[None, :, None]) * D + offs_d[None, None, :],
-                 mask=gmask[:, None, None] & smask[None, :, None] & dmask[None, None, :], other=0.0,
-                 cache_modifier=".cg")
+                 mask=gmask[:, None, None] & smask[None, :, None] & dmask[None, None, :], other=0.0)
     if STATE:
-        phi_pre = tl.load(phi_p, mask=gr, other=0.0, cache_modifier=".cg")
-        psi_pre = tl.load(psi_p, mask=zmask, other=0.0, cache_modifier=".cg")
+        phi_pre = tl.load(phi_p, mask=gr, other=0.0)
+        psi_pre = tl.load(psi_p, mask=zmask, other=0.0)
 
     # merge the splits
     w_split, l_sum, has_keys, lse_kept = _normaliser(pm, pl)
@@ -355,11 +339,10 @@ def _score_slots(RANK, SCORE, LOGITS, PM, PL, base, logits_row, rows, gmask, off
         kr = tl.where(is_new, qr, kr)
         if HEAVY:
             s = tl.load(LOGITS + logits_row[:, None] + offs_n[None, :], mask=gmask[:, None] & nmask[None, :],
-                        other=float("-inf"), cache_modifier=".cg")
+                        other=float("-inf"))
             pm = tl.load(PM + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :],
-                         other=float("-inf"), cache_modifier=".cg")
-            pl = tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0,
-                         cache_modifier=".cg")
+                         other=float("-inf"))
+            pl = tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0)
             _, _, has_keys, lse_kept = _normaliser(pm, pl)
             p = tl.where(has_keys[:, None], tl.exp2(s - tl.where(has_keys, lse_kept, 0.0)[:, None]), 0.0)
             score = tl.where(is_new, 0.0, old) + tl.sum(p, 0)
@@ -436,59 +419,22 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
     # thread's release
     tl.debug_barrier()
     if tl.atomic_add(COUNT + bh, 1, sem="acq_rel") == n_splits:  # the last program of this (row, KV head)
+        # the next spare slot: the lowest-scored evictable slot (first on ties), or the first empty one
         cands = bh * n_splits + offs_s
         keys = tl.load(CAND_KEY + cands, mask=smask, other=float("inf"), volatile=True)
         idx = tl.load(CAND_IDX + cands, mask=smask, other=S, volatile=True)
         empties = tl.load(CAND_EMPTY + cands, mask=smask, other=S, volatile=True)
         best = tl.min(keys, 0)
-        _pick_spare(SPARE, PENDING, COUNT, bh, best, tl.min(tl.where(keys == best, idx, S), 0), tl.min(empties, 0),
-                    S, STATE)
-
-
-@triton.jit
-def _pick_spare(SPARE, PENDING, COUNT, bh, best_key, best_idx, first_empty, S, STATE: tl.constexpr):
-    """The next spare slot of a (row, KV head) from its lowest evictable key (its first slot on ties) and
-    its first empty slot: the empty slot, else the victim (pending: folded at the next step). Resets the
-    arrival counter."""
-    victim = tl.where(best_key == float("inf"), 0, best_idx)
-    full = first_empty == S
-    tl.store(SPARE + bh, tl.where(full, victim, first_empty).to(tl.int32))
-    if STATE:
-        tl.store(PENDING + bh, (full & (best_key < float("inf"))).to(tl.int32))
-    else:
-        tl.store(PENDING + bh, 0)
-    tl.store(COUNT + bh, 0)
-
-
-@triton.jit
-def _finish_head(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, QR, RANK, SCORE, SPARE,
-                 PENDING, LOGITS, COUNT, bh, o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, sink, recent,
-                 G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_R: tl.constexpr, SP: tl.constexpr, BLOCK_E: tl.constexpr, STATE: tl.constexpr,
-                 STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr):
-    """Launch 2's work for one (row, KV head) in one program (the one-launch step): the merge (output,
-    fold, new token), the scores of all its slots and the next spare slot."""
-    b = bh // Hkv
-    kvh = bh % Hkv
-    offs_g = tl.arange(0, GP)
-    offs_s = tl.arange(0, SP)
-    gmask = offs_g < G
-    smask = offs_s < n_splits
-    heads = kvh * G + offs_g
-    rows = (b * Hq + heads) * n_splits
-    base = bh.to(tl.int64) * S
-    qr = tl.load(QR + b).to(tl.int32)
-    spare = tl.load(SPARE + bh)
-    _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, SPARE, b, kvh, bh, base,
-           heads, rows, gmask, offs_s, smask, o_b, o_h, n_b, n_h, Hq,
-           GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
-    best_key, best_idx, first_empty = _score_slots(RANK, SCORE, LOGITS, PM, PL, base,
-                                                   (b * Hq + heads).to(tl.int64) * S, rows, gmask, offs_s, smask,
-                                                   0, S, spare, qr, sink, recent, S, BLOCK_E, HEAVY)
-    tl.store(RANK + base + spare, qr)
-    if not HEAVY:
-        tl.store(SCORE + base + spare, 0.0)
-    _pick_spare(SPARE, PENDING, COUNT, bh, best_key, best_idx, first_empty, S, STATE)
+        victim = tl.min(tl.where(keys == best, idx, S), 0)
+        victim = tl.where(best == float("inf"), 0, victim)
+        first_empty = tl.min(empties, 0)
+        full = first_empty == S
+        tl.store(SPARE + bh, tl.where(full, victim, first_empty).to(tl.int32))
+        if STATE:
+            tl.store(PENDING + bh, (full & (best < float("inf"))).to(tl.int32))
+        else:
+            tl.store(PENDING + bh, 0)
+        tl.store(COUNT + bh, 0)
 
 
 def _pow2(n: int, low: int = 1) -> int:
@@ -518,7 +464,7 @@ def _workspace(dev, b, hq, hkv, hs, rank, d, slots, splits) -> dict[str, torch.T
 
 def launches(state: bool = True) -> int:
     """Kernel launches of one decode step (and no other GPU op)."""
-    return 1 if ONE_LAUNCH else 2
+    return 2
 
 
 def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: reference.FeatureWeights,
@@ -551,21 +497,14 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
     chunks = math.ceil(n_hidden / BLOCK_H)
     n_phi = b * hq * chunks if state else 0
     n_fold = b * hs_heads * chunks if state else 0
-    out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
-    arrivals = splits + (g + hs_heads // hkv) * chunks if state else splits
     _step_kernel[(n_phi + n_fold + b * hkv * splits,)](
         q, q_rank, k_new, v_new, cache.k, cache.v, cache.rank, cache.spare, cache.pending,
         ws["po"], ws["pm"], ws["pl"], ws["logits"], ws["phi"], ws["psi"], w.q_w1, w.q_w2, w.k_w1, w.k_w2,
-        out, cache.hs, cache.z, w.k_scale, w.k_mix, w.k_mix_scale, cache.score, ws["count"],
-        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), out.stride(0), out.stride(1),
-        hq, hkv, hs_heads, slots, n_hidden, n_phi, n_fold, splits, split_len, scale * LOG2E,
-        policy.sink, policy.recent, arrivals,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, hs_heads, slots, n_hidden,
+        n_phi, n_fold, splits, split_len, scale * LOG2E,
         G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
-        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, ONE_LAUNCH=ONE_LAUNCH, GF=_pow2(g, 2), SP=_pow2(splits, 2),
-        BLOCK_E=FINISH_BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv,
-        num_warps=STEP_WARPS, num_stages=STEP_STAGES)
-    if ONE_LAUNCH:
-        return out
+        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, num_warps=STEP_WARPS, num_stages=STEP_STAGES)
+    out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
     _finish_kernel[(b * hkv * (splits + 1),)](
         out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs, cache.z,
         w.k_scale, w.k_mix, w.k_mix_scale, q_rank, cache.rank, cache.score, cache.spare, cache.pending, ws["logits"],

@@ -60,9 +60,7 @@ def run_both(policy, state_heads, dtype, device="cpu", b=2, hq=4, hkv=2, d=16, n
 
 @pytest.mark.parametrize("policy", [R.Policy(sink=2, heavy=0, recent=3), R.Policy(sink=0, heavy=3, recent=2)], ids=["lambda", "h2o"])
 @pytest.mark.parametrize("state_heads", ["kv", "query"])
-@pytest.mark.parametrize("one_launch", [False, True], ids=["two-launches", "one-launch"])
-def test_decode_step_matches_reference_fp32(policy, state_heads, one_launch, monkeypatch):
-    monkeypatch.setattr(K, "ONE_LAUNCH", one_launch)
+def test_decode_step_matches_reference_fp32(policy, state_heads):
     ref, tri, worst = run_both(policy, state_heads, torch.float32)
     assert worst < 1e-5
     assert torch.equal(ref.rank, tri.rank) and torch.equal(ref.spare, tri.spare) and torch.equal(ref.pending, tri.pending)
@@ -87,8 +85,7 @@ def test_decode_step_one_split():
 
 @pytest.mark.parametrize("policy", [R.Policy(sink=2, heavy=0, recent=90), R.Policy(sink=1, heavy=80, recent=20)],
                          ids=["lambda", "h2o"])
-@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=16), dict(ONE_LAUNCH=True)],
-                         ids=["one-chunk", "two-chunks", "one-launch"])
+@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=16)], ids=["one-chunk", "two-chunks"])
 def test_decode_step_several_splits(policy, launch_one, monkeypatch):
     """More slots than one attention block: several splits per KV head beside the merge program, the
     next spare picked by the last to finish (atomic counter); scratch left zeroed for the next step.
@@ -126,8 +123,8 @@ class _Recorder:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("state_heads", ["kv", "query"])
-@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=64), dict(MAX_SPLITS=32), dict(ONE_LAUNCH=True)],
-                         ids=["module-settings", "64-hidden", "32-splits", "one-launch"])
+@pytest.mark.parametrize("launch_one", [{}, dict(BLOCK_H=64), dict(MAX_SPLITS=32)],
+                         ids=["module-settings", "64-hidden", "32-splits"])
 def test_decode_step_gpu(dtype, state_heads, launch_one, monkeypatch):
     """8B-like heads, 100 decode steps after a 300-token prompt, 256-token budget: every step evicts
     and folds. Each step starts from the reference's cache (``resync``): the output and the cache
@@ -192,7 +189,6 @@ def test_step_kernel_feature_accumulators(device, state_heads, monkeypatch):
     q = torch.randn(b, hq, 1, d, device=device)
     kv = torch.randn(b, hkv, 1, d, device=device)
     monkeypatch.setattr(K, "_finish_kernel", _Skip())
-    monkeypatch.setattr(K, "ONE_LAUNCH", False)
     K._WORKSPACES.clear()
     K.decode_step(q, kv, kv, torch.full((b,), policy.slots, device=device), cache, w, policy, d ** -0.5)
     (ws,) = K._WORKSPACES.values()
