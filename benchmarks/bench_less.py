@@ -2,11 +2,11 @@
 the state, heavy-hitter update and eviction) vs dense SDPA decode; end to end on the 8B shape; and
 cache memory over generation.
 
-    python benchmarks/bench_less.py layer [--lengths 32768 131072 524288] [--smoke]
+    python benchmarks/bench_less.py layer [--lengths 32768 131072 524288] [--batch 1] [--smoke]
     python benchmarks/bench_less.py e2e [--lengths 32768 131072] [--new-tokens 32] [--smoke]
     python benchmarks/bench_less.py memory [--tokens 10240] [--smoke]
 
-``layer``: Llama-3-8B attention shape (32 query heads, 8 KV heads, D 128, bf16), batch 1. Dense is
+``layer``: Llama-3-8B attention shape (32 query heads, 8 KV heads, D 128, bf16), batch 1 (``--batch``). Dense is
 SDPA over L cached tokens; LESS keeps a fixed budget per KV head whatever L is (H2O 1024 heavy +
 1024 recent, Lambda 4 + 2044, and H2O 2048 + 2048), feature maps of the paper's size (R 8, hidden
 512), state per KV head and per query head; plus the same step with the state off (attention,
@@ -70,17 +70,17 @@ POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Pol
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}
 
 
-def filled_cache(policy, hq, hkv, d, hs, rank, length, dev, dtype):
+def filled_cache(policy, hq, hkv, d, hs, rank, length, dev, dtype, batch=1):
     """A full LESS cache as after ``length`` tokens: every slot real, distinct ranks, a state, a pending victim."""
     slots = policy.slots
-    cache = ref.LessCache.empty(1, hkv, slots, d, hs, rank, dtype, dev)
-    cache.k.copy_(c.rand(1, hkv, slots, d, dev=dev, dtype=dtype))
-    cache.v.copy_(c.rand(1, hkv, slots, d, dev=dev, dtype=dtype))
+    cache = ref.LessCache.empty(batch, hkv, slots, d, hs, rank, dtype, dev)
+    cache.k.copy_(c.rand(*cache.k.shape, dev=dev, dtype=dtype))
+    cache.v.copy_(c.rand(*cache.v.shape, dev=dev, dtype=dtype))
     ranks = torch.cat([torch.arange(policy.sink), torch.arange(length - slots + policy.sink, length)]).to(dev)
-    cache.rank.copy_(ranks.int()[None, None].expand(1, hkv, slots))
-    cache.score.copy_(torch.rand(1, hkv, slots, device=dev))
-    cache.hs.copy_(torch.randn(1, hs, rank, d, device=dev))
-    cache.z.copy_(torch.rand(1, hs, rank, device=dev))
+    cache.rank.copy_(ranks.int()[None, None].expand(batch, hkv, slots))
+    cache.score.copy_(torch.rand(cache.score.shape, device=dev))
+    cache.hs.copy_(torch.randn(cache.hs.shape, device=dev))
+    cache.z.copy_(torch.rand(cache.z.shape, device=dev))
     cache.spare.fill_(policy.sink + 1)
     cache.pending.fill_(1)
     return cache
@@ -131,15 +131,15 @@ def launch_one(step):
         return c.graph_time(step)
 
 
-def layer_rows(dev, lengths, smoke):
+def layer_rows(dev, lengths, smoke, batch=1):
     hq, hkv, d, rank, hidden = (32, 8, 128, 8, 512) if not smoke else (4, 2, 16, 8, 32)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     policies = POLICIES if not smoke else {"h2o 8+8": ref.Policy(0, 8, 8)}
     rows = []
     for L in lengths:
-        q = c.rand(1, hq, 1, d, dev=dev, dtype=dtype)
-        k = c.rand(1, hkv, L, d, dev=dev, dtype=dtype)
-        v = c.rand(1, hkv, L, d, dev=dev, dtype=dtype)
+        q = c.rand(batch, hq, 1, d, dev=dev, dtype=dtype)
+        k = c.rand(batch, hkv, L, d, dev=dev, dtype=dtype)
+        v = c.rand(batch, hkv, L, d, dev=dev, dtype=dtype)
         dense = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
         t_dense = c.graph_time(dense)
         rows.append({"L": L, "variant": "dense SDPA", "graph_us": t_dense * 1e6, "eager_us": c.bench(dense) * 1e6,
@@ -155,10 +155,10 @@ def layer_rows(dev, lengths, smoke):
                 w = FeatureMaps(d, hq, hs, rank, hidden).weights().to(dev)
                 w.k_scale.fill_(0.05)
                 w.k_mix_scale.fill_(0.05)
-                cache = filled_cache(policy, hq, hkv, d, hs, rank, L, dev, dtype)
-                k_new = c.rand(1, hkv, 1, d, dev=dev, dtype=dtype)
-                v_new = c.rand(1, hkv, 1, d, dev=dev, dtype=dtype)
-                q_rank = torch.full((1,), L, dtype=torch.int32, device=dev)
+                cache = filled_cache(policy, hq, hkv, d, hs, rank, L, dev, dtype, batch)
+                k_new = c.rand(batch, hkv, 1, d, dev=dev, dtype=dtype)
+                v_new = c.rand(batch, hkv, 1, d, dev=dev, dtype=dtype)
+                q_rank = torch.full((batch,), L, dtype=torch.int32, device=dev)
                 check = copy.deepcopy(cache)
                 wk = w.to(dtype)  # the runtime's kernels get the maps in the model's dtype; so does the check
                 expected = ref.decode_step(q, k_new, v_new, q_rank, check, wk, policy, d ** -0.5, state=state)
@@ -175,10 +175,11 @@ def layer_rows(dev, lengths, smoke):
                 t = min(c.graph_time(step), c.graph_time(step))  # the first after dense 512K can run slow
                 state_bytes = (cache.hs.numel() + cache.z.numel()) * 4
                 label = f"LESS {name}, state per {state_heads} head" if state else f"{name} alone (state off)"
-                if state_heads == "off" and L == lengths[0]:
+                parts = L == lengths[0] and batch == 1  # where the time goes: batch 1 only
+                if state_heads == "off" and parts:
                     rows.append({"L": L, "variant": f"{name}: launch 1 alone, state off (attention only)",
                                  "graph_us": launch_one(step) * 1e6})
-                if state_heads == "kv" and L == lengths[0] and name == next(iter(policies)):
+                if state_heads == "kv" and parts and name == next(iter(policies)):
                     rows.append({"L": L, "variant": f"dense SDPA decode over {policy.slots} tokens (as many as the slots)",
                                  "graph_us": c.graph_time(lambda: F.scaled_dot_product_attention(
                                      q, cache.k, cache.v, enable_gqa=True)) * 1e6})
@@ -207,7 +208,7 @@ def layer_rows(dev, lengths, smoke):
                              "launches": kernel.launches(),
                              "kv_bytes": sum(x.numel() * x.element_size() for x in cache.tensors()),
                              "state_bytes": state_bytes})
-    c.table("LESS decode step, one layer (Llama-3-8B attention shape, batch 1)", rows,
+    c.table(f"LESS decode step, one layer (Llama-3-8B attention shape, batch {batch})", rows,
             [("L", "{}"), ("variant", "{}"), ("graph_us", "{:.1f}"), ("eager_us", "{:.1f}"), ("speedup", "{:.1f}x"),
              ("kv_bytes", "{}")])
     return rows
@@ -273,13 +274,14 @@ def main() -> int:
                         help="(default: 32768 131072 524288 for layer, 32768 131072 for e2e)")
     parser.add_argument("--tokens", type=int, default=None, help="memory: tokens to generate (default 10240; 40 with --smoke)")
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1, help="layer: batch rows (the settings and parts rows at batch 1 only)")
     parser.add_argument("--model", help="memory: a local model folder instead of the 8B-shaped one (e.g. models/needle-llama)")
     parser.add_argument("--out", default=str(RESULTS), help="folder of the JSON (default benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (Triton interpreter): checks the script")
     args = parser.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if args.part == "layer":
-        rows = layer_rows(dev, [256] if args.smoke else args.lengths or [32768, 131072, 524288], args.smoke)
+        rows = layer_rows(dev, [256] if args.smoke else args.lengths or [32768, 131072, 524288], args.smoke, args.batch)
     elif args.part == "e2e":
         rows = e2e_rows(dev, [256] if args.smoke else args.lengths or [32768, 131072], 4 if args.smoke else args.new_tokens,
                         args.smoke)
@@ -288,6 +290,7 @@ def main() -> int:
     env = c.environment()
     if not args.smoke or (args.part == "memory" and args.tokens):  # a CPU memory run over many tokens is a result too
         tag = f"{Path(args.model).name}_" if args.part == "memory" and args.model else ""
+        tag += f"batch{args.batch}_" if args.part == "layer" and args.batch != 1 else ""
         c.write_json(Path(args.out) / f"less_{args.part}_{tag}{c.device_tag(env)}.json", {"environment": env, "args": vars(args), "rows": rows})
     return 0
 
