@@ -65,6 +65,12 @@ SETTINGS = {
     "in 33 splits of one 64-slot block": dict(MAX_SPLITS=64),
     "launch 1 in 8 warps per program": dict(STEP_WARPS=8),
     "launch 2 in 4 warps per program": dict(FINISH_WARPS=4),
+    "attention blocks of 128 slots (9 splits of two), 2 stages": dict(BLOCK_N=128, STEP_STAGES=2),
+    "attention blocks of 128 slots (9 splits of two), 1 stage": dict(BLOCK_N=128, STEP_STAGES=1),
+    "attention blocks of 128 slots, 17 splits of one, 1 stage": dict(BLOCK_N=128, MAX_SPLITS=32, STEP_STAGES=1),
+    "attention blocks of 128 slots, 17 splits of one, 1 stage, 256 hidden units per feature program":
+        dict(BLOCK_N=128, MAX_SPLITS=32, STEP_STAGES=1, BLOCK_H=256),
+    "attention blocks of 128 slots (9 splits of two), 8 warps, 1 stage": dict(BLOCK_N=128, STEP_WARPS=8, STEP_STAGES=1),
 }
 POLICIES = {"h2o 1024+1024": ref.Policy(0, 1024, 1024), "lambda 4+2044": ref.Policy(4, 0, 2044),
             "h2o 2048+2048": ref.Policy(0, 2048, 2048)}
