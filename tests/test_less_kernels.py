@@ -154,6 +154,27 @@ def test_decode_step_gpu(dtype, state_heads, launch_one, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("policy", [R.Policy(sink=0, heavy=1024, recent=1024), R.Policy(sink=4, heavy=0, recent=2044)],
+                         ids=["h2o", "lambda"])
+@pytest.mark.parametrize("launch_one", [{}, dict(MAX_SPLITS=32)], ids=["module-settings", "32-splits"])
+def test_decode_step_gpu_several_blocks_per_split(policy, launch_one, monkeypatch):
+    """The benchmark's budget (2049 slots on 8B-like heads, bf16): each attention program walks two or
+    three 64-slot blocks, so the software pipeline of launch 1's loop runs in its steady state (with the
+    257 slots of the tests above every program has one block). Launch 1 in 2 stages fails this with
+    triton 3.6 on the H200 (errors of 0.06-0.13 in every layer bench since 2026-11-30)."""
+    for setting, value in launch_one.items():
+        monkeypatch.setattr(K, setting, value)
+    shape = dict(device="cuda", b=2, hq=32, hkv=8, d=128, n=512, length=2112, prompt=2100, splits=None)
+    ref, tri, worst = run_both(policy, "kv", torch.bfloat16, resync=True, **shape)
+    assert worst < 3e-2, worst
+    assert len(run_both.victims) <= 0.02 * 12 * 2 * 8, run_both.victims
+    same = ref.spare == tri.spare
+    assert torch.equal(ref.rank[same], tri.rank[same])
+    torch.testing.assert_close(tri.hs, ref.hs, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(tri.score, ref.score, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["lambda", "h2o", "h2o-no-state", "h2o-one-split"])
 def test_decode_step_gpu_parts(dtype, variant, monkeypatch):
