@@ -132,9 +132,16 @@ def kernel_programs(step):
 
 
 def launch_one(step):
-    """GPU time of ``step`` with its second launch skipped: where the step's time goes."""
-    with c.skipped_launches(kernel, "_finish_kernel"):
-        return c.graph_time(step)
+    """GPU time of ``step`` with its second launch skipped: where the step's time goes. Launch 1 adds
+    into the feature accumulators that launch 2 zeroes, so they are zeroed here afterwards (else the
+    next whole step reads the sums of every replay)."""
+    try:
+        with c.skipped_launches(kernel, "_finish_kernel"):
+            return c.graph_time(step)
+    finally:
+        for ws in kernel._WORKSPACES.values():
+            ws["phi"].zero_()
+            ws["psi"].zero_()
 
 
 def layer_rows(dev, lengths, smoke, batch=1):
