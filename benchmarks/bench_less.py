@@ -2,7 +2,7 @@
 the state, heavy-hitter update and eviction) vs dense SDPA decode; end to end on the 8B shape; and
 cache memory over generation.
 
-    python benchmarks/bench_less.py layer [--lengths 32768 131072 524288] [--batch 1] [--smoke]
+    python benchmarks/bench_less.py layer [--lengths 32768 131072 524288] [--batch 1] [--budgets 512 1024 ...] [--smoke]
     python benchmarks/bench_less.py e2e [--lengths 32768 131072] [--new-tokens 32] [--smoke]
     python benchmarks/bench_less.py memory [--tokens 10240] [--smoke]
 
@@ -144,10 +144,24 @@ def launch_one(step):
             ws["psi"].zero_()
 
 
-def layer_rows(dev, lengths, smoke, batch=1):
+def budget_policies(budgets):
+    """H2O (half heavy hitters, half recent) and Lambda (4 sink tokens, the rest recent) at each budget
+    (tokens per KV head)."""
+    policies = {}
+    for b in budgets:
+        policies[f"h2o {b // 2}+{b - b // 2}"] = ref.Policy(0, b // 2, b - b // 2)
+        policies[f"lambda 4+{b - 4}"] = ref.Policy(4, 0, b - 4)
+    return policies
+
+
+def layer_rows(dev, lengths, smoke, batch=1, budgets=None):
+    """The step per policy and state layout, beside dense SDPA decode. With ``budgets`` (tokens per KV
+    head): H2O and Lambda at each, state per KV head only, and no parts or settings rows."""
     hq, hkv, d, rank, hidden = (32, 8, 128, 8, 512) if not smoke else (4, 2, 16, 8, 32)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     policies = POLICIES if not smoke else {"h2o 8+8": ref.Policy(0, 8, 8)}
+    if budgets:
+        policies = budget_policies(budgets)
     rows = []
     for L in lengths:
         q = c.rand(batch, hq, 1, d, dev=dev, dtype=dtype)
@@ -159,7 +173,7 @@ def layer_rows(dev, lengths, smoke, batch=1):
                      "speedup": 1.0, "kv_bytes": 2 * k.numel() * k.element_size()})
         del k, v
         for name, policy in policies.items():
-            for state_heads in ("kv", "query", "off"):
+            for state_heads in ("kv",) if budgets else ("kv", "query", "off"):
                 if state_heads == "off" and name != next(iter(policies)):
                     continue
                 hs = hq if state_heads == "query" else hkv
@@ -188,7 +202,7 @@ def layer_rows(dev, lengths, smoke, batch=1):
                 t = min(c.graph_time(step), c.graph_time(step))  # the first after dense 512K can run slow
                 state_bytes = (cache.hs.numel() + cache.z.numel()) * 4
                 label = f"LESS {name}, state per {state_heads} head" if state else f"{name} alone (state off)"
-                parts = L == lengths[0] and batch == 1  # where the time goes: batch 1 only
+                parts = L == lengths[0] and batch == 1 and not budgets  # where the time goes: batch 1 only
                 if state_heads == "off" and parts:
                     rows.append({"L": L, "variant": f"{name}: launch 1 alone, state off (attention only)",
                                  "graph_us": launch_one(step) * 1e6})
@@ -288,13 +302,17 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=None, help="memory: tokens to generate (default 10240; 40 with --smoke)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1, help="layer: batch rows (the settings and parts rows at batch 1 only)")
+    parser.add_argument("--budgets", type=int, nargs="*", default=None,
+                        help="layer: H2O and Lambda at these budgets (tokens per KV head), state per KV head, instead of "
+                             "the default policies")
     parser.add_argument("--model", help="memory: a local model folder instead of the 8B-shaped one (e.g. models/needle-llama)")
     parser.add_argument("--out", default=str(RESULTS), help="folder of the JSON (default benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (Triton interpreter): checks the script")
     args = parser.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if args.part == "layer":
-        rows = layer_rows(dev, [256] if args.smoke else args.lengths or [32768, 131072, 524288], args.smoke, args.batch)
+        rows = layer_rows(dev, [256] if args.smoke else args.lengths or [32768, 131072, 524288], args.smoke, args.batch,
+                          args.budgets)
     elif args.part == "e2e":
         rows = e2e_rows(dev, [256] if args.smoke else args.lengths or [32768, 131072], 4 if args.smoke else args.new_tokens,
                         args.smoke)
@@ -304,6 +322,7 @@ def main() -> int:
     if not args.smoke or (args.part == "memory" and args.tokens):  # a CPU memory run over many tokens is a result too
         tag = f"{Path(args.model).name}_" if args.part == "memory" and args.model else ""
         tag += f"batch{args.batch}_" if args.part == "layer" and args.batch != 1 else ""
+        tag += "budgets_" if args.part == "layer" and args.budgets else ""
         c.write_json(Path(args.out) / f"less_{args.part}_{tag}{c.device_tag(env)}.json", {"environment": env, "args": vars(args), "rows": rows})
     return 0
 

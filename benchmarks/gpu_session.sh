@@ -2,7 +2,7 @@
 # One device call: GPU tests and benchmarks of this tree (results under $OUT).
 #   bash benchmarks/gpu_session.sh tests        GPU tests (pytest -m gpu)
 #   bash benchmarks/gpu_session.sh duo-ab       Duo decode/prefill layer bench, before (.gpu_old) and now
-#   bash benchmarks/gpu_session.sh methods      the MInference / Palu / LESS benchmarks
+#   bash benchmarks/gpu_session.sh less-budgets the LESS step at budgets of 128-4096 tokens per KV head
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvpress-gpu}
@@ -24,6 +24,9 @@ for part in "$@"; do
       timeout 240 python benchmarks/bench_duo.py --parts layer --no-sweep --out "$OUT/after" 2>&1 | tail -30 ;;
     tests)
       timeout 400 pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+    less-budgets)
+      timeout 300 python benchmarks/bench_less.py layer --lengths 131072 524288 --budgets 128 256 512 1024 2048 4096 \
+        --out "$OUT" 2>&1 | tail -30 ;;
     *) echo "unknown part $part" ;;
   esac
 done
