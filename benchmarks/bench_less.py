@@ -92,6 +92,15 @@ def filled_cache(policy, hq, hkv, d, hs, rank, length, dev, dtype, batch=1):
     return cache
 
 
+def seeded_maps(d, hq, hs, rank, hidden, dev):
+    """Random feature maps of the given size (seed 0) with small key scalings: what every step here runs with."""
+    torch.manual_seed(0)
+    w = FeatureMaps(d, hq, hs, rank, hidden).weights().to(dev)
+    w.k_scale.fill_(0.05)
+    w.k_mix_scale.fill_(0.05)
+    return w
+
+
 @triton.jit
 def _empty_kernel(X):
     tl.store(X + tl.program_id(0), tl.load(X + tl.program_id(0)) + 1.0)
@@ -178,10 +187,7 @@ def layer_rows(dev, lengths, smoke, batch=1, budgets=None):
                     continue
                 hs = hq if state_heads == "query" else hkv
                 state = state_heads != "off"
-                torch.manual_seed(0)
-                w = FeatureMaps(d, hq, hs, rank, hidden).weights().to(dev)
-                w.k_scale.fill_(0.05)
-                w.k_mix_scale.fill_(0.05)
+                w = seeded_maps(d, hq, hs, rank, hidden, dev)
                 cache = filled_cache(policy, hq, hkv, d, hs, rank, L, dev, dtype, batch)
                 k_new = c.rand(batch, hkv, 1, d, dev=dev, dtype=dtype)
                 v_new = c.rand(batch, hkv, 1, d, dev=dev, dtype=dtype)

@@ -7,6 +7,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,6 @@ import common as c  # noqa: E402
 
 from kvpress.kernels import less as kernel  # noqa: E402
 from kvpress.kernels import less_reference as ref  # noqa: E402
-from kvpress.methods.less import FeatureMaps  # noqa: E402
 
 SETTINGS = {
     "the module's": {},
@@ -50,11 +50,7 @@ def main() -> int:
     t_dense = c.graph_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
     rows = [{"L": L, "variant": "dense SDPA", "graph_us": t_dense * 1e6}]
     del k, v
-    torch.manual_seed(0)
-    w = FeatureMaps(d, hq, hkv, rank, hidden).weights().to(dev)
-    w.k_scale.fill_(0.05)
-    w.k_mix_scale.fill_(0.05)
-    wk = w.to(dtype)
+    wk = B.seeded_maps(d, hq, hkv, rank, hidden, dev).to(dtype)
     k_new = c.rand(1, hkv, 1, d, dev=dev, dtype=dtype)
     v_new = c.rand(1, hkv, 1, d, dev=dev, dtype=dtype)
     q_rank = torch.full((1,), L, dtype=torch.int32, device=dev)
@@ -62,23 +58,18 @@ def main() -> int:
         pristine = B.filled_cache(policy, hq, hkv, d, hkv, rank, L, dev, dtype)
         expected = ref.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(pristine), wk, policy, d ** -0.5)
         for what, settings in SETTINGS.items():
-            defaults = {setting: getattr(kernel, setting) for setting in settings}
             row = {"L": L, "variant": f"LESS {name}", "setting": what}
             try:
-                for setting, value in settings.items():
-                    setattr(kernel, setting, value)
-                got = kernel.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(pristine), wk, policy, d ** -0.5)
-                row["max_error_vs_reference"] = (got.float() - expected.float()).abs().max().item()
-                cache = copy.deepcopy(pristine)
-                step = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5)  # noqa: E731
-                row["graph_us"] = min(c.graph_time(step), c.graph_time(step)) * 1e6
-                row["speedup"] = t_dense * 1e6 / row["graph_us"]
-                row["launch_1_us"] = B.launch_one(step) * 1e6
+                with mock.patch.multiple(kernel, **settings):  # the module's settings, restored afterwards
+                    got = kernel.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(pristine), wk, policy, d ** -0.5)
+                    row["max_error_vs_reference"] = (got.float() - expected.float()).abs().max().item()
+                    cache = copy.deepcopy(pristine)
+                    step = lambda: kernel.decode_step(q, k_new, v_new, q_rank, cache, wk, policy, d ** -0.5)  # noqa: E731
+                    row["graph_us"] = min(c.graph_time(step), c.graph_time(step)) * 1e6
+                    row["speedup"] = t_dense * 1e6 / row["graph_us"]
+                    row["launch_1_us"] = B.launch_one(step) * 1e6
             except Exception as error:  # noqa: BLE001 (a setting this device or Triton refuses)
                 row["error"] = repr(error)[:300]
-            finally:
-                for setting, value in defaults.items():
-                    setattr(kernel, setting, value)
             rows.append(row)
             print(row, flush=True)
     if args.smoke:
