@@ -36,6 +36,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -222,20 +223,14 @@ def layer_rows(dev, lengths, smoke, batch=1, budgets=None):
                                  "graph_us": launch_one(step) * 1e6})
                     # settings other than the module's
                     for what, settings in SETTINGS.items():
-                        defaults = {setting: getattr(kernel, setting) for setting in settings}
+                        row = {"L": L, "variant": f"LESS {name}, {what}"}
                         try:
-                            for setting, value in settings.items():
-                                setattr(kernel, setting, value)
-                            row = {"L": L, "variant": f"LESS {name}, {what}"}
-                            try:
+                            with mock.patch.multiple(kernel, **settings):  # restored afterwards
                                 row["max_error_vs_reference"] = error_of_one_step()
                                 row["graph_us"] = c.graph_time(step) * 1e6
-                            except Exception as error:  # noqa: BLE001 (a setting this device or Triton refuses)
-                                row["error"] = repr(error)[:300]
-                            rows.append(row)
-                        finally:
-                            for setting, value in defaults.items():
-                                setattr(kernel, setting, value)
+                        except Exception as error:  # noqa: BLE001 (a setting this device or Triton refuses)
+                            row["error"] = repr(error)[:300]
+                        rows.append(row)
                 rows.append({"L": L, "variant": label, "graph_us": t * 1e6,
                              "eager_us": c.bench(step) * 1e6, "speedup": t_dense / t, "max_error_vs_reference": error,
                              "launches": kernel.launches(),
