@@ -33,6 +33,7 @@ every 1024 steps (they must not move). Writes ``benchmarks/results/less_<part>_<
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -141,6 +142,12 @@ def kernel_programs(step):
     return tuple(log)
 
 
+def kernel_settings(settings: dict):
+    """A context that sets ``kernels.less``'s module settings (``{name: value}``, none for the module's
+    own) and restores them afterwards; a name the module lacks raises ``AttributeError``."""
+    return mock.patch.multiple(kernel, **settings) if settings else contextlib.nullcontext()
+
+
 def launch_one(step):
     """GPU time of ``step`` with its second launch skipped: where the step's time goes. Launch 1 adds
     into the feature accumulators that launch 2 zeroes, so they are zeroed here afterwards (else the
@@ -225,7 +232,7 @@ def layer_rows(dev, lengths, smoke, batch=1, budgets=None):
                     for what, settings in SETTINGS.items():
                         row = {"L": L, "variant": f"LESS {name}, {what}"}
                         try:
-                            with mock.patch.multiple(kernel, **settings):  # restored afterwards
+                            with kernel_settings(settings):
                                 row["max_error_vs_reference"] = error_of_one_step()
                                 row["graph_us"] = c.graph_time(step) * 1e6
                         except Exception as error:  # noqa: BLE001 (a setting this device or Triton refuses)

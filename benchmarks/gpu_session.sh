@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_session.sh tests        GPU tests (pytest -m gpu)
 #   bash benchmarks/gpu_session.sh duo-ab       Duo decode/prefill layer bench, before (.gpu_old) and now
 #   bash benchmarks/gpu_session.sh less-budgets the LESS step at budgets of 128-4096 tokens per KV head
+#   bash benchmarks/gpu_session.sh less-probe   the same at 128-2048 tokens, 128K, per kernel setting
+#   bash benchmarks/gpu_session.sh less-tests   the LESS GPU tests only
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvpress-gpu}
@@ -27,6 +29,11 @@ for part in "$@"; do
     less-budgets)
       timeout 300 python benchmarks/bench_less.py layer --lengths 131072 524288 --budgets 128 256 512 1024 2048 4096 \
         --out "$OUT" 2>&1 | tail -30 ;;
+    less-probe)
+      timeout 420 python benchmarks/less_budget_probe.py --budgets 128 256 512 1024 2048 --out "$OUT" 2>&1 | tail -30 ;;
+    less-tests)
+      timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_less_kernels.py tests/test_less.py 2>&1 \
+        | tee "$OUT/less_gpu_tests.log" | tail -20 ;;
     *) echo "unknown part $part" ;;
   esac
 done

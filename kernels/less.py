@@ -505,14 +505,19 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
         G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
         BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, num_warps=STEP_WARPS, num_stages=STEP_STAGES)
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
-    _finish_kernel[(b * hkv * (splits + 1),)](
-        out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs, cache.z,
-        w.k_scale, w.k_mix, w.k_mix_scale, q_rank, cache.rank, cache.score, cache.spare, cache.pending, ws["logits"],
-        ws["cand_key"], ws["cand_idx"], ws["cand_empty"], ws["count"],
-        out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
-        policy.sink, policy.recent,
-        G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2),
-        BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, num_warps=FINISH_WARPS)
+    try:
+        _finish_kernel[(b * hkv * (splits + 1),)](
+            out, k_new, v_new, cache.k, cache.v, ws["po"], ws["pm"], ws["pl"], ws["phi"], ws["psi"], cache.hs,
+            cache.z, w.k_scale, w.k_mix, w.k_mix_scale, q_rank, cache.rank, cache.score, cache.spare, cache.pending,
+            ws["logits"], ws["cand_key"], ws["cand_idx"], ws["cand_empty"], ws["count"],
+            out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
+            policy.sink, policy.recent,
+            G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2),
+            BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, num_warps=FINISH_WARPS)
+    except BaseException:  # e.g. launch 2 refused by the device: leave the workspace as a step leaves it
+        ws["phi"].zero_()  # launch 1 added into the feature accumulators, which launch 2 zeroes
+        ws["psi"].zero_()
+        raise
     return out
 
 

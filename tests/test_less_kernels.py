@@ -237,10 +237,7 @@ def test_bench_launch_one_leaves_the_next_step_right():
     2026-12-01)."""
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("the kernels need a GPU or the interpreter")
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_less.py"
-    spec = importlib.util.spec_from_file_location("bench_less", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_less")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hq, hkv, d, r, policy = 4, 2, 16, 8, R.Policy(sink=0, heavy=8, recent=8)
     torch.manual_seed(0)
@@ -253,6 +250,53 @@ def test_bench_launch_one_leaves_the_next_step_right():
     bench.launch_one(lambda: K.decode_step(q, k_new, v_new, q_rank, cache, w, policy, d ** -0.5))
     got = K.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(pristine), w, policy, d ** -0.5)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_refused_launch_2_leaves_the_next_step_right(monkeypatch):
+    """Launch 1 adds into the feature accumulators that launch 2 zeroes, and the accumulators are kept
+    per shape: when launch 2 fails (on the H200, a setting that needs more shared memory than there is),
+    the next step of that shape, in any dtype, must not read launch 1's sums."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the kernels need a GPU or the interpreter")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hq, hkv, d, r, policy = 4, 2, 16, 8, R.Policy(sink=0, heavy=8, recent=8)
+    torch.manual_seed(0)
+    w = R.FeatureWeights.random(hq, hkv, d, 32, r).to(dev)
+    cache = load_benchmark("bench_less").filled_cache(policy, hq, hkv, d, hkv, r, 64, dev, torch.float32)
+    cache.pending.fill_(1)  # launch 1 computes psi of a pending token too
+    q, k_new, v_new = (torch.randn(1, h, 1, d, device=dev) for h in (hq, hkv, hkv))
+    q_rank = torch.full((1,), 64, dtype=torch.int32, device=dev)
+    expected = R.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(cache), w, policy, d ** -0.5)
+
+    class Refused:
+        def __getitem__(self, grid):
+            raise RuntimeError("out of resource: shared memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(K, "_finish_kernel", Refused())
+        with pytest.raises(RuntimeError, match="out of resource"):
+            K.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(cache), w, policy, d ** -0.5)
+    got = K.decode_step(q, k_new, v_new, q_rank, copy.deepcopy(cache), w, policy, d ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_settings_rows_name_the_kernels_settings():
+    """Every settings row of the LESS benchmarks sets attributes ``kernels.less`` has (the module's own
+    row included: ``mock.patch.multiple`` refuses an empty one, and a probe once lost that row on the
+    H200), and puts them back."""
+    before = dict(vars(K))
+    bench, probe = load_benchmark("bench_less"), load_benchmark("less_budget_probe")
+    for settings in [*bench.SETTINGS.values(), *probe.SETTINGS.values()]:
+        with bench.kernel_settings(settings):
+            assert all(getattr(K, key) == value for key, value in settings.items())
+    assert all(vars(K)[key] is value for key, value in before.items())
 
 
 def prefill_inputs(device, dtype, b=2, hq=4, hkv=2, d=16, slots=9, n=37, seed=0):
