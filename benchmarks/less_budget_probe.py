@@ -28,6 +28,7 @@ SETTINGS = {
     "64 slots per score step (BLOCK_E)": dict(BLOCK_E=64),
     "launch 2 in 4 warps": dict(FINISH_WARPS=4),
     "launch 1 in 1 stage": dict(STEP_STAGES=1),
+    "launch 2 not a programmatic dependent launch": dict(USE_PDL=False),
 }
 
 

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .launch import Launcher
+from .launch import Launcher, has_pdl
 from .prefill import NO_LIMIT, as_ranks
 
 # Tile settings: the best in sum over five graph-decode shapes of benchmarks/decode_split_probe.py
@@ -253,12 +253,6 @@ def _workspace(device, rows, group, block_d):
         torch.empty(rows, group, device=device, dtype=torch.float32)))
 
 
-@functools.lru_cache
-def _has_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper (sm_90) and later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 _launch_decode = Launcher(_decode_kernel)
 _launch_merge = Launcher(_merge_kernel)
 
@@ -358,7 +352,7 @@ def decode_attention(q, q_rank, scale, group, split=None, single=None, window=No
     # nothing); its split_len, computed in the kernel, is the one _split gives here: same partials
     n_splits, split_len = (most, 0) if device_len else _split(T, most)
     po, pl = _workspace(device, max(B * n_f, 1) * most, group, block_d)  # torch.empty: aligned
-    pdl = _has_pdl(device)
+    pdl = has_pdl(device)
     aligned = not (fk.data_ptr() | fv.data_ptr() | sk.data_ptr() | sv.data_ptr()) % 16
     constexprs = dict(G=group, GP=max(16, _pow2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d, D=D,
                       WRITE_NEW=writes, PDL=pdl, DEVICE_LEN=device_len)

@@ -17,11 +17,20 @@ Triton versions other than those in ``TESTED_TRITON`` (the compiled launcher is 
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 from triton.runtime import driver
 
 _I32 = range(-(1 << 31), 1 << 31)
 TESTED_TRITON = ("3.6.",)
+
+
+@functools.lru_cache
+def has_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (``launch_pdl``, ``gdc_wait``): Hopper (sm_90) and later."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 class Launcher:

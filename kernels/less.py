@@ -18,7 +18,9 @@ graph), and no torch op besides the output's allocation:
    post-RoPE key), writes the new token to the spare slot, merges the splits and the state
    (``log(max(phi(q).z, 1e-6))`` as one more partial of the normaliser) and writes the output; the
    last program of a (row, KV head) to finish (an atomic counter) picks the next spare slot (an
-   empty one, or the lowest-scored evictable one, folded at the next step).
+   empty one, or the lowest-scored evictable one, folded at the next step). On Hopper it is a
+   programmatic dependent launch of launch 1 (``USE_PDL``): its programs start while launch 1 runs,
+   load what launch 1 does not write, and wait (``gdc_wait``) for the rest.
 
 Workspaces (partials, logits, feature accumulators, counters) are allocated once per shape and
 device and left zeroed by every step; the first step of a shape should run outside CUDA-graph
@@ -37,8 +39,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import less_reference as reference
+from .launch import has_pdl
 from .prefill import prefill_attention
 
 BLOCK_N = 64  # slots per inner step of the attention
@@ -68,6 +72,11 @@ FINISH_WARPS = 8
 # 2 take 70 KB (three, as many as its 168 registers allow: the whole grid in about one wave); read
 # offline from the sm_90a build. 3 is the measured setting; benchmarks/bench_less.py layer times 2 and 1.
 STEP_STAGES = 3
+# Launch 2 as a programmatic dependent launch of launch 1 (Hopper): resident as soon as every program of
+# launch 1 has started, it loads what launch 1 does not write, then waits (gdc_wait) for launch 1's results.
+# On the H200 (benchmarks/less_budget_probe.py, 128K, 128-2048 tokens per KV head) a step of 9.5-14.7 us
+# against 11.9-15.7 without; with launch 1's programs letting it in only after their work, 11.0-15.1 us.
+USE_PDL = True
 LOG2E = 1.4426950408889634
 
 
@@ -107,7 +116,7 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
                  q_b, q_h, n_b, n_h, Hq, Hkv, Hs, S, N, n_phi, n_fold, n_splits, split_len, qk_scale,
                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STORE_LOGITS: tl.constexpr):
+                 STORE_LOGITS: tl.constexpr, PDL: tl.constexpr):
     """Launch 1 of a decode step: three kinds of programs, independent of one another, numbered as
     below.
 
@@ -121,6 +130,8 @@ def _step_kernel(Q, QR, KN, VN, K, V, RANK, SPARE, PENDING, PO, PM, PL, LOGITS, 
       hitters, the raw logits ``LOGITS [B, Hq, S]`` (log2 units).
     """
     pid = tl.program_id(0)
+    if PDL:
+        gdc_launch_dependents()  # launch 2 may start now; it waits (gdc_wait) for this launch's results
     if pid < n_phi:
         head = pid // CHUNKS  # b * Hq + h
         b = head // Hq
@@ -219,7 +230,7 @@ def _normaliser(pm, pl):
 def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, SPARE, b, kvh, bh, base, heads,
            rows, gmask, offs_s, smask, o_b, o_h, n_b, n_h, Hq,
            GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-           STATE: tl.constexpr, STATE_PER_QUERY: tl.constexpr):
+           STATE: tl.constexpr, STATE_PER_QUERY: tl.constexpr, PDL: tl.constexpr):
     """The output of a (row, KV head) and its cache update, from launch 1's results only: finish
     ``phi`` (and ``psi`` of the pending token, folded into ``HS``/``Z`` with its value, fp32; ``psi``
     as ``less_reference.key_features``), merge the splits' partials with the state term into ``Out``,
@@ -265,6 +276,8 @@ def _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, 
         scale = tl.abs(tl.load(KS + j * R + offs_r, mask=zmask, other=0.0).to(tl.float32))
         mix_scale = tl.load(KMS + j * R + offs_r, mask=zmask, other=0.0).to(tl.float32)
     v_old = tl.load(V + (base + spare) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_wait()  # launch 1 done, its results visible
     pm = tl.load(PM + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=float("-inf"))
     pl = tl.load(PL + rows[:, None] + offs_s[None, :], mask=gmask[:, None] & smask[None, :], other=0.0)
     po = tl.load(PO + (rows[:, None, None] + offs_s[None, :, None]) * D + offs_d[None, None, :],
@@ -368,7 +381,7 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
                    o_b, o_h, n_b, n_h, Hq, Hkv, S, n_splits, split_len, sink, recent,
                    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_R: tl.constexpr, SP: tl.constexpr, BLOCK_E: tl.constexpr, STATE: tl.constexpr,
-                   STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr):
+                   STATE_PER_QUERY: tl.constexpr, HEAVY: tl.constexpr, PDL: tl.constexpr):
     """Launch 2 of a decode step: per (row, KV head), one merge program and one program per split,
     numbered in that order.
 
@@ -398,10 +411,12 @@ def _finish_kernel(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, K
     if is_merge:
         _merge(Out, KN, VN, K, V, PO, PM, PL, PHI_ACC, PSI_ACC, HS, Z, KS, KM, KMS, PENDING, SPARE, b, kvh, bh, base,
                heads, rows, gmask, offs_s, smask, o_b, o_h, n_b, n_h, Hq,
-               GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY)
+               GP, D, R, BLOCK_D, BLOCK_R, STATE, STATE_PER_QUERY, PDL)
     else:
         qr = tl.load(QR + b).to(tl.int32)
         spare = tl.load(SPARE + bh)
+        if PDL:
+            gdc_wait()
         start = split * split_len
         stop = tl.minimum(start + split_len, S)
         best_key, best_idx, first_empty = _score_slots(RANK, SCORE, LOGITS, PM, PL, base,
@@ -492,6 +507,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
     split_len = math.ceil(math.ceil(slots / splits) / BLOCK_N) * BLOCK_N
     splits = math.ceil(slots / split_len)
     ws = _workspace(dev, b, hq, hkv, hs_heads, rank_r, d, slots, splits)
+    pdl = USE_PDL and has_pdl(dev)
     heavy = policy.heavy > 0
     block_d, block_r = _pow2(d, 16), _pow2(rank_r, 2)
     chunks = math.ceil(n_hidden / BLOCK_H)
@@ -503,7 +519,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, hs_heads, slots, n_hidden,
         n_phi, n_fold, splits, split_len, scale * LOG2E,
         G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
-        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, num_warps=STEP_WARPS, num_stages=STEP_STAGES)
+        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, PDL=pdl, num_warps=STEP_WARPS, num_stages=STEP_STAGES)
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
     try:
         _finish_kernel[(b * hkv * (splits + 1),)](
@@ -513,7 +529,8 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
             out.stride(0), out.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, slots, splits, split_len,
             policy.sink, policy.recent,
             G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2),
-            BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, num_warps=FINISH_WARPS)
+            BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, PDL=pdl,
+            num_warps=FINISH_WARPS, launch_pdl=pdl)
     except BaseException:  # e.g. launch 2 refused by the device: leave the workspace as a step leaves it
         ws["phi"].zero_()  # launch 1 added into the feature accumulators, which launch 2 zeroes
         ws["psi"].zero_()
