@@ -380,3 +380,24 @@ def test_quality_scores_retrieval_per_cell(monkeypatch):
         assert sum(cell) / 2 == pytest.approx(theirs.grid[n][d])
     assert mine["accuracy"] == pytest.approx(theirs.accuracy)
     assert mine["cache_bytes"] == pytest.approx(theirs.cache_bytes)
+
+
+def test_rope_commuting_factorisation_measure():
+    """benchmarks/palu_rope_commuting.py (why decode rebuilds keys): a projection built complex-linear
+    per rotary frequency, of complex rank 1 per frequency, loses nothing at that many latents under
+    either factorisation; a random one loses more under the RoPE-commuting one."""
+    path = Path(__file__).parents[1] / "benchmarks" / "palu_rope_commuting.py"
+    spec = importlib.util.spec_from_file_location("palu_rope_commuting", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    heads, head_dim, hidden = 2, 8, 12
+    x = torch.randn(200, hidden, dtype=torch.float64)
+    u = torch.randn(head_dim // 2, heads, 1, dtype=torch.complex128)
+    v = torch.randn(head_dim // 2, 1, hidden, dtype=torch.complex128)
+    m = (u @ v).permute(1, 0, 2)  # [heads, frequency, hidden]
+    commuting = torch.cat([m.real, m.imag], dim=1).reshape(heads * head_dim, hidden)  # rotate_half layout
+    real, rope = script.lost_energy(commuting, x, heads, head_dim, ratio=0.5)  # 8 real latents: 4 complex
+    assert real < 1e-9 and rope < 1e-9
+    real, rope = script.lost_energy(torch.randn(heads * head_dim, hidden, dtype=torch.float64), x, heads, head_dim, 0.5)
+    assert 0 < real < rope
