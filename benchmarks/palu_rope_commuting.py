@@ -5,12 +5,12 @@ cache hold post-RoPE latents and decode attend them directly, like dense attenti
 dimensions, with ``B_k`` folded into the query. That constrains the factorisation: per rotary
 frequency, the pairs ``(k_j, k_{j + D/2})`` of the group's heads form a complex vector, and only a
 complex low-rank map per frequency commutes with the rotation. This script measures what the
-constraint costs: the whitened output error of ``k_proj`` (SVD-LLM whitening from the model's own
-activations on the bundled held-out text), Palu's real group SVD (one group of all KV heads) against
+constraint costs: the whitened output error of ``k_proj`` (``X^T X`` and its whitening as Palu's
+calibration makes them, from the model's own activations on the bundled held-out text), Palu's real group SVD (one group of all KV heads) against
 the best RoPE-commuting factorisation (a complex SVD per frequency, ranks chosen across frequencies
 by singular value), at the same number of real latents per token.
 
-``python benchmarks/palu_rope_commuting.py [--model PATH] [--tokens N] [--out FILE]`` (CPU, fp64;
+``python benchmarks/palu_rope_commuting.py [--model PATH] [--tokens N] [--out FILE]`` (CPU;
 default the project's needle-llama; SmolLM2: ``--model`` on the folder of ``kvpress.testbed``)."""
 import argparse
 import json
@@ -20,30 +20,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kvpress.calibration.palu import collect_statistics, whitening
 from kvpress.eval.tasks import load_corpus
 
 
-def key_inputs(model, ids) -> dict[int, torch.Tensor]:
-    """The input of every layer's ``k_proj`` over ``ids`` (fp64 ``[tokens, hidden]``)."""
-    captured = {}
-    hooks = [layer.self_attn.k_proj.register_forward_hook(
-        lambda m, args, out, i=i: captured.__setitem__(i, args[0][0].double()))
-        for i, layer in enumerate(model.model.layers)]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return captured
-
-
-def lost_energy(weight, x, kv_heads, head_dim, ratio) -> tuple[float, float]:
-    """Relative squared output error ``|x W^T - x W_hat^T|^2 / |x W^T|^2`` of the best rank
-    approximations keeping ``ratio`` of the real dimensions: (real group SVD, RoPE-commuting)."""
-    gram = x.T @ x
-    gram += 1e-6 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    ws = weight.double() @ torch.linalg.cholesky(gram)  # output error = |(W - W_hat) S|
+def lost_energy(weight, xtx, kv_heads, head_dim, ratio) -> tuple[float, float]:
+    """Relative squared output error ``|X W^T - X W_hat^T|^2 / |X W^T|^2`` (``xtx = X^T X``) of the best
+    rank approximations keeping ``ratio`` of the real dimensions: (real group SVD, RoPE-commuting)."""
+    ws = weight.double() @ whitening(xtx)  # output error = |(W - W_hat) S|, S S^T = X^T X
     total = (ws ** 2).sum()
     keep = int(ratio * kv_heads * head_dim)  # real latents per token
     real = torch.linalg.svdvals(ws) ** 2
@@ -67,11 +51,11 @@ def main() -> int:
     config = model.config
     kv_heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    inputs = key_inputs(model, ids)
+    xtx = collect_statistics(model, [ids], fisher=False, progress=False)["xtx"]  # each k_proj's input
     rows = []
     for ratio in args.ratios:
         for i, layer in enumerate(model.model.layers):
-            real, commuting = lost_energy(layer.self_attn.k_proj.weight, inputs[i], kv_heads, head_dim, ratio)
+            real, commuting = lost_energy(layer.self_attn.k_proj.weight, xtx[i], kv_heads, head_dim, ratio)
             rows.append({"ratio": ratio, "layer": i, "real_group_svd": real, "rope_commuting": commuting})
         mean = {key: sum(r[key] for r in rows if r["ratio"] == ratio) / len(model.model.layers)
                 for key in ("real_group_svd", "rope_commuting")}

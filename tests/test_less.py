@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from scripts import load_script
 from tiny_models import random_ids, tiny_model
 
 import kvpress
@@ -316,12 +317,7 @@ def test_quality_benchmark_scores_every_variant_on_the_same_positions():
     """benchmarks/less_quality.py: with a budget that evicts nothing the policy's perplexity is the
     unpatched model's (the full row used to be scored from position 0, the others from the budget on),
     and the gap's share and its standard error follow their definitions."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("less_quality", Path(__file__).parents[1] / "benchmarks" / "less_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/less_quality.py")
     model = tiny_model("llama")
     windows = [random_ids(1, 24), random_ids(1, 24)]
     config = config_for(model, policy="lambda", sink=2, recent=30, state=False)

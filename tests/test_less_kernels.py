@@ -4,12 +4,11 @@ On CPU the kernels run under the Triton interpreter (tiny shapes, fp32/fp16); th
 Llama-3-8B-like heads) run where CUDA is available."""
 
 import copy
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 from kvpress.kernels import less as K
 from kvpress.kernels import less_reference as R
@@ -237,7 +236,7 @@ def test_bench_launch_one_leaves_the_next_step_right():
     2026-12-01)."""
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("the kernels need a GPU or the interpreter")
-    bench = load_benchmark("bench_less")
+    bench = load_script("benchmarks/bench_less.py")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hq, hkv, d, r, policy = 4, 2, 16, 8, R.Policy(sink=0, heavy=8, recent=8)
     torch.manual_seed(0)
@@ -262,7 +261,7 @@ def test_a_refused_launch_2_leaves_the_next_step_right(monkeypatch):
     hq, hkv, d, r, policy = 4, 2, 16, 8, R.Policy(sink=0, heavy=8, recent=8)
     torch.manual_seed(0)
     w = R.FeatureWeights.random(hq, hkv, d, 32, r).to(dev)
-    cache = load_benchmark("bench_less").filled_cache(policy, hq, hkv, d, hkv, r, 64, dev, torch.float32)
+    cache = load_script("benchmarks/bench_less.py").filled_cache(policy, hq, hkv, d, hkv, r, 64, dev, torch.float32)
     cache.pending.fill_(1)  # launch 1 computes psi of a pending token too
     q, k_new, v_new = (torch.randn(1, h, 1, d, device=dev) for h in (hq, hkv, hkv))
     q_rank = torch.full((1,), 64, dtype=torch.int32, device=dev)
@@ -280,19 +279,12 @@ def test_a_refused_launch_2_leaves_the_next_step_right(monkeypatch):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def load_benchmark(name):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_settings_rows_name_the_kernels_settings():
     """Every settings row of the LESS benchmarks sets attributes ``kernels.less`` has (the module's own
     row included: ``mock.patch.multiple`` refuses an empty one, and a probe once lost that row on the
     H200), and puts them back."""
     before = dict(vars(K))
-    bench, probe = load_benchmark("bench_less"), load_benchmark("less_budget_probe")
+    bench, probe = load_script("benchmarks/bench_less.py"), load_script("benchmarks/less_budget_probe.py")
     for settings in [*bench.SETTINGS.values(), *probe.SETTINGS.values()]:
         with bench.kernel_settings(settings):
             assert all(getattr(K, key) == value for key, value in settings.items())

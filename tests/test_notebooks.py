@@ -8,22 +8,17 @@ its file name; keep its CPU run short (the project's test model, small lengths, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
 CELL_TIMEOUT_S = 600  # per cell; each notebook takes well under 2 minutes on 2 CPU cores
 
 
 def _strip_tool():
-    spec = importlib.util.spec_from_file_location("strip_notebooks", ROOT / "tools" / "strip_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/strip_notebooks.py")
 
 
 def test_there_are_notebooks():

@@ -1,13 +1,12 @@
 """Palu (arXiv 2407.21118): calibration math, the latent cache runtime against the unpatched model,
 real cache bytes, and the Triton decode path inside the model against the reference path."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from scripts import ROOT, load_script
 from tiny_models import FAMILIES, cache_kw, random_ids, tiny_model
 
 import kvpress
@@ -342,15 +341,10 @@ def test_gpu_graph_decode_equals_eager(bits):
 
 # -- the quality benchmark's scoring --------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _quality_module(monkeypatch):
     monkeypatch.setenv("KVPRESS_KERNELS", os.environ.get("KVPRESS_KERNELS", "auto"))  # the module's setdefault stays local
-    spec = importlib.util.spec_from_file_location("palu_quality", ROOT / "benchmarks" / "palu_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/palu_quality.py")
 
 
 def test_quality_scores_retrieval_per_cell(monkeypatch):
@@ -386,10 +380,7 @@ def test_rope_commuting_factorisation_measure():
     """benchmarks/palu_rope_commuting.py (why decode rebuilds keys): a projection built complex-linear
     per rotary frequency, of complex rank 1 per frequency, loses nothing at that many latents under
     either factorisation; a random one loses more under the RoPE-commuting one."""
-    path = Path(__file__).parents[1] / "benchmarks" / "palu_rope_commuting.py"
-    spec = importlib.util.spec_from_file_location("palu_rope_commuting", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("benchmarks/palu_rope_commuting.py")
     torch.manual_seed(0)
     heads, head_dim, hidden = 2, 8, 12
     x = torch.randn(200, hidden, dtype=torch.float64)
@@ -397,7 +388,8 @@ def test_rope_commuting_factorisation_measure():
     v = torch.randn(head_dim // 2, 1, hidden, dtype=torch.complex128)
     m = (u @ v).permute(1, 0, 2)  # [heads, frequency, hidden]
     commuting = torch.cat([m.real, m.imag], dim=1).reshape(heads * head_dim, hidden)  # rotate_half layout
-    real, rope = script.lost_energy(commuting, x, heads, head_dim, ratio=0.5)  # 8 real latents: 4 complex
+    real, rope = script.lost_energy(commuting, x.T @ x, heads, head_dim, ratio=0.5)  # 8 real latents: 4 complex
     assert real < 1e-9 and rope < 1e-9
-    real, rope = script.lost_energy(torch.randn(heads * head_dim, hidden, dtype=torch.float64), x, heads, head_dim, 0.5)
+    real, rope = script.lost_energy(torch.randn(heads * head_dim, hidden, dtype=torch.float64), x.T @ x, heads, head_dim,
+                                    0.5)
     assert 0 < real < rope

@@ -2,24 +2,18 @@
 assembles its file, and (marked slow; skipped until `python models/fetch_smollm2.py` has run) one
 retrieval by the real model, unpatched and with DuoAttention."""
 
-import importlib.util
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 import kvpress
 from kvpress.testbed import require_smollm2, smollm2_path
 
-FETCH = Path(__file__).resolve().parent.parent / "models" / "fetch_smollm2.py"
-
 
 def fetch_module():
-    spec = importlib.util.spec_from_file_location("fetch_smollm2", FETCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("models/fetch_smollm2.py")
 
 
 def test_missing_model_says_how_to_fetch_it(tmp_path, monkeypatch):
