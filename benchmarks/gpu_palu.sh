@@ -10,6 +10,8 @@
 #                                        whitening + Fisher, 4/3 bits), 60% and 75%, and groups of one head at 50%
 #   bash benchmarks/gpu_palu.sh smollm2-sweep  SmolLM2 perplexity over calibration choices (64 x 2048 tokens)
 #   bash benchmarks/gpu_palu.sh needle   needle-llama quality over group sizes x kept ranks (the frontier's quality side)
+#   bash benchmarks/gpu_palu.sh round11  (<= 8 min) GPU tests, layer before (OLD=path of a tree with the previous
+#                                        kernel) and after, round11 sweep
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
@@ -91,6 +93,19 @@ PY
     timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r9*_NVIDIA*.json benchmarks/results/palu_sweep_r7_NVIDIA_H200.json \
       --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag _r9 --out "$R" > "$R/layer_r9.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r9.log" | tail -12 ;;
+  round11)  # GPU tests; the layer at 64K/128K before (OLD: a tree installed with the previous kernel) and after the
+            # change, in the same run; the round11 sweep (GQA bf16 and 4-bit, 128K)
+    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
+    if [ -n "${OLD:-}" ]; then
+      PYTHONPATH=$OLD timeout 100 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --lengths 65536 131072 \
+        --tag _r11_before --out "$R" > "$R/layer_r11_before.log" 2>&1
+      grep " | " "$R/layer_r11_before.log" | tail -8
+    fi
+    timeout 100 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --lengths 65536 131072 \
+      --tag _r11 --out "$R" > "$R/layer_r11.log" 2>&1
+    grep " | " "$R/layer_r11.log" | tail -8
+    timeout 100 python benchmarks/bench_palu.py sweep --grid round11 --bits 16 4 --tag _r11 --out "$R" > "$R/sweep_r11.log" 2>&1
+    tail -1 "$R/sweep_r11.log" ;;
   smollm2|smollm2-sweep)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
     SMOL=$(bash benchmarks/gpu_smol_model.sh)
     if [ -n "$SMOL" ]; then
@@ -119,6 +134,6 @@ PY
     timeout 150 python benchmarks/palu_graph_probe.py --out "$R" > "$R/graph_probe.log" 2>&1; grep "^{" "$R/graph_probe.log" || tail -20 "$R/graph_probe.log" ;;
   tpot)
     timeout 200 python benchmarks/bench_palu.py tpot --out "$R" 2>&1 | tee "$R/tpot.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

@@ -84,6 +84,21 @@ SMEM_BUDGET = 160 * 1024  # bytes of shared memory a plan may use by estimate (H
 
 
 @triton.jit
+def _narrow(x, dtype: tl.constexpr, PACKED: tl.constexpr):
+    """``x`` (fp32) rounded to ``dtype`` (to nearest even). ``PACKED`` (CUDA, bf16/fp16 ``dtype``): two
+    values per instruction (``cvt.rn.bf16x2.f32``), where ``.to`` converts them one by one and then
+    pairs them with a byte permute each (sm_90a SASS, triton 3.6: 3 instructions per pair, not 1)."""
+    if PACKED:
+        if dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
+                                             is_pure=True, pack=2)
+        if dtype == tl.float16:
+            return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16,
+                                             is_pure=True, pack=2)
+    return x.to(dtype)
+
+
+@triton.jit
 def _raw_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
               NQ: tl.constexpr, WORDS: tl.constexpr, FAST: tl.constexpr, row_ok):
     """The loads of a quantised latent tile (token rows ``row0 + row`` of ``L``, ``srow0 + row`` of the
@@ -111,18 +126,36 @@ def _raw_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, BITS
 
 
 @triton.jit
+def _code(words, j, BITS: tl.constexpr):
+    """Code ``j`` of each int32 word (bits ``j * BITS ..``) as an exact fp32, with no int-to-float
+    conversion (a quarter-rate instruction): the bits of ``2^23 + code`` read as fp32, less ``2^23``."""
+    code = (words >> (j * BITS)) & ((1 << BITS) - 1)
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+@triton.jit
 def _dequant(words, scale, low, c0, C: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, FAST: tl.constexpr,
-             BLOCK_N: tl.constexpr, dtype: tl.constexpr):
+             BLOCK_N: tl.constexpr, dtype: tl.constexpr, PACKED: tl.constexpr = False):
     """Latents ``[BLOCK_N, C]`` from :func:`_raw_tile`'s loads, in fp32 then ``dtype``: codes packed
     ``32 // BITS`` per int32 word, channel ``c`` in word ``c // per_word`` at bit ``(c % per_word) *
     BITS`` (``FAST``: each word split into its codes in registers, ``[BLOCK_N, words, per_word] ->
-    [BLOCK_N, C]``)."""
+    [BLOCK_N, C]``; ``PACKED``: ``code * scale + min`` as one fused multiply-add in ``dtype``, rounded
+    once as the fp32 product and sum are, on two codes per instruction)."""
     PER_WORD: tl.constexpr = 32 // BITS
     if FAST:
-        shifts = tl.arange(0, PER_WORD) * BITS
-        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, C / PER_WORD, PER_WORD]
-        x = tl.reshape(codes.to(tl.float32), [BLOCK_N, C // QG, QG])
-        x = x * scale.to(tl.float32)[:, :, None] + low.to(tl.float32)[:, :, None]
+        if BITS == 4:  # each thread splits its own words: the 8 codes joined in registers, in channel order
+            x = tl.join(tl.join(tl.join(_code(words, 0, BITS), _code(words, 4, BITS)),
+                                tl.join(_code(words, 2, BITS), _code(words, 6, BITS))),
+                        tl.join(tl.join(_code(words, 1, BITS), _code(words, 5, BITS)),
+                                tl.join(_code(words, 3, BITS), _code(words, 7, BITS))))
+        else:
+            shifts = tl.arange(0, PER_WORD)
+            x = _code(words[:, :, None], shifts[None, None, :], BITS)  # [BLOCK_N, C / PER_WORD, PER_WORD]
+        x = tl.reshape(x, [BLOCK_N, C // QG, QG])
+        if PACKED:
+            x = _narrow(x, dtype, PACKED)  # small integers: exact
+            x = x * scale[:, :, None] + low[:, :, None]
+        else:
+            x = x * scale.to(tl.float32)[:, :, None] + low.to(tl.float32)[:, :, None]
         h = tl.reshape(x, [BLOCK_N, C])
     else:
         cols = c0 + tl.arange(0, C)
@@ -134,7 +167,7 @@ def _dequant(words, scale, low, c0, C: tl.constexpr, BITS: tl.constexpr, QG: tl.
 @triton.jit
 def _latent_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
                  NQ: tl.constexpr, WORDS: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr, row_ok,
-                 dtype: tl.constexpr):
+                 dtype: tl.constexpr, PACKED: tl.constexpr = False):
     """Latents ``[BLOCK_N, C]`` of token rows ``row0 + row`` (channels ``c0 .. c0 + C``): loaded as they
     are, or (``BITS`` > 0) through :func:`_raw_tile` and :func:`_dequant`."""
     if BITS == 0:
@@ -143,7 +176,7 @@ def _latent_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, B
                     other=0.0)
     else:
         words, scale, low = _raw_tile(L, S, row0, srow0, row, c0, R, C, BITS, QG, NQ, WORDS, FAST, row_ok)
-        h = _dequant(words, scale, low, c0, C, BITS, QG, FAST, BLOCK_N, dtype)
+        h = _dequant(words, scale, low, c0, C, BITS, QG, FAST, BLOCK_N, dtype, PACKED)
     return h.to(dtype)
 
 
@@ -172,7 +205,7 @@ def _palu_decode_kernel(
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr,
     ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
-    SCORES_ONLY: tl.constexpr = False,
+    SCORES_ONLY: tl.constexpr = False, PACKED: tl.constexpr = False,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -289,10 +322,10 @@ def _palu_decode_kernel(
         # rebuild this head's keys: [BLOCK_N, HALF] halves, fp32 accumulation
         if RC == RK:
             if PF_K:
-                h = _dequant(kw, ksc, klo, 0, RC, K_BITS, K_QG, K_FAST, BLOCK_N, dtype)
+                h = _dequant(kw, ksc, klo, 0, RC, K_BITS, K_QG, K_FAST, BLOCK_N, dtype, PACKED)
             else:
                 h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, 0, RK, RC, K_BITS, K_QG, K_NQ,
-                                 K_WORDS, K_FAST, BLOCK_N, n_ok, dtype)
+                                 K_WORDS, K_FAST, BLOCK_N, n_ok, dtype, PACKED)
             k1 = tl.dot(h, u1_all)
             k2 = tl.dot(h, u2_all)
         else:
@@ -300,7 +333,7 @@ def _palu_decode_kernel(
             k2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
             for c in range(0, RK, RC):
                 h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, c, RK, RC, K_BITS, K_QG, K_NQ,
-                                 K_WORDS, K_FAST, BLOCK_N, n_ok, dtype)
+                                 K_WORDS, K_FAST, BLOCK_N, n_ok, dtype, PACKED)
                 cols = c + rc
                 u1 = tl.load(up_base + d[None, :] * RK + cols[:, None])  # [RC, HALF] = up.T
                 u2 = tl.load(up_base + (HALF + d)[None, :] * RK + cols[:, None])
@@ -314,8 +347,8 @@ def _palu_decode_kernel(
             k1 = k1 * inv[:, None] * nw1[None, :]
             k2 = k2 * inv[:, None] * nw2[None, :]
         if ROPE_IN_DTYPE:  # the rotation in the model's dtype, rounded op by op as transformers does it
-            k1 = k1.to(dtype)
-            k2 = k2.to(dtype)
+            k1 = _narrow(k1, dtype, PACKED)
+            k2 = _narrow(k2, dtype, PACKED)
             c_ = cos.to(dtype)
             s_ = sin.to(dtype)
             r1 = k1 * c_ - k2 * s_
@@ -323,14 +356,14 @@ def _palu_decode_kernel(
         else:
             c_ = cos.to(tl.float32)
             s_ = sin.to(tl.float32)
-            r1 = (k1 * c_ - k2 * s_).to(dtype)
-            r2 = (k2 * c_ + k1 * s_).to(dtype)
+            r1 = _narrow(k1 * c_ - k2 * s_, dtype, PACKED)
+            r2 = _narrow(k2 * c_ + k1 * s_, dtype, PACKED)
         if not SCORES_ONLY:
             if PF_V:
-                hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype)
+                hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype, PACKED)
             else:
                 hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
-                                  V_NQ, V_WORDS, V_FAST, BLOCK_N, n_ok, dtype)
+                                  V_NQ, V_WORDS, V_FAST, BLOCK_N, n_ok, dtype, PACKED)
         # scores [BLOCK_N, GP], softmax down the tokens
         s = tl.dot(r2, q2, tl.dot(r1, q1))
         s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
@@ -342,7 +375,7 @@ def _palu_decode_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[None, :])
             alpha = tl.exp2(m_i - m_safe)
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), p.to(dtype))
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
             l_i = l_i * alpha + tl.sum(p, 0)
             m_i = m_new
 
@@ -659,7 +692,8 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
-        SCORES_ONLY=two_pass, num_warps=tuned["NUM_WARPS"], num_stages=stages,
+        SCORES_ONLY=two_pass, PACKED=q.is_cuda and q.dtype != torch.float32, num_warps=tuned["NUM_WARPS"],
+        num_stages=stages,
     )
     if not two_pass:
         return po, pml, splits
