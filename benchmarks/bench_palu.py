@@ -168,9 +168,9 @@ def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list):
 def _plan_key(case):
     bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
     qpk = case["q"].shape[1] // (case["k_up"].shape[0] * case["k_up"].shape[1] // D)
-    gp = max(16, 1 << (qpk - 1).bit_length())
-    return (D, case["k"].rank, case["v"].rank, bits(case["k"]), bits(case["v"]), case["q"].element_size(), gp,
-            *kernel.settings(bits(case["k"]), qpk).values())
+    tuned = kernel.settings(bits(case["k"]), qpk)
+    return (D, case["k"].rank, case["v"].rank, bits(case["k"]), bits(case["v"]), case["q"].element_size(),
+            kernel.query_tile(qpk, tuned), *tuned.values())
 
 
 @contextlib.contextmanager
@@ -179,7 +179,7 @@ def module_settings():
     saved = {name: getattr(kernel, name) for name in kernel.TUNABLE}
     tuned, kernel.TUNED = kernel.TUNED, {}
     try:
-        yield
+        yield saved
     finally:
         for name, value in saved.items():
             setattr(kernel, name, value)
@@ -200,16 +200,16 @@ def load_tuning(paths) -> dict:
     return tuned
 
 
-def _grid(block_n, warps, stages, per_sm, prefetch=True, rope_in_dtype=False):
+def _grid(block_n, warps, stages, per_sm, prefetch=True, rope_in_dtype=False, **more):
     return [dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=n, PREFETCH=prefetch,
-                 ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=False) for n in per_sm]
+                 ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=False, **more) for n in per_sm]
 
 
-def _two_pass(block_n, warps, stages, per_sm, prefetch=False, values=(64, 4, 3, 4), rope_in_dtype=False):
+def _two_pass(block_n, warps, stages, per_sm, prefetch=False, values=(64, 4, 3, 4), rope_in_dtype=False, **more):
     """Two-pass settings: the keys' pass as ``_grid``'s, the values' pass ``(tile, warps, stages, per SM)``."""
     return dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=per_sm, PREFETCH=prefetch,
                 ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=True, VALUES_BLOCK_N=values[0],
-                VALUES_WARPS=values[1], VALUES_STAGES=values[2], VALUES_PROGRAMS_PER_SM=values[3])
+                VALUES_WARPS=values[1], VALUES_STAGES=values[2], VALUES_PROGRAMS_PER_SM=values[3], **more)
 
 
 # The first H200 sweep (benchmarks/results/palu_sweep*_NVIDIA_H200.json, no PREFETCH yet): time per
@@ -253,6 +253,21 @@ GRIDS = {
     # of 1370 and 230 instead of 255 registers at 4 bits): the tuned setting against more programs per SM
     "round11": [*_grid(64, 4, 3, (2, 3), rope_in_dtype=True), *_grid(64, 4, 2, (2, 3), rope_in_dtype=True),
                 *_grid(32, 2, 3, (4, 6), rope_in_dtype=True)],
+    # round 12: the softmax sums kept elementwise (565 instructions per block in bf16, 211 registers), a register
+    # cap (MAX_REGISTERS) for three or four programs per SM, query heads padded to 8 instead of 16 (QUERY_TILE:
+    # mma.sync instead of wgmma for the score and value dots); without the hand prefetch the rope rows come
+    # through shared memory in the layout the rotation needs (offline: 447-525 instructions, 0-24 bytes spilled)
+    "round12": [*_grid(64, 4, 3, (2,), rope_in_dtype=True), *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8),
+                *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True),
+                *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8),
+                *_grid(64, 4, 3, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168),
+                *_grid(64, 4, 3, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168, QUERY_TILE=8),
+                *_grid(64, 4, 2, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168, QUERY_TILE=8),
+                *_grid(64, 4, 2, (3,), rope_in_dtype=True, MAX_REGISTERS=168),
+                *_grid(64, 4, 3, (4,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=128, QUERY_TILE=8),
+                *_grid(64, 4, 2, (4,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=128, QUERY_TILE=8),
+                _two_pass(64, 4, 3, 3, rope_in_dtype=True), _two_pass(64, 4, 3, 3, rope_in_dtype=True, QUERY_TILE=8),
+                _two_pass(64, 4, 3, 4, rope_in_dtype=True, MAX_REGISTERS=128, QUERY_TILE=8)],
 }
 
 
@@ -269,11 +284,11 @@ def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid="full"
     hq, hkv = SHAPES[shape]
     t_dense, _ = dense_time(hq, hkv, T, dev)
     rec.add({"shape": shape, "tokens": T, "variant": "dense-sdpa", "us": t_dense * 1e6})
-    with module_settings():
+    with module_settings() as defaults:
         for bits in bits_list:
             case = latent_case(T, hq, hkv, gs, ratio, bits, dev)
             for values in GRIDS[grid] if isinstance(grid, str) else grid:
-                for name, value in values.items():
+                for name, value in {**defaults, **values}.items():  # what a row does not name: the module's default
                     setattr(kernel, name, value)
                 row = {"shape": shape, "tokens": T, "bits": bits or 16, "group_size": gs, "ratio": ratio,
                        **{name.lower(): value for name, value in values.items()}}

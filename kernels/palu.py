@@ -9,9 +9,9 @@ scores them against the head's query heads, runs the online softmax and accumula
 softmax-weighted *value latents* (values are never rebuilt per token). The ``gs`` programs of a
 group read the same latents (the repeats come from L2). A second small kernel merges each query
 head's splits and up-projects its value latent once (``up_v`` of its KV head, plus the value bias),
-writing the attention output ``[B, Hq, 1, D]``. With ``TWO_PASS`` (the setting for one query head
-per KV head) the first kernel stops at the scores and a second (``_palu_values_kernel``) does the
-value side.
+writing the attention output ``[B, Hq, 1, D]``. With ``TWO_PASS`` (an option, measured no faster
+than one pass on the H200 since round 12) the first kernel stops at the scores and a second
+(``_palu_values_kernel``) does the value side.
 
 Cost per cached token and KV head at group rank ``r`` (group of ``gs`` KV heads): ``2 * D * r`` FLOP
 to rebuild its keys against ``2 * r / gs`` latent values read from HBM (``bits / 8`` bytes each when
@@ -55,27 +55,27 @@ VALUES_BLOCK_N = 64
 VALUES_WARPS = 4
 VALUES_STAGES = 3
 VALUES_PROGRAMS_PER_SM = 4
+MAX_REGISTERS = 0  # registers per thread the decode kernel may use (Triton's maxnreg; 0: the compiler's choice)
+QUERY_TILE = 16  # the query heads of a KV head padded to at least this many (the N of the score and value dots)
 TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
-           "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM")
+           "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM", "MAX_REGISTERS",
+           "QUERY_TILE")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
 # unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
 # module constants. 128K tokens, Llama-3-8B shape (and MHA: 32 KV heads), groups of one KV head, half
-# rank. bf16: the rotation in bf16 (as transformers rounds it; fewer instructions per block): 131 us
-# against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json), with the hand prefetch (9% in
-# palu_sweep_r4_NVIDIA_H200.json). One query head per KV head: two passes (scores, then values), 462 us
-# against 488 in one (palu_sweep_r9_mha_NVIDIA_H200.json; rounds 5-7 ran the values' pass with the keys'
-# pass's split count whatever VALUES_PROGRAMS_PER_SM said, a bug since fixed); with four, two passes are
-# slower (157 us in fp32, keys' pass 90 + values' pass 60: the profile of 2026-12-01; 202-210 us with the
-# rotation in bf16, palu_sweep_r9_NVIDIA_H200.json). 4 bits: palu_sweep_r4_NVIDIA_H200.json, the
-# rotation in bf16 as fast as in fp32 (196 us, palu_sweep_r7_NVIDIA_H200.json); 2 and 3 bits keep the
-# first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json).
+# rank. Round 12 (palu_sweep_r12{,_mha}_NVIDIA_H200.json): bf16 latents without the hand prefetch, three
+# programs per SM under a 168-register cap, query heads padded to 8: 119.6 us (GQA) against 129.7 as tuned
+# before, and in one pass for MHA too (433.9 us; two passes 440.9); 4 bits with the hand prefetch, two per
+# SM, query heads padded to 8: 133.5 us against 147.8. The rotation in bf16 (as transformers rounds it;
+# fewer instructions per block): 131 us against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json). 2 and 3
+# bits keep the first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json).
 TUNED: dict[tuple[int, int | None], dict] = {
-    (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, ROPE_IN_DTYPE=True),
+    (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, ROPE_IN_DTYPE=True,
+                    MAX_REGISTERS=168, QUERY_TILE=8),
     (2, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
     (3, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
-    (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, ROPE_IN_DTYPE=True),
-    (0, 1): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, ROPE_IN_DTYPE=True,
-                 TWO_PASS=True, VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=4),
+    (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, ROPE_IN_DTYPE=True,
+                    QUERY_TILE=8),
 }
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
@@ -271,7 +271,7 @@ def _palu_decode_kernel(
         u2_all = tl.load(up_base + (HALF + d)[None, :] * RK + rc[:, None])
 
     acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)  # the value latents' accumulator, transposed
-    l_i = tl.zeros([GP], dtype=tl.float32)
+    l_acc = tl.zeros([BLOCK_N, GP], dtype=tl.float32)  # the softmax sums, elementwise: reduced once, after the loop
     m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
     local = tl.arange(0, BLOCK_N)  # int32 offsets in the block; scalar bases carry the int64 part
     kr_base = KR + b64 * kr_b
@@ -376,7 +376,7 @@ def _palu_decode_kernel(
             p = tl.exp2(s - m_safe[None, :])
             alpha = tl.exp2(m_i - m_safe)
             acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
-            l_i = l_i * alpha + tl.sum(p, 0)
+            l_acc = l_acc * alpha[None, :] + p
             m_i = m_new
 
     part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
@@ -385,7 +385,7 @@ def _palu_decode_kernel(
     else:
         tl.store(PO + part[None, :] * BLOCK_RV + rv[:, None], acc)
         tl.store(PML + part * 2, m_i)
-        tl.store(PML + part * 2 + 1, l_i)
+        tl.store(PML + part * 2 + 1, tl.sum(l_acc, 0))
 
 
 @triton.jit(do_not_specialize=["T", "split_len", "n_first"])
@@ -554,6 +554,11 @@ def settings(bits: int, queries_per_kv: int | None = None) -> dict:
     return {name: chosen.get(name, globals()[name]) for name in TUNABLE}
 
 
+def query_tile(queries_per_kv: int, tuned: dict) -> int:
+    """Query heads per KV head as the kernels pad them (``GP``)."""
+    return max(tuned["QUERY_TILE"], triton.next_power_of_2(queries_per_kv))
+
+
 def plans(d: int, rk: int, rv: int, k_bits: int, v_bits: int, elt: int, gp: int = 16, max_block: int | None = None,
           max_stages: int | None = None) -> list[tuple[int, int]]:
     """``(block_n, num_stages)`` settings of the decode kernel for these shapes, best first: token
@@ -619,10 +624,10 @@ def palu_decode(
     gs = rows // D
     hkv = G * gs
     qpk = hq // hkv
-    gp = max(16, triton.next_power_of_2(qpk))
     block_rv = max(16, triton.next_power_of_2(v.rank))
     bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
     tuned = settings(bits(k), qpk)
+    gp = query_tile(qpk, tuned)
     key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, *tuned.values())
     candidates = [_CHOSEN[key]] if key in _CHOSEN else plans(*key[:7], tuned["BLOCK_N"], tuned["NUM_STAGES"])
     if not candidates:
@@ -693,7 +698,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
         SCORES_ONLY=two_pass, PACKED=q.is_cuda and q.dtype != torch.float32, num_warps=tuned["NUM_WARPS"],
-        num_stages=stages,
+        num_stages=stages, **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),
     )
     if not two_pass:
         return po, pml, splits

@@ -141,9 +141,10 @@ def test_value_output_folds_the_up_projection():
 )
 @pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("two_pass", [False, True])
-def test_decode_kernel_matches_reference(shape, prefetch, two_pass, monkeypatch):
-    # with and without the prefetch, in one pass or two (scores, then values)
-    settings(monkeypatch, PREFETCH=prefetch, TWO_PASS=two_pass, VALUES_BLOCK_N=16)
+@pytest.mark.parametrize("query_tile", [16, 8])
+def test_decode_kernel_matches_reference(shape, prefetch, two_pass, query_tile, monkeypatch):
+    # with and without the prefetch, in one pass or two (scores, then values), query heads padded to 16 or 8
+    settings(monkeypatch, PREFETCH=prefetch, TWO_PASS=two_pass, VALUES_BLOCK_N=16, QUERY_TILE=query_tile)
     a = make_case(**shape)
     want = ref.latent_attention(**a)
     got = palu.palu_decode(**a, splits=2)
@@ -192,7 +193,7 @@ def test_decode_kernel_positions_and_scaled_tables(case):
     "dtype,bits,gs,qpk,rk,rv,variant",
     [
         (torch.bfloat16, None, 1, 4, 64, 64, "tuned"),  # Llama-3-8B at 50%, groups of one KV head
-        (torch.bfloat16, None, 1, 4, 64, 64, "no-prefetch"),
+        (torch.bfloat16, None, 1, 4, 64, 64, "prefetch"),
         (torch.bfloat16, 4, 1, 4, 64, 64, "tuned"),  # 4-bit, word-by-word dequantisation
         (torch.bfloat16, 4, 1, 4, 64, 64, "no-prefetch"),
         (torch.bfloat16, 4, 1, 4, 64, 64, "rope-in-dtype"),
@@ -203,16 +204,21 @@ def test_decode_kernel_positions_and_scaled_tables(case):
         (torch.bfloat16, 2, 4, 4, 256, 256, "prefetch"),  # rank chunks of 2-bit words
         (torch.bfloat16, None, 1, 4, 64, 64, "two-pass"),  # scores, then values
         (torch.bfloat16, 4, 1, 4, 64, 64, "two-pass"),
-        (torch.bfloat16, None, 1, 1, 64, 64, "one-pass"),  # MHA's setting is two passes: one pass too
+        (torch.bfloat16, None, 1, 1, 64, 64, "two-pass"),  # MHA in two passes too
         (torch.float16, 3, 4, 4, 224, 256, "two-pass"),
         (torch.bfloat16, None, 1, 4, 64, 64, "rope-in-fp32"),
+        (torch.bfloat16, None, 1, 4, 64, 64, "query-tile-16"),  # wgmma for the score and value dots
+        (torch.bfloat16, 4, 1, 4, 64, 64, "query-tile-16"),
+        (torch.bfloat16, None, 1, 4, 64, 64, "uncapped"),  # no register cap, two programs per SM
+        (torch.float16, None, 1, 1, 64, 64, "tuned"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     """The measured settings (``TUNED``), and each optional path changed on its own."""
     changed = {"prefetch": dict(PREFETCH=True), "no-prefetch": dict(PREFETCH=False),
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "rope-in-fp32": dict(ROPE_IN_DTYPE=False),
-               "two-pass": dict(TWO_PASS=True), "one-pass": dict(TWO_PASS=False)}.get(variant, {})
+               "two-pass": dict(TWO_PASS=True), "query-tile-16": dict(QUERY_TILE=16),
+               "uncapped": dict(MAX_REGISTERS=0, PROGRAMS_PER_SM=2)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,

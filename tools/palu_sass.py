@@ -40,7 +40,7 @@ FLOATS = {"qk_scale", "eps"}
 
 def compile_kernel(a):
     words = 64 * a.bits // 32 if a.bits else 1
-    constants = dict(GS=1, QPK=4, GP=16, D=128, HALF=64, RK=a.rank, RC=min(a.rank & -a.rank, 64), K_BITS=a.bits,
+    constants = dict(GS=1, QPK=4, GP=a.gp, D=128, HALF=64, RK=a.rank, RC=min(a.rank & -a.rank, 64), K_BITS=a.bits,
                      K_QG=32 if a.bits else 0, K_NQ=a.rank // 32 if a.bits else 1, K_WORDS=words, K_FAST=a.bits in (2, 4),
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
@@ -77,6 +77,7 @@ def main() -> int:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--prefetch", action="store_true")
     p.add_argument("--packed", action="store_true", help="paired fp32 -> bf16 conversions (PACKED)")
+    p.add_argument("--gp", type=int, default=16, help="query heads per KV head, padded (GP)")
     p.add_argument("--bits", type=int, default=0, choices=[0, 4])
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sass", help="write the SASS here")
@@ -94,14 +95,14 @@ def main() -> int:
         Path(a.sass).write_text(sass)
     ttgir = kernel.asm["ttgir"]
     loop_ir = ttgir[ttgir.find("scf.for"):]
-    print("registers per thread:", re.search(r"REG:(\d+)", usage).group(1), "| spilled (local) bytes:",
-          re.search(r"LOCAL:(\d+)", usage).group(1), "| shared memory:", kernel.metadata.shared, "bytes")
+    print("registers per thread:", re.search(r"REG:(\d+)", usage).group(1), "| stack (spills) bytes:",
+          re.search(r"STACK:(\d+)", usage).group(1), "| shared memory:", kernel.metadata.shared, "bytes")
     print("loads in the loop: async copies", loop_ir.count("async_copy_global_to_local"),
           "| plain loads", loop_ir.count("= tt.load"))
     body = loop_instructions(sass)
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
     print(f"token loop: {len(body)} instructions per warp per {a.block_n}-token block;",
-          ", ".join(f"{op} {ops[op]}" for op in ("HGMMA", "HMMA", "BAR", "SHFL", "LDS", "STS", "LDGSTS", "MUFU", "FFMA", "FMUL", "HFMA2", "HMUL2", "F2F", "F2FP", "PRMT") if ops[op]))
+          ", ".join(f"{op} {ops[op]}" for op in ("HGMMA", "HMMA", "BAR", "SHFL", "LDS", "STS", "LDGSTS", "LDL", "STL", "MUFU", "FFMA", "FMUL", "HFMA2", "HMUL2", "F2F", "F2FP", "PRMT") if ops[op]))
     return 0
 
 
