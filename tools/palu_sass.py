@@ -6,6 +6,7 @@ with Triton. A way to compare kernel variants between device sessions; it measur
     python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
                               [--bits 0|4] [--rank 64] [--sass FILE]
                               [--two-pass {scores,values}] [--rope-in-dtype] [--maxnreg N]
+                              [--packed] [--gp 16|8]
 
 ``--two-pass scores``: the keys' pass of the two-pass decode (``SCORES_ONLY``); ``values``: its values'
 pass (``_palu_values_kernel``, with ``--block-n``, ``--warps``, ``--stages`` as its own).
