@@ -132,14 +132,15 @@ def _code(words, j, BITS: tl.constexpr):
     code = (words >> (j * BITS)) & ((1 << BITS) - 1)
     return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
+
 @triton.jit
 def _dequant(words, scale, low, c0, C: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, FAST: tl.constexpr,
              BLOCK_N: tl.constexpr, dtype: tl.constexpr, PACKED: tl.constexpr = False):
     """Latents ``[BLOCK_N, C]`` from :func:`_raw_tile`'s loads, in fp32 then ``dtype``: codes packed
     ``32 // BITS`` per int32 word, channel ``c`` in word ``c // per_word`` at bit ``(c % per_word) *
     BITS`` (``FAST``: each word split into its codes in registers, ``[BLOCK_N, words, per_word] ->
-    [BLOCK_N, C]``; ``PACKED``: ``code * scale + min`` as one fused multiply-add in ``dtype``, rounded
-    once as the fp32 product and sum are, on two codes per instruction)."""
+    [BLOCK_N, C]``; ``PACKED``: ``code * scale + min`` in ``dtype``, one fused multiply-add for two
+    codes)."""
     PER_WORD: tl.constexpr = 32 // BITS
     if FAST:
         if BITS == 4:  # each thread splits its own words: the 8 codes joined in registers, in channel order
