@@ -268,6 +268,15 @@ GRIDS = {
                 *_grid(64, 4, 2, (4,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=128, QUERY_TILE=8),
                 _two_pass(64, 4, 3, 3, rope_in_dtype=True), _two_pass(64, 4, 3, 3, rope_in_dtype=True, QUERY_TILE=8),
                 _two_pass(64, 4, 3, 4, rope_in_dtype=True, MAX_REGISTERS=128, QUERY_TILE=8)],
+    # round 14: a softmax state and partial per warp (SOFTMAX_SLICES=4: no maximum across warps in the loop;
+    # offline 505 instructions with 48 bytes spilled under the 168-register cap, 439 and 240 registers without)
+    # against the bf16 and 4-bit settings of round 12
+    "round14": [*_grid(64, 4, 3, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168, QUERY_TILE=8),
+                *_grid(64, 4, 3, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168, QUERY_TILE=8,
+                       SOFTMAX_SLICES=4),
+                *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, SOFTMAX_SLICES=4),
+                *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8),
+                *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8, SOFTMAX_SLICES=4)],
 }
 
 

@@ -14,6 +14,7 @@
 #                                        kernel) and after, round11 sweep
 #   bash benchmarks/gpu_palu.sh round12  (<= 9 min) GPU tests, round12 sweep (GQA, MHA), layer with its fastest
 #   bash benchmarks/gpu_palu.sh round13  (<= 8 min) GPU tests, layer and graph decode per token with TUNED
+#   bash benchmarks/gpu_palu.sh round14  (<= 8 min) GPU tests, round14 sweep (a softmax state per warp), layer with its fastest
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
@@ -124,6 +125,15 @@ PY
     grep " | " "$R/layer_r13.log" | tail -8
     timeout 240 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph --tag _r13 \
       --out "$R" 2>&1 | tee "$R/tpot_r13.log" | tail -8 ;;
+  round14)  # GPU tests; the round14 sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at 64K/128K with its fastest
+    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
+    timeout 100 python benchmarks/bench_palu.py sweep --grid round14 --bits 16 4 --tag _r14 --out "$R" > "$R/sweep_r14.log" 2>&1
+    tail -1 "$R/sweep_r14.log"
+    timeout 100 python benchmarks/bench_palu.py sweep --grid round14 --bits 16 4 --shapes mha --tag _r14_mha --out "$R" > "$R/sweep_r14_mha.log" 2>&1
+    tail -1 "$R/sweep_r14_mha.log"
+    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r14*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
+      --lengths 65536 131072 --tag _r14 --out "$R" > "$R/layer_r14.log" 2>&1
+    grep "kernel settings\| | " "$R/layer_r14.log" | tail -12 ;;
   smollm2|smollm2-sweep)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
     SMOL=$(bash benchmarks/gpu_smol_model.sh)
     if [ -n "$SMOL" ]; then
@@ -152,6 +162,6 @@ PY
     timeout 150 python benchmarks/palu_graph_probe.py --out "$R" > "$R/graph_probe.log" 2>&1; grep "^{" "$R/graph_probe.log" || tail -20 "$R/graph_probe.log" ;;
   tpot)
     timeout 200 python benchmarks/bench_palu.py tpot --out "$R" 2>&1 | tee "$R/tpot.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

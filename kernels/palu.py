@@ -57,16 +57,19 @@ VALUES_STAGES = 3
 VALUES_PROGRAMS_PER_SM = 4
 MAX_REGISTERS = 0  # registers per thread the decode kernel may use (Triton's maxnreg; 0: the compiler's choice)
 QUERY_TILE = 16  # the query heads of a KV head padded to at least this many (the N of the score and value dots)
+SOFTMAX_SLICES = 1  # slices of each block's tokens with a softmax state and partial of their own (one per warp: 4)
 TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
            "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM", "MAX_REGISTERS",
-           "QUERY_TILE")
+           "QUERY_TILE", "SOFTMAX_SLICES")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
 # unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
 # module constants. 128K tokens, Llama-3-8B shape (and MHA: 32 KV heads), groups of one KV head, half
 # rank. Round 12 (palu_sweep_r12{,_mha}_NVIDIA_H200.json): bf16 latents without the hand prefetch, three
 # programs per SM under a 168-register cap, query heads padded to 8: 119.6 us (GQA) against 129.7 as tuned
 # before, and in one pass for MHA too (433.9 us; two passes 440.9); 4 bits with the hand prefetch, two per
-# SM, query heads padded to 8: 133.5 us against 147.8. The rotation in bf16 (as transformers rounds it;
+# SM, query heads padded to 8: 133.5 us against 147.8; round 14 (palu_sweep_r14{,_mha}_NVIDIA_H200.json): a
+# softmax state per warp (SOFTMAX_SLICES=4) 487.7 us against 513.7 on MHA at 4 bits, the same on the 8B shape
+# (133.3 / 133.7), slower with bf16 latents (149.6 / 120.0 us). The rotation in bf16 (as transformers rounds it;
 # fewer instructions per block): 131 us against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json). 2 and 3
 # bits keep the first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json).
 TUNED: dict[tuple[int, int | None], dict] = {
@@ -75,7 +78,7 @@ TUNED: dict[tuple[int, int | None], dict] = {
     (2, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
     (3, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
     (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, ROPE_IN_DTYPE=True,
-                    QUERY_TILE=8),
+                    QUERY_TILE=8, SOFTMAX_SLICES=4),
 }
 MAX_SPLITS = 256
 MERGE_SPLITS = 16  # partials merged per step of the merge kernel
@@ -206,7 +209,7 @@ def _palu_decode_kernel(
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr,
     ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
-    SCORES_ONLY: tl.constexpr = False, PACKED: tl.constexpr = False,
+    SCORES_ONLY: tl.constexpr = False, PACKED: tl.constexpr = False, SLICES: tl.constexpr = 1,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -271,9 +274,17 @@ def _palu_decode_kernel(
         u1_all = tl.load(up_base + d[None, :] * RK + rc[:, None])
         u2_all = tl.load(up_base + (HALF + d)[None, :] * RK + rc[:, None])
 
-    acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)  # the value latents' accumulator, transposed
-    l_acc = tl.zeros([BLOCK_N, GP], dtype=tl.float32)  # the softmax sums, elementwise: reduced once, after the loop
-    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    # SLICES > 1: each slice of a block's tokens (a warp's rows of the scores) keeps its own softmax state
+    # and partial, so no maximum crosses warps in the loop; the merge combines them as more splits
+    SN: tl.constexpr = BLOCK_N // SLICES
+    if SLICES == 1:
+        acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)  # the value latents' accumulator, transposed
+        l_acc = tl.zeros([BLOCK_N, GP], dtype=tl.float32)  # the softmax sums, elementwise: reduced after the loop
+        m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    else:
+        acc = tl.zeros([SLICES, BLOCK_RV, GP], dtype=tl.float32)
+        l_acc = tl.zeros([SLICES, SN, GP], dtype=tl.float32)
+        m_i = tl.full([SLICES, GP], float("-inf"), dtype=tl.float32)
     local = tl.arange(0, BLOCK_N)  # int32 offsets in the block; scalar bases carry the int64 part
     kr_base = KR + b64 * kr_b
     pos_base = POS + b64 * pos_b
@@ -371,7 +382,7 @@ def _palu_decode_kernel(
         if SCORES_ONLY:
             tl.store(sc_base + offs_n[:, None] * QPK + m_rows[None, :], s, mask=n_ok[:, None] & q_ok[None, :])
             s_max = tl.maximum(s_max, s)
-        else:
+        elif SLICES == 1:
             m_new = tl.maximum(m_i, tl.max(s, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[None, :])
@@ -379,14 +390,31 @@ def _palu_decode_kernel(
             acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
             l_acc = l_acc * alpha[None, :] + p
             m_i = m_new
+        else:
+            s = tl.reshape(s, [SLICES, SN, GP])
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None, :])
+            alpha = tl.exp2(m_i - m_safe)
+            hvs = tl.reshape(hv, [SLICES, SN, BLOCK_RV])
+            acc = acc * alpha[:, None, :] + tl.dot(tl.trans(hvs, 0, 2, 1), _narrow(p, dtype, PACKED))
+            l_acc = l_acc * alpha[:, None, :] + p
+            m_i = m_new
 
-    part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
     if SCORES_ONLY:
+        part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
         tl.store(PML + part * 2, tl.max(s_max, 0))
-    else:
+    elif SLICES == 1:
+        part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
         tl.store(PO + part[None, :] * BLOCK_RV + rv[:, None], acc)
         tl.store(PML + part * 2, m_i)
         tl.store(PML + part * 2 + 1, tl.sum(l_acc, 0))
+    else:  # one partial per slice
+        part = ((b64 * hkv + kvh) * n_splits + split) * SLICES + tl.arange(0, SLICES)
+        row = part[:, None] * GP + m_rows[None, :]  # [SLICES, GP]
+        tl.store(PO + row[:, None, :] * BLOCK_RV + rv[None, :, None], acc)
+        tl.store(PML + row * 2, m_i)
+        tl.store(PML + row * 2 + 1, tl.sum(l_acc, 1))
 
 
 @triton.jit(do_not_specialize=["T", "split_len", "n_first"])
@@ -669,8 +697,10 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     two_pass = tuned["TWO_PASS"]
     requested = splits
     splits, split_len = _splits(requested, tuned["PROGRAMS_PER_SM"], q, B * hkv, T, block_n)
-    po = torch.empty(B, hkv, splits, gp, block_rv, device=q.device, dtype=torch.float32) if not two_pass else None
-    pml = torch.empty(B, hkv, splits, gp, 2, device=q.device, dtype=torch.float32)
+    slices = 1 if two_pass else max(1, min(tuned["SOFTMAX_SLICES"], block_n // 16))  # the dots need 16 tokens
+    parts = splits * slices
+    po = torch.empty(B, hkv, parts, gp, block_rv, device=q.device, dtype=torch.float32) if not two_pass else None
+    pml = torch.empty(B, hkv, parts, gp, 2, device=q.device, dtype=torch.float32)
     scores = torch.empty(B, hkv, T, qpk, device=q.device, dtype=torch.float32) if two_pass else None
     dummy = q.new_empty(1)
 
@@ -697,12 +727,13 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
-        HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, HAS_LEN=length is not None, ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
-        SCORES_ONLY=two_pass, PACKED=q.is_cuda and q.dtype != torch.float32, num_warps=tuned["NUM_WARPS"],
-        num_stages=stages, **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),
+        HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, HAS_LEN=length is not None,
+        ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"], SCORES_ONLY=two_pass,
+        PACKED=q.is_cuda and q.dtype != torch.float32, SLICES=slices, num_warps=tuned["NUM_WARPS"], num_stages=stages,
+        **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),
     )
     if not two_pass:
-        return po, pml, splits
+        return po, pml, parts
     block_v = tuned["VALUES_BLOCK_N"]
     v_splits, v_split_len = _splits(requested, tuned["VALUES_PROGRAMS_PER_SM"], q, B * hkv, T, block_v)
     po = torch.empty(B, hkv, v_splits, gp, block_rv, device=q.device, dtype=torch.float32)

@@ -152,6 +152,17 @@ def test_decode_kernel_matches_reference(shape, prefetch, two_pass, query_tile, 
 
 
 @interpreter_only
+@pytest.mark.parametrize("shape", [dict(), dict(hq=4, hkv=4, gs=4, rk=8, rv=16, tokens=33), dict(bits=4, quant_group=4)])
+def test_decode_kernel_softmax_slices(shape, monkeypatch):
+    """Each warp's slice of a block with its own softmax state and partial (``SOFTMAX_SLICES``), merged
+    as more splits; the window masks a slice's every token in some blocks."""
+    settings(monkeypatch, SOFTMAX_SLICES=4, QUERY_TILE=8)
+    a = make_case(**shape)
+    got = palu.palu_decode(**a, splits=2, window=20)
+    torch.testing.assert_close(got, ref.latent_attention(**a, window=20), atol=2e-5, rtol=1e-4)
+
+
+@interpreter_only
 @pytest.mark.parametrize("bits,quant_group,rk,rv", [(4, 4, 16, 8), (3, 4, 12, 12), (2, 8, 16, 8), (4, 8, 16, 16),
                                                     (2, 16, 32, 16), (4, 4, 24, 16)])
 @pytest.mark.parametrize("prefetch,two_pass", [(True, False), (False, False), (True, True)])
@@ -211,6 +222,9 @@ def test_decode_kernel_positions_and_scaled_tables(case):
         (torch.bfloat16, 4, 1, 4, 64, 64, "query-tile-16"),
         (torch.bfloat16, None, 1, 4, 64, 64, "uncapped"),  # no register cap, two programs per SM
         (torch.float16, None, 1, 1, 64, 64, "tuned"),
+        (torch.bfloat16, None, 1, 4, 64, 64, "slices-4"),  # a softmax state per warp
+        (torch.bfloat16, 4, 1, 4, 64, 64, "slices-4"),
+        (torch.bfloat16, None, 1, 1, 64, 64, "slices-4"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
@@ -218,7 +232,7 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     changed = {"prefetch": dict(PREFETCH=True), "no-prefetch": dict(PREFETCH=False),
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "rope-in-fp32": dict(ROPE_IN_DTYPE=False),
                "two-pass": dict(TWO_PASS=True), "query-tile-16": dict(QUERY_TILE=16),
-               "uncapped": dict(MAX_REGISTERS=0, PROGRAMS_PER_SM=2)}.get(variant, {})
+               "uncapped": dict(MAX_REGISTERS=0, PROGRAMS_PER_SM=2), "slices-4": dict(SOFTMAX_SLICES=4)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,

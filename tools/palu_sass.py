@@ -46,7 +46,7 @@ def compile_kernel(a):
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
                      HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch,
-                     SCORES_ONLY=a.two_pass == "scores", PACKED=a.packed, FIRST=256, DTYPE=triton.language.bfloat16)
+                     SCORES_ONLY=a.two_pass == "scores", PACKED=a.packed, SLICES=a.slices, FIRST=256, DTYPE=triton.language.bfloat16)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     fn = palu._palu_values_kernel if a.two_pass == "values" else palu._palu_decode_kernel
     names = list(inspect.signature(fn.fn).parameters)
@@ -79,6 +79,7 @@ def main() -> int:
     p.add_argument("--prefetch", action="store_true")
     p.add_argument("--packed", action="store_true", help="paired fp32 -> bf16 conversions (PACKED)")
     p.add_argument("--gp", type=int, default=16, help="query heads per KV head, padded (GP)")
+    p.add_argument("--slices", type=int, default=1, help="independent softmax slices of each block (SLICES)")
     p.add_argument("--bits", type=int, default=0, choices=[0, 4])
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sass", help="write the SASS here")
