@@ -29,8 +29,14 @@ TESTED_TRITON = ("3.6.",)
 
 @functools.lru_cache
 def has_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch (``launch_pdl``, ``gdc_wait``): Hopper (sm_90) and later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Programmatic dependent launch (``launch_pdl``, ``gdc_wait``): NVIDIA Hopper (sm_90) and later."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.lru_cache
+def has_packed_cvt(device: torch.device) -> bool:
+    """PTX ``cvt.rn.bf16x2.f32`` / ``cvt.rn.f16x2.f32`` (two conversions per instruction): NVIDIA sm_80 and later."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 class Launcher:

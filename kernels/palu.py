@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import palu_reference as ref
+from .launch import has_packed_cvt
 
 BLOCK_N = 64  # cached tokens per inner step (largest; the plan lowers it when shared memory is short)
 NUM_WARPS = 4
@@ -729,7 +730,8 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, HAS_LEN=length is not None,
         ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"], SCORES_ONLY=two_pass,
-        PACKED=q.is_cuda and q.dtype != torch.float32, SLICES=slices, num_warps=tuned["NUM_WARPS"], num_stages=stages,
+        PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), SLICES=slices, num_warps=tuned["NUM_WARPS"],
+        num_stages=stages,
         **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),
     )
     if not two_pass:
