@@ -109,15 +109,18 @@ PY
     grep " | " "$R/layer_r11.log" | tail -8
     timeout 100 python benchmarks/bench_palu.py sweep --grid round11 --bits 16 4 --tag _r11 --out "$R" > "$R/sweep_r11.log" 2>&1
     tail -1 "$R/sweep_r11.log" ;;
-  round12)  # GPU tests; the round12 sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at 64K/128K with its fastest
+  round12|round14)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at 64K/128K with its fastest
+    t=_r${part#round}
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
-    timeout 150 python benchmarks/bench_palu.py sweep --grid round12 --bits 16 4 --tag _r12 --out "$R" > "$R/sweep_r12.log" 2>&1
-    tail -1 "$R/sweep_r12.log"
-    timeout 150 python benchmarks/bench_palu.py sweep --grid round12 --bits 16 4 --shapes mha --tag _r12_mha --out "$R" > "$R/sweep_r12_mha.log" 2>&1
-    tail -1 "$R/sweep_r12_mha.log"
-    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r12*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
-      --lengths 65536 131072 --tag _r12 --out "$R" > "$R/layer_r12.log" 2>&1
-    grep "kernel settings\| | " "$R/layer_r12.log" | tail -12 ;;
+    for shape in gqa mha; do
+      tag=$t$([ $shape = mha ] && echo _mha)
+      timeout 150 python benchmarks/bench_palu.py sweep --grid "$part" --bits 16 4 --shapes $shape --tag "$tag" --out "$R" \
+        > "$R/sweep$tag.log" 2>&1
+      tail -1 "$R/sweep$tag.log"
+    done
+    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep${t}*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
+      --lengths 65536 131072 --tag "$t" --out "$R" > "$R/layer$t.log" 2>&1
+    grep "kernel settings\| | " "$R/layer$t.log" | tail -12 ;;
   round13)  # the settings of round 12 in TUNED: GPU tests, the layer at 64K/128K, graph decode per token at 64K/128K
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
     timeout 100 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --lengths 65536 131072 \
@@ -125,15 +128,6 @@ PY
     grep " | " "$R/layer_r13.log" | tail -8
     timeout 240 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph --tag _r13 \
       --out "$R" 2>&1 | tee "$R/tpot_r13.log" | tail -8 ;;
-  round14)  # GPU tests; the round14 sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at 64K/128K with its fastest
-    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
-    timeout 100 python benchmarks/bench_palu.py sweep --grid round14 --bits 16 4 --tag _r14 --out "$R" > "$R/sweep_r14.log" 2>&1
-    tail -1 "$R/sweep_r14.log"
-    timeout 100 python benchmarks/bench_palu.py sweep --grid round14 --bits 16 4 --shapes mha --tag _r14_mha --out "$R" > "$R/sweep_r14_mha.log" 2>&1
-    tail -1 "$R/sweep_r14_mha.log"
-    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r14*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
-      --lengths 65536 131072 --tag _r14 --out "$R" > "$R/layer_r14.log" 2>&1
-    grep "kernel settings\| | " "$R/layer_r14.log" | tail -12 ;;
   smollm2|smollm2-sweep)  # quality on SmolLM2-135M-Instruct at 50% kept rank (needs the converted model, see gpu_round.sh)
     SMOL=$(bash benchmarks/gpu_smol_model.sh)
     if [ -n "$SMOL" ]; then
