@@ -276,7 +276,8 @@ def _palu_decode_kernel(
         u2_all = tl.load(up_base + (HALF + d)[None, :] * RK + rc[:, None])
 
     # SLICES > 1: each slice of a block's tokens (a warp's rows of the scores) keeps its own softmax state
-    # and partial, so no maximum crosses warps in the loop; the merge combines them as more splits
+    # and partial, so no maximum crosses warps in the loop; the merge combines them as more splits. One slice
+    # keeps 2-D tensors: the 3-D form with one slice compiles to 516 instead of 467 instructions per block.
     SN: tl.constexpr = BLOCK_N // SLICES
     if SLICES == 1:
         acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)  # the value latents' accumulator, transposed
