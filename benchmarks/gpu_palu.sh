@@ -18,6 +18,7 @@
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
+#                                        (VARIANTS="dense-graph palu-50-4bit-graph" TAG=_r15: some variants, tagged)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/kvpress-gpu}
@@ -154,8 +155,10 @@ PY
     timeout 120 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5 ;;
   graph-probe)  # where graph decode and eager decode part (the GPU test test_gpu_graph_decode_equals_eager)
     timeout 150 python benchmarks/palu_graph_probe.py --out "$R" > "$R/graph_probe.log" 2>&1; grep "^{" "$R/graph_probe.log" || tail -20 "$R/graph_probe.log" ;;
-  tpot)
-    timeout 200 python benchmarks/bench_palu.py tpot --out "$R" 2>&1 | tee "$R/tpot.log" | tail -8 ;;
+  tpot)  # VARIANTS / TAG: bench_palu.py tpot's --variants / --tag
+    # shellcheck disable=SC2086
+    timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
+      | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
   *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

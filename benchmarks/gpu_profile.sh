@@ -2,6 +2,7 @@
 # Where the LESS step's and the Palu decode's time goes (a part of gpu_round.sh), under $OUT/profile/:
 # kernel durations (torch profiler), then Nsight Compute counters of each kernel (when ncu can read them).
 # With the LESS layer bench and GPU tests: bash benchmarks/gpu_round.sh profile less:tests less:layer
+# The Palu decode's stalls per SASS instruction: bash benchmarks/gpu_round.sh profile:stalls (CASES=palu palu4)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 R=${OUT:-/tmp/kvpress-gpu}/profile
@@ -18,6 +19,23 @@ ncu_case() {  # $1: case, $2: kernel regex, $3: launches to skip, $4: launches t
   echo "rc=$?"; grep -E "Duration|DRAM Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occupancy|Stall|Block Limit|Shared Memory Config|Dynamic Shared" "$R/ncu_$1.txt" | head -40
 }
 ncu --version | tail -1
+if [ "${1:-}" = stalls ]; then  # where the Palu decode's warps wait, per SASS instruction (PC sampling), TUNED settings
+  for case in ${CASES:-palu palu4}; do
+    stamp "ncu stalls $case"
+    timeout 240 ncu --clock-control none -k regex:_palu_decode_kernel --launch-skip 3 --launch-count 1 --set full \
+      --import-source no -f -o "$R/stalls_$case" python benchmarks/profile_kernels.py --cases "$case" --iters 1 \
+      > "$R/ncu_stalls_$case.log" 2>&1
+    echo "rc=$?"
+    ncu -i "$R/stalls_$case.ncu-rep" --page source --csv --print-source sass > "$R/sass_stalls_$case.csv" 2>&1 ||
+      ncu -i "$R/stalls_$case.ncu-rep" --page source --csv > "$R/sass_stalls_$case.csv" 2>&1
+    ncu -i "$R/stalls_$case.ncu-rep" --page raw --csv > "$R/raw_$case.csv" 2>&1
+    ncu -i "$R/stalls_$case.ncu-rep" --page details --print-details all > "$R/details_$case.txt" 2>&1
+    head -c 600 "$R/sass_stalls_$case.csv"; echo; grep -c . "$R/sass_stalls_$case.csv"
+    grep -E "Duration|Registers Per|Warp Cycles Per Issued|Eligible Warps|Stall" "$R/details_$case.txt" | head -20
+    rm -f "$R/stalls_$case.ncu-rep"
+  done
+  stamp done; exit 0
+fi
 if [ "${1:-}" = palu2p ]; then  # the two-pass Palu decode: both passes and the merge, GQA and MHA
   ncu_case palu-2p "_palu_decode_kernel|_palu_values_kernel" 6 2
   ncu_case palu-2p-mha "_palu_decode_kernel|_palu_values_kernel" 6 2

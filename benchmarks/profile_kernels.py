@@ -8,7 +8,8 @@ decode on the 8B attention shape, for the torch profiler (kernel durations) or f
 
 Cases: ``less`` (H2O 1024 + 1024, state per KV head, R 8, 512 hidden units), ``less-off`` (the same
 with the state off), ``less-lambda`` (4 + 2044), ``palu`` / ``palu4`` (128K tokens, groups of one KV
-head, half rank, bf16 / 4-bit latents), ``palu-mha`` (32 KV heads), ``palu-2p`` / ``palu-2p-mha``
+head, half rank, bf16 / 4-bit latents, the settings of ``kernels.palu.TUNED``), ``palu-mha`` /
+``palu4-mha`` (32 KV heads), ``palu-2p`` / ``palu-2p-mha``
 (the two-pass decode, ``TWO_PASS``), ``dense`` (SDPA decode at 128K). Each case runs ``--iters``
 calls after 3 warm-up calls (compilation).
 """
@@ -51,9 +52,8 @@ TUNED = dict(palu_kernel.TUNED)
 # the two-pass decode's fastest settings of the round5 sweep (palu_sweep_r5*_NVIDIA_H200.json)
 TWO_PASS = dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, TWO_PASS=True,
                 VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=8)
-ONE_PASS = dict(PROGRAMS_PER_SM=2, PREFETCH=True, TWO_PASS=False)
-PALU = {"palu": (8, 0, ONE_PASS), "palu4": (8, 4, {}), "palu-mha": (32, 0, ONE_PASS),
-        "palu-2p": (8, 0, TWO_PASS), "palu-2p-mha": (32, 0, TWO_PASS)}  # KV heads, latent bits, settings
+PALU = {"palu": (8, 0, {}), "palu4": (8, 4, {}), "palu-mha": (32, 0, {}), "palu4-mha": (32, 4, {}),
+        "palu-2p": (8, 0, TWO_PASS), "palu-2p-mha": (32, 0, TWO_PASS)}  # KV heads, latent bits, settings over TUNED
 
 
 def palu_case(name, dev):
