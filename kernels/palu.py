@@ -195,13 +195,13 @@ def _rope_rows(COS, SIN, pos, ok, d, HALF: tl.constexpr):
     return cos, sin
 
 
-_STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos_b", "kr_b"]
+_STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos_b", "kr_b", "rope_b"]
 
 
 @triton.jit(do_not_specialize=["T", "split_len", "window"] + _STRIDES)
 def _palu_decode_kernel(
     Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN, SC,
-    kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b,
+    kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b, rope_b,
     T, split_len, window, qk_scale, eps,
     GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
     RK: tl.constexpr, RC: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_NQ: tl.constexpr,
@@ -211,6 +211,7 @@ def _palu_decode_kernel(
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr,
     ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
     SCORES_ONLY: tl.constexpr = False, PACKED: tl.constexpr = False, SLICES: tl.constexpr = 1,
+    ROPE_BY_SLOT: tl.constexpr = False,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -290,6 +291,9 @@ def _palu_decode_kernel(
     local = tl.arange(0, BLOCK_N)  # int32 offsets in the block; scalar bases carry the int64 part
     kr_base = KR + b64 * kr_b
     pos_base = POS + b64 * pos_b
+    if ROPE_BY_SLOT:  # cos/sin rows per slot: this row's [T, HALF], loaded like the latents (no gather by position)
+        COS += b64 * rope_b * HALF
+        SIN += b64 * rope_b * HALF
     # Loads that no tl.dot takes directly (Triton's pipeliner overlaps the dot operands) are issued a
     # block ahead by hand (PREFETCH): ranks, rope rows (gathered by position: positions two blocks
     # ahead) and quantised words/scales. Each loop step then uses what the previous one loaded.
@@ -301,8 +305,11 @@ def _palu_decode_kernel(
     if PREFETCH:
         ok0 = start + local < stop
         kr_nx = tl.load(kr_base + start + local, mask=ok0, other=-1)
-        cos_nx, sin_nx = _rope_rows(COS, SIN, tl.load(pos_base + start + local, mask=ok0, other=0), ok0, d, HALF)
-        pos_nx = tl.load(pos_base + start + BLOCK_N + local, mask=start + BLOCK_N + local < stop, other=0)
+        if ROPE_BY_SLOT:
+            cos_nx, sin_nx = _rope_rows(COS, SIN, start + local, ok0, d, HALF)
+        else:
+            cos_nx, sin_nx = _rope_rows(COS, SIN, tl.load(pos_base + start + local, mask=ok0, other=0), ok0, d, HALF)
+            pos_nx = tl.load(pos_base + start + BLOCK_N + local, mask=start + BLOCK_N + local < stop, other=0)
         if PF_K:
             kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start, ks_row0 + start, local, 0, RK, RC, K_BITS, K_QG,
                                               K_NQ, K_WORDS, K_FAST, ok0)
@@ -317,8 +324,11 @@ def _palu_decode_kernel(
             nxt = offs_n + BLOCK_N
             nxt_ok = nxt < stop
             kr_nx = tl.load(kr_base + nxt, mask=nxt_ok, other=-1)
-            cos_nx, sin_nx = _rope_rows(COS, SIN, pos_nx, nxt_ok, d, HALF)
-            pos_nx = tl.load(pos_base + nxt + BLOCK_N, mask=nxt + BLOCK_N < stop, other=0)
+            if ROPE_BY_SLOT:
+                cos_nx, sin_nx = _rope_rows(COS, SIN, nxt, nxt_ok, d, HALF)
+            else:
+                cos_nx, sin_nx = _rope_rows(COS, SIN, pos_nx, nxt_ok, d, HALF)
+                pos_nx = tl.load(pos_base + nxt + BLOCK_N, mask=nxt + BLOCK_N < stop, other=0)
             if PF_K:
                 kw, ksc, klo = kw_nx, ksc_nx, klo_nx
                 kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start_n + BLOCK_N, ks_row0 + start_n + BLOCK_N,
@@ -329,7 +339,8 @@ def _palu_decode_kernel(
                                                   local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ, V_WORDS, V_FAST, nxt_ok)
         else:
             kr = tl.load(kr_base + offs_n, mask=n_ok, other=-1)
-            cos, sin = _rope_rows(COS, SIN, tl.load(pos_base + offs_n, mask=n_ok, other=0), n_ok, d, HALF)
+            rows = offs_n if ROPE_BY_SLOT else tl.load(pos_base + offs_n, mask=n_ok, other=0)
+            cos, sin = _rope_rows(COS, SIN, rows, n_ok, d, HALF)
         dist = qr - kr
         ok = (kr >= 0) & (dist >= 0) & (dist < window)
 
@@ -375,6 +386,9 @@ def _palu_decode_kernel(
         if not SCORES_ONLY:
             if PF_V:
                 hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype, PACKED)
+            elif V_BITS == 0 and SLICES == 1:  # loaded transposed, so that the value dot takes the load as it is
+                hv_t = tl.load(VL + (v_row0 + start_n) * RV + local[None, :] * RV + rv[:, None],
+                               mask=n_ok[None, :] & (rv < RV)[:, None], other=0.0)
             else:
                 hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
                                   V_NQ, V_WORDS, V_FAST, BLOCK_N, n_ok, dtype, PACKED)
@@ -389,7 +403,10 @@ def _palu_decode_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[None, :])
             alpha = tl.exp2(m_i - m_safe)
-            acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
+            if V_BITS == 0:
+                acc = acc * alpha[None, :] + tl.dot(hv_t, _narrow(p, dtype, PACKED))
+            else:
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
             l_acc = l_acc * alpha[None, :] + p
             m_i = m_new
         else:
@@ -646,7 +663,9 @@ def palu_decode(
 
     ``q [B, Hq, 1, D]`` post-RoPE; latents ``[B, G, T, .]`` (``Latents``); ``k_up``/``v_up
     [G, gs * D, r]`` in ``q.dtype``; ``positions``/``k_rank [B, T]``; ``q_rank [B, 1]``; ``cos``/``sin
-    [P, D / 2]`` covering every position. ``splits``: programs per (row, KV head) along the tokens
+    [P, D / 2]`` covering every position, or their rows per slot ``[B, T, D / 2]``
+    (``palu_reference.rope_rows``: loaded as the latents are, a block ahead, instead of gathered at
+    positions loaded in the same step). ``splits``: programs per (row, KV head) along the tokens
     (default: enough to fill the GPU). ``length``: ``[1]`` int32 on the device, the tokens in use of
     buffers of ``T`` slots (a static decode step, CUDA-graph capturable: nothing here reads a device
     value on the host)."""
@@ -717,13 +736,18 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     kl, ks, kl_b, kl_g, ks_b, ks_g, kbits, kqg, knq, kwords, kfast = quant(k, _chunk(rk))
     vl, vs, vl_b, vl_g, vs_b, vs_g, vbits, vqg, vnq, vwords, vfast = quant(v, block_rv)
     positions, k_rank = _tokens(positions), _tokens(k_rank.int() if k_rank.dtype != torch.int32 else k_rank)
+    by_slot = cos.dim() == 3  # rows per slot [B, T, HALF] (contiguous rows, any batch stride), not tables
+    rows_ok = cos.stride()[1:] == (D // 2, 1) and cos.stride(0) % (D // 2) == 0 and sin.stride() == cos.stride()
+    if not (by_slot and rows_ok):
+        cos, sin = cos.contiguous(), sin.contiguous()
     _palu_decode_kernel[(hkv, splits, B)](
         q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
         k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
         positions, k_rank, q_rank.reshape(B).int().contiguous(),
-        cos.contiguous(), sin.contiguous(), po if po is not None else dummy, pml, length if length is not None else dummy,
+        cos, sin, po if po is not None else dummy, pml, length if length is not None else dummy,
         scores if two_pass else dummy,
         kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
+        cos.stride(0) // (D // 2) if by_slot else 0,
         T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
         float(k_norm[1]) if k_norm is not None else 0.0,
         GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,
@@ -731,7 +755,8 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, HAS_LEN=length is not None,
         ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"], SCORES_ONLY=two_pass,
-        PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), SLICES=slices, num_warps=tuned["NUM_WARPS"],
+        PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), SLICES=slices, ROPE_BY_SLOT=by_slot,
+        num_warps=tuned["NUM_WARPS"],
         num_stages=stages,
         **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),
     )

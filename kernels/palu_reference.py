@@ -164,12 +164,21 @@ def rope_half_tables(rotary_emb, length: int, head_dim: int, device, dtype) -> t
             sin[0, :, :half].to(device=device, dtype=dtype).contiguous())
 
 
+def rope_rows(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The half tables' rows at ``positions [B, T]`` (negative positions read row 0): ``cos``/``sin
+    [B, T, D / 2]``, the rows per slot that the attention functions take in place of tables."""
+    pos = positions.long().clamp_min(0)
+    return cos[pos], sin[pos]
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of ``x [B, H, T, D]`` at ``positions [B, T]``, as transformers applies it
-    (``x * cos + rotate_half(x) * sin`` in ``x.dtype``)."""
-    pos = positions.long().clamp_min(0)
-    c = torch.cat([cos[pos]] * 2, dim=-1)[:, None].to(x.dtype)
-    s = torch.cat([sin[pos]] * 2, dim=-1)[:, None].to(x.dtype)
+    (``x * cos + rotate_half(x) * sin`` in ``x.dtype``). ``cos``/``sin``: half tables ``[P, D / 2]``
+    indexed by position, or rows per slot ``[B, T, D / 2]`` (:func:`rope_rows`; positions unused)."""
+    if cos.dim() == 2:
+        cos, sin = rope_rows(positions, cos, sin)
+    c = torch.cat([cos] * 2, dim=-1)[:, None].to(x.dtype)
+    s = torch.cat([sin] * 2, dim=-1)[:, None].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * c + torch.cat([-x2, x1], dim=-1) * s
 

@@ -199,6 +199,38 @@ def test_decode_kernel_positions_and_scaled_tables(case):
     torch.testing.assert_close(palu.palu_decode(**a, splits=2), ref.latent_attention(**a), atol=2e-5, rtol=1e-4)
 
 
+def rows_with_room(positions, cos, sin, room=5):
+    """``ref.rope_rows`` as views of ``[B, T + room, D / 2]`` buffers (rows per slot with room to grow)."""
+    views = []
+    for rows in ref.rope_rows(positions, cos, sin):
+        buffer = torch.full((rows.shape[0], rows.shape[1] + room, rows.shape[2]), 7.0, dtype=rows.dtype,
+                            device=rows.device)
+        views.append(buffer[:, : rows.shape[1]].copy_(rows))
+    return views
+
+
+def test_rope_rows_per_slot_are_the_tables_at_the_positions():
+    a = make_case(stride=3)
+    keys = torch.randn(2, 4, 70, 16)
+    cos, sin = ref.rope_rows(a["positions"], a["cos"], a["sin"])
+    assert cos.shape == (2, 70, 8)
+    torch.testing.assert_close(ref.apply_rope(keys, a["positions"], cos, sin),
+                               ref.apply_rope(keys, a["positions"], a["cos"], a["sin"]))
+
+
+@interpreter_only
+@pytest.mark.parametrize("shape", [dict(stride=3), dict(bits=4, quant_group=4, rk=16, rv=8), dict(hq=4, hkv=4, gs=4)])
+@pytest.mark.parametrize("prefetch,two_pass", [(False, False), (True, False), (False, True)])
+def test_decode_kernel_rope_rows_per_slot(shape, prefetch, two_pass, monkeypatch):
+    """The rope rows given per slot (``[B, T, D / 2]`` views with room, ``ROPE_BY_SLOT``) instead of
+    tables gathered by position: the same result as the reference with the tables."""
+    settings(monkeypatch, PREFETCH=prefetch, TWO_PASS=two_pass, VALUES_BLOCK_N=16, QUERY_TILE=8)
+    a = make_case(**shape)
+    want = ref.latent_attention(**a)
+    a["cos"], a["sin"] = rows_with_room(a["positions"], a["cos"], a["sin"])
+    torch.testing.assert_close(palu.palu_decode(**a, splits=2), want, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "dtype,bits,gs,qpk,rk,rv,variant",
@@ -225,6 +257,9 @@ def test_decode_kernel_positions_and_scaled_tables(case):
         (torch.bfloat16, None, 1, 4, 64, 64, "slices-4"),  # a softmax state per warp
         (torch.bfloat16, 4, 1, 4, 64, 64, "slices-4"),
         (torch.bfloat16, None, 1, 1, 64, 64, "slices-4"),
+        (torch.bfloat16, None, 1, 4, 64, 64, "rope-by-slot"),  # rope rows per slot, loaded a block ahead
+        (torch.bfloat16, 4, 1, 4, 64, 64, "rope-by-slot"),
+        (torch.bfloat16, None, 1, 1, 64, 64, "rope-by-slot"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
@@ -238,6 +273,8 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
                   bits=bits, quant_group=32, pad=700, device="cuda")
     want = ref.latent_attention(**a)
+    if variant == "rope-by-slot":
+        a["cos"], a["sin"] = rows_with_room(a["positions"], a["cos"], a["sin"])
     got = palu.palu_decode(**a)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
