@@ -62,9 +62,10 @@ SHAPES = {"gqa": (32, 8), "mha": (32, 32)}  # (query heads, KV heads), D = 128
 D = 128
 
 
-def latent_case(T, hq, hkv, gs, ratio, bits, dev, dtype=torch.bfloat16, quant_group=32, batch=1, rope_by_slot=False):
-    """Random latents of ``T`` tokens per row and everything ``palu_decode`` takes (``rope_by_slot``: the
-    rope rows per slot, ``[B, T, D / 2]``, instead of tables gathered by position)."""
+def latent_case(T, hq, hkv, gs, ratio, bits, dev, dtype=torch.bfloat16, quant_group=32, batch=1, rope="rows"):
+    """Random latents of ``T`` tokens per row and everything ``palu_decode`` takes; ``rope``: the rope
+    rows per slot ``[B, T, D / 2]`` as the runtime keeps them ("rows"), or the half tables, gathered
+    by position in the kernel ("tables")."""
     groups = hkv // gs
     rank = int(gs * D * ratio)
     spec = ref.QuantSpec(bits, quant_group) if bits else None
@@ -80,7 +81,7 @@ def latent_case(T, hq, hkv, gs, ratio, bits, dev, dtype=torch.bfloat16, quant_gr
     inv = 1.0 / 500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D)
     angles = torch.arange(T, device=dev)[:, None].float() * inv
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    if rope_by_slot:
+    if rope == "rows":
         cos, sin = ref.rope_rows(positions, cos, sin)
     return dict(
         q=c.rand(batch, hq, 1, D, dev=dev, dtype=dtype), k=latents(), v=latents(),
@@ -126,7 +127,7 @@ def layer_settings(group_sizes, ratios, bits_list):
     return sorted(settings, key=lambda s: (s[0] != 1 or s[1] != 0.5, s[0], s[1]))
 
 
-def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list, rope_by_slot=False):
+def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list, rope="rows"):
     dense = {}
     for shape in shapes:  # dense first: the speed-ups need it
         for T in lengths:
@@ -140,7 +141,7 @@ def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list, rope_b
             for T in lengths:
                 t_dense, dense_bytes = dense[shape, T]
                 try:
-                    case = latent_case(T, hq, hkv, gs, ratio, bits, dev, rope_by_slot=rope_by_slot)
+                    case = latent_case(T, hq, hkv, gs, ratio, bits, dev, rope=rope)
                     t = c.graph_time(lambda: kernel.palu_decode(**case))
                 except Exception as error:  # a setting that does not compile or fit: recorded, the rest goes on
                     rec.add({"shape": shape, "tokens": T, "group_size": gs, "ratio": ratio, "bits": bits or 16,
@@ -161,7 +162,7 @@ def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list, rope_b
                         with c.skipped_launches(kernel, "_palu_values_kernel"):  # the keys' pass alone
                             extra["keys_pass_us"] = c.graph_time(lambda: kernel._launch_decode(*launch)) * 1e6
                 rec.add({"shape": shape, "tokens": T, "variant": f"palu gs={gs} r={ratio} bits={bits or 16}",
-                         **({"rope_by_slot": True} if rope_by_slot else {}),
+                         "rope": rope,
                          "group_size": gs, "ratio": ratio, "rank": rank, "bits": bits or 16, "us": t * 1e6,
                          "bytes": nbytes, "speedup": t_dense / t, "bytes_ratio": nbytes / dense_bytes,
                          "read_tb_s": nbytes / t / 1e12, "rebuild_tflop_s": flop / t / 1e12, "plan": plan, **extra})
@@ -290,9 +291,9 @@ GRIDS = {
                 *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8),
                 *_grid(64, 4, 3, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=152, QUERY_TILE=8),
                 *_grid(64, 4, 3, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168, QUERY_TILE=16)],
-    # round 16, with the rope rows per slot (--rope-by-slot): loaded like the latents, so the pipeliner double-buffers
-    # them and issues them a block ahead (offline: 388 instructions per block, 94 KB of shared memory at 3 stages: two
-    # programs per SM; 368 and 61 KB at 2 stages, single buffers)
+    # round 16, with the rope rows per slot (now the default input; round 16's JSONs say rope_by_slot): loaded like
+    # the latents, so the pipeliner double-buffers them and issues them a block ahead (offline: 388 instructions per
+    # block, 94 KB of shared memory at 3 stages: two programs per SM; 368 and 61 KB at 2 stages, single buffers)
     "round16": [*_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8),
                 *_grid(64, 4, 2, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168, QUERY_TILE=8),
                 *_grid(64, 4, 3, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=152, QUERY_TILE=8),
@@ -302,14 +303,14 @@ GRIDS = {
 }
 
 
-def max_error(hq, hkv, gs, ratio, bits, dev, T=2000, rope_by_slot=False):
+def max_error(hq, hkv, gs, ratio, bits, dev, T=2000, rope="rows"):
     """Largest |kernel - reference| at ``T`` tokens (the same compiled kernel as the timed case)."""
-    case = latent_case(T, hq, hkv, gs, ratio, bits, dev, rope_by_slot=rope_by_slot)
+    case = latent_case(T, hq, hkv, gs, ratio, bits, dev, rope=rope)
     want = ref.latent_attention(**case).float()
     return (kernel.palu_decode(**case).float() - want).abs().max().item()
 
 
-def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid="full", rope_by_slot=False):
+def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid="full", rope="rows"):
     """Settings of the decode kernel (module constants, ``GRIDS[grid]``) at one length, each checked
     against the reference at 2000 tokens (``max_err``); the defaults are restored."""
     hq, hkv = SHAPES[shape]
@@ -317,15 +318,15 @@ def sweep_rows(rec, dev, T, bits_list, shape="gqa", gs=1, ratio=0.5, grid="full"
     rec.add({"shape": shape, "tokens": T, "variant": "dense-sdpa", "us": t_dense * 1e6})
     with module_settings() as defaults:
         for bits in bits_list:
-            case = latent_case(T, hq, hkv, gs, ratio, bits, dev, rope_by_slot=rope_by_slot)
+            case = latent_case(T, hq, hkv, gs, ratio, bits, dev, rope=rope)
             for values in GRIDS[grid] if isinstance(grid, str) else grid:
                 for name, value in {**defaults, **values}.items():  # what a row does not name: the module's default
                     setattr(kernel, name, value)
                 row = {"shape": shape, "tokens": T, "bits": bits or 16, "group_size": gs, "ratio": ratio,
-                       **({"rope_by_slot": True} if rope_by_slot else {}),
+                       "rope": rope,
                        **{name.lower(): value for name, value in values.items()}}
                 try:
-                    err = max_error(hq, hkv, gs, ratio, bits, dev, rope_by_slot=rope_by_slot) if dev == "cuda" else 0.0
+                    err = max_error(hq, hkv, gs, ratio, bits, dev, rope=rope) if dev == "cuda" else 0.0
                     t = c.graph_time(lambda: kernel.palu_decode(**case))
                 except Exception as error:  # a setting that does not compile (resources)
                     rec.add({**row, "error": f"{type(error).__name__}: {str(error)[:200]}"})
@@ -423,7 +424,8 @@ def main():
     parser.add_argument("--tuning", nargs="*", default=[], help="sweep JSONs: run with the fastest settings")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON")
     parser.add_argument("--tag", default="", help="added to the JSON's name")
-    parser.add_argument("--rope-by-slot", action="store_true", help="layer, sweep: the rope rows per slot")
+    parser.add_argument("--rope", default="rows", choices=["rows", "tables"],
+                        help="layer, sweep: rope rows per slot (as the runtime keeps them) or tables gathered by position")
     parser.add_argument("--smoke", action="store_true", help="tiny lengths on CPU (interpreter), checks the script")
     args = parser.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -440,7 +442,7 @@ def main():
     try:
         if args.part == "layer":
             layer_rows(rec, dev, [256] if args.smoke else lengths, args.shapes, args.group_sizes, args.ratios, bits,
-                       args.rope_by_slot)
+                       args.rope)
             c.table("Palu decode attention, one layer", [r for r in rec.rows if "us" in r],
                     [("shape", "{}"), ("tokens", "{}"), ("variant", "{}"), ("us", "{:.1f}"), ("speedup", "{:.2f}x")])
         elif args.part == "sweep":
@@ -449,7 +451,7 @@ def main():
                                                         _two_pass(16, 4, 1, 1, values=(16, 4, 1, 1))])
             else:
                 sweep_rows(rec, dev, lengths[-1], bits, shape=args.shapes[0], grid=args.grid,
-                           rope_by_slot=args.rope_by_slot)
+                           rope=args.rope)
         else:
             tpot_rows(rec, dev, [1024] if args.smoke else lengths, args.smoke, steps=2 if args.smoke else 8,
                       chunk=512 if args.smoke else 8 * c.K, names=args.variants or tuple(TPOT_VARIANTS))

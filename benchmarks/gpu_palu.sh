@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_palu.sh round14  (<= 8 min) GPU tests, round14 sweep (a softmax state per warp), layer with its fastest
 #   bash benchmarks/gpu_palu.sh round15  (<= 9 min) GPU tests, layer before (OLD) and after, round15 sweep, stall profile
 #   bash benchmarks/gpu_palu.sh round16  (<= 8 min) GPU tests, round16 sweep and layer with the rope rows per slot
+#   bash benchmarks/gpu_palu.sh round17  (<= 9 min) every Palu GPU test, layer, graph decode per token, stall profile
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
@@ -132,13 +133,22 @@ PY
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
     for shape in gqa mha; do
       tag=_r16$([ $shape = mha ] && echo _mha)
-      timeout 150 python benchmarks/bench_palu.py sweep --grid round16 --rope-by-slot --bits 16 4 --shapes $shape \
+      timeout 150 python benchmarks/bench_palu.py sweep --grid round16 --bits 16 4 --shapes $shape \
         --tag "$tag" --out "$R" > "$R/sweep$tag.log" 2>&1
       tail -1 "$R/sweep$tag.log"
     done
-    timeout 100 python benchmarks/bench_palu.py layer --rope-by-slot --tuning "$R"/palu_sweep_r16*_NVIDIA*.json \
+    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r16*_NVIDIA*.json \
       --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag _r16 --out "$R" > "$R/layer_r16.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r16.log" | tail -12 ;;
+  round17)  # the rope rows per slot in the runtime and TUNED: every Palu GPU test, the layer at 64K/128K, graph decode
+            # per token at 64K/128K, where the decode's warps wait now
+    timeout 200 pytest -m gpu -q -p no:cacheprovider tests/ -k "palu or Palu" 2>&1 | tee "$R/gpu_tests.log" | tail -5
+    timeout 100 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --lengths 65536 131072 \
+      --tag _r17 --out "$R" > "$R/layer_r17.log" 2>&1
+    grep " | " "$R/layer_r17.log" | tail -8
+    timeout 200 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph --tag _r17 \
+      --out "$R" 2>&1 | tee "$R/tpot_r17.log" | grep -v "^{" | tail -4
+    OUT=$R CASES=palu timeout 100 bash benchmarks/gpu_profile.sh stalls 2>&1 | grep -E "Duration|Stall (Long|Short|Wait|Barrier)" ;;
   round12|round14)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at 64K/128K with its fastest
     t=_r${part#round}
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
@@ -188,6 +198,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

@@ -65,17 +65,18 @@ TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTY
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
 # unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
 # module constants. 128K tokens, Llama-3-8B shape (and MHA: 32 KV heads), groups of one KV head, half
-# rank. Round 12 (palu_sweep_r12{,_mha}_NVIDIA_H200.json): bf16 latents without the hand prefetch, three
-# programs per SM under a 168-register cap, query heads padded to 8: 119.6 us (GQA) against 129.7 as tuned
-# before, and in one pass for MHA too (433.9 us; two passes 440.9); 4 bits with the hand prefetch, two per
-# SM, query heads padded to 8: 133.5 us against 147.8; round 14 (palu_sweep_r14{,_mha}_NVIDIA_H200.json): a
-# softmax state per warp (SOFTMAX_SLICES=4) 487.7 us against 513.7 on MHA at 4 bits, the same on the 8B shape
-# (133.3 / 133.7), slower with bf16 latents (149.6 / 120.0 us). The rotation in bf16 (as transformers rounds it;
-# fewer instructions per block): 131 us against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json). 2 and 3
-# bits keep the first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json).
+# rank, the rope rows per slot (as the runtime keeps them). Round 16 (palu_sweep_r16{,_mha}_NVIDIA_H200.json):
+# bf16 latents without the hand prefetch, two programs per SM (the rows double-buffered: 94 KB of shared
+# memory each), query heads padded to 8 (mma.sync for the score and value dots): 92.4 us (GQA) and 334.6 us
+# (MHA) against 103.3 / 366.6 with three programs per SM at two stages (single buffers). 4 bits (rounds 12
+# and 14, palu_sweep_r1{2,4}*_NVIDIA_H200.json, within 3% of round 16's best): the hand prefetch, two per SM,
+# query heads padded to 8, a softmax state per warp (SOFTMAX_SLICES=4). The rotation in bf16 (as transformers
+# rounds it; fewer instructions per block): 131 us against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json). 2 and 3
+# bits keep the first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json). Tables gathered by position (the
+# other input form) were fastest at three programs per SM under a 168-register cap (round 15: 114.0 us).
 TUNED: dict[tuple[int, int | None], dict] = {
-    (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, ROPE_IN_DTYPE=True,
-                    MAX_REGISTERS=168, QUERY_TILE=8),
+    (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=False, ROPE_IN_DTYPE=True,
+                    QUERY_TILE=8),
     (2, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
     (3, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
     (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, ROPE_IN_DTYPE=True,
@@ -645,7 +646,7 @@ def palu_decode(
     v: ref.Latents,
     k_up: torch.Tensor,
     v_up: torch.Tensor,
-    positions: torch.Tensor,
+    positions: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
     q_rank: torch.Tensor,
@@ -664,8 +665,8 @@ def palu_decode(
     ``q [B, Hq, 1, D]`` post-RoPE; latents ``[B, G, T, .]`` (``Latents``); ``k_up``/``v_up
     [G, gs * D, r]`` in ``q.dtype``; ``positions``/``k_rank [B, T]``; ``q_rank [B, 1]``; ``cos``/``sin
     [P, D / 2]`` covering every position, or their rows per slot ``[B, T, D / 2]``
-    (``palu_reference.rope_rows``: loaded as the latents are, a block ahead, instead of gathered at
-    positions loaded in the same step). ``splits``: programs per (row, KV head) along the tokens
+    (``palu_reference.rope_rows``; ``positions`` may then be None): loaded as the latents are, a block
+    ahead, instead of gathered at positions loaded in the same step (the faster form on the H200). ``splits``: programs per (row, KV head) along the tokens
     (default: enough to fill the GPU). ``length``: ``[1]`` int32 on the device, the tokens in use of
     buffers of ``T`` slots (a static decode step, CUDA-graph capturable: nothing here reads a device
     value on the host)."""
@@ -735,8 +736,9 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
 
     kl, ks, kl_b, kl_g, ks_b, ks_g, kbits, kqg, knq, kwords, kfast = quant(k, _chunk(rk))
     vl, vs, vl_b, vl_g, vs_b, vs_g, vbits, vqg, vnq, vwords, vfast = quant(v, block_rv)
-    positions, k_rank = _tokens(positions), _tokens(k_rank.int() if k_rank.dtype != torch.int32 else k_rank)
+    k_rank = _tokens(k_rank.int() if k_rank.dtype != torch.int32 else k_rank)
     by_slot = cos.dim() == 3  # rows per slot [B, T, HALF] (contiguous rows, any batch stride), not tables
+    positions = k_rank if by_slot and positions is None else _tokens(positions)  # (unread with rows per slot)
     rows_ok = cos.stride()[1:] == (D // 2, 1) and cos.stride(0) % (D // 2) == 0 and sin.stride() == cos.stride()
     if not (by_slot and rows_ok):
         cos, sin = cos.contiguous(), sin.contiguous()

@@ -171,7 +171,7 @@ def rope_rows(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return cos[pos], sin[pos]
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of ``x [B, H, T, D]`` at ``positions [B, T]``, as transformers applies it
     (``x * cos + rotate_half(x) * sin`` in ``x.dtype``). ``cos``/``sin``: half tables ``[P, D / 2]``
     indexed by position, or rows per slot ``[B, T, D / 2]`` (:func:`rope_rows`; positions unused)."""
@@ -204,7 +204,7 @@ def rebuild(h: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None, head_d
 def rebuild_keys(
     k: Latents,
     up: torch.Tensor,
-    positions: torch.Tensor,
+    positions: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -244,7 +244,7 @@ def latent_attention(
     v: Latents,
     k_up: torch.Tensor,
     v_up: torch.Tensor,
-    positions: torch.Tensor,
+    positions: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
     q_rank: torch.Tensor,
@@ -256,8 +256,8 @@ def latent_attention(
     window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of post-RoPE queries ``q [B, Hq, Lq, D]`` over a latent cache (module docstring):
-    keys rebuilt and rotated at ``positions [B, T]``, values rebuilt; masks from ranks
-    (``kvpress.kernels.reference``). Returns ``[B, Hq, Lq, D]`` in ``q.dtype``."""
+    keys rebuilt and rotated at ``positions [B, T]`` (or by the rope rows per slot), values rebuilt; masks
+    from ranks (``kvpress.kernels.reference``). Returns ``[B, Hq, Lq, D]`` in ``q.dtype``."""
     head_dim = q.shape[-1]
     keys = rebuild_keys(k, k_up, positions, cos, sin, k_bias, k_norm).to(q.dtype)
     values = rebuild(v.values(), v_up, v_bias, head_dim).to(q.dtype)

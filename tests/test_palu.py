@@ -183,7 +183,8 @@ def test_cache_holds_latents_only():
             sizes[name] = kvpress.kv_cache_bytes(cache)
         finally:
             kvpress.unpatch(model)
-    bookkeeping = 2 * 16 * 4 * 2 + 2 * 4  # ranks and positions [2, 16] int32, num_real
+    rope_rows = 2 * 2 * 16 * model.config.head_dim // 2 * model.dtype.itemsize  # cos and sin [2, 16, D / 2], the model's dtype
+    bookkeeping = 2 * 16 * 4 + 2 * 4 + rope_rows  # ranks [2, 16] int32, num_real
     assert sizes["full"] == dense + bookkeeping
     assert sizes["half"] == dense // 2 + bookkeeping
     # 8 latents of 4 bits = one int32 word per token and group, plus a scale and a minimum (fp32)

@@ -2,8 +2,9 @@
 
 Each layer's ``k_proj`` and ``v_proj`` are factored per group of ``group_size`` KV heads into
 ``down`` (hidden -> rank) and ``up`` (rank -> the group's heads); the cache stores only the latents
-``x @ down.T`` of every token, *before* RoPE (optionally quantised to 2-4 bits), plus their rotary
-positions. See ``kvpress.kernels.palu_reference`` for the layout and the math,
+``x @ down.T`` of every token, *before* RoPE (optionally quantised to 2-4 bits), plus the rope rows of
+their positions (``cos``/``sin``, one pair of buffers per device shared by the layers). See
+``kvpress.kernels.palu_reference`` for the layout and the math,
 ``kvpress.calibration.palu`` for how the factors are made.
 
 transformers applies RoPE before ``cache.update``, so Palu cannot work through the attention
@@ -27,6 +28,7 @@ import math
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -187,32 +189,39 @@ class PaluView:
 
     k: ref.Latents  # [B, G, T, .] every cached token, the new ones included
     v: ref.Latents
-    positions: torch.Tensor  # [B, T] int32 rotary positions
+    cos: torch.Tensor  # [B, T, D / 2] the rope rows at each token's position (palu_reference.rope_rows)
+    sin: torch.Tensor
     rank: torch.Tensor  # [B, T] int32 token ranks
     query_rank: torch.Tensor  # [B, n]
     length: torch.Tensor | None = None  # [1] int32 on the device: slots in use (static decode steps); None: all T
 
 
+RopeAt = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]  # (positions [B, n], slots) -> rows
+
+
 class PaluLayer(KVPressLayer):
     """Latent cache of one layer: key and value latents ``[B, G, T, r]`` (or packed codes and
-    scales/minima) in append buffers; the rotary positions ``[B, T]`` are one buffer shared by every
-    layer of the cache on one device (written by the first layer there).
+    scales/minima) in append buffers. The rope rows of the tokens' positions, ``cos``/``sin [B, T, D / 2]``,
+    are one pair of buffers shared by every layer of the cache on one device, written by the first
+    layer there (``rope_at`` set: the runtime's tables at the new tokens' positions): the decode kernel
+    loads them by slot, as it loads the latents, a block ahead (gathering table rows at positions loaded
+    in the same step kept it waiting on memory: docs/palu.md).
 
     Static decode steps (``decode="graph"``, ``kvpress.graph``): the new token's latents (and
-    position) are written at the slot the device count gives, the attention gets the whole storages
+    rope rows) are written at the slot the device count gives, the attention gets the whole storages
     with that count (the kernel stops there; the reference masks the ranks beyond it), and the host
     lengths advance after the step. Slots past the filled part are zeroed whenever the buffers are
     prepared, so that no uninitialised value is ever read."""
 
     static_decode = True
 
-    def __init__(self, ledger: TokenLedger, owns_ledger: bool, plan: LayerPlan, positions: AppendBuffer,
-                 writes_positions: bool):
+    def __init__(self, ledger: TokenLedger, owns_ledger: bool, plan: LayerPlan,
+                 rope: tuple[AppendBuffer, AppendBuffer], rope_at: RopeAt | None):
         super().__init__(ledger, owns_ledger)
         self.plan = plan
         self.buffers = {name: AppendBuffer(dim=2) for name in ("k", "k_sm", "v", "v_sm")}
-        self.positions = positions
-        self.writes_positions = writes_positions
+        self.rope = rope
+        self.rope_at = rope_at  # None: another layer on this device writes the shared rope rows
 
     def update(self, key_latents: torch.Tensor, value_latents: torch.Tensor, *args, **kwargs) -> PaluView:
         """Append the latents ``[B, G, n, r]`` of a forward's new tokens (quantised here when set)."""
@@ -223,10 +232,11 @@ class PaluLayer(KVPressLayer):
             return self._static_update(step, key_latents, value_latents)
         if self.ledger.recovering:  # drop what a forward that failed half-way appended
             full, _ = self.ledger.committed()
-            for buffer in (*self.buffers.values(), *([self.positions] if self.writes_positions else [])):
+            for buffer in self._written_buffers():
                 buffer.truncate(full)
-        if self.writes_positions:
-            self.positions.append(step.positions.to(torch.int32))
+        if self.rope_at is not None:
+            for buffer, rows in zip(self.rope, self.rope_at(step.positions, self.ledger.seen + step.new_rank.shape[1])):
+                buffer.append(rows)
         sides = []
         for side, h, spec in (("k", key_latents, self.plan.k_quant), ("v", value_latents, self.plan.v_quant)):
             if spec is None:
@@ -235,25 +245,28 @@ class PaluLayer(KVPressLayer):
                 words, scale_min = ref.quantize(h, spec)
                 sides.append(ref.Latents(self.buffers[side].append(words), h.shape[-1], spec,
                                          self.buffers[side + "_sm"].append(scale_min)))
-        return PaluView(sides[0], sides[1], self.positions.tensor, step.all_rank, step.new_rank)
+        return PaluView(sides[0], sides[1], self.rope[0].tensor, self.rope[1].tensor, step.all_rank, step.new_rank)
+
+    def _written_buffers(self) -> list[AppendBuffer]:
+        """The buffers this layer appends to: its latents, and the shared rope rows when it writes them."""
+        return [*self.buffers.values(), *(self.rope if self.rope_at is not None else ())]
 
     def held_tensors(self) -> list[torch.Tensor]:
-        buffers = (*self.buffers.values(), self.positions)
-        return [b.storage for b in buffers if b.storage is not None]
+        return [b.storage for b in (*self.buffers.values(), *self.rope) if b.storage is not None]
 
     # -- static decode steps (kvpress.graph) ----------------------------------------------------
 
     def _static_buffers(self) -> list[AppendBuffer]:
-        used = [b for b in self.buffers.values() if b.storage is not None]
-        return used + ([self.positions] if self.writes_positions else [])
+        return [b for b in self._written_buffers() if b.storage is not None]
 
     def _static_update(self, step, key_latents: torch.Tensor, value_latents: torch.Tensor) -> PaluView:
         """A static decode step: write the new latents at slot ``length - 1`` (device count), view the
         whole storages."""
         length = step.lengths[None]
         slot = (length - 1).long()
-        if self.writes_positions:
-            self.positions.storage.index_copy_(1, slot, step.positions.to(torch.int32))
+        if self.rope_at is not None:  # the tables cover every slot of the buffers (a captured step reads them)
+            for buffer, rows in zip(self.rope, self.rope_at(step.positions, self.rope[0].capacity)):
+                buffer.storage.index_copy_(1, slot, rows)
         sides = []
         for side, h, spec in (("k", key_latents, self.plan.k_quant), ("v", value_latents, self.plan.v_quant)):
             buffer = self.buffers[side]
@@ -266,7 +279,8 @@ class PaluLayer(KVPressLayer):
                 buffer.storage.index_copy_(2, slot, words)
                 scales.storage.index_copy_(2, slot, scale_min)
                 sides.append(ref.Latents(buffer.storage, h.shape[-1], spec, scales.storage))
-        return PaluView(sides[0], sides[1], self.positions.storage, step.all_rank, step.new_rank, length)
+        return PaluView(sides[0], sides[1], self.rope[0].storage, self.rope[1].storage, step.all_rank, step.new_rank,
+                        length)
 
     def prepare_static(self) -> int:
         needed, capacity = self.ledger.static_room(None)
@@ -288,10 +302,8 @@ class PaluLayer(KVPressLayer):
             buffer.length += 1
 
     def select_batch(self, index: torch.Tensor) -> None:
-        for buffer in self.buffers.values():
+        for buffer in self._written_buffers():
             buffer.select_batch(index)
-        if self.writes_positions:
-            self.positions.select_batch(index)
 
 
 class Palu(Method):
@@ -321,7 +333,7 @@ class Palu(Method):
         elif config.num_layers != shape.num_layers:
             raise ValueError(f"this PaluConfig has factors for {config.num_layers} layers, the model has {shape.num_layers}")
         self.plans = [self._plan(i, module, config) for i, module in enumerate(info.attention_modules)]
-        self._positions = weakref.WeakKeyDictionary()  # ledger -> {device: the positions buffer its layers there share}
+        self._rope = weakref.WeakKeyDictionary()  # ledger -> {device: the rope rows its layers there share}
         self._tables: dict = {}  # (device, dtype) -> (cos, sin) [P, D / 2]
 
     def _plan(self, i: int, module, config: PaluConfig) -> LayerPlan:
@@ -367,13 +379,14 @@ class Palu(Method):
         return LedgerSpec(all_ranks=True, positions=True)
 
     def make_layer(self, layer_idx: int, ledger: TokenLedger) -> PaluLayer:
-        # one positions buffer per device the layers run on (device_map), written by the first layer there
-        shared = self._positions.setdefault(ledger, {})
-        device = self.plans[layer_idx].k_up.device
-        writes = device not in shared
-        positions = shared.setdefault(device, AppendBuffer(dim=1))
-        return PaluLayer(ledger, owns_ledger=layer_idx == self.info.shape.num_layers - 1, plan=self.plans[layer_idx],
-                         positions=positions, writes_positions=writes)
+        # one pair of rope-row buffers per device the layers run on (device_map), written by the first layer there
+        shared = self._rope.setdefault(ledger, {})
+        plan = self.plans[layer_idx]
+        device = plan.k_up.device
+        rope_at = None if device in shared else functools.partial(self.rope_rows, dtype=plan.k_up.dtype)
+        rope = shared.setdefault(device, (AppendBuffer(dim=1), AppendBuffer(dim=1)))
+        return PaluLayer(ledger, owns_ledger=layer_idx == self.info.shape.num_layers - 1, plan=plan, rope=rope,
+                         rope_at=rope_at)
 
     # -- the model ------------------------------------------------------------------------------
 
@@ -387,13 +400,15 @@ class Palu(Method):
             "Call the patched model itself (model(...) or model.generate(...))"
         )
 
-    def rope_tables(self, positions: torch.Tensor, ledger: TokenLedger, num_new: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Half tables ``cos``/``sin [P, D / 2]`` covering every position seen so far (grown by doubling);
-        at a static decode step, every slot of the buffers (``positions [B, capacity]``): a captured
-        step keeps reading the same tables until the buffers grow (which captures it again)."""
+    def rope_rows(self, positions: torch.Tensor, slots: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rope rows ``cos``/``sin [B, n, D / 2]`` at the new tokens' ``positions [B, n]``, from half
+        tables (``[P, D / 2]`` per device and dtype, grown by doubling) that cover positions up to ``slots``
+        (the tokens cached, or at a static decode step every slot of the buffers: a captured step keeps
+        reading the same tables until the buffers grow, which captures it again) and, at a prefill, the
+        largest new position (one host sync per forward, not per step)."""
         key = (positions.device, dtype)
-        needed = max(ledger.seen + num_new, positions.shape[-1]) + 1
-        if num_new > 1:  # prefill: the exact largest position (one host sync per forward, not per step)
+        needed = slots + 1
+        if positions.shape[-1] > 1:
             needed = max(needed, int(positions.max()) + 2)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < needed:
@@ -401,13 +416,13 @@ class Palu(Method):
             rotary = self.info.base_model.rotary_emb
             table = ref.rope_half_tables(rotary, length, self.info.shape.head_dim, positions.device, dtype)
             self._tables[key] = table
-        return table
+        return ref.rope_rows(positions, *table)
 
-    def attend(self, module, q: torch.Tensor, view: PaluView, plan: LayerPlan, cos, sin) -> torch.Tensor:
+    def attend(self, module, q: torch.Tensor, view: PaluView, plan: LayerPlan) -> torch.Tensor:
         """Attention ``[B, Hq, n, D]`` of post-RoPE queries over the layer's latent cache."""
         scale = getattr(module, "scaling", q.shape[-1] ** -0.5)
-        args = dict(q=q, k=view.k, v=view.v, k_up=plan.k_up, v_up=plan.v_up, positions=view.positions, cos=cos,
-                    sin=sin, q_rank=view.query_rank, k_rank=view.rank, scale=scale, k_bias=plan.k_bias,
+        args = dict(q=q, k=view.k, v=view.v, k_up=plan.k_up, v_up=plan.v_up, positions=None, cos=view.cos,
+                    sin=view.sin, q_rank=view.query_rank, k_rank=view.rank, scale=scale, k_bias=plan.k_bias,
                     v_bias=plan.v_bias, k_norm=plan.k_norm, window=plan.window)
         if q.shape[2] == 1:
             if _use_kernel(q):
@@ -418,7 +433,7 @@ class Palu(Method):
                 slots = torch.arange(view.rank.shape[-1], device=view.rank.device)
                 args["k_rank"] = torch.where(slots < view.length, view.rank, -1)
             return ref.latent_attention(**args)
-        keys = ref.rebuild_keys(view.k, plan.k_up, view.positions, cos, sin, plan.k_bias, plan.k_norm).to(q.dtype)
+        keys = ref.rebuild_keys(view.k, plan.k_up, None, view.cos, view.sin, plan.k_bias, plan.k_norm).to(q.dtype)
         values = ref.rebuild(view.v.values(), plan.v_up, plan.v_bias, q.shape[-1]).to(q.dtype)
         heads = torch.arange(keys.shape[1], device=q.device)
         full_prefill = self.prefill_method.full_prefill
@@ -457,8 +472,7 @@ def palu_forward(module, hidden_states: torch.Tensor, position_embeddings=None, 
     layer = cache.layers[module.layer_idx]
     view = layer.update(ref.project(hidden_states, plan.k_down, plan.groups),
                         ref.project(hidden_states, plan.v_down, plan.groups))
-    tables = runtime.rope_tables(view.positions, layer.ledger, n, q.dtype)
-    out = runtime.attend(module, q, view, plan, *tables)
+    out = runtime.attend(module, q, view, plan)
     out = out.transpose(1, 2).reshape(batch, n, -1)
     return module.o_proj(out), None
 
