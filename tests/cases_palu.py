@@ -13,11 +13,12 @@ LOSSY = dict(method="palu", rank_ratio=0.5, group_size=2)  # plain SVD factors f
 
 def palu_bytes(model, length: int) -> int:
     """Half-rank latents of keys and values (groups of 2 KV heads, rank = 2 * D / 2 per group), the
-    positions of every token (shared by the layers), their ranks and the real-token count."""
+    rope rows of every token (cos and sin, D / 2 each, shared by the layers), their ranks and the
+    real-token count."""
     config = model.config
     groups = config.num_key_value_heads // 2
     latents = config.num_hidden_layers * 2 * groups * config.head_dim * length * FP32
-    return latents + 4 * length + 4 * length + 4
+    return latents + config.head_dim * length * FP32 + 4 * length + 4
 
 
 CASE = ConformanceCase(
