@@ -425,7 +425,8 @@ def main():
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON")
     parser.add_argument("--tag", default="", help="added to the JSON's name")
     parser.add_argument("--rope", default="rows", choices=["rows", "tables"],
-                        help="layer, sweep: rope rows per slot (as the runtime keeps them) or tables gathered by position")
+                        help="layer, sweep: rope rows per slot (as the runtime keeps them) or tables gathered "
+                             "by position")
     parser.add_argument("--smoke", action="store_true", help="tiny lengths on CPU (interpreter), checks the script")
     args = parser.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -666,10 +666,10 @@ def palu_decode(
     [G, gs * D, r]`` in ``q.dtype``; ``positions``/``k_rank [B, T]``; ``q_rank [B, 1]``; ``cos``/``sin
     [P, D / 2]`` covering every position, or their rows per slot ``[B, T, D / 2]``
     (``palu_reference.rope_rows``; ``positions`` may then be None): loaded as the latents are, a block
-    ahead, instead of gathered at positions loaded in the same step (the faster form on the H200). ``splits``: programs per (row, KV head) along the tokens
-    (default: enough to fill the GPU). ``length``: ``[1]`` int32 on the device, the tokens in use of
-    buffers of ``T`` slots (a static decode step, CUDA-graph capturable: nothing here reads a device
-    value on the host)."""
+    ahead, instead of gathered at positions loaded in the same step (the faster form on the H200).
+    ``splits``: programs per (row, KV head) along the tokens (default: enough to fill the GPU).
+    ``length``: ``[1]`` int32 on the device, the tokens in use of buffers of ``T`` slots (a static
+    decode step, CUDA-graph capturable: nothing here reads a device value on the host)."""
     B, hq, _, D = q.shape
     G, rows, rk = k_up.shape
     gs = rows // D

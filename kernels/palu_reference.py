@@ -19,7 +19,8 @@ Keys are cached *before* RoPE: they are rebuilt, biased (Qwen2), normalised per 
 ``k_norm``) and rotated at each cached token's own position, exactly in the order the model does it.
 The rotation uses a half table ``cos``/``sin`` ``[P, D / 2]`` (position ``p`` -> row ``p``), made from
 the model's own rotary module (rope scaling and attention scaling included; transformers' tables
-repeat the first half in the second). Values need no RoPE: attention runs on the value latents and
+repeat the first half in the second), or its rows at each token's position, ``[B, T, D / 2]``
+(:func:`rope_rows`: what the Palu cache keeps). Values need no RoPE: attention runs on the value latents and
 the result is up-projected once per query head (``out_h = up_h @ sum_t p_t h_t + bias_h``).
 """
 
