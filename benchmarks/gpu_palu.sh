@@ -18,6 +18,7 @@
 #   bash benchmarks/gpu_palu.sh round15  (<= 9 min) GPU tests, layer before (OLD) and after, round15 sweep, stall profile
 #   bash benchmarks/gpu_palu.sh round16  (<= 8 min) GPU tests, round16 sweep and layer with the rope rows per slot
 #   bash benchmarks/gpu_palu.sh round17  (<= 9 min) every Palu GPU test, layer, graph decode per token, stall profile
+#   bash benchmarks/gpu_palu.sh round18  (<= 4 min) kernel GPU tests, layer at 128K before (OLD) and after (bf16)
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
@@ -149,6 +150,14 @@ PY
     timeout 200 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph --tag _r17 \
       --out "$R" 2>&1 | tee "$R/tpot_r17.log" | grep -v "^{" | tail -4
     OUT=$R CASES=palu timeout 100 bash benchmarks/gpu_profile.sh stalls 2>&1 | grep -E "Duration|Stall (Long|Short|Wait|Barrier)" ;;
+  round18)  # the keys rebuilt by one MMA chain of the whole head (then split in halves): GPU tests of the kernel, the layer
+            # at 128K with bf16 latents before (OLD: the previous tree) and after, in the same run
+    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -3
+    for tree in ${OLD:+before} after; do
+      PYTHONPATH=$([ $tree = before ] && echo "$OLD" || echo "$PYTHONPATH") timeout 100 python benchmarks/bench_palu.py layer \
+        --group-sizes 1 --ratios 0.5 --bits 16 --lengths 131072 --tag "_r18_$tree" --out "$R" > "$R/layer_r18_$tree.log" 2>&1
+      grep " | " "$R/layer_r18_$tree.log" | tail -4
+    done ;;
   round12|round14)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at 64K/128K with its fastest
     t=_r${part#round}
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
@@ -198,6 +207,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"
