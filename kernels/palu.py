@@ -68,7 +68,8 @@ TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTY
 # rank, the rope rows per slot (as the runtime keeps them). Round 16 (palu_sweep_r16{,_mha}_NVIDIA_H200.json):
 # bf16 latents without the hand prefetch, two programs per SM (the rows double-buffered: 94 KB of shared
 # memory each), query heads padded to 8 (mma.sync for the score and value dots): 92.4 us (GQA) and 334.6 us
-# (MHA) against 103.3 / 366.6 with three programs per SM at two stages (single buffers). 4 bits (rounds 12
+# (MHA) against 103.3 / 366.6 with three programs per SM at two stages (single buffers); with the keys rebuilt
+# by one MMA chain (round 18, palu_layer_r18_*_NVIDIA_H200.json) 89.5 / 318.3 us. 4 bits (rounds 12
 # and 14, palu_sweep_r1{2,4}*_NVIDIA_H200.json, within 3% of round 16's best): the hand prefetch, two per SM,
 # query heads padded to 8, a softmax state per warp (SOFTMAX_SLICES=4). The rotation in bf16 (as transformers
 # rounds it; fewer instructions per block): 131 us against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json). 2 and 3
