@@ -21,6 +21,7 @@
 #   bash benchmarks/gpu_palu.sh round18  (<= 4 min) kernel GPU tests, layer at 128K before (OLD) and after (bf16)
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
+#   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
 #   bash benchmarks/gpu_palu.sh tpot     8B-shaped Llama: time per output token, peak memory (64K, 128K)
 #                                        (VARIANTS="dense-graph palu-50-4bit-graph" TAG=_r15: some variants, tagged)
 set -uo pipefail
@@ -203,10 +204,14 @@ PY
     timeout 120 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5 ;;
   graph-probe)  # where graph decode and eager decode part (the GPU test test_gpu_graph_decode_equals_eager)
     timeout 150 python benchmarks/palu_graph_probe.py --out "$R" > "$R/graph_probe.log" 2>&1; grep "^{" "$R/graph_probe.log" || tail -20 "$R/graph_probe.log" ;;
+  layer)  # the layer at 64K/128K, half rank, groups of one KV head, bf16 and 4-bit, GQA and MHA (TAG: the JSON's tag)
+    timeout 150 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --lengths 65536 131072 \
+      ${TAG:+--tag $TAG} --out "$R" > "$R/layer${TAG:-}.log" 2>&1
+    grep " | " "$R/layer${TAG:-}.log" | tail -12 ;;
   tpot)  # VARIANTS / TAG: bench_palu.py tpot's --variants / --tag
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"
