@@ -28,15 +28,19 @@ TESTED_TRITON = ("3.6.",)
 
 
 @functools.lru_cache
+def _nvidia_major(device: torch.device) -> int:
+    """The compute capability's major version of an NVIDIA GPU; 0 for anything else (CPU, ROCm)."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" and torch.version.hip is None else 0
+
+
 def has_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch (``launch_pdl``, ``gdc_wait``): NVIDIA Hopper (sm_90) and later."""
-    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    return _nvidia_major(device) >= 9
 
 
-@functools.lru_cache
 def has_packed_cvt(device: torch.device) -> bool:
     """PTX ``cvt.rn.bf16x2.f32`` / ``cvt.rn.f16x2.f32`` (two conversions per instruction): NVIDIA sm_80 and later."""
-    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 8
+    return _nvidia_major(device) >= 8
 
 
 class Launcher:

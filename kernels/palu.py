@@ -742,6 +742,12 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     vl, vs, vl_b, vl_g, vs_b, vs_g, vbits, vqg, vnq, vwords, vfast = quant(v, block_rv)
     k_rank = _tokens(k_rank.int() if k_rank.dtype != torch.int32 else k_rank)
     by_slot = cos.dim() == 3  # rows per slot [B, T, HALF] (contiguous rows, any batch stride), not tables
+    if by_slot and (cos.shape[0] != B or cos.shape[1] < T or sin.shape != cos.shape):
+        raise ValueError(f"Palu decode: rope rows per slot must be cos/sin [B={B}, T>={T}, {D // 2}], got "
+                         f"{tuple(cos.shape)} / {tuple(sin.shape)}")
+    if not by_slot and positions is None:
+        raise ValueError("Palu decode: half tables cos/sin [P, D / 2] need the positions [B, T]; pass them, or "
+                         "the rope rows per slot [B, T, D / 2] (palu_reference.rope_rows)")
     positions = k_rank if by_slot and positions is None else _tokens(positions)  # (unread with rows per slot)
     rows_ok = cos.stride()[1:] == (D // 2, 1) and cos.stride(0) % (D // 2) == 0 and sin.stride() == cos.stride()
     if not (by_slot and rows_ok):

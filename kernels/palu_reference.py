@@ -20,8 +20,8 @@ Keys are cached *before* RoPE: they are rebuilt, biased (Qwen2), normalised per 
 The rotation uses a half table ``cos``/``sin`` ``[P, D / 2]`` (position ``p`` -> row ``p``), made from
 the model's own rotary module (rope scaling and attention scaling included; transformers' tables
 repeat the first half in the second), or its rows at each token's position, ``[B, T, D / 2]``
-(:func:`rope_rows`: what the Palu cache keeps). Values need no RoPE: attention runs on the value latents and
-the result is up-projected once per query head (``out_h = up_h @ sum_t p_t h_t + bias_h``).
+(:func:`rope_rows`: what the Palu cache keeps). Values need no RoPE: attention runs on the value
+latents and the result is up-projected once per query head (``out_h = up_h @ sum_t p_t h_t + bias_h``).
 """
 
 from __future__ import annotations
@@ -177,6 +177,9 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, cos: torch.Tenso
     (``x * cos + rotate_half(x) * sin`` in ``x.dtype``). ``cos``/``sin``: half tables ``[P, D / 2]``
     indexed by position, or rows per slot ``[B, T, D / 2]`` (:func:`rope_rows`; positions unused)."""
     if cos.dim() == 2:
+        if positions is None:
+            raise ValueError("half tables cos/sin [P, D / 2] need the positions [B, T]; pass them, or the rope rows "
+                             "per slot [B, T, D / 2] (rope_rows)")
         cos, sin = rope_rows(positions, cos, sin)
     c = torch.cat([cos] * 2, dim=-1)[:, None].to(x.dtype)
     s = torch.cat([sin] * 2, dim=-1)[:, None].to(x.dtype)

@@ -218,6 +218,17 @@ def test_rope_rows_per_slot_are_the_tables_at_the_positions():
                                ref.apply_rope(keys, a["positions"], a["cos"], a["sin"]))
 
 
+def test_rope_inputs_that_do_not_fit_are_refused():
+    a = make_case()
+    with pytest.raises(ValueError, match="need the positions"):
+        ref.latent_attention(**{**a, "positions": None})
+    with pytest.raises(ValueError, match="need the positions"):
+        palu.palu_decode(**{**a, "positions": None})
+    cos, sin = ref.rope_rows(a["positions"], a["cos"], a["sin"])
+    with pytest.raises(ValueError, match="rope rows per slot must be"):
+        palu.palu_decode(**{**a, "cos": cos[:, :-1], "sin": sin[:, :-1]})  # a slot short
+
+
 @interpreter_only
 @pytest.mark.parametrize("shape", [dict(stride=3), dict(bits=4, quant_group=4, rk=16, rv=8), dict(hq=4, hkv=4, gs=4)])
 @pytest.mark.parametrize("prefetch,two_pass", [(False, False), (True, False), (False, True)])
