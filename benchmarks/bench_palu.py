@@ -2,7 +2,7 @@
 token of an 8B-shaped Llama.
 
     python benchmarks/bench_palu.py layer [--lengths 65536 131072] [--group-sizes 1 2 4]
-                                          [--ratios 0.25 0.5 0.75] [--bits 16 4] [--smoke]
+                                          [--ratios 0.25 0.5 0.75] [--bits 16 4] [--rope rows|tables] [--smoke]
     python benchmarks/bench_palu.py sweep [--lengths 131072]   # kernel settings at one length
     python benchmarks/bench_palu.py sweep --grid round3         # the settings the H200 sweep pointed to
     python benchmarks/bench_palu.py sweep --grid round5         # two passes (scores, then values) vs one
@@ -15,7 +15,8 @@ group size ``gs`` (KV heads per latent group) and kept rank ratio (per-group ran
 Rebuilding keys is compute (``2 * D * r`` FLOP per token and KV head, ``r`` the group's rank), so
 only small groups can beat dense decode by the issue's margins (>= 1.5x GQA, >= 1.8x MHA, >= 2.5x
 at 4 bits, at 64K and 128K). Each time is a CUDA graph replay with a cold L2
-(``common.graph_time``), next to dense SDPA decode on the same shape.
+(``common.graph_time``), next to dense SDPA decode on the same shape. The rope rows are given per slot,
+as the runtime keeps them (``--rope tables``: half tables gathered by position in the kernel).
 
 ``sweep``: the kernel's settings (token tile, warps, pipelining depth, programs per SM, hand
 prefetch, the rotation's dtype, one pass or two) at one length, GQA, groups of one KV head, half rank; each
