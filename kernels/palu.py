@@ -58,10 +58,15 @@ VALUES_STAGES = 3
 VALUES_PROGRAMS_PER_SM = 4
 MAX_REGISTERS = 0  # registers per thread the decode kernel may use (Triton's maxnreg; 0: the compiler's choice)
 QUERY_TILE = 16  # the query heads of a KV head padded to at least this many (the N of the score and value dots)
+# One softmax reference per program instead of a running maximum (see _palu_decode_kernel); log2 units a split's
+# maximum may lie from it before the split runs again against its maximum (p <= 2^64: fp32 sums of 2^17 tokens
+# of |v| < 2^16 stay finite; scores more than 64 below the maximum are under 2^-64 of it).
+FIXED_MAX = False
+FIXED_MAX_RANGE: tl.constexpr = tl.constexpr(64.0)
 SOFTMAX_SLICES = 1  # slices of each block's tokens with a softmax state and partial of their own (one per warp: 4)
 TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
            "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM", "MAX_REGISTERS",
-           "QUERY_TILE", "SOFTMAX_SLICES")
+           "QUERY_TILE", "SOFTMAX_SLICES", "FIXED_MAX")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
 # unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
 # module constants. 128K tokens, Llama-3-8B shape (and MHA: 32 KV heads), groups of one KV head, half
@@ -213,7 +218,7 @@ def _palu_decode_kernel(
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr,
     ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
     SCORES_ONLY: tl.constexpr = False, PACKED: tl.constexpr = False, SLICES: tl.constexpr = 1,
-    ROPE_BY_SLOT: tl.constexpr = False,
+    ROPE_BY_SLOT: tl.constexpr = False, FIXED_MAX: tl.constexpr = False,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -279,18 +284,6 @@ def _palu_decode_kernel(
     if RC == RK:  # [RK, D] = up.T, loaded once for the whole loop
         u_all = tl.load(up_base + tl.arange(0, D)[None, :] * RK + rc[:, None])
 
-    # SLICES > 1: each slice of a block's tokens (a warp's rows of the scores) keeps its own softmax state
-    # and partial, so no maximum crosses warps in the loop; the merge combines them as more splits. One slice
-    # keeps 2-D tensors: the 3-D form with one slice compiles to 516 instead of 467 instructions per block.
-    SN: tl.constexpr = BLOCK_N // SLICES
-    if SLICES == 1:
-        acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)  # the value latents' accumulator, transposed
-        l_acc = tl.zeros([BLOCK_N, GP], dtype=tl.float32)  # the softmax sums, elementwise: reduced after the loop
-        m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
-    else:
-        acc = tl.zeros([SLICES, BLOCK_RV, GP], dtype=tl.float32)
-        l_acc = tl.zeros([SLICES, SN, GP], dtype=tl.float32)
-        m_i = tl.full([SLICES, GP], float("-inf"), dtype=tl.float32)
     local = tl.arange(0, BLOCK_N)  # int32 offsets in the block; scalar bases carry the int64 part
     kr_base = KR + b64 * kr_b
     pos_base = POS + b64 * pos_b
@@ -302,128 +295,174 @@ def _palu_decode_kernel(
     # ahead) and quantised words/scales. Each loop step then uses what the previous one loaded.
     PF_K: tl.constexpr = PREFETCH and K_BITS > 0 and RC == RK
     PF_V: tl.constexpr = PREFETCH and V_BITS > 0 and not SCORES_ONLY
+    # SLICES > 1: each slice of a block's tokens (a warp's rows of the scores) keeps its own softmax state
+    # and partial, so no maximum crosses warps in the loop; the merge combines them as more splits. One slice
+    # keeps 2-D tensors: the 3-D form with one slice compiles to 516 instead of 467 instructions per block.
+    SN: tl.constexpr = BLOCK_N // SLICES
+    if SLICES == 1:
+        acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)  # the value latents' accumulator, transposed
+        l_acc = tl.zeros([BLOCK_N, GP], dtype=tl.float32)  # the softmax sums, elementwise: reduced after the loop
+        m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+        s_top = tl.full([BLOCK_N, GP], float("-inf"), dtype=tl.float32)  # FIX: each thread's maximum
+    else:
+        acc = tl.zeros([SLICES, BLOCK_RV, GP], dtype=tl.float32)
+        l_acc = tl.zeros([SLICES, SN, GP], dtype=tl.float32)
+        m_i = tl.full([SLICES, GP], float("-inf"), dtype=tl.float32)
     if SCORES_ONLY:  # running maximum kept elementwise: reduced once, after the loop
         sc_base = SC + (b64 * hkv + kvh) * T * QPK
         s_max = tl.full([BLOCK_N, GP], float("-inf"), dtype=tl.float32)
-    if PREFETCH:
-        ok0 = start + local < stop
-        kr_nx = tl.load(kr_base + start + local, mask=ok0, other=-1)
-        if ROPE_BY_SLOT:
-            cos_nx, sin_nx = _rope_rows(COS, SIN, start + local, ok0, d, HALF)
-        else:
-            cos_nx, sin_nx = _rope_rows(COS, SIN, tl.load(pos_base + start + local, mask=ok0, other=0), ok0, d, HALF)
-            pos_nx = tl.load(pos_base + start + BLOCK_N + local, mask=start + BLOCK_N + local < stop, other=0)
-        if PF_K:
-            kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start, ks_row0 + start, local, 0, RK, RC, K_BITS, K_QG,
-                                              K_NQ, K_WORDS, K_FAST, ok0)
-        if PF_V:
-            vw_nx, vsc_nx, vlo_nx = _raw_tile(VL, VS, v_row0 + start, vs_row0 + start, local, 0, RV, BLOCK_RV, V_BITS,
-                                              V_QG, V_NQ, V_WORDS, V_FAST, ok0)
-    for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + local
-        n_ok = offs_n < stop
+    # FIXED_MAX (one softmax state per program, bf16/fp16 p): no running maximum. The scores of a split are
+    # exponentiated against one reference per query head, the maximum of its first block; the sums and the
+    # value accumulator then need no rescale and no block reduces across warps. Each thread keeps the
+    # maximum of its own scores, reduced once after the loop: when the split's maximum is more than
+    # FIXED_MAX_RANGE (log2 units) away from the reference (a later score that could overflow the fp32
+    # sums, or a first block far below the rest), the split runs a second time against its exact maximum.
+    FIX: tl.constexpr = FIXED_MAX and SLICES == 1 and not SCORES_ONLY
+    m_ref = tl.full([GP], float("-inf"), dtype=tl.float32)
+    for attempt in tl.static_range(2 if FIX else 1):
+        if attempt > 0:  # the second pass: the split again when the reference was off, else no block at all
+            stop = tl.where(redo, stop, start)
+            acc = tl.where(redo, 0.0, acc)
+            l_acc = tl.where(redo, 0.0, l_acc)
         if PREFETCH:
-            kr, cos, sin = kr_nx, cos_nx, sin_nx
-            nxt = offs_n + BLOCK_N
-            nxt_ok = nxt < stop
-            kr_nx = tl.load(kr_base + nxt, mask=nxt_ok, other=-1)
+            ok0 = start + local < stop
+            kr_nx = tl.load(kr_base + start + local, mask=ok0, other=-1)
             if ROPE_BY_SLOT:
-                cos_nx, sin_nx = _rope_rows(COS, SIN, nxt, nxt_ok, d, HALF)
+                cos_nx, sin_nx = _rope_rows(COS, SIN, start + local, ok0, d, HALF)
             else:
-                cos_nx, sin_nx = _rope_rows(COS, SIN, pos_nx, nxt_ok, d, HALF)
-                pos_nx = tl.load(pos_base + nxt + BLOCK_N, mask=nxt + BLOCK_N < stop, other=0)
+                pos0 = tl.load(pos_base + start + local, mask=ok0, other=0)
+                cos_nx, sin_nx = _rope_rows(COS, SIN, pos0, ok0, d, HALF)
+                pos_nx = tl.load(pos_base + start + BLOCK_N + local, mask=start + BLOCK_N + local < stop, other=0)
             if PF_K:
-                kw, ksc, klo = kw_nx, ksc_nx, klo_nx
-                kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start_n + BLOCK_N, ks_row0 + start_n + BLOCK_N,
-                                                  local, 0, RK, RC, K_BITS, K_QG, K_NQ, K_WORDS, K_FAST, nxt_ok)
+                kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start, ks_row0 + start, local, 0, RK, RC, K_BITS,
+                                                  K_QG, K_NQ, K_WORDS, K_FAST, ok0)
             if PF_V:
-                vw, vsc, vlo = vw_nx, vsc_nx, vlo_nx
-                vw_nx, vsc_nx, vlo_nx = _raw_tile(VL, VS, v_row0 + start_n + BLOCK_N, vs_row0 + start_n + BLOCK_N,
-                                                  local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ, V_WORDS, V_FAST, nxt_ok)
-        else:
-            kr = tl.load(kr_base + offs_n, mask=n_ok, other=-1)
-            rows = offs_n if ROPE_BY_SLOT else tl.load(pos_base + offs_n, mask=n_ok, other=0)
-            cos, sin = _rope_rows(COS, SIN, rows, n_ok, d, HALF)
-        dist = qr - kr
-        ok = (kr >= 0) & (dist >= 0) & (dist < window)
+                vw_nx, vsc_nx, vlo_nx = _raw_tile(VL, VS, v_row0 + start, vs_row0 + start, local, 0, RV, BLOCK_RV,
+                                                  V_BITS, V_QG, V_NQ, V_WORDS, V_FAST, ok0)
+        for start_n in tl.range(start, stop, BLOCK_N, num_stages=1 if attempt > 0 else None):
+            offs_n = start_n + local
+            n_ok = offs_n < stop
+            if PREFETCH:
+                kr, cos, sin = kr_nx, cos_nx, sin_nx
+                nxt = offs_n + BLOCK_N
+                nxt_ok = nxt < stop
+                kr_nx = tl.load(kr_base + nxt, mask=nxt_ok, other=-1)
+                if ROPE_BY_SLOT:
+                    cos_nx, sin_nx = _rope_rows(COS, SIN, nxt, nxt_ok, d, HALF)
+                else:
+                    cos_nx, sin_nx = _rope_rows(COS, SIN, pos_nx, nxt_ok, d, HALF)
+                    pos_nx = tl.load(pos_base + nxt + BLOCK_N, mask=nxt + BLOCK_N < stop, other=0)
+                if PF_K:
+                    kw, ksc, klo = kw_nx, ksc_nx, klo_nx
+                    kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start_n + BLOCK_N, ks_row0 + start_n + BLOCK_N,
+                                                      local, 0, RK, RC, K_BITS, K_QG, K_NQ, K_WORDS, K_FAST, nxt_ok)
+                if PF_V:
+                    vw, vsc, vlo = vw_nx, vsc_nx, vlo_nx
+                    vw_nx, vsc_nx, vlo_nx = _raw_tile(VL, VS, v_row0 + start_n + BLOCK_N, vs_row0 + start_n + BLOCK_N,
+                                                      local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ, V_WORDS, V_FAST,
+                                                      nxt_ok)
+            else:
+                kr = tl.load(kr_base + offs_n, mask=n_ok, other=-1)
+                rows = offs_n if ROPE_BY_SLOT else tl.load(pos_base + offs_n, mask=n_ok, other=0)
+                cos, sin = _rope_rows(COS, SIN, rows, n_ok, d, HALF)
+            dist = qr - kr
+            ok = (kr >= 0) & (dist >= 0) & (dist < window)
 
-        # rebuild this head's keys: [BLOCK_N, HALF] halves, fp32 accumulation
-        if RC == RK:
-            if PF_K:
-                h = _dequant(kw, ksc, klo, 0, RC, K_BITS, K_QG, K_FAST, BLOCK_N, dtype, PACKED)
+            # rebuild this head's keys: [BLOCK_N, HALF] halves, fp32 accumulation
+            if RC == RK:
+                if PF_K:
+                    h = _dequant(kw, ksc, klo, 0, RC, K_BITS, K_QG, K_FAST, BLOCK_N, dtype, PACKED)
+                else:
+                    h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, 0, RK, RC, K_BITS, K_QG, K_NQ,
+                                     K_WORDS, K_FAST, BLOCK_N, n_ok, dtype, PACKED)
+                # one MMA chain for the whole head, then its halves (split in registers): one wait for the tensor
+                # cores instead of two (H200 at 128K: 93.2 -> 89.5 us on the 8B shape, 336.5 -> 318.3 us MHA)
+                k = tl.dot(h, u_all)
+                k1, k2 = tl.split(tl.permute(tl.reshape(k, [BLOCK_N, 2, HALF]), 0, 2, 1))
             else:
-                h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, 0, RK, RC, K_BITS, K_QG, K_NQ,
-                                 K_WORDS, K_FAST, BLOCK_N, n_ok, dtype, PACKED)
-            # one MMA chain for the whole head, then its halves (split in registers): one wait for the tensor
-            # cores instead of two (H200 at 128K: 93.2 -> 89.5 us on the 8B shape, 336.5 -> 318.3 us MHA)
-            k = tl.dot(h, u_all)
-            k1, k2 = tl.split(tl.permute(tl.reshape(k, [BLOCK_N, 2, HALF]), 0, 2, 1))
-        else:
-            k1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-            k2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
-            for c in range(0, RK, RC):
-                h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, c, RK, RC, K_BITS, K_QG, K_NQ,
-                                 K_WORDS, K_FAST, BLOCK_N, n_ok, dtype, PACKED)
-                cols = c + rc
-                u1 = tl.load(up_base + d[None, :] * RK + cols[:, None])  # [RC, HALF] = up.T
-                u2 = tl.load(up_base + (HALF + d)[None, :] * RK + cols[:, None])
-                k1 = tl.dot(h, u1, k1)
-                k2 = tl.dot(h, u2, k2)
-        if HAS_KB:
-            k1 += kb1[None, :]
-            k2 += kb2[None, :]
-        if HAS_NORM:
-            inv = tl.rsqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / D + eps)
-            k1 = k1 * inv[:, None] * nw1[None, :]
-            k2 = k2 * inv[:, None] * nw2[None, :]
-        if ROPE_IN_DTYPE:  # the rotation in the model's dtype, rounded op by op as transformers does it
-            k1 = _narrow(k1, dtype, PACKED)
-            k2 = _narrow(k2, dtype, PACKED)
-            c_ = cos.to(dtype)
-            s_ = sin.to(dtype)
-            r1 = k1 * c_ - k2 * s_
-            r2 = k2 * c_ + k1 * s_
-        else:
-            c_ = cos.to(tl.float32)
-            s_ = sin.to(tl.float32)
-            r1 = _narrow(k1 * c_ - k2 * s_, dtype, PACKED)
-            r2 = _narrow(k2 * c_ + k1 * s_, dtype, PACKED)
-        if not SCORES_ONLY:
-            if PF_V:
-                hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype, PACKED)
-            elif V_BITS == 0 and SLICES == 1:  # loaded transposed, so that the value dot takes the load as it is
-                hv_t = tl.load(VL + (v_row0 + start_n) * RV + local[None, :] * RV + rv[:, None],
-                               mask=n_ok[None, :] & (rv < RV)[:, None], other=0.0)
+                k1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+                k2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
+                for c in range(0, RK, RC):
+                    h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, c, RK, RC, K_BITS, K_QG, K_NQ,
+                                     K_WORDS, K_FAST, BLOCK_N, n_ok, dtype, PACKED)
+                    cols = c + rc
+                    u1 = tl.load(up_base + d[None, :] * RK + cols[:, None])  # [RC, HALF] = up.T
+                    u2 = tl.load(up_base + (HALF + d)[None, :] * RK + cols[:, None])
+                    k1 = tl.dot(h, u1, k1)
+                    k2 = tl.dot(h, u2, k2)
+            if HAS_KB:
+                k1 += kb1[None, :]
+                k2 += kb2[None, :]
+            if HAS_NORM:
+                inv = tl.rsqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / D + eps)
+                k1 = k1 * inv[:, None] * nw1[None, :]
+                k2 = k2 * inv[:, None] * nw2[None, :]
+            if ROPE_IN_DTYPE:  # the rotation in the model's dtype, rounded op by op as transformers does it
+                k1 = _narrow(k1, dtype, PACKED)
+                k2 = _narrow(k2, dtype, PACKED)
+                c_ = cos.to(dtype)
+                s_ = sin.to(dtype)
+                r1 = k1 * c_ - k2 * s_
+                r2 = k2 * c_ + k1 * s_
             else:
-                hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
-                                  V_NQ, V_WORDS, V_FAST, BLOCK_N, n_ok, dtype, PACKED)
-        # scores [BLOCK_N, GP], softmax down the tokens
-        s = tl.dot(r2, q2, tl.dot(r1, q1))
-        s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
-        if SCORES_ONLY:
-            tl.store(sc_base + offs_n[:, None] * QPK + m_rows[None, :], s, mask=n_ok[:, None] & q_ok[None, :])
-            s_max = tl.maximum(s_max, s)
-        elif SLICES == 1:
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[None, :])
-            alpha = tl.exp2(m_i - m_safe)
-            if V_BITS == 0:
-                acc = acc * alpha[None, :] + tl.dot(hv_t, _narrow(p, dtype, PACKED))
+                c_ = cos.to(tl.float32)
+                s_ = sin.to(tl.float32)
+                r1 = _narrow(k1 * c_ - k2 * s_, dtype, PACKED)
+                r2 = _narrow(k2 * c_ + k1 * s_, dtype, PACKED)
+            if not SCORES_ONLY:
+                if PF_V:
+                    hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype, PACKED)
+                elif V_BITS == 0 and SLICES == 1:  # loaded transposed, so that the value dot takes the load as it is
+                    hv_t = tl.load(VL + (v_row0 + start_n) * RV + local[None, :] * RV + rv[:, None],
+                                   mask=n_ok[None, :] & (rv < RV)[:, None], other=0.0)
+                else:
+                    hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
+                                      V_NQ, V_WORDS, V_FAST, BLOCK_N, n_ok, dtype, PACKED)
+            # scores [BLOCK_N, GP], softmax down the tokens
+            s = tl.dot(r2, q2, tl.dot(r1, q1))
+            s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
+            if SCORES_ONLY:
+                tl.store(sc_base + offs_n[:, None] * QPK + m_rows[None, :], s, mask=n_ok[:, None] & q_ok[None, :])
+                s_max = tl.maximum(s_max, s)
+            elif FIX:
+                if attempt == 0:
+                    if start_n == start:  # the first block sets the reference
+                        m_ref = tl.max(s, 0)
+                        m_ref = tl.where(m_ref == float("-inf"), 0.0, m_ref)
+                p = tl.exp2(s - m_ref[None, :])
+                if V_BITS == 0:
+                    acc += tl.dot(hv_t, _narrow(p, dtype, PACKED))
+                else:
+                    acc += tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
+                l_acc += p
+                s_top = tl.maximum(s_top, s)
+            elif SLICES == 1:
+                m_new = tl.maximum(m_i, tl.max(s, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp2(s - m_safe[None, :])
+                alpha = tl.exp2(m_i - m_safe)
+                if V_BITS == 0:
+                    acc = acc * alpha[None, :] + tl.dot(hv_t, _narrow(p, dtype, PACKED))
+                else:
+                    acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
+                l_acc = l_acc * alpha[None, :] + p
+                m_i = m_new
             else:
-                acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
-            l_acc = l_acc * alpha[None, :] + p
-            m_i = m_new
-        else:
-            s = tl.reshape(s, [SLICES, SN, GP])
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None, :])
-            alpha = tl.exp2(m_i - m_safe)
-            hvs = tl.reshape(hv, [SLICES, SN, BLOCK_RV])
-            acc = acc * alpha[:, None, :] + tl.dot(tl.trans(hvs, 0, 2, 1), _narrow(p, dtype, PACKED))
-            l_acc = l_acc * alpha[:, None, :] + p
-            m_i = m_new
+                s = tl.reshape(s, [SLICES, SN, GP])
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp2(s - m_safe[:, None, :])
+                alpha = tl.exp2(m_i - m_safe)
+                hvs = tl.reshape(hv, [SLICES, SN, BLOCK_RV])
+                acc = acc * alpha[:, None, :] + tl.dot(tl.trans(hvs, 0, 2, 1), _narrow(p, dtype, PACKED))
+                l_acc = l_acc * alpha[:, None, :] + p
+                m_i = m_new
+        if FIX:
+            top = tl.max(s_top, 0)
+            off = (top > float("-inf")) & ((top > m_ref + FIXED_MAX_RANGE) | (top < m_ref - FIXED_MAX_RANGE))
+            redo = tl.max(off.to(tl.int32), 0) > 0
+            m_ref = tl.where(off, top, m_ref)
+            m_i = tl.where(top == float("-inf"), float("-inf"), m_ref)  # the partials' reference (-inf: none)
 
     if SCORES_ONLY:
         part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
@@ -768,7 +807,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, HAS_LEN=length is not None,
         ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"], SCORES_ONLY=two_pass,
         PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), SLICES=slices, ROPE_BY_SLOT=by_slot,
-        num_warps=tuned["NUM_WARPS"],
+        FIXED_MAX=tuned["FIXED_MAX"], num_warps=tuned["NUM_WARPS"],
         num_stages=stages,
         **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),
     )

@@ -163,6 +163,23 @@ def test_decode_kernel_softmax_slices(shape, monkeypatch):
 
 
 @interpreter_only
+@pytest.mark.parametrize("shape", [dict(), dict(hq=4, hkv=4, gs=4, rk=8, rv=16, tokens=33), dict(bits=4, quant_group=4),
+                                   dict(pad=40, tokens=70)])
+@pytest.mark.parametrize("q_scale", [1.0, 2000.0])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the first pass of a redone split overflows
+def test_decode_kernel_fixed_max(shape, q_scale, monkeypatch):
+    """One softmax reference per program, the first block's maximum (``FIXED_MAX``): the same output. A row
+    whose first blocks are all padding (``pad=40``) takes 0 as the reference; queries scaled by 2000 put
+    later scores far above the first block's (2^64 and more: the split runs again against its maximum)."""
+    settings(monkeypatch, FIXED_MAX=True, QUERY_TILE=8, BLOCK_N=16)
+    a = make_case(**shape)
+    a["q"] = a["q"] * q_scale
+    want = ref.latent_attention(**a, window=50)
+    got = palu.palu_decode(**a, splits=2, window=50)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@interpreter_only
 @pytest.mark.parametrize("bits,quant_group,rk,rv", [(4, 4, 16, 8), (3, 4, 12, 12), (2, 8, 16, 8), (4, 8, 16, 16),
                                                     (2, 16, 32, 16), (4, 4, 24, 16)])
 @pytest.mark.parametrize("prefetch,two_pass", [(True, False), (False, False), (True, True)])
@@ -271,6 +288,10 @@ def test_decode_kernel_rope_rows_per_slot(shape, prefetch, two_pass, monkeypatch
         (torch.bfloat16, None, 1, 4, 64, 64, "rope-by-slot"),  # rope rows per slot, loaded a block ahead
         (torch.bfloat16, 4, 1, 4, 64, 64, "rope-by-slot"),
         (torch.bfloat16, None, 1, 1, 64, 64, "rope-by-slot"),
+        (torch.bfloat16, None, 1, 4, 64, 64, "fixed-max"),  # one softmax reference per program
+        (torch.bfloat16, 4, 1, 4, 64, 64, "fixed-max"),
+        (torch.bfloat16, None, 1, 1, 64, 64, "fixed-max"),
+        (torch.float16, None, 2, 4, 128, 128, "fixed-max"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
@@ -278,7 +299,8 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     changed = {"prefetch": dict(PREFETCH=True), "no-prefetch": dict(PREFETCH=False),
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "rope-in-fp32": dict(ROPE_IN_DTYPE=False),
                "two-pass": dict(TWO_PASS=True), "query-tile-16": dict(QUERY_TILE=16),
-               "uncapped": dict(MAX_REGISTERS=0, PROGRAMS_PER_SM=2), "slices-4": dict(SOFTMAX_SLICES=4)}.get(variant, {})
+               "uncapped": dict(MAX_REGISTERS=0, PROGRAMS_PER_SM=2), "slices-4": dict(SOFTMAX_SLICES=4),
+               "fixed-max": dict(FIXED_MAX=True, SOFTMAX_SLICES=1)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
