@@ -39,7 +39,9 @@ import triton
 import triton.language as tl
 
 from . import palu_reference as ref
-from .launch import has_packed_cvt
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .launch import has_packed_cvt, has_pdl
 
 BLOCK_N = 64  # cached tokens per inner step (largest; the plan lowers it when shared memory is short)
 NUM_WARPS = 4
@@ -58,10 +60,11 @@ VALUES_STAGES = 3
 VALUES_PROGRAMS_PER_SM = 4
 MAX_REGISTERS = 0  # registers per thread the decode kernel may use (Triton's maxnreg; 0: the compiler's choice)
 QUERY_TILE = 16  # the query heads of a KV head padded to at least this many (the N of the score and value dots)
-# One softmax reference per program instead of a running maximum (see _palu_decode_kernel); log2 units a split's
-# maximum may lie from it before the split runs again against its maximum (p <= 2^64: fp32 sums of 2^17 tokens
-# of |v| < 2^16 stay finite; scores more than 64 below the maximum are under 2^-64 of it).
-FIXED_MAX = False
+# One softmax reference per program (the first block's maximum) instead of a running maximum: no block reduces
+# across warps (see _palu_decode_kernel). FIXED_MAX_RANGE: how far (log2 units) a split's maximum may lie from it
+# before the split runs again against its maximum (p <= 2^64: fp32 sums of 2^17 tokens of |v| < 2^16 stay finite;
+# scores more than 64 below the maximum are under 2^-64 of it).
+FIXED_MAX = True
 FIXED_MAX_RANGE: tl.constexpr = tl.constexpr(64.0)
 SOFTMAX_SLICES = 1  # slices of each block's tokens with a softmax state and partial of their own (one per warp: 4)
 TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
@@ -74,9 +77,10 @@ TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTY
 # bf16 latents without the hand prefetch, two programs per SM (the rows double-buffered: 94 KB of shared
 # memory each), query heads padded to 8 (mma.sync for the score and value dots): 92.4 us (GQA) and 334.6 us
 # (MHA) against 103.3 / 366.6 with three programs per SM at two stages (single buffers); with the keys rebuilt
-# by one MMA chain (round 18, palu_layer_r18_*_NVIDIA_H200.json) 89.5 / 318.3 us. 4 bits (rounds 12
-# and 14, palu_sweep_r1{2,4}*_NVIDIA_H200.json, within 3% of round 16's best): the hand prefetch, two per SM,
-# query heads padded to 8, a softmax state per warp (SOFTMAX_SLICES=4). The rotation in bf16 (as transformers
+# by one MMA chain (round 18, palu_layer_r18_*_NVIDIA_H200.json) 89.5 / 318.3 us. Round 20
+# (palu_sweep_r20{,_mha}_NVIDIA_H200.json): one softmax reference per program (FIXED_MAX), 90.1 -> 83.6 us (GQA)
+# and 317.8 -> 286.2 us (MHA); at 4 bits with the hand prefetch 130.7 -> 119.5 and 476.2 -> 446.7 us against
+# a softmax state per warp (SOFTMAX_SLICES=4, rounds 12 and 14). The rotation in bf16 (as transformers
 # rounds it; fewer instructions per block): 131 us against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json). 2 and 3
 # bits keep the first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json). Tables gathered by position (the
 # other input form) were fastest at three programs per SM under a 168-register cap (round 15: 114.0 us).
@@ -86,10 +90,11 @@ TUNED: dict[tuple[int, int | None], dict] = {
     (2, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
     (3, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
     (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, ROPE_IN_DTYPE=True,
-                    QUERY_TILE=8, SOFTMAX_SLICES=4),
+                    QUERY_TILE=8),
 }
 MAX_SPLITS = 256
-MERGE_SPLITS = 16  # partials merged per step of the merge kernel
+MERGE_SPLITS = 64  # partials merged per step of the merge kernel
+USE_PDL = True  # the merge kernel as a programmatic dependent launch of the decode kernel (Hopper and later)
 NO_LIMIT = 1 << 30
 SMEM_BUDGET = 160 * 1024  # bytes of shared memory a plan may use by estimate (H200: 227 KB per block)
 
@@ -218,7 +223,7 @@ def _palu_decode_kernel(
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr,
     ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
     SCORES_ONLY: tl.constexpr = False, PACKED: tl.constexpr = False, SLICES: tl.constexpr = 1,
-    ROPE_BY_SLOT: tl.constexpr = False, FIXED_MAX: tl.constexpr = False,
+    ROPE_BY_SLOT: tl.constexpr = False, FIXED_MAX: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -245,7 +250,14 @@ def _palu_decode_kernel(
     ``SCORES_ONLY`` (the first pass of the two-pass decode, :func:`_palu_values_kernel` the second):
     no value side; the masked, scaled scores (log2 units, ``-inf`` where masked) go to
     ``SC [B, Hkv, T, QPK]`` and the program's maximum per query head to ``PML[..., 0]``.
+
+    ``FIXED_MAX``: the softmax against one reference per program and query head (the first block's
+    maximum; the split once more against its own maximum when that lies more than ``FIXED_MAX_RANGE``
+    away), so no block's maximum is reduced across warps; ``PML[..., 0]`` is then that reference.
+    ``PDL``: the merge kernel is a programmatic dependent launch of this one.
 """
+    if PDL:
+        gdc_launch_dependents()  # the merge kernel may start now; it waits (gdc_wait) for this one's partials
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
@@ -535,7 +547,8 @@ def _palu_values_kernel(SC, PM1, VL, VS, PO, PML, LEN, vl_b, vl_g, vs_b, vs_g, T
 @triton.jit
 def _palu_merge_kernel(PO, PML, VUP, VB, Out, n_splits,
                        QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                       RV: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_VB: tl.constexpr, SB: tl.constexpr):
+                       RV: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_VB: tl.constexpr, SB: tl.constexpr,
+                       PDL: tl.constexpr = False):
     """Program ``(query head h, row b)``: merges the head's partial value latents over the splits,
     normalises, up-projects with its KV head's ``up_v`` rows (+ value bias) and writes ``Out [B, Hq, D]``
     (zeros for a row with no key to attend). ``VUP [G, GS * D, RV]`` holds KV head ``kv``'s rows at
@@ -551,6 +564,13 @@ def _palu_merge_kernel(PO, PML, VUP, VB, Out, n_splits,
     total = tl.zeros([1], dtype=tl.float32)
     top = tl.full([1], float("-inf"), dtype=tl.float32)
     base = (b.to(tl.int64) * (hq // QPK) + kv) * n_splits
+    dd = tl.arange(0, D)
+    up = tl.load(VUP + (kv.to(tl.int64) * D + dd)[:, None] * RV + rv[None, :],
+                 mask=(rv < RV)[None, :], other=0.0).to(tl.float32)
+    if HAS_VB:
+        v_bias = tl.load(VB + kv * D + dd).to(tl.float32)
+    if PDL:
+        gdc_wait()  # the decode kernel's partials are written
     for s0 in range(0, n_splits, SB):
         s = s0 + sp
         part = (base + s) * GP + m
@@ -565,12 +585,9 @@ def _palu_merge_kernel(PO, PML, VUP, VB, Out, n_splits,
         total = total * scale + tl.sum(w * sm, 0)
         top = new_top
     o_lat = acc / tl.where(total > 0, total, 1.0)
-    dd = tl.arange(0, D)
-    up = tl.load(VUP + (kv.to(tl.int64) * D + dd)[:, None] * RV + rv[None, :],
-                 mask=(rv < RV)[None, :], other=0.0).to(tl.float32)
     out = tl.sum(up * o_lat[None, :], 1)
     if HAS_VB:
-        out += tl.load(VB + kv * D + dd).to(tl.float32)
+        out += v_bias
     out = tl.where(total > 0, out, 0.0)
     tl.store(Out + (b.to(tl.int64) * hq + h) * D + dd, out.to(Out.dtype.element_ty))
 
@@ -740,10 +757,11 @@ def palu_decode(
         break
     out = torch.empty(B, hq, 1, D, device=q.device, dtype=q.dtype)
     dummy = q.new_empty(1)
+    pdl = USE_PDL and has_pdl(q.device)
     _palu_merge_kernel[(hq, B)](
         po, pml, v_up.contiguous(), v_bias if v_bias is not None else dummy, out, splits_used,
         QPK=qpk, GP=gp, D=D, RV=v.rank, BLOCK_RV=block_rv, HAS_VB=v_bias is not None,
-        SB=MERGE_SPLITS, num_warps=4,
+        SB=MERGE_SPLITS, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return out
 
@@ -807,7 +825,8 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, HAS_LEN=length is not None,
         ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"], SCORES_ONLY=two_pass,
         PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), SLICES=slices, ROPE_BY_SLOT=by_slot,
-        FIXED_MAX=tuned["FIXED_MAX"], num_warps=tuned["NUM_WARPS"],
+        FIXED_MAX=tuned["FIXED_MAX"], PDL=USE_PDL and has_pdl(q.device) and not two_pass,
+        num_warps=tuned["NUM_WARPS"],
         num_stages=stages,
         **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),
     )

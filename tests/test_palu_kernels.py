@@ -165,13 +165,14 @@ def test_decode_kernel_softmax_slices(shape, monkeypatch):
 @interpreter_only
 @pytest.mark.parametrize("shape", [dict(), dict(hq=4, hkv=4, gs=4, rk=8, rv=16, tokens=33), dict(bits=4, quant_group=4),
                                    dict(pad=40, tokens=70)])
-@pytest.mark.parametrize("q_scale", [1.0, 2000.0])
+@pytest.mark.parametrize("q_scale,fixed_max", [(1.0, True), (2000.0, True), (1.0, False), (2000.0, False)])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the first pass of a redone split overflows
-def test_decode_kernel_fixed_max(shape, q_scale, monkeypatch):
-    """One softmax reference per program, the first block's maximum (``FIXED_MAX``): the same output. A row
-    whose first blocks are all padding (``pad=40``) takes 0 as the reference; queries scaled by 2000 put
-    later scores far above the first block's (2^64 and more: the split runs again against its maximum)."""
-    settings(monkeypatch, FIXED_MAX=True, QUERY_TILE=8, BLOCK_N=16)
+def test_decode_kernel_fixed_max(shape, q_scale, fixed_max, monkeypatch):
+    """One softmax reference per program, the first block's maximum (``FIXED_MAX``), or a running maximum:
+    the same output. A row whose first blocks are all padding (``pad=40``) takes 0 as the reference; queries
+    scaled by 2000 put later scores far above the first block's (2^64 and more: the split runs again against
+    its maximum)."""
+    settings(monkeypatch, FIXED_MAX=fixed_max, QUERY_TILE=8, BLOCK_N=16)
     a = make_case(**shape)
     a["q"] = a["q"] * q_scale
     want = ref.latent_attention(**a, window=50)
@@ -288,10 +289,10 @@ def test_decode_kernel_rope_rows_per_slot(shape, prefetch, two_pass, monkeypatch
         (torch.bfloat16, None, 1, 4, 64, 64, "rope-by-slot"),  # rope rows per slot, loaded a block ahead
         (torch.bfloat16, 4, 1, 4, 64, 64, "rope-by-slot"),
         (torch.bfloat16, None, 1, 1, 64, 64, "rope-by-slot"),
-        (torch.bfloat16, None, 1, 4, 64, 64, "fixed-max"),  # one softmax reference per program
-        (torch.bfloat16, 4, 1, 4, 64, 64, "fixed-max"),
-        (torch.bfloat16, None, 1, 1, 64, 64, "fixed-max"),
-        (torch.float16, None, 2, 4, 128, 128, "fixed-max"),
+        (torch.bfloat16, None, 1, 4, 64, 64, "running-max"),  # a running maximum, not one reference per program
+        (torch.bfloat16, 4, 1, 4, 64, 64, "running-max"),
+        (torch.bfloat16, None, 1, 1, 64, 64, "running-max"),
+        (torch.float16, None, 2, 4, 128, 128, "tuned"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
@@ -300,7 +301,7 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "rope-in-fp32": dict(ROPE_IN_DTYPE=False),
                "two-pass": dict(TWO_PASS=True), "query-tile-16": dict(QUERY_TILE=16),
                "uncapped": dict(MAX_REGISTERS=0, PROGRAMS_PER_SM=2), "slices-4": dict(SOFTMAX_SLICES=4),
-               "fixed-max": dict(FIXED_MAX=True, SOFTMAX_SLICES=1)}.get(variant, {})
+               "running-max": dict(FIXED_MAX=False)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
