@@ -26,8 +26,10 @@ with the next, smaller plan). When the key rank is more than one ``tl.dot`` chun
 innermost loop, so shared memory holds one chunk per stage whatever the rank.
 
 Masks come from token ranks (``kvpress.kernels.reference``): any batch with left padding, the
-model's sliding window. Tiles are constexpr; boundaries are masked. ``kvpress.kernels.palu_reference``
-is the CPU path and the test oracle.
+model's sliding window. Tiles are constexpr. With at least one tile of tokens every load reads a whole
+tile with no mask (``WHOLE_BLOCKS``: a split's last, partial tile is the tile that ends at its end, the
+tokens it repeats masked in the scores); otherwise the loads are masked at the boundaries.
+``kvpress.kernels.palu_reference`` is the CPU path and the test oracle.
 """
 
 from __future__ import annotations
@@ -198,13 +200,34 @@ def _latent_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, B
 
 
 @triton.jit
-def _rope_rows(COS, SIN, pos, ok, d, HALF: tl.constexpr):
+def _rope_rows(COS, SIN, pos, ok, d, HALF: tl.constexpr, BY_SLOT: tl.constexpr = False):
     """``cos``/``sin`` rows ``[BLOCK_N, HALF]`` of the half tables at positions ``pos`` (int32 rows:
-    ``P * HALF < 2^31``), as stored."""
-    pos = tl.maximum(pos, 0)
+    ``P * HALF < 2^31``; ``BY_SLOT``: rows per slot, ``pos`` the slots), as stored."""
+    if not BY_SLOT:
+        pos = tl.maximum(pos, 0)
     cos = tl.load(COS + pos[:, None] * HALF + d[None, :], mask=ok[:, None], other=0.0)
     sin = tl.load(SIN + pos[:, None] * HALF + d[None, :], mask=ok[:, None], other=0.0)
     return cos, sin
+
+
+@triton.jit
+def _block_start(n, stop, BLOCK_N: tl.constexpr, WHOLE: tl.constexpr):
+    """The first slot the loads of the block of tokens ``n ..`` read: ``n``, or (``WHOLE``) the slot that
+    makes it a whole block ending at ``stop`` at the latest and starting at 0 at the earliest."""
+    if WHOLE:
+        n = tl.maximum(tl.minimum(n, stop - BLOCK_N), 0)
+    return n
+
+
+@triton.jit
+def _load_mask(slots, stop, BLOCK_N: tl.constexpr, WHOLE: tl.constexpr):
+    """Which of the ``BLOCK_N`` ``slots`` a load reads: those before ``stop`` (``WHOLE``: all of them, a
+    constant mask that the compiler drops)."""
+    if WHOLE:
+        ok = tl.full([BLOCK_N], 1, tl.int1)
+    else:
+        ok = slots < stop
+    return ok
 
 
 _STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos_b", "kr_b", "rope_b"]
@@ -224,6 +247,7 @@ def _palu_decode_kernel(
     ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
     SCORES_ONLY: tl.constexpr = False, PACKED: tl.constexpr = False, SLICES: tl.constexpr = 1,
     ROPE_BY_SLOT: tl.constexpr = False, FIXED_MAX: tl.constexpr = False, PDL: tl.constexpr = False,
+    WHOLE_BLOCKS: tl.constexpr = False,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -337,56 +361,66 @@ def _palu_decode_kernel(
             acc = tl.where(redo, 0.0, acc)
             l_acc = tl.where(redo, 0.0, l_acc)
         if PREFETCH:
-            ok0 = start + local < stop
-            kr_nx = tl.load(kr_base + start + local, mask=ok0, other=-1)
+            b0 = _block_start(start, stop, BLOCK_N, WHOLE_BLOCKS)
+            ok0 = _load_mask(b0 + local, stop, BLOCK_N, WHOLE_BLOCKS)
+            kr_nx = tl.load(kr_base + b0 + local, mask=ok0, other=-1)
             if ROPE_BY_SLOT:
-                cos_nx, sin_nx = _rope_rows(COS, SIN, start + local, ok0, d, HALF)
+                cos_nx, sin_nx = _rope_rows(COS, SIN, b0 + local, ok0, d, HALF, True)
             else:
-                pos0 = tl.load(pos_base + start + local, mask=ok0, other=0)
+                pos0 = tl.load(pos_base + b0 + local, mask=ok0, other=0)
                 cos_nx, sin_nx = _rope_rows(COS, SIN, pos0, ok0, d, HALF)
-                pos_nx = tl.load(pos_base + start + BLOCK_N + local, mask=start + BLOCK_N + local < stop, other=0)
+                b1 = _block_start(start + BLOCK_N, stop, BLOCK_N, WHOLE_BLOCKS)
+                pos_nx = tl.load(pos_base + b1 + local, mask=_load_mask(b1 + local, stop, BLOCK_N, WHOLE_BLOCKS),
+                                 other=0)
             if PF_K:
-                kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start, ks_row0 + start, local, 0, RK, RC, K_BITS,
+                kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + b0, ks_row0 + b0, local, 0, RK, RC, K_BITS,
                                                   K_QG, K_NQ, K_WORDS, K_FAST, ok0)
             if PF_V:
-                vw_nx, vsc_nx, vlo_nx = _raw_tile(VL, VS, v_row0 + start, vs_row0 + start, local, 0, RV, BLOCK_RV,
+                vw_nx, vsc_nx, vlo_nx = _raw_tile(VL, VS, v_row0 + b0, vs_row0 + b0, local, 0, RV, BLOCK_RV,
                                                   V_BITS, V_QG, V_NQ, V_WORDS, V_FAST, ok0)
         for start_n in tl.range(start, stop, BLOCK_N, num_stages=1 if attempt > 0 else None):
-            offs_n = start_n + local
-            n_ok = offs_n < stop
+            # WHOLE_BLOCKS: a last block short of BLOCK_N tokens reads the whole block that ends at stop (its first
+            # tokens were the previous block's, masked here), so no load needs a mask
+            base_n = _block_start(start_n, stop, BLOCK_N, WHOLE_BLOCKS)
+            offs_n = base_n + local
+            n_ok = offs_n < stop  # this block's tokens
+            if WHOLE_BLOCKS:
+                n_ok &= offs_n >= start_n
+            ld_ok = _load_mask(offs_n, stop, BLOCK_N, WHOLE_BLOCKS)
             if PREFETCH:
                 kr, cos, sin = kr_nx, cos_nx, sin_nx
-                nxt = offs_n + BLOCK_N
-                nxt_ok = nxt < stop
-                kr_nx = tl.load(kr_base + nxt, mask=nxt_ok, other=-1)
+                nb = _block_start(start_n + BLOCK_N, stop, BLOCK_N, WHOLE_BLOCKS)
+                nxt_ok = _load_mask(nb + local, stop, BLOCK_N, WHOLE_BLOCKS)
+                kr_nx = tl.load(kr_base + nb + local, mask=nxt_ok, other=-1)
                 if ROPE_BY_SLOT:
-                    cos_nx, sin_nx = _rope_rows(COS, SIN, nxt, nxt_ok, d, HALF)
+                    cos_nx, sin_nx = _rope_rows(COS, SIN, nb + local, nxt_ok, d, HALF, True)
                 else:
                     cos_nx, sin_nx = _rope_rows(COS, SIN, pos_nx, nxt_ok, d, HALF)
-                    pos_nx = tl.load(pos_base + nxt + BLOCK_N, mask=nxt + BLOCK_N < stop, other=0)
+                    nb2 = _block_start(start_n + 2 * BLOCK_N, stop, BLOCK_N, WHOLE_BLOCKS)
+                    pos_nx = tl.load(pos_base + nb2 + local, mask=_load_mask(nb2 + local, stop, BLOCK_N, WHOLE_BLOCKS),
+                                     other=0)
                 if PF_K:
                     kw, ksc, klo = kw_nx, ksc_nx, klo_nx
-                    kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + start_n + BLOCK_N, ks_row0 + start_n + BLOCK_N,
-                                                      local, 0, RK, RC, K_BITS, K_QG, K_NQ, K_WORDS, K_FAST, nxt_ok)
+                    kw_nx, ksc_nx, klo_nx = _raw_tile(KL, KS, k_row0 + nb, ks_row0 + nb, local, 0, RK, RC, K_BITS,
+                                                      K_QG, K_NQ, K_WORDS, K_FAST, nxt_ok)
                 if PF_V:
                     vw, vsc, vlo = vw_nx, vsc_nx, vlo_nx
-                    vw_nx, vsc_nx, vlo_nx = _raw_tile(VL, VS, v_row0 + start_n + BLOCK_N, vs_row0 + start_n + BLOCK_N,
-                                                      local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ, V_WORDS, V_FAST,
-                                                      nxt_ok)
+                    vw_nx, vsc_nx, vlo_nx = _raw_tile(VL, VS, v_row0 + nb, vs_row0 + nb, local, 0, RV, BLOCK_RV,
+                                                      V_BITS, V_QG, V_NQ, V_WORDS, V_FAST, nxt_ok)
             else:
-                kr = tl.load(kr_base + offs_n, mask=n_ok, other=-1)
-                rows = offs_n if ROPE_BY_SLOT else tl.load(pos_base + offs_n, mask=n_ok, other=0)
-                cos, sin = _rope_rows(COS, SIN, rows, n_ok, d, HALF)
+                kr = tl.load(kr_base + offs_n, mask=ld_ok, other=-1)
+                rows = offs_n if ROPE_BY_SLOT else tl.load(pos_base + offs_n, mask=ld_ok, other=0)
+                cos, sin = _rope_rows(COS, SIN, rows, ld_ok, d, HALF, ROPE_BY_SLOT)
             dist = qr - kr
-            ok = (kr >= 0) & (dist >= 0) & (dist < window)
+            ok = n_ok & (kr >= 0) & (dist >= 0) & (dist < window)
 
             # rebuild this head's keys: [BLOCK_N, HALF] halves, fp32 accumulation
             if RC == RK:
                 if PF_K:
                     h = _dequant(kw, ksc, klo, 0, RC, K_BITS, K_QG, K_FAST, BLOCK_N, dtype, PACKED)
                 else:
-                    h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, 0, RK, RC, K_BITS, K_QG, K_NQ,
-                                     K_WORDS, K_FAST, BLOCK_N, n_ok, dtype, PACKED)
+                    h = _latent_tile(KL, KS, k_row0 + base_n, ks_row0 + base_n, local, 0, RK, RC, K_BITS, K_QG, K_NQ,
+                                     K_WORDS, K_FAST, BLOCK_N, ld_ok, dtype, PACKED)
                 # one MMA chain for the whole head, then its halves (split in registers): one wait for the tensor
                 # cores instead of two (H200 at 128K: 93.2 -> 89.5 us on the 8B shape, 336.5 -> 318.3 us MHA)
                 k = tl.dot(h, u_all)
@@ -395,8 +429,8 @@ def _palu_decode_kernel(
                 k1 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
                 k2 = tl.zeros([BLOCK_N, HALF], dtype=tl.float32)
                 for c in range(0, RK, RC):
-                    h = _latent_tile(KL, KS, k_row0 + start_n, ks_row0 + start_n, local, c, RK, RC, K_BITS, K_QG, K_NQ,
-                                     K_WORDS, K_FAST, BLOCK_N, n_ok, dtype, PACKED)
+                    h = _latent_tile(KL, KS, k_row0 + base_n, ks_row0 + base_n, local, c, RK, RC, K_BITS, K_QG, K_NQ,
+                                     K_WORDS, K_FAST, BLOCK_N, ld_ok, dtype, PACKED)
                     cols = c + rc
                     u1 = tl.load(up_base + d[None, :] * RK + cols[:, None])  # [RC, HALF] = up.T
                     u2 = tl.load(up_base + (HALF + d)[None, :] * RK + cols[:, None])
@@ -425,11 +459,11 @@ def _palu_decode_kernel(
                 if PF_V:
                     hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype, PACKED)
                 elif V_BITS == 0 and SLICES == 1:  # loaded transposed, so that the value dot takes the load as it is
-                    hv_t = tl.load(VL + (v_row0 + start_n) * RV + local[None, :] * RV + rv[:, None],
-                                   mask=n_ok[None, :] & (rv < RV)[:, None], other=0.0)
+                    hv_t = tl.load(VL + (v_row0 + base_n) * RV + local[None, :] * RV + rv[:, None],
+                                   mask=ld_ok[None, :] & (rv < RV)[:, None], other=0.0)
                 else:
-                    hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
-                                      V_NQ, V_WORDS, V_FAST, BLOCK_N, n_ok, dtype, PACKED)
+                    hv = _latent_tile(VL, VS, v_row0 + base_n, vs_row0 + base_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
+                                      V_NQ, V_WORDS, V_FAST, BLOCK_N, ld_ok, dtype, PACKED)
             # scores [BLOCK_N, GP], softmax down the tokens
             s = tl.dot(r2, q2, tl.dot(r1, q1))
             s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
@@ -729,7 +763,9 @@ def palu_decode(
     ahead, instead of gathered at positions loaded in the same step (the faster form on the H200).
     ``splits``: programs per (row, KV head) along the tokens (default: enough to fill the GPU).
     ``length``: ``[1]`` int32 on the device, the tokens in use of buffers of ``T`` slots (a static
-    decode step, CUDA-graph capturable: nothing here reads a device value on the host)."""
+    decode step, CUDA-graph capturable: nothing here reads a device value on the host). With at least one
+    tile of slots the kernel reads whole tiles (no load masks): the slots past ``length`` that it reads then
+    must hold finite values, as the runtime's static steps leave them (zeros)."""
     B, hq, _, D = q.shape
     G, rows, rk = k_up.shape
     gs = rows // D
@@ -825,7 +861,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, HAS_LEN=length is not None,
         ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"], SCORES_ONLY=two_pass,
         PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), SLICES=slices, ROPE_BY_SLOT=by_slot,
-        FIXED_MAX=tuned["FIXED_MAX"], PDL=USE_PDL and has_pdl(q.device) and not two_pass,
+        FIXED_MAX=tuned["FIXED_MAX"], PDL=USE_PDL and has_pdl(q.device) and not two_pass, WHOLE_BLOCKS=T >= block_n,
         num_warps=tuned["NUM_WARPS"],
         num_stages=stages,
         **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),

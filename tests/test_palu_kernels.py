@@ -260,6 +260,30 @@ def test_decode_kernel_rope_rows_per_slot(shape, prefetch, two_pass, monkeypatch
     torch.testing.assert_close(palu.palu_decode(**a, splits=2), want, atol=2e-5, rtol=1e-4)
 
 
+@interpreter_only
+@pytest.mark.parametrize("used", [10, 50, 70])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_decode_kernel_static_length(used, bits, monkeypatch):
+    """A static decode step: buffers of 70 slots of which ``length`` (on the device) are in use and the rest
+    zeros, as the runtime leaves them. Whole blocks of 16 tokens are read (``WHOLE_BLOCKS``): a last block
+    short of 16 reads the whole block ending at the length, and fewer than 16 tokens read zeros past it."""
+    settings(monkeypatch, BLOCK_N=16, QUERY_TILE=8)
+    a = make_case(bits=bits, quant_group=4, rk=16, rv=8, tokens=70)
+    a["cos"], a["sin"] = ref.rope_rows(a["positions"], a["cos"], a["sin"])
+    cut = dict(a, positions=a["positions"][:, :used], k_rank=a["k_rank"][:, :used], q_rank=a["k_rank"][:, used - 1:used],
+               cos=a["cos"][:, :used], sin=a["sin"][:, :used])
+    for side in ("k", "v"):
+        x = a[side]
+        cut[side] = ref.Latents(x.data[:, :, :used], x.rank, x.quant,
+                                None if x.scale_min is None else x.scale_min[:, :, :used])
+        x.data[:, :, used:] = 0
+        if x.scale_min is not None:
+            x.scale_min[:, :, used:] = 0
+    a["q_rank"] = cut["q_rank"].clone()
+    got = palu.palu_decode(**a, splits=3, length=torch.tensor([used], dtype=torch.int32))
+    torch.testing.assert_close(got, ref.latent_attention(**cut), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "dtype,bits,gs,qpk,rk,rv,variant",
@@ -292,7 +316,6 @@ def test_decode_kernel_rope_rows_per_slot(shape, prefetch, two_pass, monkeypatch
         (torch.bfloat16, None, 1, 4, 64, 64, "running-max"),  # a running maximum, not one reference per program
         (torch.bfloat16, 4, 1, 4, 64, 64, "running-max"),
         (torch.bfloat16, None, 1, 1, 64, 64, "running-max"),
-        (torch.float16, None, 2, 4, 128, 128, "tuned"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
