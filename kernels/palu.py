@@ -626,6 +626,70 @@ def _palu_merge_kernel(PO, PML, VUP, VB, Out, n_splits,
     tl.store(Out + (b.to(tl.int64) * hq + h) * D + dd, out.to(Out.dtype.element_ty))
 
 
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` to ``dtype``, to nearest even; bf16 rounded in the integer bits first (Triton's
+    interpreter truncates fp32 -> bf16 where the GPU rounds), so the result is the same on both."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _quantize_kernel(H, W, SM, R: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
+                     PER_WORD: tl.constexpr, WORDS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
+                     BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program ``row``: the latents ``H [rows, R]`` of one token quantised as
+    :func:`kvpress.kernels.palu_reference.quantize` does it, bit for bit: scales then minima per group of
+    ``GROUP`` channels to ``SM [rows, 2 * NG]`` (in ``H``'s dtype), codes packed ``PER_WORD`` per int32 word
+    to ``W [rows, WORDS]``. The codes are made in the words' layout, from the scales and minima this
+    program has just stored (read back after a barrier)."""
+    row = tl.program_id(0).to(tl.int64)
+    dtype = H.dtype.element_ty
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    g = tl.arange(0, BLOCK_G)
+    j = tl.arange(0, BLOCK_J)
+    in_group = (g < NG)[:, None] & (j < GROUP)[None, :]
+    x = tl.load(H + row * R + g[:, None] * GROUP + j[None, :], mask=in_group, other=0.0).to(tl.float32)
+    lo = tl.min(tl.where(in_group, x, float("inf")), 1)
+    hi = tl.max(tl.where(in_group, x, float("-inf")), 1)
+    sm = SM + row * (2 * NG)
+    tl.store(sm + g, _round_to(tl.math.div_rn(hi - lo, tl.full([BLOCK_G], LEVELS, tl.float32)), dtype), mask=g < NG)
+    tl.store(sm + NG + g, _round_to(lo, dtype), mask=g < NG)
+    tl.debug_barrier()
+    w = tl.arange(0, BLOCK_W)
+    k = tl.arange(0, BLOCK_K)
+    c = w[:, None] * PER_WORD + k[None, :]  # [words, codes per word]: channel of each code
+    ok = (k < PER_WORD)[None, :] & (c < R)
+    xc = tl.load(H + row * R + c, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.load(sm + c // GROUP, mask=ok, other=1.0).to(tl.float32)
+    low = tl.load(sm + NG + c // GROUP, mask=ok, other=0.0).to(tl.float32)
+    v = tl.math.div_rn(xc - low, tl.where(scale > 0, scale, 1.0))
+    v = (v + 12582912.0) - 12582912.0  # to the nearest integer, ties to even (1.5 * 2^23: exact below 2^22)
+    code = tl.where(ok, tl.minimum(tl.maximum(v, 0.0), LEVELS).to(tl.int32), 0)
+    tl.store(W + row * WORDS + w, tl.sum(code << (k * BITS)[None, :], 1), mask=w < WORDS)
+
+
+def quantize(h: torch.Tensor, spec: ref.QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kvpress.kernels.palu_reference.quantize` (the same bits) in one launch: packed codes
+    ``[..., words]`` int32 and scales then minima ``[..., 2 * r // group]`` of latents ``h [..., r]``."""
+    r = h.shape[-1]
+    if r % spec.group:
+        raise ValueError(f"quantisation group {spec.group} does not divide the latent rank {r}")
+    n_groups, n_words = r // spec.group, spec.words(r)
+    x = h.reshape(-1, r).contiguous()
+    words = torch.empty(x.shape[0], n_words, device=h.device, dtype=torch.int32)
+    scale_min = torch.empty(x.shape[0], 2 * n_groups, device=h.device, dtype=h.dtype)
+    if x.shape[0]:
+        _quantize_kernel[(x.shape[0],)](
+            x, words, scale_min, R=r, GROUP=spec.group, NG=n_groups, BITS=spec.bits, PER_WORD=spec.per_word,
+            WORDS=n_words, BLOCK_G=triton.next_power_of_2(n_groups), BLOCK_J=triton.next_power_of_2(spec.group),
+            BLOCK_W=triton.next_power_of_2(n_words), BLOCK_K=triton.next_power_of_2(spec.per_word), num_warps=1)
+    return words.reshape(*h.shape[:-1], n_words), scale_min.reshape(*h.shape[:-1], 2 * n_groups)
+
+
 @functools.lru_cache
 def _sm_count(index) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -260,6 +260,25 @@ def test_decode_kernel_rope_rows_per_slot(shape, prefetch, two_pass, monkeypatch
     torch.testing.assert_close(palu.palu_decode(**a, splits=2), want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bits,group,rank", [(4, 32, 64), (4, 4, 24), (3, 4, 48), (3, 8, 40), (2, 8, 64), (2, 16, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_quantize_kernel_is_the_reference_bit_for_bit(bits, group, rank, dtype, device):
+    """The one-launch quantisation of new latents: the reference's codes, scales and minima exactly (a
+    flat group with scale 0, values that round half-way, a row of zeros)."""
+    gen = torch.Generator().manual_seed(bits * 100 + group)
+    h = torch.randn(2, 3, 7, rank, generator=gen) * torch.rand(2, 3, 7, 1, generator=gen) * 4
+    h[0, 0, 0, :group] = 1.5
+    h[0, 0, 1] = 0.0
+    h[1, 2, 3, :group] = torch.arange(group) * 0.5  # codes on the half steps
+    h = h.to(dtype).to(device)
+    spec = ref.QuantSpec(bits, group)
+    words, scale_min = palu.quantize(h, spec)
+    want_words, want_scale_min = ref.quantize(h, spec)
+    assert torch.equal(scale_min, want_scale_min)
+    assert torch.equal(words, want_words)
+
+
 @interpreter_only
 @pytest.mark.parametrize("used", [10, 50, 70])
 @pytest.mark.parametrize("bits", [None, 4])
