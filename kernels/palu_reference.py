@@ -73,7 +73,8 @@ def quantize(h: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
     lo = x.amin(-1)
     hi = x.amax(-1)
     levels = (1 << spec.bits) - 1
-    scale = ((hi - lo) / levels).to(h.dtype)
+    scale = (hi - lo).div(torch.full_like(hi, levels)).to(h.dtype)  # a tensor divisor: IEEE division on any device
+    # (CUDA multiplies by the reciprocal of a scalar divisor: 1-ulp differences from the CPU)
     lo = lo.to(h.dtype)
     safe = torch.where(scale.float() > 0, scale.float(), 1.0)
     codes = ((x - lo.float()[..., None]) / safe[..., None]).round().clamp(0, levels).to(torch.int32).flatten(-2)
