@@ -355,6 +355,7 @@ def _palu_decode_kernel(
     # sums, or a first block far below the rest), the split runs a second time against its exact maximum.
     FIX: tl.constexpr = FIXED_MAX and SLICES == 1 and not SCORES_ONLY
     m_ref = tl.full([GP], float("-inf"), dtype=tl.float32)
+    redo = False  # after the first pass: whether the split runs again
     for attempt in tl.static_range(2 if FIX else 1):
         if attempt > 0:  # the second pass: the split again when the reference was off, else no block at all
             stop = tl.where(redo, stop, start)
