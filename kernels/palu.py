@@ -471,28 +471,29 @@ def _palu_decode_kernel(
             if SCORES_ONLY:
                 tl.store(sc_base + offs_n[:, None] * QPK + m_rows[None, :], s, mask=n_ok[:, None] & q_ok[None, :])
                 s_max = tl.maximum(s_max, s)
-            elif SLICES == 1:
-                if FIX:  # against the reference: nothing to rescale
-                    if attempt == 0:
-                        if start_n == start:  # the first block sets the reference
-                            m_ref = tl.max(s, 0)
-                            m_ref = tl.where(m_ref == float("-inf"), 0.0, m_ref)
-                    m_safe = m_ref
-                else:  # the running maximum
-                    m_new = tl.maximum(m_i, tl.max(s, 0))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s - m_safe[None, :])
-                p_v = _narrow(p, dtype, PACKED)
-                pv = tl.dot(hv_t, p_v) if V_BITS == 0 else tl.dot(tl.trans(hv), p_v)
-                if FIX:
-                    acc += pv
-                    l_acc += p
-                    s_top = tl.maximum(s_top, s)
+            elif FIX:
+                if attempt == 0:
+                    if start_n == start:  # the first block sets the reference
+                        m_ref = tl.max(s, 0)
+                        m_ref = tl.where(m_ref == float("-inf"), 0.0, m_ref)
+                p = tl.exp2(s - m_ref[None, :])
+                if V_BITS == 0:
+                    acc += tl.dot(hv_t, _narrow(p, dtype, PACKED))
                 else:
-                    alpha = tl.exp2(m_i - m_safe)
-                    acc = acc * alpha[None, :] + pv
-                    l_acc = l_acc * alpha[None, :] + p
-                    m_i = m_new
+                    acc += tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
+                l_acc += p
+                s_top = tl.maximum(s_top, s)
+            elif SLICES == 1:
+                m_new = tl.maximum(m_i, tl.max(s, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp2(s - m_safe[None, :])
+                alpha = tl.exp2(m_i - m_safe)
+                if V_BITS == 0:
+                    acc = acc * alpha[None, :] + tl.dot(hv_t, _narrow(p, dtype, PACKED))
+                else:
+                    acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
+                l_acc = l_acc * alpha[None, :] + p
+                m_i = m_new
             else:
                 s = tl.reshape(s, [SLICES, SN, GP])
                 m_new = tl.maximum(m_i, tl.max(s, 1))
