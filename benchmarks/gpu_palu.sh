@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu_palu.sh round21  (<= 9 min) every Palu GPU test, layer, graph decode per token (TUNED as of round 20)
 #   bash benchmarks/gpu_palu.sh round22  (<= 9 min) every Palu GPU test, layer before (OLD) and after, graph decode per token
 #   bash benchmarks/gpu_palu.sh round23  (<= 11 min) the whole GPU suite, graph decode per token
+#   bash benchmarks/gpu_palu.sh round24  (<= 5 min) every Palu GPU test, layer
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -198,6 +199,13 @@ PY
     timeout 420 pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$R/gpu_tests_all.log" | tail -3
     timeout 200 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph --tag _r23 \
       --out "$R" 2>&1 | tee "$R/tpot_r23.log" | grep -v "^{" | tail -4 ;;
+  round24)  # every Palu GPU test (the quantisation bit for bit on the GPU), the layer at 64K/128K (run on a tree with the
+            # two softmax branches of the decode kernel merged into one: reverted after, its 4-bit layer was 4% slower)
+    timeout 200 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 \
+      | tee "$R/gpu_tests.log" | tail -3
+    timeout 100 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --lengths 65536 131072 \
+      --tag _r24 --out "$R" > "$R/layer_r24.log" 2>&1
+    grep " | " "$R/layer_r24.log" | tail -8 ;;
   round12|round14)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at 64K/128K with its fastest
     t=_r${part#round}
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
@@ -251,6 +259,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"
