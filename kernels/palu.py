@@ -4,12 +4,14 @@ A decode step (one query token per row) reads each cached token's key and value 
 HBM: one program per KV head and block of cached tokens (split-K over the tokens, so a long sequence
 fills the GPU) (dequantises and) rebuilds its head's pre-RoPE keys from its group's latents
 (``h @ up.T``, fp32 accumulation), adds the key bias, applies the per-head ``k_norm`` (Qwen3),
-rotates them at each token's own position (half tables ``cos``/``sin`` gathered by position),
-scores them against the head's query heads, runs the online softmax and accumulates the
-softmax-weighted *value latents* (values are never rebuilt per token). The ``gs`` programs of a
-group read the same latents (the repeats come from L2). A second small kernel merges each query
-head's splits and up-projects its value latent once (``up_v`` of its KV head, plus the value bias),
-writing the attention output ``[B, Hq, 1, D]``. With ``TWO_PASS`` (an option, measured no faster
+rotates them at each token's own position (rope rows per slot, or half tables gathered by
+position), scores them against the head's query heads, exponentiates the scores against one reference
+per program (``FIXED_MAX``; or a running maximum) and accumulates the softmax-weighted *value
+latents* (values are never rebuilt per token). The ``gs`` programs of a group read the same latents
+(the repeats come from L2). A second small kernel (a programmatic dependent launch on Hopper) merges
+each query head's splits and up-projects its value latent once (``up_v`` of its KV head, plus the
+value bias), writing the attention output ``[B, Hq, 1, D]``. New tokens' latents are quantised by
+:func:`quantize` (one launch, the reference's bits). With ``TWO_PASS`` (an option, measured no faster
 than one pass on the H200 since round 12) the first kernel stops at the scores and a second
 (``_palu_values_kernel``) does the value side.
 
