@@ -19,7 +19,7 @@
 #   bash benchmarks/gpu_palu.sh round16  (<= 8 min) GPU tests, round16 sweep and layer with the rope rows per slot
 #   bash benchmarks/gpu_palu.sh round17  (<= 9 min) every Palu GPU test, layer, graph decode per token, stall profile
 #   bash benchmarks/gpu_palu.sh round18  (<= 4 min) kernel GPU tests, layer at 128K before (OLD) and after (bf16)
-#   bash benchmarks/gpu_palu.sh round20  (<= 7 min) kernel GPU tests, round20 sweep (one softmax reference per program), layer
+#   bash benchmarks/gpu_palu.sh round20  (<= 8 min) GPU tests, round20 sweep (one softmax reference per program), layer
 #   bash benchmarks/gpu_palu.sh round21  (<= 9 min) every Palu GPU test, layer, graph decode per token (TUNED as of round 20)
 #   bash benchmarks/gpu_palu.sh round22  (<= 9 min) every Palu GPU test, layer before (OLD) and after, graph decode per token
 #   bash benchmarks/gpu_palu.sh round23  (<= 11 min) the whole GPU suite, graph decode per token
@@ -42,6 +42,17 @@ if ! (cd /tmp && python -c "import kvpress.kernels.palu" >/dev/null 2>&1); then
 fi
 part=${1:-main}
 start=$(date +%s)
+
+# layer_before_after TAG [bench_palu.py layer options...]: the layer with the tree in $OLD (when set) and with this one,
+# in the same run (half rank, groups of one KV head), as palu_layer_<TAG>_{before,after}_<GPU>.json
+layer_before_after() {
+  local tag=$1 tree; shift
+  for tree in ${OLD:+before} after; do
+    PYTHONPATH=$([ $tree = before ] && echo "$OLD" || echo "$PYTHONPATH") timeout 100 python benchmarks/bench_palu.py layer \
+      --group-sizes 1 --ratios 0.5 "$@" --tag "_${tag}_$tree" --out "$R" > "$R/layer_${tag}_$tree.log" 2>&1
+    grep " | " "$R/layer_${tag}_$tree.log" | tail -8
+  done
+}
 case $part in
   main)
     timeout 35 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
@@ -123,11 +134,7 @@ PY
   round15)  # GPU tests; the layer at 64K/128K before (OLD: a tree installed with the previous kernel) and after; the
             # round15 sweep (GQA and MHA, bf16, 128K); where the decode's warps wait now (ncu, the stalls part of gpu_profile.sh)
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
-    for tree in ${OLD:+before} after; do
-      PYTHONPATH=$([ $tree = before ] && echo "$OLD" || echo "$PYTHONPATH") timeout 100 python benchmarks/bench_palu.py layer \
-        --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag "_r15_$tree" --out "$R" > "$R/layer_r15_$tree.log" 2>&1
-      grep " | " "$R/layer_r15_$tree.log" | tail -8
-    done
+    layer_before_after r15 --lengths 65536 131072
     for shape in gqa mha; do
       tag=_r15$([ $shape = mha ] && echo _mha)
       timeout 100 python benchmarks/bench_palu.py sweep --grid round15 --bits 16 --shapes $shape --tag "$tag" --out "$R" \
@@ -135,18 +142,6 @@ PY
       tail -1 "$R/sweep$tag.log"
     done
     OUT=$R CASES=palu timeout 120 bash benchmarks/gpu_profile.sh stalls 2>&1 | tail -25 ;;
-  round16)  # GPU tests; the round16 sweep with the rope rows per slot (GQA and MHA, bf16 and 4-bit, 128K); the layer at
-            # 64K/128K with its fastest, rope rows per slot
-    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
-    for shape in gqa mha; do
-      tag=_r16$([ $shape = mha ] && echo _mha)
-      timeout 150 python benchmarks/bench_palu.py sweep --grid round16 --bits 16 4 --shapes $shape \
-        --tag "$tag" --out "$R" > "$R/sweep$tag.log" 2>&1
-      tail -1 "$R/sweep$tag.log"
-    done
-    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r16*_NVIDIA*.json \
-      --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag _r16 --out "$R" > "$R/layer_r16.log" 2>&1
-    grep "kernel settings\| | " "$R/layer_r16.log" | tail -12 ;;
   round17)  # the rope rows per slot in the runtime and TUNED: every Palu GPU test, the layer at 64K/128K, graph decode
             # per token at 64K/128K, where the decode's warps wait now
     timeout 200 pytest -m gpu -q -p no:cacheprovider tests/ -k "palu or Palu" 2>&1 | tee "$R/gpu_tests.log" | tail -5
@@ -159,23 +154,7 @@ PY
   round18)  # the keys rebuilt by one MMA chain of the whole head (then split in halves): GPU tests of the kernel, the layer
             # at 128K with bf16 latents before (OLD: the previous tree) and after, in the same run
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -3
-    for tree in ${OLD:+before} after; do
-      PYTHONPATH=$([ $tree = before ] && echo "$OLD" || echo "$PYTHONPATH") timeout 100 python benchmarks/bench_palu.py layer \
-        --group-sizes 1 --ratios 0.5 --bits 16 --lengths 131072 --tag "_r18_$tree" --out "$R" > "$R/layer_r18_$tree.log" 2>&1
-      grep " | " "$R/layer_r18_$tree.log" | tail -4
-    done ;;
-  round20)  # one softmax reference per program (FIXED_MAX): GPU tests of the kernel, the round20 sweep (GQA and MHA, bf16
-            # and 4-bit, 128K), the layer at 64K/128K with its fastest
-    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -3
-    for shape in gqa mha; do
-      tag=_r20$([ $shape = mha ] && echo _mha)
-      timeout 150 python benchmarks/bench_palu.py sweep --grid round20 --bits 16 4 --shapes $shape \
-        --tag "$tag" --out "$R" > "$R/sweep$tag.log" 2>&1
-      tail -1 "$R/sweep$tag.log"
-    done
-    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r20*_NVIDIA*.json \
-      --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag _r20 --out "$R" > "$R/layer_r20.log" 2>&1
-    grep "kernel settings\| | " "$R/layer_r20.log" | tail -12 ;;
+    layer_before_after r18 --bits 16 --lengths 131072 ;;
   round21)  # one softmax reference per program in TUNED and the merge as a dependent launch: every Palu GPU test, the
             # layer at 64K/128K, graph decode per token at 64K/128K
     timeout 200 pytest -m gpu -q -p no:cacheprovider tests/ -k "palu or Palu" 2>&1 | tee "$R/gpu_tests.log" | tail -3
@@ -187,11 +166,7 @@ PY
   round22)  # loads of whole token tiles without masks (WHOLE_BLOCKS): every Palu GPU test, the layer at 64K/128K before
             # (OLD: the previous tree) and after in the same run, graph decode per token at 64K/128K
     timeout 200 pytest -m gpu -q -p no:cacheprovider tests/ -k "palu or Palu" 2>&1 | tee "$R/gpu_tests.log" | tail -3
-    for tree in ${OLD:+before} after; do
-      PYTHONPATH=$([ $tree = before ] && echo "$OLD" || echo "$PYTHONPATH") timeout 100 python benchmarks/bench_palu.py layer \
-        --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag "_r22_$tree" --out "$R" > "$R/layer_r22_$tree.log" 2>&1
-      grep " | " "$R/layer_r22_$tree.log" | tail -8
-    done
+    layer_before_after r22 --lengths 65536 131072
     timeout 200 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph --tag _r22 \
       --out "$R" 2>&1 | tee "$R/tpot_r22.log" | grep -v "^{" | tail -4 ;;
   round23)  # the new tokens' quantisation in one launch: every GPU test of the project (the whole suite), graph decode
@@ -206,7 +181,8 @@ PY
     timeout 100 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --lengths 65536 131072 \
       --tag _r24 --out "$R" > "$R/layer_r24.log" 2>&1
     grep " | " "$R/layer_r24.log" | tail -8 ;;
-  round12|round14)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at 64K/128K with its fastest
+  round12|round14|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
+            # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
     for shape in gqa mha; do
