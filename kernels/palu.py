@@ -679,9 +679,7 @@ def quantize(h: torch.Tensor, spec: ref.QuantSpec) -> tuple[torch.Tensor, torch.
     """:func:`kvpress.kernels.palu_reference.quantize` (the same bits) in one launch: packed codes
     ``[..., words]`` int32 and scales then minima ``[..., 2 * r // group]`` of latents ``h [..., r]``."""
     r = h.shape[-1]
-    if r % spec.group:
-        raise ValueError(f"quantisation group {spec.group} does not divide the latent rank {r}")
-    n_groups, n_words = r // spec.group, spec.words(r)
+    n_groups, n_words = spec.groups(r), spec.words(r)
     x = h.reshape(-1, r).contiguous()
     words = torch.empty(x.shape[0], n_words, device=h.device, dtype=torch.int32)
     scale_min = torch.empty(x.shape[0], 2 * n_groups, device=h.device, dtype=h.dtype)

@@ -62,14 +62,17 @@ class QuantSpec:
     def words(self, rank: int) -> int:
         return -(-rank // self.per_word)
 
+    def groups(self, rank: int) -> int:
+        """Quantisation groups of a latent of ``rank`` channels (the group must divide it)."""
+        if rank % self.group:
+            raise ValueError(f"quantisation group {self.group} does not divide the latent rank {rank}")
+        return rank // self.group
+
 
 def quantize(h: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise latents ``h [..., r]``: returns packed codes ``[..., words]`` int32 and
     ``[..., 2 * r // group]`` scales then minima (in ``h.dtype``)."""
-    r = h.shape[-1]
-    if r % spec.group:
-        raise ValueError(f"quantisation group {spec.group} does not divide the latent rank {r}")
-    x = h.float().unflatten(-1, (r // spec.group, spec.group))
+    x = h.float().unflatten(-1, (spec.groups(h.shape[-1]), spec.group))
     lo = x.amin(-1)
     hi = x.amax(-1)
     levels = (1 << spec.bits) - 1

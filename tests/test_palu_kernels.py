@@ -279,6 +279,13 @@ def test_quantize_kernel_is_the_reference_bit_for_bit(bits, group, rank, dtype, 
     assert torch.equal(words, want_words)
 
 
+def test_quantize_refuses_a_group_that_does_not_divide_the_rank():
+    h = torch.randn(2, 24)
+    for quantize in (ref.quantize, palu.quantize):
+        with pytest.raises(ValueError, match="does not divide the latent rank 24"):
+            quantize(h, ref.QuantSpec(4, 16))
+
+
 @interpreter_only
 @pytest.mark.parametrize("used", [10, 50, 70])
 @pytest.mark.parametrize("bits", [None, 4])
