@@ -78,13 +78,11 @@ def latent_case(T, hq, hkv, gs, ratio, bits, dev, dtype=torch.bfloat16, quant_gr
         words, scale_min = ref.quantize(h, spec)
         return ref.Latents(words, rank, spec, scale_min)
 
-    positions = torch.arange(T, device=dev, dtype=torch.int32).expand(batch, T).contiguous()
+    positions = torch.arange(T, device=dev).expand(batch, T).contiguous()
     inv = 1.0 / 500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D)
     angles = torch.arange(T, device=dev)[:, None].float() * inv
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    more = {}
     if rope == "rows":
-        more["rope_offsets"] = ref.rope_offsets(angles.cos(), angles.sin(), min(T, 128))
         cos, sin = ref.rope_rows(positions, cos, sin)
     return dict(
         q=c.rand(batch, hq, 1, D, dev=dev, dtype=dtype), k=latents(), v=latents(),
@@ -92,7 +90,7 @@ def latent_case(T, hq, hkv, gs, ratio, bits, dev, dtype=torch.bfloat16, quant_gr
         v_up=c.rand(groups, gs * D, rank, dev=dev, dtype=dtype) / rank**0.5,
         positions=positions, cos=cos, sin=sin,
         q_rank=torch.full((batch, 1), T - 1, device=dev, dtype=torch.int32),
-        k_rank=positions.int(), scale=D**-0.5, **more,
+        k_rank=positions.int(), scale=D**-0.5,
     )
 
 
@@ -318,12 +316,11 @@ GRIDS = {
     # splits, four whole waves) and four stages, around the tuned bf16 setting
     "round25": [*_grid(64, 4, 3, (2, 8, 4), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, FIXED_MAX=True),
                 *_grid(64, 4, 4, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, FIXED_MAX=True)],
-    # round 26: one rope row per block (ROPE_SHIFT: the keys rotated by their offsets from the block's last token, the
-    # query by that token's position; offline 373 instead of 330 instructions per block in bf16, 251 registers), with
-    # and without the hand prefetch
-    "round26": [g for p in (False, True) for shift in (False, True)
-                for g in _grid(64, 4, 3, (2,), prefetch=p, rope_in_dtype=True, QUERY_TILE=8, FIXED_MAX=True,
-                               ROPE_SHIFT=shift)],
+    # round 27: 2- and 3-bit latents (their settings came from the first sweep, before every change since) against
+    # the 4-bit and bf16 settings
+    "round27": [*_grid(32, 2, 3, (4,), prefetch=False), *_grid(32, 2, 3, (4,), rope_in_dtype=True, QUERY_TILE=8),
+                *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8),
+                *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8)],
 }
 
 

@@ -25,7 +25,7 @@
 #   bash benchmarks/gpu_palu.sh round23  (<= 11 min) the whole GPU suite, graph decode per token
 #   bash benchmarks/gpu_palu.sh round24  (<= 5 min) every Palu GPU test, layer
 #   bash benchmarks/gpu_palu.sh round25  (<= 8 min) round25 sweep (split counts), also with the tree in EXP; 2/3-bit layer
-#   bash benchmarks/gpu_palu.sh round26  (<= 8 min) kernel GPU tests, round26 sweep (one rope row per block)
+#   bash benchmarks/gpu_palu.sh round27  (<= 6 min) round27 sweep: settings for 2- and 3-bit latents
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -196,12 +196,10 @@ PY
     timeout 100 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --bits 3 2 --lengths 65536 131072 \
       --tag _r25_bits --out "$R" > "$R/layer_r25_bits.log" 2>&1
     grep " | " "$R/layer_r25_bits.log" | tail -8 ;;
-  round26)  # one rope row per block (ROPE_SHIFT): the kernel's GPU tests, the round26 sweep (GQA and MHA, bf16 and
-            # 4-bit, 128K)
-    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -3
+  round27)  # 2- and 3-bit latents: the round27 sweep (GQA and MHA, 128K)
     for shape in gqa mha; do
-      tag=_r26$([ $shape = mha ] && echo _mha)
-      timeout 200 python benchmarks/bench_palu.py sweep --grid round26 --bits 16 4 --shapes $shape --tag "$tag" --out "$R" \
+      tag=_r27$([ $shape = mha ] && echo _mha)
+      timeout 200 python benchmarks/bench_palu.py sweep --grid round27 --bits 3 2 --shapes $shape --tag "$tag" --out "$R" \
         > "$R/sweep$tag.log" 2>&1
       tail -1 "$R/sweep$tag.log"
     done ;;
@@ -259,6 +257,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round26, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"
