@@ -86,15 +86,16 @@ TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTY
 # and 317.8 -> 286.2 us (MHA); at 4 bits with the hand prefetch 130.7 -> 119.5 and 476.2 -> 446.7 us against
 # a softmax state per warp (SOFTMAX_SLICES=4, rounds 12 and 14). The rotation in bf16 (as transformers
 # rounds it; fewer instructions per block): 131 us against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json). 2 and 3
-# bits keep the first sweep's setting (palu_sweep_4bit_NVIDIA_H200.json). Tables gathered by position (the
-# other input form) were fastest at three programs per SM under a 168-register cap (round 15: 114.0 us).
+# bits take the 4-bit setting (round 27, palu_sweep_r27{,_mha}_NVIDIA_H200.json: 3 bits 1388.7 -> 222.5 us, 2 bits
+# 185.4 -> 144.1 us on the 8B shape against the first sweep's 32-token tiles without the prefetch). Tables gathered
+# by position (the other input form) were fastest at three programs per SM under a 168-register cap (round 15:
+# 114.0 us).
+_QUANTISED = dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, ROPE_IN_DTYPE=True,
+                  QUERY_TILE=8)
 TUNED: dict[tuple[int, int | None], dict] = {
     (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=False, ROPE_IN_DTYPE=True,
                     QUERY_TILE=8),
-    (2, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
-    (3, None): dict(BLOCK_N=32, NUM_WARPS=2, NUM_STAGES=3, PROGRAMS_PER_SM=4),
-    (4, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, ROPE_IN_DTYPE=True,
-                    QUERY_TILE=8),
+    **{(bits, None): _QUANTISED for bits in (2, 3, 4)},
 }
 MAX_SPLITS = 256
 MERGE_SPLITS = 64  # partials merged per step of the merge kernel
