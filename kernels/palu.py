@@ -74,6 +74,7 @@ FIXED_MAX_RANGE: tl.constexpr = tl.constexpr(64.0)
 # in registers) and the query by that token's position: one rope row read per block, not one per token (the
 # runtime passes the offsets' table and the per-row flag; see _palu_decode_kernel).
 ROPE_SHIFT = False
+ROTATION_BLOCKS = 16  # blocks per program of the query rotations' kernel (ROPE_SHIFT)
 SOFTMAX_SLICES = 1  # slices of each block's tokens with a softmax state and partial of their own (one per warp: 4)
 TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
            "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM", "MAX_REGISTERS",
@@ -255,6 +256,7 @@ def _palu_decode_kernel(
     SCORES_ONLY: tl.constexpr = False, PACKED: tl.constexpr = False, SLICES: tl.constexpr = 1,
     ROPE_BY_SLOT: tl.constexpr = False, FIXED_MAX: tl.constexpr = False, PDL: tl.constexpr = False,
     WHOLE_BLOCKS: tl.constexpr = False, ROPE_SHIFT: tl.constexpr = False, N_OFF: tl.constexpr = 128,
+    NCH: tl.constexpr = 1,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -320,7 +322,8 @@ def _palu_decode_kernel(
         if ROPE_IN_DTYPE:
             off_cos = off_cos.to(dtype)
             off_sin = off_sin.to(dtype)
-        linear = tl.load(LINEAR + (b64 * hkv + kvh) * tl.num_programs(1) + split) != 0
+        linear = tl.min(tl.load(LINEAR + ((b64 * hkv + kvh) * tl.num_programs(1) + split) * NCH + tl.arange(0, NCH)),
+                        0) != 0
         qrot_base = QROT + (((b64 * hkv + kvh) * tl.num_programs(1) + split) * (split_len // BLOCK_N)) * (QPK * D)
 
     start = split * split_len
@@ -577,45 +580,50 @@ def _palu_decode_kernel(
 @triton.jit(do_not_specialize=["T", "split_len", "pos_b", "kr_b", "rope_b"])
 def _palu_query_rotations_kernel(Q, POS, KR, COS, SIN, LEN, QROT, LINEAR, pos_b, kr_b, rope_b, T, split_len,
                                  QPK: tl.constexpr, QP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr):
-    """Program ``(KV head kvh, split s, row b)`` of ``ROPE_SHIFT`` (the blocks of :func:`_palu_decode_kernel`'s
-    program of the same index): per block, its query heads rotated by minus the position of the block's last
-    slot (its rope row) into ``QROT [B, Hkv, S, NB, QPK, D]``, and into ``LINEAR [B, Hkv, S]`` whether every
-    cached token (rank >= 0) of the split sits at that position plus its offset from the last slot."""
+                                 BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, NCH: tl.constexpr, HAS_LEN: tl.constexpr):
+    """Program ``(KV head kvh, split s * NCH + chunk c, row b)`` of ``ROPE_SHIFT``: for ``CHUNK`` blocks of
+    :func:`_palu_decode_kernel`'s program ``(kvh, s, b)``, the query heads rotated by minus the position of each
+    block's last slot (its rope row) into ``QROT [B, Hkv, S, NB, QPK, D]``, and into ``LINEAR [B, Hkv, S, NCH]``
+    whether every cached token (rank >= 0) of those blocks sits at that position plus its offset from the last
+    slot. All blocks at once: no loop."""
     kvh = tl.program_id(0)
-    split = tl.program_id(1)
+    split = tl.program_id(1) // NCH
+    chunk = tl.program_id(1) % NCH
     b = tl.program_id(2)
     hkv = tl.num_programs(0)
+    n_splits = tl.num_programs(1) // NCH
     b64 = b.to(tl.int64)
     m = tl.arange(0, QP)
     m_ok = m < QPK
     d = tl.arange(0, HALF)
+    local = tl.arange(0, BLOCK_N)
     q_base = Q + (b64 * hkv + kvh) * (QPK * D)
-    q1 = tl.load(q_base + m[:, None] * D + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-    q2 = tl.load(q_base + m[:, None] * D + HALF + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+    q1 = tl.load(q_base + m[:, None] * D + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)[None, :, :]
+    q2 = tl.load(q_base + m[:, None] * D + HALF + d[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)[None, :, :]
     start = split * split_len
     stop = tl.minimum(start + split_len, T)
     if HAS_LEN:
         stop = tl.minimum(stop, tl.load(LEN))
-    local = tl.arange(0, BLOCK_N)
-    out = QROT + ((b64 * hkv + kvh) * tl.num_programs(1) + split) * (split_len // BLOCK_N) * (QPK * D)
-    cos_row = COS + b64 * rope_b * HALF
-    sin_row = SIN + b64 * rope_b * HALF
-    astray = tl.zeros([BLOCK_N], tl.int32)
-    for start_n in range(start, stop, BLOCK_N):
-        base_n = _block_start(start_n, stop, BLOCK_N, True)
-        last = base_n + BLOCK_N - 1
-        c0 = tl.load(cos_row + last * HALF + d).to(tl.float32)[None, :]
-        s0 = tl.load(sin_row + last * HALF + d).to(tl.float32)[None, :]
-        at = out + ((start_n - start) // BLOCK_N) * (QPK * D) + m[:, None] * D + d[None, :]
-        tl.store(at, (q1 * c0 + q2 * s0).to(Q.dtype.element_ty), mask=m_ok[:, None])
-        tl.store(at + HALF, (q2 * c0 - q1 * s0).to(Q.dtype.element_ty), mask=m_ok[:, None])
-        slots = base_n + local
-        kr = tl.load(KR + b64 * kr_b + slots)
-        shift = tl.load(POS + b64 * pos_b + slots).to(tl.int32) - tl.load(POS + b64 * pos_b + last).to(tl.int32)
-        counted = (kr >= 0) & (slots >= start_n)
-        astray |= (counted & (shift != local - (BLOCK_N - 1))).to(tl.int32)
-    tl.store(LINEAR + (b64 * hkv + kvh) * tl.num_programs(1) + split, (tl.max(astray, 0) == 0).to(tl.int32))
+    blk = chunk * CHUNK + tl.arange(0, CHUNK)  # the blocks' indices in the split
+    start_n = start + blk * BLOCK_N
+    live = start_n < stop
+    base_n = _block_start(start_n, stop, BLOCK_N, True)
+    last = base_n + BLOCK_N - 1
+    rows = b64 * rope_b * HALF + last[:, None] * HALF + d[None, :]
+    c0 = tl.load(COS + rows, mask=live[:, None], other=0.0).to(tl.float32)[:, None, :]  # [CHUNK, 1, HALF]
+    s0 = tl.load(SIN + rows, mask=live[:, None], other=0.0).to(tl.float32)[:, None, :]
+    split_base = ((b64 * hkv + kvh) * n_splits + split) * (split_len // BLOCK_N)
+    at = QROT + (split_base + blk[:, None, None]) * (QPK * D) + m[None, :, None] * D + d[None, None, :]
+    keep = live[:, None, None] & m_ok[None, :, None]
+    tl.store(at, (q1 * c0 + q2 * s0).to(Q.dtype.element_ty), mask=keep)
+    tl.store(at + HALF, (q2 * c0 - q1 * s0).to(Q.dtype.element_ty), mask=keep)
+    slots = base_n[:, None] + local[None, :]  # [CHUNK, BLOCK_N]
+    kr = tl.load(KR + b64 * kr_b + slots, mask=live[:, None], other=-1)
+    shift = (tl.load(POS + b64 * pos_b + slots, mask=live[:, None], other=0).to(tl.int32)
+             - tl.load(POS + b64 * pos_b + last, mask=live, other=0).to(tl.int32)[:, None])
+    astray = (kr >= 0) & (slots >= start_n[:, None]) & (shift != local[None, :] - (BLOCK_N - 1))
+    tl.store(LINEAR + ((b64 * hkv + kvh) * n_splits + split) * NCH + chunk,
+             (tl.max(tl.max(astray.to(tl.int32), 1), 0) == 0).to(tl.int32))
 
 
 @triton.jit(do_not_specialize=["T", "split_len", "n_first"])
@@ -1013,12 +1021,13 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     qrot = linear = dummy
     if shift:  # each block's query rotated by its last slot's position, and whether the split's positions allow it
         qrot = torch.empty(B, hkv, splits, split_len // block_n, qpk, D, device=q.device, dtype=q.dtype)
-        linear = torch.empty(B, hkv, splits, device=q.device, dtype=torch.int32)
-        _palu_query_rotations_kernel[(hkv, splits, B)](
+        chunks = triton.next_power_of_2(-(-(split_len // block_n) // ROTATION_BLOCKS))
+        linear = torch.empty(B, hkv, splits, chunks, device=q.device, dtype=torch.int32)
+        _palu_query_rotations_kernel[(hkv, splits * chunks, B)](
             q.contiguous(), positions, k_rank, cos, sin, length if length is not None else dummy, qrot, linear,
             positions.stride(0), k_rank.stride(0), cos.stride(0) // (D // 2), T, split_len,
-            QPK=qpk, QP=triton.next_power_of_2(qpk), D=D, HALF=D // 2, BLOCK_N=block_n, HAS_LEN=length is not None,
-            num_warps=4)
+            QPK=qpk, QP=triton.next_power_of_2(qpk), D=D, HALF=D // 2, BLOCK_N=block_n, CHUNK=ROTATION_BLOCKS,
+            NCH=chunks, HAS_LEN=length is not None, num_warps=4)
     _palu_decode_kernel[(hkv, splits, B)](
         q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
         k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
@@ -1037,7 +1046,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"], SCORES_ONLY=two_pass,
         PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), SLICES=slices, ROPE_BY_SLOT=by_slot,
         FIXED_MAX=tuned["FIXED_MAX"], PDL=USE_PDL and has_pdl(q.device) and not two_pass, WHOLE_BLOCKS=T >= block_n,
-        ROPE_SHIFT=shift, N_OFF=rope_offsets.shape[1] if shift else 128,
+        ROPE_SHIFT=shift, N_OFF=rope_offsets.shape[1] if shift else 128, NCH=chunks if shift else 1,
         num_warps=tuned["NUM_WARPS"],
         num_stages=stages,
         **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),

@@ -329,7 +329,8 @@ def test_decode_kernel_rope_shift(shape, prefetch, fixed_max, monkeypatch):
     """One rope row per block (``ROPE_SHIFT``): the same result as the reference, where positions follow the
     slots (left padding within a block, an attention factor in the rows) and where they do not (padding
     blocks at position 1, every third position, a jump inside a row), which run again with every row."""
-    settings(monkeypatch, BLOCK_N=16, QUERY_TILE=8, ROPE_SHIFT=True, PREFETCH=prefetch, FIXED_MAX=fixed_max)
+    settings(monkeypatch, BLOCK_N=16, QUERY_TILE=8, ROPE_SHIFT=True, PREFETCH=prefetch, FIXED_MAX=fixed_max,
+             ROTATION_BLOCKS=2)  # two programs of query rotations per split, one of them half past the split's end
     a, want = shift_case(**shape)
     torch.testing.assert_close(palu.palu_decode(**a, splits=2), want, atol=2e-5, rtol=1e-4)
 

@@ -47,7 +47,7 @@ def compile_kernel(a):
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
                      HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch,
-                     SCORES_ONLY=a.two_pass == "scores", PACKED=a.packed, SLICES=a.slices, ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks, ROPE_SHIFT=a.rope_shift, FIRST=256, DTYPE=triton.language.bfloat16)
+                     SCORES_ONLY=a.two_pass == "scores", PACKED=a.packed, SLICES=a.slices, ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks, ROPE_SHIFT=a.rope_shift, NCH=16, FIRST=256, DTYPE=triton.language.bfloat16)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     fn = palu._palu_values_kernel if a.two_pass == "values" else palu._palu_decode_kernel
     names = list(inspect.signature(fn.fn).parameters)
