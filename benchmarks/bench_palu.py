@@ -78,13 +78,11 @@ def latent_case(T, hq, hkv, gs, ratio, bits, dev, dtype=torch.bfloat16, quant_gr
         words, scale_min = ref.quantize(h, spec)
         return ref.Latents(words, rank, spec, scale_min)
 
-    positions = torch.arange(T, device=dev, dtype=torch.int32).expand(batch, T).contiguous()
+    positions = torch.arange(T, device=dev).expand(batch, T).contiguous()
     inv = 1.0 / 500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D)
     angles = torch.arange(T, device=dev)[:, None].float() * inv
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    more = {}
-    if rope == "rows":  # rows per slot, and the offsets' rotations for ROPE_SHIFT
-        more["rope_offsets"] = ref.rope_offsets(angles.cos(), angles.sin(), min(T, 128))
+    if rope == "rows":
         cos, sin = ref.rope_rows(positions, cos, sin)
     return dict(
         q=c.rand(batch, hq, 1, D, dev=dev, dtype=dtype), k=latents(), v=latents(),
@@ -92,7 +90,7 @@ def latent_case(T, hq, hkv, gs, ratio, bits, dev, dtype=torch.bfloat16, quant_gr
         v_up=c.rand(groups, gs * D, rank, dev=dev, dtype=dtype) / rank**0.5,
         positions=positions, cos=cos, sin=sin,
         q_rank=torch.full((batch, 1), T - 1, device=dev, dtype=torch.int32),
-        k_rank=positions.int(), scale=D**-0.5, **more,
+        k_rank=positions.int(), scale=D**-0.5,
     )
 
 
@@ -323,11 +321,6 @@ GRIDS = {
     "round27": [*_grid(32, 2, 3, (4,), prefetch=False), *_grid(32, 2, 3, (4,), rope_in_dtype=True, QUERY_TILE=8),
                 *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8),
                 *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8)],
-    # round 29: one rope row per block again (ROPE_SHIFT), the queries rotated per block by a small kernel before the
-    # decode kernel, which loads them as the score dot's operand (offline 313 instead of 330 instructions per block,
-    # 216 registers), at the bf16 and 4-bit settings
-    "round29": [g for prefetch in (False, True) for shift in (False, True)
-                for g in _grid(64, 4, 3, (2,), prefetch=prefetch, rope_in_dtype=True, QUERY_TILE=8, ROPE_SHIFT=shift)],
 }
 
 

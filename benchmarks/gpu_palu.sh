@@ -27,8 +27,6 @@
 #   bash benchmarks/gpu_palu.sh round25  (<= 8 min) round25 sweep (split counts), also with the tree in EXP; 2/3-bit layer
 #   bash benchmarks/gpu_palu.sh round27  (<= 6 min) round27 sweep: settings for 2- and 3-bit latents
 #   bash benchmarks/gpu_palu.sh round28  (<= 5 min) every Palu GPU test, the 2/3-bit layer (TUNED as of round 27)
-#   bash benchmarks/gpu_palu.sh round29  (<= 7 min) kernel GPU tests, round29 sweep (one rope row per block)
-#   bash benchmarks/gpu_palu.sh round30  (<= 4 min) round29 sweep again (query rotations without a loop)
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -212,22 +210,6 @@ PY
     timeout 100 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --bits 3 2 --lengths 65536 131072 \
       --tag _r28_bits --out "$R" > "$R/layer_r28_bits.log" 2>&1
     grep " | " "$R/layer_r28_bits.log" | tail -8 ;;
-  round29)  # one rope row per block, the queries rotated per block by a kernel of their own (ROPE_SHIFT): the kernel's
-            # GPU tests, the round29 sweep (GQA and MHA, bf16 and 4-bit, 128K)
-    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -3
-    for shape in gqa mha; do
-      tag=_r29$([ $shape = mha ] && echo _mha)
-      timeout 200 python benchmarks/bench_palu.py sweep --grid round29 --bits 16 4 --shapes $shape --tag "$tag" --out "$R" \
-        > "$R/sweep$tag.log" 2>&1
-      tail -1 "$R/sweep$tag.log"
-    done ;;
-  round30)  # round 29's sweep again, the query rotations' kernel now one program per 16 blocks (no loop)
-    for shape in gqa mha; do
-      tag=_r30$([ $shape = mha ] && echo _mha)
-      timeout 200 python benchmarks/bench_palu.py sweep --grid round29 --bits 16 4 --shapes $shape --tag "$tag" --out "$R" \
-        > "$R/sweep$tag.log" 2>&1
-      tail -1 "$R/sweep$tag.log"
-    done ;;
   round12|round14|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}
@@ -282,6 +264,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round29, round30, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

@@ -176,17 +176,6 @@ def rope_rows(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return cos[pos], sin[pos]
 
 
-def rope_offsets(cos: torch.Tensor, sin: torch.Tensor, count: int = 128) -> torch.Tensor:
-    """``[2, count, D / 2]`` fp32: the rotations by offsets ``0 .. count - 1`` from fp32 half tables ``cos``/``sin
-    [P, D / 2]`` (:func:`rope_half_tables` in fp32), without the rotary's attention scaling (the tables' ``cos``
-    at offset 0). The decode kernel rotates a block's keys by their offsets from its last token and the query by
-    that token's position (``kernels.palu.ROPE_SHIFT``): one rope row per block instead of one per token."""
-    if cos.dtype != torch.float32 or cos.shape[0] < count:
-        raise ValueError(f"rope_offsets needs fp32 half tables of at least {count} positions, got {cos.dtype} "
-                         f"{tuple(cos.shape)}")
-    return torch.stack([cos[:count], sin[:count]]) / cos[0, 0]
-
-
 def apply_rope(x: torch.Tensor, positions: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of ``x [B, H, T, D]`` at ``positions [B, T]``, as transformers applies it
     (``x * cos + rotate_half(x) * sin`` in ``x.dtype``). ``cos``/``sin``: half tables ``[P, D / 2]``
@@ -273,12 +262,10 @@ def latent_attention(
     v_bias: torch.Tensor | None = None,
     k_norm: tuple[torch.Tensor, float] | None = None,
     window: int | None = None,
-    rope_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of post-RoPE queries ``q [B, Hq, Lq, D]`` over a latent cache (module docstring):
     keys rebuilt and rotated at ``positions [B, T]`` (or by the rope rows per slot), values rebuilt; masks
-    from ranks (``kvpress.kernels.reference``). Returns ``[B, Hq, Lq, D]`` in ``q.dtype``. ``rope_offsets``
-    (:func:`rope_offsets`) lets the decode kernel compose rotations; here every key is rotated by its row."""
+    from ranks (``kvpress.kernels.reference``). Returns ``[B, Hq, Lq, D]`` in ``q.dtype``."""
     head_dim = q.shape[-1]
     keys = rebuild_keys(k, k_up, positions, cos, sin, k_bias, k_norm).to(q.dtype)
     values = rebuild(v.values(), v_up, v_bias, head_dim).to(q.dtype)

@@ -286,72 +286,6 @@ def test_quantize_refuses_a_group_that_does_not_divide_the_rank():
             quantize(h, ref.QuantSpec(4, 16))
 
 
-def test_rope_offsets_compose_with_a_row_into_the_row_at_the_sum():
-    """R(p) = R(p_last) R(p - p_last): a row at one position times the offsets' rotation is the row at the
-    other, with the tables' attention scaling once (in the row, not in the offsets)."""
-    cos, sin = (t * 1.5 for t in rope_tables(300, 16))
-    offsets = ref.rope_offsets(cos, sin, 64)
-    assert offsets.shape == (2, 64, 8)
-    p_last, o = 250, torch.arange(64)  # positions p_last - o
-    want_cos, want_sin = cos[p_last - o], sin[p_last - o]
-    oc, os_ = offsets[0][o], -offsets[1][o]  # rotation by -o
-    torch.testing.assert_close(cos[p_last] * oc - sin[p_last] * os_, want_cos, atol=4e-5, rtol=0)  # fp32 angles
-    torch.testing.assert_close(sin[p_last] * oc + cos[p_last] * os_, want_sin, atol=4e-5, rtol=0)
-    with pytest.raises(ValueError, match="fp32 half tables"):
-        ref.rope_offsets(cos.half(), sin.half())
-
-
-def shift_case(positions_after=None, **shape):
-    """``make_case`` with rope rows per slot, the positions as int32 and the offsets' table (``ROPE_SHIFT``);
-    ``positions_after(positions)`` changes the positions (and rows) the kernel gets."""
-    a = make_case(**shape)
-    want = ref.latent_attention(**a)
-    if positions_after is not None:
-        a["positions"] = positions_after(a["positions"].clone())
-        want = ref.latent_attention(**a)
-    a["cos"], a["sin"], a["rope_offsets"] = (*ref.rope_rows(a["positions"], a["cos"], a["sin"]),
-                                             ref.rope_offsets(a["cos"].float(), a["sin"].float(), 16))
-    a["positions"] = a["positions"].int()
-    return a, want
-
-
-def gap(positions):  # row 0 jumps by 5 positions at slot 30: its tokens no longer follow their slots
-    positions[0, 30:] += 5
-    return positions
-
-
-@interpreter_only
-@pytest.mark.parametrize("shape", [dict(), dict(rope_scale=2.0, hq=4, hkv=4, gs=1), dict(pad=40),
-                                   dict(bits=4, quant_group=4, rk=16, rv=8), dict(stride=3),
-                                   dict(positions_after=gap)])
-@pytest.mark.parametrize("prefetch,fixed_max", [(False, True), (True, True), (False, False)])
-def test_decode_kernel_rope_shift(shape, prefetch, fixed_max, monkeypatch):
-    """One rope row per block (``ROPE_SHIFT``): the same result as the reference, where positions follow the
-    slots (left padding within a block, an attention factor in the rows) and where they do not (padding
-    blocks at position 1, every third position, a jump inside a row), which run again with every row."""
-    settings(monkeypatch, BLOCK_N=16, QUERY_TILE=8, ROPE_SHIFT=True, PREFETCH=prefetch, FIXED_MAX=fixed_max,
-             ROTATION_BLOCKS=2)  # two programs of query rotations per split, one of them half past the split's end
-    a, want = shift_case(**shape)
-    torch.testing.assert_close(palu.palu_decode(**a, splits=2), want, atol=2e-5, rtol=1e-4)
-
-
-@interpreter_only
-def test_decode_kernel_rope_shift_reads_one_row_per_block(monkeypatch):
-    """With positions that follow the slots, the kernel reads only the rows of each block's last slot (70
-    tokens in two splits of 48 / 22 slots, blocks of 16: slots 15, 31, 47, 63 and 69, the last block the one
-    ending at the split's end): every other row broken, the result is still the reference's."""
-    settings(monkeypatch, BLOCK_N=16, QUERY_TILE=8, ROPE_SHIFT=True)
-    a, want = shift_case()
-    used = torch.tensor([15, 31, 47, 63, 69])
-    for rows in (a["cos"], a["sin"]):
-        kept = rows[:, used].clone()
-        rows.fill_(3.0)
-        rows[:, used] = kept
-    torch.testing.assert_close(palu.palu_decode(**a, splits=2), want, atol=2e-5, rtol=1e-4)
-    settings(monkeypatch, BLOCK_N=16, QUERY_TILE=8, ROPE_SHIFT=False)  # rows of every slot: now wrong
-    assert not torch.allclose(palu.palu_decode(**a, splits=2), want, atol=1e-2)
-
-
 @interpreter_only
 @pytest.mark.parametrize("used", [10, 50, 70])
 @pytest.mark.parametrize("bits", [None, 4])
@@ -408,10 +342,6 @@ def test_decode_kernel_static_length(used, bits, monkeypatch):
         (torch.bfloat16, None, 1, 4, 64, 64, "running-max"),  # a running maximum, not one reference per program
         (torch.bfloat16, 4, 1, 4, 64, 64, "running-max"),
         (torch.bfloat16, None, 1, 1, 64, 64, "running-max"),
-        (torch.bfloat16, None, 1, 4, 64, 64, "rope-shift"),  # one rope row per block
-        (torch.bfloat16, 4, 1, 4, 64, 64, "rope-shift"),
-        (torch.bfloat16, None, 1, 1, 64, 64, "rope-shift"),
-        (torch.float16, None, 1, 4, 64, 64, "rope-shift"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
@@ -420,7 +350,7 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "rope-in-fp32": dict(ROPE_IN_DTYPE=False),
                "two-pass": dict(TWO_PASS=True), "query-tile-16": dict(QUERY_TILE=16),
                "uncapped": dict(MAX_REGISTERS=0, PROGRAMS_PER_SM=2), "slices-4": dict(SOFTMAX_SLICES=4),
-               "running-max": dict(FIXED_MAX=False), "rope-shift": dict(ROPE_SHIFT=True)}.get(variant, {})
+               "running-max": dict(FIXED_MAX=False)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
@@ -428,10 +358,6 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     want = ref.latent_attention(**a)
     if variant == "rope-by-slot":
         a["cos"], a["sin"] = rows_with_room(a["positions"], a["cos"], a["sin"])
-    if variant == "rope-shift":  # the row of 700 padding tokens at position 1, as generate leaves them
-        a["rope_offsets"] = ref.rope_offsets(*rope_tables(128, 128)).cuda()
-        a["cos"], a["sin"] = ref.rope_rows(a["positions"], a["cos"], a["sin"])
-        a["positions"] = a["positions"].int()
     got = palu.palu_decode(**a)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 

@@ -7,7 +7,7 @@ with Triton. A way to compare kernel variants between device sessions; it measur
                               [--bits 0|4] [--rank 64] [--sass FILE]
                               [--two-pass {scores,values}] [--rope-in-dtype] [--maxnreg N]
                               [--packed] [--gp 16|8] [--slices N] [--rope-by-slot] [--fixed-max]
-                              [--whole-blocks] [--rope-shift]
+                              [--whole-blocks]
 
 ``--two-pass scores``: the keys' pass of the two-pass decode (``SCORES_ONLY``); ``values``: its values'
 pass (``_palu_values_kernel``, with ``--block-n``, ``--warps``, ``--stages`` as its own).
@@ -36,7 +36,7 @@ from kvpress.kernels import palu  # noqa: E402
 
 POINTERS = {"Q": "*bf16", "KL": "*bf16", "KS": "*bf16", "VL": "*bf16", "VS": "*bf16", "KUP": "*bf16", "KB": "*bf16",
             "KNW": "*bf16", "POS": "*i32", "KR": "*i32", "QR": "*i32", "COS": "*bf16", "SIN": "*bf16", "PO": "*fp32",
-            "PML": "*fp32", "LEN": "*i32", "SC": "*fp32", "PM1": "*fp32", "ROFF": "*fp32", "QROT": "*bf16", "LINEAR": "*i32"}
+            "PML": "*fp32", "LEN": "*i32", "SC": "*fp32", "PM1": "*fp32"}
 FLOATS = {"qk_scale", "eps"}
 
 
@@ -47,7 +47,7 @@ def compile_kernel(a):
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
                      HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch,
-                     SCORES_ONLY=a.two_pass == "scores", PACKED=a.packed, SLICES=a.slices, ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks, ROPE_SHIFT=a.rope_shift, NCH=16, FIRST=256, DTYPE=triton.language.bfloat16)
+                     SCORES_ONLY=a.two_pass == "scores", PACKED=a.packed, SLICES=a.slices, ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks, FIRST=256, DTYPE=triton.language.bfloat16)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     fn = palu._palu_values_kernel if a.two_pass == "values" else palu._palu_decode_kernel
     names = list(inspect.signature(fn.fn).parameters)
@@ -89,7 +89,6 @@ def main() -> int:
     p.add_argument("--rope-by-slot", action="store_true", help="cos/sin rows per slot (ROPE_BY_SLOT)")
     p.add_argument("--fixed-max", action="store_true", help="one softmax reference per program (FIXED_MAX)")
     p.add_argument("--whole-blocks", action="store_true", help="loads without masks (WHOLE_BLOCKS)")
-    p.add_argument("--rope-shift", action="store_true", help="one rope row per block (ROPE_SHIFT)")
     p.add_argument("--two-pass", choices=["scores", "values"], help="a pass of the two-pass decode")
     a = p.parse_args()
     kernel = compile_kernel(a)
