@@ -27,6 +27,7 @@
 #   bash benchmarks/gpu_palu.sh round25  (<= 8 min) round25 sweep (split counts), also with the tree in EXP; 2/3-bit layer
 #   bash benchmarks/gpu_palu.sh round27  (<= 6 min) round27 sweep: settings for 2- and 3-bit latents
 #   bash benchmarks/gpu_palu.sh round28  (<= 5 min) every Palu GPU test, the 2/3-bit layer (TUNED as of round 27)
+#   bash benchmarks/gpu_palu.sh round31  (<= 3 min) kernel GPU tests at real shapes, the 4-bit layer
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -210,6 +211,13 @@ PY
     timeout 100 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --bits 3 2 --lengths 65536 131072 \
       --tag _r28_bits --out "$R" > "$R/layer_r28_bits.log" 2>&1
     grep " | " "$R/layer_r28_bits.log" | tail -8 ;;
+  round31)  # 4-bit codes straight to bf16/fp16 (the mantissa of 2^7 / 2^10 and an FMA): the kernel's GPU tests at
+            # real shapes, the 4-bit layer at 64K/128K
+    timeout 120 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py -k decode_kernel_gpu 2>&1 \
+      | tee "$R/gpu_tests.log" | tail -3
+    timeout 60 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --bits 4 --lengths 65536 131072 \
+      --tag _r31 --out "$R" > "$R/layer_r31.log" 2>&1
+    grep " | " "$R/layer_r31.log" | tail -8 ;;
   round12|round14|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}
@@ -264,6 +272,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

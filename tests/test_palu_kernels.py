@@ -320,6 +320,7 @@ def test_decode_kernel_static_length(used, bits, monkeypatch):
         (torch.bfloat16, 4, 1, 4, 64, 64, "no-prefetch"),
         (torch.bfloat16, 4, 1, 4, 64, 64, "rope-in-dtype"),
         (torch.bfloat16, 4, 1, 1, 64, 64, "tuned"),  # MHA
+        (torch.float16, 4, 1, 4, 64, 64, "tuned"),  # fp16 codes from their bits
         (torch.bfloat16, None, 1, 1, 96, 96, "tuned"),  # ragged rank: three chunks, padded value tile
         (torch.float16, 3, 4, 4, 224, 256, "tuned"),  # 3-bit gathers, wide groups
         (torch.float16, None, 2, 4, 128, 128, "tuned"),
