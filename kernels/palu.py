@@ -187,7 +187,7 @@ def _dequant(words, scale, low, c0, C: tl.constexpr, BITS: tl.constexpr, QG: tl.
     ``32 // BITS`` per int32 word, channel ``c`` in word ``c // per_word`` at bit ``(c % per_word) *
     BITS`` (``FAST``: each word split into its codes in registers, ``[BLOCK_N, words, per_word] ->
     [BLOCK_N, C]``; ``PACKED``: ``code * scale + min`` in ``dtype``, one fused multiply-add for two
-    codes)."""
+    codes, 4-bit codes made in ``dtype`` by :func:`_nibbles`)."""
     PER_WORD: tl.constexpr = 32 // BITS
     if FAST:
         if BITS == 4 and PACKED:  # the codes straight to dtype (_NIBBLES_ASM), joined in registers in channel order
