@@ -168,6 +168,13 @@ _NIBBLES_FP16 = tl.constexpr(_nibbles_asm("f16x2", 0x64006400, 0x3C003C00, 0xE40
 
 
 @triton.jit
+def _channel_order(c0, c1, c2, c3, c4, c5, c6, c7):
+    """The 8 codes of each word, ``[..., 8]`` in channel order, joined in the registers of the thread that holds
+    the word."""
+    return tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+
+
+@triton.jit
 def _nibbles(words, dtype: tl.constexpr):
     """The codes of int32 words of 4-bit codes (code ``j`` at bits ``4 j``) as exact ``dtype`` values (bf16 or
     fp16, on the GPU), ``[..., 8]`` in channel order."""
@@ -177,7 +184,7 @@ def _nibbles(words, dtype: tl.constexpr):
     else:
         c = tl.inline_asm_elementwise(_NIBBLES_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
                                       dtype=(tl.float16,) * 8, is_pure=True, pack=2)
-    return tl.join(tl.join(tl.join(c[0], c[4]), tl.join(c[2], c[6])), tl.join(tl.join(c[1], c[5]), tl.join(c[3], c[7])))
+    return _channel_order(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7])
 
 
 @triton.jit
@@ -190,20 +197,20 @@ def _dequant(words, scale, low, c0, C: tl.constexpr, BITS: tl.constexpr, QG: tl.
     codes, 4-bit codes made in ``dtype`` by :func:`_nibbles`)."""
     PER_WORD: tl.constexpr = 32 // BITS
     if FAST:
-        if BITS == 4 and PACKED:  # the codes straight to dtype (_NIBBLES_ASM), joined in registers in channel order
+        if BITS == 4 and PACKED:  # the codes straight to dtype
             x = _nibbles(words, dtype)
-        elif BITS == 4:  # each thread splits its own words: the 8 codes joined in registers, in channel order
-            x = tl.join(tl.join(tl.join(_code(words, 0, BITS), _code(words, 4, BITS)),
-                                tl.join(_code(words, 2, BITS), _code(words, 6, BITS))),
-                        tl.join(tl.join(_code(words, 1, BITS), _code(words, 5, BITS)),
-                                tl.join(_code(words, 3, BITS), _code(words, 7, BITS))))
         else:
-            shifts = tl.arange(0, PER_WORD)
-            x = _code(words[:, :, None], shifts[None, None, :], BITS)  # [BLOCK_N, C / PER_WORD, PER_WORD]
+            if BITS == 4:  # each thread splits its own words
+                x = _channel_order(_code(words, 0, BITS), _code(words, 1, BITS), _code(words, 2, BITS),
+                                   _code(words, 3, BITS), _code(words, 4, BITS), _code(words, 5, BITS),
+                                   _code(words, 6, BITS), _code(words, 7, BITS))
+            else:
+                shifts = tl.arange(0, PER_WORD)
+                x = _code(words[:, :, None], shifts[None, None, :], BITS)  # [BLOCK_N, C / PER_WORD, PER_WORD]
+            if PACKED:
+                x = _narrow(x, dtype, PACKED)  # small integers: exact
         x = tl.reshape(x, [BLOCK_N, C // QG, QG])
         if PACKED:
-            if BITS != 4:
-                x = _narrow(x, dtype, PACKED)  # small integers: exact
             x = x * scale[:, :, None] + low[:, :, None]
         else:
             x = x * scale.to(tl.float32)[:, :, None] + low.to(tl.float32)[:, :, None]
