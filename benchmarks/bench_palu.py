@@ -383,6 +383,7 @@ TPOT_VARIANTS = {
     "dense-graph": ("dense", {}, "graph"),
     "palu-50-graph": ("palu", dict(bits=None), "graph"),
     "palu-50-4bit-graph": ("palu", dict(bits=4), "graph"),
+    "palu-50-2bit-graph": ("palu", dict(bits=2), "graph"),
 }
 PALU_50 = dict(rank_ratio=0.5, group_size=1, rank_multiple=32)
 

@@ -28,6 +28,7 @@
 #   bash benchmarks/gpu_palu.sh round27  (<= 6 min) round27 sweep: settings for 2- and 3-bit latents
 #   bash benchmarks/gpu_palu.sh round28  (<= 5 min) every Palu GPU test, the 2/3-bit layer (TUNED as of round 27)
 #   bash benchmarks/gpu_palu.sh round31  (<= 3 min) kernel GPU tests at real shapes, the 4-bit layer
+#   bash benchmarks/gpu_palu.sh round32  (<= 9 min) every Palu GPU test, layer (16/4/2/3 bits), graph decode per token
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -218,6 +219,15 @@ PY
     timeout 60 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --bits 4 --lengths 65536 131072 \
       --tag _r31 --out "$R" > "$R/layer_r31.log" 2>&1
     grep " | " "$R/layer_r31.log" | tail -8 ;;
+  round32)  # neighbouring channels 16 bits apart in the words (2- and 4-bit codes made in pairs): every Palu GPU test,
+            # the layer at 64K/128K (bf16, 4, 2, 3 bits), graph decode per token at 64K/128K
+    timeout 200 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 \
+      | tee "$R/gpu_tests.log" | tail -3
+    timeout 150 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --bits 16 4 2 3 \
+      --lengths 65536 131072 --tag _r32 --out "$R" > "$R/layer_r32.log" 2>&1
+    grep " | " "$R/layer_r32.log" | tail -20
+    timeout 200 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph \
+      palu-50-2bit-graph --tag _r32 --out "$R" 2>&1 | tee "$R/tpot_r32.log" | grep -v "^{" | tail -6 ;;
   round12|round14|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}
@@ -272,6 +282,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, round32, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

@@ -147,66 +147,74 @@ def _raw_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, BITS
 
 
 @triton.jit
-def _code(words, j, BITS: tl.constexpr):
-    """Code ``j`` of each int32 word (bits ``j * BITS ..``) as an exact fp32, with no int-to-float
-    conversion (a quarter-rate instruction): the bits of ``2^23 + code`` read as fp32, less ``2^23``."""
-    code = (words >> (j * BITS)) & ((1 << BITS) - 1)
+def _shift(k, BITS: tl.constexpr):
+    """Bit offset of code ``k`` of an int32 word (``QuantSpec.shifts``: even codes in the low 16 bits, odd ones in
+    the high 16 bits)."""
+    return (k // 2) * BITS + 16 * (k % 2)
+
+
+@triton.jit
+def _code(words, shift, BITS: tl.constexpr):
+    """The code at bit ``shift`` of each int32 word as an exact fp32, with no int-to-float conversion (a
+    quarter-rate instruction): the bits of ``2^23 + code`` read as fp32, less ``2^23``."""
+    code = (words >> shift) & ((1 << BITS) - 1)
     return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
-# 4-bit codes to bf16 / fp16 two at a time (pack=2: two words per call): for each byte of the two words a byte
-# permute puts it in both halves' low bytes, a shift takes its upper nibble, and one LOP3 masks the code and ORs it
-# into the mantissa of 2^7 (bf16) / 2^10 (fp16), which an FMA takes away again: exact codes, 1.5 instructions each.
-def _nibbles_asm(kind: str, magic: int, one: int, minus: int) -> str:
-    return (f"{{ .reg .b32 t, one, minus; mov.b32 one, {one:#x}; mov.b32 minus, {minus:#x}; " + " ".join(
-        f"prmt.b32 t, $8, $9, {0x4400 + 0x1111 * (k // 2):#x}; " + ("shr.b32 t, t, 4; " if k % 2 else "")
-        + f"lop3.b32 t, t, 0x000F000F, {magic:#x}, 0xEA; fma.rn.{kind} ${k}, t, one, minus;" for k in range(8)) + " }")
+# 2- and 4-bit codes to bf16 / fp16 two at a time: channels 2m and 2m + 1 of a word lie 16 bits apart
+# (QuantSpec.shifts), so one shift by m * bits and one LOP3 put both in the halves of a register, masked and ORed
+# into the mantissa of 2^7 (bf16) / 2^10 (fp16), and an FMA takes that power of two away again: exact codes in
+# channel order, 1.5 instructions each. pack=2: the two elements of a call are the same word and shift ($1, $3).
+def _pair_asm(kind: str, mask: int, magic: int, one: int, minus: int) -> str:
+    return (f"{{ .reg .b32 t, one, minus; mov.b32 one, {one:#x}; mov.b32 minus, {minus:#x}; shr.b32 t, $1, $3; "
+            f"lop3.b32 t, t, {mask:#x}, {magic:#x}, 0xEA; fma.rn.{kind} $0, t, one, minus; }}")
 
 
-_NIBBLES_BF16 = tl.constexpr(_nibbles_asm("bf16x2", 0x43004300, 0x3F803F80, 0xC300C300))
-_NIBBLES_FP16 = tl.constexpr(_nibbles_asm("f16x2", 0x64006400, 0x3C003C00, 0xE400E400))
-
-
-@triton.jit
-def _channel_order(c0, c1, c2, c3, c4, c5, c6, c7):
-    """The 8 codes of each word, ``[..., 8]`` in channel order, joined in the registers of the thread that holds
-    the word."""
-    return tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+_BF16_MAGIC = dict(magic=0x43004300, one=0x3F803F80, minus=0xC300C300)  # 2^7 in bf16: codes < 128 are exact
+_FP16_MAGIC = dict(magic=0x64006400, one=0x3C003C00, minus=0xE400E400)  # 2^10 in fp16
+_PAIRS_BF16_4 = tl.constexpr(_pair_asm("bf16x2", 0x000F000F, **_BF16_MAGIC))
+_PAIRS_FP16_4 = tl.constexpr(_pair_asm("f16x2", 0x000F000F, **_FP16_MAGIC))
+_PAIRS_BF16_2 = tl.constexpr(_pair_asm("bf16x2", 0x00030003, **_BF16_MAGIC))
+_PAIRS_FP16_2 = tl.constexpr(_pair_asm("f16x2", 0x00030003, **_FP16_MAGIC))
 
 
 @triton.jit
-def _nibbles(words, dtype: tl.constexpr):
-    """The codes of int32 words of 4-bit codes (code ``j`` at bits ``4 j``) as exact ``dtype`` values (bf16 or
-    fp16, on the GPU), ``[..., 8]`` in channel order."""
+def _pairs(words, BITS: tl.constexpr, dtype: tl.constexpr):
+    """The codes of int32 words of 2- or 4-bit codes as exact ``dtype`` values (bf16 or fp16, on the GPU),
+    ``[..., per_word / 2 as 2 x .. x 2, 2]`` in channel order: each word repeated once per channel pair by joins
+    (copies in the registers of the thread that holds the word), with its pairs' shifts beside it."""
+    LEVELS: tl.constexpr = 3 if BITS == 2 else 2  # channel pairs per word: 2^LEVELS (8 at 2 bits, 4 at 4 bits)
+    w = words
+    m = words * 0
+    for level in tl.static_range(LEVELS):  # m: the channel pair, its most significant bit first
+        w = tl.join(w, w)
+        m = tl.join(m, m + (1 << (LEVELS - 1 - level)))
+    w = tl.join(w, w)
+    shift = m * BITS
+    shift = tl.join(shift, shift)
     if dtype == tl.bfloat16:
-        c = tl.inline_asm_elementwise(_NIBBLES_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
-                                      dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+        x = tl.inline_asm_elementwise(_PAIRS_BF16_4 if BITS == 4 else _PAIRS_BF16_2, "=r,r,r,r,r", [w, shift],
+                                      dtype=tl.bfloat16, is_pure=True, pack=2)
     else:
-        c = tl.inline_asm_elementwise(_NIBBLES_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
-                                      dtype=(tl.float16,) * 8, is_pure=True, pack=2)
-    return _channel_order(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7])
+        x = tl.inline_asm_elementwise(_PAIRS_FP16_4 if BITS == 4 else _PAIRS_FP16_2, "=r,r,r,r,r", [w, shift],
+                                      dtype=tl.float16, is_pure=True, pack=2)
+    return x
 
 
 @triton.jit
 def _dequant(words, scale, low, c0, C: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, FAST: tl.constexpr,
              BLOCK_N: tl.constexpr, dtype: tl.constexpr, PACKED: tl.constexpr = False):
     """Latents ``[BLOCK_N, C]`` from :func:`_raw_tile`'s loads, in fp32 then ``dtype``: codes packed
-    ``32 // BITS`` per int32 word, channel ``c`` in word ``c // per_word`` at bit ``(c % per_word) *
-    BITS`` (``FAST``: each word split into its codes in registers, ``[BLOCK_N, words, per_word] ->
-    [BLOCK_N, C]``; ``PACKED``: ``code * scale + min`` in ``dtype``, one fused multiply-add for two
-    codes, 4-bit codes made in ``dtype`` by :func:`_nibbles`)."""
+    ``32 // BITS`` per int32 word, channel ``c`` in word ``c // per_word`` at bit ``_shift(c % per_word)``
+    (``FAST``: each word split into its codes in registers, ``[BLOCK_N, words, per_word] -> [BLOCK_N, C]``;
+    ``PACKED``: ``code * scale + min`` in ``dtype``, one fused multiply-add for two codes, the codes made in
+    ``dtype`` by :func:`_pairs`)."""
     PER_WORD: tl.constexpr = 32 // BITS
     if FAST:
-        if BITS == 4 and PACKED:  # the codes straight to dtype
-            x = _nibbles(words, dtype)
+        if PACKED:  # the codes straight to dtype
+            x = _pairs(words, BITS, dtype)
         else:
-            if BITS == 4:  # each thread splits its own words
-                x = _channel_order(_code(words, 0, BITS), _code(words, 1, BITS), _code(words, 2, BITS),
-                                   _code(words, 3, BITS), _code(words, 4, BITS), _code(words, 5, BITS),
-                                   _code(words, 6, BITS), _code(words, 7, BITS))
-            else:
-                shifts = tl.arange(0, PER_WORD)
-                x = _code(words[:, :, None], shifts[None, None, :], BITS)  # [BLOCK_N, C / PER_WORD, PER_WORD]
+            x = _code(words[:, :, None], _shift(tl.arange(0, PER_WORD), BITS)[None, None, :], BITS)
             if PACKED:
                 x = _narrow(x, dtype, PACKED)  # small integers: exact
         x = tl.reshape(x, [BLOCK_N, C // QG, QG])
@@ -217,7 +225,7 @@ def _dequant(words, scale, low, c0, C: tl.constexpr, BITS: tl.constexpr, QG: tl.
         h = tl.reshape(x, [BLOCK_N, C])
     else:
         cols = c0 + tl.arange(0, C)
-        codes = (words >> ((cols % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
+        codes = (words >> _shift(cols % PER_WORD, BITS)[None, :]) & ((1 << BITS) - 1)
         h = codes.to(tl.float32) * scale.to(tl.float32) + low.to(tl.float32)
     return h.to(dtype)
 
@@ -684,7 +692,7 @@ def _quantize_kernel(H, W, SM, R: tl.constexpr, GROUP: tl.constexpr, NG: tl.cons
     """Program ``row``: the latents ``H [rows, R]`` of one token quantised as
     :func:`kvpress.kernels.palu_reference.quantize` does it, bit for bit: scales then minima per group of
     ``GROUP`` channels to ``SM [rows, 2 * NG]`` (in ``H``'s dtype), codes packed ``PER_WORD`` per int32 word
-    to ``W [rows, WORDS]``. The codes are made in the words' layout, from the scales and minima this
+    (``QuantSpec.shifts``) to ``W [rows, WORDS]``. The codes are made in the words' layout, from the scales and minima this
     program has just stored (read back after a barrier)."""
     row = tl.program_id(0).to(tl.int64)
     dtype = H.dtype.element_ty
@@ -709,7 +717,7 @@ def _quantize_kernel(H, W, SM, R: tl.constexpr, GROUP: tl.constexpr, NG: tl.cons
     v = tl.math.div_rn(xc - low, tl.where(scale > 0, scale, 1.0))
     v = (v + 12582912.0) - 12582912.0  # to the nearest integer, ties to even (1.5 * 2^23: exact below 2^22)
     code = tl.where(ok, tl.minimum(tl.maximum(v, 0.0), LEVELS).to(tl.int32), 0)
-    tl.store(W + row * WORDS + w, tl.sum(code << (k * BITS)[None, :], 1), mask=w < WORDS)
+    tl.store(W + row * WORDS + w, tl.sum(code << _shift(k, BITS)[None, :], 1), mask=w < WORDS)
 
 
 def quantize(h: torch.Tensor, spec: ref.QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

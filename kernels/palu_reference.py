@@ -11,7 +11,8 @@ outputs as ``h @ up[g].T``. Per layer:
   owns rows ``j * D .. (j + 1) * D``), ``down``: ``[G * r, hidden]``.
 * latents in the cache: ``[B, G, T, r]`` in the model's dtype, or, quantised
   (:class:`QuantSpec`), ``bits``-bit codes packed along ``r`` into int32 words (``32 // bits``
-  codes per word: 8 at 4 bits, 10 at 3 bits, 16 at 2 bits) ``[B, G, T, words]`` plus per-token
+  codes per word: 8 at 4 bits, 10 at 3 bits, 16 at 2 bits; even channels in the low 16 bits, odd ones
+  in the high 16 bits, :attr:`QuantSpec.shifts`) ``[B, G, T, words]`` plus per-token
   asymmetric scale and minimum per ``group`` latent channels, ``[B, G, T, 2 * r // group]``
   (scales first, then minima) in the model's dtype.
 
@@ -59,6 +60,14 @@ class QuantSpec:
         """Codes packed in one int32 word."""
         return 32 // self.bits
 
+    @property
+    def shifts(self) -> list[int]:
+        """Bit offset of each of a word's codes, in channel order: code ``2m`` at bit ``m * bits``, code ``2m + 1``
+        at bit ``16 + m * bits`` (each 16-bit half holds every other channel), so that one shift and one mask
+        put a pair of neighbouring channels in the two halves of a register, as the decode kernel makes its
+        bf16/fp16 pairs."""
+        return [(k // 2) * self.bits + 16 * (k % 2) for k in range(self.per_word)]
+
     def words(self, rank: int) -> int:
         return -(-rank // self.per_word)
 
@@ -86,18 +95,18 @@ def quantize(h: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
 
 def pack(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Pack codes ``[..., r]`` (ints in [0, 2^bits)) into int32 words ``[..., words]``: code ``c`` goes to
-    word ``c // per_word`` at bit ``(c % per_word) * bits``."""
+    word ``c // per_word`` at bit ``shifts[c % per_word]``."""
     r = codes.shape[-1]
     padded = torch.zeros(*codes.shape[:-1], spec.words(r) * spec.per_word, dtype=torch.int64, device=codes.device)
     padded[..., :r] = codes
-    shifts = torch.arange(spec.per_word, device=codes.device) * spec.bits
+    shifts = torch.tensor(spec.shifts, device=codes.device)
     words = (padded.unflatten(-1, (-1, spec.per_word)) << shifts).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack(words: torch.Tensor, spec: QuantSpec, rank: int) -> torch.Tensor:
     """Inverse of :func:`pack`: codes ``[..., rank]`` int32."""
-    shifts = torch.arange(spec.per_word, device=words.device, dtype=torch.int32) * spec.bits
+    shifts = torch.tensor(spec.shifts, device=words.device, dtype=torch.int32)
     codes = (words[..., None] >> shifts) & ((1 << spec.bits) - 1)
     return codes.flatten(-2)[..., :rank]
 

@@ -74,6 +74,16 @@ def test_pack_roundtrip(bits):
     assert torch.equal(ref.unpack(words, spec, 37), codes)
 
 
+def test_pack_puts_neighbouring_channels_sixteen_bits_apart():
+    """The words' exact bits: channel 2m at bit m * bits, channel 2m + 1 at bit 16 + m * bits."""
+    def word(codes, bits):
+        return ref.pack(torch.tensor(codes, dtype=torch.int32), ref.QuantSpec(bits, len(codes))).item() & 0xFFFFFFFF
+
+    assert word(range(1, 9), 4) == 0x86427531  # channels 0..7 hold 1..8
+    assert word([3, 2, 1, 0] * 4, 2) == 0x22227777  # even channels 3, 1, 3, 1, ..; odd ones 2, 0, ..
+    assert word([7, 1, 0, 5, 0, 0, 0, 0, 0, 4], 3) == 0x40290007
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_quantize_error_within_half_step(bits):
     h = torch.randn(2, 3, 50, 16)
@@ -321,6 +331,8 @@ def test_decode_kernel_static_length(used, bits, monkeypatch):
         (torch.bfloat16, 4, 1, 4, 64, 64, "rope-in-dtype"),
         (torch.bfloat16, 4, 1, 1, 64, 64, "tuned"),  # MHA
         (torch.float16, 4, 1, 4, 64, 64, "tuned"),  # fp16 codes from their bits
+        (torch.bfloat16, 2, 1, 4, 64, 64, "tuned"),  # 2-bit pairs
+        (torch.float16, 2, 1, 1, 64, 64, "tuned"),
         (torch.bfloat16, None, 1, 1, 96, 96, "tuned"),  # ragged rank: three chunks, padded value tile
         (torch.float16, 3, 4, 4, 224, 256, "tuned"),  # 3-bit gathers, wide groups
         (torch.float16, None, 2, 4, 128, 128, "tuned"),

@@ -4,7 +4,7 @@ instructions per warp per block (wgmma, barriers, shuffles), from the ptxas / cu
 with Triton. A way to compare kernel variants between device sessions; it measures no time.
 
     python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
-                              [--bits 0|4] [--rank 64] [--sass FILE]
+                              [--bits 0|2|4] [--fp16] [--rank 64] [--sass FILE]
                               [--two-pass {scores,values}] [--rope-in-dtype] [--maxnreg N]
                               [--packed] [--gp 16|8] [--slices N] [--rope-by-slot] [--fixed-max]
                               [--whole-blocks]
@@ -49,6 +49,8 @@ def compile_kernel(a):
                      HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch,
                      SCORES_ONLY=a.two_pass == "scores", PACKED=a.packed, SLICES=a.slices, ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks, FIRST=256, DTYPE=triton.language.bfloat16)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
+    if a.fp16:
+        pointers = {n: "*fp16" if t == "*bf16" else t for n, t in pointers.items()}
     fn = palu._palu_values_kernel if a.two_pass == "values" else palu._palu_decode_kernel
     names = list(inspect.signature(fn.fn).parameters)
     signature = {n: "constexpr" if n in constants else pointers.get(n, "fp32" if n in FLOATS else "i32") for n in names}
@@ -81,7 +83,8 @@ def main() -> int:
     p.add_argument("--packed", action="store_true", help="paired fp32 -> bf16 conversions (PACKED)")
     p.add_argument("--gp", type=int, default=16, help="query heads per KV head, padded (GP)")
     p.add_argument("--slices", type=int, default=1, help="independent softmax slices of each block (SLICES)")
-    p.add_argument("--bits", type=int, default=0, choices=[0, 4])
+    p.add_argument("--bits", type=int, default=0, choices=[0, 2, 4])
+    p.add_argument("--fp16", action="store_true", help="an fp16 model (default bf16)")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sass", help="write the SASS here")
     p.add_argument("--maxnreg", type=int, help="registers per thread at most (spills beyond)")
