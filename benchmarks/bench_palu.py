@@ -321,6 +321,18 @@ GRIDS = {
     "round27": [*_grid(32, 2, 3, (4,), prefetch=False), *_grid(32, 2, 3, (4,), rope_in_dtype=True, QUERY_TILE=8),
                 *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8),
                 *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8)],
+    # round 33: 2- and 4-bit codes made in pairs (offline 517 / 523 instead of 556 / 886 instructions per block, 255
+    # registers) made 2 bits as fast as 4 but 4 bits no faster (round 32): more warps per SM, smaller tiles, the
+    # pipeliner instead of the hand prefetch
+    "round33": [*_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8),
+                *_grid(64, 4, 3, (3,), rope_in_dtype=True, QUERY_TILE=8, MAX_REGISTERS=168),
+                *_grid(64, 4, 3, (4,), rope_in_dtype=True, QUERY_TILE=8, MAX_REGISTERS=128),
+                *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8),
+                *_grid(64, 4, 2, (3,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, MAX_REGISTERS=168),
+                *_grid(32, 4, 3, (4,), rope_in_dtype=True, QUERY_TILE=8),
+                *_grid(32, 2, 3, (4, 8), rope_in_dtype=True, QUERY_TILE=8),
+                *_grid(128, 8, 3, (1, 2), rope_in_dtype=True, QUERY_TILE=8),
+                *_grid(64, 8, 3, (2,), rope_in_dtype=True, QUERY_TILE=8)],
 }
 
 
@@ -389,7 +401,7 @@ PALU_50 = dict(rank_ratio=0.5, group_size=1, rank_multiple=32)
 
 
 @torch.inference_mode()
-def tpot_rows(rec, dev, lengths, smoke, steps=8, chunk=8 * c.K, names=tuple(TPOT_VARIANTS)):
+def tpot_rows(rec, dev, lengths, smoke, steps=8, chunk=8 * c.K, names=tuple(TPOT_VARIANTS), kernels=False):
     model = c.build_model(dev, smoke=smoke)
     arg = c.cache_argument(model)
     for name in names:
@@ -424,8 +436,12 @@ def tpot_rows(rec, dev, lengths, smoke, steps=8, chunk=8 * c.K, names=tuple(TPOT
                 runner = vars(model).get("_kvpress_graph")
                 busy = c.gpu_busy(lambda: model(input_ids=tok, **{arg: cache}, use_cache=True, logits_to_keep=1)) \
                     if decode == "eager" else float("nan")
+                step_kernels = c.gpu_kernels(lambda: model(input_ids=tok, **{arg: cache}, use_cache=True,
+                                                           logits_to_keep=1)) if kernels else {}
                 rec.add({"variant": name, "tokens": L, "decode": decode, "tpot_ms": times[len(times) // 2] * 1e3,
                          "gpu_ms_per_token": busy * 1e3, "peak_decode_GiB": peak / 2**30,
+                         "kernels_us_per_token": {k: round(us, 1) for k, (us, _) in list(step_kernels.items())[:25]},
+                         "launches_per_token": {k: count for k, (_, count) in list(step_kernels.items())[:25]},
                          "kv_GiB": kvpress.kv_cache_bytes(cache) / 2**30,
                          "graph_captures": None if runner is None else runner.captures,
                          "factors": "plain SVD of the random weights" if method == "palu" else None})
@@ -443,6 +459,7 @@ def main():
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.5, 0.25, 0.75])
     parser.add_argument("--bits", type=int, nargs="*", default=[16, 4], help="16 = unquantised latents")
     parser.add_argument("--variants", nargs="*", choices=list(TPOT_VARIANTS), help="tpot: the variants (default all)")
+    parser.add_argument("--kernels", action="store_true", help="tpot: each step's kernels (torch profiler)")
     parser.add_argument("--tuning", nargs="*", default=[], help="sweep JSONs: run with the fastest settings")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON")
     parser.add_argument("--tag", default="", help="added to the JSON's name")
@@ -477,7 +494,8 @@ def main():
                            rope=args.rope)
         else:
             tpot_rows(rec, dev, [1024] if args.smoke else lengths, args.smoke, steps=2 if args.smoke else 8,
-                      chunk=512 if args.smoke else 8 * c.K, names=args.variants or tuple(TPOT_VARIANTS))
+                      chunk=512 if args.smoke else 8 * c.K, names=args.variants or tuple(TPOT_VARIANTS),
+                      kernels=args.kernels)
     except Exception:
         traceback.print_exc()
         raise

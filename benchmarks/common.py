@@ -19,6 +19,7 @@ Timing
                                       rows: what a plain read of as many bytes costs (Triton sum
                                       kernel over several grid sizes, and torch's sum; CUDA only)
   gpu_busy(step, n=4)                 GPU busy time per call of ``step`` (torch profiler)
+  gpu_kernels(step, n=4)              its kernels: name -> (us, launches) per call
 Records
   environment()                       {device, torch, triton, transformers, cuda, commit}
   device_tag(env)                     the device name as a file-name part
@@ -68,6 +69,7 @@ Runners (``names``: variant names, ``variant``: as above)
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import inspect
@@ -206,12 +208,11 @@ def read_floor_rows(dev, bw, sizes_mb=(134.4, 268.7, 536.9, 2147.5), programs=(1
     return rows
 
 
-def gpu_busy(step, n=4):
-    """GPU time per call of ``step`` (sum of its kernels' and copies' durations, torch profiler):
-    what a decode step costs the GPU, apart from the Python overhead of eager transformers.
-    NaN without CUDA."""
+def gpu_kernels(step, n=4) -> dict[str, tuple[float, float]]:
+    """The kernels and copies of one call of ``step`` (torch profiler, ``n`` calls): name -> (us per call, launches
+    per call), the longest first. Empty without CUDA or when the profiler fails."""
     if not torch.cuda.is_available():
-        return float("nan")
+        return {}
     try:
         from torch.autograd import DeviceType
 
@@ -219,10 +220,23 @@ def gpu_busy(step, n=4):
             for _ in range(n):
                 step()
             torch.cuda.synchronize()
-        return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) * 1e-6 / n
+        totals = collections.defaultdict(lambda: [0.0, 0])
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                totals[e.name][0] += e.time_range.elapsed_us() / n
+                totals[e.name][1] += 1 / n
+        return {name: (us, count) for name, (us, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])}
     except Exception as error:  # the profiler is a nice-to-have here
-        print(f"gpu_busy failed: {error!r}")
-        return float("nan")
+        print(f"gpu_kernels failed: {error!r}")
+        return {}
+
+
+def gpu_busy(step, n=4):
+    """GPU time per call of ``step`` (sum of its kernels' and copies' durations, torch profiler):
+    what a decode step costs the GPU, apart from the Python overhead of eager transformers.
+    NaN without CUDA."""
+    kernels = gpu_kernels(step, n)
+    return sum(us for us, _ in kernels.values()) * 1e-6 if kernels else float("nan")
 
 
 def _is_cuda(dev) -> bool:

@@ -29,6 +29,7 @@
 #   bash benchmarks/gpu_palu.sh round28  (<= 5 min) every Palu GPU test, the 2/3-bit layer (TUNED as of round 27)
 #   bash benchmarks/gpu_palu.sh round31  (<= 3 min) kernel GPU tests at real shapes, the 4-bit layer
 #   bash benchmarks/gpu_palu.sh round32  (<= 9 min) every Palu GPU test, layer (16/4/2/3 bits), graph decode per token
+#   bash benchmarks/gpu_palu.sh round33  (<= 10 min) round33 sweep (quantised settings), the kernels of a graph decode step
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -228,6 +229,17 @@ PY
     grep " | " "$R/layer_r32.log" | tail -20
     timeout 200 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph \
       palu-50-2bit-graph --tag _r32 --out "$R" 2>&1 | tee "$R/tpot_r32.log" | grep -v "^{" | tail -6 ;;
+  round33)  # the quantised settings again (round33 sweep: 4 and 2 bits on the 8B shape, 4 bits MHA, 128K); the kernels of
+            # a graph decode step at 64K (dense and Palu-50%)
+    for spec in "gqa 4 2" "mha 4"; do
+      set -- $spec; shape=$1; shift
+      tag=_r33$([ "$shape" = mha ] && echo _mha)
+      timeout 220 python benchmarks/bench_palu.py sweep --grid round33 --bits "$@" --shapes "$shape" --tag "$tag" \
+        --out "$R" > "$R/sweep$tag.log" 2>&1
+      tail -1 "$R/sweep$tag.log"
+    done
+    timeout 150 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph --lengths 65536 --kernels \
+      --tag _r33_kernels --out "$R" 2>&1 | tee "$R/tpot_r33.log" | grep -v "^{" | tail -4 ;;
   round12|round14|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}
@@ -282,6 +294,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, round32, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, round32, round33, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"
