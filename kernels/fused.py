@@ -187,19 +187,22 @@ def _rotary_kernel(Q, K, QO, KO, COS, SIN, q_row, q_head, k_row, k_head, qo_row,
     tl.store(dst + HALF + d, o2.to(dtype), mask=mask)
 
 
-def rotary_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inplace: bool = False):
+def rotary_reference(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                     inplace: bool = False):
     """transformers' ``apply_rotary_pos_emb`` of ``q``/``k [B, T, H, D]`` (heads second to last
-    here) with ``cos``/``sin [B or 1, T, D]``; returns them in the same layout (``inplace``: written
-    into ``q`` and ``k``, which are returned)."""
+    here; ``k`` None: ``q`` only) with ``cos``/``sin [B or 1, T, D]``; returns them in the same layout
+    (``inplace``: written into ``q`` and ``k``, which are returned)."""
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)
 
-    def rotate_half(x):
+    def rotated(x):
         half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * c) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s)
 
-    qo, ko = (q * c) + (rotate_half(q) * s), (k * c) + (rotate_half(k) * s)
+    qo, ko = rotated(q), None if k is None else rotated(k)
     if inplace:
-        q.copy_(qo), k.copy_(ko)
+        q.copy_(qo)
+        if k is not None:
+            k.copy_(ko)
         return q, k
     return qo, ko
 
@@ -214,12 +217,15 @@ def _row_stride(x: torch.Tensor) -> int | None:
     return None
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inplace: bool = False):
+def rotary(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, inplace: bool = False):
     """Rotary embedding of ``q [B, T, Hq, D]`` and ``k [B, T, Hk, D]`` (e.g. views of the projections'
-    outputs) with ``cos``/``sin [B or 1, T, D]``: one launch on Triton, into new contiguous tensors
-    ``[B, T, H, D]`` (or, ``inplace``, into ``q`` and ``k``); see :func:`rotary_reference`."""
+    outputs; ``k`` None: ``q`` only) with ``cos``/``sin [B or 1, T, D]``: one launch on Triton, into new
+    contiguous tensors ``[B, T, H, D]`` (or, ``inplace``, into ``q`` and ``k``); see :func:`rotary_reference`."""
     from . import use_triton
 
+    if k is None:
+        qo, _ = rotary(q, q.narrow(2, 0, 0), cos, sin, inplace)
+        return qo, None
     B, T, Hq, D = q.shape
     ok = (use_triton(q) and D % 2 == 0 and k.shape[:2] == (B, T) and k.shape[3] == D
           and q.dtype == k.dtype == cos.dtype == sin.dtype and cos.shape == sin.shape and cos.shape[1:] == (T, D)

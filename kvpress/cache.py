@@ -171,12 +171,14 @@ class ForwardTokens:
     # in use on the device, the new token's the last of them; the rank tensors above (and the layers'
     # buffers) are then whole storages of a fixed capacity. None: every slot of them is in use.
     lengths: dict | None = None
+    slot: torch.Tensor | None = None  # [1] int64: the new token's slot in the full buffers (static steps)
 
     def to(self, device) -> ForwardTokens:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return ForwardTokens(move(self.new_rank), move(self.all_rank),
                              {w: move(r) for w, r in self.window_rank.items()}, move(self.positions),
-                             None if self.lengths is None else {w: move(n) for w, n in self.lengths.items()})
+                             None if self.lengths is None else {w: move(n) for w, n in self.lengths.items()},
+                             move(self.slot))
 
 
 def static_bucket(slots: int) -> int:
@@ -364,7 +366,7 @@ class TokenLedger:
         lengths.add_(1)
         slots = (lengths - 1).long()
         new_rank = torch.where(self.static.valid[:, None], self.num_real[:, None], -1).to(torch.int32)
-        step = ForwardTokens(new_rank=new_rank, lengths={None: lengths[0:1]})
+        step = ForwardTokens(new_rank=new_rank, lengths={None: lengths[0:1]}, slot=slots[0:1])
         if self.rank is not None:
             self.rank.storage.index_copy_(1, slots[0:1], new_rank)
             step.all_rank = self.rank.storage

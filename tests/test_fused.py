@@ -88,6 +88,18 @@ def rotary_case(batch, tokens, cos_batch, dtype, device="cpu"):
     return qkv, q, k, angles.cos().to(dtype), angles.sin().to(dtype)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@torch.no_grad()
+def test_rotary_of_q_alone(on_triton, inplace):
+    """``k=None``: the queries only, as with k (Palu rotates its queries alone: its keys are latents)."""
+    torch.manual_seed(4)
+    _, q, k, cos, sin = rotary_case(2, 3, 2, torch.float32)
+    want, _ = fused.rotary_reference(q, k, cos, sin)
+    got, none = fused.rotary(q, None, cos, sin, inplace=inplace)
+    assert none is None and (got.data_ptr() == q.data_ptr()) == inplace
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("batch, tokens, cos_batch", [(1, 1, 1), (3, 1, 3), (2, 5, 2), (2, 4, 1)])
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

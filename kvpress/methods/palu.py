@@ -36,6 +36,7 @@ from .. import kernels
 from ..adapters import ModelShape
 from ..cache import AppendBuffer, HeadGroup, KVPressLayer, LedgerSpec, TokenLedger
 from ..configfile import load_config_folder, save_config_folder
+from ..kernels import fused as ops
 from ..kernels import palu_reference as ref
 from .base import Method
 
@@ -167,10 +168,9 @@ class PaluConfig:
 class LayerPlan:
     """One layer's factors on the model's device and dtype, and what rebuilding needs."""
 
-    k_down: torch.Tensor  # [G * rk, hidden]
+    down: torch.Tensor  # [G * rk + G * rv, hidden]: the key then the value latents' projection (one GEMM)
     k_up: torch.Tensor  # [G, gs * D, rk]
-    v_down: torch.Tensor
-    v_up: torch.Tensor
+    v_up: torch.Tensor  # [G, gs * D, rv]
     k_quant: ref.QuantSpec | None
     v_quant: ref.QuantSpec | None
     k_bias: torch.Tensor | None  # [Hkv * D]
@@ -181,6 +181,13 @@ class LayerPlan:
     @property
     def groups(self) -> int:
         return self.k_up.shape[0]
+
+    def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value latents ``[B, G, n, r]`` of hidden states ``x [B, n, hidden]``: one GEMM over both
+        down projections (``palu_reference.project`` each)."""
+        h = torch.nn.functional.linear(x, self.down)
+        hk, hv = h.split([self.groups * self.k_up.shape[-1], self.groups * self.v_up.shape[-1]], dim=-1)
+        return hk.unflatten(-1, (self.groups, -1)).transpose(1, 2), hv.unflatten(-1, (self.groups, -1)).transpose(1, 2)
 
 
 @dataclass
@@ -262,8 +269,7 @@ class PaluLayer(KVPressLayer):
     def _static_update(self, step, key_latents: torch.Tensor, value_latents: torch.Tensor) -> PaluView:
         """A static decode step: write the new latents at slot ``length - 1`` (device count), view the
         whole storages."""
-        length = step.lengths[None]
-        slot = (length - 1).long()
+        length, slot = step.lengths[None], step.slot
         if self.rope_at is not None:  # the tables cover every slot of the buffers (a captured step reads them)
             for buffer, rows in zip(self.rope, self.rope_at(step.positions, self.rope[0].capacity)):
                 buffer.storage.index_copy_(1, slot, rows)
@@ -366,7 +372,7 @@ class Palu(Method):
             parts[side] = (up.to(**on).contiguous(), down.to(**on).contiguous())
         norm = getattr(module, "k_norm", None) if self.info.facts.qk_norm else None
         return LayerPlan(
-            k_down=parts["k"][1], k_up=parts["k"][0], v_down=parts["v"][1], v_up=parts["v"][0],
+            down=torch.cat([parts["k"][1], parts["v"][1]]), k_up=parts["k"][0], v_up=parts["v"][0],
             k_quant=quants["k"], v_quant=quants["v"],
             k_bias=_bias(module.k_proj), v_bias=_bias(module.v_proj),
             k_norm=(norm.weight.detach(), float(norm.variance_epsilon)) if norm is not None else None,
@@ -464,15 +470,10 @@ def palu_forward(module, hidden_states: torch.Tensor, position_embeddings=None, 
     q = module.q_proj(hidden_states).view(batch, n, -1, head_dim)
     if getattr(module, "q_norm", None) is not None and runtime.info.facts.qk_norm:
         q = module.q_norm(q)
-    q = q.transpose(1, 2)
-    cos, sin = position_embeddings
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q1, q2 = q.chunk(2, dim=-1)
-    q = q * cos + torch.cat([-q2, q1], dim=-1) * sin  # transformers' apply_rotary_pos_emb
+    q, _ = ops.rotary(q, None, *position_embeddings)  # transformers' apply_rotary_pos_emb, one launch on Triton
     layer = cache.layers[module.layer_idx]
-    view = layer.update(ref.project(hidden_states, plan.k_down, plan.groups),
-                        ref.project(hidden_states, plan.v_down, plan.groups))
-    out = runtime.attend(module, q, view, plan)
+    view = layer.update(*plan.latents(hidden_states))
+    out = runtime.attend(module, q.transpose(1, 2), view, plan)
     out = out.transpose(1, 2).reshape(batch, n, -1)
     return module.o_proj(out), None
 
