@@ -215,8 +215,6 @@ def _dequant(words, scale, low, c0, C: tl.constexpr, BITS: tl.constexpr, QG: tl.
             x = _pairs(words, BITS, dtype)
         else:
             x = _code(words[:, :, None], _shift(tl.arange(0, PER_WORD), BITS)[None, None, :], BITS)
-            if PACKED:
-                x = _narrow(x, dtype, PACKED)  # small integers: exact
         x = tl.reshape(x, [BLOCK_N, C // QG, QG])
         if PACKED:
             x = x * scale[:, :, None] + low[:, :, None]

@@ -153,10 +153,11 @@ class Latents:
         return dequantize(self.data, self.scale_min, self.quant, self.rank)
 
 
-def project(x: torch.Tensor, down: torch.Tensor, groups: int) -> torch.Tensor:
-    """Latents ``[B, G, n, r]`` of hidden states ``x [B, n, hidden]`` (``down [G * r, hidden]``)."""
+def project(x: torch.Tensor, down: torch.Tensor, groups: int, ranks: list[int]) -> tuple[torch.Tensor, ...]:
+    """Latents ``[B, G, n, r]`` of hidden states ``x [B, n, hidden]``, one per rank of ``ranks``, from one GEMM over
+    their down projections stacked (``down [G * sum(ranks), hidden]``: each side's ``[G * r, hidden]`` in turn)."""
     h = torch.nn.functional.linear(x, down)
-    return h.unflatten(-1, (groups, -1)).transpose(1, 2)
+    return tuple(part.unflatten(-1, (groups, -1)).transpose(1, 2) for part in h.split([groups * r for r in ranks], -1))
 
 
 def rope_half_tables(rotary_emb, length: int, head_dim: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -184,10 +184,8 @@ class LayerPlan:
 
     def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value latents ``[B, G, n, r]`` of hidden states ``x [B, n, hidden]``: one GEMM over both
-        down projections (``palu_reference.project`` each)."""
-        h = torch.nn.functional.linear(x, self.down)
-        hk, hv = h.split([self.groups * self.k_up.shape[-1], self.groups * self.v_up.shape[-1]], dim=-1)
-        return hk.unflatten(-1, (self.groups, -1)).transpose(1, 2), hv.unflatten(-1, (self.groups, -1)).transpose(1, 2)
+        down projections."""
+        return ref.project(x, self.down, self.groups, [self.k_up.shape[-1], self.v_up.shape[-1]])
 
 
 @dataclass
