@@ -82,10 +82,9 @@ def latent_case(T, hq, hkv, gs, ratio, bits, dev, dtype=torch.bfloat16, quant_gr
     inv = 1.0 / 500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D)
     angles = torch.arange(T, device=dev)[:, None].float() * inv
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-    if rope in ("rows", "anchor"):
+    if rope == "rows":
         cos, sin = ref.rope_rows(positions, cos, sin)
-    extra = dict(offsets=inv) if rope == "anchor" else {}
-    return dict(**extra,
+    return dict(
         q=c.rand(batch, hq, 1, D, dev=dev, dtype=dtype), k=latents(), v=latents(),
         k_up=c.rand(groups, gs * D, rank, dev=dev, dtype=dtype) / rank**0.5,
         v_up=c.rand(groups, gs * D, rank, dev=dev, dtype=dtype) / rank**0.5,
@@ -334,19 +333,13 @@ GRIDS = {
                 *_grid(32, 2, 3, (4, 8), rope_in_dtype=True, QUERY_TILE=8),
                 *_grid(128, 8, 3, (1, 2), rope_in_dtype=True, QUERY_TILE=8),
                 *_grid(64, 8, 3, (2,), rope_in_dtype=True, QUERY_TILE=8)],
-    # round 35: one rope row per block (--rope anchor: the query rotated by it, the keys by their offsets), the smaller
-    # shared memory allowing three programs per SM
-    "round35": [*_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8),
-                *_grid(64, 4, 3, (3,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, MAX_REGISTERS=168),
-                *_grid(64, 4, 2, (3,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, MAX_REGISTERS=168),
-                *_grid(64, 4, 4, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8)],
 }
 
 
 def max_error(hq, hkv, gs, ratio, bits, dev, T=2000, rope="rows"):
     """Largest |kernel - reference| at ``T`` tokens (the same compiled kernel as the timed case)."""
     case = latent_case(T, hq, hkv, gs, ratio, bits, dev, rope=rope)
-    want = ref.latent_attention(**{name: x for name, x in case.items() if name != "offsets"}).float()
+    want = ref.latent_attention(**case).float()
     return (kernel.palu_decode(**case).float() - want).abs().max().item()
 
 
@@ -470,7 +463,7 @@ def main():
     parser.add_argument("--tuning", nargs="*", default=[], help="sweep JSONs: run with the fastest settings")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON")
     parser.add_argument("--tag", default="", help="added to the JSON's name")
-    parser.add_argument("--rope", default="rows", choices=["rows", "tables", "anchor"],
+    parser.add_argument("--rope", default="rows", choices=["rows", "tables"],
                         help="layer, sweep: rope rows per slot (as the runtime keeps them) or tables gathered "
                              "by position")
     parser.add_argument("--smoke", action="store_true", help="tiny lengths on CPU (interpreter), checks the script")

@@ -275,13 +275,13 @@ def _load_mask(slots, stop, BLOCK_N: tl.constexpr, WHOLE: tl.constexpr):
     return ok
 
 
-_STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos_b", "kr_b", "rope_b", "off_b"]
+_STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos_b", "kr_b", "rope_b"]
 
 
 @triton.jit(do_not_specialize=["T", "split_len", "window"] + _STRIDES)
 def _palu_decode_kernel(
-    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, OFFS, PO, PML, LEN, SC,
-    kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b, rope_b, off_b,
+    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN, SC,
+    kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b, rope_b,
     T, split_len, window, qk_scale, eps,
     GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
     RK: tl.constexpr, RC: tl.constexpr, K_BITS: tl.constexpr, K_QG: tl.constexpr, K_NQ: tl.constexpr,
@@ -292,7 +292,7 @@ def _palu_decode_kernel(
     ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
     SCORES_ONLY: tl.constexpr = False, PACKED: tl.constexpr = False, SLICES: tl.constexpr = 1,
     ROPE_BY_SLOT: tl.constexpr = False, FIXED_MAX: tl.constexpr = False, PDL: tl.constexpr = False,
-    WHOLE_BLOCKS: tl.constexpr = False, ROPE_ANCHOR: tl.constexpr = False,
+    WHOLE_BLOCKS: tl.constexpr = False,
 ):
     """Program ``(KV head kvh, split s, row b)``: tokens ``[s * split_len, (s + 1) * split_len)`` of KV
     head ``kvh`` (head ``j`` of group ``g``) for its ``QPK`` query heads; writes the unnormalised
@@ -371,11 +371,6 @@ def _palu_decode_kernel(
     if ROPE_BY_SLOT:  # cos/sin rows per slot: this row's [T, HALF], loaded like the latents (no gather by position)
         COS += b64 * rope_b * HALF
         SIN += b64 * rope_b * HALF
-    if ROPE_ANCHOR:  # the rotations by each token's offset back from its block's last slot, for the whole loop
-        a_tile = d[:, None] + 0 * m_rows[None, :]
-        angle = (BLOCK_N - 1 - local).to(tl.float32)[:, None] * tl.load(OFFS + d)[None, :]
-        cos_o = tl.cos(angle).to(dtype)
-        sin_o = tl.sin(angle).to(dtype)
     # Loads that no tl.dot takes directly (Triton's pipeliner overlaps the dot operands) are issued a
     # block ahead by hand (PREFETCH): ranks, rope rows (gathered by position: positions two blocks
     # ahead) and quantised words/scales. Each loop step then uses what the previous one loaded.
@@ -415,9 +410,7 @@ def _palu_decode_kernel(
             b0 = _block_start(start, stop, BLOCK_N, WHOLE_BLOCKS)
             ok0 = _load_mask(b0 + local, stop, BLOCK_N, WHOLE_BLOCKS)
             kr_nx = tl.load(kr_base + b0 + local, mask=ok0, other=-1)
-            if ROPE_ANCHOR:
-                cos_nx, sin_nx = tl.load(COS + (b0 + BLOCK_N - 1) * HALF + d), tl.load(SIN + (b0 + BLOCK_N - 1) * HALF + d)
-            elif ROPE_BY_SLOT:
+            if ROPE_BY_SLOT:
                 cos_nx, sin_nx = _rope_rows(COS, SIN, b0 + local, ok0, d, HALF, True)
             else:
                 pos0 = tl.load(pos_base + b0 + local, mask=ok0, other=0)
@@ -445,10 +438,7 @@ def _palu_decode_kernel(
                 nb = _block_start(start_n + BLOCK_N, stop, BLOCK_N, WHOLE_BLOCKS)
                 nxt_ok = _load_mask(nb + local, stop, BLOCK_N, WHOLE_BLOCKS)
                 kr_nx = tl.load(kr_base + nb + local, mask=nxt_ok, other=-1)
-                if ROPE_ANCHOR:
-                    cos_nx = tl.load(COS + (nb + BLOCK_N - 1) * HALF + d)
-                    sin_nx = tl.load(SIN + (nb + BLOCK_N - 1) * HALF + d)
-                elif ROPE_BY_SLOT:
+                if ROPE_BY_SLOT:
                     cos_nx, sin_nx = _rope_rows(COS, SIN, nb + local, nxt_ok, d, HALF, True)
                 else:
                     cos_nx, sin_nx = _rope_rows(COS, SIN, pos_nx, nxt_ok, d, HALF)
@@ -465,22 +455,8 @@ def _palu_decode_kernel(
                                                       V_BITS, V_QG, V_NQ, V_WORDS, V_FAST, nxt_ok)
             else:
                 kr = tl.load(kr_base + offs_n, mask=ld_ok, other=-1)
-                if ROPE_ANCHOR:  # [HALF, GP] tiles of the anchor's row (each value GP times), as q1 / q2 are laid out
-                    cos = tl.load(COS + (base_n + BLOCK_N - 1) * HALF + a_tile)
-                    sin = tl.load(SIN + (base_n + BLOCK_N - 1) * HALF + a_tile)
-                else:
-                    rows = offs_n if ROPE_BY_SLOT else tl.load(pos_base + offs_n, mask=ld_ok, other=0)
-                    cos, sin = _rope_rows(COS, SIN, rows, ld_ok, d, HALF, ROPE_BY_SLOT)
-            if ROPE_ANCHOR:  # keys rotated back by their offsets, the query by the anchor's position
-                c_a = cos.to(dtype)
-                s_a = sin.to(dtype)
-                qa1 = q1 * c_a + q2 * s_a
-                qa2 = q2 * c_a - q1 * s_a
-                cos = cos_o
-                sin = -sin_o
-            else:
-                qa1 = q1
-                qa2 = q2
+                rows = offs_n if ROPE_BY_SLOT else tl.load(pos_base + offs_n, mask=ld_ok, other=0)
+                cos, sin = _rope_rows(COS, SIN, rows, ld_ok, d, HALF, ROPE_BY_SLOT)
             dist = qr - kr
             ok = n_ok & (kr >= 0) & (dist >= 0) & (dist < window)
 
@@ -535,7 +511,7 @@ def _palu_decode_kernel(
                     hv = _latent_tile(VL, VS, v_row0 + base_n, vs_row0 + base_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
                                       V_NQ, V_WORDS, V_FAST, BLOCK_N, ld_ok, dtype, PACKED)
             # scores [BLOCK_N, GP], softmax down the tokens
-            s = tl.dot(r2, qa2, tl.dot(r1, qa1))
+            s = tl.dot(r2, q2, tl.dot(r1, q1))
             s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
             if SCORES_ONLY:
                 tl.store(sc_base + offs_n[:, None] * QPK + m_rows[None, :], s, mask=n_ok[:, None] & q_ok[None, :])
@@ -884,7 +860,6 @@ def palu_decode(
     window: int | None = None,
     splits: int | None = None,
     length: torch.Tensor | None = None,
-    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention ``[B, Hq, 1, D]`` over a latent cache; the same function as
     :func:`kvpress.kernels.palu_reference.latent_attention` for one query token per row.
@@ -917,8 +892,7 @@ def palu_decode(
     for i, (block_n, stages) in enumerate(candidates):
         try:
             po, pml, splits_used = _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_bias,
-                                                  k_norm, window, splits, block_n, stages, gp, block_rv, length, tuned,
-                                                  offsets)
+                                                  k_norm, window, splits, block_n, stages, gp, block_rv, length, tuned)
         except triton.runtime.OutOfResources:  # the estimate was short: the next, smaller plan
             if i == len(candidates) - 1:
                 raise
@@ -937,7 +911,7 @@ def palu_decode(
 
 
 def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_bias, k_norm, window, splits,
-                   block_n, stages, gp, block_rv, length=None, tuned=None, offsets=None):
+                   block_n, stages, gp, block_rv, length=None, tuned=None):
     """Launches the split-K decode kernel with one plan; returns the partials and the split count.
     Triton raises ``OutOfResources`` at launch, before anything runs, when the plan does not fit."""
     B, hq, _, D = q.shape
@@ -979,20 +953,14 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     rows_ok = cos.stride()[1:] == (D // 2, 1) and cos.stride(0) % (D // 2) == 0 and sin.stride() == cos.stride()
     if not (by_slot and rows_ok):
         cos, sin = cos.contiguous(), sin.contiguous()
-    anchor = offsets is not None and by_slot and T >= block_n and not two_pass
-    if anchor and (offsets.shape != (D // 2,) or offsets.dtype != torch.float32):
-        raise ValueError(f"Palu decode: the rotary frequencies must be fp32 [{D // 2}], got {offsets.dtype} "
-                         f"{tuple(offsets.shape)}")
-    if anchor:
-        offsets = offsets.contiguous()
     _palu_decode_kernel[(hkv, splits, B)](
         q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
         k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
         positions, k_rank, q_rank.reshape(B).int().contiguous(),
-        cos, sin, offsets if anchor else dummy, po if po is not None else dummy, pml,
-        length if length is not None else dummy, scores if two_pass else dummy,
+        cos, sin, po if po is not None else dummy, pml, length if length is not None else dummy,
+        scores if two_pass else dummy,
         kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
-        cos.stride(0) // (D // 2) if by_slot else 0, 0,
+        cos.stride(0) // (D // 2) if by_slot else 0,
         T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
         float(k_norm[1]) if k_norm is not None else 0.0,
         GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,
@@ -1002,7 +970,6 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"], SCORES_ONLY=two_pass,
         PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), SLICES=slices, ROPE_BY_SLOT=by_slot,
         FIXED_MAX=tuned["FIXED_MAX"], PDL=USE_PDL and has_pdl(q.device) and not two_pass, WHOLE_BLOCKS=T >= block_n,
-        ROPE_ANCHOR=anchor,
         num_warps=tuned["NUM_WARPS"],
         num_stages=stages,
         **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvpress.kernels import palu  # noqa: E402
 
 POINTERS = {"Q": "*bf16", "KL": "*bf16", "KS": "*bf16", "VL": "*bf16", "VS": "*bf16", "KUP": "*bf16", "KB": "*bf16",
-            "KNW": "*bf16", "POS": "*i32", "KR": "*i32", "QR": "*i32", "COS": "*bf16", "SIN": "*bf16", "OFFS": "*fp32", "PO": "*fp32",
+            "KNW": "*bf16", "POS": "*i32", "KR": "*i32", "QR": "*i32", "COS": "*bf16", "SIN": "*bf16", "PO": "*fp32",
             "PML": "*fp32", "LEN": "*i32", "SC": "*fp32", "PM1": "*fp32"}
 FLOATS = {"qk_scale", "eps"}
 
@@ -47,7 +47,7 @@ def compile_kernel(a):
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
                      HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch,
-                     SCORES_ONLY=a.two_pass == "scores", PACKED=a.packed, SLICES=a.slices, ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks, ROPE_ANCHOR=a.rope_anchor, FIRST=256, DTYPE=triton.language.bfloat16)
+                     SCORES_ONLY=a.two_pass == "scores", PACKED=a.packed, SLICES=a.slices, ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks, FIRST=256, DTYPE=triton.language.bfloat16)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     if a.fp16:
         pointers = {n: "*fp16" if t == "*bf16" else t for n, t in pointers.items()}
@@ -92,7 +92,6 @@ def main() -> int:
     p.add_argument("--rope-by-slot", action="store_true", help="cos/sin rows per slot (ROPE_BY_SLOT)")
     p.add_argument("--fixed-max", action="store_true", help="one softmax reference per program (FIXED_MAX)")
     p.add_argument("--whole-blocks", action="store_true", help="loads without masks (WHOLE_BLOCKS)")
-    p.add_argument("--rope-anchor", action="store_true", help="one rope row per block, by angle subtraction (ROPE_ANCHOR)")
     p.add_argument("--two-pass", choices=["scores", "values"], help="a pass of the two-pass decode")
     a = p.parse_args()
     kernel = compile_kernel(a)
