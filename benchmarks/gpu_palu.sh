@@ -31,6 +31,7 @@
 #   bash benchmarks/gpu_palu.sh round32  (<= 9 min) every Palu GPU test, layer (16/4/2/3 bits), graph decode per token
 #   bash benchmarks/gpu_palu.sh round33  (<= 10 min) round33 sweep (quantised settings), the kernels of a graph decode step
 #   bash benchmarks/gpu_palu.sh round34  (<= 9 min) Palu / fused / graph GPU tests, graph decode per token with its kernels
+#   bash benchmarks/gpu_palu.sh round36  (<= 9 min) Palu / graph GPU tests, graph decode per token with its kernels
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -247,6 +248,12 @@ PY
       tests/test_graph.py 2>&1 | tee "$R/gpu_tests.log" | tail -3
     timeout 300 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph \
       palu-50-2bit-graph --kernels --tag _r34 --out "$R" 2>&1 | tee "$R/tpot_r34.log" | grep -v "^{" | tail -4 ;;
+  round36)  # the query projection in the latents' GEMM (q_proj's weight a view of it): Palu / graph GPU tests, graph
+            # decode per token with its kernels at 64K/128K
+    timeout 240 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py tests/test_graph.py \
+      2>&1 | tee "$R/gpu_tests.log" | tail -3
+    timeout 300 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph \
+      --kernels --tag _r36 --out "$R" 2>&1 | tee "$R/tpot_r36.log" | grep -v "^{" | tail -4 ;;
   round12|round14|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}
@@ -301,6 +308,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, round32, round33, round34, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, round32, round33, round34, round36, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

@@ -156,7 +156,11 @@ class Latents:
 def project(x: torch.Tensor, down: torch.Tensor, groups: int, ranks: list[int]) -> tuple[torch.Tensor, ...]:
     """Latents ``[B, G, n, r]`` of hidden states ``x [B, n, hidden]``, one per rank of ``ranks``, from one GEMM over
     their down projections stacked (``down [G * sum(ranks), hidden]``: each side's ``[G * r, hidden]`` in turn)."""
-    h = torch.nn.functional.linear(x, down)
+    return latent_parts(torch.nn.functional.linear(x, down), groups, ranks)
+
+
+def latent_parts(h: torch.Tensor, groups: int, ranks: list[int]) -> tuple[torch.Tensor, ...]:
+    """:func:`project`'s latents ``[B, G, n, r]`` from its GEMM's output ``h [B, n, G * sum(ranks)]`` (views)."""
     return tuple(part.unflatten(-1, (groups, -1)).transpose(1, 2) for part in h.split([groups * r for r in ranks], -1))
 
 

@@ -359,14 +359,14 @@ def fuse(patcher, model: torch.nn.Module, spec: str = "default") -> dict[str, in
             patcher.set(attention, "_kvpress_rotary", "rotary" in parts)
             patcher.set(attention, "_kvpress_gemv", "gemv" in parts)
             projections = [attention.q_proj, attention.k_proj, attention.v_proj]
-            if "qkv" in parts and _concatenate(patcher, attention, "_kvpress_qkv", projections):
+            if "qkv" in parts and concatenate(patcher, attention, "_kvpress_qkv", projections):
                 done["qkv"] += 1
             patcher.swap_forward(attention, attention_forward)
             if "rotary" in parts:
                 done["rotary"] += 1
         mlp = getattr(layer, "mlp", None)
         if {"mlp", "gate_up", "gemv"} & set(parts) and _plain_mlp(mlp) and "forward" not in vars(mlp):
-            if "gate_up" in parts and _concatenate(patcher, mlp, "_kvpress_gate_up", [mlp.gate_proj, mlp.up_proj]):
+            if "gate_up" in parts and concatenate(patcher, mlp, "_kvpress_gate_up", [mlp.gate_proj, mlp.up_proj]):
                 done["gate_up"] += 1
             patcher.set(mlp, "_kvpress_silu_mul", "mlp" in parts)
             patcher.set(mlp, "_kvpress_gemv", "gemv" in parts)
@@ -437,22 +437,28 @@ def _plain_layer(layer) -> bool:
 
 class Concatenated:
     """Row blocks of one tensor as the weights (and biases) of several ``nn.Linear``: each parameter
-    stays the same object, its data a view into ``weight`` (``bias``). ``remove`` (at unpatch) gives
+    stays the same object, its data a view into ``weight`` (``bias``). ``extra`` weights (no module's,
+    no bias: zeros in ``bias``) follow them; ``self.extra`` are their views. ``remove`` (at unpatch) gives
     each parameter its own storage back, with the same values."""
 
-    def __init__(self, linears: list[torch.nn.Linear]):
+    def __init__(self, linears: list[torch.nn.Linear], extra: list[torch.Tensor] = ()):
         self.linears = linears
         # tensors of the parameters' kind: normal ones (a normal parameter refuses an inference tensor), or
         # inference tensors for a model made under torch.inference_mode (kept so, also after remove)
         self.inference = linears[0].weight.is_inference()
-        with torch.inference_mode(self.inference), torch.no_grad():
-            self.weight = torch.cat([m.weight.detach() for m in linears])
-            self.bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
         rows = [m.weight.shape[0] for m in linears]
-        for m, w in zip(linears, self.weight.split(rows)):
+        extra_rows = [w.shape[0] for w in extra]
+        with torch.inference_mode(self.inference), torch.no_grad():
+            self.weight = torch.cat([m.weight.detach() for m in linears] + [w.detach() for w in extra])
+            self.bias = None
+            if linears[0].bias is not None:
+                self.bias = torch.cat([m.bias.detach() for m in linears] + [linears[0].bias.new_zeros(sum(extra_rows))])
+        blocks = self.weight.split(rows + extra_rows)
+        for m, w in zip(linears, blocks):
             m.weight.data = w
+        self.extra = list(blocks[len(linears):])
         if self.bias is not None:
-            for m, b in zip(linears, self.bias.split(rows)):
+            for m, b in zip(linears, self.bias.split(rows + extra_rows)):
                 m.bias.data = b
         self.pointers = self._pointers()
 
@@ -475,17 +481,17 @@ class Concatenated:
         self.weight = self.bias = None
 
 
-def _concatenate(patcher, module, name: str, linears) -> bool:
-    """Concatenate ``linears``' weights (same dtype, device, input size, bias or not) and hold them as
-    ``module.<name>``; False when they cannot be."""
-    weights = [m.weight for m in linears]
+def concatenate(patcher, module, name: str, linears, extra: list[torch.Tensor] = ()) -> bool:
+    """Concatenate ``linears``' weights (same dtype, device, input size, bias or not), then ``extra``
+    weights (:class:`Concatenated`), and hold them as ``module.<name>``; False when they cannot be."""
+    weights = [m.weight for m in linears] + list(extra)
     if (len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or weights[0].device.type == "meta"
             or len({m.bias is None for m in linears}) != 1
             or (linears[0].bias is not None and len({(m.bias.dtype, m.bias.device) for m in linears}) != 1)
             or len({w.data_ptr() for w in weights}) != len(weights)):
         return False
     try:
-        joined = Concatenated(list(linears))
+        joined = Concatenated(list(linears), list(extra))
     except RuntimeError as error:  # a parameter that refuses the new data
         log.info("kvpress: %s not concatenated (%s)", name, error)
         return False
@@ -526,7 +532,8 @@ def _linear(owner, linear, x, residual=None, silu_mul=False):
     return y if residual is None else residual + y
 
 
-def _joined(module, name: str):
+def intact_join(module, name: str) -> Concatenated | None:
+    """The :class:`Concatenated` weights held as ``module.<name>``, None when absent or no longer intact."""
     joined = vars(module).get(name)
     return joined if joined is not None and joined.intact() else None
 
@@ -535,7 +542,7 @@ def mlp_forward(module, x, residual=None, norm=None):
     """``down(silu(gate(x)) * up(x))`` (``+ residual``), with gate/up as one GEMM when concatenated
     and the product fused (with the ``gemv`` part: into the down projection's GEMV, the residual too).
     ``norm = (weight, eps)``: ``x`` is RMSNorm-ed first (in the gate/up GEMV's loads where it can)."""
-    joined = _joined(module, "_kvpress_gate_up")
+    joined = intact_join(module, "_kvpress_gate_up")
     gemv = vars(module).get("_kvpress_gemv")
     if norm is not None and not (gemv and joined is not None):
         x, norm = ops.rms_norm(x, *norm), None
@@ -565,7 +572,7 @@ def _attention(module, hidden_states, position_embeddings, attention_mask, resid
 
     B, T, _ = hidden_states.shape
     D = module.head_dim
-    joined = _joined(module, "_kvpress_qkv")
+    joined = intact_join(module, "_kvpress_qkv")
     gemv = vars(module).get("_kvpress_gemv")
     if norm is not None and not (gemv and joined is not None):
         hidden_states, norm = ops.rms_norm(hidden_states, *norm), None

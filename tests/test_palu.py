@@ -155,6 +155,31 @@ def test_full_rank_matches_the_unpatched_model(family):
     assert torch.equal(model(ids, attention_mask=mask).logits, want)
 
 
+@torch.no_grad()
+def test_query_and_latents_share_one_gemm_and_unpatch_separates_them():
+    model = tiny_model("qwen2")  # q_proj with a bias
+    ids, mask = padded_batch()
+    attention = model.model.layers[0].self_attn
+    q_weight, q_values = attention.q_proj.weight, attention.q_proj.weight.detach().clone()
+    kvpress.patch(model, "palu", rank_ratio=0.5, group_size=1)
+    try:
+        joined = attention._kvpress_q_latents
+        plan = attention._kvpress_method.plans[0]
+        # q_proj's weight and the plan's down projections are row blocks of one tensor, values unchanged
+        assert attention.q_proj.weight is q_weight and torch.equal(q_weight, q_values)
+        assert q_weight.data_ptr() == joined.weight.data_ptr()
+        assert plan.down.data_ptr() == joined.weight[q_weight.shape[0]:].data_ptr()
+        logits = model(ids, attention_mask=mask).logits
+        attention.q_proj.weight = torch.nn.Parameter(q_values.clone())  # a weight replaced: separate GEMMs again
+        assert not joined.intact()
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, logits, atol=1e-5, rtol=1e-5)
+        attention.q_proj.weight = q_weight
+    finally:
+        kvpress.unpatch(model)
+    assert attention.q_proj.weight is q_weight and torch.equal(q_weight, q_values)
+    assert q_weight.untyped_storage().size() == q_weight.numel() * q_weight.element_size()  # its own storage again
+
+
 def test_chunked_prefill_matches_one_prefill():
     model = tiny_model("qwen3")
     ids, mask = padded_batch(20)

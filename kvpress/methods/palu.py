@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .. import kernels
 from ..adapters import ModelShape
 from ..cache import AppendBuffer, HeadGroup, KVPressLayer, LedgerSpec, TokenLedger
 from ..configfile import load_config_folder, save_config_folder
+from ..graph import concatenate, intact_join
 from ..kernels import fused as ops
 from ..kernels import palu_reference as ref
 from .base import Method
@@ -182,10 +184,14 @@ class LayerPlan:
     def groups(self) -> int:
         return self.k_up.shape[0]
 
+    @property
+    def ranks(self) -> list[int]:
+        return [self.k_up.shape[-1], self.v_up.shape[-1]]
+
     def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value latents ``[B, G, n, r]`` of hidden states ``x [B, n, hidden]``: one GEMM over both
         down projections."""
-        return ref.project(x, self.down, self.groups, [self.k_up.shape[-1], self.v_up.shape[-1]])
+        return ref.project(x, self.down, self.groups, self.ranks)
 
 
 @dataclass
@@ -395,8 +401,13 @@ class Palu(Method):
     # -- the model ------------------------------------------------------------------------------
 
     def prepare(self, patcher) -> None:
-        for module in self.info.attention_modules:
+        heads = getattr(self.info, "heads", None)
+        sharded = heads is not None and heads.partial  # tensor parallel: the projections are sharded and hooked
+        for module, plan in zip(self.info.attention_modules, self.plans):
             patcher.swap_forward(module, palu_forward)
+            # the query projection and the latents' down projections as one GEMM (q_proj's weight a view of it)
+            if not sharded and concatenate(patcher, module, "_kvpress_q_latents", [module.q_proj], [plan.down]):
+                plan.down = vars(module)["_kvpress_q_latents"].extra[0]
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
         raise RuntimeError(
@@ -465,12 +476,18 @@ def palu_forward(module, hidden_states: torch.Tensor, position_embeddings=None, 
     plan = runtime.plans[module.layer_idx]
     batch, n, _ = hidden_states.shape
     head_dim = runtime.info.shape.head_dim
-    q = module.q_proj(hidden_states).view(batch, n, -1, head_dim)
+    joined = intact_join(module, "_kvpress_q_latents")
+    if joined is not None:  # one GEMM: the queries, then the key and value latents
+        y, width = F.linear(hidden_states, joined.weight, joined.bias), module.q_proj.out_features
+        q, latents = y[..., :width], ref.latent_parts(y[..., width:], plan.groups, plan.ranks)
+    else:
+        q, latents = module.q_proj(hidden_states), plan.latents(hidden_states)
+    q = q.view(batch, n, -1, head_dim)
     if getattr(module, "q_norm", None) is not None and runtime.info.facts.qk_norm:
         q = module.q_norm(q)
     q, _ = ops.rotary(q, None, *position_embeddings)  # transformers' apply_rotary_pos_emb, one launch on Triton
     layer = cache.layers[module.layer_idx]
-    view = layer.update(*plan.latents(hidden_states))
+    view = layer.update(*latents)
     out = runtime.attend(module, q.transpose(1, 2), view, plan)
     out = out.transpose(1, 2).reshape(batch, n, -1)
     return module.o_proj(out), None
