@@ -401,12 +401,11 @@ class Palu(Method):
     # -- the model ------------------------------------------------------------------------------
 
     def prepare(self, patcher) -> None:
-        heads = getattr(self.info, "heads", None)
-        sharded = heads is not None and heads.partial  # tensor parallel: the projections are sharded and hooked
         for module, plan in zip(self.info.attention_modules, self.plans):
             patcher.swap_forward(module, palu_forward)
-            # the query projection and the latents' down projections as one GEMM (q_proj's weight a view of it)
-            if not sharded and concatenate(patcher, module, "_kvpress_q_latents", [module.q_proj], [plan.down]):
+            # the query projection and the latents' down projections as one GEMM (q_proj's weight a view of it);
+            # not under tensor parallelism, where the projections are sharded and hooked
+            if not self.info.heads.partial and concatenate(patcher, module, "_kvpress_q_latents", [module.q_proj], [plan.down]):
                 plan.down = vars(module)["_kvpress_q_latents"].extra[0]
 
     def attention(self, module, query, key, value, attention_mask, **kwargs):
