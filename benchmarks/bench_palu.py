@@ -5,7 +5,6 @@ token of an 8B-shaped Llama.
                                           [--ratios 0.25 0.5 0.75] [--bits 16 4] [--rope rows|tables] [--smoke]
     python benchmarks/bench_palu.py sweep [--lengths 131072]   # kernel settings at one length
     python benchmarks/bench_palu.py sweep --grid round3         # the settings the H200 sweep pointed to
-    python benchmarks/bench_palu.py sweep --grid round5         # two passes (scores, then values) vs one
     python benchmarks/bench_palu.py tpot [--lengths ...]      # 8B-shaped Llama, patched vs not
 
 ``layer`` (the speed side of the frontier): one query token per row against a cache of L tokens,
@@ -19,7 +18,7 @@ at 4 bits, at 64K and 128K). Each time is a CUDA graph replay with a cold L2
 as the runtime keeps them (``--rope tables``: half tables gathered by position in the kernel).
 
 ``sweep``: the kernel's settings (token tile, warps, pipelining depth, programs per SM, hand
-prefetch, the rotation's dtype, one pass or two) at one length, GQA, groups of one KV head, half rank; each
+prefetch, the rotation's dtype, ...) at one length, GQA, groups of one KV head, half rank; each
 setting is first checked against the reference (``max_err``). ``--tuning`` (any part) runs with the
 fastest settings of the sweep JSONs given.
 
@@ -159,9 +158,6 @@ def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list, rope="
                                                 "scale")] + [None, None, None, None, *plan, gp, block_rv, None,
                                                              kernel.settings(bits or 0, hq // hkv)]
                     extra["split_kernel_us"] = c.graph_time(lambda: kernel._launch_decode(*launch)) * 1e6
-                    if kernel.settings(bits or 0, hq // hkv)["TWO_PASS"]:
-                        with c.skipped_launches(kernel, "_palu_values_kernel"):  # the keys' pass alone
-                            extra["keys_pass_us"] = c.graph_time(lambda: kernel._launch_decode(*launch)) * 1e6
                 rec.add({"shape": shape, "tokens": T, "variant": f"palu gs={gs} r={ratio} bits={bits or 16}",
                          "rope": rope,
                          "group_size": gs, "ratio": ratio, "rank": rank, "bits": bits or 16, "us": t * 1e6,
@@ -209,14 +205,7 @@ def load_tuning(paths) -> dict:
 
 def _grid(block_n, warps, stages, per_sm, prefetch=True, rope_in_dtype=False, **more):
     return [dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=n, PREFETCH=prefetch,
-                 ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=False, **more) for n in per_sm]
-
-
-def _two_pass(block_n, warps, stages, per_sm, prefetch=False, values=(64, 4, 3, 4), rope_in_dtype=False, **more):
-    """Two-pass settings: the keys' pass as ``_grid``'s, the values' pass ``(tile, warps, stages, per SM)``."""
-    return dict(BLOCK_N=block_n, NUM_WARPS=warps, NUM_STAGES=stages, PROGRAMS_PER_SM=per_sm, PREFETCH=prefetch,
-                ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=True, VALUES_BLOCK_N=values[0],
-                VALUES_WARPS=values[1], VALUES_STAGES=values[2], VALUES_PROGRAMS_PER_SM=values[3], **more)
+                 ROPE_IN_DTYPE=rope_in_dtype, **more) for n in per_sm]
 
 
 # The first H200 sweep (benchmarks/results/palu_sweep*_NVIDIA_H200.json, no PREFETCH yet): time per
@@ -232,29 +221,9 @@ GRIDS = {
     # removed: 164 us vs 166 us without the prefetch, 240 vs 151 us with it); its rows without that option:
     "round4": [*_grid(64, 4, 3, (2,), prefetch=False), *_grid(64, 4, 3, (2,)), *_grid(128, 8, 3, (1, 2)),
                *_grid(64, 4, 3, (3,)), *_grid(64, 4, 2, (2,)), *_grid(32, 2, 3, (4,))],
-    # round 5: two passes (scores, then values) against the one-pass kernel as tuned; first the keys' pass
-    # (offline sm_90a build: 167 registers without the prefetch, 236 with it), then the values' pass (50)
-    "round5": [*_grid(64, 4, 3, (2,)),
-               _two_pass(64, 4, 3, 2), _two_pass(64, 4, 3, 3), _two_pass(64, 4, 2, 3), _two_pass(64, 4, 3, 2, prefetch=True),
-               _two_pass(128, 8, 3, 1), _two_pass(128, 8, 3, 2), _two_pass(64, 4, 3, 4),
-               *(_two_pass(64, 4, 3, 3, values=v) for v in [(128, 4, 3, 2), (128, 8, 3, 2), (64, 4, 3, 8), (64, 4, 2, 4),
-                                                             (128, 4, 3, 4), (32, 4, 3, 8), (64, 4, 3, 2)])],
-    # round 6: around round 5's fastest two-pass setting (MHA: 472 us), and the rotation in bf16
-    # (ROPE_IN_DTYPE: 426 instead of 490 instructions per block in the keys' pass, offline sm_90a build)
-    "round6": [_two_pass(64, 4, 3, 3, values=(64, 4, 3, 8)), _two_pass(64, 4, 3, 3, values=(64, 4, 3, 8), rope_in_dtype=True),
-               _two_pass(64, 4, 3, 4, values=(64, 4, 3, 8)), _two_pass(64, 4, 2, 4, values=(64, 4, 3, 8)),
-               _two_pass(64, 4, 3, 3, values=(64, 4, 3, 16)), _two_pass(64, 4, 3, 3, values=(32, 2, 3, 8)),
-               _two_pass(64, 4, 3, 3, values=(64, 2, 3, 8)), _two_pass(64, 4, 3, 3, prefetch=True, values=(64, 4, 3, 8)),
-               *_grid(64, 4, 3, (2,)), *_grid(64, 4, 3, (2,), rope_in_dtype=True)],
-    # round 7: the rotation in bf16 at 4 bits (one and two passes), and the bf16 setting of round 6 again
-    "round7": [*_grid(64, 4, 3, (2,), rope_in_dtype=True), *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True),
-               *_grid(64, 4, 3, (2,)), _two_pass(64, 4, 2, 3, rope_in_dtype=True), _two_pass(64, 4, 3, 3, rope_in_dtype=True),
-               *_grid(32, 2, 3, (4,), rope_in_dtype=True)],
-    # round 9: the values' pass with its own split count (rounds 5-7 ran it with the keys' pass's whatever
-    # VALUES_PROGRAMS_PER_SM said: a bug, fixed), against the one-pass setting
-    "round9": [*_grid(64, 4, 3, (2,), rope_in_dtype=True),
-               *(_two_pass(64, 4, 3, 3, values=(64, 4, 3, n), rope_in_dtype=True) for n in (2, 3, 4, 6)),
-               _two_pass(64, 4, 3, 3, values=(128, 4, 3, 2), rope_in_dtype=True)],
+    # (rounds 5-9 timed the two-pass decode, TWO_PASS, and round 14 a softmax state per warp, SOFTMAX_SLICES: options
+    # removed on 2026-12-03, measured no faster than one pass and one reference per program; their rows are in
+    # palu_sweep_r5..r9, r12, r14, r16, r20 *_NVIDIA_H200.json, their grids in the history of this file)
     # round 11: fp32 -> bf16 conversions two per instruction and 4-bit words split in the thread that loads
     # them (offline sm_90a build, triton 3.6: 606 instead of 702 instructions per block in bf16, 904 instead
     # of 1370 and 230 instead of 255 registers at 4 bits): the tuned setting against more programs per SM
@@ -272,18 +241,7 @@ GRIDS = {
                 *_grid(64, 4, 2, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168, QUERY_TILE=8),
                 *_grid(64, 4, 2, (3,), rope_in_dtype=True, MAX_REGISTERS=168),
                 *_grid(64, 4, 3, (4,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=128, QUERY_TILE=8),
-                *_grid(64, 4, 2, (4,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=128, QUERY_TILE=8),
-                _two_pass(64, 4, 3, 3, rope_in_dtype=True), _two_pass(64, 4, 3, 3, rope_in_dtype=True, QUERY_TILE=8),
-                _two_pass(64, 4, 3, 4, rope_in_dtype=True, MAX_REGISTERS=128, QUERY_TILE=8)],
-    # round 14: a softmax state and partial per warp (SOFTMAX_SLICES=4: no maximum across warps in the loop;
-    # offline 505 instructions with 48 bytes spilled under the 168-register cap, 439 and 240 registers without)
-    # against the bf16 and 4-bit settings of round 12
-    "round14": [*_grid(64, 4, 3, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168, QUERY_TILE=8),
-                *_grid(64, 4, 3, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168, QUERY_TILE=8,
-                       SOFTMAX_SLICES=4),
-                *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, SOFTMAX_SLICES=4),
-                *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8),
-                *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8, SOFTMAX_SLICES=4)],
+                *_grid(64, 4, 2, (4,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=128, QUERY_TILE=8)],
     # round 15: bf16 value latents loaded transposed, as the value dot takes them (an async copy through shared
     # memory instead of a register tile whose repacking waited on its global load: 16% of the stall samples;
     # offline 442 instead of 467 instructions per block), with the settings around the tuned one
@@ -298,15 +256,12 @@ GRIDS = {
     "round16": [*_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8),
                 *_grid(64, 4, 2, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168, QUERY_TILE=8),
                 *_grid(64, 4, 3, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=152, QUERY_TILE=8),
-                *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8),
-                *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8, SOFTMAX_SLICES=4),
-                *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, SOFTMAX_SLICES=4)],
+                *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8)],
     # round 20: one softmax reference per program (FIXED_MAX: no running maximum, so no block reduces across warps;
     # offline 332 instead of 372 instructions per block in bf16, 180 registers; 4 bits without the hand prefetch 656
     # instead of 743) against the tuned bf16 and 4-bit settings
     "round20": [*_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8),
                 *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, FIXED_MAX=True),
-                *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8, SOFTMAX_SLICES=4),
                 *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8, FIXED_MAX=True),
                 *_grid(64, 4, 2, (3,), prefetch=False, rope_in_dtype=True, MAX_REGISTERS=168, QUERY_TILE=8,
                        FIXED_MAX=True),
@@ -487,8 +442,7 @@ def main():
                     [("shape", "{}"), ("tokens", "{}"), ("variant", "{}"), ("us", "{:.1f}"), ("speedup", "{:.2f}x")])
         elif args.part == "sweep":
             if args.smoke:
-                sweep_rows(rec, dev, 256, bits, grid=[*_grid(16, 4, 1, (1,)), *_grid(16, 4, 1, (1,), prefetch=False),
-                                                        _two_pass(16, 4, 1, 1, values=(16, 4, 1, 1))])
+                sweep_rows(rec, dev, 256, bits, grid=[*_grid(16, 4, 1, (1,)), *_grid(16, 4, 1, (1,), prefetch=False)])
             else:
                 sweep_rows(rec, dev, lengths[-1], bits, shape=args.shapes[0], grid=args.grid,
                            rope=args.rope)

@@ -6,6 +6,8 @@
 #                                        frontier, SmolLM2 quality (when the model is on the machine)
 #   bash benchmarks/gpu_palu.sh round3   (<= 60 s) the sweep's follow-up: hand prefetch, more programs per SM; one layer
 #   bash benchmarks/gpu_palu.sh round4   (<= 4 min) GPU tests, sweep of the round4 grid (bf16, 4-bit), layer at 64K/128K with its best
+#   (rounds 5-9 and 14 timed options since removed, the two-pass decode and a softmax state per warp; their recipes
+#   are in the history of this file)
 #   bash benchmarks/gpu_palu.sh smollm2  SmolLM2 quality (groups of all 3 KV heads) at 50% (unpatched, plain SVD,
 #                                        whitening + Fisher, 4/3 bits), 60% and 75%, and groups of one head at 50%
 #   bash benchmarks/gpu_palu.sh smollm2-sweep  SmolLM2 perplexity over calibration choices (64 x 2048 tokens)
@@ -14,7 +16,6 @@
 #                                        kernel) and after, round11 sweep
 #   bash benchmarks/gpu_palu.sh round12  (<= 9 min) GPU tests, round12 sweep (GQA, MHA), layer with its fastest
 #   bash benchmarks/gpu_palu.sh round13  (<= 8 min) GPU tests, layer and graph decode per token with TUNED
-#   bash benchmarks/gpu_palu.sh round14  (<= 8 min) GPU tests, round14 sweep (a softmax state per warp), layer with its fastest
 #   bash benchmarks/gpu_palu.sh round15  (<= 9 min) GPU tests, layer before (OLD) and after, round15 sweep, stall profile
 #   bash benchmarks/gpu_palu.sh round16  (<= 8 min) GPU tests, round16 sweep and layer with the rope rows per slot
 #   bash benchmarks/gpu_palu.sh round17  (<= 9 min) every Palu GPU test, layer, graph decode per token, stall profile
@@ -90,42 +91,6 @@ PY
     timeout 60 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r4_*.json --group-sizes 1 --ratios 0.5 \
       --lengths 65536 131072 --tag _r4 --out "$R" > "$R/layer_r4.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r4.log" | tail -12 ;;
-  round5)  # two passes vs one: GPU tests, the round5 sweep (GQA bf16 and 4-bit, MHA bf16) at 128K, then the layer
-           # at 64K/128K with the GQA sweep's fastest settings (each row checked against the reference first)
-    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
-    timeout 150 python benchmarks/bench_palu.py sweep --grid round5 --bits 16 4 --tag _r5 --out "$R" > "$R/sweep_r5.log" 2>&1
-    tail -1 "$R/sweep_r5.log"
-    timeout 90 python benchmarks/bench_palu.py sweep --grid round5 --bits 16 --shapes mha --tag _r5_mha --out "$R" > "$R/sweep_r5_mha.log" 2>&1
-    tail -1 "$R/sweep_r5_mha.log"
-    timeout 90 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r5_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
-      --lengths 65536 131072 --tag _r5 --out "$R" > "$R/layer_r5.log" 2>&1
-    grep "kernel settings\| | " "$R/layer_r5.log" | tail -12 ;;
-  round6)  # around round 5's fastest two-pass setting and the rotation in bf16 (GQA and MHA, bf16 latents, 128K), then
-           # the layer at 64K/128K with the fastest of rounds 5 and 6 per shape
-    timeout 100 python benchmarks/bench_palu.py sweep --grid round6 --bits 16 --tag _r6 --out "$R" > "$R/sweep_r6.log" 2>&1
-    tail -1 "$R/sweep_r6.log"
-    timeout 100 python benchmarks/bench_palu.py sweep --grid round6 --bits 16 --shapes mha --tag _r6_mha --out "$R" > "$R/sweep_r6_mha.log" 2>&1
-    tail -1 "$R/sweep_r6_mha.log"
-    timeout 120 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r6*_NVIDIA*.json benchmarks/results/palu_sweep_r5*_NVIDIA_H200.json \
-      --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag _r6 --out "$R" > "$R/layer_r6.log" 2>&1
-    grep "kernel settings\| | " "$R/layer_r6.log" | tail -12 ;;
-  round7)  # GPU tests; the rotation in bf16 at 4 bits (GQA, 128K); the layer at 64K/128K with the fastest of rounds 5-7
-    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
-    timeout 80 python benchmarks/bench_palu.py sweep --grid round7 --bits 4 16 --tag _r7 --out "$R" > "$R/sweep_r7.log" 2>&1
-    tail -1 "$R/sweep_r7.log"
-    timeout 120 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r7_NVIDIA*.json benchmarks/results/palu_sweep_r[56]*_NVIDIA_H200.json \
-      --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag _r7 --out "$R" > "$R/layer_r7.log" 2>&1
-    grep "kernel settings\| | " "$R/layer_r7.log" | tail -12 ;;
-  round9)  # GPU tests; the values' pass with its own split count (GQA and MHA, bf16, 128K); the layer at 64K/128K
-           # with the fastest of round 9 per shape (4-bit: round 7's)
-    timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
-    timeout 60 python benchmarks/bench_palu.py sweep --grid round9 --bits 16 --tag _r9 --out "$R" > "$R/sweep_r9.log" 2>&1
-    tail -1 "$R/sweep_r9.log"
-    timeout 60 python benchmarks/bench_palu.py sweep --grid round9 --bits 16 --shapes mha --tag _r9_mha --out "$R" > "$R/sweep_r9_mha.log" 2>&1
-    tail -1 "$R/sweep_r9_mha.log"
-    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r9*_NVIDIA*.json benchmarks/results/palu_sweep_r7_NVIDIA_H200.json \
-      --group-sizes 1 --ratios 0.5 --lengths 65536 131072 --tag _r9 --out "$R" > "$R/layer_r9.log" 2>&1
-    grep "kernel settings\| | " "$R/layer_r9.log" | tail -12 ;;
   round11)  # GPU tests; the layer at 64K/128K before (OLD: a tree installed with the previous kernel) and after the
             # change, in the same run; the round11 sweep (GQA bf16 and 4-bit, 128K)
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
@@ -254,7 +219,7 @@ PY
       2>&1 | tee "$R/gpu_tests.log" | tail -3
     timeout 300 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph \
       --kernels --tag _r36 --out "$R" 2>&1 | tee "$R/tpot_r36.log" | grep -v "^{" | tail -4 ;;
-  round12|round14|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
+  round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}
     timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 | tee "$R/gpu_tests.log" | tail -5
@@ -308,6 +273,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round5, round6, round7, round9, round11, round12, round13, round14, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, round32, round33, round34, round36, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round11, round12, round13, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, round32, round33, round34, round36, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

@@ -36,9 +36,15 @@ if [ "${1:-}" = stalls ]; then  # where the Palu decode's warps wait, per SASS i
   done
   stamp done; exit 0
 fi
-if [ "${1:-}" = palu2p ]; then  # the two-pass Palu decode: both passes and the merge, GQA and MHA
-  ncu_case palu-2p "_palu_decode_kernel|_palu_values_kernel" 6 2
-  ncu_case palu-2p-mha "_palu_decode_kernel|_palu_values_kernel" 6 2
+if [ "${1:-}" = l2 ]; then  # where the bytes come from: DRAM and L2 throughput of the Palu decode and of dense SDPA
+  for case in ${CASES:-palu-mha palu dense-mha dense}; do
+    stamp "ncu l2 $case"
+    timeout 150 ncu --clock-control none -k "regex:_palu_decode_kernel|flash|fmha|attention" --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+      --metrics lts__t_bytes.sum.per_second,lts__t_bytes.sum.pct_of_peak_sustained_elapsed,dram__bytes_read.sum.per_second,lts__t_sectors_srcunit_tex_op_read.sum,l1tex__m_xbar2l1tex_read_bytes.sum.per_second \
+      python benchmarks/profile_kernels.py --cases "$case" --iters 1 > "$R/ncu_l2_$case.txt" 2>&1
+    echo "rc=$?"; grep -E "Duration|Throughput|Busy|Bandwidth|Hit Rate|lts__|dram__|l1tex__|Registers Per|Shared Memory Config|Achieved Occ" "$R/ncu_l2_$case.txt" | head -30
+  done
   stamp done; exit 0
 fi
 ncu_case less "_step_kernel|_finish_kernel" 6 2

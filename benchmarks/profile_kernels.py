@@ -9,8 +9,7 @@ decode on the 8B attention shape, for the torch profiler (kernel durations) or f
 Cases: ``less`` (H2O 1024 + 1024, state per KV head, R 8, 512 hidden units), ``less-off`` (the same
 with the state off), ``less-lambda`` (4 + 2044), ``palu`` / ``palu4`` (128K tokens, groups of one KV
 head, half rank, bf16 / 4-bit latents, the settings of ``kernels.palu.TUNED``), ``palu-mha`` /
-``palu4-mha`` (32 KV heads), ``palu-2p`` / ``palu-2p-mha``
-(the two-pass decode, ``TWO_PASS``), ``dense`` (SDPA decode at 128K). Each case runs ``--iters``
+``palu4-mha`` (32 KV heads), ``dense`` / ``dense-mha`` (SDPA decode at 128K, 8 / 32 KV heads). Each case runs ``--iters``
 calls after 3 warm-up calls (compilation).
 """
 
@@ -49,11 +48,7 @@ def less_case(name, dev):
 
 
 TUNED = dict(palu_kernel.TUNED)
-# the two-pass decode's fastest settings of the round5 sweep (palu_sweep_r5*_NVIDIA_H200.json)
-TWO_PASS = dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=3, PREFETCH=False, TWO_PASS=True,
-                VALUES_BLOCK_N=64, VALUES_WARPS=4, VALUES_STAGES=3, VALUES_PROGRAMS_PER_SM=8)
-PALU = {"palu": (8, 0, {}), "palu4": (8, 4, {}), "palu-mha": (32, 0, {}), "palu4-mha": (32, 4, {}),
-        "palu-2p": (8, 0, TWO_PASS), "palu-2p-mha": (32, 0, TWO_PASS)}  # KV heads, latent bits, settings over TUNED
+PALU = {"palu": (8, 0, {}), "palu4": (8, 4, {}), "palu-mha": (32, 0, {}), "palu4-mha": (32, 4, {})}  # KV heads, bits, settings
 
 
 def palu_case(name, dev):
@@ -63,8 +58,8 @@ def palu_case(name, dev):
     return lambda: palu_kernel.palu_decode(**case)
 
 
-def dense_case(dev):
-    q, k, v = c.rand(1, 32, 1, 128, dev=dev), c.rand(1, 8, 131072, 128, dev=dev), c.rand(1, 8, 131072, 128, dev=dev)
+def dense_case(dev, hkv=8):
+    q, k, v = c.rand(1, 32, 1, 128, dev=dev), c.rand(1, hkv, 131072, 128, dev=dev), c.rand(1, hkv, 131072, 128, dev=dev)
     return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
@@ -73,7 +68,7 @@ def make(name, dev):
         return less_case(name, dev)
     if name.startswith("palu"):
         return palu_case(name, dev)
-    return dense_case(dev)
+    return dense_case(dev, 32 if name == "dense-mha" else 8)
 
 
 def kernel_times(fn, iters):

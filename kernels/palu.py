@@ -11,9 +11,7 @@ latents* (values are never rebuilt per token). The ``gs`` programs of a group re
 (the repeats come from L2). A second small kernel (a programmatic dependent launch on Hopper) merges
 each query head's splits and up-projects its value latent once (``up_v`` of its KV head, plus the
 value bias), writing the attention output ``[B, Hq, 1, D]``. New tokens' latents are quantised by
-:func:`quantize` (one launch, the reference's bits). With ``TWO_PASS`` (an option, measured no faster
-than one pass on the H200 since round 12) the first kernel stops at the scores and a second
-(``_palu_values_kernel``) does the value side.
+:func:`quantize` (one launch, the reference's bits).
 
 Cost per cached token and KV head at group rank ``r`` (group of ``gs`` KV heads): ``2 * D * r`` FLOP
 to rebuild its keys against ``2 * r / gs`` latent values read from HBM (``bits / 8`` bytes each when
@@ -53,15 +51,6 @@ NUM_STAGES = 3  # software-pipelining depth of the innermost loop (the plan lowe
 PREFETCH = False  # issue the loads no tl.dot takes (ranks, rope rows, quantised words) a block ahead by hand
 ROPE_IN_DTYPE = False  # rotate the rebuilt keys in the model's dtype (as transformers does) instead of fp32
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
-# Two passes instead of one: the keys' pass writes the scores ([B, Hkv, T, Hq / Hkv] fp32, 1/16 of the
-# half-rank bf16 latents they come from on the 8B shape) and each program's maximum; the values' pass
-# (_palu_values_kernel: VALUES_* settings) reads them back with the value latents. Neither loop carries
-# a softmax rescale or a reduction across warps.
-TWO_PASS = False
-VALUES_BLOCK_N = 64
-VALUES_WARPS = 4
-VALUES_STAGES = 3
-VALUES_PROGRAMS_PER_SM = 4
 MAX_REGISTERS = 0  # registers per thread the decode kernel may use (Triton's maxnreg; 0: the compiler's choice)
 QUERY_TILE = 16  # the query heads of a KV head padded to at least this many (the N of the score and value dots)
 # One softmax reference per program (the first block's maximum) instead of a running maximum: no block reduces
@@ -70,10 +59,8 @@ QUERY_TILE = 16  # the query heads of a KV head padded to at least this many (th
 # scores more than 64 below the maximum are under 2^-64 of it).
 FIXED_MAX = True
 FIXED_MAX_RANGE: tl.constexpr = tl.constexpr(64.0)
-SOFTMAX_SLICES = 1  # slices of each block's tokens with a softmax state and partial of their own (one per warp: 4)
-TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH",
-           "TWO_PASS", "VALUES_BLOCK_N", "VALUES_WARPS", "VALUES_STAGES", "VALUES_PROGRAMS_PER_SM", "MAX_REGISTERS",
-           "QUERY_TILE", "SOFTMAX_SLICES", "FIXED_MAX")
+TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTYPE", "PREFETCH", "MAX_REGISTERS",
+           "QUERY_TILE", "FIXED_MAX")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
 # unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
 # module constants. 128K tokens, Llama-3-8B shape (and MHA: 32 KV heads), groups of one KV head, half
@@ -84,7 +71,7 @@ TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "ROPE_IN_DTY
 # by one MMA chain (round 18, palu_layer_r18_*_NVIDIA_H200.json) 89.5 / 318.3 us. Round 20
 # (palu_sweep_r20{,_mha}_NVIDIA_H200.json): one softmax reference per program (FIXED_MAX), 90.1 -> 83.6 us (GQA)
 # and 317.8 -> 286.2 us (MHA); at 4 bits with the hand prefetch 130.7 -> 119.5 and 476.2 -> 446.7 us against
-# a softmax state per warp (SOFTMAX_SLICES=4, rounds 12 and 14). The rotation in bf16 (as transformers
+# a softmax state per warp (rounds 12 and 14; an option since removed). The rotation in bf16 (as transformers
 # rounds it; fewer instructions per block): 131 us against 152 in fp32 (palu_sweep_r6_NVIDIA_H200.json). 2 and 3
 # bits take the 4-bit setting (round 27, palu_sweep_r27{,_mha}_NVIDIA_H200.json: 3 bits 1388.7 -> 222.5 us, 2 bits
 # 185.4 -> 144.1 us on the 8B shape against the first sweep's 32-token tiles without the prefetch). Tables gathered
@@ -280,7 +267,7 @@ _STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos
 
 @triton.jit(do_not_specialize=["T", "split_len", "window"] + _STRIDES)
 def _palu_decode_kernel(
-    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN, SC,
+    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN,
     kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b, rope_b,
     T, split_len, window, qk_scale, eps,
     GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
@@ -289,8 +276,7 @@ def _palu_decode_kernel(
     RV: tl.constexpr, BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
     V_WORDS: tl.constexpr, V_FAST: tl.constexpr,
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr,
-    ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True,
-    SCORES_ONLY: tl.constexpr = False, PACKED: tl.constexpr = False, SLICES: tl.constexpr = 1,
+    ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True, PACKED: tl.constexpr = False,
     ROPE_BY_SLOT: tl.constexpr = False, FIXED_MAX: tl.constexpr = False, PDL: tl.constexpr = False,
     WHOLE_BLOCKS: tl.constexpr = False,
 ):
@@ -315,10 +301,6 @@ def _palu_decode_kernel(
     ``acc.T [BLOCK_RV, GP] += h_v.T @ p``. When the key rank is one chunk (``RC == RK``) its ``up``
     rows are loaded once, before the token loop; otherwise the rank chunks are the innermost loop, so
     shared memory holds one chunk per stage.
-
-    ``SCORES_ONLY`` (the first pass of the two-pass decode, :func:`_palu_values_kernel` the second):
-    no value side; the masked, scaled scores (log2 units, ``-inf`` where masked) go to
-    ``SC [B, Hkv, T, QPK]`` and the program's maximum per query head to ``PML[..., 0]``.
 
     ``FIXED_MAX``: the softmax against one reference per program and query head (the first block's
     maximum; the split once more against its own maximum when that lies more than ``FIXED_MAX_RANGE``
@@ -375,30 +357,18 @@ def _palu_decode_kernel(
     # block ahead by hand (PREFETCH): ranks, rope rows (gathered by position: positions two blocks
     # ahead) and quantised words/scales. Each loop step then uses what the previous one loaded.
     PF_K: tl.constexpr = PREFETCH and K_BITS > 0 and RC == RK
-    PF_V: tl.constexpr = PREFETCH and V_BITS > 0 and not SCORES_ONLY
-    # SLICES > 1: each slice of a block's tokens (a warp's rows of the scores) keeps its own softmax state
-    # and partial, so no maximum crosses warps in the loop; the merge combines them as more splits. One slice
-    # keeps 2-D tensors: the 3-D form with one slice compiles to 516 instead of 467 instructions per block.
-    SN: tl.constexpr = BLOCK_N // SLICES
-    if SLICES == 1:
-        acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)  # the value latents' accumulator, transposed
-        l_acc = tl.zeros([BLOCK_N, GP], dtype=tl.float32)  # the softmax sums, elementwise: reduced after the loop
-        m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
-        s_top = tl.full([BLOCK_N, GP], float("-inf"), dtype=tl.float32)  # FIX: each thread's maximum
-    else:
-        acc = tl.zeros([SLICES, BLOCK_RV, GP], dtype=tl.float32)
-        l_acc = tl.zeros([SLICES, SN, GP], dtype=tl.float32)
-        m_i = tl.full([SLICES, GP], float("-inf"), dtype=tl.float32)
-    if SCORES_ONLY:  # running maximum kept elementwise: reduced once, after the loop
-        sc_base = SC + (b64 * hkv + kvh) * T * QPK
-        s_max = tl.full([BLOCK_N, GP], float("-inf"), dtype=tl.float32)
+    PF_V: tl.constexpr = PREFETCH and V_BITS > 0
+    acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)  # the value latents' accumulator, transposed
+    l_acc = tl.zeros([BLOCK_N, GP], dtype=tl.float32)  # the softmax sums, elementwise: reduced after the loop
+    m_i = tl.full([GP], float("-inf"), dtype=tl.float32)
+    s_top = tl.full([BLOCK_N, GP], float("-inf"), dtype=tl.float32)  # FIXED_MAX: each thread's maximum
     # FIXED_MAX (one softmax state per program, bf16/fp16 p): no running maximum. The scores of a split are
     # exponentiated against one reference per query head, the maximum of its first block; the sums and the
     # value accumulator then need no rescale and no block reduces across warps. Each thread keeps the
     # maximum of its own scores, reduced once after the loop: when the split's maximum is more than
     # FIXED_MAX_RANGE (log2 units) away from the reference (a later score that could overflow the fp32
     # sums, or a first block far below the rest), the split runs a second time against its exact maximum.
-    FIX: tl.constexpr = FIXED_MAX and SLICES == 1 and not SCORES_ONLY
+    FIX: tl.constexpr = FIXED_MAX
     m_ref = tl.full([GP], float("-inf"), dtype=tl.float32)
     redo = False  # after the first pass: whether the split runs again
     for attempt in tl.static_range(2 if FIX else 1):
@@ -501,22 +471,18 @@ def _palu_decode_kernel(
                 s_ = sin.to(tl.float32)
                 r1 = _narrow(k1 * c_ - k2 * s_, dtype, PACKED)
                 r2 = _narrow(k2 * c_ + k1 * s_, dtype, PACKED)
-            if not SCORES_ONLY:
-                if PF_V:
-                    hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype, PACKED)
-                elif V_BITS == 0 and SLICES == 1:  # loaded transposed, so that the value dot takes the load as it is
-                    hv_t = tl.load(VL + (v_row0 + base_n) * RV + local[None, :] * RV + rv[:, None],
-                                   mask=ld_ok[None, :] & (rv < RV)[:, None], other=0.0)
-                else:
-                    hv = _latent_tile(VL, VS, v_row0 + base_n, vs_row0 + base_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
-                                      V_NQ, V_WORDS, V_FAST, BLOCK_N, ld_ok, dtype, PACKED)
+            if PF_V:
+                hv = _dequant(vw, vsc, vlo, 0, BLOCK_RV, V_BITS, V_QG, V_FAST, BLOCK_N, dtype, PACKED)
+            elif V_BITS == 0:  # loaded transposed, so that the value dot takes the load as it is
+                hv_t = tl.load(VL + (v_row0 + base_n) * RV + local[None, :] * RV + rv[:, None],
+                               mask=ld_ok[None, :] & (rv < RV)[:, None], other=0.0)
+            else:
+                hv = _latent_tile(VL, VS, v_row0 + base_n, vs_row0 + base_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG,
+                                  V_NQ, V_WORDS, V_FAST, BLOCK_N, ld_ok, dtype, PACKED)
             # scores [BLOCK_N, GP], softmax down the tokens
             s = tl.dot(r2, q2, tl.dot(r1, q1))
             s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
-            if SCORES_ONLY:
-                tl.store(sc_base + offs_n[:, None] * QPK + m_rows[None, :], s, mask=n_ok[:, None] & q_ok[None, :])
-                s_max = tl.maximum(s_max, s)
-            elif FIX:
+            if FIX:
                 if attempt == 0:
                     if start_n == start:  # the first block sets the reference
                         m_ref = tl.max(s, 0)
@@ -528,7 +494,7 @@ def _palu_decode_kernel(
                     acc += tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
                 l_acc += p
                 s_top = tl.maximum(s_top, s)
-            elif SLICES == 1:
+            else:
                 m_new = tl.maximum(m_i, tl.max(s, 0))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp2(s - m_safe[None, :])
@@ -539,16 +505,6 @@ def _palu_decode_kernel(
                     acc = acc * alpha[None, :] + tl.dot(tl.trans(hv), _narrow(p, dtype, PACKED))
                 l_acc = l_acc * alpha[None, :] + p
                 m_i = m_new
-            else:
-                s = tl.reshape(s, [SLICES, SN, GP])
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s - m_safe[:, None, :])
-                alpha = tl.exp2(m_i - m_safe)
-                hvs = tl.reshape(hv, [SLICES, SN, BLOCK_RV])
-                acc = acc * alpha[:, None, :] + tl.dot(tl.trans(hvs, 0, 2, 1), _narrow(p, dtype, PACKED))
-                l_acc = l_acc * alpha[:, None, :] + p
-                m_i = m_new
         if FIX:
             top = tl.max(s_top, 0)
             off = (top > float("-inf")) & ((top > m_ref + FIXED_MAX_RANGE) | (top < m_ref - FIXED_MAX_RANGE))
@@ -556,72 +512,10 @@ def _palu_decode_kernel(
             m_ref = tl.where(off, top, m_ref)
             m_i = tl.where(top == float("-inf"), float("-inf"), m_ref)  # the partials' reference (-inf: none)
 
-    if SCORES_ONLY:
-        part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
-        tl.store(PML + part * 2, tl.max(s_max, 0))
-    elif SLICES == 1:
-        part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
-        tl.store(PO + part[None, :] * BLOCK_RV + rv[:, None], acc)
-        tl.store(PML + part * 2, m_i)
-        tl.store(PML + part * 2 + 1, tl.sum(l_acc, 0))
-    else:  # one partial per slice
-        part = ((b64 * hkv + kvh) * n_splits + split) * SLICES + tl.arange(0, SLICES)
-        row = part[:, None] * GP + m_rows[None, :]  # [SLICES, GP]
-        tl.store(PO + row[:, None, :] * BLOCK_RV + rv[None, :, None], acc)
-        tl.store(PML + row * 2, m_i)
-        tl.store(PML + row * 2 + 1, tl.sum(l_acc, 1))
-
-
-@triton.jit(do_not_specialize=["T", "split_len", "n_first"])
-def _palu_values_kernel(SC, PM1, VL, VS, PO, PML, LEN, vl_b, vl_g, vs_b, vs_g, T, split_len, n_first,
-                        GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, RV: tl.constexpr,
-                        BLOCK_RV: tl.constexpr, V_BITS: tl.constexpr, V_QG: tl.constexpr, V_NQ: tl.constexpr,
-                        V_WORDS: tl.constexpr, V_FAST: tl.constexpr, BLOCK_N: tl.constexpr, FIRST: tl.constexpr,
-                        HAS_LEN: tl.constexpr, DTYPE: tl.constexpr):
-    """Second pass of the two-pass decode, program ``(KV head kvh, split s, row b)``: with the scores
-    ``SC [B, Hkv, T, QPK]`` of the first pass and each query head's maximum over them (from the first
-    pass's per-program maxima ``PM1 [B, Hkv, n_first, GP, 2]``), accumulates ``exp2(s - max) @ h_v``
-    over its tokens into ``PO``/``PML`` as :func:`_palu_decode_kernel` does. With one maximum for all
-    splits nothing is rescaled in the loop: the sum is kept elementwise and reduced once."""
-    kvh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2)
-    hkv = tl.num_programs(0)
-    n_splits = tl.num_programs(1)
-    g = kvh // GS
-    b64 = b.to(tl.int64)
-    m_rows = tl.arange(0, GP)
-    q_ok = m_rows < QPK
-    first = tl.arange(0, FIRST)
-    pm = tl.load(PM1 + (((b64 * hkv + kvh) * n_first + first[:, None]) * GP + m_rows[None, :]) * 2,
-                 mask=(first < n_first)[:, None], other=float("-inf"))
-    top = tl.max(pm, 0)  # [GP]
-    top = tl.where(top == float("-inf"), 0.0, top)
-
-    start = split * split_len
-    stop = tl.minimum(start + split_len, T)
-    if HAS_LEN:
-        stop = tl.minimum(stop, tl.load(LEN))
-    sc_base = SC + (b64 * hkv + kvh) * T * QPK
-    v_row0 = b64 * vl_b + g * vl_g
-    vs_row0 = b64 * vs_b + g * vs_g
-    local = tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_RV, GP], dtype=tl.float32)
-    l_e = tl.zeros([BLOCK_N, GP], dtype=tl.float32)
-    for start_n in range(start, stop, BLOCK_N):
-        offs_n = start_n + local
-        n_ok = offs_n < stop
-        s = tl.load(sc_base + offs_n[:, None] * QPK + m_rows[None, :], mask=n_ok[:, None] & q_ok[None, :],
-                    other=float("-inf"))
-        p = tl.exp2(s - top[None, :])
-        hv = _latent_tile(VL, VS, v_row0 + start_n, vs_row0 + start_n, local, 0, RV, BLOCK_RV, V_BITS, V_QG, V_NQ,
-                          V_WORDS, V_FAST, BLOCK_N, n_ok, DTYPE)
-        acc += tl.dot(tl.trans(hv), p.to(DTYPE))
-        l_e += p
     part = ((b64 * hkv + kvh) * n_splits + split) * GP + m_rows
-    tl.store(PO + part[None, :] * BLOCK_RV + tl.arange(0, BLOCK_RV)[:, None], acc)
-    tl.store(PML + part * 2, top)
-    tl.store(PML + part * 2 + 1, tl.sum(l_e, 0))
+    tl.store(PO + part[None, :] * BLOCK_RV + rv[:, None], acc)
+    tl.store(PML + part * 2, m_i)
+    tl.store(PML + part * 2 + 1, tl.sum(l_acc, 0))
 
 
 @triton.jit
@@ -921,14 +815,9 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     qpk = hq // hkv
     T = k.data.shape[2]
     tuned = tuned or settings(k.quant.bits if k.quant is not None else 0, qpk)
-    two_pass = tuned["TWO_PASS"]
-    requested = splits
-    splits, split_len = _splits(requested, tuned["PROGRAMS_PER_SM"], q, B * hkv, T, block_n)
-    slices = 1 if two_pass else max(1, min(tuned["SOFTMAX_SLICES"], block_n // 16))  # the dots need 16 tokens
-    parts = splits * slices
-    po = torch.empty(B, hkv, parts, gp, block_rv, device=q.device, dtype=torch.float32) if not two_pass else None
-    pml = torch.empty(B, hkv, parts, gp, 2, device=q.device, dtype=torch.float32)
-    scores = torch.empty(B, hkv, T, qpk, device=q.device, dtype=torch.float32) if two_pass else None
+    splits, split_len = _splits(splits, tuned["PROGRAMS_PER_SM"], q, B * hkv, T, block_n)
+    po = torch.empty(B, hkv, splits, gp, block_rv, device=q.device, dtype=torch.float32)
+    pml = torch.empty(B, hkv, splits, gp, 2, device=q.device, dtype=torch.float32)
     dummy = q.new_empty(1)
 
     def quant(x: ref.Latents, chunk: int):
@@ -957,8 +846,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
         k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
         positions, k_rank, q_rank.reshape(B).int().contiguous(),
-        cos, sin, po if po is not None else dummy, pml, length if length is not None else dummy,
-        scores if two_pass else dummy,
+        cos, sin, po, pml, length if length is not None else dummy,
         kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
         cos.stride(0) // (D // 2) if by_slot else 0,
         T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
@@ -967,30 +855,14 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
         HAS_KB=k_bias is not None, HAS_NORM=k_norm is not None, BLOCK_N=block_n, HAS_LEN=length is not None,
-        ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"], SCORES_ONLY=two_pass,
-        PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), SLICES=slices, ROPE_BY_SLOT=by_slot,
-        FIXED_MAX=tuned["FIXED_MAX"], PDL=USE_PDL and has_pdl(q.device) and not two_pass, WHOLE_BLOCKS=T >= block_n,
+        ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
+        PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), ROPE_BY_SLOT=by_slot,
+        FIXED_MAX=tuned["FIXED_MAX"], PDL=USE_PDL and has_pdl(q.device), WHOLE_BLOCKS=T >= block_n,
         num_warps=tuned["NUM_WARPS"],
         num_stages=stages,
         **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),
     )
-    if not two_pass:
-        return po, pml, parts
-    block_v = tuned["VALUES_BLOCK_N"]
-    v_splits, v_split_len = _splits(requested, tuned["VALUES_PROGRAMS_PER_SM"], q, B * hkv, T, block_v)
-    po = torch.empty(B, hkv, v_splits, gp, block_rv, device=q.device, dtype=torch.float32)
-    v_pml = torch.empty(B, hkv, v_splits, gp, 2, device=q.device, dtype=torch.float32)
-    _palu_values_kernel[(hkv, v_splits, B)](
-        scores, pml, vl, vs, po, v_pml, length if length is not None else dummy, vl_b, vl_g, vs_b, vs_g,
-        T, v_split_len, splits,
-        GS=gs, QPK=qpk, GP=gp, RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords,
-        V_FAST=vfast, BLOCK_N=block_v, FIRST=triton.next_power_of_2(splits), HAS_LEN=length is not None,
-        DTYPE=_TL_DTYPES[q.dtype], num_warps=tuned["VALUES_WARPS"], num_stages=tuned["VALUES_STAGES"],
-    )
-    return po, v_pml, v_splits
-
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+    return po, pml, splits
 
 
 def _splits(splits: int | None, per_sm: int, q: torch.Tensor, heads: int, T: int, block_n: int) -> tuple[int, int]:

@@ -150,26 +150,14 @@ def test_value_output_folds_the_up_projection():
     ],
 )
 @pytest.mark.parametrize("prefetch", [True, False])
-@pytest.mark.parametrize("two_pass", [False, True])
 @pytest.mark.parametrize("query_tile", [16, 8])
-def test_decode_kernel_matches_reference(shape, prefetch, two_pass, query_tile, monkeypatch):
-    # with and without the prefetch, in one pass or two (scores, then values), query heads padded to 16 or 8
-    settings(monkeypatch, PREFETCH=prefetch, TWO_PASS=two_pass, VALUES_BLOCK_N=16, QUERY_TILE=query_tile)
+def test_decode_kernel_matches_reference(shape, prefetch, query_tile, monkeypatch):
+    # with and without the prefetch, query heads padded to 16 or 8
+    settings(monkeypatch, PREFETCH=prefetch, QUERY_TILE=query_tile)
     a = make_case(**shape)
     want = ref.latent_attention(**a)
     got = palu.palu_decode(**a, splits=2)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-
-
-@interpreter_only
-@pytest.mark.parametrize("shape", [dict(), dict(hq=4, hkv=4, gs=4, rk=8, rv=16, tokens=33), dict(bits=4, quant_group=4)])
-def test_decode_kernel_softmax_slices(shape, monkeypatch):
-    """Each warp's slice of a block with its own softmax state and partial (``SOFTMAX_SLICES``), merged
-    as more splits; the window masks a slice's every token in some blocks."""
-    settings(monkeypatch, SOFTMAX_SLICES=4, QUERY_TILE=8)
-    a = make_case(**shape)
-    got = palu.palu_decode(**a, splits=2, window=20)
-    torch.testing.assert_close(got, ref.latent_attention(**a, window=20), atol=2e-5, rtol=1e-4)
 
 
 @interpreter_only
@@ -193,13 +181,12 @@ def test_decode_kernel_fixed_max(shape, q_scale, fixed_max, monkeypatch):
 @interpreter_only
 @pytest.mark.parametrize("bits,quant_group,rk,rv", [(4, 4, 16, 8), (3, 4, 12, 12), (2, 8, 16, 8), (4, 8, 16, 16),
                                                     (2, 16, 32, 16), (4, 4, 24, 16)])
-@pytest.mark.parametrize("prefetch,two_pass", [(True, False), (False, False), (True, True)])
-def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv, prefetch, two_pass, monkeypatch):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv, prefetch, monkeypatch):
     """Word-by-word dequantisation (2 and 4 bits, whole words per tile: (4, 8, 16, 16), (2, 16, 32, 16),
     keys of (4, 4, 16, 8)), per-channel gathers otherwise (3 bits, ragged ranks); words, scales, ranks
-    and rope rows loaded a block ahead by hand (``PREFETCH``) or in the step that uses them; in one
-    pass or two."""
-    settings(monkeypatch, PREFETCH=prefetch, TWO_PASS=two_pass, VALUES_BLOCK_N=32)
+    and rope rows loaded a block ahead by hand (``PREFETCH``) or in the step that uses them."""
+    settings(monkeypatch, PREFETCH=prefetch)
     a = make_case(bits=bits, quant_group=quant_group, rk=rk, rv=rv)
     if (bits, rk, rv) == (4, 16, 16):
         assert palu._fast_dequant(a["k"], 16) and palu._fast_dequant(a["v"], 16)
@@ -207,9 +194,9 @@ def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv, prefet
 
 
 @interpreter_only
-@pytest.mark.parametrize("rope_in_dtype,two_pass", [(False, False), (True, False), (False, True)])
-def test_decode_kernel_fp16_window_and_padding_query(rope_in_dtype, two_pass, monkeypatch):
-    settings(monkeypatch, ROPE_IN_DTYPE=rope_in_dtype, TWO_PASS=two_pass, VALUES_BLOCK_N=16)
+@pytest.mark.parametrize("rope_in_dtype", [False, True])
+def test_decode_kernel_fp16_window_and_padding_query(rope_in_dtype, monkeypatch):
+    settings(monkeypatch, ROPE_IN_DTYPE=rope_in_dtype)
     a = make_case(dtype=torch.float16, tokens=45)
     a["q_rank"][1] = -1  # a padding query: zero output
     want = ref.latent_attention(**a, window=9)
@@ -259,11 +246,11 @@ def test_rope_inputs_that_do_not_fit_are_refused():
 
 @interpreter_only
 @pytest.mark.parametrize("shape", [dict(stride=3), dict(bits=4, quant_group=4, rk=16, rv=8), dict(hq=4, hkv=4, gs=4)])
-@pytest.mark.parametrize("prefetch,two_pass", [(False, False), (True, False), (False, True)])
-def test_decode_kernel_rope_rows_per_slot(shape, prefetch, two_pass, monkeypatch):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_decode_kernel_rope_rows_per_slot(shape, prefetch, monkeypatch):
     """The rope rows given per slot (``[B, T, D / 2]`` views with room, ``ROPE_BY_SLOT``) instead of
     tables gathered by position: the same result as the reference with the tables."""
-    settings(monkeypatch, PREFETCH=prefetch, TWO_PASS=two_pass, VALUES_BLOCK_N=16, QUERY_TILE=8)
+    settings(monkeypatch, PREFETCH=prefetch, QUERY_TILE=8)
     a = make_case(**shape)
     want = ref.latent_attention(**a)
     a["cos"], a["sin"] = rows_with_room(a["positions"], a["cos"], a["sin"])
@@ -337,18 +324,11 @@ def test_decode_kernel_static_length(used, bits, monkeypatch):
         (torch.float16, 3, 4, 4, 224, 256, "tuned"),  # 3-bit gathers, wide groups
         (torch.float16, None, 2, 4, 128, 128, "tuned"),
         (torch.bfloat16, 2, 4, 4, 256, 256, "prefetch"),  # rank chunks of 2-bit words
-        (torch.bfloat16, None, 1, 4, 64, 64, "two-pass"),  # scores, then values
-        (torch.bfloat16, 4, 1, 4, 64, 64, "two-pass"),
-        (torch.bfloat16, None, 1, 1, 64, 64, "two-pass"),  # MHA in two passes too
-        (torch.float16, 3, 4, 4, 224, 256, "two-pass"),
         (torch.bfloat16, None, 1, 4, 64, 64, "rope-in-fp32"),
         (torch.bfloat16, None, 1, 4, 64, 64, "query-tile-16"),  # wgmma for the score and value dots
         (torch.bfloat16, 4, 1, 4, 64, 64, "query-tile-16"),
         (torch.bfloat16, None, 1, 4, 64, 64, "uncapped"),  # no register cap, two programs per SM
         (torch.float16, None, 1, 1, 64, 64, "tuned"),
-        (torch.bfloat16, None, 1, 4, 64, 64, "slices-4"),  # a softmax state per warp
-        (torch.bfloat16, 4, 1, 4, 64, 64, "slices-4"),
-        (torch.bfloat16, None, 1, 1, 64, 64, "slices-4"),
         (torch.bfloat16, None, 1, 4, 64, 64, "rope-by-slot"),  # rope rows per slot, loaded a block ahead
         (torch.bfloat16, 4, 1, 4, 64, 64, "rope-by-slot"),
         (torch.bfloat16, None, 1, 1, 64, 64, "rope-by-slot"),
@@ -361,8 +341,7 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     """The measured settings (``TUNED``), and each optional path changed on its own."""
     changed = {"prefetch": dict(PREFETCH=True), "no-prefetch": dict(PREFETCH=False),
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "rope-in-fp32": dict(ROPE_IN_DTYPE=False),
-               "two-pass": dict(TWO_PASS=True), "query-tile-16": dict(QUERY_TILE=16),
-               "uncapped": dict(MAX_REGISTERS=0, PROGRAMS_PER_SM=2), "slices-4": dict(SOFTMAX_SLICES=4),
+               "query-tile-16": dict(QUERY_TILE=16), "uncapped": dict(MAX_REGISTERS=0, PROGRAMS_PER_SM=2),
                "running-max": dict(FIXED_MAX=False)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})
     hkv = 8

@@ -5,12 +5,8 @@ with Triton. A way to compare kernel variants between device sessions; it measur
 
     python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
                               [--bits 0|2|4] [--fp16] [--rank 64] [--sass FILE]
-                              [--two-pass {scores,values}] [--rope-in-dtype] [--maxnreg N]
-                              [--packed] [--gp 16|8] [--slices N] [--rope-by-slot] [--fixed-max]
-                              [--whole-blocks]
-
-``--two-pass scores``: the keys' pass of the two-pass decode (``SCORES_ONLY``); ``values``: its values'
-pass (``_palu_values_kernel``, with ``--block-n``, ``--warps``, ``--stages`` as its own).
+                              [--rope-in-dtype] [--maxnreg N] [--packed] [--gp 16|8] [--rope-by-slot]
+                              [--fixed-max] [--whole-blocks]
 
 The shapes are Llama-3-8B's at half rank, groups of one KV head (query heads 4 per KV head, head dim
 128, key and value rank 64), bf16; pointers 16-byte aligned as torch allocates them.
@@ -36,7 +32,7 @@ from kvpress.kernels import palu  # noqa: E402
 
 POINTERS = {"Q": "*bf16", "KL": "*bf16", "KS": "*bf16", "VL": "*bf16", "VS": "*bf16", "KUP": "*bf16", "KB": "*bf16",
             "KNW": "*bf16", "POS": "*i32", "KR": "*i32", "QR": "*i32", "COS": "*bf16", "SIN": "*bf16", "PO": "*fp32",
-            "PML": "*fp32", "LEN": "*i32", "SC": "*fp32", "PM1": "*fp32"}
+            "PML": "*fp32", "LEN": "*i32"}
 FLOATS = {"qk_scale", "eps"}
 
 
@@ -46,12 +42,12 @@ def compile_kernel(a):
                      K_QG=32 if a.bits else 0, K_NQ=a.rank // 32 if a.bits else 1, K_WORDS=words, K_FAST=a.bits in (2, 4),
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
-                     HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch,
-                     SCORES_ONLY=a.two_pass == "scores", PACKED=a.packed, SLICES=a.slices, ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks, FIRST=256, DTYPE=triton.language.bfloat16)
+                     HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch, PACKED=a.packed,
+                     ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     if a.fp16:
         pointers = {n: "*fp16" if t == "*bf16" else t for n, t in pointers.items()}
-    fn = palu._palu_values_kernel if a.two_pass == "values" else palu._palu_decode_kernel
+    fn = palu._palu_decode_kernel
     names = list(inspect.signature(fn.fn).parameters)
     signature = {n: "constexpr" if n in constants else pointers.get(n, "fp32" if n in FLOATS else "i32") for n in names}
     source = ASTSource(fn=fn, signature=signature,
@@ -82,7 +78,6 @@ def main() -> int:
     p.add_argument("--prefetch", action="store_true")
     p.add_argument("--packed", action="store_true", help="paired fp32 -> bf16 conversions (PACKED)")
     p.add_argument("--gp", type=int, default=16, help="query heads per KV head, padded (GP)")
-    p.add_argument("--slices", type=int, default=1, help="independent softmax slices of each block (SLICES)")
     p.add_argument("--bits", type=int, default=0, choices=[0, 2, 4])
     p.add_argument("--fp16", action="store_true", help="an fp16 model (default bf16)")
     p.add_argument("--rank", type=int, default=64)
@@ -92,7 +87,6 @@ def main() -> int:
     p.add_argument("--rope-by-slot", action="store_true", help="cos/sin rows per slot (ROPE_BY_SLOT)")
     p.add_argument("--fixed-max", action="store_true", help="one softmax reference per program (FIXED_MAX)")
     p.add_argument("--whole-blocks", action="store_true", help="loads without masks (WHOLE_BLOCKS)")
-    p.add_argument("--two-pass", choices=["scores", "values"], help="a pass of the two-pass decode")
     a = p.parse_args()
     kernel = compile_kernel(a)
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
