@@ -33,6 +33,7 @@
 #   bash benchmarks/gpu_palu.sh round33  (<= 10 min) round33 sweep (quantised settings), the kernels of a graph decode step
 #   bash benchmarks/gpu_palu.sh round34  (<= 9 min) Palu / fused / graph GPU tests, graph decode per token with its kernels
 #   bash benchmarks/gpu_palu.sh round36  (<= 9 min) Palu / graph GPU tests, graph decode per token with its kernels
+#   bash benchmarks/gpu_palu.sh round37  (<= 10 min) round37 sweep (two KV heads per program), layer with its fastest, kernel GPU tests
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -219,6 +220,18 @@ PY
       2>&1 | tee "$R/gpu_tests.log" | tail -3
     timeout 300 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-graph palu-50-4bit-graph \
       --kernels --tag _r36 --out "$R" 2>&1 | tee "$R/tpot_r36.log" | grep -v "^{" | tail -4 ;;
+  round37)  # two KV heads per program: the round37 sweep (MHA first, then GQA; bf16 and 4-bit, 128K), the layer at
+            # 64K/128K with its fastest, then the kernel's GPU tests
+    for shape in mha gqa; do
+      tag=_r37$([ $shape = mha ] && echo _mha)
+      timeout 190 python benchmarks/bench_palu.py sweep --grid round37 --bits 16 4 --shapes $shape --tag "$tag" --out "$R" \
+        > "$R/sweep$tag.log" 2>&1
+      tail -1 "$R/sweep$tag.log"
+    done
+    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r37*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
+      --lengths 65536 131072 --tag _r37 --out "$R" > "$R/layer_r37.log" 2>&1
+    grep "kernel settings\| | " "$R/layer_r37.log" | tail -12
+    timeout 90 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5 ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}
@@ -273,6 +286,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round11, round12, round13, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, round32, round33, round34, round36, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round11, round12, round13, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, round32, round33, round34, round36, round37, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"

@@ -179,6 +179,45 @@ def test_decode_kernel_fixed_max(shape, q_scale, fixed_max, monkeypatch):
 
 
 @interpreter_only
+@pytest.mark.parametrize(
+    "shape,extra",
+    [
+        (dict(), {}),  # GQA: 2 groups of 2 KV heads, bias, k_norm, rank in chunks
+        (dict(gs=1, rk=16, bias=False, norm=False), dict(PREFETCH=True)),  # one group per head, hand prefetch
+        (dict(hq=4, hkv=4, gs=4, rk=8, rv=16, tokens=33), {}),  # MHA, the program's heads in one group
+        (dict(hq=8, hkv=8, gs=1, rk=16, bits=4, quant_group=4), dict(PREFETCH=True)),  # 4-bit words a block ahead
+        (dict(hq=8, hkv=8, gs=1, rk=16, bits=2, quant_group=8), dict(PREFETCH=False)),
+        (dict(pad=40, tokens=70), dict(FIXED_MAX=False)),  # a running maximum per head
+        (dict(hq=6, hkv=6, gs=1, rk=16), {}),  # 6 KV heads: 4 per program does not divide, so 1
+    ],
+)
+@pytest.mark.parametrize("heads", [2, 4])
+@pytest.mark.parametrize("rows", ["tables", "per slot"])
+def test_decode_kernel_heads_per_program(shape, extra, heads, rows, monkeypatch):
+    """Several KV heads per program (``HEADS_PER_PROGRAM``: one load of each block's rope rows, ranks and
+    masks, a softmax state per head): the reference's output, with the window, a padded row and two splits."""
+    settings(monkeypatch, HEADS_PER_PROGRAM=heads, QUERY_TILE=8, BLOCK_N=16, **extra)
+    a = make_case(**shape)
+    want = ref.latent_attention(**a, window=40)
+    if rows == "per slot":
+        a["cos"], a["sin"] = rows_with_room(a["positions"], a["cos"], a["sin"])
+    torch.testing.assert_close(palu.palu_decode(**a, splits=2, window=40), want, atol=2e-5, rtol=1e-4)
+
+
+@interpreter_only
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the first pass of a redone split overflows
+def test_decode_kernel_redoes_a_split_for_one_head(heads, monkeypatch):
+    """With one softmax reference per program (``FIXED_MAX``) a split runs again when any of its heads'
+    maxima lies far from the reference: here only the first KV head's queries are scaled (2^64 and more above
+    the first block), so with two heads per program the other head's split is redone too, with the same result."""
+    settings(monkeypatch, HEADS_PER_PROGRAM=heads, FIXED_MAX=True, QUERY_TILE=8, BLOCK_N=16)
+    a = make_case(hq=4, hkv=4, gs=1, rk=16)
+    a["q"][:, :1] *= 2000.0
+    torch.testing.assert_close(palu.palu_decode(**a, splits=2), ref.latent_attention(**a), atol=2e-5, rtol=1e-4)
+
+
+@interpreter_only
 @pytest.mark.parametrize("bits,quant_group,rk,rv", [(4, 4, 16, 8), (3, 4, 12, 12), (2, 8, 16, 8), (4, 8, 16, 16),
                                                     (2, 16, 32, 16), (4, 4, 24, 16)])
 @pytest.mark.parametrize("prefetch", [True, False])
@@ -335,6 +374,12 @@ def test_decode_kernel_static_length(used, bits, monkeypatch):
         (torch.bfloat16, None, 1, 4, 64, 64, "running-max"),  # a running maximum, not one reference per program
         (torch.bfloat16, 4, 1, 4, 64, 64, "running-max"),
         (torch.bfloat16, None, 1, 1, 64, 64, "running-max"),
+        (torch.bfloat16, None, 1, 4, 64, 64, "heads-2"),  # two KV heads per program, at 3 and 2 stages
+        (torch.bfloat16, None, 1, 1, 64, 64, "heads-2"),
+        (torch.bfloat16, None, 1, 1, 64, 64, "heads-2-stages-2"),
+        (torch.float16, None, 2, 1, 64, 64, "heads-2"),
+        (torch.bfloat16, 4, 1, 1, 64, 64, "heads-2"),
+        (torch.bfloat16, None, 1, 4, 96, 96, "heads-2"),  # ragged rank: chunks
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
@@ -342,7 +387,8 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     changed = {"prefetch": dict(PREFETCH=True), "no-prefetch": dict(PREFETCH=False),
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "rope-in-fp32": dict(ROPE_IN_DTYPE=False),
                "query-tile-16": dict(QUERY_TILE=16), "uncapped": dict(MAX_REGISTERS=0, PROGRAMS_PER_SM=2),
-               "running-max": dict(FIXED_MAX=False)}.get(variant, {})
+               "running-max": dict(FIXED_MAX=False), "heads-2": dict(HEADS_PER_PROGRAM=2),
+               "heads-2-stages-2": dict(HEADS_PER_PROGRAM=2, NUM_STAGES=2)}.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
@@ -413,4 +459,4 @@ def test_decode_retries_a_smaller_plan_when_out_of_shared_memory(monkeypatch):
     monkeypatch.setattr(palu, "_CHOSEN", {})
     torch.testing.assert_close(palu.palu_decode(**a, splits=2), want, atol=2e-5, rtol=1e-4)
     assert len(tried) == 2 and tried[1] != tried[0]
-    assert list(palu._CHOSEN.values()) == [tried[1]]
+    assert list(palu._CHOSEN.values()) == [(*tried[1], 1)]  # (block_n, stages, KV heads per program)

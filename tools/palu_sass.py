@@ -6,7 +6,7 @@ with Triton. A way to compare kernel variants between device sessions; it measur
     python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
                               [--bits 0|2|4] [--fp16] [--rank 64] [--sass FILE]
                               [--rope-in-dtype] [--maxnreg N] [--packed] [--gp 16|8] [--rope-by-slot]
-                              [--fixed-max] [--whole-blocks]
+                              [--fixed-max] [--whole-blocks] [--heads 1|2|4] [--qpk 4|1]
 
 The shapes are Llama-3-8B's at half rank, groups of one KV head (query heads 4 per KV head, head dim
 128, key and value rank 64), bf16; pointers 16-byte aligned as torch allocates them.
@@ -38,12 +38,13 @@ FLOATS = {"qk_scale", "eps"}
 
 def compile_kernel(a):
     words = 64 * a.bits // 32 if a.bits else 1
-    constants = dict(GS=1, QPK=4, GP=a.gp, D=128, HALF=64, RK=a.rank, RC=min(a.rank & -a.rank, 64), K_BITS=a.bits,
+    constants = dict(GS=1, QPK=a.qpk, GP=a.gp, D=128, HALF=64, RK=a.rank, RC=min(a.rank & -a.rank, 64), K_BITS=a.bits,
                      K_QG=32 if a.bits else 0, K_NQ=a.rank // 32 if a.bits else 1, K_WORDS=words, K_FAST=a.bits in (2, 4),
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
                      V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
                      HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch, PACKED=a.packed,
-                     ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks)
+                     ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks,
+                     HP=a.heads)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     if a.fp16:
         pointers = {n: "*fp16" if t == "*bf16" else t for n, t in pointers.items()}
@@ -87,6 +88,8 @@ def main() -> int:
     p.add_argument("--rope-by-slot", action="store_true", help="cos/sin rows per slot (ROPE_BY_SLOT)")
     p.add_argument("--fixed-max", action="store_true", help="one softmax reference per program (FIXED_MAX)")
     p.add_argument("--whole-blocks", action="store_true", help="loads without masks (WHOLE_BLOCKS)")
+    p.add_argument("--heads", type=int, default=1, help="KV heads per program (HP)")
+    p.add_argument("--qpk", type=int, default=4, help="query heads per KV head (4: the 8B shape; 1: MHA)")
     a = p.parse_args()
     kernel = compile_kernel(a)
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
