@@ -297,7 +297,6 @@ GRIDS = {
                 *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8),  # quantised as tuned
                 *_grid(64, 4, 3, (1, 2), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, HEADS_PER_PROGRAM=2),
                 *_grid(64, 4, 2, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, HEADS_PER_PROGRAM=2),
-                *_grid(64, 8, 3, (1,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, HEADS_PER_PROGRAM=2),
                 *_grid(64, 4, 2, (2,), rope_in_dtype=True, QUERY_TILE=8, HEADS_PER_PROGRAM=2),
                 *_grid(64, 4, 3, (1,), rope_in_dtype=True, QUERY_TILE=8, HEADS_PER_PROGRAM=2)],
 }
