@@ -33,6 +33,7 @@
 #   bash benchmarks/gpu_palu.sh round33  (<= 10 min) round33 sweep (quantised settings), the kernels of a graph decode step
 #   bash benchmarks/gpu_palu.sh round34  (<= 9 min) Palu / fused / graph GPU tests, graph decode per token with its kernels
 #   bash benchmarks/gpu_palu.sh round36  (<= 9 min) Palu / graph GPU tests, graph decode per token with its kernels
+#   bash benchmarks/gpu_palu.sh round38  (<= 9 min) every Palu GPU test, layer (16/4/2/3 bits), 2-bit graph decode per token
 #   bash benchmarks/gpu_palu.sh round37  (<= 10 min) round37 sweep (two KV heads per program), layer with its fastest, kernel GPU tests
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
@@ -232,6 +233,15 @@ PY
       --lengths 65536 131072 --tag _r37 --out "$R" > "$R/layer_r37.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r37.log" | tail -12
     timeout 90 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -5 ;;
+  round38)  # two KV heads per program for 4-bit MHA in TUNED, the shared-memory estimate: every Palu GPU test, the layer
+            # at 64K/128K (bf16, 4, 2, 3 bits), graph decode per token with 2-bit latents at 64K/128K
+    timeout 200 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 \
+      | tee "$R/gpu_tests.log" | tail -3
+    timeout 150 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --bits 16 4 2 3 \
+      --lengths 65536 131072 --tag _r38 --out "$R" > "$R/layer_r38.log" 2>&1
+    grep " | " "$R/layer_r38.log" | tail -20
+    timeout 150 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-2bit-graph --tag _r38 --out "$R" 2>&1 \
+      | tee "$R/tpot_r38.log" | grep -v "^{" | tail -4 ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}
@@ -286,6 +296,6 @@ PY
     # shellcheck disable=SC2086
     timeout 200 python benchmarks/bench_palu.py tpot ${VARIANTS:+--variants $VARIANTS} ${TAG:+--tag $TAG} --out "$R" 2>&1 \
       | tee "$R/tpot${TAG:-}.log" | tail -8 ;;
-  *) echo "unknown part $part (main, round3, round4, round11, round12, round13, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, round32, round33, round34, round36, round37, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
+  *) echo "unknown part $part (main, round3, round4, round11, round12, round13, round15, round16, round17, round18, round20, round21, round22, round23, round24, round25, round27, round28, round31, round32, round33, round34, round36, round37, round38, layer, tests, smollm2, smollm2-sweep, needle, graph-probe, tpot)" ;;
 esac
 echo "palu $part: $(( $(date +%s) - start )) s"
