@@ -52,7 +52,8 @@ PREFETCH = False  # issue the loads no tl.dot takes (ranks, rope rows, quantised
 ROPE_IN_DTYPE = False  # rotate the rebuilt keys in the model's dtype (as transformers does) instead of fp32
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
 # KV heads per program (consecutive heads; 1 when the KV heads are not a multiple): they share each block's rope
-# rows, ranks and masks, loaded once (with one head per program the rows are half of what it reads, from L2)
+# rows, ranks and masks, loaded once (with one head per program the rows are half of what it reads, from L2).
+# Two are faster only at 4 bits on MHA (round 37; TUNED)
 HEADS_PER_PROGRAM = 1
 MAX_REGISTERS = 0  # registers per thread the decode kernel may use (Triton's maxnreg; 0: the compiler's choice)
 QUERY_TILE = 16  # the query heads of a KV head padded to at least this many (the N of the score and value dots)
@@ -290,9 +291,9 @@ def _palu_decode_kernel(
     split_len)`` of ``HP`` consecutive KV heads (each head ``j`` of its group ``g``), each for its ``QPK``
     query heads; writes each KV head's unnormalised partial value latent ``PO [B, Hkv, S, GP, BLOCK_RV]``
     and its ``(max, sum)`` in ``PML [B, Hkv, S, GP, 2]`` (log2 units). The ``HP`` heads share each block's
-    rope rows, ranks and masks, loaded once: with one head per program the rows are half of what a
-    program reads, each row read by every head's program (from L2, which then bounds the kernel: MHA
-    on the H200, ``profile:l2``); each head keeps its own state (tuples over the heads).
+    rope rows, ranks and masks, loaded once (with one head per program the rows are half of what a
+    program reads, each row read again by every head's program from L2: ``profile:l2``); each head keeps
+    its own state (tuples over the heads).
 
     Layouts: ``Q [B, Hq, D]``; latents ``[B, G, T, R]`` (or ``[B, G, T, WORDS]`` int32 codes and
     ``[B, G, T, 2 * NQ]`` scales/minima) with contiguous token rows and batch / group strides
@@ -960,9 +961,9 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
 
 
 def _splits(splits: int | None, per_sm: int, q: torch.Tensor, heads: int, T: int, block_n: int) -> tuple[int, int]:
-    """``(splits, split_len)``: programs per (row, KV head) along the ``T`` tokens and tokens per program
-    (a multiple of ``block_n``). Default: at most ``per_sm`` programs per SM over the ``heads`` (row, KV
-    head) pairs; the kernel is latency-bound (the H200 sweep), so a partial second wave (e.g. 32 KV
+    """``(splits, split_len)``: programs per (row, KV heads of a program) along the ``T`` tokens and tokens
+    per program (a multiple of ``block_n``). Default: at most ``per_sm`` programs per SM over the ``heads``
+    (row, KV heads of a program) pairs; the kernel is latency-bound (the H200 sweep), so a partial second wave (e.g. 32 KV
     heads x 9 splits = 288 programs for 264 slots) would double the time."""
     if splits is None:
         target = per_sm * (_sm_count(q.device.index or 0) if q.is_cuda else 1)
