@@ -169,12 +169,7 @@ def layer_rows(rec, dev, lengths, shapes, group_sizes, ratios, bits_list, rope="
 
 
 def _plan_key(case):
-    bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
-    hkv = case["k_up"].shape[0] * case["k_up"].shape[1] // D
-    qpk = case["q"].shape[1] // hkv
-    tuned = kernel.settings(bits(case["k"]), qpk)
-    return (D, case["k"].rank, case["v"].rank, bits(case["k"]), bits(case["v"]), case["q"].element_size(),
-            kernel.query_tile(qpk, tuned), *tuned.values(), hkv)
+    return kernel.plan_key(case["q"], case["k"], case["v"], case["k_up"])
 
 
 @contextlib.contextmanager

@@ -816,8 +816,22 @@ def supported(q: torch.Tensor, k: ref.Latents, v: ref.Latents, group_size: int) 
     if not (q.shape[2] == 1 and pow2(d) and d >= 2 * min_tile and pow2(group_size)
             and _chunk(k.rank) >= min_tile and q.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         return False
-    bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
-    return bool(plans(d, k.rank, v.rank, bits(k), bits(v), q.element_size()))
+    return bool(plans(d, k.rank, v.rank, _bits(k), _bits(v), q.element_size()))
+
+
+def _bits(x: ref.Latents) -> int:
+    """Bits per latent code (0: unquantised)."""
+    return x.quant.bits if x.quant is not None else 0
+
+
+def plan_key(q: torch.Tensor, k: ref.Latents, v: ref.Latents, k_up: torch.Tensor) -> tuple:
+    """The key of the decode's chosen plan (``_CHOSEN``) for these inputs: head dim, ranks, bits, element size,
+    query tile (``GP``, at index 6), the settings (:func:`settings`), KV heads."""
+    D, hq = q.shape[-1], q.shape[1]
+    G, rows, rk = k_up.shape
+    hkv = G * rows // D
+    tuned = settings(_bits(k), hq // hkv)
+    return (D, rk, v.rank, _bits(k), _bits(v), q.element_size(), query_tile(hq // hkv, tuned), *tuned.values(), hkv)
 
 
 def palu_decode(
@@ -858,10 +872,9 @@ def palu_decode(
     hkv = G * gs
     qpk = hq // hkv
     block_rv = max(16, triton.next_power_of_2(v.rank))
-    bits = lambda x: x.quant.bits if x.quant is not None else 0  # noqa: E731
-    tuned = settings(bits(k), qpk)
-    gp = query_tile(qpk, tuned)
-    key = (D, rk, v.rank, bits(k), bits(v), q.element_size(), gp, *tuned.values(), hkv)
+    tuned = settings(_bits(k), qpk)
+    key = plan_key(q, k, v, k_up)
+    gp = key[6]
     if key in _CHOSEN:
         *plan, hp = _CHOSEN[key]
         candidates = [plan]
@@ -908,7 +921,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     hkv = G * gs
     qpk = hq // hkv
     T = k.data.shape[2]
-    tuned = tuned or settings(k.quant.bits if k.quant is not None else 0, qpk)
+    tuned = tuned or settings(_bits(k), qpk)
     hp = hp or heads_per_program(hkv, tuned)
     splits, split_len = _splits(splits, tuned["PROGRAMS_PER_SM"], q, B * hkv // hp, T, block_n)
     po = torch.empty(B, hkv, splits, gp, block_rv, device=q.device, dtype=torch.float32)
