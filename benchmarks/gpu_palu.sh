@@ -35,6 +35,8 @@
 #   bash benchmarks/gpu_palu.sh round36  (<= 9 min) Palu / graph GPU tests, graph decode per token with its kernels
 #   bash benchmarks/gpu_palu.sh round38  (<= 9 min) every Palu GPU test, layer (16/4/2/3 bits), 2-bit graph decode per token
 #   bash benchmarks/gpu_palu.sh round37  (<= 10 min) round37 sweep (two KV heads per program), layer with its fastest, kernel GPU tests
+#   bash benchmarks/gpu_palu.sh round40  (<= 9 min) every Palu GPU test, 3-bit sweep (round37 grid), layer (16/4/3/2 bits)
+#                                        with 3-bit codes in two planes
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -242,6 +244,19 @@ PY
     grep " | " "$R/layer_r38.log" | tail -20
     timeout 150 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-2bit-graph --tag _r38 --out "$R" 2>&1 \
       | tee "$R/tpot_r38.log" | grep -v "^{" | tail -4 ;;
+  round40)  # 3-bit codes as a 2-bit and a 1-bit plane (split word by word): every Palu GPU test, the layer at 64K/128K
+            # (bf16, 4, 3, 2 bits)
+    timeout 220 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 \
+      | tee "$R/gpu_tests.log" | tail -3
+    for shape in mha gqa; do  # 3 bits over the round37 grid (the bf16 and quantised settings, two heads per program)
+      tag=_r40_3bit$([ $shape = mha ] && echo _mha)
+      timeout 80 python benchmarks/bench_palu.py sweep --grid round37 --bits 3 --shapes $shape --tag "$tag" --out "$R" \
+        > "$R/sweep$tag.log" 2>&1
+      tail -1 "$R/sweep$tag.log"
+    done
+    timeout 150 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r40_3bit*_NVIDIA*.json --group-sizes 1 \
+      --ratios 0.5 --bits 16 4 3 2 --lengths 65536 131072 --tag _r40 --out "$R" > "$R/layer_r40.log" 2>&1
+    grep " | " "$R/layer_r40.log" | tail -20 ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}

@@ -118,13 +118,15 @@ def _raw_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, BITS
               NQ: tl.constexpr, WORDS: tl.constexpr, FAST: tl.constexpr, row_ok):
     """The loads of a quantised latent tile (token rows ``row0 + row`` of ``L``, ``srow0 + row`` of the
     scales/minima ``S``; ``row0``/``srow0`` scalars, ``row`` the block's int32 offsets; channels
-    ``c0 .. c0 + C``): ``(words, scales, minima)``. ``FAST`` (2 and 4 bits, tiles of whole words
-    and whole quantisation groups): ``[BLOCK_N, C / per_word]`` words and ``[BLOCK_N, C / QG]``
-    scales, each loaded once; otherwise every channel gathers its word, scale and minimum
-    (``[BLOCK_N, C]`` each)."""
+    ``c0 .. c0 + C``): ``(words, scales, minima)``. ``FAST`` (tiles of whole words and whole quantisation
+    groups): ``[BLOCK_N, C / per_word]`` words of the first plane and ``[BLOCK_N, C / QG]`` scales, each loaded
+    once; otherwise every channel gathers its word, scale and minimum (``[BLOCK_N, C]`` each). 3 bits
+    (``QuantSpec.planes``: the low 2 bits 16 codes per word, then the high bit 32 per word): ``(low words, high
+    words)``, each low word's high word shifted so that its 16 channels sit at ``_shift(k, 1) + 2``, ``k < 16``
+    (channel pair ``m`` at bits ``m + 2`` and ``m + 18``)."""
     base = L + row0 * WORDS
     scales = S + srow0 * (2 * NQ)
-    PER_WORD: tl.constexpr = 32 // BITS
+    PER_WORD: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # codes per word of the first plane
     if FAST:
         w = c0 // PER_WORD + tl.arange(0, C // PER_WORD)
         q = c0 // QG + tl.arange(0, C // QG)
@@ -135,6 +137,16 @@ def _raw_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, BITS
         q = cols // QG
         mask = row_ok[:, None] & (cols < R)[None, :]
     words = tl.load(base + row[:, None] * WORDS + w[None, :], mask=mask, other=0)
+    if BITS == 3:
+        LOW_WORDS: tl.constexpr = (R + 15) // 16
+        if FAST and C >= 32:  # the tile's high words, loaded once each, split into their halves' words
+            hw = c0 // 32 + tl.arange(0, C // 32)
+            high = tl.load(base + row[:, None] * WORDS + LOW_WORDS + hw[None, :], mask=mask, other=0)
+            high = tl.reshape(tl.join(high << 2, high >> 6), [row.shape[0], C // 16])
+        else:
+            high = tl.load(base + row[:, None] * WORDS + LOW_WORDS + (w // 2)[None, :], mask=mask, other=0)
+            high = tl.where((w % 2 == 0)[None, :], high << 2, high >> 6)
+        words = (words, high)
     scale = tl.load(scales + row[:, None] * (2 * NQ) + q[None, :], mask=mask, other=0.0)
     low = tl.load(scales + row[:, None] * (2 * NQ) + NQ + q[None, :], mask=mask, other=0.0)
     return words, scale, low
@@ -159,9 +171,17 @@ def _code(words, shift, BITS: tl.constexpr):
 # (QuantSpec.shifts), so one shift by m * bits and one LOP3 put both in the halves of a register, masked and ORed
 # into the mantissa of 2^7 (bf16) / 2^10 (fp16), and an FMA takes that power of two away again: exact codes in
 # channel order, 1.5 instructions each. pack=2: the two elements of a call are the same word and shift ($1, $3).
+# 3-bit codes: the low bits' word shifted by 2m, the high bits' word (its pair m at bits m + 2 and m + 18) by m,
+# and a second LOP3 puts the high bit above the low two, 2.5 instructions per code.
 def _pair_asm(kind: str, mask: int, magic: int, one: int, minus: int) -> str:
     return (f"{{ .reg .b32 t, one, minus; mov.b32 one, {one:#x}; mov.b32 minus, {minus:#x}; shr.b32 t, $1, $3; "
             f"lop3.b32 t, t, {mask:#x}, {magic:#x}, 0xEA; fma.rn.{kind} $0, t, one, minus; }}")
+
+
+def _pair3_asm(kind: str, magic: int, one: int, minus: int) -> str:
+    return (f"{{ .reg .b32 t, u, one, minus; mov.b32 one, {one:#x}; mov.b32 minus, {minus:#x}; shr.b32 t, $1, $5; "
+            f"shr.b32 u, $3, $7; lop3.b32 u, u, 0x00040004, {magic:#x}, 0xEA; lop3.b32 t, t, 0x00030003, u, 0xEA; "
+            f"fma.rn.{kind} $0, t, one, minus; }}")
 
 
 _BF16_MAGIC = dict(magic=0x43004300, one=0x3F803F80, minus=0xC300C300)  # 2^7 in bf16: codes < 128 are exact
@@ -170,27 +190,41 @@ _PAIRS_BF16_4 = tl.constexpr(_pair_asm("bf16x2", 0x000F000F, **_BF16_MAGIC))
 _PAIRS_FP16_4 = tl.constexpr(_pair_asm("f16x2", 0x000F000F, **_FP16_MAGIC))
 _PAIRS_BF16_2 = tl.constexpr(_pair_asm("bf16x2", 0x00030003, **_BF16_MAGIC))
 _PAIRS_FP16_2 = tl.constexpr(_pair_asm("f16x2", 0x00030003, **_FP16_MAGIC))
+_PAIRS_BF16_3 = tl.constexpr(_pair3_asm("bf16x2", **_BF16_MAGIC))
+_PAIRS_FP16_3 = tl.constexpr(_pair3_asm("f16x2", **_FP16_MAGIC))
 
 
 @triton.jit
-def _pairs(words, BITS: tl.constexpr, dtype: tl.constexpr):
-    """The codes of int32 words of 2- or 4-bit codes as exact ``dtype`` values (bf16 or fp16, on the GPU),
-    ``[..., per_word / 2 as 2 x .. x 2, 2]`` in channel order: each word repeated once per channel pair by joins
-    (copies in the registers of the thread that holds the word), with its pairs' shifts beside it."""
-    LEVELS: tl.constexpr = 3 if BITS == 2 else 2  # channel pairs per word: 2^LEVELS (8 at 2 bits, 4 at 4 bits)
+def _per_pair(words, LEVELS: tl.constexpr):
+    """Each word repeated once per channel pair by joins (copies in the registers of the thread that holds the
+    word), ``[..., 2^LEVELS pairs as 2 x .. x 2, 2]``, and the index ``m`` of each pair."""
     w = words
     m = words * 0
     for level in tl.static_range(LEVELS):  # m: the channel pair, its most significant bit first
         w = tl.join(w, w)
         m = tl.join(m, m + (1 << (LEVELS - 1 - level)))
-    w = tl.join(w, w)
-    shift = m * BITS
-    shift = tl.join(shift, shift)
-    if dtype == tl.bfloat16:
-        x = tl.inline_asm_elementwise(_PAIRS_BF16_4 if BITS == 4 else _PAIRS_BF16_2, "=r,r,r,r,r", [w, shift],
+    return tl.join(w, w), tl.join(m, m)
+
+
+@triton.jit
+def _pairs(words, BITS: tl.constexpr, dtype: tl.constexpr, high=None):
+    """The codes of int32 words of 2- or 4-bit codes (3 bits: ``words`` the low bits' words, ``high`` their high
+    bits' words, 16 channels each, pair ``m`` at bits ``m + 2`` and ``m + 18``) as exact ``dtype`` values (bf16
+    or fp16, on the GPU), ``[..., pairs as 2 x .. x 2, 2]`` in channel order."""
+    w, m = _per_pair(words, 2 if BITS == 4 else 3)  # 4 channel pairs per word at 4 bits, else 8
+    if BITS == 3:
+        h, _ = _per_pair(high, 3)
+        if dtype == tl.bfloat16:
+            x = tl.inline_asm_elementwise(_PAIRS_BF16_3, "=r,r,r,r,r,r,r,r,r", [w, h, 2 * m, m], dtype=tl.bfloat16,
+                                          is_pure=True, pack=2)
+        else:
+            x = tl.inline_asm_elementwise(_PAIRS_FP16_3, "=r,r,r,r,r,r,r,r,r", [w, h, 2 * m, m], dtype=tl.float16,
+                                          is_pure=True, pack=2)
+    elif dtype == tl.bfloat16:
+        x = tl.inline_asm_elementwise(_PAIRS_BF16_4 if BITS == 4 else _PAIRS_BF16_2, "=r,r,r,r,r", [w, m * BITS],
                                       dtype=tl.bfloat16, is_pure=True, pack=2)
     else:
-        x = tl.inline_asm_elementwise(_PAIRS_FP16_4 if BITS == 4 else _PAIRS_FP16_2, "=r,r,r,r,r", [w, shift],
+        x = tl.inline_asm_elementwise(_PAIRS_FP16_4 if BITS == 4 else _PAIRS_FP16_2, "=r,r,r,r,r", [w, m * BITS],
                                       dtype=tl.float16, is_pure=True, pack=2)
     return x
 
@@ -202,13 +236,20 @@ def _dequant(words, scale, low, c0, C: tl.constexpr, BITS: tl.constexpr, QG: tl.
     ``32 // BITS`` per int32 word, channel ``c`` in word ``c // per_word`` at bit ``_shift(c % per_word)``
     (``FAST``: each word split into its codes in registers, ``[BLOCK_N, words, per_word] -> [BLOCK_N, C]``;
     ``PACKED``: ``code * scale + min`` in ``dtype``, one fused multiply-add for two codes, the codes made in
-    ``dtype`` by :func:`_pairs`)."""
-    PER_WORD: tl.constexpr = 32 // BITS
+    ``dtype`` by :func:`_pairs`). 3 bits: a tile of words of the low 2 bits and one of the high bits
+    (:func:`_raw_tile`), 16 channels per word each."""
+    PLANE: tl.constexpr = 2 if BITS == 3 else BITS  # bits of the first plane
+    PER_WORD: tl.constexpr = 32 // PLANE
+    if BITS == 3:
+        words, high = words
     if FAST:
         if PACKED:  # the codes straight to dtype
-            x = _pairs(words, BITS, dtype)
+            x = _pairs(words, BITS, dtype, high if BITS == 3 else None)
         else:
-            x = _code(words[:, :, None], _shift(tl.arange(0, PER_WORD), BITS)[None, None, :], BITS)
+            k = tl.arange(0, PER_WORD)
+            x = _code(words[:, :, None], _shift(k, PLANE)[None, None, :], PLANE)
+            if BITS == 3:
+                x += _code(high[:, :, None], _shift(k, 1)[None, None, :] + 2, 1) * 4.0
         x = tl.reshape(x, [BLOCK_N, C // QG, QG])
         if PACKED:
             x = x * scale[:, :, None] + low[:, :, None]
@@ -217,7 +258,9 @@ def _dequant(words, scale, low, c0, C: tl.constexpr, BITS: tl.constexpr, QG: tl.
         h = tl.reshape(x, [BLOCK_N, C])
     else:
         cols = c0 + tl.arange(0, C)
-        codes = (words >> _shift(cols % PER_WORD, BITS)[None, :]) & ((1 << BITS) - 1)
+        codes = (words >> _shift(cols % PER_WORD, PLANE)[None, :]) & ((1 << PLANE) - 1)
+        if BITS == 3:
+            codes += ((high >> (_shift(cols % PER_WORD, 1) + 2)[None, :]) & 1) << 2
         h = codes.to(tl.float32) * scale.to(tl.float32) + low.to(tl.float32)
     return h.to(dtype)
 
@@ -650,14 +693,36 @@ def _round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _pack_plane(H, sm, W, row, R: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, LEVELS: tl.constexpr,
+                LOW: tl.constexpr, BITS: tl.constexpr, WORD0: tl.constexpr, N_WORDS: tl.constexpr,
+                BLOCK_W: tl.constexpr):
+    """One plane of the token's codes (bits ``LOW .. LOW + BITS`` of each, ``32 // BITS`` per word at
+    ``_shift``) to its words ``W[row, WORD0 .. WORD0 + N_WORDS]``, the codes made from the stored scales ``sm``."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    w = tl.arange(0, BLOCK_W)
+    k = tl.arange(0, PER_WORD)
+    c = w[:, None] * PER_WORD + k[None, :]  # [words, codes per word]: channel of each code
+    ok = c < R
+    xc = tl.load(H + row * R + c, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.load(sm + c // GROUP, mask=ok, other=1.0).to(tl.float32)
+    low = tl.load(sm + NG + c // GROUP, mask=ok, other=0.0).to(tl.float32)
+    v = tl.math.div_rn(xc - low, tl.where(scale > 0, scale, 1.0))
+    v = (v + 12582912.0) - 12582912.0  # to the nearest integer, ties to even (1.5 * 2^23: exact below 2^22)
+    code = tl.where(ok, tl.minimum(tl.maximum(v, 0.0), LEVELS).to(tl.int32), 0)
+    part = (code >> LOW) & ((1 << BITS) - 1)
+    tl.store(W + WORD0 + w, tl.sum(part << _shift(k, BITS)[None, :], 1), mask=w < N_WORDS)
+
+
+@triton.jit
 def _quantize_kernel(H, W, SM, R: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
-                     PER_WORD: tl.constexpr, WORDS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
-                     BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
+                     WORDS: tl.constexpr, WORDS0: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
+                     BLOCK_W0: tl.constexpr, BLOCK_W1: tl.constexpr):
     """Program ``row``: the latents ``H [rows, R]`` of one token quantised as
     :func:`kvpress.kernels.palu_reference.quantize` does it, bit for bit: scales then minima per group of
-    ``GROUP`` channels to ``SM [rows, 2 * NG]`` (in ``H``'s dtype), codes packed ``PER_WORD`` per int32 word
-    (``QuantSpec.shifts``) to ``W [rows, WORDS]``. The codes are made in the words' layout, from the scales and minima this
-    program has just stored (read back after a barrier)."""
+    ``GROUP`` channels to ``SM [rows, 2 * NG]`` (in ``H``'s dtype), codes packed plane by plane
+    (``QuantSpec.planes``: ``WORDS0`` words of the first plane, 3 bits: then the high bits') to
+    ``W [rows, WORDS]``. The codes are made in the words' layout, from the scales and minima this program has
+    just stored (read back after a barrier)."""
     row = tl.program_id(0).to(tl.int64)
     dtype = H.dtype.element_ty
     LEVELS: tl.constexpr = (1 << BITS) - 1
@@ -671,32 +736,28 @@ def _quantize_kernel(H, W, SM, R: tl.constexpr, GROUP: tl.constexpr, NG: tl.cons
     tl.store(sm + g, _round_to(tl.math.div_rn(hi - lo, tl.full([BLOCK_G], LEVELS, tl.float32)), dtype), mask=g < NG)
     tl.store(sm + NG + g, _round_to(lo, dtype), mask=g < NG)
     tl.debug_barrier()
-    w = tl.arange(0, BLOCK_W)
-    k = tl.arange(0, BLOCK_K)
-    c = w[:, None] * PER_WORD + k[None, :]  # [words, codes per word]: channel of each code
-    ok = (k < PER_WORD)[None, :] & (c < R)
-    xc = tl.load(H + row * R + c, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.load(sm + c // GROUP, mask=ok, other=1.0).to(tl.float32)
-    low = tl.load(sm + NG + c // GROUP, mask=ok, other=0.0).to(tl.float32)
-    v = tl.math.div_rn(xc - low, tl.where(scale > 0, scale, 1.0))
-    v = (v + 12582912.0) - 12582912.0  # to the nearest integer, ties to even (1.5 * 2^23: exact below 2^22)
-    code = tl.where(ok, tl.minimum(tl.maximum(v, 0.0), LEVELS).to(tl.int32), 0)
-    tl.store(W + row * WORDS + w, tl.sum(code << _shift(k, BITS)[None, :], 1), mask=w < WORDS)
+    PLANE: tl.constexpr = 2 if BITS == 3 else BITS
+    out = W + row * WORDS
+    _pack_plane(H, sm, out, row, R, GROUP, NG, LEVELS, 0, PLANE, 0, WORDS0, BLOCK_W0)
+    if BITS == 3:
+        _pack_plane(H, sm, out, row, R, GROUP, NG, LEVELS, 2, 1, WORDS0, WORDS - WORDS0, BLOCK_W1)
 
 
 def quantize(h: torch.Tensor, spec: ref.QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`kvpress.kernels.palu_reference.quantize` (the same bits) in one launch: packed codes
     ``[..., words]`` int32 and scales then minima ``[..., 2 * r // group]`` of latents ``h [..., r]``."""
     r = h.shape[-1]
-    n_groups, n_words = spec.groups(r), spec.words(r)
+    n_groups, plane_words = spec.groups(r), spec.plane_words(r)
+    n_words = sum(plane_words)
     x = h.reshape(-1, r).contiguous()
     words = torch.empty(x.shape[0], n_words, device=h.device, dtype=torch.int32)
     scale_min = torch.empty(x.shape[0], 2 * n_groups, device=h.device, dtype=h.dtype)
     if x.shape[0]:
         _quantize_kernel[(x.shape[0],)](
-            x, words, scale_min, R=r, GROUP=spec.group, NG=n_groups, BITS=spec.bits, PER_WORD=spec.per_word,
-            WORDS=n_words, BLOCK_G=triton.next_power_of_2(n_groups), BLOCK_J=triton.next_power_of_2(spec.group),
-            BLOCK_W=triton.next_power_of_2(n_words), BLOCK_K=triton.next_power_of_2(spec.per_word), num_warps=1)
+            x, words, scale_min, R=r, GROUP=spec.group, NG=n_groups, BITS=spec.bits, WORDS=n_words,
+            WORDS0=plane_words[0], BLOCK_G=triton.next_power_of_2(n_groups),
+            BLOCK_J=triton.next_power_of_2(spec.group), BLOCK_W0=triton.next_power_of_2(plane_words[0]),
+            BLOCK_W1=triton.next_power_of_2(plane_words[-1]), num_warps=1)
     return words.reshape(*h.shape[:-1], n_words), scale_min.reshape(*h.shape[:-1], 2 * n_groups)
 
 
@@ -731,24 +792,22 @@ def _chunk(rank: int) -> int:
 
 
 def _fast_dequant(x: ref.Latents, chunk: int) -> bool:
-    """Whether the kernel dequantises ``x``'s tiles of ``chunk`` channels word by word (2 or 4 bits, each
-    tile whole words and whole quantisation groups of a power-of-two size, no padded channel)."""
+    """Whether the kernel dequantises ``x``'s tiles of ``chunk`` channels word by word (each tile whole words
+    of the first plane and whole quantisation groups of a power-of-two size, no padded channel)."""
     spec = x.quant
     pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
-    return (spec.bits in (2, 4) and chunk % spec.per_word == 0 and chunk % spec.group == 0 and pow2(spec.group)
+    return (chunk % (32 // spec.planes[0]) == 0 and chunk % spec.group == 0 and pow2(spec.group)
             and x.rank % chunk == 0)
 
 
 def _tile_bytes(channels: int, bits: int, elt: int) -> int:
-    """Bytes per token of a latent tile of ``channels`` columns as the kernel loads it: values; 2 or 4
-    bits: whole words and a scale and a minimum per quantisation group (at least 8 channels; the
-    word-by-word path); 3 bits: one gathered int32 word plus a scale and a minimum per column. (The
-    first H200 run charged 4-bit tiles the 3-bit cost and so never tried more than 32 tokens.)"""
+    """Bytes per token of a latent tile of ``channels`` columns as the kernel loads it: values, or whole
+    words (3 bits: each 16 channels' low word and its high word, 4 bits per channel as loaded) and a scale
+    and a minimum per quantisation group (at least 8 channels; the word-by-word path). (The first H200 run
+    charged 4-bit tiles a gathered word per channel and so never tried more than 32 tokens.)"""
     if bits == 0:
         return channels * elt
-    if bits in (2, 4):
-        return -(-channels * bits // 32) * 4 + 2 * -(-channels // 8) * elt
-    return channels * (4 + 2 * elt)
+    return -(-channels * (4 if bits == 3 else bits) // 32) * 4 + 2 * -(-channels // 8) * elt
 
 
 def smem_estimate(block_n: int, stages: int, d: int, rk: int, rv: int, k_bits: int, v_bits: int, elt: int, gp: int = 16,

@@ -10,9 +10,10 @@ outputs as ``h @ up[g].T``. Per layer:
 * ``up``: ``[G, gs * D, r]`` (rows in the order of the projection's outputs: head ``g * gs + j``
   owns rows ``j * D .. (j + 1) * D``), ``down``: ``[G * r, hidden]``.
 * latents in the cache: ``[B, G, T, r]`` in the model's dtype, or, quantised
-  (:class:`QuantSpec`), ``bits``-bit codes packed along ``r`` into int32 words (``32 // bits``
-  codes per word: 8 at 4 bits, 10 at 3 bits, 16 at 2 bits; even channels in the low 16 bits, odd ones
-  in the high 16 bits, :attr:`QuantSpec.shifts`) ``[B, G, T, words]`` plus per-token
+  (:class:`QuantSpec`), ``bits``-bit codes packed along ``r`` into int32 words (8 per word at 4 bits,
+  16 at 2 bits; 3-bit codes as two planes, their low 2 bits 16 per word then their high bit 32 per word:
+  :attr:`QuantSpec.planes`; even channels in the low 16 bits, odd ones in the high 16 bits,
+  :func:`QuantSpec.shifts`) ``[B, G, T, words]`` plus per-token
   asymmetric scale and minimum per ``group`` latent channels, ``[B, G, T, 2 * r // group]``
   (scales first, then minima) in the model's dtype.
 
@@ -56,20 +57,27 @@ class QuantSpec:
             raise ValueError(f"quantisation group must be >= 1 latent channels, got {self.group}")
 
     @property
-    def per_word(self) -> int:
-        """Codes packed in one int32 word."""
-        return 32 // self.bits
+    def planes(self) -> tuple[int, ...]:
+        """Bit widths of the planes a code is stored in, low bits first, each plane packed on its own (words of
+        the first plane, then of the next): one plane at 2 and 4 bits; at 3 bits the low 2 bits (16 codes per
+        word) and the high bit (32 per word), so that every plane packs a power-of-two number of codes per word
+        (whole words per tile in the decode kernel) and a code takes exactly 3 bits."""
+        return (2, 1) if self.bits == 3 else (self.bits,)
 
-    @property
-    def shifts(self) -> list[int]:
-        """Bit offset of each of a word's codes, in channel order: code ``2m`` at bit ``m * bits``, code ``2m + 1``
-        at bit ``16 + m * bits`` (each 16-bit half holds every other channel), so that one shift and one mask
-        put a pair of neighbouring channels in the two halves of a register, as the decode kernel makes its
-        bf16/fp16 pairs."""
-        return [(k // 2) * self.bits + 16 * (k % 2) for k in range(self.per_word)]
+    @staticmethod
+    def shifts(bits: int) -> list[int]:
+        """Bit offset of each of a ``bits``-bit plane's ``32 // bits`` codes in its word, in channel order: code
+        ``2m`` at bit ``m * bits``, code ``2m + 1`` at bit ``16 + m * bits`` (each 16-bit half holds every other
+        channel), so that one shift and one mask put a pair of neighbouring channels in the two halves of a
+        register, as the decode kernel makes its bf16/fp16 pairs."""
+        return [(k // 2) * bits + 16 * (k % 2) for k in range(32 // bits)]
+
+    def plane_words(self, rank: int) -> list[int]:
+        """Words per token of each plane of a latent of ``rank`` channels."""
+        return [-(-rank // (32 // bits)) for bits in self.planes]
 
     def words(self, rank: int) -> int:
-        return -(-rank // self.per_word)
+        return sum(self.plane_words(rank))
 
     def groups(self, rank: int) -> int:
         """Quantisation groups of a latent of ``rank`` channels (the group must divide it)."""
@@ -94,21 +102,30 @@ def quantize(h: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
 
 
 def pack(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Pack codes ``[..., r]`` (ints in [0, 2^bits)) into int32 words ``[..., words]``: code ``c`` goes to
-    word ``c // per_word`` at bit ``shifts[c % per_word]``."""
+    """Pack codes ``[..., r]`` (ints in [0, 2^bits)) into int32 words ``[..., words]``, plane by plane
+    (:attr:`QuantSpec.planes`): in a plane of ``b`` bits, channel ``c``'s bits go to the plane's word
+    ``c // (32 // b)`` at bit ``QuantSpec.shifts(b)[c % (32 // b)]``."""
     r = codes.shape[-1]
-    padded = torch.zeros(*codes.shape[:-1], spec.words(r) * spec.per_word, dtype=torch.int64, device=codes.device)
-    padded[..., :r] = codes
-    shifts = torch.tensor(spec.shifts, device=codes.device)
-    words = (padded.unflatten(-1, (-1, spec.per_word)) << shifts).sum(-1)
+    planes, low = [], 0
+    for bits, n_words in zip(spec.planes, spec.plane_words(r)):
+        per_word = 32 // bits
+        padded = torch.zeros(*codes.shape[:-1], n_words * per_word, dtype=torch.int64, device=codes.device)
+        padded[..., :r] = (codes.long() >> low) & ((1 << bits) - 1)
+        shifts = torch.tensor(QuantSpec.shifts(bits), device=codes.device)
+        planes.append((padded.unflatten(-1, (-1, per_word)) << shifts).sum(-1))
+        low += bits
+    words = torch.cat(planes, -1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack(words: torch.Tensor, spec: QuantSpec, rank: int) -> torch.Tensor:
     """Inverse of :func:`pack`: codes ``[..., rank]`` int32."""
-    shifts = torch.tensor(spec.shifts, device=words.device, dtype=torch.int32)
-    codes = (words[..., None] >> shifts) & ((1 << spec.bits) - 1)
-    return codes.flatten(-2)[..., :rank]
+    codes, low = 0, 0
+    for bits, plane in zip(spec.planes, words.split(spec.plane_words(rank), -1)):
+        shifts = torch.tensor(QuantSpec.shifts(bits), device=words.device, dtype=torch.int32)
+        codes = codes + ((((plane[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)[..., :rank]) << low)
+        low += bits
+    return codes
 
 
 def dequantize(words: torch.Tensor, scale_min: torch.Tensor, spec: QuantSpec, rank: int) -> torch.Tensor:

@@ -70,18 +70,22 @@ def test_pack_roundtrip(bits):
     spec = ref.QuantSpec(bits, 4)
     codes = torch.randint(0, 1 << bits, (3, 5, 37), dtype=torch.int32)
     words = ref.pack(codes, spec)
-    assert words.dtype == torch.int32 and words.shape[-1] == -(-37 // (32 // bits))
+    assert words.dtype == torch.int32 and words.shape[-1] == {2: 3, 3: 3 + 2, 4: 5}[bits]  # 3 bits: 2-bit, 1-bit planes
     assert torch.equal(ref.unpack(words, spec, 37), codes)
 
 
 def test_pack_puts_neighbouring_channels_sixteen_bits_apart():
-    """The words' exact bits: channel 2m at bit m * bits, channel 2m + 1 at bit 16 + m * bits."""
-    def word(codes, bits):
-        return ref.pack(torch.tensor(codes, dtype=torch.int32), ref.QuantSpec(bits, len(codes))).item() & 0xFFFFFFFF
+    """The words' exact bits: channel 2m at bit m * bits, channel 2m + 1 at bit 16 + m * bits; 3-bit codes as a
+    plane of their low 2 bits (16 per word) then one of their high bits (32 per word)."""
+    def words(codes, bits):
+        packed = ref.pack(torch.tensor(codes, dtype=torch.int32), ref.QuantSpec(bits, len(codes)))
+        return [w & 0xFFFFFFFF for w in packed.tolist()]
 
-    assert word(range(1, 9), 4) == 0x86427531  # channels 0..7 hold 1..8
-    assert word([3, 2, 1, 0] * 4, 2) == 0x22227777  # even channels 3, 1, 3, 1, ..; odd ones 2, 0, ..
-    assert word([7, 1, 0, 5, 0, 0, 0, 0, 0, 4], 3) == 0x40290007
+    assert words(range(1, 9), 4) == [0x86427531]  # channels 0..7 hold 1..8
+    assert words([3, 2, 1, 0] * 4, 2) == [0x22227777]  # even channels 3, 1, 3, 1, ..; odd ones 2, 0, ..
+    # low bits: channels 0, 1, 3 hold 3, 1, 1 (bits 0, 16, 18), channel 17 holds 2 (the second word's bit 16); the
+    # high bits of channels 0, 3, 9 and 17 at bits 0, 16 + 1, 16 + 4 and 16 + 8 of the third word
+    assert words([7, 1, 0, 5, 0, 0, 0, 0, 0, 4] + [0] * 7 + [6] + [0] * 14, 3) == [0x00050003, 0x00020000, 0x01120001]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -219,16 +223,17 @@ def test_decode_kernel_redoes_a_split_for_one_head(heads, monkeypatch):
 
 @interpreter_only
 @pytest.mark.parametrize("bits,quant_group,rk,rv", [(4, 4, 16, 8), (3, 4, 12, 12), (2, 8, 16, 8), (4, 8, 16, 16),
-                                                    (2, 16, 32, 16), (4, 4, 24, 16)])
+                                                    (2, 16, 32, 16), (4, 4, 24, 16), (3, 8, 32, 16), (3, 4, 48, 16)])
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv, prefetch, monkeypatch):
-    """Word-by-word dequantisation (2 and 4 bits, whole words per tile: (4, 8, 16, 16), (2, 16, 32, 16),
-    keys of (4, 4, 16, 8)), per-channel gathers otherwise (3 bits, ragged ranks); words, scales, ranks
-    and rope rows loaded a block ahead by hand (``PREFETCH``) or in the step that uses them."""
+    """Word-by-word dequantisation (whole words per tile: (4, 8, 16, 16), (2, 16, 32, 16), keys of (4, 4, 16, 8);
+    3 bits: both planes, (3, 8, 32, 16), and keys in chunks of 16 channels, half a word of high bits each,
+    (3, 4, 48, 16)), per-channel gathers otherwise (ragged ranks); words, scales, ranks and rope rows loaded a
+    block ahead by hand (``PREFETCH``) or in the step that uses them."""
     settings(monkeypatch, PREFETCH=prefetch)
     a = make_case(bits=bits, quant_group=quant_group, rk=rk, rv=rv)
-    if (bits, rk, rv) == (4, 16, 16):
-        assert palu._fast_dequant(a["k"], 16) and palu._fast_dequant(a["v"], 16)
+    if (rk, rv) in ((16, 16), (32, 16), (48, 16)):
+        assert palu._fast_dequant(a["k"], palu._chunk(rk)) and palu._fast_dequant(a["v"], 16)
     torch.testing.assert_close(palu.palu_decode(**a), ref.latent_attention(**a), atol=2e-5, rtol=1e-4)
 
 
@@ -360,7 +365,10 @@ def test_decode_kernel_static_length(used, bits, monkeypatch):
         (torch.bfloat16, 2, 1, 4, 64, 64, "tuned"),  # 2-bit pairs
         (torch.float16, 2, 1, 1, 64, 64, "tuned"),
         (torch.bfloat16, None, 1, 1, 96, 96, "tuned"),  # ragged rank: three chunks, padded value tile
-        (torch.float16, 3, 4, 4, 224, 256, "tuned"),  # 3-bit gathers, wide groups
+        (torch.float16, 3, 4, 4, 224, 256, "tuned"),  # 3-bit, wide groups (rank 224: chunks of 32)
+        (torch.bfloat16, 3, 1, 4, 64, 64, "tuned"),  # 3-bit planes, word by word
+        (torch.bfloat16, 3, 1, 1, 64, 64, "tuned"),
+        (torch.float16, 3, 1, 4, 64, 64, "tuned"),
         (torch.float16, None, 2, 4, 128, 128, "tuned"),
         (torch.bfloat16, 2, 4, 4, 256, 256, "prefetch"),  # rank chunks of 2-bit words
         (torch.bfloat16, None, 1, 4, 64, 64, "rope-in-fp32"),

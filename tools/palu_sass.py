@@ -4,7 +4,7 @@ instructions per warp per block (wgmma, barriers, shuffles), from the ptxas / cu
 with Triton. A way to compare kernel variants between device sessions; it measures no time.
 
     python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
-                              [--bits 0|2|4] [--fp16] [--rank 64] [--sass FILE]
+                              [--bits 0|2|3|4] [--fp16] [--rank 64] [--sass FILE]
                               [--rope-in-dtype] [--maxnreg N] [--packed] [--gp 16|8] [--rope-by-slot]
                               [--fixed-max] [--whole-blocks] [--heads 1|2|4] [--qpk 4|1]
 
@@ -39,9 +39,9 @@ FLOATS = {"qk_scale", "eps"}
 def compile_kernel(a):
     words = 64 * a.bits // 32 if a.bits else 1
     constants = dict(GS=1, QPK=a.qpk, GP=a.gp, D=128, HALF=64, RK=a.rank, RC=min(a.rank & -a.rank, 64), K_BITS=a.bits,
-                     K_QG=32 if a.bits else 0, K_NQ=a.rank // 32 if a.bits else 1, K_WORDS=words, K_FAST=a.bits in (2, 4),
+                     K_QG=32 if a.bits else 0, K_NQ=a.rank // 32 if a.bits else 1, K_WORDS=words, K_FAST=a.bits in (2, 3, 4),
                      RV=64, BLOCK_RV=64, V_BITS=a.bits, V_QG=32 if a.bits else 1, V_NQ=2 if a.bits else 1,
-                     V_WORDS=words, V_FAST=a.bits in (2, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
+                     V_WORDS=words, V_FAST=a.bits in (2, 3, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
                      HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch, PACKED=a.packed,
                      ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks,
                      HP=a.heads)
@@ -79,7 +79,7 @@ def main() -> int:
     p.add_argument("--prefetch", action="store_true")
     p.add_argument("--packed", action="store_true", help="paired fp32 -> bf16 conversions (PACKED)")
     p.add_argument("--gp", type=int, default=16, help="query heads per KV head, padded (GP)")
-    p.add_argument("--bits", type=int, default=0, choices=[0, 2, 4])
+    p.add_argument("--bits", type=int, default=0, choices=[0, 2, 3, 4])
     p.add_argument("--fp16", action="store_true", help="an fp16 model (default bf16)")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--sass", help="write the SASS here")
