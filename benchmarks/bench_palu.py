@@ -357,6 +357,7 @@ TPOT_VARIANTS = {
     "palu-50-graph": ("palu", dict(bits=None), "graph"),
     "palu-50-4bit-graph": ("palu", dict(bits=4), "graph"),
     "palu-50-2bit-graph": ("palu", dict(bits=2), "graph"),
+    "palu-50-3bit-graph": ("palu", dict(bits=3), "graph"),
 }
 PALU_50 = dict(rank_ratio=0.5, group_size=1, rank_multiple=32)
 

@@ -86,10 +86,13 @@ _QUANTISED = dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREF
 TUNED: dict[tuple[int, int | None], dict] = {
     (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=False, ROPE_IN_DTYPE=True,
                     QUERY_TILE=8),
-    **{(bits, None): _QUANTISED for bits in (2, 3, 4)},
+    **{(bits, None): _QUANTISED for bits in (2, 4)},
     # 4-bit MHA: two KV heads per program at two stages (round 37, palu_sweep_r37_mha_NVIDIA_H200.json: 347.8 against
     # 374.0 us at 128K; bf16 slower with two heads, 317.2 against 279.5 us; the 8B shape at 4 bits 99.1 against 100.6)
     (4, 1): dict(_QUANTISED, NUM_STAGES=2, HEADS_PER_PROGRAM=2),
+    # 3 bits (two planes): two KV heads per program at two stages on both shapes (round 40,
+    # palu_sweep_r40_3bit{,_mha}_NVIDIA_H200.json, 128K: 101.0 against 103.6 us on the 8B shape, 366.8 against 392.3 MHA)
+    (3, None): dict(_QUANTISED, NUM_STAGES=2, HEADS_PER_PROGRAM=2),
 }
 MAX_SPLITS = 256
 MERGE_SPLITS = 64  # partials merged per step of the merge kernel
