@@ -38,6 +38,7 @@
 #   bash benchmarks/gpu_palu.sh round40  (<= 9 min) every Palu GPU test, 3-bit sweep (round37 grid), layer (16/4/3/2 bits)
 #                                        with 3-bit codes in two planes
 #   bash benchmarks/gpu_palu.sh round41  (<= 4 min) 3-bit graph decode per token at 64K/128K (TUNED as of round 40)
+#   bash benchmarks/gpu_palu.sh round42  (<= 7 min) kernel GPU tests, round42 sweep (only the words a block ahead), layer
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -261,6 +262,18 @@ PY
   round41)  # 3-bit settings in TUNED: graph decode per token with 3-bit latents (and dense) at 64K/128K
     timeout 200 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-3bit-graph --tag _r41 --out "$R" 2>&1 \
       | tee "$R/tpot_r41.log" | grep -v "^{" | tail -4 ;;
+  round42)  # only the quantised words a block ahead (PREFETCH_ROWS=False): the round42 sweep (MHA, GQA; 4, 3, 2 bits,
+            # 128K), the layer at 64K/128K with its fastest, the kernel's GPU tests
+    timeout 100 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -3
+    for shape in mha gqa; do
+      tag=_r42$([ $shape = mha ] && echo _mha)
+      timeout 110 python benchmarks/bench_palu.py sweep --grid round42 --bits 4 3 2 --shapes $shape --tag "$tag" --out "$R" \
+        > "$R/sweep$tag.log" 2>&1
+      tail -1 "$R/sweep$tag.log"
+    done
+    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r42*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
+      --bits 16 4 3 2 --lengths 65536 131072 --tag _r42 --out "$R" > "$R/layer_r42.log" 2>&1
+    grep "kernel settings\| | " "$R/layer_r42.log" | tail -20 ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}

@@ -49,6 +49,8 @@ BLOCK_N = 64  # cached tokens per inner step (largest; the plan lowers it when s
 NUM_WARPS = 4
 NUM_STAGES = 3  # software-pipelining depth of the innermost loop (the plan lowers it when short)
 PREFETCH = False  # issue the loads no tl.dot takes (ranks, rope rows, quantised words) a block ahead by hand
+PREFETCH_ROWS = True  # with PREFETCH, the ranks and rope rows too (False: only the quantised words; Triton's
+# pipeliner stages the rows through shared memory, where the rotation reads them in its own layout)
 ROPE_IN_DTYPE = False  # rotate the rebuilt keys in the model's dtype (as transformers does) instead of fp32
 PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
 # KV heads per program (consecutive heads; 1 when the KV heads are not a multiple): they share each block's rope
@@ -64,7 +66,7 @@ QUERY_TILE = 16  # the query heads of a KV head padded to at least this many (th
 FIXED_MAX = True
 FIXED_MAX_RANGE: tl.constexpr = tl.constexpr(64.0)
 TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "HEADS_PER_PROGRAM", "ROPE_IN_DTYPE", "PREFETCH",
-           "MAX_REGISTERS", "QUERY_TILE", "FIXED_MAX")
+           "PREFETCH_ROWS", "MAX_REGISTERS", "QUERY_TILE", "FIXED_MAX")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
 # unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
 # module constants. 128K tokens, Llama-3-8B shape (and MHA: 32 KV heads), groups of one KV head, half
@@ -331,7 +333,7 @@ def _palu_decode_kernel(
     HAS_KB: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEN: tl.constexpr,
     ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True, PACKED: tl.constexpr = False,
     ROPE_BY_SLOT: tl.constexpr = False, FIXED_MAX: tl.constexpr = False, PDL: tl.constexpr = False,
-    WHOLE_BLOCKS: tl.constexpr = False, HP: tl.constexpr = 1,
+    WHOLE_BLOCKS: tl.constexpr = False, HP: tl.constexpr = 1, PREFETCH_ROWS: tl.constexpr = True,
 ):
     """Program ``(KV heads i * HP .. i * HP + HP - 1, split s, row b)``: tokens ``[s * split_len, (s + 1) *
     split_len)`` of ``HP`` consecutive KV heads (each head ``j`` of its group ``g``), each for its ``QPK``
@@ -427,9 +429,11 @@ def _palu_decode_kernel(
         SIN += b64 * rope_b * HALF
     # Loads that no tl.dot takes directly (Triton's pipeliner overlaps the dot operands) are issued a
     # block ahead by hand (PREFETCH): ranks, rope rows (gathered by position: positions two blocks
-    # ahead) and quantised words/scales. Each loop step then uses what the previous one loaded.
+    # ahead; not with PREFETCH_ROWS=False) and quantised words/scales. Each loop step then uses what the
+    # previous one loaded.
     PF_K: tl.constexpr = PREFETCH and K_BITS > 0 and RC == RK
     PF_V: tl.constexpr = PREFETCH and V_BITS > 0
+    PF_ROWS: tl.constexpr = PREFETCH and PREFETCH_ROWS
     # softmax state per head: the value latents' accumulator (transposed), the sums kept elementwise (reduced
     # after the loop), the running maximum (or FIXED_MAX's reference and each thread's maximum)
     accs = ()
@@ -464,15 +468,16 @@ def _palu_decode_kernel(
         if PREFETCH:
             b0 = _block_start(start, stop, BLOCK_N, WHOLE_BLOCKS)
             ok0 = _load_mask(b0 + local, stop, BLOCK_N, WHOLE_BLOCKS)
-            kr_nx = tl.load(kr_base + b0 + local, mask=ok0, other=-1)
-            if ROPE_BY_SLOT:
-                cos_nx, sin_nx = _rope_rows(COS, SIN, b0 + local, ok0, d, HALF, True)
-            else:
-                pos0 = tl.load(pos_base + b0 + local, mask=ok0, other=0)
-                cos_nx, sin_nx = _rope_rows(COS, SIN, pos0, ok0, d, HALF)
-                b1 = _block_start(start + BLOCK_N, stop, BLOCK_N, WHOLE_BLOCKS)
-                pos_nx = tl.load(pos_base + b1 + local, mask=_load_mask(b1 + local, stop, BLOCK_N, WHOLE_BLOCKS),
-                                 other=0)
+            if PF_ROWS:
+                kr_nx = tl.load(kr_base + b0 + local, mask=ok0, other=-1)
+                if ROPE_BY_SLOT:
+                    cos_nx, sin_nx = _rope_rows(COS, SIN, b0 + local, ok0, d, HALF, True)
+                else:
+                    pos0 = tl.load(pos_base + b0 + local, mask=ok0, other=0)
+                    cos_nx, sin_nx = _rope_rows(COS, SIN, pos0, ok0, d, HALF)
+                    b1 = _block_start(start + BLOCK_N, stop, BLOCK_N, WHOLE_BLOCKS)
+                    pos_nx = tl.load(pos_base + b1 + local, mask=_load_mask(b1 + local, stop, BLOCK_N, WHOLE_BLOCKS),
+                                     other=0)
             if PF_K:
                 k_nx = ()
                 for j in tl.static_range(HP):
@@ -493,9 +498,10 @@ def _palu_decode_kernel(
                 n_ok &= offs_n >= start_n
             ld_ok = _load_mask(offs_n, stop, BLOCK_N, WHOLE_BLOCKS)
             if PREFETCH:
-                kr, cos, sin = kr_nx, cos_nx, sin_nx
                 nb = _block_start(start_n + BLOCK_N, stop, BLOCK_N, WHOLE_BLOCKS)
                 nxt_ok = _load_mask(nb + local, stop, BLOCK_N, WHOLE_BLOCKS)
+            if PF_ROWS:
+                kr, cos, sin = kr_nx, cos_nx, sin_nx
                 kr_nx = tl.load(kr_base + nb + local, mask=nxt_ok, other=-1)
                 if ROPE_BY_SLOT:
                     cos_nx, sin_nx = _rope_rows(COS, SIN, nb + local, nxt_ok, d, HALF, True)
@@ -504,6 +510,7 @@ def _palu_decode_kernel(
                     nb2 = _block_start(start_n + 2 * BLOCK_N, stop, BLOCK_N, WHOLE_BLOCKS)
                     pos_nx = tl.load(pos_base + nb2 + local, mask=_load_mask(nb2 + local, stop, BLOCK_N, WHOLE_BLOCKS),
                                      other=0)
+            if PREFETCH:
                 if PF_K:
                     k_now = k_nx
                     k_nx = ()
@@ -516,7 +523,7 @@ def _palu_decode_kernel(
                     for j in tl.static_range(HP):
                         v_nx = v_nx + (_raw_tile(VL, VS, v_row0s[j] + nb, vs_row0s[j] + nb, local, 0, RV, BLOCK_RV,
                                                  V_BITS, V_QG, V_NQ, V_WORDS, V_FAST, nxt_ok),)
-            else:
+            if not PF_ROWS:
                 kr = tl.load(kr_base + offs_n, mask=ld_ok, other=-1)
                 rows = offs_n if ROPE_BY_SLOT else tl.load(pos_base + offs_n, mask=ld_ok, other=0)
                 cos, sin = _rope_rows(COS, SIN, rows, ld_ok, d, HALF, ROPE_BY_SLOT)
@@ -1028,6 +1035,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
         PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), ROPE_BY_SLOT=by_slot,
         FIXED_MAX=tuned["FIXED_MAX"], PDL=USE_PDL and has_pdl(q.device), WHOLE_BLOCKS=T >= block_n, HP=hp,
+        PREFETCH_ROWS=tuned["PREFETCH_ROWS"],
         num_warps=tuned["NUM_WARPS"],
         num_stages=stages,
         **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),

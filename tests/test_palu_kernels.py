@@ -190,6 +190,7 @@ def test_decode_kernel_fixed_max(shape, q_scale, fixed_max, monkeypatch):
         (dict(gs=1, rk=16, bias=False, norm=False), dict(PREFETCH=True)),  # one group per head, hand prefetch
         (dict(hq=4, hkv=4, gs=4, rk=8, rv=16, tokens=33), {}),  # MHA, the program's heads in one group
         (dict(hq=8, hkv=8, gs=1, rk=16, bits=4, quant_group=4), dict(PREFETCH=True)),  # 4-bit words a block ahead
+        (dict(hq=8, hkv=8, gs=1, rk=16, bits=3, quant_group=4), dict(PREFETCH=True, PREFETCH_ROWS=False)),  # only words
         (dict(hq=8, hkv=8, gs=1, rk=16, bits=2, quant_group=8), dict(PREFETCH=False)),
         (dict(pad=40, tokens=70), dict(FIXED_MAX=False)),  # a running maximum per head
         (dict(hq=6, hkv=6, gs=1, rk=16), {}),  # 6 KV heads: 4 per program does not divide, so 1
@@ -224,13 +225,14 @@ def test_decode_kernel_redoes_a_split_for_one_head(heads, monkeypatch):
 @interpreter_only
 @pytest.mark.parametrize("bits,quant_group,rk,rv", [(4, 4, 16, 8), (3, 4, 12, 12), (2, 8, 16, 8), (4, 8, 16, 16),
                                                     (2, 16, 32, 16), (4, 4, 24, 16), (3, 8, 32, 16), (3, 4, 48, 16)])
-@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("prefetch", ["all", "words", False])
 def test_decode_kernel_dequantises_in_the_pass(bits, quant_group, rk, rv, prefetch, monkeypatch):
     """Word-by-word dequantisation (whole words per tile: (4, 8, 16, 16), (2, 16, 32, 16), keys of (4, 4, 16, 8);
     3 bits: both planes, (3, 8, 32, 16), and keys in chunks of 16 channels, half a word of high bits each,
     (3, 4, 48, 16)), per-channel gathers otherwise (ragged ranks); words, scales, ranks and rope rows loaded a
-    block ahead by hand (``PREFETCH``) or in the step that uses them."""
-    settings(monkeypatch, PREFETCH=prefetch)
+    block ahead by hand (``PREFETCH``; ``"words"``: only the words and scales, ``PREFETCH_ROWS=False``) or in the
+    step that uses them."""
+    settings(monkeypatch, PREFETCH=bool(prefetch), PREFETCH_ROWS=prefetch == "all")
     a = make_case(bits=bits, quant_group=quant_group, rk=rk, rv=rv)
     if (rk, rv) in ((16, 16), (32, 16), (48, 16)):
         assert palu._fast_dequant(a["k"], palu._chunk(rk)) and palu._fast_dequant(a["v"], 16)
@@ -388,6 +390,10 @@ def test_decode_kernel_static_length(used, bits, monkeypatch):
         (torch.float16, None, 2, 1, 64, 64, "heads-2"),
         (torch.bfloat16, 4, 1, 1, 64, 64, "heads-2"),
         (torch.bfloat16, None, 1, 4, 96, 96, "heads-2"),  # ragged rank: chunks
+        (torch.bfloat16, 4, 1, 4, 64, 64, "words-ahead"),  # only the quantised words a block ahead by hand
+        (torch.bfloat16, 3, 1, 1, 64, 64, "words-ahead"),
+        (torch.float16, 2, 1, 4, 64, 64, "words-ahead"),
+        (torch.bfloat16, 4, 1, 1, 64, 64, "words-ahead-heads-2"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
@@ -396,7 +402,10 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
                "rope-in-dtype": dict(ROPE_IN_DTYPE=True), "rope-in-fp32": dict(ROPE_IN_DTYPE=False),
                "query-tile-16": dict(QUERY_TILE=16), "uncapped": dict(MAX_REGISTERS=0, PROGRAMS_PER_SM=2),
                "running-max": dict(FIXED_MAX=False), "heads-2": dict(HEADS_PER_PROGRAM=2),
-               "heads-2-stages-2": dict(HEADS_PER_PROGRAM=2, NUM_STAGES=2)}.get(variant, {})
+               "heads-2-stages-2": dict(HEADS_PER_PROGRAM=2, NUM_STAGES=2),
+               "words-ahead": dict(PREFETCH=True, PREFETCH_ROWS=False),
+               "words-ahead-heads-2": dict(PREFETCH=True, PREFETCH_ROWS=False, HEADS_PER_PROGRAM=2, NUM_STAGES=2)
+               }.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,

@@ -44,7 +44,7 @@ def compile_kernel(a):
                      V_WORDS=words, V_FAST=a.bits in (2, 3, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
                      HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch, PACKED=a.packed,
                      ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks,
-                     HP=a.heads)
+                     HP=a.heads, PREFETCH_ROWS=not a.rows_in_step)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     if a.fp16:
         pointers = {n: "*fp16" if t == "*bf16" else t for n, t in pointers.items()}
@@ -90,6 +90,7 @@ def main() -> int:
     p.add_argument("--whole-blocks", action="store_true", help="loads without masks (WHOLE_BLOCKS)")
     p.add_argument("--heads", type=int, default=1, help="KV heads per program (HP)")
     p.add_argument("--qpk", type=int, default=4, help="query heads per KV head (4: the 8B shape; 1: MHA)")
+    p.add_argument("--rows-in-step", action="store_true", help="with --prefetch: rope rows and ranks loaded in the step")
     a = p.parse_args()
     kernel = compile_kernel(a)
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
