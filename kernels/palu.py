@@ -83,18 +83,21 @@ TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "HEADS_PER_P
 # 185.4 -> 144.1 us on the 8B shape against the first sweep's 32-token tiles without the prefetch). Tables gathered
 # by position (the other input form) were fastest at three programs per SM under a 168-register cap (round 15:
 # 114.0 us).
-_QUANTISED = dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, ROPE_IN_DTYPE=True,
-                  QUERY_TILE=8)
+# Quantised latents (round 42, palu_sweep_r42{,_mha}_NVIDIA_H200.json, 128K): only the words a block ahead by hand, the
+# ranks and rope rows left to Triton's pipeliner (PREFETCH_ROWS=False), one KV head per program: 8B shape 93.7 / 95.2 /
+# 90.5 us at 4 / 3 / 2 bits against 110.0 / 112.4 / 109.3 with the rows ahead too, MHA 350.6 / 353.1 / 336.9 against
+# 393.3 / 401.8 / 380.4 (round 40's two heads per program for 3 bits: 101.7 and 370.1 us in that run).
+_QUANTISED = dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=True, PREFETCH_ROWS=False,
+                  ROPE_IN_DTYPE=True, QUERY_TILE=8)
 TUNED: dict[tuple[int, int | None], dict] = {
     (0, None): dict(BLOCK_N=64, NUM_WARPS=4, NUM_STAGES=3, PROGRAMS_PER_SM=2, PREFETCH=False, ROPE_IN_DTYPE=True,
                     QUERY_TILE=8),
-    **{(bits, None): _QUANTISED for bits in (2, 4)},
-    # 4-bit MHA: two KV heads per program at two stages (round 37, palu_sweep_r37_mha_NVIDIA_H200.json: 347.8 against
-    # 374.0 us at 128K; bf16 slower with two heads, 317.2 against 279.5 us; the 8B shape at 4 bits 99.1 against 100.6)
+    **{(bits, None): _QUANTISED for bits in (2, 3, 4)},
+    # 4- and 2-bit MHA: two KV heads per program at two stages (round 37, palu_sweep_r37_mha_NVIDIA_H200.json: 4 bits
+    # 347.8 against 374.0 us at 128K; bf16 slower with two heads, 317.2 against 279.5 us. Round 42: 4 bits 346.6 us
+    # with or without the rows ahead, 2 bits 331.1 us with them)
     (4, 1): dict(_QUANTISED, NUM_STAGES=2, HEADS_PER_PROGRAM=2),
-    # 3 bits (two planes): two KV heads per program at two stages on both shapes (round 40,
-    # palu_sweep_r40_3bit{,_mha}_NVIDIA_H200.json, 128K: 101.0 against 103.6 us on the 8B shape, 366.8 against 392.3 MHA)
-    (3, None): dict(_QUANTISED, NUM_STAGES=2, HEADS_PER_PROGRAM=2),
+    (2, 1): dict(_QUANTISED, NUM_STAGES=2, HEADS_PER_PROGRAM=2, PREFETCH_ROWS=True),
 }
 MAX_SPLITS = 256
 MERGE_SPLITS = 64  # partials merged per step of the merge kernel
