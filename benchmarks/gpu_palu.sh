@@ -39,6 +39,7 @@
 #                                        with 3-bit codes in two planes
 #   bash benchmarks/gpu_palu.sh round41  (<= 4 min) 3-bit graph decode per token at 64K/128K (TUNED as of round 40)
 #   bash benchmarks/gpu_palu.sh round42  (<= 7 min) kernel GPU tests, round42 sweep (only the words a block ahead), layer
+#   bash benchmarks/gpu_palu.sh round43  (<= 4 min) runtime and quantisation GPU tests, 4-bit graph decode per token
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -274,6 +275,12 @@ PY
     timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r42*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
       --bits 16 4 3 2 --lengths 65536 131072 --tag _r42 --out "$R" > "$R/layer_r42.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r42.log" | tail -20 ;;
+  round43)  # a static step's quantised token written at its slot by the quantisation launch: the runtime's GPU tests and
+            # the quantisation kernel's, then graph decode per token with 4-bit latents (and dense) at 64K/128K
+    timeout 100 pytest -m gpu -q -p no:cacheprovider tests/test_palu.py tests/test_palu_kernels.py -k "not decode_kernel" \
+      2>&1 | tee "$R/gpu_tests.log" | tail -3
+    timeout 120 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-4bit-graph --tag _r43 --out "$R" 2>&1 \
+      | tee "$R/tpot_r43.log" | grep -v "^{" | tail -4 ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}

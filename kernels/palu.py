@@ -727,15 +727,16 @@ def _pack_plane(H, sm, W, row, R: tl.constexpr, GROUP: tl.constexpr, NG: tl.cons
 
 
 @triton.jit
-def _quantize_kernel(H, W, SM, R: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, BITS: tl.constexpr,
-                     WORDS: tl.constexpr, WORDS0: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr,
-                     BLOCK_W0: tl.constexpr, BLOCK_W1: tl.constexpr):
+def _quantize_kernel(H, W, SM, SLOT, w_row, sm_row, R: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr,
+                     BITS: tl.constexpr, WORDS: tl.constexpr, WORDS0: tl.constexpr, BLOCK_G: tl.constexpr,
+                     BLOCK_J: tl.constexpr, BLOCK_W0: tl.constexpr, BLOCK_W1: tl.constexpr, HAS_SLOT: tl.constexpr):
     """Program ``row``: the latents ``H [rows, R]`` of one token quantised as
     :func:`kvpress.kernels.palu_reference.quantize` does it, bit for bit: scales then minima per group of
     ``GROUP`` channels to ``SM [rows, 2 * NG]`` (in ``H``'s dtype), codes packed plane by plane
     (``QuantSpec.planes``: ``WORDS0`` words of the first plane, 3 bits: then the high bits') to
     ``W [rows, WORDS]``. The codes are made in the words' layout, from the scales and minima this program has
-    just stored (read back after a barrier)."""
+    just stored (read back after a barrier). ``HAS_SLOT``: row ``row`` of ``W``/``SM`` starts ``w_row``/``sm_row``
+    elements apart and the token goes to slot ``SLOT[0]`` of it (a static decode step's storages)."""
     row = tl.program_id(0).to(tl.int64)
     dtype = H.dtype.element_ty
     LEVELS: tl.constexpr = (1 << BITS) - 1
@@ -745,12 +746,13 @@ def _quantize_kernel(H, W, SM, R: tl.constexpr, GROUP: tl.constexpr, NG: tl.cons
     x = tl.load(H + row * R + g[:, None] * GROUP + j[None, :], mask=in_group, other=0.0).to(tl.float32)
     lo = tl.min(tl.where(in_group, x, float("inf")), 1)
     hi = tl.max(tl.where(in_group, x, float("-inf")), 1)
-    sm = SM + row * (2 * NG)
+    slot = tl.load(SLOT) if HAS_SLOT else 0
+    sm = SM + row * sm_row + slot * (2 * NG)
     tl.store(sm + g, _round_to(tl.math.div_rn(hi - lo, tl.full([BLOCK_G], LEVELS, tl.float32)), dtype), mask=g < NG)
     tl.store(sm + NG + g, _round_to(lo, dtype), mask=g < NG)
     tl.debug_barrier()
     PLANE: tl.constexpr = 2 if BITS == 3 else BITS
-    out = W + row * WORDS
+    out = W + row * w_row + slot * WORDS
     _pack_plane(H, sm, out, row, R, GROUP, NG, LEVELS, 0, PLANE, 0, WORDS0, BLOCK_W0)
     if BITS == 3:
         _pack_plane(H, sm, out, row, R, GROUP, NG, LEVELS, 2, 1, WORDS0, WORDS - WORDS0, BLOCK_W1)
@@ -760,18 +762,37 @@ def quantize(h: torch.Tensor, spec: ref.QuantSpec) -> tuple[torch.Tensor, torch.
     """:func:`kvpress.kernels.palu_reference.quantize` (the same bits) in one launch: packed codes
     ``[..., words]`` int32 and scales then minima ``[..., 2 * r // group]`` of latents ``h [..., r]``."""
     r = h.shape[-1]
-    n_groups, plane_words = spec.groups(r), spec.plane_words(r)
-    n_words = sum(plane_words)
     x = h.reshape(-1, r).contiguous()
-    words = torch.empty(x.shape[0], n_words, device=h.device, dtype=torch.int32)
-    scale_min = torch.empty(x.shape[0], 2 * n_groups, device=h.device, dtype=h.dtype)
+    words = torch.empty(x.shape[0], spec.words(r), device=h.device, dtype=torch.int32)
+    scale_min = torch.empty(x.shape[0], 2 * spec.groups(r), device=h.device, dtype=h.dtype)
+    _launch_quantize(x, spec, words, scale_min)
+    return words.reshape(*h.shape[:-1], -1), scale_min.reshape(*h.shape[:-1], -1)
+
+
+def quantize_at(h: torch.Tensor, spec: ref.QuantSpec, words: torch.Tensor, scale_min: torch.Tensor,
+                slot: torch.Tensor) -> None:
+    """:func:`quantize` of one new token's latents ``h [B, G, 1, r]``, written into the storages ``words
+    [B, G, T, words]`` and ``scale_min [B, G, T, 2 * groups]`` (contiguous) at slot ``slot`` (``[1]`` int64 on
+    the device) by the same launch: a static decode step's write, with no copy after it."""
+    B, G, n, r = h.shape
+    if n != 1 or not (words.is_contiguous() and scale_min.is_contiguous()):
+        raise ValueError(f"quantize_at writes one token into contiguous storages, got {n} tokens")
+    _launch_quantize(h.reshape(B * G, r).contiguous(), spec, words, scale_min, slot)
+
+
+def _launch_quantize(x: torch.Tensor, spec: ref.QuantSpec, words: torch.Tensor, scale_min: torch.Tensor,
+                     slot: torch.Tensor | None = None) -> None:
+    """One program per row of ``x [rows, r]``; rows of ``words``/``scale_min`` as :func:`quantize` or
+    :func:`quantize_at` lay them out."""
+    r = x.shape[-1]
+    n_groups, plane_words = spec.groups(r), spec.plane_words(r)
     if x.shape[0]:
         _quantize_kernel[(x.shape[0],)](
-            x, words, scale_min, R=r, GROUP=spec.group, NG=n_groups, BITS=spec.bits, WORDS=n_words,
-            WORDS0=plane_words[0], BLOCK_G=triton.next_power_of_2(n_groups),
+            x, words, scale_min, slot if slot is not None else words, words.numel() // x.shape[0],
+            scale_min.numel() // x.shape[0], R=r, GROUP=spec.group, NG=n_groups, BITS=spec.bits,
+            WORDS=sum(plane_words), WORDS0=plane_words[0], BLOCK_G=triton.next_power_of_2(n_groups),
             BLOCK_J=triton.next_power_of_2(spec.group), BLOCK_W0=triton.next_power_of_2(plane_words[0]),
-            BLOCK_W1=triton.next_power_of_2(plane_words[-1]), num_warps=1)
-    return words.reshape(*h.shape[:-1], n_words), scale_min.reshape(*h.shape[:-1], 2 * n_groups)
+            BLOCK_W1=triton.next_power_of_2(plane_words[-1]), HAS_SLOT=slot is not None, num_warps=1)
 
 
 @functools.lru_cache

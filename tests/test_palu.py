@@ -322,12 +322,14 @@ def test_static_decode_steps_equal_eager(family, options, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tiny head dim: interpreter only")
-def test_static_decode_steps_with_the_kernel_equal_eager(monkeypatch):
-    """The decode kernel reading the token count on the device (Triton interpreter)."""
+@pytest.mark.parametrize("options", [dict(rank_ratio=0.5, group_size=1),
+                                     dict(rank_ratio=0.5, group_size=1, bits=3, quant_group=4)])
+def test_static_decode_steps_with_the_kernel_equal_eager(options, monkeypatch):
+    """The decode kernel reading the token count on the device, and (quantised) the new token's codes written
+    at its slot by the quantisation launch (Triton interpreter)."""
     monkeypatch.setattr(kernels, "BACKEND", "triton")
     model = tiny_model("llama")
     ids, mask = padded_batch(12)
-    options = dict(rank_ratio=0.5, group_size=1)
     tokens, logits, _ = _generate(model, "eager", ids, mask, 5, **options)
     g_tokens, g_logits, (replays, _) = _generate(model, "graph", ids, mask, 5, **options)
     assert torch.equal(g_tokens, tokens) and replays == 4

@@ -322,6 +322,25 @@ def test_quantize_kernel_is_the_reference_bit_for_bit(bits, group, rank, dtype, 
     assert torch.equal(words, want_words)
 
 
+@pytest.mark.parametrize("bits,group,rank", [(4, 32, 64), (3, 4, 48), (2, 8, 40)])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_quantize_at_writes_the_slot_of_the_storages(bits, group, rank, device):
+    """A static decode step's write: the new token's codes, scales and minima land at the slot the device
+    holds, bit for bit the reference's, and nothing else in the storages changes."""
+    gen = torch.Generator().manual_seed(bits)
+    h = (torch.randn(2, 3, 1, rank, generator=gen) * 3).to(torch.bfloat16).to(device)
+    spec = ref.QuantSpec(bits, group)
+    words = torch.randint(-2**31, 2**31 - 1, (2, 3, 9, spec.words(rank)), generator=gen, dtype=torch.int32).to(device)
+    scale_min = torch.randn(2, 3, 9, 2 * rank // group, generator=gen).to(torch.bfloat16).to(device)
+    want_words, want_scale_min = words.clone(), scale_min.clone()
+    slot = torch.tensor([5], device=device)
+    codes, scales = ref.quantize(h, spec)
+    want_words.index_copy_(2, slot, codes)
+    want_scale_min.index_copy_(2, slot, scales)
+    palu.quantize_at(h, spec, words, scale_min, slot)
+    assert torch.equal(words, want_words) and torch.equal(scale_min, want_scale_min)
+
+
 def test_quantize_refuses_a_group_that_does_not_divide_the_rank():
     h = torch.randn(2, 24)
     for quantize in (ref.quantize, palu.quantize):

@@ -284,10 +284,8 @@ class PaluLayer(KVPressLayer):
                 buffer.storage.index_copy_(2, slot, h.to(buffer.storage.dtype))
                 sides.append(ref.Latents(buffer.storage, h.shape[-1]))
             else:
-                words, scale_min = _quantize(h, spec)
                 scales = self.buffers[side + "_sm"]
-                buffer.storage.index_copy_(2, slot, words)
-                scales.storage.index_copy_(2, slot, scale_min)
+                _quantize_at(h, spec, buffer.storage, scales.storage, slot)
                 sides.append(ref.Latents(buffer.storage, h.shape[-1], spec, scales.storage))
         return PaluView(sides[0], sides[1], self.rope[0].storage, self.rope[1].storage, step.all_rank, step.new_rank,
                         length)
@@ -519,6 +517,18 @@ def _quantize(h: torch.Tensor, spec: ref.QuantSpec) -> tuple[torch.Tensor, torch
     same bits (the reference's ~20 small torch operations per call cost ~3 ms per token of graph decode on
     the 8B model)."""
     return palu_kernels.quantize(h, spec) if _use_kernel(h) else ref.quantize(h, spec)
+
+
+def _quantize_at(h: torch.Tensor, spec: ref.QuantSpec, words: torch.Tensor, scale_min: torch.Tensor,
+                 slot: torch.Tensor) -> None:
+    """A static decode step's new token quantised into the storages at ``slot``: by the quantisation launch
+    itself where the kernels run (two copies and their launches fewer per side and layer), else copied there."""
+    if _use_kernel(h) and words.is_contiguous() and scale_min.is_contiguous():
+        palu_kernels.quantize_at(h, spec, words, scale_min, slot)
+    else:
+        codes, scales = _quantize(h, spec)
+        words.index_copy_(2, slot, codes)
+        scale_min.index_copy_(2, slot, scales)
 
 
 def _use_kernel(q: torch.Tensor) -> bool:
