@@ -6,7 +6,7 @@ with Triton. A way to compare kernel variants between device sessions; it measur
     python tools/palu_sass.py [--block-n 64] [--warps 4] [--stages 3] [--prefetch]
                               [--bits 0|2|3|4] [--fp16] [--rank 64] [--sass FILE]
                               [--rope-in-dtype] [--maxnreg N] [--packed] [--gp 16|8] [--rope-by-slot]
-                              [--fixed-max] [--whole-blocks] [--heads 1|2|4] [--qpk 4|1]
+                              [--fixed-max] [--whole-blocks] [--heads 1|2|4] [--qpk 4|1] [--rows-in-step]
 
 The shapes are Llama-3-8B's at half rank, groups of one KV head (query heads 4 per KV head, head dim
 128, key and value rank 64), bf16; pointers 16-byte aligned as torch allocates them.
