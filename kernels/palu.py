@@ -134,7 +134,8 @@ def _raw_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, BITS
     (channel pair ``m`` at bits ``m + 2`` and ``m + 18``)."""
     base = L + row0 * WORDS
     scales = S + srow0 * (2 * NQ)
-    PER_WORD: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # codes per word of the first plane
+    PLANE: tl.constexpr = 2 if BITS == 3 else BITS  # bits of the first plane
+    PER_WORD: tl.constexpr = 32 // PLANE
     if FAST:
         w = c0 // PER_WORD + tl.arange(0, C // PER_WORD)
         q = c0 // QG + tl.arange(0, C // QG)
@@ -775,8 +776,11 @@ def quantize_at(h: torch.Tensor, spec: ref.QuantSpec, words: torch.Tensor, scale
     [B, G, T, words]`` and ``scale_min [B, G, T, 2 * groups]`` (contiguous) at slot ``slot`` (``[1]`` int64 on
     the device) by the same launch: a static decode step's write, with no copy after it."""
     B, G, n, r = h.shape
-    if n != 1 or not (words.is_contiguous() and scale_min.is_contiguous()):
-        raise ValueError(f"quantize_at writes one token into contiguous storages, got {n} tokens")
+    if n != 1:
+        raise ValueError(f"quantize_at writes one new token per row and group, got {n}; use quantize for more")
+    if not (words.is_contiguous() and scale_min.is_contiguous()):
+        raise ValueError("quantize_at writes into contiguous [B, G, T, ...] storages; pass the buffers' storages, "
+                         "or quantize and index_copy_ into a strided view")
     _launch_quantize(h.reshape(B * G, r).contiguous(), spec, words, scale_min, slot)
 
 

@@ -341,6 +341,15 @@ def test_quantize_at_writes_the_slot_of_the_storages(bits, group, rank, device):
     assert torch.equal(words, want_words) and torch.equal(scale_min, want_scale_min)
 
 
+def test_quantize_at_refuses_several_tokens_and_strided_storages():
+    spec = ref.QuantSpec(4, 8)
+    words, scale_min = torch.zeros(1, 1, 4, 2, dtype=torch.int32), torch.zeros(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="one new token"):
+        palu.quantize_at(torch.randn(1, 1, 2, 16), spec, words, scale_min, torch.tensor([0]))
+    with pytest.raises(ValueError, match="contiguous"):
+        palu.quantize_at(torch.randn(1, 1, 1, 16), spec, words[:, :, ::2], scale_min, torch.tensor([0]))
+
+
 def test_quantize_refuses_a_group_that_does_not_divide_the_rank():
     h = torch.randn(2, 24)
     for quantize in (ref.quantize, palu.quantize):
