@@ -40,6 +40,8 @@
 #   bash benchmarks/gpu_palu.sh round41  (<= 4 min) 3-bit graph decode per token at 64K/128K (TUNED as of round 40)
 #   bash benchmarks/gpu_palu.sh round42  (<= 7 min) kernel GPU tests, round42 sweep (only the words a block ahead), layer
 #   bash benchmarks/gpu_palu.sh round43  (<= 4 min) runtime and quantisation GPU tests, 4-bit graph decode per token
+#   bash benchmarks/gpu_palu.sh round44  (<= 9 min) every Palu GPU test, round44 sweeps (MHA: the query folded into the
+#                                        up rows; bf16 and 4/3/2 bits), layer (16/4/3/2 bits) with their fastest
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -281,6 +283,19 @@ PY
       2>&1 | tee "$R/gpu_tests.log" | tail -3
     timeout 120 python benchmarks/bench_palu.py tpot --variants dense-graph palu-50-4bit-graph --tag _r43 --out "$R" 2>&1 \
       | tee "$R/tpot_r43.log" | grep -v "^{" | tail -4 ;;
+  round44)  # MHA with the query folded into the up rows (FOLD_QUERY): every Palu GPU test, the round44 sweeps (MHA, 128K;
+            # bf16, then 4/3/2 bits), the layer at 64K/128K with their fastest
+    timeout 200 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 \
+      | tee "$R/gpu_tests.log" | tail -3
+    timeout 60 python benchmarks/bench_palu.py sweep --grid round44 --bits 16 --shapes mha --tag _r44_mha --out "$R" \
+      > "$R/sweep_r44_mha.log" 2>&1
+    tail -1 "$R/sweep_r44_mha.log"
+    timeout 110 python benchmarks/bench_palu.py sweep --grid round44q --bits 4 3 2 --shapes mha --tag _r44q_mha --out "$R" \
+      > "$R/sweep_r44q_mha.log" 2>&1
+    tail -1 "$R/sweep_r44q_mha.log"
+    timeout 100 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r44*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
+      --bits 16 4 3 2 --lengths 65536 131072 --tag _r44 --out "$R" > "$R/layer_r44.log" 2>&1
+    grep "kernel settings\| | " "$R/layer_r44.log" | tail -20 ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}

@@ -64,9 +64,13 @@ QUERY_TILE = 16  # the query heads of a KV head padded to at least this many (th
 # before the split runs again against its maximum (p <= 2^64: fp32 sums of 2^17 tokens of |v| < 2^16 stay finite;
 # scores more than 64 below the maximum are under 2^-64 of it).
 FIXED_MAX = True
+# One query head per KV head (MHA): the query folded into the key up rows once per program, so that the block's
+# MMA gives q1 * k1 + q2 * k2 and q2 * k1 - q1 * k2 per rotary pair, and the score is their sum weighted by the
+# block's cos / sin rows (one MMA against ones), instead of rotating the keys and a score MMA (see the kernel)
+FOLD_QUERY = True
 FIXED_MAX_RANGE: tl.constexpr = tl.constexpr(64.0)
 TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "HEADS_PER_PROGRAM", "ROPE_IN_DTYPE", "PREFETCH",
-           "PREFETCH_ROWS", "MAX_REGISTERS", "QUERY_TILE", "FIXED_MAX")
+           "PREFETCH_ROWS", "MAX_REGISTERS", "QUERY_TILE", "FIXED_MAX", "FOLD_QUERY")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
 # unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
 # module constants. 128K tokens, Llama-3-8B shape (and MHA: 32 KV heads), groups of one KV head, half
@@ -338,6 +342,7 @@ def _palu_decode_kernel(
     ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True, PACKED: tl.constexpr = False,
     ROPE_BY_SLOT: tl.constexpr = False, FIXED_MAX: tl.constexpr = False, PDL: tl.constexpr = False,
     WHOLE_BLOCKS: tl.constexpr = False, HP: tl.constexpr = 1, PREFETCH_ROWS: tl.constexpr = True,
+    FOLD_QUERY: tl.constexpr = False,
 ):
     """Program ``(KV heads i * HP .. i * HP + HP - 1, split s, row b)``: tokens ``[s * split_len, (s + 1) *
     split_len)`` of ``HP`` consecutive KV heads (each head ``j`` of its group ``g``), each for its ``QPK``
@@ -364,6 +369,14 @@ def _palu_decode_kernel(
     rows are loaded once, before the token loop; otherwise the rank chunks are the innermost loop, so
     shared memory holds one chunk per stage.
 
+    ``FOLD_QUERY`` (one query head per KV head, the rank one chunk, no ``k_norm``): the rotation
+    ``r1 = k1 cos - k2 sin``, ``r2 = k2 cos + k1 sin`` and the score ``r1 . q1 + r2 . q2`` are
+    ``sum(cos * a + sin * b)`` with ``a = q1 * k1 + q2 * k2`` and ``b = q2 * k1 - q1 * k2`` (per rotary pair),
+    and ``a | b = h @ M`` for ``M = (up1 q1 + up2 q2 | up1 q2 - up2 q1)``, built once per program: the block's
+    MMA gives ``a`` and ``b`` (the keys are never formed), and one MMA against ones sums ``cos * a + sin * b``
+    (in the model's dtype with ``ROPE_IN_DTYPE``) into the score: half the rotation's instructions and no
+    score MMA over the head dim.
+
     ``FIXED_MAX``: the softmax against one reference per program and query head (the first block's
     maximum; the split once more against its own maximum when that lies more than ``FIXED_MAX_RANGE``
     away for any of the program's query heads), so no block's maximum is reduced across warps;
@@ -378,6 +391,7 @@ def _palu_decode_kernel(
     n_splits = tl.num_programs(1)
     dtype = Q.dtype.element_ty
 
+    FOLD: tl.constexpr = FOLD_QUERY and QPK == 1 and RC == RK and not HAS_NORM
     m_rows = tl.arange(0, GP)  # query heads of a KV head (padded to GP)
     q_ok = m_rows < QPK
     d = tl.arange(0, HALF)
@@ -410,20 +424,34 @@ def _palu_decode_kernel(
         g = kvh // GS
         heads = heads + (kvh,)
         q_base = Q + (b64 * hkv + kvh) * (QPK * D)
-        # [HALF, GP] = q.T halves
-        q1s = q1s + (tl.load(q_base + m_rows[None, :] * D + d[:, None], mask=q_ok[None, :], other=0.0),)
-        q2s = q2s + (tl.load(q_base + m_rows[None, :] * D + HALF + d[:, None], mask=q_ok[None, :], other=0.0),)
+        if not FOLD:  # [HALF, GP] = q.T halves
+            q1s = q1s + (tl.load(q_base + m_rows[None, :] * D + d[:, None], mask=q_ok[None, :], other=0.0),)
+            q2s = q2s + (tl.load(q_base + m_rows[None, :] * D + HALF + d[:, None], mask=q_ok[None, :], other=0.0),)
         k_row0s = k_row0s + (b64 * kl_b + g * kl_g,)
         ks_row0s = ks_row0s + (b64 * ks_b + g * ks_g,)
         v_row0s = v_row0s + (b64 * vl_b + g * vl_g,)
         vs_row0s = vs_row0s + (b64 * vs_b + g * vs_g,)
         up_base = KUP + kvh.to(tl.int64) * (D * RK)
         up_bases = up_bases + (up_base,)
-        if RC == RK:  # [RK, D] = up.T, loaded once for the whole loop
-            u_alls = u_alls + (tl.load(up_base + tl.arange(0, D)[None, :] * RK + rc[:, None]),)
         if HAS_KB:
-            kb1s = kb1s + (tl.load(KB + kvh * D + d).to(tl.float32),)
-            kb2s = kb2s + (tl.load(KB + kvh * D + HALF + d).to(tl.float32),)
+            kb1 = tl.load(KB + kvh * D + d).to(tl.float32)
+            kb2 = tl.load(KB + kvh * D + HALF + d).to(tl.float32)
+        if FOLD:  # [RK, D] = M = (up1 q1 + up2 q2 | up1 q2 - up2 q1) (up halves transposed), once for the whole loop
+            qa = tl.load(q_base + d).to(tl.float32)
+            qb = tl.load(q_base + HALF + d).to(tl.float32)
+            u1 = tl.load(up_base + d[None, :] * RK + rc[:, None]).to(tl.float32)
+            u2 = tl.load(up_base + (HALF + d)[None, :] * RK + rc[:, None]).to(tl.float32)
+            m_ab = tl.join(u1 * qa[None, :] + u2 * qb[None, :], u1 * qb[None, :] - u2 * qa[None, :])
+            u_alls = u_alls + (tl.reshape(tl.permute(m_ab, 0, 2, 1), [RK, D]).to(dtype),)
+            if HAS_KB:  # the bias's share of a and b
+                kb1s = kb1s + (qa * kb1 + qb * kb2,)
+                kb2s = kb2s + (qb * kb1 - qa * kb2,)
+        else:
+            if RC == RK:  # [RK, D] = up.T, loaded once for the whole loop
+                u_alls = u_alls + (tl.load(up_base + tl.arange(0, D)[None, :] * RK + rc[:, None]),)
+            if HAS_KB:
+                kb1s = kb1s + (kb1,)
+                kb2s = kb2s + (kb2,)
 
     local = tl.arange(0, BLOCK_N)  # int32 offsets in the block; scalar bases carry the int64 part
     kr_base = KR + b64 * kr_b
@@ -576,7 +604,12 @@ def _palu_decode_kernel(
                     inv = tl.rsqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / D + eps)
                     k1 = k1 * inv[:, None] * nw1[None, :]
                     k2 = k2 * inv[:, None] * nw2[None, :]
-                if ROPE_IN_DTYPE:
+                if FOLD:  # k1, k2 are a and b: the score is the sum of cos * a + sin * b
+                    if ROPE_IN_DTYPE:
+                        w = _narrow(k1, dtype, PACKED) * c_ + _narrow(k2, dtype, PACKED) * s_
+                    else:
+                        w = _narrow(k1 * c_ + k2 * s_, dtype, PACKED)
+                elif ROPE_IN_DTYPE:
                     k1 = _narrow(k1, dtype, PACKED)
                     k2 = _narrow(k2, dtype, PACKED)
                     r1 = k1 * c_ - k2 * s_
@@ -596,7 +629,10 @@ def _palu_decode_kernel(
                                                  BLOCK_RV, V_BITS, V_QG, V_NQ, V_WORDS, V_FAST, BLOCK_N, ld_ok, dtype,
                                                  PACKED))
                 # scores [BLOCK_N, GP], softmax down the tokens
-                s = tl.dot(r2, q2s[j], tl.dot(r1, q1s[j]))
+                if FOLD:
+                    s = tl.dot(w, tl.full([HALF, GP], 1.0, dtype))
+                else:
+                    s = tl.dot(r2, q2s[j], tl.dot(r1, q1s[j]))
                 s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
                 if FIX:
                     m_ref = m_refs[j]
@@ -1063,7 +1099,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
         PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), ROPE_BY_SLOT=by_slot,
         FIXED_MAX=tuned["FIXED_MAX"], PDL=USE_PDL and has_pdl(q.device), WHOLE_BLOCKS=T >= block_n, HP=hp,
-        PREFETCH_ROWS=tuned["PREFETCH_ROWS"],
+        PREFETCH_ROWS=tuned["PREFETCH_ROWS"], FOLD_QUERY=tuned["FOLD_QUERY"],
         num_warps=tuned["NUM_WARPS"],
         num_stages=stages,
         **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),

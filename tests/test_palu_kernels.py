@@ -210,6 +210,33 @@ def test_decode_kernel_heads_per_program(shape, extra, heads, rows, monkeypatch)
 
 
 @interpreter_only
+@pytest.mark.parametrize(
+    "shape,extra",
+    [
+        (dict(), {}),  # groups of two KV heads, key bias
+        (dict(bias=False), dict(HEADS_PER_PROGRAM=2)),
+        (dict(dtype=torch.float16), dict(ROPE_IN_DTYPE=True)),  # the weighted sum in the model's dtype
+        (dict(dtype=torch.float16, gs=1), dict(ROPE_IN_DTYPE=False)),
+        (dict(gs=1, bits=4, quant_group=4), dict(PREFETCH=True, PREFETCH_ROWS=False)),
+        (dict(gs=1, bits=3, quant_group=4, pad=40), dict(FIXED_MAX=False)),
+        (dict(rk=12), {}),  # a rank of three chunks: keys rotated as with more query heads
+    ],
+)
+@pytest.mark.parametrize("rows", ["tables", "per slot"])
+def test_decode_kernel_folds_the_query(shape, extra, rows, monkeypatch):
+    """One query head per KV head and no ``k_norm`` (``FOLD_QUERY``): the query folded into the up rows, the
+    score as the rope rows' weighted sum of its products with the keys; the reference's output (a window, a
+    padded row, two splits)."""
+    settings(monkeypatch, FOLD_QUERY=True, QUERY_TILE=8, BLOCK_N=16, **extra)
+    a = make_case(**{**dict(hq=4, hkv=4, gs=2, rk=16, norm=False), **shape})
+    want = ref.latent_attention(**a, window=50)
+    if rows == "per slot":
+        a["cos"], a["sin"] = rows_with_room(a["positions"], a["cos"], a["sin"])
+    tol = dict(atol=2e-5, rtol=1e-4) if a["q"].dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(palu.palu_decode(**a, splits=2, window=50), want, **tol)
+
+
+@interpreter_only
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the first pass of a redone split overflows
 def test_decode_kernel_redoes_a_split_for_one_head(heads, monkeypatch):
@@ -422,6 +449,15 @@ def test_decode_kernel_static_length(used, bits, monkeypatch):
         (torch.bfloat16, 3, 1, 1, 64, 64, "words-ahead"),
         (torch.float16, 2, 1, 4, 64, 64, "words-ahead"),
         (torch.bfloat16, 4, 1, 1, 64, 64, "words-ahead-heads-2"),
+        (torch.bfloat16, None, 1, 1, 64, 64, "fold"),  # MHA without k_norm: the query folded into the up rows
+        (torch.bfloat16, None, 1, 1, 64, 64, "fold-rope-by-slot"),
+        (torch.bfloat16, None, 1, 1, 64, 64, "fold-rope-in-fp32"),
+        (torch.bfloat16, None, 1, 1, 64, 64, "fold-three-per-sm"),
+        (torch.float16, None, 2, 1, 64, 64, "fold"),
+        (torch.bfloat16, 4, 1, 1, 64, 64, "fold"),
+        (torch.bfloat16, 3, 1, 1, 64, 64, "fold"),
+        (torch.float16, 2, 1, 1, 64, 64, "fold"),
+        (torch.bfloat16, None, 1, 1, 64, 64, "no-fold"),
     ],
 )
 def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
@@ -432,14 +468,18 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
                "running-max": dict(FIXED_MAX=False), "heads-2": dict(HEADS_PER_PROGRAM=2),
                "heads-2-stages-2": dict(HEADS_PER_PROGRAM=2, NUM_STAGES=2),
                "words-ahead": dict(PREFETCH=True, PREFETCH_ROWS=False),
-               "words-ahead-heads-2": dict(PREFETCH=True, PREFETCH_ROWS=False, HEADS_PER_PROGRAM=2, NUM_STAGES=2)
+               "words-ahead-heads-2": dict(PREFETCH=True, PREFETCH_ROWS=False, HEADS_PER_PROGRAM=2, NUM_STAGES=2),
+               "fold": dict(FOLD_QUERY=True), "fold-rope-by-slot": dict(FOLD_QUERY=True),
+               "fold-rope-in-fp32": dict(FOLD_QUERY=True, ROPE_IN_DTYPE=False),
+               "fold-three-per-sm": dict(FOLD_QUERY=True, NUM_STAGES=2, PROGRAMS_PER_SM=3, MAX_REGISTERS=168),
+               "no-fold": dict(FOLD_QUERY=False),
                }.get(variant, {})
     settings(monkeypatch, **{**palu.settings(bits or 0, qpk), **changed})
     hkv = 8
     a = make_case(batch=3, hq=hkv * qpk, hkv=hkv, gs=gs, dim=128, rk=rk, rv=rv, tokens=3000, dtype=dtype,
-                  bits=bits, quant_group=32, pad=700, device="cuda")
+                  bits=bits, quant_group=32, pad=700, device="cuda", norm="fold" not in variant)
     want = ref.latent_attention(**a)
-    if variant == "rope-by-slot":
+    if variant.endswith("rope-by-slot"):
         a["cos"], a["sin"] = rows_with_room(a["positions"], a["cos"], a["sin"])
     got = palu.palu_decode(**a)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
