@@ -98,10 +98,11 @@ TUNED: dict[tuple[int, int | None], dict] = {
                     QUERY_TILE=8),
     **{(bits, None): _QUANTISED for bits in (2, 3, 4)},
     # 4- and 2-bit MHA: two KV heads per program at two stages (round 37, palu_sweep_r37_mha_NVIDIA_H200.json: 4 bits
-    # 347.8 against 374.0 us at 128K; bf16 slower with two heads, 317.2 against 279.5 us. Round 42: 4 bits 346.6 us
-    # with or without the rows ahead, 2 bits 331.1 us with them)
+    # 347.8 against 374.0 us at 128K; bf16 slower with two heads, 317.2 against 279.5 us). With the query folded
+    # (FOLD_QUERY, round 44, palu_sweep_r44q_mha_NVIDIA_H200.json, 128K): 4 bits 339.9 us (one head 400.1), 2 bits 323.7
+    # (one head 362.6; the rows ahead 383.6), 3 bits one head 342.6 (two 356.9); bf16 266.3 against 275.6 unfolded
     (4, 1): dict(_QUANTISED, NUM_STAGES=2, HEADS_PER_PROGRAM=2),
-    (2, 1): dict(_QUANTISED, NUM_STAGES=2, HEADS_PER_PROGRAM=2, PREFETCH_ROWS=True),
+    (2, 1): dict(_QUANTISED, NUM_STAGES=2, HEADS_PER_PROGRAM=2),
 }
 MAX_SPLITS = 256
 MERGE_SPLITS = 64  # partials merged per step of the merge kernel
