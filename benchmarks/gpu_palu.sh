@@ -43,7 +43,7 @@
 #   bash benchmarks/gpu_palu.sh round44  (<= 9 min) every Palu GPU test, round44 sweeps (MHA: the query folded into the
 #                                        up rows; bf16 and 4/3/2 bits), layer (16/4/3/2 bits) with their fastest
 #   bash benchmarks/gpu_palu.sh round45  (<= 4 min) round45 sweep (bf16 MHA, folded query: two KV heads per program,
-#                                        128-token tiles), the bf16 layer with its fastest
+#                                        128-token tiles), the layer (16/4/3/2 bits) with its fastest
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -299,13 +299,13 @@ PY
       --bits 16 4 3 2 --lengths 65536 131072 --tag _r44 --out "$R" > "$R/layer_r44.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r44.log" | tail -20 ;;
   round45)  # bf16 MHA with the query folded: two KV heads per program, 128-token tiles (the round45 sweep, 128K), the
-            # bf16 layer at 64K/128K with its fastest
+            # layer at 64K/128K (bf16 with the sweep's fastest, 4/3/2 bits as tuned)
     timeout 100 python benchmarks/bench_palu.py sweep --grid round45 --bits 16 --shapes mha --tag _r45_mha --out "$R" \
       > "$R/sweep_r45_mha.log" 2>&1
     tail -1 "$R/sweep_r45_mha.log"
-    timeout 80 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r45*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
-      --bits 16 --lengths 65536 131072 --tag _r45 --out "$R" > "$R/layer_r45.log" 2>&1
-    grep "kernel settings\| | " "$R/layer_r45.log" | tail -8 ;;
+    timeout 110 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r45*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
+      --bits 16 4 3 2 --lengths 65536 131072 --tag _r45 --out "$R" > "$R/layer_r45.log" 2>&1
+    grep "kernel settings\| | " "$R/layer_r45.log" | tail -20 ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}
