@@ -44,6 +44,7 @@
 #                                        up rows; bf16 and 4/3/2 bits), layer (16/4/3/2 bits) with their fastest
 #   bash benchmarks/gpu_palu.sh round45  (<= 4 min) round45 sweep (bf16 MHA, folded query: two KV heads per program,
 #                                        128-token tiles), the layer (16/4/3/2 bits) with its fastest
+#   bash benchmarks/gpu_palu.sh round46  (<= 7 min) every Palu GPU test, round46 sweep (bf16 MHA), layer (16/4/3/2 bits)
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -306,6 +307,16 @@ PY
     timeout 110 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r45*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
       --bits 16 4 3 2 --lengths 65536 131072 --tag _r45 --out "$R" > "$R/layer_r45.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r45.log" | tail -20 ;;
+  round46)  # the masks as unsigned comparisons, the scale in the folded query: every Palu GPU test, the round46 sweep
+            # (bf16 MHA, 128K), the layer at 64K/128K (bf16 MHA with the sweep's fastest)
+    timeout 200 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 \
+      | tee "$R/gpu_tests.log" | tail -3
+    timeout 60 python benchmarks/bench_palu.py sweep --grid round46 --bits 16 --shapes mha --tag _r46_mha --out "$R" \
+      > "$R/sweep_r46_mha.log" 2>&1
+    tail -1 "$R/sweep_r46_mha.log"
+    timeout 110 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r46*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
+      --bits 16 4 3 2 --lengths 65536 131072 --tag _r46 --out "$R" > "$R/layer_r46.log" 2>&1
+    grep "kernel settings\| | " "$R/layer_r46.log" | tail -20 ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}

@@ -400,10 +400,12 @@ def _palu_decode_kernel(
     rv = tl.arange(0, BLOCK_RV)
     b64 = b.to(tl.int64)
     qr = tl.load(QR + b)
+    lowest = tl.maximum(qr - window + 1, 0)  # the lowest key rank the query attends to
     start = split * split_len
     stop = tl.minimum(start + split_len, T)
     if HAS_LEN:
         stop = tl.minimum(stop, tl.load(LEN))
+    stop = tl.where(qr >= 0, stop, start)  # a query of no rank (padding) attends to no key
     if HAS_NORM:
         nw1 = tl.load(KNW + d).to(tl.float32)
         nw2 = tl.load(KNW + HALF + d).to(tl.float32)
@@ -438,8 +440,8 @@ def _palu_decode_kernel(
             kb1 = tl.load(KB + kvh * D + d).to(tl.float32)
             kb2 = tl.load(KB + kvh * D + HALF + d).to(tl.float32)
         if FOLD:  # [RK, D] = M = (up1 q1 + up2 q2 | up1 q2 - up2 q1) (up halves transposed), once for the whole loop
-            qa = tl.load(q_base + d).to(tl.float32)
-            qb = tl.load(q_base + HALF + d).to(tl.float32)
+            qa = tl.load(q_base + d).to(tl.float32) * qk_scale  # the scores come out scaled
+            qb = tl.load(q_base + HALF + d).to(tl.float32) * qk_scale
             u1 = tl.load(up_base + d[None, :] * RK + rc[:, None]).to(tl.float32)
             u2 = tl.load(up_base + (HALF + d)[None, :] * RK + rc[:, None]).to(tl.float32)
             m_ab = tl.join(u1 * qa[None, :] + u2 * qb[None, :], u1 * qb[None, :] - u2 * qa[None, :])
@@ -526,9 +528,10 @@ def _palu_decode_kernel(
             # tokens were the previous block's, masked here), so no load needs a mask
             base_n = _block_start(start_n, stop, BLOCK_N, WHOLE_BLOCKS)
             offs_n = base_n + local
-            n_ok = offs_n < stop  # this block's tokens
-            if WHOLE_BLOCKS:
-                n_ok &= offs_n >= start_n
+            if WHOLE_BLOCKS:  # this block's tokens: start_n <= offs_n < stop, as one unsigned comparison
+                n_ok = (offs_n - start_n).to(tl.uint32, bitcast=True) < (stop - start_n).to(tl.uint32, bitcast=True)
+            else:
+                n_ok = offs_n < stop
             ld_ok = _load_mask(offs_n, stop, BLOCK_N, WHOLE_BLOCKS)
             if PREFETCH:
                 nb = _block_start(start_n + BLOCK_N, stop, BLOCK_N, WHOLE_BLOCKS)
@@ -560,8 +563,8 @@ def _palu_decode_kernel(
                 kr = tl.load(kr_base + offs_n, mask=ld_ok, other=-1)
                 rows = offs_n if ROPE_BY_SLOT else tl.load(pos_base + offs_n, mask=ld_ok, other=0)
                 cos, sin = _rope_rows(COS, SIN, rows, ld_ok, d, HALF, ROPE_BY_SLOT)
-            dist = qr - kr
-            ok = n_ok & (kr >= 0) & (dist >= 0) & (dist < window)
+            # 0 <= kr <= qr and qr - kr < window, as one unsigned comparison against the lowest rank in the window
+            ok = n_ok & ((kr - lowest).to(tl.uint32, bitcast=True) <= (qr - lowest).to(tl.uint32, bitcast=True))
             if ROPE_IN_DTYPE:  # the rotation in the model's dtype, rounded op by op as transformers does it
                 c_ = cos.to(dtype)
                 s_ = sin.to(dtype)
@@ -634,7 +637,7 @@ def _palu_decode_kernel(
                     s = tl.dot(w, tl.full([HALF, GP], 1.0, dtype))
                 else:
                     s = tl.dot(r2, q2s[j], tl.dot(r1, q1s[j]))
-                s = tl.where(ok[:, None], s * qk_scale, float("-inf"))
+                s = tl.where(ok[:, None], s if FOLD else s * qk_scale, float("-inf"))
                 if FIX:
                     m_ref = m_refs[j]
                     if attempt == 0:

@@ -237,6 +237,18 @@ def test_decode_kernel_folds_the_query(shape, extra, rows, monkeypatch):
 
 
 @interpreter_only
+@pytest.mark.parametrize("window", [None, 3])
+def test_decode_kernel_padding_row_attends_to_nothing(window):
+    """A row of padding only (its query of rank -1) attends to no key: zeros plus the value bias, as the reference;
+    the other row is unchanged."""
+    a = make_case(pad=70, tokens=70)
+    a["q_rank"] = a["k_rank"][:, -1:].clone()
+    assert a["q_rank"][1].item() == -1
+    want = ref.latent_attention(**a, window=window)
+    torch.testing.assert_close(palu.palu_decode(**a, splits=2, window=window), want, atol=2e-5, rtol=1e-4)
+
+
+@interpreter_only
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the first pass of a redone split overflows
 def test_decode_kernel_redoes_a_split_for_one_head(heads, monkeypatch):
