@@ -373,7 +373,8 @@ def _palu_decode_kernel(
     ``FOLD_QUERY`` (one query head per KV head, the rank one chunk, no ``k_norm``): the rotation
     ``r1 = k1 cos - k2 sin``, ``r2 = k2 cos + k1 sin`` and the score ``r1 . q1 + r2 . q2`` are
     ``sum(cos * a + sin * b)`` with ``a = q1 * k1 + q2 * k2`` and ``b = q2 * k1 - q1 * k2`` (per rotary pair),
-    and ``a | b = h @ M`` for ``M = (up1 q1 + up2 q2 | up1 q2 - up2 q1)``, built once per program: the block's
+    and ``a | b = h @ M`` for ``M = (up1 q1 + up2 q2 | up1 q2 - up2 q1)`` (times the score scale), built once per
+    program: the block's
     MMA gives ``a`` and ``b`` (the keys are never formed), and one MMA against ones sums ``cos * a + sin * b``
     (in the model's dtype with ``ROPE_IN_DTYPE``) into the score: half the rotation's instructions and no
     score MMA over the head dim.
@@ -405,7 +406,7 @@ def _palu_decode_kernel(
     stop = tl.minimum(start + split_len, T)
     if HAS_LEN:
         stop = tl.minimum(stop, tl.load(LEN))
-    stop = tl.where(qr >= 0, stop, start)  # a query of no rank (padding) attends to no key
+    stop = tl.where(qr >= lowest, stop, start)  # a query of no rank (padding), or no window, attends to no key
     if HAS_NORM:
         nw1 = tl.load(KNW + d).to(tl.float32)
         nw2 = tl.load(KNW + HALF + d).to(tl.float32)

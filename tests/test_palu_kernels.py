@@ -237,10 +237,10 @@ def test_decode_kernel_folds_the_query(shape, extra, rows, monkeypatch):
 
 
 @interpreter_only
-@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("window", [None, 3, 0])
 def test_decode_kernel_padding_row_attends_to_nothing(window):
     """A row of padding only (its query of rank -1) attends to no key: zeros plus the value bias, as the reference;
-    the other row is unchanged."""
+    the other row is unchanged (with a window of 0 tokens no row attends to any key)."""
     a = make_case(pad=70, tokens=70)
     a["q_rank"] = a["k_rank"][:, -1:].clone()
     assert a["q_rank"][1].item() == -1
