@@ -57,7 +57,7 @@ from kvpress.methods.less import FeatureMaps, Less, LessConfig  # noqa: E402
 METHODS.setdefault("less", Less)  # until kvpress.methods registers it
 
 RESULTS = Path(__file__).parent / "results"
-# settings timed beside the module's (kernels/less.py: BLOCK_H 128, 3 stages, 16 splits at most (the 8B shape's
+# settings timed beside the module's (kvpress/kernels/less.py: BLOCK_H 128, 3 stages, 16 splits at most (the 8B shape's
 # 2049 slots: 11 splits of three 64-slot blocks), 4 warps per program in launch 1 and 8 in launch 2); the
 # session of 2026-12-01 timed more (docs/less.md)
 SETTINGS = {

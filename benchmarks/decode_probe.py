@@ -1,5 +1,5 @@
 """Decode kernel timing probe: GQA decode at several lengths (CUDA graph, L2 flushed by reading).
-Run it on variants of kernels/decode.py to place time inside the kernel by differences."""
+Run it on variants of kvpress/kernels/decode.py to place time inside the kernel by differences."""
 import sys
 from pathlib import Path
 

@@ -10,7 +10,7 @@ RES=/tmp/duo-mix; mkdir -p $RES "$OUT"
 [ -d /tmp/kvpress-new ] || pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-new . >/dev/null 2>&1
 export PYTHONPATH=/tmp/kvpress-new${PYTHONPATH:+:$PYTHONPATH}
 ROOT=$PWD
-# the python that has torch, run outside the repository root (whose ./kvpress lacks the kvpress.kernels mapping)
+# the python that has torch, run outside the repository root (whose ./kvpress lacks the kvpress.calibration mapping)
 cal() { (cd /tmp && python -c "import sys; from kvpress.calibration.cli import main; sys.exit(main())" "$@"); }
 MIXES="passkey passkey,kvlookup,multivalue"  # file names join the kinds with "-"
 case ${1:-} in

@@ -11,7 +11,7 @@ mkdir -p "$OUT" /tmp/smol
 cp .smol/*.part* /tmp/smol/ 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-# the tree installed (not editable) under /tmp: ./kvpress in the repository root lacks the kvpress.kernels mapping
+# the tree installed (not editable) under /tmp: ./kvpress in the repository root lacks the kvpress.calibration mapping
 rm -rf /tmp/kvpress-new
 pip install -q --no-deps --no-build-isolation --target /tmp/kvpress-new . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
 export PYTHONPATH=/tmp/kvpress-new

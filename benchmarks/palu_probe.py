@@ -1,7 +1,7 @@
 """Where Palu's decode kernel spends its time (H200 diagnosis): one layer at 128K tokens, half rank, groups
 of one KV head, bf16, the kernel as configured against variants of its inputs and settings:
 
-  as configured        the module's settings (kernels/palu.py TUNED)
+  as configured        the module's settings (kvpress/kernels/palu.py TUNED)
   prefetch             PREFETCH on (ranks, rope rows and quantised words loaded a block ahead by hand)
   positions zero       every cached token at position 0: the rope rows the kernel gathers per token all
                        hit one row (what gathering them from L2/HBM costs, by difference)

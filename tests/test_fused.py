@@ -1,4 +1,4 @@
-"""Fused decode ops (kernels/fused.py) and their installation (``kvpress.graph.fuse``).
+"""Fused decode ops (kvpress/kernels/fused.py) and their installation (``kvpress.graph.fuse``).
 
 The kernels run under the Triton interpreter on CPU (``BACKEND = "triton"``) at tiny shapes and
 must give what transformers' own modules give; ``fuse`` must change only how the model computes

@@ -1,4 +1,4 @@
-"""LESS Triton kernels (kernels/less.py) against the torch reference (kernels/less_reference.py).
+"""LESS Triton kernels (kvpress/kernels/less.py) against the torch reference (kvpress/kernels/less_reference.py).
 
 On CPU the kernels run under the Triton interpreter (tiny shapes, fp32/fp16); the GPU tests (bf16,
 Llama-3-8B-like heads) run where CUDA is available."""

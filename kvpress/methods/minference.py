@@ -90,7 +90,7 @@ class MInferenceConfig:
             unit walking the union of its heads' indices with every head masked to its own (K/V
             read once per unit, taller tiles, but every head pays the union's keys;
             ``kernels.minference.vs_union_attention``). Same result either way; 1 is faster in
-            every case measured on the H200 (``kernels/minference.py`` docstring).
+            every case measured on the H200 (``kvpress/kernels/minference.py`` docstring).
         model_shape: the model the patterns were calibrated for; checked at patch time when set.
     """
 

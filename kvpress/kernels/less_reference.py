@@ -1,4 +1,4 @@
-"""Plain-torch LESS (Dong et al., 2024, arXiv 2402.09398): the CPU path and the oracle of ``kernels/less.py``.
+"""Plain-torch LESS (Dong et al., 2024, arXiv 2402.09398): the CPU path and the oracle of ``kvpress/kernels/less.py``.
 
 LESS keeps a sparse set of tokens per (batch row, KV head) chosen by a cheap policy and folds every
 evicted token, exactly once and at eviction, into a constant-size state per head:

@@ -1,11 +1,11 @@
 """MInference 1.0 (Jiang et al., arXiv 2407.02490) dynamic sparse prefill: plain-torch references.
 
-These functions are the CPU path of ``kernels/minference.py`` and the oracle of its tests. They
+These functions are the CPU path of ``kvpress/kernels/minference.py`` and the oracle of its tests. They
 build the exact per-head index of each pattern from the input and compute attention under it.
 
 Shapes: ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, T, D]`` with ``Hq % Hkv == 0`` (query head ``h``
 reads KV head ``h // (Hq // Hkv)``; never repeated in memory), ranks ``q_rank [B, Lq]`` and
-``k_rank [B, T]`` (int, -1 = padding, see ``kernels/reference.py``). Keys are in rank order with
+``k_rank [B, T]`` (int, -1 = padding, see ``kvpress/kernels/reference.py``). Keys are in rank order with
 padding on the left and the queries are the last ``Lq`` real tokens (``T > Lq``: chunked prefill,
 the index is built against every previous key). Everything is expressed in ranks, so a left-padded
 row gives the same result as the row alone.
