@@ -374,10 +374,9 @@ def _palu_decode_kernel(
     ``r1 = k1 cos - k2 sin``, ``r2 = k2 cos + k1 sin`` and the score ``r1 . q1 + r2 . q2`` are
     ``sum(cos * a + sin * b)`` with ``a = q1 * k1 + q2 * k2`` and ``b = q2 * k1 - q1 * k2`` (per rotary pair),
     and ``a | b = h @ M`` for ``M = (up1 q1 + up2 q2 | up1 q2 - up2 q1)`` (times the score scale), built once per
-    program: the block's
-    MMA gives ``a`` and ``b`` (the keys are never formed), and one MMA against ones sums ``cos * a + sin * b``
-    (in the model's dtype with ``ROPE_IN_DTYPE``) into the score: half the rotation's instructions and no
-    score MMA over the head dim.
+    program: the block's MMA gives ``a`` and ``b`` (the keys are never formed), and one MMA against ones sums
+    ``cos * a + sin * b`` (in the model's dtype with ``ROPE_IN_DTYPE``) into the score: half the rotation's
+    instructions and no score MMA over the head dim. The key bias enters as its own share of ``a`` and ``b``.
 
     ``FIXED_MAX``: the softmax against one reference per program and query head (the first block's
     maximum; the split once more against its own maximum when that lies more than ``FIXED_MAX_RANGE``
@@ -447,7 +446,7 @@ def _palu_decode_kernel(
             u2 = tl.load(up_base + (HALF + d)[None, :] * RK + rc[:, None]).to(tl.float32)
             m_ab = tl.join(u1 * qa[None, :] + u2 * qb[None, :], u1 * qb[None, :] - u2 * qa[None, :])
             u_alls = u_alls + (tl.reshape(tl.permute(m_ab, 0, 2, 1), [RK, D]).to(dtype),)
-            if HAS_KB:  # the bias's share of a and b
+            if HAS_KB:  # the bias's share of a and b (added to the block's a and b like a key bias)
                 kb1s = kb1s + (qa * kb1 + qb * kb2,)
                 kb2s = kb2s + (qb * kb1 - qa * kb2,)
         else:
