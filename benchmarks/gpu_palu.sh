@@ -47,6 +47,7 @@
 #   bash benchmarks/gpu_palu.sh round46  (<= 7 min) every Palu GPU test, round46 sweep (bf16 MHA), layer (16/4/3/2 bits)
 #   bash benchmarks/gpu_palu.sh round47  (<= 9 min) where the SMs run the programs, the rope rows through L1 with the
 #                                        programs of an SM on one split (benchmarks/palu_pair_probe.py), kernel GPU tests
+#   bash benchmarks/gpu_palu.sh round48  (<= 7 min) the tuned kernel with its programs' work in other orders (palu_pair_probe.py)
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -320,10 +321,15 @@ PY
       --bits 16 4 3 2 --lengths 65536 131072 --tag _r46 --out "$R" > "$R/layer_r46.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r46.log" | tail -20 ;;
   round47)  # the rope rows through L1 with the two programs of an SM on one split (PAIR_SPLITS, ROWS_IN_L1), kernel tests
-    timeout 420 python benchmarks/palu_pair_probe.py "$R/palu_pair_probe_r47_$(nvidia-smi --query-gpu=name \
+    timeout 420 python benchmarks/palu_pair_probe.py rows "$R/palu_pair_probe_r47_$(nvidia-smi --query-gpu=name \
       --format=csv,noheader | head -1 | tr ' ' '_').json" > "$R/pair_probe_r47.log" 2>&1
     grep -o "'variant': '[^']*'.*'us': [0-9.]*\|'part': 'placement'.*" "$R/pair_probe_r47.log" | cut -c1-200
     timeout 140 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -3 ;;
+  round48)  # the tuned kernel with its programs' work in other orders (round 47: 4 bits on MHA 8-12% faster paired)
+    timeout 400 python benchmarks/palu_pair_probe.py orders "$R/palu_pair_probe_r48_$(nvidia-smi --query-gpu=name \
+      --format=csv,noheader | head -1 | tr ' ' '_').json" > "$R/pair_probe_r48.log" 2>&1
+    grep -o "'shape.*'us': [0-9.]*" "$R/pair_probe_r48.log" | cut -c1-120
+    tail -2 "$R/pair_probe_r48.log" | grep -i error ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}

@@ -12,11 +12,15 @@ the second may find the rows in the SM's L1. Here:
                    on the same split); each variant's output checked against the tuned one's (bitwise where only
                    the order differs)
 
-    python benchmarks/palu_pair_probe.py [OUT.json]
+  orders           (round 48) the tuned kernel with its programs' work items in other orders (a work table:
+                   identity, paired, split by split, shuffled): bf16 and 2/3/4 bits, MHA and the 8B shape
+
+    python benchmarks/palu_pair_probe.py rows|orders [OUT.json]
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -65,9 +69,69 @@ VARIANTS = {  # name -> settings over the tuned ones
 CASES = {("mha", 0): list(VARIANTS), ("gqa", 0): list(VARIANTS)[:4], ("mha", 4): list(VARIANTS)[:4]}
 
 
+def _identity(head_programs, splits, rows, sms):
+    return list(range(head_programs * splits * rows))
+
+
+def _splits_fastest(head_programs, splits, rows, sms):
+    """Launch order split by split of each head program: a split's head programs as far apart as they go."""
+    return [(b * splits + s) * head_programs + h for b in range(rows) for h in range(head_programs)
+            for s in range(splits)]
+
+
+def _shuffled(head_programs, splits, rows, sms):
+    return torch.randperm(head_programs * splits * rows, generator=torch.Generator().manual_seed(0)).tolist()
+
+
+ORDERS = {  # round 48: work tables (None: no table, the launch order of the grid)
+    "grid": None,
+    "identity table": _identity,
+    "paired": "paired",
+    "splits fastest": _splits_fastest,
+    "shuffled": _shuffled,
+}
+ORDER_CASES = [("mha", 0), ("mha", 4), ("mha", 2), ("mha", 3), ("gqa", 4), ("gqa", 0)]
+
+
+def order_rows(add, dev):
+    """Round 48: the same kernel with its programs' work in other orders (a table: compiled once per setting)."""
+    paired = kernel._paired_order
+    for shape, bits in ORDER_CASES:
+        hq, hkv = SHAPES[shape]
+        for T in (65536, 131072):
+            t_dense, _ = dense_time(hq, hkv, T, dev)
+            add({"part": "orders", "shape": shape, "bits": bits or 16, "tokens": T, "variant": "dense-sdpa",
+                 "us": t_dense * 1e6})
+            case = latent_case(T, hq, hkv, 1, 0.5, bits, dev)
+            want = None
+            for name, order in ORDERS.items():
+                with module_settings():
+                    for key, value in kernel.settings(bits, hq // hkv).items():
+                        setattr(kernel, key, value)
+                    kernel.PAIR_SPLITS = order is not None
+                    if callable(order):  # made once, before the graph capture
+                        kernel._paired_order = functools.lru_cache(
+                            lambda *args, order=order: torch.tensor(order(*args[:4]), dtype=torch.int32, device=dev))
+                    try:
+                        got = kernel.palu_decode(**case)
+                        t = c.graph_time(lambda: kernel.palu_decode(**case))
+                    except Exception as error:  # noqa: BLE001  (a variant that fails is recorded)
+                        add({"part": "orders", "shape": shape, "bits": bits or 16, "tokens": T, "variant": name,
+                             "error": f"{type(error).__name__}: {str(error)[:300]}"})
+                        continue
+                    finally:
+                        kernel._paired_order = paired
+                want = got if want is None else want
+                add({"part": "orders", "shape": shape, "bits": bits or 16, "tokens": T, "variant": name,
+                     "us": t * 1e6, "speedup": t_dense / t, "equal_to_grid": bool(torch.equal(got, want))})
+            del case
+            torch.cuda.empty_cache()
+
+
 def main() -> int:
     dev = "cuda"
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results" / "palu_pair_probe.json"
+    part = sys.argv[1] if len(sys.argv) > 1 else "orders"
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).parent / "results" / f"palu_pair_probe_{part}.json"
     env = c.environment()
     rows = []
 
@@ -76,6 +140,9 @@ def main() -> int:
         print(row, flush=True)
         c.write_json(out, {"env": env, "rows": rows})
 
+    if part == "orders":
+        order_rows(add, dev)
+        return 0
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for programs in (2 * sms - 8, 2 * sms):
         for warps in (4, 16):

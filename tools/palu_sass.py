@@ -7,7 +7,7 @@ with Triton. A way to compare kernel variants between device sessions; it measur
                               [--bits 0|2|3|4] [--fp16] [--rank 64] [--sass FILE]
                               [--rope-in-dtype] [--maxnreg N] [--packed] [--gp 16|8] [--rope-by-slot]
                               [--fixed-max] [--whole-blocks] [--heads 1|2|4] [--qpk 4|1] [--rows-in-step] [--fold]
-                              [--rows-in-l1]
+                              [--rows-in-l1] [--work]
 
 The shapes are Llama-3-8B's at half rank, groups of one KV head (query heads 4 per KV head, head dim
 128, key and value rank 64), bf16; pointers 16-byte aligned as torch allocates them.
@@ -46,7 +46,7 @@ def compile_kernel(a):
                      HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch, PACKED=a.packed,
                      ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks,
                      HP=a.heads, PREFETCH_ROWS=not a.rows_in_step, FOLD_QUERY=a.fold,
-                     ROWS_IN_L1=a.rows_in_l1)
+                     ROWS_IN_L1=a.rows_in_l1, HAS_WORK=a.work)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     if a.fp16:
         pointers = {n: "*fp16" if t == "*bf16" else t for n, t in pointers.items()}
@@ -93,6 +93,7 @@ def main() -> int:
     p.add_argument("--heads", type=int, default=1, help="KV heads per program (HP)")
     p.add_argument("--qpk", type=int, default=4, help="query heads per KV head (4: the 8B shape; 1: MHA)")
     p.add_argument("--fold", action="store_true", help="with --qpk 1: the query folded into the up rows (FOLD_QUERY)")
+    p.add_argument("--work", action="store_true", help="programs in a work table's order (HAS_WORK: PAIR_SPLITS)")
     p.add_argument("--rows-in-l1", action="store_true", help="rope rows by 8-byte async copies (ROWS_IN_L1)")
     p.add_argument("--rows-in-step", action="store_true", help="with --prefetch: rope rows and ranks loaded in the step")
     a = p.parse_args()
