@@ -48,6 +48,7 @@
 #   bash benchmarks/gpu_palu.sh round47  (<= 9 min) where the SMs run the programs, the rope rows through L1 with the
 #                                        programs of an SM on one split (benchmarks/palu_pair_probe.py), kernel GPU tests
 #   bash benchmarks/gpu_palu.sh round48  (<= 7 min) the tuned kernel with its programs' work in other orders (palu_pair_probe.py)
+#   bash benchmarks/gpu_palu.sh round49  (<= 5 min) the grid's order against the identity table, in turn (palu_pair_probe.py ab)
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -330,6 +331,12 @@ PY
       --format=csv,noheader | head -1 | tr ' ' '_').json" > "$R/pair_probe_r48.log" 2>&1
     grep -o "'shape.*'us': [0-9.]*" "$R/pair_probe_r48.log" | cut -c1-120
     tail -2 "$R/pair_probe_r48.log" | grep -i error ;;
+  round49)  # the grid's order against the identity table (round 48: every table 8% faster on quantised MHA), in turn
+    nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv
+    timeout 400 python benchmarks/palu_pair_probe.py ab "$R/palu_pair_probe_r49_$(nvidia-smi --query-gpu=name \
+      --format=csv,noheader | head -1 | tr ' ' '_').json" > "$R/pair_probe_r49.log" 2>&1
+    grep -o "'shape.*'us': [0-9.]*" "$R/pair_probe_r49.log" | cut -c1-120
+    nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}

@@ -15,7 +15,9 @@ the second may find the rows in the SM's L1. Here:
   orders           (round 48) the tuned kernel with its programs' work items in other orders (a work table:
                    identity, paired, split by split, shuffled): bf16 and 2/3/4 bits, MHA and the 8B shape
 
-    python benchmarks/palu_pair_probe.py rows|orders [OUT.json]
+  ab               (round 49) the grid's order against the identity table, each timed three times in turn
+
+    python benchmarks/palu_pair_probe.py rows|orders|ab [OUT.json]
 """
 
 from __future__ import annotations
@@ -93,10 +95,11 @@ ORDERS = {  # round 48: work tables (None: no table, the launch order of the gri
 ORDER_CASES = [("mha", 0), ("mha", 4), ("mha", 2), ("mha", 3), ("gqa", 4), ("gqa", 0)]
 
 
-def order_rows(add, dev):
-    """Round 48: the same kernel with its programs' work in other orders (a table: compiled once per setting)."""
+def order_rows(add, dev, cases=ORDER_CASES, orders=tuple(ORDERS), repeats=1):
+    """Round 48: the same kernel with its programs' work in other orders (a table: compiled once per setting);
+    ``repeats``: the orders timed in turn that many times (round 49: the grid against the identity table)."""
     paired = kernel._paired_order
-    for shape, bits in ORDER_CASES:
+    for shape, bits in cases:
         hq, hkv = SHAPES[shape]
         for T in (65536, 131072):
             t_dense, _ = dense_time(hq, hkv, T, dev)
@@ -104,7 +107,8 @@ def order_rows(add, dev):
                  "us": t_dense * 1e6})
             case = latent_case(T, hq, hkv, 1, 0.5, bits, dev)
             want = None
-            for name, order in ORDERS.items():
+            for name in [name for _ in range(repeats) for name in orders]:
+                order = ORDERS[name]
                 with module_settings():
                     for key, value in kernel.settings(bits, hq // hkv).items():
                         setattr(kernel, key, value)
@@ -142,6 +146,9 @@ def main() -> int:
 
     if part == "orders":
         order_rows(add, dev)
+        return 0
+    if part == "ab":
+        order_rows(add, dev, [("mha", 4), ("mha", 0), ("mha", 3), ("gqa", 0)], ("grid", "identity table"), 3)
         return 0
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for programs in (2 * sms - 8, 2 * sms):
