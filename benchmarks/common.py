@@ -74,6 +74,7 @@ import contextlib
 import copy
 import inspect
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -112,9 +113,12 @@ def bench(fn, rep_ms=200):
 _FLUSH = {}
 
 
-def graph_time(fn, replays=30, flush="read"):
+def graph_time(fn, replays=30, flush="read", warmup_s=None):
     """GPU time of ``fn`` in seconds with no CPU launch overhead and a cold L2: ``flush(); fn()`` is
-    captured in a CUDA graph and timed per replay with events (median), minus the flush alone.
+    captured in a CUDA graph, replayed for ``warmup_s`` seconds (the GPU busy, as in a decode loop, before
+    anything is timed: the first replays after an idle spell ran up to 9% slower for issue-bound kernels, Palu
+    round 49) and timed per replay with events (median), minus the flush alone. ``warmup_s`` default: the
+    environment's ``GRAPH_WARMUP_S``, else 0.05 (0: no warm-up, as before 2026-12-03).
 
     ``flush="read"`` evicts L2 by reading a 256 MiB buffer, so L2 holds clean lines only, as in a
     decode step, where the ops before attention read weights and write a few activations.
@@ -135,6 +139,12 @@ def graph_time(fn, replays=30, flush="read"):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             body()
+        warm = float(os.environ.get("GRAPH_WARMUP_S", 0.05)) if warmup_s is None else warmup_s
+        deadline = time.perf_counter() + warm
+        while time.perf_counter() < deadline:
+            for _ in range(10):
+                graph.replay()
+            torch.cuda.synchronize()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
         for start, end in events:
             start.record()

@@ -45,10 +45,8 @@
 #   bash benchmarks/gpu_palu.sh round45  (<= 4 min) round45 sweep (bf16 MHA, folded query: two KV heads per program,
 #                                        128-token tiles), the layer (16/4/3/2 bits) with its fastest
 #   bash benchmarks/gpu_palu.sh round46  (<= 7 min) every Palu GPU test, round46 sweep (bf16 MHA), layer (16/4/3/2 bits)
-#   bash benchmarks/gpu_palu.sh round47  (<= 9 min) where the SMs run the programs, the rope rows through L1 with the
-#                                        programs of an SM on one split (benchmarks/palu_pair_probe.py), kernel GPU tests
-#   bash benchmarks/gpu_palu.sh round48  (<= 7 min) the tuned kernel with its programs' work in other orders (palu_pair_probe.py)
-#   bash benchmarks/gpu_palu.sh round49  (<= 5 min) the grid's order against the identity table, in turn (palu_pair_probe.py ab)
+#   bash benchmarks/gpu_palu.sh round50  (<= 9 min) the layer (16/4/3/2 bits) timed without and with graph_time's warm-up,
+#                                        the SM clock sampled meanwhile; every Palu GPU test
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -321,22 +319,19 @@ PY
     timeout 110 python benchmarks/bench_palu.py layer --tuning "$R"/palu_sweep_r46*_NVIDIA*.json --group-sizes 1 --ratios 0.5 \
       --bits 16 4 3 2 --lengths 65536 131072 --tag _r46 --out "$R" > "$R/layer_r46.log" 2>&1
     grep "kernel settings\| | " "$R/layer_r46.log" | tail -20 ;;
-  round47)  # the rope rows through L1 with the two programs of an SM on one split (PAIR_SPLITS, ROWS_IN_L1), kernel tests
-    timeout 420 python benchmarks/palu_pair_probe.py rows "$R/palu_pair_probe_r47_$(nvidia-smi --query-gpu=name \
-      --format=csv,noheader | head -1 | tr ' ' '_').json" > "$R/pair_probe_r47.log" 2>&1
-    grep -o "'variant': '[^']*'.*'us': [0-9.]*\|'part': 'placement'.*" "$R/pair_probe_r47.log" | cut -c1-200
-    timeout 140 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py 2>&1 | tee "$R/gpu_tests.log" | tail -3 ;;
-  round48)  # the tuned kernel with its programs' work in other orders (round 47: 4 bits on MHA 8-12% faster paired)
-    timeout 400 python benchmarks/palu_pair_probe.py orders "$R/palu_pair_probe_r48_$(nvidia-smi --query-gpu=name \
-      --format=csv,noheader | head -1 | tr ' ' '_').json" > "$R/pair_probe_r48.log" 2>&1
-    grep -o "'shape.*'us': [0-9.]*" "$R/pair_probe_r48.log" | cut -c1-120
-    tail -2 "$R/pair_probe_r48.log" | grep -i error ;;
-  round49)  # the grid's order against the identity table (round 48: every table 8% faster on quantised MHA), in turn
-    nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv
-    timeout 400 python benchmarks/palu_pair_probe.py ab "$R/palu_pair_probe_r49_$(nvidia-smi --query-gpu=name \
-      --format=csv,noheader | head -1 | tr ' ' '_').json" > "$R/pair_probe_r49.log" 2>&1
-    grep -o "'shape.*'us': [0-9.]*" "$R/pair_probe_r49.log" | cut -c1-120
-    nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv ;;
+  round50)  # the layer (16/4/3/2 bits, 64K/128K) timed without and with the 50 ms warm-up of common.graph_time (rounds
+            # 47-49: the first timing after an idle spell up to 9% slow), the SM clock sampled meanwhile; GPU tests
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 250 > "$R/clocks_r50.csv" &
+    sampler=$!
+    for w in 0 0.05; do
+      tag=_r50$([ $w = 0 ] && echo _cold)
+      GRAPH_WARMUP_S=$w timeout 150 python benchmarks/bench_palu.py layer --group-sizes 1 --ratios 0.5 --bits 16 4 3 2 \
+        --lengths 65536 131072 --tag "$tag" --out "$R" > "$R/layer$tag.log" 2>&1
+      grep " | " "$R/layer$tag.log" | tail -20
+    done
+    kill $sampler
+    timeout 230 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 \
+      | tee "$R/gpu_tests.log" | tail -3 ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}

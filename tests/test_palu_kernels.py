@@ -209,42 +209,6 @@ def test_decode_kernel_heads_per_program(shape, extra, heads, rows, monkeypatch)
     torch.testing.assert_close(palu.palu_decode(**a, splits=2, window=40), want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("head_programs,splits,rows,sms", [(32, 8, 1, 132), (8, 33, 1, 132), (8, 6, 5, 132),
-                                                            (3, 5, 2, 16), (4, 3, 1, 7)])
-def test_paired_order_puts_a_split_on_both_programs_of_an_sm(head_programs, splits, rows, sms):
-    """``PAIR_SPLITS``' work table: a permutation of the work items in which programs ``i`` and ``i + sms`` take
-    head programs of the same (row, split) wherever the (row, split) has two left."""
-    table = palu._paired_order(head_programs, splits, rows, sms, torch.device("cpu")).tolist()
-    n = head_programs * splits * rows
-    assert sorted(table) == list(range(n))
-    pairs = (head_programs // 2) * splits * rows
-    shared = sum(table[i] // head_programs == table[i + sms] // head_programs for i in range(n - sms))
-    assert shared == min(pairs, n - sms)
-    assert palu._paired_order(head_programs, splits, rows, n, torch.device("cpu")) is None  # one wave: no pairs
-
-
-@interpreter_only
-@pytest.mark.parametrize("shape,extra", [
-    (dict(hq=8, hkv=8, gs=1, rk=16, norm=False), dict(FOLD_QUERY=True)),
-    (dict(), dict(HEADS_PER_PROGRAM=2)),
-    (dict(hq=8, hkv=8, gs=1, rk=16, bits=4, quant_group=4), dict(PREFETCH=True)),
-])
-def test_decode_kernel_paired_order(shape, extra, monkeypatch):
-    """The programs in ``PAIR_SPLITS``' order (each reads its work item from the table): the reference's output,
-    with a padded row and three splits, on "SMs" that make the programs one and a half waves."""
-    settings(monkeypatch, PAIR_SPLITS=True, QUERY_TILE=8, BLOCK_N=16, **extra)
-    a = make_case(**shape)
-    kv_heads = a["k_up"].shape[0] * a["k_up"].shape[1] // a["q"].shape[-1]
-    programs = a["q"].shape[0] * kv_heads // extra.get("HEADS_PER_PROGRAM", 1) * 3
-    monkeypatch.setattr(palu, "_sms", lambda device: programs * 2 // 3)
-    tables = []
-    order = palu._paired_order
-    monkeypatch.setattr(palu, "_paired_order", lambda *args: tables.append(order(*args)) or tables[-1])
-    want = ref.latent_attention(**a, window=40)
-    torch.testing.assert_close(palu.palu_decode(**a, splits=3, window=40), want, atol=2e-5, rtol=1e-4)
-    assert tables and tables[0] is not None and not torch.equal(tables[0], torch.arange(programs, dtype=torch.int32))
-
-
 @interpreter_only
 @pytest.mark.parametrize(
     "shape,extra",

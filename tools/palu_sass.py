@@ -7,7 +7,6 @@ with Triton. A way to compare kernel variants between device sessions; it measur
                               [--bits 0|2|3|4] [--fp16] [--rank 64] [--sass FILE]
                               [--rope-in-dtype] [--maxnreg N] [--packed] [--gp 16|8] [--rope-by-slot]
                               [--fixed-max] [--whole-blocks] [--heads 1|2|4] [--qpk 4|1] [--rows-in-step] [--fold]
-                              [--rows-in-l1] [--work]
 
 The shapes are Llama-3-8B's at half rank, groups of one KV head (query heads 4 per KV head, head dim
 128, key and value rank 64), bf16; pointers 16-byte aligned as torch allocates them.
@@ -33,7 +32,7 @@ from kvpress.kernels import palu  # noqa: E402
 
 POINTERS = {"Q": "*bf16", "KL": "*bf16", "KS": "*bf16", "VL": "*bf16", "VS": "*bf16", "KUP": "*bf16", "KB": "*bf16",
             "KNW": "*bf16", "POS": "*i32", "KR": "*i32", "QR": "*i32", "COS": "*bf16", "SIN": "*bf16", "PO": "*fp32",
-            "PML": "*fp32", "LEN": "*i32", "WORK": "*i32"}
+            "PML": "*fp32", "LEN": "*i32"}
 FLOATS = {"qk_scale", "eps"}
 
 
@@ -45,8 +44,7 @@ def compile_kernel(a):
                      V_WORDS=words, V_FAST=a.bits in (2, 3, 4), HAS_KB=False, HAS_NORM=False, BLOCK_N=a.block_n,
                      HAS_LEN=True, ROPE_IN_DTYPE=a.rope_in_dtype, PREFETCH=a.prefetch, PACKED=a.packed,
                      ROPE_BY_SLOT=a.rope_by_slot, FIXED_MAX=a.fixed_max, WHOLE_BLOCKS=a.whole_blocks,
-                     HP=a.heads, PREFETCH_ROWS=not a.rows_in_step, FOLD_QUERY=a.fold,
-                     ROWS_IN_L1=a.rows_in_l1, HAS_WORK=a.work)
+                     HP=a.heads, PREFETCH_ROWS=not a.rows_in_step, FOLD_QUERY=a.fold)
     pointers = {**POINTERS, **(dict(KL="*i32", VL="*i32") if a.bits else {})}  # packed codes
     if a.fp16:
         pointers = {n: "*fp16" if t == "*bf16" else t for n, t in pointers.items()}
@@ -93,8 +91,6 @@ def main() -> int:
     p.add_argument("--heads", type=int, default=1, help="KV heads per program (HP)")
     p.add_argument("--qpk", type=int, default=4, help="query heads per KV head (4: the 8B shape; 1: MHA)")
     p.add_argument("--fold", action="store_true", help="with --qpk 1: the query folded into the up rows (FOLD_QUERY)")
-    p.add_argument("--work", action="store_true", help="programs in a work table's order (HAS_WORK: PAIR_SPLITS)")
-    p.add_argument("--rows-in-l1", action="store_true", help="rope rows by 8-byte async copies (ROWS_IN_L1)")
     p.add_argument("--rows-in-step", action="store_true", help="with --prefetch: rope rows and ranks loaded in the step")
     a = p.parse_args()
     kernel = compile_kernel(a)

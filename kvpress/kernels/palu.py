@@ -68,15 +68,9 @@ FIXED_MAX = True
 # MMA gives q1 * k1 + q2 * k2 and q2 * k1 - q1 * k2 per rotary pair, and the score is their sum weighted by the
 # block's cos / sin rows (one MMA against ones), instead of rotating the keys and a score MMA (see the kernel)
 FOLD_QUERY = True
-# Programs i and i + SMs (the two a GPU that fills its SMs in launch order, a wave at a time, runs side by side) take
-# KV heads of the same split, so that one of them may find the split's rope rows in the SM's L1 (rows loaded by
-# hand, PREFETCH: async copies bypass L1). The order only: any placement gives the same result
-PAIR_SPLITS = False
-ROWS_IN_L1 = False  # the rope rows by 8-byte async copies (cached in L1) instead of 16-byte ones (which bypass it)
 FIXED_MAX_RANGE: tl.constexpr = tl.constexpr(64.0)
 TUNABLE = ("BLOCK_N", "NUM_WARPS", "NUM_STAGES", "PROGRAMS_PER_SM", "HEADS_PER_PROGRAM", "ROPE_IN_DTYPE", "PREFETCH",
-           "PREFETCH_ROWS", "MAX_REGISTERS", "QUERY_TILE", "FIXED_MAX", "FOLD_QUERY",
-           "PAIR_SPLITS", "ROWS_IN_L1")
+           "PREFETCH_ROWS", "MAX_REGISTERS", "QUERY_TILE", "FIXED_MAX", "FOLD_QUERY")
 # Settings measured best on an H200 (``benchmarks/bench_palu.py sweep``) per (key-latent bits (0:
 # unquantised), query heads per KV head (None: any)), over the module defaults above; names as the
 # module constants. 128K tokens, Llama-3-8B shape (and MHA: 32 KV heads), groups of one KV head, half
@@ -302,14 +296,11 @@ def _latent_tile(L, S, row0, srow0, row, c0, R: tl.constexpr, C: tl.constexpr, B
 
 
 @triton.jit
-def _rope_rows(COS, SIN, pos, ok, d, HALF: tl.constexpr, BY_SLOT: tl.constexpr = False, IN_L1: tl.constexpr = False):
+def _rope_rows(COS, SIN, pos, ok, d, HALF: tl.constexpr, BY_SLOT: tl.constexpr = False):
     """``cos``/``sin`` rows ``[BLOCK_N, HALF]`` of the half tables at positions ``pos`` (int32 rows:
-    ``P * HALF < 2^31``; ``BY_SLOT``: rows per slot, ``pos`` the slots), as stored. ``IN_L1``: in pieces of 4
-    values (8-byte async copies, which allocate in L1; 16-byte ones bypass it)."""
+    ``P * HALF < 2^31``; ``BY_SLOT``: rows per slot, ``pos`` the slots), as stored."""
     if not BY_SLOT:
         pos = tl.maximum(pos, 0)
-    if IN_L1:
-        d = d // 4 * 4 + d % 4
     cos = tl.load(COS + pos[:, None] * HALF + d[None, :], mask=ok[:, None], other=0.0)
     sin = tl.load(SIN + pos[:, None] * HALF + d[None, :], mask=ok[:, None], other=0.0)
     return cos, sin
@@ -340,7 +331,7 @@ _STRIDES = ["kl_b", "kl_g", "ks_b", "ks_g", "vl_b", "vl_g", "vs_b", "vs_g", "pos
 
 @triton.jit(do_not_specialize=["T", "split_len", "window"] + _STRIDES)
 def _palu_decode_kernel(
-    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN, WORK,
+    Q, KL, KS, VL, VS, KUP, KB, KNW, POS, KR, QR, COS, SIN, PO, PML, LEN,
     kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, pos_b, kr_b, rope_b,
     T, split_len, window, qk_scale, eps,
     GS: tl.constexpr, QPK: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
@@ -352,7 +343,7 @@ def _palu_decode_kernel(
     ROPE_IN_DTYPE: tl.constexpr = False, PREFETCH: tl.constexpr = True, PACKED: tl.constexpr = False,
     ROPE_BY_SLOT: tl.constexpr = False, FIXED_MAX: tl.constexpr = False, PDL: tl.constexpr = False,
     WHOLE_BLOCKS: tl.constexpr = False, HP: tl.constexpr = 1, PREFETCH_ROWS: tl.constexpr = True,
-    FOLD_QUERY: tl.constexpr = False, HAS_WORK: tl.constexpr = False, ROWS_IN_L1: tl.constexpr = False,
+    FOLD_QUERY: tl.constexpr = False,
 ):
     """Program ``(KV heads i * HP .. i * HP + HP - 1, split s, row b)``: tokens ``[s * split_len, (s + 1) *
     split_len)`` of ``HP`` consecutive KV heads (each head ``j`` of its group ``g``), each for its ``QPK``
@@ -395,18 +386,10 @@ def _palu_decode_kernel(
 """
     if PDL:
         gdc_launch_dependents()  # the merge kernel may start now; it waits (gdc_wait) for this one's partials
-    n_splits = tl.num_programs(1)
-    if HAS_WORK:  # the program's work item ((row * splits + split) * head programs + head program) from a table
-        pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + n_splits * tl.program_id(2))
-        item = tl.load(WORK + pid)
-        head_program = item % tl.num_programs(0)
-        split = item // tl.num_programs(0) % n_splits
-        b = item // (tl.num_programs(0) * n_splits)
-    else:
-        head_program = tl.program_id(0)
-        split = tl.program_id(1)
-        b = tl.program_id(2)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
     hkv = tl.num_programs(0) * HP
+    n_splits = tl.num_programs(1)
     dtype = Q.dtype.element_ty
 
     FOLD: tl.constexpr = FOLD_QUERY and QPK == 1 and RC == RK and not HAS_NORM
@@ -440,7 +423,7 @@ def _palu_decode_kernel(
     kb1s = ()
     kb2s = ()
     for j in tl.static_range(HP):
-        kvh = head_program * HP + j
+        kvh = tl.program_id(0) * HP + j
         g = kvh // GS
         heads = heads + (kvh,)
         q_base = Q + (b64 * hkv + kvh) * (QPK * D)
@@ -579,7 +562,7 @@ def _palu_decode_kernel(
             if not PF_ROWS:
                 kr = tl.load(kr_base + offs_n, mask=ld_ok, other=-1)
                 rows = offs_n if ROPE_BY_SLOT else tl.load(pos_base + offs_n, mask=ld_ok, other=0)
-                cos, sin = _rope_rows(COS, SIN, rows, ld_ok, d, HALF, ROPE_BY_SLOT, ROWS_IN_L1)
+                cos, sin = _rope_rows(COS, SIN, rows, ld_ok, d, HALF, ROPE_BY_SLOT)
             # 0 <= kr <= qr and qr - kr < window, as one unsigned comparison against the lowest rank in the window
             ok = n_ok & ((kr - lowest).to(tl.uint32, bitcast=True) <= (qr - lowest).to(tl.uint32, bitcast=True))
             if ROPE_IN_DTYPE:  # the rotation in the model's dtype, rounded op by op as transformers does it
@@ -861,11 +844,6 @@ def _sm_count(index) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _sms(device: torch.device) -> int:
-    """SMs the decode's splits fill (1 off CUDA)."""
-    return _sm_count(device.index or 0) if device.type == "cuda" else 1
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x [B, G, T, W]`` with contiguous token rows (the layout of an append buffer's filled part);
     copied only when it is not."""
@@ -1109,14 +1087,11 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     rows_ok = cos.stride()[1:] == (D // 2, 1) and cos.stride(0) % (D // 2) == 0 and sin.stride() == cos.stride()
     if not (by_slot and rows_ok):
         cos, sin = cos.contiguous(), sin.contiguous()
-    work = None
-    if tuned["PAIR_SPLITS"]:
-        work = _paired_order(hkv // hp, splits, B, _sms(q.device), q.device)
     _palu_decode_kernel[(hkv // hp, splits, B)](
         q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
         k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
         positions, k_rank, q_rank.reshape(B).int().contiguous(),
-        cos, sin, po, pml, length if length is not None else dummy, work if work is not None else dummy,
+        cos, sin, po, pml, length if length is not None else dummy,
         kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
         cos.stride(0) // (D // 2) if by_slot else 0,
         T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
@@ -1128,34 +1103,12 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
         PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), ROPE_BY_SLOT=by_slot,
         FIXED_MAX=tuned["FIXED_MAX"], PDL=USE_PDL and has_pdl(q.device), WHOLE_BLOCKS=T >= block_n, HP=hp,
-        PREFETCH_ROWS=tuned["PREFETCH_ROWS"], FOLD_QUERY=tuned["FOLD_QUERY"], HAS_WORK=work is not None,
-        ROWS_IN_L1=tuned["ROWS_IN_L1"], num_warps=tuned["NUM_WARPS"],
+        PREFETCH_ROWS=tuned["PREFETCH_ROWS"], FOLD_QUERY=tuned["FOLD_QUERY"],
+        num_warps=tuned["NUM_WARPS"],
         num_stages=stages,
         **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),
     )
     return po, pml, splits
-
-
-@functools.lru_cache
-def _paired_order(head_programs: int, splits: int, rows: int, sms: int, device: torch.device) -> torch.Tensor | None:
-    """The decode kernel's work table for ``PAIR_SPLITS``: ``table[program]`` is the work item ``(row * splits +
-    split) * head_programs + head_program`` of launch-order program ``program``, such that programs ``i`` and ``i +
-    sms`` take two head programs of the same (row, split). None when the programs are not between one and two
-    waves of ``sms`` (no pairs, or more than two per SM)."""
-    n = head_programs * splits * rows
-    if not sms < n <= 2 * sms:
-        return None
-    groups = [range(first, first + head_programs) for first in range(0, n, head_programs)]
-    pairs = [(g[i], g[i + 1]) for g in groups for i in range(0, len(g) - 1, 2)]
-    singles = [g[-1] for g in groups if len(g) % 2]
-    used = min(len(pairs), n - sms)  # programs i < n - sms share an SM with program i + sms
-    table = [-1] * n
-    for i, (first, second) in enumerate(pairs[:used]):
-        table[i], table[i + sms] = first, second
-    rest = [item for pair in pairs[used:] for item in pair] + singles
-    for slot, item in zip([i for i in range(n) if table[i] < 0], rest):
-        table[slot] = item
-    return torch.tensor(table, dtype=torch.int32, device=device)
 
 
 def _splits(splits: int | None, per_sm: int, q: torch.Tensor, heads: int, T: int, block_n: int) -> tuple[int, int]:
@@ -1164,7 +1117,7 @@ def _splits(splits: int | None, per_sm: int, q: torch.Tensor, heads: int, T: int
     (row, KV heads of a program) pairs; the kernel is latency-bound (the H200 sweep), so a partial second wave (e.g. 32 KV
     heads x 9 splits = 288 programs for 264 slots) would double the time."""
     if splits is None:
-        target = per_sm * _sms(q.device)
+        target = per_sm * (_sm_count(q.device.index or 0) if q.is_cuda else 1)
         splits = max(1, min(target // heads, -(-T // block_n), MAX_SPLITS))
     split_len = -(-max(T, 1) // splits)
     split_len = -(-split_len // block_n) * block_n
