@@ -47,6 +47,7 @@
 #   bash benchmarks/gpu_palu.sh round46  (<= 7 min) every Palu GPU test, round46 sweep (bf16 MHA), layer (16/4/3/2 bits)
 #   bash benchmarks/gpu_palu.sh round50  (<= 9 min) the layer (16/4/3/2 bits) timed without and with graph_time's warm-up,
 #                                        the SM clock sampled meanwhile; every Palu GPU test
+#   bash benchmarks/gpu_palu.sh round51  (<= 5 min) MHA (bf16, 4-bit) in four layer runs, each with fresh cases
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
 #   bash benchmarks/gpu_palu.sh layer    (TAG=_r19) the layer at 64K/128K, half rank (bf16, 4-bit; GQA, MHA)
@@ -332,6 +333,13 @@ PY
     kill $sampler
     timeout 230 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 \
       | tee "$R/gpu_tests.log" | tail -3 ;;
+  round51)  # MHA (bf16, 4-bit) at 64K/128K in four layer runs, each with its own freshly allocated cases (the spread
+            # between cases and runs: round 50's bf16 MHA took 269.5 us cold and 283.0 warm, each once)
+    for i in 1 2 3 4; do
+      timeout 80 python benchmarks/bench_palu.py layer --shapes mha --group-sizes 1 --ratios 0.5 --bits 16 4 \
+        --lengths 65536 131072 --tag "_r51_$i" --out "$R" > "$R/layer_r51_$i.log" 2>&1
+      grep " | " "$R/layer_r51_$i.log" | tail -6
+    done ;;
   round12|round16|round20)  # GPU tests; that round's sweep (GQA and MHA, bf16 and 4-bit, 128K); the layer at
             # 64K/128K with its fastest (round16: rope rows per slot; round20: one softmax reference per program)
     t=_r${part#round}
