@@ -333,6 +333,19 @@ GRIDS = {
     # instructions per block); two stages against three
     "round46": [*_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, FOLD_QUERY=True),  # as tuned
                 *_grid(64, 4, 2, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, FOLD_QUERY=True)],
+    # Triton 3.9 (what a fresh install with the newest torch gets; the device's torch pins 3.6) compiles the quantised
+    # loop to fewer registers without the hand prefetch (offline, 4 bits: 205-224 instead of 227-255): the quantised
+    # settings and bf16's again under it (benchmarks/gpu_triton.sh sweep)
+    "triton39q": [*_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8, PREFETCH_ROWS=False),  # as tuned (one head)
+                  *_grid(64, 4, 2, (2,), rope_in_dtype=True, QUERY_TILE=8, PREFETCH_ROWS=False,
+                         HEADS_PER_PROGRAM=2),  # as tuned for MHA
+                  *_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8),
+                  *_grid(64, 4, 2, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, HEADS_PER_PROGRAM=2),
+                  *_grid(64, 4, 4, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8),
+                  *_grid(64, 4, 2, (3,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8, MAX_REGISTERS=168)],
+    "triton39b": [*_grid(64, 4, 3, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8),  # as tuned
+                  *_grid(64, 4, 2, (2,), prefetch=False, rope_in_dtype=True, QUERY_TILE=8),
+                  *_grid(64, 4, 3, (2,), rope_in_dtype=True, QUERY_TILE=8)],
 }
 
 

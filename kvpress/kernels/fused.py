@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import OPTIONS
+
 log = logging.getLogger("kvpress")
 
 NORM_WARPS = 8
@@ -110,7 +112,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if xs.shape[0]:
         with _on_device(x):
             _rms_norm_kernel[(xs.shape[0],)](xs, rs, w, y, hs, xs.stride(0), rs.stride(0), n, hs.stride(0), n, float(eps),
-                                             HAS_RES=residual is not None, BLOCK=_pow2(n), num_warps=NORM_WARPS)
+                                             HAS_RES=residual is not None, BLOCK=_pow2(n), num_warps=NORM_WARPS,
+                                             **OPTIONS)
     return y if residual is None else (y, h)
 
 
@@ -147,7 +150,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gs.shape[0]:
         with _on_device(gate):
             _silu_mul_kernel[(gs.shape[0], triton.cdiv(n, SILU_BLOCK))](gs, us, y, gs.stride(0), us.stride(0), n, n,
-                                                                        BLOCK=SILU_BLOCK, num_warps=4)
+                                                                        BLOCK=SILU_BLOCK, num_warps=4, **OPTIONS)
     return y
 
 
@@ -242,7 +245,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torc
         with _on_device(q):
             _rotary_kernel[(B * T, Hq + k.shape[2])](
                 q, k, qo, ko, cos, sin, rows[0], q.stride(2), rows[1], k.stride(2), _row_stride(qo), qo.stride(2),
-                _row_stride(ko), ko.stride(2), c_b, cos.stride(1), T, Hq, HALF=D // 2, BLOCK=_pow2(D // 2), num_warps=1)
+                _row_stride(ko), ko.stride(2), c_b, cos.stride(1), T, Hq, HALF=D // 2, BLOCK=_pow2(D // 2), num_warps=1,
+                **OPTIONS)
     return qo, ko
 
 
@@ -369,7 +373,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 N, K, xs.stride(0), weight.stride(0), rs.stride(0), N, K, float(norm[1]) if norm is not None else 0.0,
                 HAS_BIAS=bias is not None, HAS_RES=residual is not None, SILU_MUL=silu_mul, NORM=norm is not None,
                 EVEN_K=K % block_k == 0, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                num_warps=warps, num_stages=stages)
+                num_warps=warps, num_stages=stages, **OPTIONS)
     except _BUILD_ERRORS as error:  # a Triton that cannot build this tile: F.linear from now on
         _GEMV_FAILED.add(config)
         log.warning("kvpress: the fused GEMV does not compile here (%s); decode projections use F.linear", error)

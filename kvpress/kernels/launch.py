@@ -25,6 +25,9 @@ from triton.runtime import driver
 
 _I32 = range(-(1 << 31), 1 << 31)
 TESTED_TRITON = ("3.6.",)
+# Compile options every kvpress launch passes. FMA contraction, on which the kernels were tuned: Triton's
+# default until 3.9 (which warns that it is unset) and off from 3.10 unless asked for.
+OPTIONS = {"enable_fp_fusion": True}
 
 
 @functools.lru_cache
@@ -57,6 +60,7 @@ class Launcher:
         self.params = getattr(kernel, "params", None) if direct else None  # None: plain launches (and the interpreter)
 
     def __call__(self, key, grid, args, constexprs: dict, **options):
+        options = {**OPTIONS, **options}
         if self.params is None:
             self.kernel[grid](*args, **constexprs, **options)
             return

@@ -42,7 +42,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import less_reference as reference
-from .launch import has_pdl
+from .launch import OPTIONS, has_pdl
 from .prefill import prefill_attention
 
 BLOCK_N = 64  # slots per inner step of the attention
@@ -519,7 +519,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), hq, hkv, hs_heads, slots, n_hidden,
         n_phi, n_fold, splits, split_len, scale * LOG2E,
         G=g, GP=_pow2(g, 16), D=d, BLOCK_D=block_d, R=rank_r, BLOCK_R=block_r, BLOCK_H=BLOCK_H, CHUNKS=chunks,
-        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, PDL=pdl, num_warps=STEP_WARPS, num_stages=STEP_STAGES)
+        BLOCK_N=BLOCK_N, STORE_LOGITS=heavy, PDL=pdl, num_warps=STEP_WARPS, num_stages=STEP_STAGES, **OPTIONS)
     out = torch.empty(b, hq, 1, d, dtype=q.dtype, device=dev)
     try:
         _finish_kernel[(b * hkv * (splits + 1),)](
@@ -530,7 +530,7 @@ def decode_step(q, k_new, v_new, q_rank, cache: reference.LessCache, w: referenc
             policy.sink, policy.recent,
             G=g, GP=_pow2(g, 2), D=d, R=rank_r, BLOCK_D=block_d, BLOCK_R=block_r, SP=_pow2(splits, 2),
             BLOCK_E=BLOCK_E, STATE=state, STATE_PER_QUERY=hs_heads != hkv, HEAVY=heavy, PDL=pdl,
-            num_warps=FINISH_WARPS, launch_pdl=pdl)
+            num_warps=FINISH_WARPS, launch_pdl=pdl, **OPTIONS)
     except BaseException:  # e.g. launch 2 refused by the device: leave the workspace as a step leaves it
         ws["phi"].zero_()  # launch 1 added into the feature accumulators, which launch 2 zeroes
         ws["psi"].zero_()
@@ -598,7 +598,7 @@ def column_mass(q, keys, ranks, q_rank, lse, scale: float) -> torch.Tensor:
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         lse.stride(0), lse.stride(1), q_rank.stride(0), n, lk, hkv, scale * LOG2E,
         G=g, GP=gp, BLOCK_M=max(1, MASS_ROWS // gp), BLOCK_N=MASS_BLOCK_N, BLOCK_D=_pow2(d, 16), D=d,
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2, **OPTIONS)
     return mass
 
 

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import OPTIONS
 from .minference_reference import BLOCK, SENTINEL, first_query_block, query_blocks
 
 NO_LIMIT = 1 << 30
@@ -455,7 +456,7 @@ def vs_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window=None, h
         *_launch_args(q, k, v, out), n, nqb, plan.tile_lo.shape[-1], plan.vertical.shape[-1],
         plan.count.shape[-1], scale * 1.4426950408889634, window if window is not None else NO_LIMIT,
         G=Hq // Hkv, BLOCK_M=BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D), D=D,
-        WINDOWED=window is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        WINDOWED=window is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **OPTIONS,
     )
     return out
 
@@ -535,7 +536,7 @@ def vs_union_attention(q, k, v, q_rank, k_rank, vertical, slash, scale, window=N
         *_launch_args(q, k, v, out), u.table.shape[0], n, nqb, u.plan.tile_lo.shape[-1], u.plan.vertical.shape[-1],
         u.count.shape[-1], u.bits.shape[-1], scale * 1.4426950408889634, window if window is not None else NO_LIMIT,
         G=Hq // Hkv, P=per, BLOCK_M=BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D), D=D,
-        num_warps=min(16, UNION_WARPS * per), num_stages=NUM_STAGES,
+        num_warps=min(16, UNION_WARPS * per), num_stages=NUM_STAGES, **OPTIONS,
     )
     return out
 
@@ -558,6 +559,6 @@ def block_sparse_attention(q, k, v, q_rank, k_rank, blocks, scale, window=None, 
         *_launch_args(q, k, v, out), n, nqb, blocks.shape[-1],
         scale * 1.4426950408889634, window if window is not None else NO_LIMIT,
         G=Hq // Hkv, BLOCK_M=BLOCK, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D), D=D,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, **OPTIONS,
     )
     return out

@@ -43,7 +43,7 @@ import triton.language as tl
 from . import palu_reference as ref
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .launch import has_packed_cvt, has_pdl
+from .launch import OPTIONS, has_packed_cvt, has_pdl
 
 BLOCK_N = 64  # cached tokens per inner step (largest; the plan lowers it when shared memory is short)
 NUM_WARPS = 4
@@ -836,7 +836,7 @@ def _launch_quantize(x: torch.Tensor, spec: ref.QuantSpec, words: torch.Tensor, 
             scale_min.numel() // x.shape[0], R=r, GROUP=spec.group, NG=n_groups, BITS=spec.bits,
             WORDS=sum(plane_words), WORDS0=plane_words[0], BLOCK_G=triton.next_power_of_2(n_groups),
             BLOCK_J=triton.next_power_of_2(spec.group), BLOCK_W0=triton.next_power_of_2(plane_words[0]),
-            BLOCK_W1=triton.next_power_of_2(plane_words[-1]), HAS_SLOT=slot is not None, num_warps=1)
+            BLOCK_W1=triton.next_power_of_2(plane_words[-1]), HAS_SLOT=slot is not None, num_warps=1, **OPTIONS)
 
 
 @functools.lru_cache
@@ -1042,7 +1042,7 @@ def palu_decode(
     _palu_merge_kernel[(hq, B)](
         po, pml, v_up.contiguous(), v_bias if v_bias is not None else dummy, out, splits_used,
         QPK=qpk, GP=gp, D=D, RV=v.rank, BLOCK_RV=block_rv, HAS_VB=v_bias is not None,
-        SB=MERGE_SPLITS, PDL=pdl, num_warps=4, launch_pdl=pdl,
+        SB=MERGE_SPLITS, PDL=pdl, num_warps=4, launch_pdl=pdl, **OPTIONS,
     )
     return out
 
@@ -1106,7 +1106,7 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         PREFETCH_ROWS=tuned["PREFETCH_ROWS"], FOLD_QUERY=tuned["FOLD_QUERY"],
         num_warps=tuned["NUM_WARPS"],
         num_stages=stages,
-        **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}),
+        **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}), **OPTIONS,
     )
     return po, pml, splits
 

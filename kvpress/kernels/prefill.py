@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import OPTIONS
+
 NO_LIMIT = 1 << 30  # stands for "no recent window" / "no sliding window" (ranks are < 2**30)
 _BIG = tl.constexpr(NO_LIMIT)  # the same, for use inside kernels
 # Tile settings (chosen by the sweep of benchmarks/bench_duo.py on an H100)
@@ -222,6 +224,6 @@ def prefill_attention(q, k, v, q_rank, k_rank, scale, sink=0, recent=None, windo
         sink if recent is not None else 0, recent if recent is not None else NO_LIMIT,
         window if window is not None else NO_LIMIT,
         G=group, GP=gp, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(D), D=D,
-        RANK_PER_HEAD=per_head, STORE_LSE=lse is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        RANK_PER_HEAD=per_head, STORE_LSE=lse is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **OPTIONS,
     )
     return out
