@@ -153,6 +153,40 @@ def test_gemv_kernel_equals_linear(on_triton, monkeypatch, rows, n, k, silu_mul,
 
 
 @torch.no_grad()
+def test_every_launch_asks_for_fma_contraction(on_triton, monkeypatch):
+    """Launches pass ``kernels.launch.OPTIONS`` (FMA contraction, on which the kernels were tuned: Triton 3.10 turns it
+    off by default), directly and through the decode kernels' ``Launcher``."""
+    import triton
+    import triton.language as tl
+
+    from kvpress.kernels import launch
+
+    @triton.jit
+    def double(X, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(X + i, tl.load(X + i) * 2)
+
+    seen = []
+    run = type(double).run
+
+    def recording_run(self, *args, **kwargs):
+        seen.append(kwargs.get("enable_fp_fusion"))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(double), "run", recording_run)
+    torch.manual_seed(7)
+    x = torch.randn(3, 32)
+    fused.rms_norm(x, torch.randn(32), 1e-6)
+    fused.silu_mul(x, x)
+    _, q, k, cos, sin = rotary_case(1, 1, 1, torch.float32)
+    fused.rotary(q, k, cos, sin)
+    fused.linear(x[:1, None], torch.randn(8, 32))
+    y = torch.ones(16)
+    launch.Launcher(double)("key", (1,), (y,), {"N": 16})
+    assert torch.equal(y, torch.full((16,), 2.0)) and seen == [True] * 5
+
+
+@torch.no_grad()
 def test_gemv_per_shape_settings(on_triton, monkeypatch):
     torch.manual_seed(6)
     w, x, r = torch.randn(24, 96), torch.randn(2, 1, 192), torch.randn(2, 1, 24)
