@@ -4,6 +4,8 @@
 # .triton/triton.tar.xz (tools/slim_triton.sh; carried, ignored by git).
 #   bash benchmarks/gpu_round.sh triton     (<= 9.5 min) kernel GPU tests under the carried Triton; the Palu layer
 #                                           (64K/128K, half rank, bf16 and 4-bit) under each Triton in turn
+#   bash benchmarks/gpu_round.sh triton:launch (<= 7 min) the direct launcher's and Duo decode's GPU tests under the
+#                                           carried Triton; benchmarks/host_overhead.py under each Triton
 #   bash benchmarks/gpu_round.sh triton:sweep  (<= 9.5 min) under the carried Triton: the Palu settings sweeps
 #                                           (bench_palu.py grids triton39q / triton39b, 128K, both shapes), the layer
 #                                           with their fastest
@@ -28,6 +30,18 @@ layer() {
   grep " | " "$R/layer_$1.log" | tail -12
 }
 version=$(with_alt python -c "import triton; print(triton.__version__.replace('.', ''))")
+if [ "${1:-check}" = launch ]; then  # the direct launcher (kvpress/kernels/launch.py) under both
+  echo "== direct-launcher and Duo decode GPU tests, Triton $version"
+  with_alt timeout 150 pytest -m gpu -q -p no:cacheprovider tests/test_foundation.py tests/test_kernels.py 2>&1 \
+    | tee "$R/gpu_tests_launch_triton$version.log" | tail -3
+  for which in device "$version"; do
+    echo "== host time per call, Triton $which"
+    if [ "$which" = device ]; then run=(); else run=(with_alt); fi
+    "${run[@]}" timeout 120 python benchmarks/host_overhead.py --out "$R/host_overhead_triton_$which.json" 2>&1 \
+      | tee "$R/host_overhead_triton_$which.log" | tail -14
+  done
+  exit 0
+fi
 if [ "${1:-check}" = sweep ]; then
   for grid_bits in triton39q:4 triton39b:16; do
     for shape in mha gqa; do

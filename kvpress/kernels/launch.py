@@ -24,7 +24,8 @@ import triton
 from triton.runtime import driver
 
 _I32 = range(-(1 << 31), 1 << 31)
-TESTED_TRITON = ("3.6.",)
+TESTED_TRITON = ("3.6.", "3.9.")
+_C_LAUNCH_36 = triton.__version__.startswith("3.6.")  # 3.6's C launcher argument order (3.9 reorders and adds to it)
 # Compile options every kvpress launch passes. FMA contraction, on which the kernels were tuned: Triton's
 # default until 3.9 (which warns that it is unset) and off from 3.10 unless asked for.
 OPTIONS = {"enable_fp_fusion": True}
@@ -87,11 +88,13 @@ class Launcher:
 
 
 def _direct(compiled):
-    """``launch(grid_x, grid_y, grid_z, stream, *args)`` for a compiled kernel: its C launcher
-    itself when the kernel needs no scratch memory, else the launcher object's call."""
+    """``launch(grid_x, grid_y, grid_z, stream, *args)`` for a compiled kernel: on Triton 3.6 its C launcher
+    itself when the kernel needs no scratch memory, else the launcher object's call (the same arguments on 3.6
+    and 3.9)."""
     launcher = compiled.run
     meta = (compiled.packed_metadata, None, None, None)  # no launch metadata, no enter/exit hooks
-    if getattr(launcher, "global_scratch_size", 1) == 0 and getattr(launcher, "profile_scratch_size", 1) == 0:
+    no_scratch = getattr(launcher, "global_scratch_size", 1) == 0 and getattr(launcher, "profile_scratch_size", 1) == 0
+    if _C_LAUNCH_36 and no_scratch:
         c_launch, flags = launcher.launch, (launcher.launch_cooperative_grid, launcher.launch_pdl, None, None)
 
         def launch(gx, gy, gz, stream, *args):
