@@ -36,7 +36,7 @@ def host_us(fn, calls):
     return sorted(times)[2]
 
 
-def launch_rows(args, calls):
+def launch_rows(attention, calls):
     """The decode kernels' launches alone: the split kernel through ``kernel[grid](...)`` and through
     the direct launcher (``kvpress.kernels.launch``); the merge kernel plainly and with PDL."""
     from kvpress.kernels import decode as decode_mod
@@ -48,7 +48,7 @@ def launch_rows(args, calls):
 
     decode_mod._launch_decode, decode_mod._launch_merge = recorder("split"), recorder("merge")
     try:
-        kernels.split_cache_attention(*args)
+        attention()
     finally:
         decode_mod._launch_decode, decode_mod._launch_merge = launchers
     key, grid, a, c, o = seen["split"]
@@ -143,7 +143,8 @@ def main():
         lambda: torch.index_select(k_new, 1, view.groups[0].heads, out=buf.storage.narrow(2, buf.length - 1, 1)),
         a.calls)
     rows["  empty_like (a trivial op)"] = host_us(lambda: torch.empty_like(q), a.calls)
-    rows.update(launch_rows(args, a.calls))
+    rows.update(launch_rows(
+        lambda: kernels.grouped_attention(q, view.groups, view.query_rank, c.D ** -0.5, new_kv=(k_new, v_new)), a.calls))
     rows["ledger begin alone"] = host_us(lambda: (ledger.begin(None, 1, 1, dev), ledger.rank.truncate(ledger.rank.length - 1),
                                                   ledger.window_rank.truncate(ledger.window_rank.length - 1),
                                                   setattr(ledger, "step", None)), a.calls)
