@@ -47,6 +47,7 @@
 #   bash benchmarks/gpu_palu.sh round46  (<= 7 min) every Palu GPU test, round46 sweep (bf16 MHA), layer (16/4/3/2 bits)
 #   bash benchmarks/gpu_palu.sh round50  (<= 9 min) the layer (16/4/3/2 bits) timed without and with graph_time's warm-up,
 #                                        the SM clock sampled meanwhile; every Palu GPU test
+#   bash benchmarks/gpu_palu.sh launch   (<= 3.5 min) the decode kernel's direct launches: GPU tests, host time per call
 #   bash benchmarks/gpu_palu.sh round51  (<= 5 min) MHA (bf16, 4-bit) in four layer runs, each with fresh cases
 #   bash benchmarks/gpu_palu.sh tests    the GPU tests (kernel and runtime)
 #   bash benchmarks/gpu_palu.sh graph-probe  where graph decode and eager decode part (benchmarks/palu_graph_probe.py)
@@ -333,6 +334,11 @@ PY
     kill $sampler
     timeout 230 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py 2>&1 \
       | tee "$R/gpu_tests.log" | tail -3 ;;
+  launch)  # the decode kernel through the direct launcher (kernels/launch.py): its GPU test, the measured settings and
+            # graph decode; host time per call (benchmarks/host_overhead.py)
+    timeout 120 pytest -m gpu -q -p no:cacheprovider tests/test_palu_kernels.py tests/test_palu.py \
+      -k "directly or (decode_kernel_gpu and tuned) or graph_decode" 2>&1 | tee "$R/gpu_tests_launch.log" | tail -4
+    timeout 90 python benchmarks/host_overhead.py --out "$R/host_overhead.json" 2>&1 | tee "$R/host_overhead.log" | tail -18 ;;
   round51)  # MHA (bf16, 4-bit) at 64K/128K in four layer runs, each with its own freshly allocated cases (the spread
             # between cases and runs: round 50's bf16 MHA took 269.5 us cold and 283.0 warm, each once)
     for i in 1 2 3 4; do

@@ -64,6 +64,28 @@ def launch_rows(attention, calls):
     return rows
 
 
+def palu_launch_rows(T, calls):
+    """Palu's decode kernel launch alone (8B shape, half rank, bf16 latents), through ``kernel[grid](...)`` and
+    through the direct launcher, and the whole ``palu_decode`` call (its merge launch and workspace included)."""
+    import bench_palu
+    from kvpress.kernels import palu
+
+    case = bench_palu.latent_case(T, 32, 8, 1, 0.5, None, "cuda")
+    launcher, seen = palu._launch_palu_decode, {}
+    palu._launch_palu_decode = lambda key, grid, a, constexprs, **options: seen.update(call=(key, grid, a, constexprs,
+                                                                                                options))
+    try:
+        palu.palu_decode(**case)
+    finally:
+        palu._launch_palu_decode = launcher
+    key, grid, a, c, o = seen["call"]
+    return {
+        f"  palu decode kernel[grid](...) ({len(a)} args)": host_us(lambda: launcher.kernel[grid](*a, **c, **o), calls),
+        "  palu decode, direct launcher": host_us(lambda: launcher(key, grid, a, c, **o), calls),
+        "palu_decode (decode + merge launches)": host_us(lambda: palu.palu_decode(**case), calls),
+    }
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=4096)
@@ -145,6 +167,7 @@ def main():
     rows["  empty_like (a trivial op)"] = host_us(lambda: torch.empty_like(q), a.calls)
     rows.update(launch_rows(
         lambda: kernels.grouped_attention(q, view.groups, view.query_rank, c.D ** -0.5, new_kv=(k_new, v_new)), a.calls))
+    rows.update(palu_launch_rows(T, a.calls))
     rows["ledger begin alone"] = host_us(lambda: (ledger.begin(None, 1, 1, dev), ledger.rank.truncate(ledger.rank.length - 1),
                                                   [r.truncate(r.length - 1) for r in ledger.window_rank.values()],
                                                   setattr(ledger, "step", None)), a.calls)

@@ -497,6 +497,22 @@ def test_decode_kernel_gpu(dtype, bits, gs, qpk, rk, rv, variant, monkeypatch):
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.gpu
+def test_decode_kernel_launches_directly_after_the_first_call():
+    """A second decode with the same key (kernels/launch.py) and more tokens goes through the kept compiled
+    launcher on a tested Triton version and still matches the reference; other versions launch plainly."""
+    import triton
+
+    from kvpress.kernels import launch
+
+    palu._launch_palu_decode.compiled.clear()
+    for tokens in (3000, 3100):
+        a = make_case(batch=2, hq=32, hkv=8, gs=1, dim=128, rk=64, rv=64, tokens=tokens, dtype=torch.bfloat16, bits=4,
+                      quant_group=32, pad=300, device="cuda", norm=False)
+        torch.testing.assert_close(palu.palu_decode(**a).float(), ref.latent_attention(**a).float(), atol=2e-2, rtol=2e-2)
+    assert bool(palu._launch_palu_decode.compiled) == triton.__version__.startswith(launch.TESTED_TRITON)
+
+
 @interpreter_only
 def test_decode_kernel_reads_buffers_with_room():
     """Latents, scales, positions and ranks as views of larger buffers (append buffers with room to

@@ -43,7 +43,7 @@ import triton.language as tl
 from . import palu_reference as ref
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .launch import OPTIONS, has_packed_cvt, has_pdl
+from .launch import OPTIONS, Launcher, has_packed_cvt, has_pdl
 
 BLOCK_N = 64  # cached tokens per inner step (largest; the plan lowers it when shared memory is short)
 NUM_WARPS = 4
@@ -1047,6 +1047,9 @@ def palu_decode(
     return out
 
 
+_launch_palu_decode = Launcher(_palu_decode_kernel)  # no per-call argument binding (kernels/launch.py)
+
+
 def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_bias, k_norm, window, splits,
                    block_n, stages, gp, block_rv, length=None, tuned=None, hp=None):
     """Launches the split-K decode kernel with one plan (``hp`` KV heads per program, default
@@ -1087,15 +1090,15 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
     rows_ok = cos.stride()[1:] == (D // 2, 1) and cos.stride(0) % (D // 2) == 0 and sin.stride() == cos.stride()
     if not (by_slot and rows_ok):
         cos, sin = cos.contiguous(), sin.contiguous()
-    _palu_decode_kernel[(hkv // hp, splits, B)](
-        q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
-        k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
-        positions, k_rank, q_rank.reshape(B).int().contiguous(),
-        cos, sin, po, pml, length if length is not None else dummy,
-        kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
-        cos.stride(0) // (D // 2) if by_slot else 0,
-        T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
-        float(k_norm[1]) if k_norm is not None else 0.0,
+    args = (q.contiguous(), kl, ks, vl, vs, k_up.contiguous(),
+            k_bias if k_bias is not None else dummy, k_norm[0] if k_norm is not None else dummy,
+            positions, k_rank, q_rank.reshape(B).int().contiguous(),
+            cos, sin, po, pml, length if length is not None else dummy,
+            kl_b, kl_g, ks_b, ks_g, vl_b, vl_g, vs_b, vs_g, positions.stride(0), k_rank.stride(0),
+            cos.stride(0) // (D // 2) if by_slot else 0,
+            T, split_len, window if window is not None else NO_LIMIT, scale * 1.4426950408889634,
+            float(k_norm[1]) if k_norm is not None else 0.0)
+    constexprs = dict(  # in the kernel's order
         GS=gs, QPK=qpk, GP=gp, D=D, HALF=D // 2,
         RK=rk, RC=_chunk(rk), K_BITS=kbits, K_QG=kqg, K_NQ=knq, K_WORDS=kwords, K_FAST=kfast,
         RV=v.rank, BLOCK_RV=block_rv, V_BITS=vbits, V_QG=vqg, V_NQ=vnq, V_WORDS=vwords, V_FAST=vfast,
@@ -1103,11 +1106,13 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         ROPE_IN_DTYPE=tuned["ROPE_IN_DTYPE"], PREFETCH=tuned["PREFETCH"],
         PACKED=q.dtype != torch.float32 and has_packed_cvt(q.device), ROPE_BY_SLOT=by_slot,
         FIXED_MAX=tuned["FIXED_MAX"], PDL=USE_PDL and has_pdl(q.device), WHOLE_BLOCKS=T >= block_n, HP=hp,
-        PREFETCH_ROWS=tuned["PREFETCH_ROWS"], FOLD_QUERY=tuned["FOLD_QUERY"],
-        num_warps=tuned["NUM_WARPS"],
-        num_stages=stages,
-        **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}), **OPTIONS,
-    )
+        PREFETCH_ROWS=tuned["PREFETCH_ROWS"], FOLD_QUERY=tuned["FOLD_QUERY"])
+    options = dict(num_warps=tuned["NUM_WARPS"], num_stages=stages,
+                   **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}))
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    key = (tuple(t.dtype for t in tensors), tuple(t.data_ptr() % 16 == 0 for t in tensors), tuple(options.items()),
+           *constexprs.values())
+    _launch_palu_decode(key, (hkv // hp, splits, B), args, constexprs, **options)
     return po, pml, splits
 
 
