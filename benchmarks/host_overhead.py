@@ -36,28 +36,34 @@ def host_us(fn, calls):
     return sorted(times)[2]
 
 
+def recorded_launches(module, names, call):
+    """``{name: (key, grid, args, constexprs, options)}``: what ``call()`` passes to the ``Launcher``s
+    ``module.<name>`` (kvpress.kernels.launch), recorded instead of launched."""
+    launchers, seen = {name: getattr(module, name) for name in names}, {}
+    for name in names:
+        setattr(module, name, lambda key, grid, a, constexprs, name=name, **options:
+                seen.update({name: (key, grid, a, constexprs, options)}))
+    try:
+        call()
+    finally:
+        for name, launcher in launchers.items():
+            setattr(module, name, launcher)
+    return seen
+
+
 def launch_rows(attention, calls):
     """The decode kernels' launches alone: the split kernel through ``kernel[grid](...)`` and through
     the direct launcher (``kvpress.kernels.launch``); the merge kernel plainly and with PDL."""
     from kvpress.kernels import decode as decode_mod
 
-    launchers, seen = (decode_mod._launch_decode, decode_mod._launch_merge), {}
-
-    def recorder(name):
-        return lambda key, grid, a, constexprs, **options: seen.update({name: (key, grid, a, constexprs, options)})
-
-    decode_mod._launch_decode, decode_mod._launch_merge = recorder("split"), recorder("merge")
-    try:
-        attention()
-    finally:
-        decode_mod._launch_decode, decode_mod._launch_merge = launchers
-    key, grid, a, c, o = seen["split"]
-    split, merge = launchers
+    split, merge = decode_mod._launch_decode, decode_mod._launch_merge
+    seen = recorded_launches(decode_mod, ("_launch_decode", "_launch_merge"), attention)
+    key, grid, a, c, o = seen["_launch_decode"]
     rows = {
         f"  split kernel[grid](...) ({len(a)} args)": host_us(lambda: split.kernel[grid](*a, **c, **o), calls),
         "  split, direct launcher": host_us(lambda: split(key, grid, a, c, **o), calls),
     }
-    key, grid, a, c, o = seen["merge"]
+    key, grid, a, c, o = seen["_launch_merge"]
     for pdl in (False, True):
         cp, op = {**c, "PDL": pdl}, {**o, "launch_pdl": pdl}
         rows[f"  merge, direct launcher, PDL {pdl}"] = host_us(lambda: merge((key, pdl), grid, a, cp, **op), calls)
@@ -71,14 +77,9 @@ def palu_launch_rows(T, calls):
     from kvpress.kernels import palu
 
     case = bench_palu.latent_case(T, 32, 8, 1, 0.5, None, "cuda")
-    launcher, seen = palu._launch_palu_decode, {}
-    palu._launch_palu_decode = lambda key, grid, a, constexprs, **options: seen.update(call=(key, grid, a, constexprs,
-                                                                                                options))
-    try:
-        palu.palu_decode(**case)
-    finally:
-        palu._launch_palu_decode = launcher
-    key, grid, a, c, o = seen["call"]
+    launcher = palu._launch_palu_decode
+    key, grid, a, c, o = recorded_launches(palu, ("_launch_palu_decode",), lambda: palu.palu_decode(**case))[
+        "_launch_palu_decode"]
     return {
         f"  palu decode kernel[grid](...) ({len(a)} args)": host_us(lambda: launcher.kernel[grid](*a, **c, **o), calls),
         "  palu decode, direct launcher": host_us(lambda: launcher(key, grid, a, c, **o), calls),

@@ -1109,9 +1109,9 @@ def _launch_decode(q, k, v, k_up, positions, cos, sin, q_rank, k_rank, scale, k_
         PREFETCH_ROWS=tuned["PREFETCH_ROWS"], FOLD_QUERY=tuned["FOLD_QUERY"])
     options = dict(num_warps=tuned["NUM_WARPS"], num_stages=stages,
                    **({"maxnreg": tuned["MAX_REGISTERS"]} if tuned["MAX_REGISTERS"] else {}))
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    key = (tuple(t.dtype for t in tensors), tuple(t.data_ptr() % 16 == 0 for t in tensors), tuple(options.items()),
-           *constexprs.values())
+    # what Triton specializes on besides the constexprs: each tensor's dtype and 16-byte alignment
+    key = (tuple((a.dtype, a.data_ptr() % 16 == 0) for a in args if isinstance(a, torch.Tensor)),
+           tuple(options.items()), *constexprs.values())
     _launch_palu_decode(key, (hkv // hp, splits, B), args, constexprs, **options)
     return po, pml, splits
 
